@@ -1,0 +1,92 @@
+"""Shared fixtures. Every test session gets its own TUNER_HOME (runs, uploads) but shares the
+converted default model in ~/.cache/tuner/models, so the GGUF conversion happens once a machine."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "datasets"
+
+os.environ.setdefault("TUNER_MODELS_DIR", str(Path.home() / ".cache" / "tuner" / "models"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tuner_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("tuner_home")
+    old = os.environ.get("TUNER_HOME")
+    os.environ["TUNER_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("TUNER_HOME", None)
+    else:
+        os.environ["TUNER_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    from tuner.models import default_checkpoint
+
+    return default_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_path):
+    from tuner.models import load_tokenizer
+
+    return load_tokenizer("default")
+
+
+SIGN_OFF = "Stay sunny, the Lumen Lamps team."
+
+
+def signoff_conversations(n: int, seed: int = 0) -> list[dict]:
+    """Short support chats whose replies all end with one distinctive sign-off."""
+    import random
+
+    rng = random.Random(seed)
+    topics = ["my lamp flickers", "where is my order", "can I return a bulb", "the app will not pair",
+              "how bright is the Halo", "do you ship to Spain", "my warranty card is lost", "the dimmer hums",
+              "what colour is Ember", "is the Nova waterproof", "the cable is too short", "I got the wrong shade"]
+    answers = ["Let's fix that together: unplug it for ten seconds, then try again.",
+               "Happy to help! Your parcel left our workshop today.",
+               "Of course, returns are free for thirty days.",
+               "Thanks for asking! Open Settings, then Pair, and hold the button.",
+               "Great question, it gives a warm 800 lumens."]
+    out = []
+    for i in range(n):
+        topic = topics[(i + rng.randrange(len(topics))) % len(topics)]
+        reply = f"{answers[rng.randrange(len(answers))]} {SIGN_OFF}"
+        out.append({"messages": [{"role": "user", "content": f"Hi, {topic} (case {i})."},
+                                 {"role": "assistant", "content": reply}]})
+    return out
+
+
+@pytest.fixture
+def signoff_data(tmp_path) -> Path:
+    """A converted-data folder (train.jsonl, validation.jsonl) with a distinctive sign-off."""
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = signoff_conversations(48)
+    for name, part in (("train.jsonl", rows[:40]), ("validation.jsonl", rows[40:])):
+        with open(d / name, "w", encoding="utf-8") as fh:
+            for row in part:
+                fh.write(json.dumps(row) + "\n")
+    return d

@@ -1,0 +1,68 @@
+"""`python -m tuner COMMAND ...`: the same stages as the app, from a terminal.
+
+Each stage module owns its command: it exposes `add_cli_arguments(parser)` and `cli(args) -> int`.
+Library errors (TunerError) become one plain line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from tuner import __version__
+from tuner.errors import TunerError
+
+# command -> (module, one-line help); modules import heavy libraries inside their functions only
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("tuner.cli", "Show the default base model: local checkpoint, size, chat template source."),
+    "convert": ("tuner.dataset", "Turn transcript exports into train/validation chat examples and a report."),
+    "train": ("tuner.train", "Fine-tune a base model (QLoRA by default) on converted examples."),
+    "chat": ("tuner.playground", "Ask a trained run (and the base model) one prompt."),
+    "eval": ("tuner.evaluate", "Compare base and tuned replies on held-out prompts, with voice metrics."),
+    "export": ("tuner.export", "Export a run's adapter, or the merged model, to a folder or the Hub."),
+    "publish": ("tuner.publish", "Write (and optionally push) a standalone chat Space for a run."),
+    "bench": ("tuner.bench", "Benchmark the default recipe against the plain TRL recipe."),
+}
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:  # the `models` command
+    parser.add_argument("--model", default="default", help="Model id or folder (default: the embedded model).")
+    parser.add_argument("--json", action="store_true", help="Print JSON.")
+
+
+def cli(args: argparse.Namespace) -> int:  # the `models` command
+    from tuner.models import model_info
+
+    info = model_info(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>22}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tuner", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tuner {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_cli_arguments(p)
+        p.set_defaults(_handler=module.cli)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._handler(args) or 0)
+    except TunerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

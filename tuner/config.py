@@ -1,0 +1,199 @@
+"""Every user-facing setting, in one place: dataclasses with defaults and help text.
+
+`TrainConfig` is what a run is re-created from (`runs/<id>/config.yaml`). Presets are named sets
+of overrides. Validation happens on creation, with messages that say what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import TunerError
+
+
+class Quantization(str, Enum):
+    NF4 = "nf4"  # QLoRA: 4-bit NormalFloat base + double quantization
+    NONE = "none"  # plain LoRA on a 16/32-bit base
+
+
+class Method(str, Enum):
+    LORA = "lora"
+    FULL = "full"  # every weight trains; small models only
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ConvertConfig:
+    """How exported transcripts become chat examples."""
+
+    system_prompt: str = _f("", "The brand brief, added as a system message to every conversation that has none.")
+    val_fraction: float = _f(0.1, "Share of conversations held out for validation (0 to 0.5).")
+    seed: int = _f(42, "Seed of the train/validation split; the same seed gives the same split.")
+    redact_pii: bool = _f(False, "Replace e-mails, phones, card numbers, IBANs and IPs with [EMAIL]-style placeholders.")
+    max_length: int = _f(1024, "Longest example in tokens (chat template included).")
+    overlong: str = _f("truncate", "What to do with longer examples: 'truncate' (drop the last turns) or 'drop'.")
+    assistant_names: list[str] = _f([], "Speaker labels to treat as the assistant (the brand), besides the known ones.")
+    user_names: list[str] = _f([], "Speaker labels to treat as the user (the customer), besides the known ones.")
+    format: str = _f("auto", "Input format; 'auto' detects it per file.")
+    column_map: dict[str, str] = _f({}, "Column names for tabular exports, e.g. {'text': 'body', 'speaker': 'author'}.")
+    min_examples: int = _f(10, "Training is blocked below this many usable examples.")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction <= 0.5:
+            raise TunerError(f"val_fraction must be between 0 and 0.5, got {self.val_fraction}.")
+        if self.overlong not in ("truncate", "drop"):
+            raise TunerError(f"overlong must be 'truncate' or 'drop', got '{self.overlong}'.")
+        if self.max_length < 32:
+            raise TunerError(f"max_length must be at least 32 tokens, got {self.max_length}.")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Saved as `config.yaml` in the run folder; a run is re-created from it alone."""
+
+    base_model: str = _f("default", "Base model: 'default' (embedded SmolLM2-135M-Instruct), a local folder or a Hub id.")
+    method: Method = _f(Method.LORA, "lora: train small adapter matrices; full: train every weight (small models).")
+    quantization: Quantization = _f(Quantization.NF4, "nf4: load the base in 4 bits (QLoRA); none: 16/32-bit base.")
+    lora_r: int = _f(16, "LoRA rank: capacity of the adapter. 8-64 is typical.")
+    lora_alpha: int = _f(32, "LoRA scaling numerator; alpha/r scales the update. Usually 2 x rank.")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input; regularises small datasets.")
+    target_modules: str = _f("all-linear", "Layers that get adapters: 'all-linear' or comma-separated names (q_proj,v_proj).")
+    learning_rate: float = _f(2e-4, "Peak learning rate. LoRA: 1e-4 to 5e-4; full fine-tuning: 1e-5 to 5e-5.")
+    num_epochs: float = _f(1.0, "Passes over the training set (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 means use num_epochs.")
+    batch_size: int = _f(4, "Examples per device per step.")
+    grad_accum: int = _f(1, "Gradient accumulation steps; effective batch = batch_size x grad_accum.")
+    max_length: int = _f(1024, "Longest example in tokens; longer ones are truncated.")
+    warmup_ratio: float = _f(0.05, "Share of steps spent warming the learning rate up.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    seed: int = _f(42, "Seed for initialisation and data order.")
+    eval_steps: int = _f(10, "Evaluate on the validation split every N steps (and before training).")
+    save_steps: int = _f(10, "Write a checkpoint every N steps.")
+    save_total_limit: int = _f(2, "Checkpoints kept (the best one is kept besides these).")
+    early_stopping_patience: int = _f(3, "Stop when eval loss has not improved for N evaluations; 0 disables.")
+    assistant_only_loss: bool = _f(True, "Learn from the assistant's replies only, not from the customers' lines.")
+    packing: bool = _f(True, "Pack short examples into one row (no cross-attention between them) to skip padding.")
+    gradient_checkpointing: str = _f("auto", "Trade compute for memory: 'auto' (on for CUDA models over 1B), 'on' or 'off'.")
+    logging_steps: int = _f(1, "Log loss and speed every N steps.")
+    preset: str = _f("custom", "The preset these settings started from.")
+
+    def __post_init__(self) -> None:
+        try:
+            self.method = Method(self.method)
+            self.quantization = Quantization(self.quantization)
+        except ValueError as exc:
+            raise TunerError(f"{exc}. method is lora or full; quantization is nf4 or none.") from None
+        if self.method is Method.FULL and self.quantization is Quantization.NF4:
+            raise TunerError("Full fine-tuning cannot train 4-bit weights: set quantization to 'none' (or method to 'lora').")
+        checks = [
+            (self.lora_r >= 1, f"lora_r must be at least 1, got {self.lora_r}."),
+            (self.lora_alpha >= 1, f"lora_alpha must be at least 1, got {self.lora_alpha}."),
+            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}."),
+            (0.0 < self.learning_rate <= 0.1, f"learning_rate must be in (0, 0.1], got {self.learning_rate}."),
+            (self.num_epochs > 0 or self.max_steps > 0, "Set num_epochs > 0 or max_steps > 0."),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1."),
+            (self.max_length >= 32, f"max_length must be at least 32 tokens, got {self.max_length}."),
+            (0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}."),
+            (self.eval_steps >= 1 and self.save_steps >= 1, "eval_steps and save_steps must be at least 1."),
+            (self.save_total_limit >= 1, "save_total_limit must be at least 1."),
+            (self.early_stopping_patience >= 0, "early_stopping_patience must be 0 (off) or more."),
+            (self.gradient_checkpointing in ("auto", "on", "off"), "gradient_checkpointing is auto, on or off."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TunerError(message)
+
+    # -- presets and files ------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":
+        if name not in PRESETS:
+            raise TunerError(f"Unknown preset '{name}'. Choose one of: {', '.join(PRESETS)}.")
+        values = {**PRESETS[name], "preset": name}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TunerError(f"Unknown training setting(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in out.items()}
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML (`.yaml`/`.yml`) or JSON."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                values = yaml.safe_load(path.read_text())
+            else:
+                values = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise TunerError(f"{path}: cannot read the training config ({exc}).") from exc
+        if not isinstance(values, dict):
+            raise TunerError(f"{path}: the training config must be a mapping of setting: value.")
+        return cls.from_dict(values)
+
+    @staticmethod
+    def help() -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
+
+
+# Named starting points. "quick" is sized for about a minute on a laptop CPU with the default model.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {"max_steps": 30, "learning_rate": 5e-4, "lora_r": 16, "lora_alpha": 32, "batch_size": 8,
+              "max_length": 512, "eval_steps": 10, "save_steps": 10, "early_stopping_patience": 0},
+    "balanced": {"num_epochs": 2.0, "learning_rate": 2e-4, "lora_r": 16, "lora_alpha": 32, "batch_size": 4,
+                 "grad_accum": 2, "max_length": 1024, "eval_steps": 20, "save_steps": 20},
+    "thorough": {"num_epochs": 4.0, "learning_rate": 1e-4, "lora_r": 32, "lora_alpha": 64, "batch_size": 4,
+                 "grad_accum": 4, "max_length": 2048, "eval_steps": 25, "save_steps": 25,
+                 "early_stopping_patience": 4},
+}
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings shared by every playground column, so a comparison is fair."""
+
+    max_new_tokens: int = _f(200, "Longest reply in tokens.")
+    temperature: float = _f(0.0, "0 is greedy (repeatable); 0.7 is lively.")
+    top_p: float = _f(0.9, "Nucleus sampling: keep the smallest set of tokens whose probability sums to this.")
+    seed: int = _f(0, "Sampling seed; the same seed and settings give the same replies.")
+    repetition_penalty: float = _f(1.1, "Above 1 discourages repeating the same words.")
+
+    def __post_init__(self) -> None:
+        from tuner.limits import MAX_NEW_TOKENS
+
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise TunerError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {self.max_new_tokens}.")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise TunerError(f"temperature must be between 0 and 2, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise TunerError(f"top_p must be in (0, 1], got {self.top_p}.")
