@@ -44,20 +44,24 @@ def cli(args: argparse.Namespace) -> int:  # the `models` command
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with `command`, only that command's module is imported (one stage never needs another)."""
     parser = argparse.ArgumentParser(prog="python -m tuner", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tuner {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_cli_arguments(p)
-        p.set_defaults(_handler=module.cli)
+        if command is None or name == command:
+            module = importlib.import_module(module_name)
+            module.add_cli_arguments(p)
+            p.set_defaults(_handler=module.cli)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args._handler(args) or 0)
     except TunerError as exc:

@@ -40,6 +40,7 @@ class ConvertConfig:
     val_fraction: float = _f(0.1, "Share of conversations held out for validation (0 to 0.5).")
     seed: int = _f(42, "Seed of the train/validation split; the same seed gives the same split.")
     redact_pii: bool = _f(False, "Replace e-mails, phones, card numbers, IBANs and IPs with [EMAIL]-style placeholders.")
+    pii_region: str = _f("US", "Country (ISO code such as US, GB, DE) assumed for phone numbers written without +country.")
     max_length: int = _f(1024, "Longest example in tokens (chat template included).")
     overlong: str = _f("truncate", "What to do with longer examples: 'truncate' (drop the last turns) or 'drop'.")
     assistant_names: list[str] = _f([], "Speaker labels to treat as the assistant (the brand), besides the known ones.")
