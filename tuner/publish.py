@@ -6,7 +6,8 @@
     space_config.json   title, system prompt, sampling defaults, example prompts, where the weights are
     requirements.txt    only what app.py needs
     README.md           Space metadata block + model card (base, data, settings, results)
-    adapter/            the LoRA adapter (and tokenizer), unless --merge
+    tokenizer/          the base model's tokenizer (prompts render as in `python -m tuner chat`)
+    adapter/            the LoRA adapter, unless --merge
     base/               the base model when the Space cannot fetch it: the embedded default as its GGUF file
     model/              the merged (--merge) or fully fine-tuned model
 
@@ -24,11 +25,10 @@ import shlex
 import shutil
 import tempfile
 import zipfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tuner.errors import ModelError, TunerError
+from tuner.errors import TunerError
 
 APP_TEMPLATE = Path(__file__).with_name("space_app.py")
 CONFIG_FILE = "space_config.json"
@@ -79,26 +79,11 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _weights(run: Path) -> tuple[str, Path]:
-    """("adapter", folder) for LoRA runs, ("full", folder) for full fine-tuning."""
-    adapter = run / "adapter"
-    if (adapter / "adapter_config.json").is_file():
-        return "adapter", adapter
-    model = run / "model"
-    if (model / "config.json").is_file():
-        return "full", model
-    raise ModelError(f"{run} has no adapter/ or model/ folder: finish (or resume) the training before publishing.")
-
-
-def system_prompt_of(run: Path) -> str:
-    """The brand's system prompt: the most common system message in the run's data, else the config's."""
-    counts: Counter[str] = Counter()
-    for row in _read_jsonl(run / "data" / "train.jsonl"):
-        for message in row["messages"]:
-            if isinstance(message, dict) and message.get("role") == "system" and message.get("content"):
-                counts[str(message["content"])] += 1
-    if counts:
-        return counts.most_common(1)[0][0]
+def system_prompt_of(run: Path, data_prompt: str | None = None) -> str:
+    """The brand's system prompt: the one the training data used (as the playground reads it), else
+    a `system_prompt` in the run's config or data report, else none."""
+    if data_prompt:
+        return data_prompt
     for source in (_config_dict(run), _read_json(run / "data" / "report.json").get("config") or {}):
         if isinstance(source, dict) and isinstance(source.get("system_prompt"), str):
             return source["system_prompt"]
@@ -142,10 +127,6 @@ def _copy_model_files(src: Path, dst: Path) -> None:
                 shutil.copy2(item, dst / item.name)
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer_config.json").is_file()
-
-
 def _ship_base(base_model: str, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Put the base model where the app finds it. Returns (space_config["base"], facts for the card)."""
     from tuner import models
@@ -155,14 +136,11 @@ def _ship_base(base_model: str, out: Path) -> tuple[dict[str, Any], dict[str, An
         source = _read_json(checkpoint / models.SOURCE_FILE)
         gguf = models.embedded_gguf()
         facts = {"name": models.DEFAULT_MODEL_NAME, "hub_id": models.DEFAULT_HUB_ID, "license": "apache-2.0"}
-        (out / "base").mkdir()
         if source.get("from") == "gguf" and gguf is not None:
             # the run trained on exactly these dequantized weights; the GGUF is 98 MB, the fp32 copy 540 MB
+            (out / "base").mkdir()
             shutil.copy2(gguf, out / "base" / gguf.name)
-            for item in checkpoint.iterdir():  # tokenizer + chat template, so start-up skips parsing them from GGUF
-                if item.name.startswith("tokenizer") or item.suffix == ".jinja":
-                    shutil.copy2(item, out / "base" / item.name)
-            return {"kind": "gguf", "path": f"base/{gguf.name}"}, {**facts, "shipped": "gguf", "file": gguf.name}
+            return {"kind": "gguf", "path": f"base/{gguf.name}"}, {**facts, "shipped": "gguf"}
         _copy_model_files(checkpoint, out / "base")
         return {"kind": "folder", "path": "base"}, {**facts, "shipped": "folder"}
     location = models.resolve_model(base_model)
@@ -172,8 +150,8 @@ def _ship_base(base_model: str, out: Path) -> tuple[dict[str, Any], dict[str, An
     return {"kind": "hub", "id": location}, {"name": location, "hub_id": location, "shipped": "hub"}
 
 
-def _merge(run: Path, out: Path) -> None:
-    """Write base + adapter as one model into out/model (export.export when it exists)."""
+def _merge(run: Path, base_model: str, adapter_dir: Path, out: Path) -> None:
+    """Write base + adapter as one model into `out` (export.export when it exists)."""
     try:
         from tuner import export
     except ImportError:
@@ -185,21 +163,11 @@ def _merge(run: Path, out: Path) -> None:
     import torch
     from peft import PeftModel
 
-    from tuner.config import TrainConfig
-    from tuner.models import load_model, load_tokenizer
+    from tuner.models import load_model
 
-    cfg = TrainConfig.load(run / "config.yaml")
-    base = load_model(cfg.base_model, quantization="none", dtype=torch.float32, dev="cpu")
-    merged = PeftModel.from_pretrained(base, run / "adapter").merge_and_unload()
+    base = load_model(base_model, quantization="none", dtype=torch.float32, dev="cpu")
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.to(torch.bfloat16).save_pretrained(out)
-    tokenizer_src = run / "adapter" if _has_tokenizer(run / "adapter") else None
-    tok = load_tokenizer(cfg.base_model) if tokenizer_src is None else None
-    if tok is not None:
-        tok.save_pretrained(out)
-    else:
-        _copy_model_files(tokenizer_src, out)  # type: ignore[arg-type]
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            (out / name).unlink(missing_ok=True)
 
 
 def _requirements(adapter: bool, gguf: bool, default_base: bool) -> str:
@@ -269,60 +237,52 @@ def publish(
     url, pushed}. Raises TunerError for a run that cannot be published, and PushFailed (the folder
     is ready then) when the push fails. The token is used for the push only and stored nowhere.
     """
+    from tuner import models
     from tuner.config import GenerationConfig, TrainConfig
     from tuner.limits import MAX_INPUT_TOKENS, MAX_NEW_TOKENS
-    from tuner.paths import resolve_run
+    from tuner.playground import END_OF_TURN_TOKENS, read_run
 
-    run = resolve_run(run_dir)
+    info = read_run(run_dir)  # a completed run whose weights are safetensors inside its folder
+    run = info.run_dir
     status = _read_json(run / "status.json")
-    if status.get("status") != "completed":
-        raise TunerError(
-            f"Run {run.name} is {status.get('status') or 'not finished'}; only completed runs can be published. "
-            "Fix: wait for it to finish, or resume it."
-        )
     if push_to is not None and not SPACE_ID_RE.match(push_to):
         raise TunerError(f"'{push_to}' is not a Space id; use the form 'your-name/space-name'.")
     cfg = TrainConfig.load(run / "config.yaml")
-    kind, weights_dir = _weights(run)
     target = Path(to_dir).expanduser().resolve() if to_dir is not None else default_folder(run)
     _prepare_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
 
-    prompt = system_prompt if system_prompt is not None else system_prompt_of(run)
-    generation = GenerationConfig()
+    prompt = system_prompt if system_prompt is not None else system_prompt_of(run, info.system_prompt)
+    default_base = models.is_default(cfg.base_model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        space: dict[str, Any] = {}
-        base_facts: dict[str, Any] = {}
-        if kind == "full":
-            _copy_model_files(weights_dir, tmp / "model")
-            space.update(base={"kind": "folder", "path": "model"}, adapter=None, tokenizer="model")
+        space: dict[str, Any] = {"adapter": None}
+        if info.method == "full":
+            _copy_model_files(info.adapter_dir, tmp / "model")
             weights = "full"
         elif merge:
-            _merge(run, tmp / "model")
-            space.update(base={"kind": "folder", "path": "model"}, adapter=None, tokenizer="model")
+            _merge(run, cfg.base_model, info.adapter_dir, tmp / "model")
             weights = "merged"
         else:
-            space["base"], base_facts = _ship_base(cfg.base_model, tmp)
-            _copy_model_files(weights_dir, tmp / "adapter")
-            (tmp / "adapter" / "README.md").unlink(missing_ok=True)  # the folder's README is the card
-            tokenizer = "adapter" if _has_tokenizer(tmp / "adapter") else None
-            if tokenizer is None and space["base"]["kind"] != "hub":
-                tokenizer = "base"
-            space.update(adapter="adapter", tokenizer=tokenizer)
             weights = "adapter"
-        if not base_facts:
-            from tuner import models
+        if weights == "adapter":
+            space["base"], base_facts = _ship_base(cfg.base_model, tmp)
+            _copy_model_files(info.adapter_dir, tmp / "adapter")
+            for name in ("README.md", *(p.name for p in (tmp / "adapter").glob("tokenizer*")), "chat_template.jinja"):
+                (tmp / "adapter" / name).unlink(missing_ok=True)  # the card is README.md; the tokenizer is tokenizer/
+            space["adapter"] = "adapter"
+        else:
+            space["base"] = {"kind": "folder", "path": "model"}
+            hub_id = models.DEFAULT_HUB_ID if default_base else (cfg.base_model if SPACE_ID_RE.match(cfg.base_model) else None)
+            base_facts = {"name": models.DEFAULT_MODEL_NAME if default_base else cfg.base_model, "hub_id": hub_id,
+                          "license": "apache-2.0" if default_base else None, "shipped": weights}
+        # the base model's tokenizer, as the playground uses it, so prompts render the same
+        models.load_tokenizer(cfg.base_model).save_pretrained(tmp / "tokenizer")
+        space["tokenizer"] = "tokenizer"
 
-            default = models.is_default(cfg.base_model)
-            base_facts = {
-                "name": models.DEFAULT_MODEL_NAME if default else cfg.base_model,
-                "hub_id": models.DEFAULT_HUB_ID if default else (cfg.base_model if SPACE_ID_RE.match(cfg.base_model) else None),
-                "license": "apache-2.0" if default else None,
-                "shipped": weights,
-            }
         title = (title or "").strip() or f"Tuned chat ({run.name})"
         examples = example_prompts(run)
+        generation = GenerationConfig()
         space.update(
             title=title,
             description=f"A {base_facts['name']} model fine-tuned with tuner (run {run.name}).",
@@ -331,18 +291,17 @@ def publish(
             examples=examples,
             max_new_tokens_limit=MAX_NEW_TOKENS,
             max_input_tokens=MAX_INPUT_TOKENS,
+            end_of_turn_markers=list(END_OF_TURN_TOKENS),
             run_id=run.name,
         )
         (tmp / CONFIG_FILE).write_text(json.dumps(space, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         shutil.copy2(APP_TEMPLATE, tmp / "app.py")
-        from tuner import models
-
         (tmp / "requirements.txt").write_text(
-            _requirements(space["adapter"] is not None, space["base"]["kind"] == "gguf", models.is_default(cfg.base_model))
+            _requirements(space["adapter"] is not None, space["base"]["kind"] == "gguf", default_base)
         )
         (tmp / ".gitattributes").write_text(GITATTRIBUTES)
         (tmp / "README.md").write_text(
-            _readme(run, cfg, space, base_facts, weights, status, target, push_to), encoding="utf-8"
+            _readme(run, cfg, space, base_facts, weights, status, push_to), encoding="utf-8"
         )
         if target.exists():
             shutil.rmtree(target)
@@ -403,7 +362,6 @@ def _readme(
     base: dict[str, Any],
     weights: str,
     status: dict[str, Any],
-    folder: Path,
     push_to: str | None,
 ) -> str:
     from importlib.metadata import version

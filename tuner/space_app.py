@@ -49,16 +49,34 @@ def load() -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(HERE / base["path"], use_safetensors=True, **kwargs)
     else:  # a Hub id, fetched (or preloaded by the Space) at start
         model = AutoModelForCausalLM.from_pretrained(base["id"], use_safetensors=True, **kwargs)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer_at = SETTINGS.get("tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(HERE / tokenizer_at if tokenizer_at else base["id"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    SETTINGS["end_ids"] = _end_of_turn_ids(tokenizer, model)
     if SETTINGS.get("adapter"):
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, HERE / SETTINGS["adapter"])
-    tokenizer = AutoTokenizer.from_pretrained(HERE / SETTINGS["tokenizer"] if SETTINGS.get("tokenizer") else base["id"])
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+        model = PeftModel.from_pretrained(model, HERE / SETTINGS["adapter"], is_trainable=False)
     model.eval()
     return tokenizer, model
+
+
+def _end_of_turn_ids(tokenizer: Any, model: Any) -> list[int]:
+    """Stop at the model's end-of-sequence and at the chat template's end-of-turn markers."""
+    ids: set[int] = set()
+    eos = model.generation_config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    template = str(tokenizer.chat_template)
+    for marker in SETTINGS.get("end_of_turn_markers", []):
+        if marker in template:
+            tid = tokenizer.convert_tokens_to_ids(marker)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+                ids.add(tid)
+    return sorted(ids)
 
 
 TOKENIZER, MODEL = load()
@@ -75,17 +93,23 @@ def _text(content: Any) -> str:
     return ""
 
 
-def build_messages(message: str, history: list[dict[str, Any]], system_prompt: str) -> list[dict[str, str]]:
-    """The conversation in the one {"role", "content"} schema the chat template takes."""
+def _prompt_tokens(messages: list[dict[str, str]]) -> int:
+    enc = TOKENIZER.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return len(enc["input_ids"])
+
+
+def build_messages(message: str, history: list[dict[str, Any]], system_prompt: str, limit: int) -> list[dict[str, str]]:
+    """The conversation in the one {"role", "content"} schema the chat template takes, within `limit` tokens."""
     turns = [{"role": m["role"], "content": _text(m["content"])} for m in history if m.get("role") in ("user", "assistant")]
     turns.append({"role": "user", "content": message})
     system = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
     # drop the oldest turns until the prompt fits; the system prompt and the new message always stay
-    while len(turns) > 1:
-        ids = TOKENIZER.apply_chat_template(system + turns, add_generation_prompt=True, tokenize=True, return_dict=True)
-        if len(ids["input_ids"]) <= MAX_INPUT_TOKENS:
-            break
-        turns = turns[2:] if len(turns) > 2 else turns[1:]
+    while len(turns) > 1 and _prompt_tokens(system + turns) > limit:
+        turns.pop(0)
+        while len(turns) > 1 and turns[0]["role"] != "user":  # a conversation starts with the user
+            turns.pop(0)
+    if _prompt_tokens(system + turns) > limit:
+        raise gr.Error(f"The message is too long for this model: keep it under about {limit} tokens.")
     return system + turns
 
 
@@ -99,34 +123,54 @@ def respond(
     repetition_penalty: float = GENERATION["repetition_penalty"],
 ) -> Iterator[str]:
     """Stream the tuned model's reply; temperature 0 is greedy (the same reply every time)."""
-    messages = build_messages(_text(message), history or [], system_prompt or "")
+    max_new_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
+    # the prompt budget leaves room for the reply inside the model's context window
+    context = getattr(MODEL.config, "max_position_embeddings", None) or MAX_INPUT_TOKENS + max_new_tokens
+    limit = max(min(MAX_INPUT_TOKENS, int(context) - max_new_tokens), 16)
+    messages = build_messages(_text(message), history or [], system_prompt or "", limit)
     inputs = TOKENIZER.apply_chat_template(
         messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
     ).to(MODEL.device)
-    if inputs["input_ids"].shape[1] > MAX_INPUT_TOKENS:
-        raise gr.Error(f"The message is too long ({inputs['input_ids'].shape[1]} tokens; at most {MAX_INPUT_TOKENS}).")
-    streamer = TextIteratorStreamer(TOKENIZER, skip_prompt=True, skip_special_tokens=True, timeout=300)
-    sampling = float(temperature) > 0
+    end_ids = SETTINGS["end_ids"]
+    streamer = TextIteratorStreamer(TOKENIZER, skip_prompt=True, skip_special_tokens=True, timeout=600)
     kwargs: dict[str, Any] = {
         **inputs,
         "streamer": streamer,
-        "max_new_tokens": max(1, min(int(max_new_tokens), MAX_NEW_TOKENS)),
-        "do_sample": sampling,
+        "max_new_tokens": max_new_tokens,
         "repetition_penalty": float(repetition_penalty),
+        "eos_token_id": end_ids,
         "pad_token_id": TOKENIZER.pad_token_id,
     }
-    if sampling:
-        kwargs.update(temperature=float(temperature), top_p=float(top_p))
-        torch.manual_seed(int(GENERATION.get("seed", 0)))
-    else:  # greedy: unset the model's own sampling defaults so transformers does not warn about them
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    thread = threading.Thread(target=MODEL.generate, kwargs=kwargs, daemon=True)
+    if float(temperature) > 0:
+        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
+    else:  # greedy: repeatable
+        kwargs["do_sample"] = False
+    done: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            torch.manual_seed(int(GENERATION.get("seed", 0)))
+            with torch.inference_mode():
+                done["ids"] = MODEL.generate(**kwargs)
+        except Exception as exc:  # shown to the user below instead of a stream that never ends
+            done["error"] = exc
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
     thread.start()
     reply = ""
     for piece in streamer:
         reply += piece
         yield reply
     thread.join()
+    if "error" in done:
+        raise gr.Error(f"Generation failed: {type(done['error']).__name__}: {done['error']}")
+    # the exact reply: the new tokens up to the first end-of-turn token, decoded once
+    new = done["ids"][0, inputs["input_ids"].shape[1]:].tolist()
+    end = next((i for i, t in enumerate(new) if t in end_ids), len(new))
+    final = TOKENIZER.decode(new[:end], skip_special_tokens=True)
+    if final != reply:
+        yield final
 
 
 def build_demo() -> gr.Blocks:
