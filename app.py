@@ -18,6 +18,7 @@ import html
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -39,10 +40,13 @@ from tuner.paths import check_run_id, persistent_storage, runs_dir, uploads_dir
 
 ROOT = Path(__file__).resolve().parent
 SAMPLES_DIR = ROOT / "datasets"
-SAMPLE_GLOB = "*"  # every file in datasets/ is a sample export
+SAMPLE_FILES = ["kettle_transcripts.txt"]  # "Try the sample": a raw chat log (datasets/README.md)
 UPLOAD_TYPES = [".jsonl", ".json", ".csv", ".tsv", ".txt"]
 POLL_SECONDS = 2.0  # how often the Train tab reads status.json / metrics.jsonl
 PREVIEW_EXAMPLES = 20  # examples the Data tab can preview
+HISTOGRAM_EXAMPLES = 50_000  # examples measured for the length histogram
+FILES_COLUMNS = ["file", "format", "what it is", "rows read", "kept", "dropped"]
+DROPPED_COLUMNS = ["file", "line", "why", "reason"]
 LOG_LINES = 40  # log lines shown under the loss plot
 CHAT_CONCURRENCY = 4  # chats handled at once; the model itself generates one batch at a time
 EVAL_LIMIT = 20  # held-out prompts the page evaluates (the CLI can do more)
@@ -160,8 +164,8 @@ def take_uploads(files: list[str] | None, session: dict[str, Any]) -> list[Path]
 
 
 def sample_files() -> list[str]:
-    """The sample exports shipped in datasets/."""
-    return sorted(str(p) for p in SAMPLES_DIR.glob(SAMPLE_GLOB) if p.is_file() and not p.name.startswith("."))
+    """The sample export(s) shipped in datasets/ that "Try the sample" loads."""
+    return [str(SAMPLES_DIR / name) for name in SAMPLE_FILES if (SAMPLES_DIR / name).is_file()]
 
 
 # -- runs on disk --------------------------------------------------------------------------------------
@@ -220,70 +224,96 @@ def playground():
 
 
 def report_markdown(report: dict[str, Any]) -> str:
+    """The validation report's headline: verdict, counts, PII, warnings (user text escaped)."""
+    stats = report.get("stats") or {}
     lines = []
     if report.get("ok"):
-        lines.append(f"### Ready to train: {report.get('train_examples', 0)} training and "
+        lines.append(f"### ✅ Ready to train: {report.get('train_examples', 0)} training and "
                      f"{report.get('validation_examples', 0)} validation examples")
     else:
-        lines.append("### Not enough to train on yet")
+        lines.append("### ⛔ Not enough to train on yet")
         if report.get("reason"):
-            lines.append(md_escape(report["reason"]))
-    stats = report.get("stats") or {}
-    facts = []
-    for key, label in (("conversations", "conversations"), ("messages", "messages"), ("tokens", "tokens"),
-                       ("assistant_tokens", "tokens the model learns from")):
-        if isinstance(stats.get(key), (int, float)):
-            facts.append(f"{stats[key]:,} {label}")
-    if report.get("dropped"):
-        facts.append(f"{len(report['dropped'])} rows dropped (see the table)")
+            lines.append(md_escape(report["reason"]).capitalize() + ".")
+    facts = [f"{stats.get('conversations_read', 0):,} conversations read"]
+    tokens = stats.get("tokens") or {}
+    if tokens.get("total"):
+        facts.append(f"{tokens['total']:,} tokens (median {tokens['median']:g} per example, "
+                     f"longest {tokens['max']:,}; limit {stats.get('max_length')})")
+    learned = (stats.get("assistant_tokens") or {}).get("total")
+    if learned:
+        facts.append(f"{learned:,} of them in replies the model learns from")
+    if report.get("dropped_total"):
+        facts.append(f"{report['dropped_total']} dropped (see the table)")
     if report.get("elapsed_s") is not None:
         facts.append(f"checked in {report['elapsed_s']:.1f} s")
-    if facts:
-        lines.append(" · ".join(facts))
+    lines.append(" · ".join(facts))
+    estimate = stats.get("train_time_estimate") or {}
+    if estimate.get("tokens_per_epoch"):
+        lines.append(f"One epoch is about {estimate['tokens_per_epoch']:,} tokens: roughly "
+                     f"{estimate['cpu_minutes_per_epoch']} min on a CPU, {estimate['gpu_minutes_per_epoch']} min "
+                     "on a GPU with the default model.")
     pii = {k: v for k, v in (report.get("pii") or {}).items() if v}
     if pii:
-        lines.append("**Personal data replaced:** " + ", ".join(f"{v} {md_escape(k)}" for k, v in pii.items()))
-    for w in report.get("warnings") or []:
-        lines.append(f"- ⚠️ {md_escape(w)}")
+        found = ", ".join(f"{v} {md_escape(k)}" for k, v in pii.items())
+        lines.append(f"**Personal data {'replaced with placeholders' if report.get('pii_redacted') else 'found'}:** "
+                     f"{found}" + ("" if report.get("pii_redacted") else " (tick *Redact personal data* to replace it)"))
+    warnings = [w for w in report.get("warnings") or [] if not w.startswith("Personal data found")]
+    if warnings:
+        lines.append("\n".join(f"- ⚠️ {md_escape(w)}" for w in warnings))
     if report.get("unmapped_speakers"):
-        lines.append("**Some speakers could not be placed.** Tick the ones that are your team, then press "
+        lines.append("**Some speakers have no role.** Tick the ones that are your team (left), then press "
                      "*Check data* again.")
     return "\n\n".join(lines)
 
 
 def files_table(report: dict[str, Any]) -> pd.DataFrame:
-    rows = [{"file": f.get("file"), "format": f.get("format"), "rows read": f.get("rows_read"),
-             "conversations kept": f.get("conversations_kept"),
-             "dropped": f.get("dropped") if not isinstance(f.get("dropped"), list) else len(f["dropped"])}
+    from tuner.formats import FORMAT_HELP
+
+    rows = [{"file": f.get("file"), "format": f.get("format") or "not recognised",
+             "what it is": f.get("error") or FORMAT_HELP.get(f.get("format") or "", ""),
+             "rows read": f.get("rows_read"), "kept": f.get("conversations_kept"), "dropped": f.get("dropped")}
             for f in report.get("files") or []]
-    return pd.DataFrame(rows, columns=["file", "format", "rows read", "conversations kept", "dropped"])
+    return pd.DataFrame(rows, columns=FILES_COLUMNS)
 
 
 def dropped_table(report: dict[str, Any]) -> pd.DataFrame:
-    rows = [{"file": d.get("file"), "line": d.get("line"), "reason": d.get("reason") or d.get("category")}
+    rows = [{"file": d.get("file"), "line": d.get("line"), "why": d.get("category"), "reason": d.get("reason")}
             for d in report.get("dropped") or []]
-    return pd.DataFrame(rows, columns=["file", "line", "reason"])
+    return pd.DataFrame(rows, columns=DROPPED_COLUMNS)
 
 
-def token_histogram(report: dict[str, Any]) -> pd.DataFrame:
-    """Examples per token-length bin, from the report's histogram."""
-    hist = (report.get("stats") or {}).get("token_histogram") or []
-    rows = [{"tokens": str(b.get("bin", b.get("label"))), "examples": int(b.get("count", 0))} for b in hist]
+def token_histogram(data_dir: str | Path | None, base_model: str) -> pd.DataFrame:
+    """Examples per token-length bin (chat template included), measured with the model's tokenizer."""
+    from tuner.dataset import token_lengths
+
+    convs = read_examples(data_dir, limit=HISTOGRAM_EXAMPLES, files=("train.jsonl", "validation.jsonl"))
+    if not convs:
+        return pd.DataFrame(columns=["tokens", "examples"])
+    tok = tokenizer_for(base_model or "default")
+    lengths = token_lengths(tok, tok.apply_chat_template(convs, tokenize=False))
+    top = max(lengths)
+    width = max(16, 2 ** math.ceil(math.log2(max(top / 12, 1))))  # about a dozen round-numbered bins
+    counts: dict[int, int] = {}
+    for n in lengths:
+        counts[n // width] = counts.get(n // width, 0) + 1
+    rows = [{"tokens": f"{b * width}-{(b + 1) * width - 1}", "examples": counts.get(b, 0)}
+            for b in range(top // width + 1)]
     return pd.DataFrame(rows, columns=["tokens", "examples"])
 
 
-def read_examples(data_dir: str | Path | None, limit: int = PREVIEW_EXAMPLES) -> list[list[dict[str, str]]]:
-    """The first converted examples (their messages), for the preview."""
-    if not data_dir:
-        return []
-    path = Path(data_dir) / "train.jsonl"
-    out = []
-    if path.is_file():
+def read_examples(data_dir: str | Path | None, limit: int = PREVIEW_EXAMPLES,
+                  files: tuple[str, ...] = ("train.jsonl",)) -> list[list[dict[str, str]]]:
+    """The first converted examples (their messages), for the preview and the histogram."""
+    out: list[list[dict[str, str]]] = []
+    for name in files if data_dir else ():
+        path = Path(data_dir) / name
+        if not path.is_file():
+            continue
         with open(path, encoding="utf-8") as fh:
             for line in fh:
                 if len(out) >= limit:
-                    break
-                out.append(json.loads(line)["messages"])
+                    return out
+                out.append([{"role": m["role"], "content": m["content"]} for m in json.loads(line)["messages"]])
     return out
 
 
@@ -361,7 +391,7 @@ def convert_data(files: list[str] | None, system_prompt: str, redact_pii: bool, 
         report_markdown(report),
         files_table(report),
         dropped_table(report),
-        token_histogram(report),
+        token_histogram(out_dir, base_model),
         gr.update(maximum=max(len(examples), 1), value=1, visible=len(examples) > 1),
         preview_bubbles(first),
         trained_tokens(first, base_model) if first else [],
