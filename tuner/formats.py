@@ -102,6 +102,9 @@ def check_size(path: Path, name: str | None = None) -> None:
                         "per file. Split it into smaller files.", name or path.name)
 
 
+_UTF8_MULTIBYTE = re.compile(rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}")
+
+
 def sniff_encoding(head: bytes, name: str) -> str:
     """The text encoding of a file from its first bytes: BOMs, UTF-16 without BOM, UTF-8, then legacy pages."""
     if not head.strip():
@@ -126,11 +129,21 @@ def sniff_encoding(head: bytes, name: str) -> str:
     except UnicodeDecodeError as exc:
         if exc.start >= len(head) - 3 and exc.reason == "unexpected end of data":
             return "utf-8"  # the sample cut a multi-byte character in half
+    # UTF-8 with a few corrupt bytes (reported line by line) rather than a legacy code page
+    valid = sum(len(m) for m in _UTF8_MULTIBYTE.findall(head))
+    high = sum(1 for b in head if b >= 0x80)
+    if valid and valid >= (high - valid) * 4:
+        return "utf-8"
     from charset_normalizer import from_bytes
 
-    best = from_bytes(head).best()
+    results = from_bytes(head)
+    best = results.best()
     if best is None:
         raise DataError("this does not look like text in any known encoding. Save it as UTF-8 text.", name)
+    # ties are common among Latin pages (cp1250 vs cp1252 for French); Windows-1252 is the usual export
+    tied = [r for r in results if (r.chaos, r.coherence) == (best.chaos, best.coherence)]
+    if any("cp1252" in r.could_be_from_charset for r in tied):
+        return "cp1252"
     return best.encoding
 
 
@@ -968,12 +981,15 @@ def container(path: Path, head: str) -> str:
     stripped = head.lstrip()
     if path.suffix.lower() in (".jsonl", ".ndjson") and stripped.startswith("{"):
         return "jsonl"
-    if stripped.startswith("["):
+    first_line = stripped.split("\n", 1)[0]
+    if stripped.startswith("[") and speaker_line(first_line) is None and not is_header(first_line):
         return "json"
     if stripped.startswith("{"):
-        first = stripped.split("\n", 1)[0].strip()
-        value, problem = _loads(first)
-        return "jsonl" if problem is None and isinstance(value, dict) else "json"
+        rows = [line for line in stripped.splitlines() if line.strip()]
+        value, problem = _loads(rows[0])
+        if problem is None and isinstance(value, dict):  # a whole object on line 1: JSONL, unless a lone .json one
+            return "json" if path.suffix.lower() == ".json" and len(rows) == 1 else "jsonl"
+        return "json"
     if path.suffix.lower() in CSV_SUFFIXES:
         return "csv"
     if path.suffix.lower() in (".jsonl", ".ndjson"):
