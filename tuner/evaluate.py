@@ -1,0 +1,420 @@
+"""Did it learn the voice, and did it forget anything? Base vs tuned on held-out prompts, with numbers.
+
+`evaluate(run)` answers the validation split's held-out conversations (or a prompts file) with
+the base and the tuned model (same seed and settings, one batched pass per prompt group), writes
+`eval.json` and a readable `eval.md` into the run folder, and scores each column:
+
+- chrF against the reference replies (sacrebleu),
+- the rate of the brand's recurring openings/sign-offs, mined from the run's training replies,
+- reply length vs the references,
+- loss/perplexity on the held-out replies (assistant tokens only),
+- perplexity on general English text shipped with tuner: the forgetting check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tuner.config import GenerationConfig
+from tuner.errors import DataError, TunerError
+
+GENERAL_TEXT = Path(__file__).parent / "resources" / "general_text.jsonl"
+EVAL_BATCH = 4  # prompts generated together (x columns rows in one batch)
+LOSS_LIMIT = 64  # held-out conversations scored for validation loss
+COLUMNS = ("base", "tuned")
+
+METRIC_HELP = {
+    "chrf": "chrF (0-100): character n-gram overlap with the real reply; higher means closer wording.",
+    "brand_phrase_rate": "Share of replies using the brand's recurring openings or sign-offs (mined from the training replies).",
+    "length_words": "Reply length in words (median, 10th-90th percentile); a voice match has the references' shape.",
+    "validation_loss": "Loss on the held-out real replies (lower is better): how well the model predicts the brand's own words.",
+    "validation_perplexity": "exp(validation loss): the number of words the model hesitates between, on average (lower is better).",
+    "general_perplexity": "Perplexity on general English shipped with tuner (lower is better); a rise after tuning is forgetting.",
+}
+
+
+# -- brand phrases ---------------------------------------------------------------------------------
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def brand_phrases(replies: Sequence[str], min_share: float = 0.25, min_count: int = 3, max_words: int = 12,
+                  top: int = 8) -> list[dict[str, Any]]:
+    """Recurring openings and sign-offs: leading word n-grams of the first sentence and trailing
+    n-grams of the last sentence that many replies share.
+
+    >>> brand_phrases(["Hi! Sure thing. Cheers, Ann"] * 3 + ["Hi! No. Cheers, Ann"])[0]["phrase"]
+    'Cheers, Ann'
+
+    Returns [{phrase, position: "opening"|"sign-off", share}], most frequent first. Of an n-gram
+    and a longer one that extends it, the longer wins only when nearly as frequent (the whole
+    sign-off, not its last two words; not the sign-off plus one common answer).
+    """
+    texts = [_norm(r) for r in replies if isinstance(r, str) and r.strip()]
+    n = len(texts)
+    if n < min_count:
+        return []
+    threshold = max(min_count, min_share * n)
+    found: list[dict[str, Any]] = []
+    for position in ("opening", "sign-off"):
+        counts: Counter[str] = Counter()
+        shown: dict[str, str] = {}
+        for text in texts:
+            sentences = _SENTENCE_END.split(text)
+            words = (sentences[0] if position == "opening" else sentences[-1]).split()
+            for k in range(2 if len(words) > 1 else 1, min(max_words, len(words)) + 1):
+                gram = " ".join(words[:k] if position == "opening" else words[-k:])
+                shown.setdefault(gram.lower(), gram)
+                counts[gram.lower()] += 1  # once per reply: a reply has one opening and one ending
+        kept: list[str] = []
+        for gram in sorted((g for g, c in counts.items() if c >= threshold), key=len):
+            opening = position == "opening"
+            base = next((k for k in reversed(kept)
+                         if (gram.startswith(k + " ") if opening else gram.endswith(" " + k))), None)
+            if base is None:
+                kept.append(gram)
+            elif counts[gram] >= 0.8 * counts[base]:
+                kept[kept.index(base)] = gram
+        found += [{"phrase": shown[g], "position": position, "share": round(counts[g] / n, 3)} for g in kept]
+    found.sort(key=lambda p: (-p["share"], -len(p["phrase"])))
+    return found[:top]
+
+
+def phrase_rate(replies: Sequence[str], phrases: Sequence[dict[str, Any]]) -> float | None:
+    """Share of replies that contain at least one of the phrases (case and spacing ignored)."""
+    if not replies or not phrases:
+        return None
+    keys = [_norm(p["phrase"]).lower() for p in phrases]
+    hits = sum(any(k in _norm(r).lower() for k in keys) for r in replies)
+    return round(hits / len(replies), 3)
+
+
+# -- text metrics ----------------------------------------------------------------------------------
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float | None:
+    from sacrebleu.metrics import CHRF
+
+    if not hypotheses:
+        return None
+    return round(CHRF().corpus_score(list(hypotheses), [list(references)]).score, 2)
+
+
+def length_stats(replies: Sequence[str]) -> dict[str, float] | None:
+    if not replies:
+        return None
+    words = sorted(len(r.split()) for r in replies)
+
+    def pct(q: float) -> float:
+        return float(words[min(len(words) - 1, int(q * len(words)))])
+
+    return {"median": float(statistics.median(words)), "p10": pct(0.1), "p90": pct(0.9),
+            "mean": round(statistics.fmean(words), 1)}
+
+
+# -- losses ----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _column_model(pg, column: str, run_dir: Path) -> Iterator[Any]:
+    """The playground's model set up as `column` (adapter off for base), under its lock."""
+    from peft import PeftModel
+
+    with pg._lock:
+        info = pg._run_info(run_dir)
+        model = pg.model
+        if column == "tuned" and info.method == "full":
+            yield pg._full[info.run_dir]
+        elif isinstance(model, PeftModel) and column == "base":
+            with model.disable_adapter():
+                yield model
+        elif isinstance(model, PeftModel):
+            previous = model.active_adapter
+            model.set_adapter(pg._adapters[info.run_dir])
+            try:
+                yield model
+            finally:
+                model.set_adapter(previous)
+        else:
+            yield model
+
+
+def _mean_loss(model, sequences: Sequence[tuple[list[int], list[int]]]) -> float | None:
+    """Token-weighted mean cross-entropy of `labels` (-100 = not scored) given `input_ids`."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for ids, labels in sequences:
+            if sum(1 for t in labels[1:] if t != -100) == 0:
+                continue
+            x = torch.tensor([ids], device=model.device)
+            y = torch.tensor([labels], device=model.device)
+            logits = model(input_ids=x).logits[0, :-1].float()
+            target = y[0, 1:]
+            loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += int((target != -100).sum())
+    return total / count if count else None
+
+
+def assistant_sequences(tokenizer, conversations: Sequence[list[dict]], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) with labels only on assistant tokens, as in training."""
+    from tuner.chat_template import training_template
+
+    template = training_template(tokenizer)
+    out = []
+    for conv in conversations:
+        enc = tokenizer.apply_chat_template(conv, chat_template=template, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        ids = list(enc["input_ids"])[:max_length]
+        mask = list(enc["assistant_masks"])[:max_length]
+        out.append((ids, [t if m else -100 for t, m in zip(ids, mask, strict=True)]))
+    return out
+
+
+def text_sequences(tokenizer, texts: Sequence[str], max_length: int = 256) -> list[tuple[list[int], list[int]]]:
+    out = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
+        out.append((ids, list(ids)))
+    return out
+
+
+def general_texts() -> list[str]:
+    """The shipped general-English paragraphs for the forgetting check."""
+    return [json.loads(line)["text"] for line in GENERAL_TEXT.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _ppl(loss: float | None) -> float | None:
+    return round(math.exp(loss), 3) if loss is not None else None
+
+
+# -- prompts ---------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except ValueError as exc:
+                    raise DataError(f"not valid JSON ({exc.args[0]}). Fix: one JSON object per line.", str(path), n) from None
+    return rows
+
+
+def _case_from(value: Any, file: str, line: int | None) -> dict[str, Any] | None:
+    """One eval case {messages (ending with the user turn), reference} from a prompt-file entry."""
+    if isinstance(value, str):
+        return {"messages": [{"role": "user", "content": value}], "reference": None}
+    if isinstance(value, dict) and isinstance(value.get("prompt"), str):
+        ref = value.get("reference")
+        return {"messages": [{"role": "user", "content": value["prompt"]}],
+                "reference": ref if isinstance(ref, str) else None}
+    if isinstance(value, dict) and isinstance(value.get("messages"), list):
+        return case_from_messages(value["messages"], file, line)
+    raise DataError("expected a prompt string, {\"prompt\": ..., \"reference\": ...} or {\"messages\": [...]}.", file, line)
+
+
+def case_from_messages(messages: list, file: str, line: int | None) -> dict[str, Any] | None:
+    """A conversation -> prompt (everything before the last assistant reply) + that reply as reference."""
+    msgs = [m for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)
+            and m.get("role") in ("system", "user", "assistant")]
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+    if last is None:  # no reply to compare with: the conversation itself is the prompt
+        if not msgs or msgs[-1]["role"] != "user":
+            raise DataError("the conversation has no user message to answer.", file, line)
+        return {"messages": msgs, "reference": None}
+    prompt = msgs[:last]
+    if not any(m["role"] == "user" for m in prompt):
+        return None  # the assistant spoke first: nothing to prompt with
+    while prompt and prompt[-1]["role"] != "user":
+        prompt.pop()
+    return {"messages": prompt, "reference": msgs[last]["content"]}
+
+
+def load_cases(run_dir: Path, prompts_file: str | Path | None, limit: int | None) -> list[dict[str, Any]]:
+    """Eval cases from a prompts file (JSON list or JSONL), or the run's validation split."""
+    cases: list[dict[str, Any]] = []
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise DataError("file not found.", str(path))
+        if path.suffix == ".jsonl":
+            entries = _read_jsonl(path)
+        else:
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise DataError(f"not valid JSON ({exc}). Fix: a JSON list of prompts.", str(path)) from None
+            if not isinstance(data, list):
+                raise DataError("expected a JSON list of prompts (strings or {\"prompt\", \"reference\"}).", str(path))
+            entries = [(None, v) for v in data]
+        for line, value in entries:
+            case = _case_from(value, str(path), line)
+            if case:
+                cases.append(case)
+    else:
+        path = run_dir / "data" / "validation.jsonl"
+        if not path.is_file():
+            raise DataError("no validation split in this run. Fix: pass --prompts FILE (a JSON list of prompts).",
+                            str(path))
+        for line, value in _read_jsonl(path):
+            if isinstance(value, dict) and isinstance(value.get("messages"), list):
+                case = case_from_messages(value["messages"], str(path), line)
+                if case:
+                    cases.append(case)
+    if not cases:
+        raise DataError("no prompts to evaluate.", str(path))
+    return cases[:limit] if limit else cases
+
+
+# -- evaluate --------------------------------------------------------------------------------------
+
+
+def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settings: GenerationConfig | None = None,
+             limit: int | None = 50, playground=None, loss_limit: int = LOSS_LIMIT) -> dict[str, Any]:
+    """Generate base and tuned replies for held-out prompts, score them, write eval.json and eval.md.
+
+    `playground` reuses an app's loaded model (a new one is loaded otherwise). Returns
+    {run, settings, rows: [{prompt, reference, base, tuned}], metrics, phrases, elapsed_s}.
+    """
+    from tuner.config import TrainConfig
+    from tuner.paths import resolve_run
+    from tuner.playground import Playground, _training_replies
+
+    started = time.monotonic()
+    settings = settings or GenerationConfig()
+    pg = playground or Playground()
+    info = pg.load_run(resolve_run(run_dir))
+    run_dir = info.run_dir
+    cases = load_cases(run_dir, prompts_file, limit)
+
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(cases), EVAL_BATCH):
+        chunk = cases[start:start + EVAL_BATCH]
+        replies = pg.generate_many([c["messages"] for c in chunk], COLUMNS, settings, run=run_dir)
+        for case, reply in zip(chunk, replies, strict=True):
+            rows.append({"prompt": case["messages"][-1]["content"], "reference": case["reference"],
+                         "base": reply["base"], "tuned": reply["tuned"]})
+
+    train_replies, _ = _training_replies(run_dir / "data" / "train.jsonl", limit=10_000)
+    phrases = brand_phrases(train_replies)
+    refs = [r for r in rows if r["reference"] is not None]
+    metrics: dict[str, dict[str, Any]] = {name: {"explain": text} for name, text in METRIC_HELP.items()}
+    for col in COLUMNS:
+        metrics["chrf"][col] = chrf([r[col] for r in refs], [r["reference"] for r in refs]) if refs else None
+        metrics["brand_phrase_rate"][col] = phrase_rate([r[col] for r in rows], phrases)
+        metrics["length_words"][col] = length_stats([r[col] for r in rows])
+    metrics["chrf"]["reference"] = 100.0 if refs else None
+    metrics["brand_phrase_rate"]["reference"] = phrase_rate([r["reference"] for r in refs], phrases)
+    metrics["length_words"]["reference"] = length_stats([r["reference"] for r in refs])
+
+    # losses: the same model, adapter off and on
+    cfg = TrainConfig.load(run_dir / "config.yaml")
+    validation = [c["messages"] + [{"role": "assistant", "content": c["reference"]}]
+                  for c in load_cases(run_dir, None, None) if c["reference"] is not None][:loss_limit] \
+        if (run_dir / "data" / "validation.jsonl").is_file() else []
+    val_seqs = assistant_sequences(pg.tokenizer, validation, cfg.max_length) if validation else []
+    gen_seqs = text_sequences(pg.tokenizer, general_texts())
+    for col in COLUMNS:
+        with _column_model(pg, col, run_dir) as model:
+            val_loss = _mean_loss(model, val_seqs) if val_seqs else None
+            gen_loss = _mean_loss(model, gen_seqs)
+        metrics["validation_loss"][col] = round(val_loss, 4) if val_loss is not None else None
+        metrics["validation_perplexity"][col] = _ppl(val_loss)
+        metrics["general_perplexity"][col] = _ppl(gen_loss)
+
+    result = {
+        "run": info.run_id,
+        "settings": asdict(settings),
+        "prompts": str(prompts_file) if prompts_file else "validation split",
+        "rows": rows,
+        "metrics": metrics,
+        "phrases": phrases,
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    (run_dir / "eval.md").write_text(to_markdown(result), encoding="utf-8")
+    return result
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, dict):
+        return f"{value['median']:g} ({value['p10']:g}-{value['p90']:g})"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """A readable report: metrics table, mined phrases, then every prompt with its replies."""
+    s = result["settings"]
+    lines = [f"# Evaluation of run {result['run']}", "",
+             f"Prompts: {result['prompts']} ({len(result['rows'])}). Same settings for both columns: "
+             f"temperature {s['temperature']}, top-p {s['top_p']}, max new tokens {s['max_new_tokens']}, "
+             f"seed {s['seed']}, repetition penalty {s['repetition_penalty']}.", "",
+             "## Metrics", "", "| metric | base | tuned | reference | what it means |", "|---|---|---|---|---|"]
+    for name, m in result["metrics"].items():
+        lines.append(f"| {name} | {_cell(m.get('base'))} | {_cell(m.get('tuned'))} | {_cell(m.get('reference'))} "
+                     f"| {_cell(m['explain'])} |")
+    lines += ["", "## Brand phrases (mined from the training replies)", ""]
+    lines += [f"- \"{p['phrase']}\" ({p['position']}, {p['share']:.0%} of training replies)" for p in result["phrases"]]
+    if not result["phrases"]:
+        lines.append("None found: no opening or sign-off recurs in a quarter of the replies.")
+    lines += ["", "## Replies", "", "| # | prompt | reference | base | tuned |", "|---|---|---|---|---|"]
+    for i, row in enumerate(result["rows"], 1):
+        lines.append(f"| {i} | {_cell(row['prompt'])} | {_cell(row['reference'])} | {_cell(row['base'])} "
+                     f"| {_cell(row['tuned'])} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    d = GenerationConfig()
+    parser.add_argument("--run", required=True, help="Run id, or path to a run folder.")
+    parser.add_argument("--prompts", default=None,
+                        help="JSON list of prompts (strings or {prompt, reference}) or JSONL; default: the validation split.")
+    parser.add_argument("--limit", type=int, default=50, help="Evaluate at most N prompts (0: all).")
+    parser.add_argument("--json", action="store_true", help="Print {rows, metrics} as JSON.")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="Longest reply in tokens.")
+    parser.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy (repeatable).")
+    parser.add_argument("--seed", type=int, default=d.seed, help="Sampling seed.")
+
+
+def cli(args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise TunerError("--limit must be 0 (all) or more.")
+    settings = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    result = evaluate(args.run, args.prompts, settings, limit=args.limit or None)
+    if args.json:
+        print(json.dumps({"rows": result["rows"], "metrics": result["metrics"], "phrases": result["phrases"]},
+                         indent=2, ensure_ascii=False))
+        return 0
+    print(f"{'metric':<24}{'base':>14}{'tuned':>14}{'reference':>14}")
+    for name, m in result["metrics"].items():
+        print(f"{name:<24}" + "".join(f"{_cell(m.get(c)):>14}" for c in ("base", "tuned", "reference")))
+    print(f"\n{len(result['rows'])} prompts; replies side by side in eval.md and eval.json in the run folder.")
+    return 0

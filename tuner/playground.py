@@ -1,0 +1,733 @@
+"""Base vs tuned, side by side, from ONE copy of the base weights.
+
+A `Playground` holds one base model and the LoRA adapters of the runs loaded on it. The base
+column runs with the adapter switched off (peft `disable_adapter()`, or the `"__base__"` rows of a
+mixed-adapter batch); in compare mode every column is one row of a single batched `generate`
+(`adapter_names=["__base__", "<run>"]`), so comparing costs about as much as one reply.
+Replies stream token by token (a `TextStreamer` per row, fed from one generate thread), decode
+only the new tokens and stop at the chat template's end-of-turn token.
+
+    pg = Playground()
+    pg.load_run("run-20261121-233012-a1b2")
+    for partial in pg.stream_compare({}, "Where is my order?", ["base", "tuned"]):
+        print(partial)            # {"base": "Your order...", "tuned": "Happy to help! ..."}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuner.config import GenerationConfig
+from tuner.errors import ModelError, RunNotFound, TunerError
+from tuner.limits import MAX_INPUT_TOKENS
+
+BASE, TUNED, PROMPTED = "base", "tuned", "prompted"
+COLUMNS = (BASE, TUNED, PROMPTED)
+COLUMN_HELP = {
+    BASE: "The base model, adapter switched off: what you started from.",
+    TUNED: "The base model with this run's adapter: what fine-tuning learned.",
+    PROMPTED: "The base model told the brand brief as its system prompt: what prompting alone gets you.",
+}
+NOTICE_KEY = "notice"  # extra key in stream_compare's dicts when the input had to be trimmed
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" rows in a mixed-adapter batch
+# end-of-turn markers of common chat templates; only those that appear in the template are used
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+# pickle-based weight files run code when loaded: never load them
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+# -- runs ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunInfo:
+    """What the playground needs to know about a completed run."""
+
+    run_dir: Path
+    run_id: str
+    base_model: str
+    quantization: str
+    method: str
+    adapter_dir: Path
+    system_prompt: str | None = None  # the system message the training data used, if any
+    brand_brief: str = ""  # default system prompt of the "prompted" column
+
+
+def check_safetensors_folder(folder: Path, weights: str = "adapter_model.safetensors") -> None:
+    """Raise ModelError unless `folder` holds safetensors weights and no pickle weight files."""
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        # security: .bin/.pt files are pickles that can run code when loaded
+        raise ModelError(f"{folder} holds pickle weight files ({', '.join(pickles)}); only safetensors are loaded. "
+                         "Fix: re-save the weights with safetensors and delete those files.")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelError(f"{folder} has no {weights}: only safetensors weights are loaded.")
+
+
+def read_run(run: str | Path) -> RunInfo:
+    """Read a completed run's config and status (no model loading)."""
+    from tuner.config import TrainConfig
+    from tuner.paths import resolve_run
+
+    run_dir = resolve_run(run).resolve()
+    status_file = run_dir / "status.json"
+    try:
+        status = json.loads(status_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunNotFound(f"{status_file}: cannot read the run status ({exc}).") from None
+    if status.get("status") != "completed":
+        raise TunerError(f"Run {run_dir.name} is '{status.get('status')}', not completed: "
+                         "only a completed run has an adapter to chat with.")
+    if not status.get("adapter"):
+        raise ModelError(f"{status_file} names no adapter; the run did not save one.")
+    adapter_dir = Path(status["adapter"])
+    adapter_dir = (adapter_dir if adapter_dir.is_absolute() else run_dir / adapter_dir).resolve()
+    # security: a status file must not point the loader outside its own run folder
+    if not adapter_dir.is_relative_to(run_dir) or not adapter_dir.is_dir():
+        raise ModelError(f"{status_file}: adapter '{status['adapter']}' is not a folder inside the run.")
+    cfg = TrainConfig.load(run_dir / "config.yaml")
+    method = cfg.method.value
+    if method == "lora":
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise ModelError(f"{adapter_dir} has no adapter_config.json: not a peft adapter folder.")
+        check_safetensors_folder(adapter_dir)
+    else:
+        check_safetensors_folder(adapter_dir, "model.safetensors")
+    info = RunInfo(run_dir=run_dir, run_id=run_dir.name, base_model=cfg.base_model,
+                   quantization=cfg.quantization.value, method=method, adapter_dir=adapter_dir)
+    replies, info.system_prompt = _training_replies(run_dir / "data" / "train.jsonl")
+    info.brand_brief = make_brand_brief(replies, info.system_prompt)
+    return info
+
+
+def _training_replies(train_file: Path, limit: int = 2000) -> tuple[list[str], str | None]:
+    """The assistant replies of a run's training data, and its common system prompt (if any)."""
+    replies: list[str] = []
+    systems: Counter[str] = Counter()
+    rows = 0
+    if not train_file.is_file():
+        return replies, None
+    with open(train_file, encoding="utf-8") as fh:
+        for line in fh:
+            if rows >= limit:
+                break
+            try:
+                messages = json.loads(line).get("messages", [])
+            except (ValueError, AttributeError):
+                continue
+            rows += 1
+            for m in messages:
+                if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                    continue
+                if m.get("role") == "assistant":
+                    replies.append(m["content"])
+                elif m.get("role") == "system":
+                    systems[m["content"]] += 1
+    system, count = systems.most_common(1)[0] if systems else (None, 0)
+    return replies, (system if rows and count * 2 > rows else None)
+
+
+def make_brand_brief(replies: Sequence[str], system_prompt: str | None = None) -> str:
+    """A system prompt that tells the base model the brand's voice: its brief plus mined phrases."""
+    from tuner.evaluate import brand_phrases
+
+    lines = [system_prompt.strip()] if system_prompt else ["You are the customer support assistant of our company."]
+    phrases = brand_phrases(replies)
+    openings = [p["phrase"] for p in phrases if p["position"] == "opening"][:3]
+    closings = [p["phrase"] for p in phrases if p["position"] == "sign-off"][:3]
+    lines.append("Answer in the brand's voice: friendly, short and helpful.")
+    if openings:
+        lines.append("Start replies the way the team does, e.g. " + "; ".join(f'"{o}"' for o in openings) + ".")
+    if closings:
+        lines.append("End every reply with the team's sign-off: " + " or ".join(f'"{c}"' for c in closings) + ".")
+    return " ".join(lines)
+
+
+# -- messages and trimming -------------------------------------------------------------------------
+
+
+def _text(content: Any) -> str:
+    """Message content as text: gr.Chatbot may hand over a list of {type, text} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return "" if content is None else str(content)
+
+
+def clean_history(history: Sequence[Mapping[str, Any]] | None) -> list[dict[str, str]]:
+    """Keep user/assistant turns as plain {role, content} dicts (Chatbot messages carry metadata)."""
+    out = []
+    for m in history or []:
+        role = m.get("role")
+        if role in ("user", "assistant"):
+            out.append({"role": role, "content": _text(m.get("content"))})
+    return out
+
+
+def count_tokens(tokenizer, messages: list[dict[str, str]]) -> int:
+    """Prompt length in tokens, chat template and generation prompt included."""
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return len(enc["input_ids"])
+
+
+def fit_messages(tokenizer, messages: list[dict[str, str]], limit: int) -> tuple[list[dict[str, str]], str | None]:
+    """Drop the oldest turns (then the start of the last message) until the prompt fits `limit` tokens.
+
+    Returns the messages that fit and a notice for the user, or None when nothing was cut.
+    """
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = list(messages[len(system):])
+    if count_tokens(tokenizer, messages) <= limit:
+        return messages, None
+    dropped = 0
+    while len(turns) > 1 and count_tokens(tokenizer, system + turns) > limit:
+        turns.pop(0)
+        dropped += 1
+        while len(turns) > 1 and turns[0]["role"] != "user":  # a conversation starts with the user
+            turns.pop(0)
+            dropped += 1
+    notice = f"The conversation is longer than the model's input limit of {limit} tokens"
+    if dropped:
+        notice += f": the oldest {dropped} message{'s' if dropped > 1 else ''} were left out"
+    fitted = system + turns
+    over = count_tokens(tokenizer, fitted) - limit
+    if over > 0:  # the last message alone is too long: keep its end, where the question usually is
+        last = fitted[-1]
+        ids = tokenizer(last["content"], add_special_tokens=False)["input_ids"]
+        keep = max(len(ids) - over - 8, 0)
+        while True:
+            text = tokenizer.decode(ids[len(ids) - keep:]) if keep else ""
+            fitted = fitted[:-1] + [{"role": last["role"], "content": text}]
+            if keep == 0 or count_tokens(tokenizer, fitted) <= limit:
+                break
+            keep = max(keep - 16, 0)
+        if count_tokens(tokenizer, fitted) > limit:
+            raise TunerError(f"The system prompt alone is longer than the input limit of {limit} tokens; shorten it.")
+        notice += f"{' and' if dropped else ':'} the start of the last message was cut ({over} tokens)"
+    return fitted, notice + "."
+
+
+# -- streaming -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    column: str
+    messages: list[dict[str, str]]
+    adapter: str  # BASE_ADAPTER or a peft adapter name
+    model_key: str  # "base" or a full-model run folder
+
+
+@dataclass
+class _Event:
+    kind: str  # "text" (a chunk), "final" (the exact full reply), "error", "done"
+    row: int = -1
+    text: str = ""
+    tokens: int = 0
+    error: BaseException | None = None
+
+
+@dataclass
+class _Job:
+    rows: list[_Row]
+    settings: GenerationConfig
+    events: queue.Queue = field(default_factory=queue.Queue)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def _row_streamer_class():
+    from transformers import TextStreamer
+
+    class RowStreamer(TextStreamer):
+        """A TextStreamer for one row of a batch: finished words go to the job's event queue."""
+
+        def __init__(self, tokenizer, events: queue.Queue, row: int):
+            super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
+            self.events, self.row = events, row
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                self.events.put(_Event("text", self.row, text))
+
+    return RowStreamer
+
+
+def _batch_streamer(tokenizer, events: queue.Queue, rows: list[int], end_ids: set[int]):
+    """A generate() streamer for a batch: splits each step's tokens into per-row text streams."""
+    from transformers.generation.streamers import BaseStreamer
+
+    RowStreamer = _row_streamer_class()
+
+    class BatchStreamer(BaseStreamer):
+        def __init__(self) -> None:
+            self.rows = [RowStreamer(tokenizer, events, r) for r in rows]
+            self.finished = [False] * len(rows)
+            self.prompt_seen = False
+
+        def put(self, value) -> None:
+            if not self.prompt_seen:  # generate() first pushes the prompt: decode only new tokens
+                self.prompt_seen = True
+                return
+            for i, token in enumerate(value.reshape(-1).tolist()):
+                if self.finished[i]:
+                    continue
+                if token in end_ids:  # end of turn: this row is done; padding follows
+                    self.finished[i] = True
+                    continue
+                self.rows[i].put(value.reshape(-1)[i : i + 1])
+
+        def end(self) -> None:
+            for r in self.rows:
+                if r.token_cache:
+                    r.end()
+
+    return BatchStreamer()
+
+
+def _stop_criteria(stop: threading.Event):
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhenAsked(StoppingCriteria):
+        """Ends generation early when the reader went away (closed the stream)."""
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhenAsked()])
+
+
+# -- the playground --------------------------------------------------------------------------------
+
+
+class Playground:
+    """One base model plus the adapters of the runs loaded on it; thread-safe generation.
+
+    Args:
+        max_input_tokens: prompt budget (history included); older turns are trimmed beyond it.
+        device: "cuda" or "cpu" (default: cuda when present).
+        quantization: "auto" (the run's own on CUDA; 16/32-bit on CPU, where 4-bit is slower),
+            "none" or "nf4".
+        max_adapters: adapters kept loaded at once; the least recently used one is dropped.
+    """
+
+    def __init__(self, max_input_tokens: int = MAX_INPUT_TOKENS, device: str | None = None,
+                 quantization: str = "auto", max_adapters: int = 4):
+        from tuner.models import device as default_device
+
+        if quantization not in ("auto", "none", "nf4"):
+            raise TunerError(f"quantization must be auto, none or nf4, got '{quantization}'.")
+        self.max_input_tokens = max_input_tokens
+        self.device = device or default_device()
+        self.quantization = quantization
+        self.max_adapters = max(1, max_adapters)
+        self.model = None  # the base model; a peft PeftModel once an adapter is loaded
+        self.tokenizer = None
+        self.base_key: tuple[str, str] | None = None  # (resolved base model, quantization)
+        self.base_loads = 0  # how many times a base model was loaded (switching runs keeps it)
+        self._adapters: OrderedDict[Path, str] = OrderedDict()  # run folder -> peft adapter name
+        self._full: OrderedDict[Path, Any] = OrderedDict()  # method=full runs: their own model
+        self._runs: dict[Path, RunInfo] = {}
+        self._next_adapter = 0
+        self._end_ids: set[int] = set()
+        self.run: RunInfo | None = None  # the most recently loaded run (default for `run=None`)
+        # one generate at a time: peft adapter state and the model are shared by every session
+        self._lock = threading.RLock()
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def _quantization_for(self, run_quantization: str) -> str:
+        if self.quantization != "auto":
+            return self.quantization
+        return run_quantization if self.device == "cuda" else "none"
+
+    def load_base(self, base_model: str = "default", quantization: str | None = None) -> None:
+        """Load `base_model` unless it is already the loaded base (then nothing happens).
+
+        `quantization` None keeps whatever the loaded copy of this model uses (or, for a new
+        load, "none"), so a base-only chat never reloads a model that a run loaded in 4 bits.
+        """
+        from tuner.models import load_model, load_tokenizer, resolve_model
+
+        location = resolve_model(base_model)
+        with self._lock:
+            if self.base_key is not None and self.base_key[0] == location and quantization in (None, self.base_key[1]):
+                return
+            quantization = quantization or self._quantization_for("none")
+            key = (location, quantization)
+            self.model = None  # release the old base (and its adapters) before loading the next
+            self._adapters.clear()
+            self._runs = {p: r for p, r in self._runs.items() if p in self._full}
+            tokenizer = load_tokenizer(base_model)
+            tokenizer.padding_side = "left"  # batched generation appends after the prompt
+            self.model = load_model(base_model, quantization=quantization, dev=self.device)
+            self.tokenizer = tokenizer
+            self._end_ids = self._end_of_turn_ids(self.model)
+            self.base_key = key
+            self.base_loads += 1
+
+    def _end_of_turn_ids(self, model) -> set[int]:
+        tok = self.tokenizer
+        ids: set[int] = set()
+        eos = model.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tok.eos_token_id is not None:
+            ids.add(tok.eos_token_id)
+        template = tok.chat_template if isinstance(tok.chat_template, str) else str(tok.chat_template)
+        for marker in END_OF_TURN_TOKENS:
+            if marker in template:
+                tid = tok.convert_tokens_to_ids(marker)
+                if isinstance(tid, int) and tid != tok.unk_token_id:
+                    ids.add(tid)
+        return ids
+
+    def load_run(self, run: str | Path) -> RunInfo:
+        """Load a completed run (an id or a run folder). The base is reloaded only if it differs."""
+        info = read_run(run)
+        with self._lock:
+            if info.method == "full":
+                self._load_full(info)
+            else:
+                self.load_base(info.base_model, self._quantization_for(info.quantization))
+                self._load_adapter(info)
+            self._runs[info.run_dir] = info
+            self.run = info
+        return info
+
+    def _load_adapter(self, info: RunInfo) -> None:
+        from peft import PeftModel
+
+        if info.run_dir in self._adapters:
+            self._adapters.move_to_end(info.run_dir)
+            return
+        name = f"run{self._next_adapter}"  # run ids may hold '.', which peft module names cannot
+        self._next_adapter += 1
+        try:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(info.adapter_dir), adapter_name=name, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(info.adapter_dir), adapter_name=name,
+                                                       is_trainable=False)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ModelError(f"Could not load the adapter in {info.adapter_dir}: {exc}") from exc
+        self.model.eval()
+        self._adapters[info.run_dir] = name
+        while len(self._adapters) > self.max_adapters:
+            old_dir, old_name = self._adapters.popitem(last=False)
+            self.model.delete_adapter(old_name)
+            self._runs.pop(old_dir, None)
+
+    def _load_full(self, info: RunInfo) -> None:
+        from tuner.models import load_model
+
+        if self.model is None:
+            self.load_base(info.base_model, self._quantization_for(info.quantization))
+        if info.run_dir not in self._full:
+            self._full[info.run_dir] = load_model(str(info.adapter_dir), quantization="none", dev=self.device)
+            while len(self._full) > 1:  # a fully fine-tuned model is a second copy: keep one only
+                old, _ = self._full.popitem(last=False)
+                self._runs.pop(old, None)
+        self._full.move_to_end(info.run_dir)
+
+    def _run_info(self, run: str | Path | None) -> RunInfo | None:
+        if run is None:
+            return self.run
+        info = read_run(run)
+        return self._runs.get(info.run_dir) or self.load_run(info.run_dir)
+
+    # -- building prompts --------------------------------------------------------------------
+
+    def input_limit(self, settings: GenerationConfig) -> int:
+        """Prompt budget in tokens: MAX_INPUT_TOKENS, and room for the reply in the model's context."""
+        context = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        limit = self.max_input_tokens
+        if context:
+            limit = min(limit, int(context) - settings.max_new_tokens)
+        return max(limit, 16)
+
+    def _messages(self, history, message: str, system: str | None, settings: GenerationConfig):
+        msgs = ([{"role": "system", "content": system}] if system else []) + clean_history(history)
+        msgs.append({"role": "user", "content": _text(message)})
+        return fit_messages(self.tokenizer, msgs, self.input_limit(settings))
+
+    def _rows(self, history_by_column, message, columns, system_prompt, brand_brief, settings, run):
+        unknown = [c for c in columns if c not in COLUMNS]
+        if unknown or not columns:
+            raise TunerError(f"Unknown column(s) {unknown or '(none)'}; choose from {', '.join(COLUMNS)}.")
+        if self.model is None:
+            raise TunerError("No model is loaded: load a run (or the base model) first.")
+        info = self._run_info(run)
+        if TUNED in columns and info is None:
+            raise TunerError("The tuned column needs a trained run: load one first.")
+        if system_prompt is None:  # the run's own: the tuned model learned with it
+            system_prompt = info.system_prompt if info else None
+        if brand_brief is None:
+            brand_brief = info.brand_brief if info else ""
+        rows, notices = [], []
+        for column in columns:
+            system = brand_brief if column == PROMPTED else system_prompt
+            msgs, notice = self._messages((history_by_column or {}).get(column), message, system, settings)
+            if notice and notice not in notices:
+                notices.append(notice)
+            adapter, model_key = BASE_ADAPTER, "base"
+            if column == TUNED:
+                assert info is not None
+                if info.method == "full":
+                    model_key = str(info.run_dir)
+                else:
+                    adapter = self._adapters[info.run_dir]
+            rows.append(_Row(column, msgs, adapter, model_key))
+        return rows, " ".join(notices) or None
+
+    # -- generation --------------------------------------------------------------------------
+
+    def _run_job(self, job: _Job) -> None:
+        """Worker thread: generate every row (one batched pass per model) and report events."""
+        try:
+            with self._lock:
+                groups: dict[str, list[int]] = {}
+                for i, row in enumerate(job.rows):
+                    groups.setdefault(row.model_key, []).append(i)
+                for model_key, indices in groups.items():
+                    if job.stop.is_set():
+                        break
+                    self._generate_group(job, model_key, indices)
+        except BaseException as exc:  # reported to the reader, who raises it in the caller's thread
+            job.events.put(_Event("error", error=exc))
+        finally:
+            job.events.put(_Event("done"))
+
+    def _generate_group(self, job: _Job, model_key: str, indices: list[int]) -> None:
+        import torch
+        from peft import PeftModel
+
+        tok = self.tokenizer
+        model = self.model if model_key == "base" else self._full[Path(model_key)]
+        rows = [job.rows[i] for i in indices]
+        batch = tok.apply_chat_template([r.messages for r in rows], add_generation_prompt=True, padding=True,
+                                        return_tensors="pt", return_dict=True).to(model.device)
+        s = job.settings
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": s.max_new_tokens, "repetition_penalty": s.repetition_penalty,
+            "eos_token_id": sorted(self._end_ids), "pad_token_id": tok.pad_token_id,
+            "streamer": _batch_streamer(tok, job.events, indices, self._end_ids),
+            "stopping_criteria": _stop_criteria(job.stop),
+        }
+        if s.temperature > 0:
+            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
+        else:  # greedy: repeatable
+            kwargs["do_sample"] = False
+        adapters = [r.adapter for r in rows]
+        torch.manual_seed(s.seed)
+        with torch.inference_mode():
+            if isinstance(model, PeftModel) and any(a != BASE_ADAPTER for a in adapters):
+                out = model.generate(**batch, adapter_names=adapters, **kwargs)
+            elif isinstance(model, PeftModel):
+                with model.disable_adapter():  # the base column: same weights, adapter off
+                    out = model.generate(**batch, **kwargs)
+            else:
+                out = model.generate(**batch, **kwargs)
+        new = out[:, batch["input_ids"].shape[1]:].tolist()
+        for i, ids in zip(indices, new, strict=True):
+            end = next((k for k, t in enumerate(ids) if t in self._end_ids), len(ids))
+            text = tok.decode(ids[:end], skip_special_tokens=True)
+            job.events.put(_Event("final", i, text, tokens=end))
+
+    def _events(self, rows: list[_Row], settings: GenerationConfig) -> Iterator[_Event]:
+        """Start the worker thread and hand its events over; closing the iterator stops generation."""
+        job = _Job(rows, settings)
+        worker = threading.Thread(target=self._run_job, args=(job,), daemon=True, name="tuner-generate")
+        worker.start()
+        try:
+            while True:
+                event = job.events.get()
+                if event.kind == "done":
+                    return
+                if event.kind == "error":
+                    err = event.error
+                    if isinstance(err, TunerError):
+                        raise err
+                    raise ModelError(f"Generation failed: {type(err).__name__}: {err}") from err
+                yield event
+        finally:
+            job.stop.set()
+
+    def stream_compare(
+        self,
+        history_by_column: Mapping[str, Sequence[Mapping[str, Any]]] | None,
+        message: str,
+        columns: Sequence[str] = (BASE, TUNED),
+        settings: GenerationConfig | None = None,
+        system_prompt: str | None = None,
+        brand_brief: str | None = None,
+        run: str | Path | None = None,
+    ) -> Iterator[dict[str, str]]:
+        """Stream the replies of several columns to the same message, generated in one batch.
+
+        Yields {column: reply so far} (plus NOTICE_KEY when old turns were trimmed); the last
+        dict holds the full replies. `history_by_column[col]` is that column's own chat so far
+        ([{role, content}], as gr.Chatbot keeps it). `system_prompt` None means the run's own
+        training system prompt (or the template's default); `brand_brief` None means the run's
+        brief (used by the "prompted" column only). `run` None means the last loaded run.
+        """
+        settings = settings or GenerationConfig()
+        with self._lock:
+            rows, notice = self._rows(history_by_column, message, list(columns), system_prompt, brand_brief,
+                                      settings, run)
+        replies = {r.column: "" for r in rows}
+
+        def snapshot() -> dict[str, str]:
+            return {**replies, NOTICE_KEY: notice} if notice else dict(replies)
+
+        events = self._events(rows, settings)
+        try:
+            for event in events:
+                col = rows[event.row].column
+                replies[col] = event.text if event.kind == "final" else replies[col] + event.text
+                yield snapshot()
+        finally:
+            events.close()
+
+    def stream(self, history: Sequence[Mapping[str, Any]] | None, message: str, column: str = TUNED,
+               settings: GenerationConfig | None = None, system_prompt: str | None = None,
+               run: str | Path | None = None) -> Iterator[str]:
+        """Stream one column's reply: yields the reply so far."""
+        for partial in self.stream_compare({column: history or []}, message, [column], settings, system_prompt,
+                                           run=run):
+            yield partial[column]
+
+    def compare(self, history_by_column: Mapping[str, Sequence[Mapping[str, Any]]] | None, message: str,
+                columns: Sequence[str] = (BASE, TUNED), settings: GenerationConfig | None = None,
+                system_prompt: str | None = None, brand_brief: str | None = None,
+                run: str | Path | None = None) -> dict[str, str]:
+        """The full replies of several columns (one batched generate); NOTICE_KEY when trimmed."""
+        last: dict[str, str] = {c: "" for c in columns}
+        for partial in self.stream_compare(history_by_column, message, columns, settings, system_prompt,
+                                           brand_brief, run):
+            last = partial
+        return last
+
+    def reply(self, history: Sequence[Mapping[str, Any]] | None, message: str, column: str = TUNED,
+              settings: GenerationConfig | None = None, system_prompt: str | None = None,
+              run: str | Path | None = None) -> str:
+        """One column's full reply."""
+        return self.compare({column: history or []}, message, [column], settings, system_prompt, run=run)[column]
+
+    def generate_many(self, conversations: Sequence[Sequence[Mapping[str, Any]]], columns: Sequence[str],
+                      settings: GenerationConfig | None = None, run: str | Path | None = None,
+                      brand_brief: str | None = None) -> list[dict[str, str]]:
+        """Replies to many finished conversations (each ends with a user turn), all columns batched.
+
+        Used by evaluation; the conversations keep their own system messages.
+        """
+        settings = settings or GenerationConfig()
+        with self._lock:
+            rows: list[_Row] = []
+            for conv in conversations:
+                conv = [{"role": m["role"], "content": _text(m.get("content"))} for m in conv]
+                system = [m["content"] for m in conv[:1] if m["role"] == "system"]
+                history, message = conv[len(system):-1], conv[-1]["content"]
+                sys_prompt = system[0] if system else ""
+                built, _ = self._rows({c: history for c in columns}, message, list(columns), sys_prompt or None,
+                                      brand_brief, settings, run)
+                rows.extend(built)
+        out: list[dict[str, str]] = [{} for _ in conversations]
+        for event in self._events(rows, settings):
+            if event.kind == "final":
+                out[event.row // len(columns)][rows[event.row].column] = event.text
+        return out
+
+    def timed_compare(self, message: str, columns: Sequence[str] = (BASE, TUNED),
+                      settings: GenerationConfig | None = None, system_prompt: str | None = None,
+                      run: str | Path | None = None) -> dict[str, Any]:
+        """Replies plus timing: seconds to the first streamed text, new tokens, tokens/s."""
+        settings = settings or GenerationConfig()
+        with self._lock:
+            rows, notice = self._rows({}, message, list(columns), system_prompt, None, settings, run)
+        started = time.perf_counter()
+        first: float | None = None
+        replies: dict[str, str] = {}
+        tokens: dict[str, int] = {}
+        for event in self._events(rows, settings):
+            if first is None and event.kind == "text":
+                first = time.perf_counter() - started
+            if event.kind == "final":
+                replies[rows[event.row].column] = event.text
+                tokens[rows[event.row].column] = event.tokens
+        total = time.perf_counter() - started
+        return {
+            "replies": replies, "notice": notice,
+            "timing": {
+                "first_token_s": round(first if first is not None else total, 3),
+                "total_s": round(total, 3),
+                "new_tokens": tokens,
+                # every column's tokens came out of the same forward passes
+                "tokens_per_s": round(sum(tokens.values()) / total, 2) if total else None,
+                "tokens_per_s_per_column": round(max(tokens.values(), default=0) / total, 2) if total else None,
+            },
+        }
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    d = GenerationConfig()
+    parser.add_argument("--run", required=True, help="Run id, or path to a run folder.")
+    parser.add_argument("--prompt", required=True, help="The user message.")
+    parser.add_argument("--compare", action="store_true", help="Also answer with the base model (one batched pass).")
+    parser.add_argument("--prompted", action="store_true", help="Also answer with the base model told the brand brief.")
+    parser.add_argument("--json", action="store_true", help="Print {prompt, replies, timing} as JSON.")
+    parser.add_argument("--system-prompt", default=None, help="System prompt (default: the run's training one).")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="Longest reply in tokens.")
+    parser.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy (repeatable).")
+    parser.add_argument("--top-p", type=float, default=d.top_p, help="Nucleus sampling threshold.")
+    parser.add_argument("--seed", type=int, default=d.seed, help="Sampling seed.")
+    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="Above 1 discourages repeats.")
+
+
+def settings_from_args(args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, repetition_penalty=args.repetition_penalty)
+
+
+def cli(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    pg = Playground()
+    pg.load_run(args.run)
+    columns = ([BASE] if args.compare else []) + [TUNED] + ([PROMPTED] if args.prompted else [])
+    if args.json:
+        result = pg.timed_compare(args.prompt, columns, settings, args.system_prompt)
+        print(json.dumps({"prompt": args.prompt, **result}, indent=2, ensure_ascii=False))
+        return 0
+    if len(columns) == 1:  # one column: stream it to the terminal as it is written
+        shown = ""
+        for partial in pg.stream_compare({}, args.prompt, columns, settings, args.system_prompt):
+            if NOTICE_KEY in partial and not shown:
+                print(f"note: {partial[NOTICE_KEY]}", file=sys.stderr)
+            text = partial[TUNED]
+            if text.startswith(shown):
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+            shown = text
+        print()
+        return 0
+    replies = pg.compare({}, args.prompt, columns, settings, args.system_prompt)
+    if NOTICE_KEY in replies:
+        print(f"note: {replies.pop(NOTICE_KEY)}", file=sys.stderr)
+    for column in columns:
+        print(f"== {column} ==\n{replies[column]}\n")
+    return 0
