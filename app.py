@@ -317,16 +317,18 @@ def read_examples(data_dir: str | Path | None, limit: int = PREVIEW_EXAMPLES,
     return out
 
 
-def preview_bubbles(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Chat bubbles for gr.Chatbot; the system prompt becomes a note above the chat."""
-    bubbles = []
-    for m in messages:
-        if m["role"] == "system":
-            bubbles.append({"role": "assistant", "content": m["content"],
-                            "metadata": {"title": "System prompt (context, not learned)"}})
-        elif m["role"] in ("user", "assistant"):
-            bubbles.append({"role": m["role"], "content": m["content"]})
-    return bubbles
+def shown(text: str) -> str:
+    """Message text for a gr.Chatbot with render_markdown=False: shown literally, HTML never interpreted."""
+    return html.escape(text, quote=False)
+
+
+def bubbles(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """User/assistant messages as chat bubbles showing their exact text (a system prompt is shown apart)."""
+    return [{"role": m["role"], "content": shown(m["content"])} for m in messages if m["role"] in ("user", "assistant")]
+
+
+def system_of(messages: list[dict[str, str]]) -> str:
+    return next((m["content"] for m in messages if m["role"] == "system"), "")
 
 
 def trained_tokens(messages: list[dict[str, str]], base_model: str) -> list[tuple[str, str | None]]:
@@ -351,9 +353,9 @@ def show_example(index: float | None, session: dict[str, Any], base_model: str):
     """Preview one converted example as chat bubbles and as the tokens the model learns from."""
     examples = read_examples((session or {}).get("data_dir"))
     if not examples:
-        return [], []
+        return "", [], []
     i = min(max(int(index or 1), 1), len(examples)) - 1
-    return preview_bubbles(examples[i]), trained_tokens(examples[i], base_model)
+    return system_of(examples[i]), bubbles(examples[i]), trained_tokens(examples[i], base_model)
 
 
 @friendly
@@ -393,7 +395,8 @@ def convert_data(files: list[str] | None, system_prompt: str, redact_pii: bool, 
         dropped_table(report),
         token_histogram(out_dir, base_model),
         gr.update(maximum=max(len(examples), 1), value=1, visible=len(examples) > 1),
-        preview_bubbles(first),
+        system_of(first),
+        bubbles(first),
         trained_tokens(first, base_model) if first else [],
         speakers,
         gr.update(interactive=session["ok"]),
@@ -594,41 +597,48 @@ def resume_run(run_id: str | None) -> str:
 # -- Playground tab --------------------------------------------------------------------------------
 
 
+def new_chats() -> dict[str, list[dict[str, str]]]:
+    """One session's playground conversations, raw text per column (the Chatbots show them escaped)."""
+    return {"base": [], "tuned": [], "prompted": []}
+
+
+def chat_views(chats: dict[str, list[dict[str, str]]]) -> tuple[list, list, list]:
+    return bubbles(chats["base"]), bubbles(chats["tuned"]), bubbles(chats["prompted"])
+
+
 @friendly
-def chat(message: str, run_id: str | None, base_history: list | None, tuned_history: list | None,
-         prompted_history: list | None, with_prompted: bool, max_new_tokens: float, temperature: float,
-         top_p: float, seed: float, repetition_penalty: float):
+def chat(message: str, run_id: str | None, with_prompted: bool, max_new_tokens: float, temperature: float,
+         top_p: float, seed: float, repetition_penalty: float, chats: dict[str, list[dict[str, str]]] | None):
     """Send one message to every column and stream the replies side by side."""
     from tuner.playground import BASE, NOTICE_KEY, PROMPTED, TUNED
 
     message = (message or "").strip()
     if not message:
         raise TunerError("Type a message first.")
+    run_dir = run_folder(run_id) if run_id else None
     settings = GenerationConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                 top_p=float(top_p), seed=int(seed), repetition_penalty=float(repetition_penalty))
+    chats = {c: list(h) for c, h in (chats or new_chats()).items()}
     pg = playground()
-    run_dir = run_folder(run_id) if run_id else None
     if run_dir is not None:
         pg.load_run(run_dir)
     else:
         pg.load_base()
     columns = [BASE] + ([TUNED] if run_dir else []) + ([PROMPTED] if with_prompted else [])
-    old = {BASE: base_history or [], TUNED: tuned_history or [], PROMPTED: prompted_history or []}
-    new = {c: list(h) for c, h in old.items()}
+    history = {c: chats[c] for c in columns}
     for c in columns:
-        new[c] = new[c] + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-    noticed = False
-    yield "", new[BASE], new[TUNED], new[PROMPTED]
+        chats[c] = chats[c] + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+    yield "", *chat_views(chats), chats
     # without a run, say so explicitly: None would mean "the last run loaded", maybe by another session
     no_run = {"system_prompt": "", "brand_brief": ""} if run_dir is None else {}
-    for partial in pg.stream_compare({c: old[c] for c in columns}, message, columns, settings, run=run_dir,
-                                     **no_run):
+    noticed = False
+    for partial in pg.stream_compare(history, message, columns, settings, run=run_dir, **no_run):
         if partial.get(NOTICE_KEY) and not noticed:
             gr.Warning(partial[NOTICE_KEY])
             noticed = True
         for c in columns:
-            new[c][-1] = {"role": "assistant", "content": partial.get(c, "")}
-        yield "", new[BASE], new[TUNED], new[PROMPTED]
+            chats[c][-1] = {"role": "assistant", "content": partial.get(c, "")}
+        yield "", *chat_views(chats), chats
 
 
 def eval_tables(result: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -841,6 +851,7 @@ def build_demo() -> gr.Blocks:
 
     with gr.Blocks(title="tuner: fine-tune a chatbot on your support logs", delete_cache=(1800, 3600)) as demo:
         session = gr.State(new_session, delete_callback=end_session)
+        chats = gr.State(new_chats)
         gr.Markdown("# tuner\nTurn your support conversations into a chatbot that answers in your voice: "
                     "**1** check the data, **2** train, **3** compare base and tuned, **4** take the model home.")
         notice = gr.Markdown(visible=False, elem_id="storage-notice")
@@ -864,17 +875,21 @@ def build_demo() -> gr.Blocks:
                     with gr.Column(scale=3, min_width=420):
                         report_md = gr.Markdown("Upload your exports (or try the sample) to see what tuner makes "
                                                 "of them.", elem_id="report")
-                        files_df = gr.Dataframe(label="Files and their detected format", interactive=False,
-                                                elem_id="files-table")
+                        files_df = gr.Dataframe(headers=FILES_COLUMNS, label="Files and their detected format",
+                                                interactive=False, elem_id="files-table", wrap=True)
                         hist = gr.BarPlot(x="tokens", y="examples", label="Examples by length (tokens)", sort=None,
                                           height=220)
-                        dropped_df = gr.Dataframe(label="Dropped rows (file, line, reason)", interactive=False,
-                                                  max_height=260, elem_id="dropped-table")
+                        dropped_df = gr.Dataframe(headers=DROPPED_COLUMNS, label="Dropped rows (file, line, reason)",
+                                                  interactive=False, max_height=260, elem_id="dropped-table",
+                                                  wrap=True)
                 with gr.Row():
                     with gr.Column():
                         example_idx = gr.Slider(1, 2, value=1, step=1, label="Example", visible=False)
+                        preview_system = gr.Textbox(label="System prompt of this example (context, not learned)",
+                                                    interactive=False, lines=1, max_lines=4)
                         preview = gr.Chatbot(label="Preview: highlighted replies are what the model learns to write",
-                                             elem_id="preview", height=360, feedback_options=None)
+                                             elem_id="preview", height=360, feedback_options=None,
+                                             render_markdown=False, buttons=[])
                     with gr.Column():
                         learned = gr.HighlightedText(label="The same example as the model reads it "
                                                            "(marked: tokens it is trained on)",
@@ -928,10 +943,13 @@ def build_demo() -> gr.Blocks:
                                                 info="The base model told the brand brief: what prompting alone gets.",
                                                 scale=2)
                 with gr.Row(equal_height=True):
-                    base_chat = gr.Chatbot(label="Base model", height=380, elem_id="chat-base", feedback_options=None)
-                    tuned_chat = gr.Chatbot(label="Tuned", height=380, elem_id="chat-tuned", feedback_options=None)
+                    base_chat = gr.Chatbot(label="Base model", height=380, elem_id="chat-base", feedback_options=None,
+                                           render_markdown=False)
+                    tuned_chat = gr.Chatbot(label="Tuned", height=380, elem_id="chat-tuned", feedback_options=None,
+                                            render_markdown=False)
                     prompted_chat = gr.Chatbot(label="Prompt-only", height=380, visible=False,
-                                               elem_id="chat-prompted", feedback_options=None)
+                                               elem_id="chat-prompted", feedback_options=None,
+                                               render_markdown=False)
                 with gr.Row():
                     msg = gr.Textbox(placeholder="Ask what your customers ask… (Enter sends to every column)",
                                      show_label=False, scale=5, elem_id="chat-input", max_length=4000)
@@ -992,14 +1010,16 @@ def build_demo() -> gr.Blocks:
                     publish_file = gr.File(label="Space folder (.zip)", interactive=False)
 
         # ---- events: Data
-        convert_outputs = [report_md, files_df, dropped_df, hist, example_idx, preview, learned, speakers, to_train,
+        convert_outputs = [report_md, files_df, dropped_df, hist, example_idx, preview_system, preview, learned, speakers,
+                           to_train,
                            start_btn, session]
         convert_inputs = [files, system_prompt, redact, speakers, base_model, session]
         sample_btn.click(load_sample, outputs=files, api_name="sample").then(
             convert_data, convert_inputs, convert_outputs, api_name="convert_sample", api_visibility="private")
         files.upload(convert_data, convert_inputs, convert_outputs, api_name="convert_upload", api_visibility="private")
         check_btn.click(convert_data, convert_inputs, convert_outputs, api_name="convert")
-        example_idx.change(show_example, [example_idx, session, base_model], [preview, learned], api_name="example")
+        example_idx.change(show_example, [example_idx, session, base_model], [preview_system, preview, learned],
+                          api_name="example")
         to_train.click(lambda: gr.Tabs(selected="train"), outputs=tabs, api_name="go_to_train", api_visibility="private")
 
         # ---- events: Train
@@ -1018,17 +1038,18 @@ def build_demo() -> gr.Blocks:
             run_status, train_run, status_outputs, api_name="status_after_resume", api_visibility="private")
 
         # ---- events: Playground
-        chat_inputs = [msg, pg_run, base_chat, tuned_chat, prompted_chat, with_prompted, max_new, temperature, top_p,
-                       seed, rep]
-        chat_outputs = [msg, base_chat, tuned_chat, prompted_chat]
+        chat_inputs = [msg, pg_run, with_prompted, max_new, temperature, top_p, seed, rep, chats]
+        chat_outputs = [msg, base_chat, tuned_chat, prompted_chat, chats]
         send_btn.click(chat, chat_inputs, chat_outputs, api_name="chat", concurrency_limit=CHAT_CONCURRENCY)
         msg.submit(chat, chat_inputs, chat_outputs, api_name="chat_submit", api_visibility="private", concurrency_limit=CHAT_CONCURRENCY,
                    concurrency_id="chat")
-        clear_btn.click(lambda: ([], [], []), outputs=[base_chat, tuned_chat, prompted_chat], api_name="clear_chat",
-                        api_visibility="private")
+        clear_btn.click(lambda: ([], [], [], new_chats()), outputs=[base_chat, tuned_chat, prompted_chat, chats],
+                        api_name="clear_chat")
         with_prompted.change(lambda v: gr.update(visible=bool(v)), with_prompted, prompted_chat, api_name="toggle_prompted",
                             api_visibility="private")
         pg_run.change(saved_evaluation, pg_run, [eval_metrics, eval_rows], api_name="saved_evaluation")
+        pg_run.change(lambda: ([], [], [], new_chats()), outputs=[base_chat, tuned_chat, prompted_chat, chats],
+                      api_name="new_chat", api_visibility="private")
         eval_btn.click(evaluate_run, [pg_run, max_new, temperature, top_p, seed, rep], [eval_metrics, eval_rows],
                        api_name="evaluate", concurrency_limit=1)
 
