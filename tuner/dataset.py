@@ -497,6 +497,8 @@ def _reply_template_share(replies: list[str]) -> tuple[float, str]:
 
 def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, started: float) -> dict[str, Any]:
     cfg = run.cfg
+    order = {entry["file"]: i for i, entry in enumerate(files)}
+    run.dropped.sort(key=lambda d: (order.get(d["file"], 0), d["line"]))  # length drops come in batches: re-order
     examples = train_n + val_n
     warnings = list(run.warnings)
     for entry in files:
