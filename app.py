@@ -228,10 +228,10 @@ def report_markdown(report: dict[str, Any]) -> str:
     stats = report.get("stats") or {}
     lines = []
     if report.get("ok"):
-        lines.append(f"### ✅ Ready to train: {report.get('train_examples', 0)} training and "
+        lines.append(f"### Ready to train: {report.get('train_examples', 0)} training and "
                      f"{report.get('validation_examples', 0)} validation examples")
     else:
-        lines.append("### ⛔ Not enough to train on yet")
+        lines.append("### Not enough to train on yet")
         if report.get("reason"):
             lines.append(md_escape(report["reason"]).capitalize() + ".")
     facts = [f"{stats.get('conversations_read', 0):,} conversations read"]
@@ -259,7 +259,7 @@ def report_markdown(report: dict[str, Any]) -> str:
                      f"{found}" + ("" if report.get("pii_redacted") else " (tick *Redact personal data* to replace it)"))
     warnings = [w for w in report.get("warnings") or [] if not w.startswith("Personal data found")]
     if warnings:
-        lines.append("\n".join(f"- ⚠️ {md_escape(w)}" for w in warnings))
+        lines.append("**Warnings**\n\n" + "\n".join(f"- {md_escape(w)}" for w in warnings))
     if report.get("unmapped_speakers"):
         lines.append("**Some speakers have no role.** Tick the ones that are your team (left), then press "
                      "*Check data* again.")
@@ -280,6 +280,11 @@ def dropped_table(report: dict[str, Any]) -> pd.DataFrame:
     rows = [{"file": d.get("file"), "line": d.get("line"), "why": d.get("category"), "reason": d.get("reason")}
             for d in report.get("dropped") or []]
     return pd.DataFrame(rows, columns=DROPPED_COLUMNS)
+
+
+def histogram_plot(frame: pd.DataFrame) -> gr.BarPlot:
+    """The bar plot with its bins in numeric order (a nominal axis would sort '128-159' before '32-63')."""
+    return gr.BarPlot(value=frame, sort=list(frame["tokens"]) or None)
 
 
 def token_histogram(data_dir: str | Path | None, base_model: str) -> pd.DataFrame:
@@ -393,7 +398,7 @@ def convert_data(files: list[str] | None, system_prompt: str, redact_pii: bool, 
         report_markdown(report),
         files_table(report),
         dropped_table(report),
-        token_histogram(out_dir, base_model),
+        histogram_plot(token_histogram(out_dir, base_model)),
         gr.update(maximum=max(len(examples), 1), value=1, visible=len(examples) > 1),
         system_of(first),
         bubbles(first),
@@ -811,7 +816,7 @@ def publish_space(run_id: str | None, title: str, merge: bool) -> tuple[str, str
 def storage_notice() -> str:
     """On a Space without persistent storage, say that runs vanish on restart."""
     if os.environ.get("SPACE_ID") and not persistent_storage():
-        return ("⚠️ **This Space has no persistent storage**: runs are lost when it restarts or sleeps. "
+        return ("**This Space has no persistent storage**: runs are lost when it restarts or sleeps. "
                 "Download the adapter or push it to the Hub from the **Runs** tab when training ends.")
     return ""
 
@@ -886,10 +891,11 @@ def build_demo() -> gr.Blocks:
                     with gr.Column():
                         example_idx = gr.Slider(1, 2, value=1, step=1, label="Example", visible=False)
                         preview_system = gr.Textbox(label="System prompt of this example (context, not learned)",
-                                                    interactive=False, lines=1, max_lines=4)
+                                                    interactive=False, lines=1, max_lines=4,
+                                                    placeholder="None: the chat template adds the model's default.")
                         preview = gr.Chatbot(label="Preview: highlighted replies are what the model learns to write",
                                              elem_id="preview", height=360, feedback_options=None,
-                                             render_markdown=False, buttons=[])
+                                             render_markdown=False, buttons=[], autoscroll=False)
                     with gr.Column():
                         learned = gr.HighlightedText(label="The same example as the model reads it "
                                                            "(marked: tokens it is trained on)",
