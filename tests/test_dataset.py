@@ -419,6 +419,23 @@ def test_detect_samples(name, fmt, columns):
         assert set(info["speakers"]) == {"Customer", "Agent Rosa", "Agent Finn", "Agent Marlo"}
 
 
+def test_detect_reads_only_the_start_of_a_large_export(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset, "DETECT_LINES", 50)
+    path = tmp_path / "rows.csv"
+    path.write_text("conversation_id,speaker,text\n" + "".join(f"{i},Customer,hi\n{i},Agent,ahoy\n" for i in range(1000)))
+    info = dataset.detect(path)
+    assert info["format"] == "messages-csv" and 20 <= info["sampled_conversations"] <= 25
+
+
+def test_progress_is_reported_per_file(tmp_path, tokenizer):
+    seen: list[tuple[float, str]] = []
+    paths = [_jsonl(tmp_path / f"{n}.jsonl", [_chat(i) for i in range(6)]) for n in ("a", "b")]
+    dataset.convert(paths, tmp_path / "out", ConvertConfig(min_examples=1), tokenizer=tokenizer,
+                    progress=lambda fraction, text: seen.append((fraction, text)))
+    assert [round(f, 2) for f, _ in seen] == [0.5, 1.0]
+    assert seen[-1][1].startswith("b.jsonl: 12 conversations")
+
+
 def test_detect_lists_unmapped_speakers_and_honours_names(tmp_path):
     path = tmp_path / "log.txt"
     path.write_text("Maya: hi\nKettle & Co.: Ahoy!\n")

@@ -321,6 +321,8 @@ def test_invalid_utf8_line_is_reported_and_the_others_kept(tmp_path):
     (bytes(range(256)) * 20, "binary"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200), "binary"),
     (b"just some words\nwithout any structure\n", "cannot recognise"),
+    (b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + bytes(100), "zip archive"),
+    (b"\x1f\x8b\x08\x00" + bytes(100), "gzip"),
 ])
 def test_unreadable_files_raise_a_clear_error(tmp_path, content, message):
     path = tmp_path / "upload.jsonl"

@@ -31,7 +31,9 @@ import re
 import sys
 import time
 import unicodedata
+from array import array
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,13 +204,13 @@ def _summary(values: list[int]) -> dict[str, Any]:
 _SKELETON = re.compile(r"[\W\d_]+")
 
 
-def _keys(messages: list[dict[str, Any]]) -> tuple[bytes, bytes]:
-    """(exact, near) duplicate keys: near ignores case, digits, punctuation and spacing (ids, dates, typos of form)."""
+def _keys(messages: list[dict[str, Any]]) -> tuple[int, int]:
+    """(exact, near) 64-bit duplicate keys; near ignores case, digits, punctuation and spacing (ids, dates)."""
     turns = [m for m in messages if m["role"] != "system"]
     exact = "\x1e".join(f"{m['role']}\x1f{' '.join(m['content'].casefold().split())}" for m in turns)
     near = "\x1e".join(f"{m['role']}\x1f{_SKELETON.sub(' ', m['content'].casefold()).strip()}" for m in turns)
-    return (hashlib.blake2b(exact.encode(), digest_size=12).digest(),
-            hashlib.blake2b(near.encode(), digest_size=12).digest())
+    return (int.from_bytes(hashlib.blake2b(exact.encode(), digest_size=8).digest(), "big"),
+            int.from_bytes(hashlib.blake2b(near.encode(), digest_size=8).digest(), "big"))
 
 
 # -- the conversion --------------------------------------------------------------------------------------------
@@ -254,8 +256,10 @@ class _Run:
     seen_near: set = field(default_factory=set)
     reply_sample: list[str] = field(default_factory=list)
     replies_seen: int = 0
-    # per written example: (split, bucket, near key, index within its file)
-    placed: list[tuple[str, float, bytes, int]] = field(default_factory=list)
+    # per written example, in compact arrays (200k examples take a few MB): side, bucket, near key
+    is_val: bytearray = field(default_factory=bytearray)
+    buckets: array = field(default_factory=lambda: array("d"))
+    near_keys: array = field(default_factory=lambda: array("Q"))
     split_counts: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -318,10 +322,12 @@ class _Run:
             self.near_duplicates += 1
         self.seen_exact.add(exact)
         self.seen_near.add(near)
-        digest = hashlib.blake2b(near, digest_size=8, key=str(self.cfg.seed).encode()[:64]).digest()
+        digest = hashlib.blake2b(near.to_bytes(8, "big"), digest_size=8, key=str(self.cfg.seed).encode()[:64]).digest()
         bucket = int.from_bytes(digest, "big") / 2**64
         split = "validation" if bucket < self.cfg.val_fraction else "train"
-        self.placed.append((split, bucket, near, self.split_counts[split]))
+        self.is_val.append(split == "validation")
+        self.buckets.append(bucket)
+        self.near_keys.append(near)
         self.split_counts[split] += 1
         self.handles[split].write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
         file_entry["conversations_kept"] += 1
@@ -344,23 +350,30 @@ class _Run:
     def finish(self) -> tuple[int, int]:
         for handle in self.handles.values():
             handle.close()
-        groups = {near for _, _, near, _ in self.placed}
-        move: tuple[str, str, bytes] | None = None
-        if self.cfg.val_fraction > 0 and len(groups) >= 2:
+        move: tuple[str, str, int] | None = None
+        n = len(self.buckets)
+        if self.cfg.val_fraction > 0 and n >= 2 and len(set(self.near_keys)) >= 2:
             if not self.split_counts["validation"]:
-                near = min(self.placed, key=lambda p: p[1])[2]  # the group closest to the validation side
-                move = ("train", "validation", near)
+                closest = min(range(n), key=self.buckets.__getitem__)  # the group nearest the validation side
+                move = ("train", "validation", self.near_keys[closest])
             elif not self.split_counts["train"]:
-                near = max(self.placed, key=lambda p: p[1])[2]
-                move = ("validation", "train", near)
+                closest = max(range(n), key=self.buckets.__getitem__)
+                move = ("validation", "train", self.near_keys[closest])
         if move is not None:
             self._move_group(*move)
         for split in ("train", "validation"):
             os.replace(self.out_dir / f".{split}.jsonl.tmp", self.out_dir / f"{split}.jsonl")
         return self.split_counts["train"], self.split_counts["validation"]
 
-    def _move_group(self, source: str, target: str, near: bytes) -> None:
-        indices = {i for split, _, key, i in self.placed if split == source and key == near}
+    def _move_group(self, source: str, target: str, near: int) -> None:
+        # position of each example within its split file, for the examples of the group
+        want_val = source == "validation"
+        indices, position = set(), 0
+        for flag, key in zip(self.is_val, self.near_keys, strict=True):
+            if bool(flag) == want_val:
+                if key == near:
+                    indices.add(position)
+                position += 1
         src_path = self.out_dir / f".{source}.jsonl.tmp"
         kept_path = self.out_dir / f".{source}.jsonl.tmp2"
         with open(src_path, encoding="utf-8") as fh, open(kept_path, "w", encoding="utf-8") as kept, \
@@ -398,11 +411,11 @@ def _check_config(cfg: ConvertConfig) -> None:
 
 
 def convert(paths: list[str | Path] | str | Path, out_dir: str | Path, cfg: ConvertConfig | None = None,
-            tokenizer: Any = None) -> dict[str, Any]:
+            tokenizer: Any = None, progress: Callable[[float, str], Any] | None = None) -> dict[str, Any]:
     """Convert exports into `out_dir/train.jsonl`, `validation.jsonl` and `report.json`; returns the report.
 
     Problems with single rows or files are reported, not raised; TunerError only for bad settings or
-    limits (too many files).
+    limits (too many files). `progress(fraction, text)` is called as files are read (gr.Progress fits).
     """
     started = time.monotonic()
     cfg = cfg or ConvertConfig()
@@ -421,9 +434,17 @@ def convert(paths: list[str | Path] | str | Path, out_dir: str | Path, cfg: Conv
     out_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(cfg, tokenizer, out_dir)
     files: list[dict[str, Any]] = []
+    sizes = [p.stat().st_size if p.is_file() else 0 for p in paths]
+    total_bytes, done_bytes = max(1, sum(sizes)), 0
+
+    def report_progress(src: Source) -> None:
+        if progress is not None:
+            fraction = min(1.0, (done_bytes + src.bytes_read) / total_bytes)
+            progress(fraction, f"{src.name}: {run.conversations_read} conversations read")
+
     try:
         batch: list[_Pending] = []
-        for path, name in zip(paths, _display_names(paths), strict=True):
+        for path, name, size in zip(paths, _display_names(paths), sizes, strict=True):
             entry: dict[str, Any] = {"file": name, "format": None, "encoding": None, "rows_read": 0,
                                      "conversations_read": 0, "conversations_kept": 0, "dropped": 0, "error": None}
             files.append(entry)
@@ -452,10 +473,14 @@ def convert(paths: list[str | Path] | str | Path, out_dir: str | Path, cfg: Conv
                     if len(batch) >= BATCH:
                         run.flush(batch)
                         batch = []
+                        report_progress(src)
             except DataError as exc:  # the whole file is unusable; the other files still convert
                 entry["error"] = str(exc)
                 run.drop(Dropped(name, exc.line or 1, UNREADABLE_FILE, str(exc)), entry)
             entry["rows_read"], entry["encoding"] = src.rows_read, src.encoding or None
+            done_bytes += size
+            src.bytes_read = 0
+            report_progress(src)
             for note in src.notes:
                 run.warnings.append(f"{name}: {note}")
         run.flush(batch)
@@ -591,6 +616,7 @@ def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, st
 # -- detection for the page ----------------------------------------------------------------------------------
 
 DETECT_SAMPLE = 500  # conversations looked at
+DETECT_LINES = 20_000  # lines read at most, so a large export is described in a moment
 
 
 def detect(path: str | Path, cfg: ConvertConfig | None = None) -> dict[str, Any]:
@@ -603,7 +629,7 @@ def detect(path: str | Path, cfg: ConvertConfig | None = None) -> dict[str, Any]
     if not path.is_file():
         raise DataError("no such file.", path.name)
     fmt = resolve_format(cfg.format, path, cfg.column_map, path.name)
-    src = Source(path, path.name, dict(cfg.column_map))
+    src = Source(path, path.name, dict(cfg.column_map), max_lines=DETECT_LINES)
     speakers: Counter = Counter()
     conversations = dropped = 0
     strict = False
@@ -676,12 +702,29 @@ def cli(args: argparse.Namespace) -> int:
                         redact_pii=args.redact_pii, pii_region=args.pii_region, max_length=args.max_length,
                         overlong=args.overlong, assistant_names=args.assistant, user_names=args.user,
                         format=args.format, column_map=column_map, min_examples=args.min_examples)
-    report = convert(args.files, args.out, cfg)
+    report = convert(args.files, args.out, cfg, progress=_terminal_progress())
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report, args.out))
     if not report["ok"]:
         print(f"error: {report['reason']}", file=sys.stderr)
         return 1
     return 0
+
+
+def _terminal_progress() -> Callable[[float, str], None] | None:
+    """A tqdm bar on stderr for interactive terminals; nothing when output is piped."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, unit="%", file=sys.stderr, leave=False, bar_format="{l_bar}{bar}| {elapsed}")
+
+    def update(fraction: float, text: str) -> None:
+        bar.set_description(text, refresh=False)
+        bar.update(round(fraction * 100) - bar.n)
+        if fraction >= 1.0:
+            bar.close()
+
+    return update
 
 
 def format_report(report: dict[str, Any], out_dir: str | Path | None = None) -> str:

@@ -82,6 +82,8 @@ class Source:
     name: str = ""  # how reports name the file
     column_map: dict[str, str] = field(default_factory=dict)
     rows_read: int = 0  # records (JSON lines/elements, CSV rows, transcript lines with text)
+    bytes_read: int = 0  # how far reading has got, for progress bars
+    max_lines: int | None = None  # stop early (a quick look for detection)
     encoding: str = ""
     columns: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # file-level warnings for the report
@@ -109,6 +111,11 @@ def sniff_encoding(head: bytes, name: str) -> str:
     """The text encoding of a file from its first bytes: BOMs, UTF-16 without BOM, UTF-8, then legacy pages."""
     if not head.strip():
         raise DataError("the file is empty.", name)
+    for magic, kind in ((b"PK\x03\x04", "a zip archive"), (b"\x1f\x8b", "gzip-compressed"),
+                        (b"%PDF", "a PDF document"), (b"\xd0\xcf\x11\xe0", "an old Excel/Word file")):
+        if head.startswith(magic):
+            raise DataError(f"this is {kind}, not a text export. Extract or export the conversations as JSONL, "
+                            "CSV or plain text and upload those.", name)
     for bom, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
                           (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
                           (codecs.BOM_UTF16_BE, "utf-16")):
@@ -168,8 +175,9 @@ def lines(src: Source, keep_ends: bool = False) -> Iterator[tuple[int, str | Non
             if src.encoding == "utf-8-sig":
                 fh.read(3)
             lineno = 0
-            while raw := fh.readline(limit + 1):
+            while (raw := fh.readline(limit + 1)) and lineno != src.max_lines:
                 lineno += 1
+                src.bytes_read += len(raw)
                 if len(raw) > limit and not raw.endswith(b"\n"):
                     while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
                         pass  # skip the rest of the overlong line without keeping it
@@ -187,8 +195,10 @@ def lines(src: Source, keep_ends: bool = False) -> Iterator[tuple[int, str | Non
             # UTF-16/32 and old-Mac CR line ends: let the text layer split lines
             text_fh = io.TextIOWrapper(fh, encoding=src.encoding, errors="replace", newline=None)
             lineno = 0
-            while text := text_fh.readline(limit + 1):
+            while (text := text_fh.readline(limit + 1)) and lineno != src.max_lines:
                 lineno += 1
+                if lineno % 1024 == 0:
+                    src.bytes_read = fh.tell()
                 if len(text) > limit and not text.endswith("\n"):
                     while (rest := text_fh.readline(1 << 20)) and not rest.endswith("\n"):
                         pass
