@@ -735,7 +735,7 @@ def download_run(run_id: str | None, merge: bool = False) -> str:
     run_dir = run_folder(run_id)
     work = _export_dir()
     folder = work / (f"{run_dir.name}-merged" if merge else f"{run_dir.name}-adapter")
-    export.export(run_dir, folder, merge=merge)
+    folder = export.export(run_dir, folder, merge=merge)
     return shutil.make_archive(str(folder), "zip", root_dir=work, base_dir=folder.name)
 
 
@@ -753,7 +753,7 @@ def _scrub(text: str, token: str) -> str:
     return text.replace(token, "***") if token else text
 
 
-def push_run(run_id: str | None, repo_id: str, token: str, merge: bool):
+def push_run(run_id: str | None, repo_id: str, token: str, merge: bool, private: bool):
     """Push the adapter (or merged model) to the Hub. The token is used once, never stored or shown."""
     from tuner import export
 
@@ -762,20 +762,20 @@ def push_run(run_id: str | None, repo_id: str, token: str, merge: bool):
         run_dir = run_folder(run_id)
         repo_id = (repo_id or "").strip()
         if not token:
-            # security: never fall back to a token in the server's environment
-            raise TunerError("Paste a Hugging Face token with write access (it is used for this push only).")
-        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id):
-            raise TunerError("Give the model repository as 'your-name/model-name'.")
+            # security: never fall back to a token in the server's environment (a Space owner's HF_TOKEN)
+            raise TunerError("Paste a Hugging Face token with write access; it is used for this push only.")
         work = _export_dir()
         try:
-            result = export.export(run_dir, work / "export", merge=bool(merge), push_to=repo_id, token=token)
+            export.export(run_dir, work / run_dir.name, merge=bool(merge), push_to=repo_id, token=token,
+                          private=bool(private))
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)  # the folder was only a staging area for the upload
     except Exception as exc:
-        message = _scrub(str(_plain_error(exc).message), token)
-        raise gr.Error(message, print_exception=False) from None
-    url = (result or {}).get("url") if isinstance(result, dict) else None
-    return f"Pushed to {md_escape(url or repo_id)}.", ""
+        # the staging folder is gone, so its path means nothing to the user; the token never shows
+        message = re.sub(r"\s*The export is in \S+\.?$", "", str(_plain_error(exc).message))
+        raise gr.Error(_scrub(message, token), print_exception=False) from None
+    url = f"https://huggingface.co/{repo_id}"
+    return f"Pushed {'the merged model' if merge else 'the adapter'} to [{md_escape(repo_id)}]({url}).", ""
 
 
 @friendly
@@ -996,7 +996,9 @@ def build_demo() -> gr.Blocks:
                         repo_id = gr.Textbox(label="Model repository", placeholder="your-name/my-support-bot")
                         token = gr.Textbox(label="Hugging Face token (write)", type="password",
                                            info="Used for this push only: never stored, logged or shown again.")
-                        push_merged = gr.Checkbox(False, label="Push the merged model instead of the adapter")
+                        with gr.Row():
+                            push_merged = gr.Checkbox(False, label="Merged model instead of the adapter")
+                            push_private = gr.Checkbox(True, label="Private repository")
                         push_btn = gr.Button("Push")
                         push_md = gr.Markdown()
                         gr.Markdown("#### Delete")
@@ -1065,7 +1067,8 @@ def build_demo() -> gr.Blocks:
         runs_pick.change(run_details, runs_pick, details, api_name="run_details")
         dl_adapter_btn.click(download_adapter, runs_pick, download, api_name="download_adapter", concurrency_limit=1)
         dl_merged_btn.click(download_merged, runs_pick, download, api_name="download_merged", concurrency_limit=1)
-        push_btn.click(push_run, [runs_pick, repo_id, token, push_merged], [push_md, token], api_name="push",
+        push_btn.click(push_run, [runs_pick, repo_id, token, push_merged, push_private], [push_md, token],
+                       api_name="push",
                        concurrency_limit=1)
         delete_btn.click(lambda: gr.Row(visible=True), outputs=confirm_row, api_name="ask_delete",
                          api_visibility="private")
