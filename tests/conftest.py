@@ -90,3 +90,14 @@ def signoff_data(tmp_path) -> Path:
             for row in part:
                 fh.write(json.dumps(row) + "\n")
     return d
+
+
+@pytest.fixture(scope="session")
+def signoff_run(default_model_path) -> Path:
+    """A completed run (under runs_dir()) trained on `signoff_conversations`; shared by the
+    playground, evaluate and export tests, so it trains once a session."""
+    from signoff_run import make_signoff_run
+
+    from tuner.paths import runs_dir
+
+    return make_signoff_run(runs_dir() / "signoff-run", signoff_conversations(48))
