@@ -207,6 +207,17 @@ def test_csv_row_problems_are_reported_per_row(tmp_path):
     assert src.rows_read == 7
 
 
+def test_unclosed_quote_loses_only_its_own_row(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_text('conversation_id,speaker,text\n1,Customer,"oops\n1,Agent,fine\n2,Customer,"a"b\n'
+                    '2,Agent,"multi\nline"\n3,Customer,"never closed\n')
+    items, src = _parse(path, "messages-csv")
+    assert _drops(items) == [(2, formats.UNPARSEABLE), (4, formats.UNPARSEABLE), (7, formats.UNPARSEABLE)]
+    assert "quotes" in items[0].reason
+    assert _convs(items) == [[("Agent", "fine")], [("Agent", "multi\nline")]]
+    assert src.rows_read == 5
+
+
 def test_rows_are_regrouped_and_sorted_by_timestamp(tmp_path):
     path = tmp_path / "rows.csv"
     path.write_text("ticket,time,author,body\n"
@@ -459,3 +470,20 @@ def test_fuzz_message_csv_accounts_for_every_row(rows):
         dropped_rows = sum(1 for d in items if isinstance(d, Dropped))
         non_empty = sum(1 for r in rows if any(cell.strip() for cell in r))
         assert kept_rows + dropped_rows == non_empty == src.rows_read
+
+
+_raw_csv_line = st.text(alphabet=st.sampled_from(list('ab1 ,";\t')), max_size=20)
+
+
+@FUZZ
+@given(st.lists(_raw_csv_line, min_size=0, max_size=25))
+def test_fuzz_raw_csv_lines_never_crash_and_balance(lines):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.csv"
+        path.write_text("conversation_id,speaker,text\n" + "\n".join(lines) + "\n", encoding="utf-8")
+        items, src = _parse(path, "messages-csv")
+        kept_rows = sum(len(c.messages) for c in items if isinstance(c, Conversation))
+        assert kept_rows + len(_drops(items)) == src.rows_read
+        assert all(2 <= line <= len(lines) + 1 for line, _ in _drops(items))
+        if not any('"' in line for line in lines):  # without quotes every non-blank line is its own row
+            assert src.rows_read == sum(1 for line in lines if line.replace(",", "").strip())

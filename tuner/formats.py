@@ -18,6 +18,7 @@ import json
 import re
 import sqlite3
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -411,50 +412,61 @@ def _csv_dialect(header_line: str, suffix: str) -> str:
 
 
 def csv_records(src: Source) -> Iterator[tuple[int, Any, str | None]]:
-    """(row start line, {column: value}, problem) for every data row of a CSV/TSV file with a header."""
-    problems: list[tuple[int, str]] = []
-    state = {"line": 0}
+    """(row start line, {column: value}, problem) for every data row of a CSV/TSV file with a header.
 
-    def feed() -> Iterator[str]:
+    Rows are read strictly: a malformed row (an unclosed quote would otherwise swallow the rest of
+    the file into one field) is reported, and reading resumes on the line after the row's first line.
+    """
+    problems: list[tuple[int, str]] = []
+    consumed: list[tuple[int, str]] = []  # the physical lines of the row being read
+    pending: deque[tuple[int, str]] = deque()  # lines to read again after a malformed row
+
+    def good_lines() -> Iterator[tuple[int, str]]:
         for lineno, text, problem in lines(src, keep_ends=True):
-            state["line"] = lineno
             if problem is not None:
                 problems.append((lineno, problem))
                 continue
-            yield text  # type: ignore[misc]
+            yield lineno, text  # type: ignore[misc]
 
-    stream = feed()
-    first = next(stream, None)
-    while first is not None and not first.strip():
-        first = next(stream, None)
+    source = good_lines()
+
+    def feed() -> Iterator[str]:
+        while True:
+            item = pending.popleft() if pending else next(source, None)
+            if item is None:
+                return
+            consumed.append(item)
+            yield item[1]
+
+    first = next((item for item in source if item[1].strip()), None)
     if first is None:
         return
-    delimiter = _csv_dialect(first, src.path.suffix.lower())
-
-    def chained() -> Iterator[str]:
-        yield first
-        yield from stream
-
-    reader = csv.reader(chained(), delimiter=delimiter)
+    delimiter = _csv_dialect(first[1], src.path.suffix.lower())
+    pending.append(first)
+    reader = csv.reader(feed(), delimiter=delimiter, strict=True)
     try:
         header = next(reader)
     except csv.Error as exc:
-        raise DataError(f"the CSV header cannot be read ({exc}).", src.name, 1) from None
+        raise DataError(f"the CSV header cannot be read ({exc}).", src.name, first[0]) from None
     header = [h.strip().lstrip("\ufeff") for h in header]
     csv.field_size_limit(max(csv.field_size_limit(), limits.MAX_LINE_BYTES))  # long messages are normal
     src.columns = header
-    last_end = state["line"]
+    consumed.clear()
     while True:
         try:
             row = next(reader)
         except StopIteration:
             break
         except csv.Error as exc:
+            start = consumed[0][0] if consumed else 0
+            pending.extendleft(reversed(consumed[1:]))
+            consumed.clear()
+            reader = csv.reader(feed(), delimiter=delimiter, strict=True)
             src.rows_read += 1
-            yield last_end + 1, None, f"the CSV row cannot be read ({exc})"
-            last_end = state["line"]
+            yield start, None, f"the CSV row cannot be read ({exc}); check its quotes"
             continue
-        start, last_end = last_end + 1, state["line"]
+        start = consumed[0][0] if consumed else 0
+        consumed.clear()
         for lineno, problem in problems:
             src.rows_read += 1
             yield lineno, None, problem
