@@ -102,6 +102,7 @@ def test_stats_are_measured_with_the_models_chat_template(sample_reports, tokeni
     assert report["stats"]["assistant_tokens"]["total"] == sum(replies)
     assert report["stats"]["turns"]["total"] == sum(len(e["messages"]) for e in _examples(out))
     assert report["stats"]["train_time_estimate"]["tokens_per_epoch"] > 0
+    assert report["stats"]["tokenizer"] == "SmolLM2-135M-Instruct"
     assert report["elapsed_s"] >= 0
 
 

@@ -520,6 +520,11 @@ def _reply_template_share(replies: list[str]) -> tuple[float, str]:
     return float(neighbours[best]) / len(replies), replies[best]
 
 
+def _model_name(tokenizer: Any) -> str:
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    return Path(name).name if name and Path(name).is_dir() else name  # a folder's name, or the Hub id
+
+
 def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, started: float) -> dict[str, Any]:
     cfg = run.cfg
     order = {entry["file"]: i for i, entry in enumerate(files)}
@@ -586,7 +591,7 @@ def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, st
         "trimmed_unanswered": run.counts.trimmed_unanswered,
         "system_prompt_added": run.counts.system_prompt_added,
         "dropped_by_category": dict(run.dropped_by_category),
-        "tokenizer": str(getattr(run.tokenizer, "name_or_path", "")),
+        "tokenizer": _model_name(run.tokenizer),
         "train_time_estimate": {
             "tokens_per_epoch": epoch_tokens,
             "cpu_minutes_per_epoch": round(epoch_tokens / CPU_TOKENS_PER_S / 60, 1),
