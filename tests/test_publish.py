@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import runpy
 import shutil
 import signal
 import socket
@@ -109,9 +110,10 @@ def test_folder_holds_app_weights_requirements_and_card(space, signoff_run):
 
 def test_card_shows_evaluation_figures_when_the_run_has_them(signoff_run, tmp_path):
     run = _copy_run(signoff_run, tmp_path / "run-with-eval")
-    (run / "eval.json").write_text(json.dumps({"tuned": {"signoff_rate": 0.875}, "base": {"signoff_rate": 0.0}}))
+    metric = {"explain": "Share of replies using the brand's sign-off.", "base": 0.0, "tuned": 0.875, "reference": 1.0}
+    (run / "eval.json").write_text(json.dumps({"run": run.name, "rows": [], "metrics": {"brand_phrase_rate": metric}}))
     readme = (Path(publish(run, tmp_path / "space")["folder"]) / "README.md").read_text()
-    assert "## Evaluation" in readme and "| tuned / signoff_rate | 0.875 |" in readme
+    assert "Evaluation" in readme and "| brand_phrase_rate | 0.0 | 0.875 |" in readme
 
 
 def test_system_prompt_comes_from_the_data_unless_given(signoff_run, tmp_path):
@@ -141,6 +143,19 @@ def test_refuses_unfinished_runs_and_foreign_folders(signoff_run, tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
     with pytest.raises(TunerError, match="Space id"):
         publish(signoff_run, tmp_path / "y", push_to="not a space id")
+
+
+def test_merged_folder_needs_neither_peft_nor_the_gguf_and_still_answers_in_the_voice(signoff_run, tmp_path):
+    result = publish(signoff_run, tmp_path / "merged", merge=True)
+    folder = Path(result["folder"])
+    assert result["weights"] == "merged" and list((folder / "model").glob("*.safetensors"))
+    assert not (folder / "adapter").exists() and not (folder / "base").exists()
+    reqs = (folder / "requirements.txt").read_text()
+    assert "peft" not in reqs and "gguf" not in reqs
+    assert "merged" in (folder / "README.md").read_text()
+    app = runpy.run_path(str(folder / "app.py"))  # loads the model exactly as the Space would
+    *_, reply = app["respond"](PROMPT, [])
+    assert SIGN_OFF.split(",")[0] in reply
 
 
 def test_zip_holds_the_folder(space, tmp_path):

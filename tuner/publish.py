@@ -5,11 +5,10 @@
     app.py              gr.ChatInterface, streamed with TextIteratorStreamer (a copy of tuner/space_app.py)
     space_config.json   title, system prompt, sampling defaults, example prompts, where the weights are
     requirements.txt    only what app.py needs
-    README.md           Space metadata block + model card (base, data, settings, results)
-    tokenizer/          the base model's tokenizer (prompts render as in `python -m tuner chat`)
-    adapter/            the LoRA adapter, unless --merge
-    base/               the base model when the Space cannot fetch it: the embedded default as its GGUF file
-    model/              the merged (--merge) or fully fine-tuned model
+    README.md           Space metadata block + model card (base, data, settings, results, evaluation)
+    adapter/            the LoRA adapter + the base tokenizer (tuner.export), unless --merge
+    base/               the base model when a Space cannot fetch it: the embedded default as its GGUF file
+    model/              instead of both: the merged (--merge) or fully fine-tuned model (tuner.export)
 
 The app never imports tuner, and it renders prompts and samples like `python -m tuner chat`, so a
 greedy reply in the Space is the reply the playground gave.
@@ -127,47 +126,35 @@ def _copy_model_files(src: Path, dst: Path) -> None:
                 shutil.copy2(item, dst / item.name)
 
 
+def _base_facts(base_model: str, shipped: str) -> dict[str, Any]:
+    """Name, Hub id and licence of the base model, for the Space metadata and the card."""
+    from tuner import models
+
+    if models.is_default(base_model):
+        return {"name": models.DEFAULT_MODEL_NAME, "hub_id": models.DEFAULT_HUB_ID, "license": "apache-2.0",
+                "shipped": shipped}
+    local = Path(base_model).expanduser().is_dir()
+    return {"name": Path(base_model).name if local else base_model, "hub_id": None if local else base_model,
+            "license": None, "shipped": shipped}
+
+
 def _ship_base(base_model: str, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Put the base model where the app finds it. Returns (space_config["base"], facts for the card)."""
     from tuner import models
 
+    location = models.resolve_model(base_model)
     if models.is_default(base_model):
-        checkpoint = models.default_checkpoint()
-        source = _read_json(checkpoint / models.SOURCE_FILE)
+        source = _read_json(Path(location) / models.SOURCE_FILE)
         gguf = models.embedded_gguf()
-        facts = {"name": models.DEFAULT_MODEL_NAME, "hub_id": models.DEFAULT_HUB_ID, "license": "apache-2.0"}
         if source.get("from") == "gguf" and gguf is not None:
             # the run trained on exactly these dequantized weights; the GGUF is 98 MB, the fp32 copy 540 MB
             (out / "base").mkdir()
             shutil.copy2(gguf, out / "base" / gguf.name)
-            return {"kind": "gguf", "path": f"base/{gguf.name}"}, {**facts, "shipped": "gguf"}
-        _copy_model_files(checkpoint, out / "base")
-        return {"kind": "folder", "path": "base"}, {**facts, "shipped": "folder"}
-    location = models.resolve_model(base_model)
-    if Path(location).is_dir():  # a local checkpoint no Space can download: ship it
+            return {"kind": "gguf", "path": f"base/{gguf.name}"}, _base_facts(base_model, "gguf")
+    if Path(location).is_dir():  # a local checkpoint (or the default fetched from the Hub): ship it
         _copy_model_files(Path(location), out / "base")
-        return {"kind": "folder", "path": "base"}, {"name": Path(location).name, "hub_id": None, "shipped": "folder"}
-    return {"kind": "hub", "id": location}, {"name": location, "hub_id": location, "shipped": "hub"}
-
-
-def _merge(run: Path, base_model: str, adapter_dir: Path, out: Path) -> None:
-    """Write base + adapter as one model into `out` (export.export when it exists)."""
-    try:
-        from tuner import export
-    except ImportError:
-        export = None  # type: ignore[assignment]
-    if export is not None and hasattr(export, "export"):
-        export.export(run, out, merge=True)
-        return
-    # fallback until tuner/export.py lands: merge in fp32, store in bf16 to halve the download
-    import torch
-    from peft import PeftModel
-
-    from tuner.models import load_model
-
-    base = load_model(base_model, quantization="none", dtype=torch.float32, dev="cpu")
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.to(torch.bfloat16).save_pretrained(out)
+        return {"kind": "folder", "path": "base"}, _base_facts(base_model, "folder")
+    return {"kind": "hub", "id": location}, _base_facts(base_model, "hub")
 
 
 def _requirements(adapter: bool, gguf: bool, default_base: bool) -> str:
@@ -237,14 +224,13 @@ def publish(
     url, pushed}. Raises TunerError for a run that cannot be published, and PushFailed (the folder
     is ready then) when the push fails. The token is used for the push only and stored nowhere.
     """
-    from tuner import models
+    from tuner import export, models
     from tuner.config import GenerationConfig, TrainConfig
     from tuner.limits import MAX_INPUT_TOKENS, MAX_NEW_TOKENS
     from tuner.playground import END_OF_TURN_TOKENS, read_run
 
     info = read_run(run_dir)  # a completed run whose weights are safetensors inside its folder
     run = info.run_dir
-    status = _read_json(run / "status.json")
     if push_to is not None and not SPACE_ID_RE.match(push_to):
         raise TunerError(f"'{push_to}' is not a Space id; use the form 'your-name/space-name'.")
     cfg = TrainConfig.load(run / "config.yaml")
@@ -256,30 +242,17 @@ def publish(
     default_base = models.is_default(cfg.base_model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        space: dict[str, Any] = {"adapter": None}
-        if info.method == "full":
-            _copy_model_files(info.adapter_dir, tmp / "model")
-            weights = "full"
-        elif merge:
-            _merge(run, cfg.base_model, info.adapter_dir, tmp / "model")
-            weights = "merged"
+        if info.method == "full" or merge:
+            # the whole model in one folder; its tokenizer is the base's, as in the playground
+            export.export(run, tmp / "model", merge=merge)
+            weights = "full" if info.method == "full" else "merged"
+            space: dict[str, Any] = {"base": {"kind": "folder", "path": "model"}, "adapter": None, "tokenizer": "model"}
+            base_facts = _base_facts(cfg.base_model, weights)
         else:
             weights = "adapter"
-        if weights == "adapter":
-            space["base"], base_facts = _ship_base(cfg.base_model, tmp)
-            _copy_model_files(info.adapter_dir, tmp / "adapter")
-            for name in ("README.md", *(p.name for p in (tmp / "adapter").glob("tokenizer*")), "chat_template.jinja"):
-                (tmp / "adapter" / name).unlink(missing_ok=True)  # the card is README.md; the tokenizer is tokenizer/
-            space["adapter"] = "adapter"
-        else:
-            space["base"] = {"kind": "folder", "path": "model"}
-            hub_id = models.DEFAULT_HUB_ID if default_base else (cfg.base_model if SPACE_ID_RE.match(cfg.base_model) else None)
-            base_facts = {"name": models.DEFAULT_MODEL_NAME if default_base else cfg.base_model, "hub_id": hub_id,
-                          "license": "apache-2.0" if default_base else None, "shipped": weights}
-        # the base model's tokenizer, as the playground uses it, so prompts render the same
-        models.load_tokenizer(cfg.base_model).save_pretrained(tmp / "tokenizer")
-        space["tokenizer"] = "tokenizer"
-
+            base, base_facts = _ship_base(cfg.base_model, tmp)
+            export.export(run, tmp / "adapter")  # adapter + the base tokenizer + its model card
+            space = {"base": base, "adapter": "adapter", "tokenizer": "adapter"}
         title = (title or "").strip() or f"Tuned chat ({run.name})"
         examples = example_prompts(run)
         generation = GenerationConfig()
@@ -301,7 +274,8 @@ def publish(
         )
         (tmp / ".gitattributes").write_text(GITATTRIBUTES)
         (tmp / "README.md").write_text(
-            _readme(run, cfg, space, base_facts, weights, status, push_to), encoding="utf-8"
+            _readme(run, space, base_facts, weights, tmp / ("adapter" if weights == "adapter" else "model"), push_to),
+            encoding="utf-8",
         )
         if target.exists():
             shutil.rmtree(target)
@@ -328,42 +302,68 @@ def publish(
     return result
 
 
-# -- the model card --------------------------------------------------------------------------
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+# -- the README: Space metadata + model card -----------------------------------------------------
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
     rows = [(k, v) for k, v in rows if v is not None and v != ""]
     if not rows:
         return ""
-    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {_fmt(v)} |" for k, v in rows) + "\n"
+    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows) + "\n"
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")
 
 
 def _numbers(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """Flatten the numeric figures of eval.json into (name, value) rows."""
+    """Flatten the numbers of a nested dict (the data report's stats) into (name, value) rows."""
     out: list[tuple[str, Any]] = []
     if isinstance(value, dict):
         for key, item in value.items():
-            out += _numbers(item, f"{prefix}{key}" if not prefix else f"{prefix} / {key}")
+            out += _numbers(item, f"{prefix} / {key}" if prefix else str(key))
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         out.append((prefix, value))
     return out
 
 
-def _readme(
-    run: Path,
-    cfg: Any,
-    space: dict[str, Any],
-    base: dict[str, Any],
-    weights: str,
-    status: dict[str, Any],
-    push_to: str | None,
-) -> str:
+def _weights_card(folder: Path) -> str:
+    """tuner.export's model card of the weights folder, as sections of this README."""
+    text = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").is_file() else ""
+    if text.startswith("---"):
+        text = text.split("---", 2)[2]  # its own metadata block: the Space has one already
+    lines = text.strip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]  # its title is the run id; the Space has its own
+    # the card's headings one level down, and its loading example pointed at the folder inside the Space
+    return "\n".join(("#" + line if line.startswith("## ") else line) for line in lines).replace(
+        "PATH_OR_REPO_OF_THIS_FOLDER", folder.name
+    ).strip() + "\n"
+
+
+def _data_rows(run: Path) -> list[tuple[str, Any]]:
+    report = _read_json(run / "data" / "report.json")
+    train = _read_jsonl(run / "data" / "train.jsonl")
+    val = _read_jsonl(run / "data" / "validation.jsonl")
+    replies = sum(1 for r in train for m in r["messages"] if isinstance(m, dict) and m.get("role") == "assistant")
+    rows: list[tuple[str, Any]] = [
+        ("Training conversations", len(train)),
+        ("Validation conversations", len(val)),
+        ("Assistant replies trained on", replies),
+    ]
+    if report.get("files"):
+        rows.append(("Source files", len(report["files"])))
+    if isinstance(report.get("dropped"), list):
+        rows.append(("Conversations dropped by the converter", len(report["dropped"])))
+    rows += [(k, v) for k, v in _numbers(report.get("stats", {}))][:20]
+    pii = report.get("pii") or {}
+    if pii:
+        rows.append(("PII redacted", ", ".join(f"{k}: {v}" for k, v in sorted(pii.items()))))
+    return rows
+
+
+def _readme(run: Path, space: dict[str, Any], base: dict[str, Any], weights: str, weights_dir: Path,
+            push_to: str | None) -> str:
     from importlib.metadata import version
 
     import yaml
@@ -374,7 +374,7 @@ def _readme(
         "colorFrom": "indigo",
         "colorTo": "pink",
         "sdk": "gradio",
-        "sdk_version": version("gradio"),
+        "sdk_version": version("gradio"),  # the Space runs the gradio the app was written against
         "app_file": "app.py",
         "pinned": False,
         "short_description": f"Chat with a fine-tuned {base['name']}"[:60],
@@ -384,90 +384,52 @@ def _readme(
     if base.get("hub_id"):
         meta["models"] = [base["hub_id"]]
     if space["base"]["kind"] == "hub":
-        meta["preload_from_hub"] = [space["base"]["id"]]  # downloaded at build time, not at every start
-    head = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n"
-
+        meta["preload_from_hub"] = [space["base"]["id"]]  # downloaded when the Space builds, not at each start
     shipped = {
         "gguf": (
-            f"The base model is the embedded default, {base['name']}, shipped in this folder as "
-            f"`{space['base'].get('path')}` (its Q4_1 GGUF file, 98 MB, Apache-2.0). At start-up "
-            "transformers dequantizes it to fp32 (about 10 s, needs the `gguf` package): these are exactly "
-            "the weights the run was trained on, so the Space needs no network and replies like "
-            "`python -m tuner chat`. The fp32 safetensors copy would be 540 MB; the GGUF keeps the folder small."
+            f"**The base model travels inside this folder.** It is the embedded default, {base['name']}, as its "
+            f"Q4_1 GGUF file `{space['base'].get('path')}` (98 MB, Apache-2.0). At start-up transformers "
+            "dequantizes it to fp32 (about 10 s; that is why `gguf` is in requirements.txt). These are exactly "
+            "the weights the run was trained on, so the Space needs no network and a greedy reply here is the "
+            "reply `python -m tuner chat` gives. (The same weights as fp32 safetensors would be 540 MB.)"
         ),
-        "folder": "The base model's weights are in `base/` (safetensors), so the Space needs no network.",
+        "folder": "**The base model travels inside this folder** (`base/`, safetensors), so the Space needs no network.",
         "hub": f"The base model `{space['base'].get('id')}` is downloaded from the Hub when the Space builds.",
-        "merged": "The adapter is merged into the base model: `model/` holds the whole model (safetensors).",
-        "full": "Every weight was fine-tuned: `model/` holds the whole model (safetensors).",
-    }[base.get("shipped", weights)]
-
-    lines = [head, f"# {space['title']}\n\n", f"{space['description']}\n\n", "## Model\n\n"]
-    lora = None
-    if weights != "full":
-        lora = f"r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout}, target={cfg.target_modules}"
-    lines.append(
-        _table(
-            [
-                ("Base model", f"{base['name']}" + (f" ([{base['hub_id']}](https://huggingface.co/{base['hub_id']}))" if base.get("hub_id") else "")),
-                ("Weights", {"adapter": "LoRA adapter in `adapter/` + base model", "merged": "merged model in `model/`", "full": "fully fine-tuned model in `model/`"}[weights]),
-                ("LoRA", lora),
-                ("Training quantization", getattr(cfg.quantization, "value", cfg.quantization)),
-            ]
-        )
-    )
-    lines.append(f"\n{shipped}\n")
-
-    report = _read_json(run / "data" / "report.json")
-    train_rows = _read_jsonl(run / "data" / "train.jsonl")
-    val_rows = _read_jsonl(run / "data" / "validation.jsonl")
-    data_rows: list[tuple[str, Any]] = [
-        ("Training conversations", report.get("train_examples", len(train_rows))),
-        ("Validation conversations", report.get("validation_examples", len(val_rows))),
-    ]
-    if not report:
-        turns = [sum(1 for m in r["messages"] if m.get("role") == "assistant") for r in train_rows]
-        data_rows.append(("Assistant replies (training)", sum(turns)))
-    data_rows += [(f"stats: {k}", v) for k, v in _numbers(report.get("stats", {}))]
-    pii = report.get("pii") or {}
-    if pii:
-        data_rows.append(("PII redacted", ", ".join(f"{k}: {v}" for k, v in sorted(pii.items()))))
-    if report.get("files"):
-        data_rows.append(("Source files", len(report["files"])))
-    lines += ["\n## Data\n\n", _table(data_rows)]
-
-    settings = cfg.to_dict()
-    keep = ("preset", "method", "learning_rate", "num_epochs", "max_steps", "batch_size", "grad_accum", "max_length",
-            "assistant_only_loss", "packing", "seed")
-    lines += ["\n## Training settings\n\n", _table([(k, settings.get(k)) for k in keep])]
-    result_rows = [
-        ("Steps", status.get("step")),
-        ("Training loss (last)", status.get("train_loss")),
-        ("Validation loss before training", status.get("first_eval_loss")),
-        ("Validation loss after training", status.get("eval_loss")),
-        ("Tokens trained", status.get("tokens_trained")),
-        ("Wall time (s)", status.get("wall_s")),
-    ]
-    if any(v is not None for _, v in result_rows):
-        lines += ["\n## Training results\n\n", _table(result_rows)]
-    evaluation = _read_json(run / "eval.json")
-    if evaluation:
-        lines += ["\n## Evaluation (held-out prompts, base vs tuned)\n\n", _table(_numbers(evaluation)[:40])]
-
+        "merged": (
+            "**The adapter is merged into the base model**: `model/` holds the whole model (16-bit safetensors, "
+            "computed in fp32 on CPU), so the Space needs no network. Rounding to 16 bits can change a word here "
+            "and there compared with `python -m tuner chat`; publish without --merge for identical replies."
+        ),
+        "full": "**Every weight was fine-tuned**: `model/` holds the whole model, so the Space needs no network.",
+    }[base["shipped"]]
     gen = space["generation"]
-    lines += [
-        "\n## Chat settings\n\n",
-        f"System prompt: {'`' + space['system_prompt'][:300].replace('`', '') + '`' if space['system_prompt'] else 'none (the model default)'}.\n\n",
+    system = space["system_prompt"]
+    lines = [
+        "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n",
+        f"# {space['title']}\n",
+        f"{space['description']} Weights: "
+        + {"adapter": "a LoRA adapter (`adapter/`) on the base model", "merged": "the merged model (`model/`)",
+           "full": "the fully fine-tuned model (`model/`)"}[weights] + ".\n",
+        shipped + "\n",
+        "## Model card\n",
+        _weights_card(weights_dir),
+        "### Data\n",
+        _table(_data_rows(run)),
+        "## Chat settings\n",
+        ("System prompt: `" + system[:500].replace("`", "'") + "`\n") if system
+        else "System prompt: none (the chat template's default).\n",
         f"Sampling: temperature {gen['temperature']} ({'greedy' if gen['temperature'] == 0 else 'sampled'}), "
-        f"top-p {gen['top_p']}, repetition penalty {gen['repetition_penalty']}, up to {gen['max_new_tokens']} new tokens. "
-        "All of them, and the example prompts, live in `space_config.json`; the app's Settings panel changes them per chat.\n",
-        "\n## Run it\n\n",
+        f"top-p {gen['top_p']}, repetition penalty {gen['repetition_penalty']}, up to {gen['max_new_tokens']} new "
+        "tokens. These, the example prompts and the title live in `space_config.json`; the Settings panel under "
+        "the chat changes them per conversation.\n",
+        "## Run it\n",
         "```bash\npip install -r requirements.txt\npython app.py   # http://127.0.0.1:7860\n```\n",
-        "\n## Push it to the Hub by hand\n\n",
-        "Log in once (`hf auth login`, or set `HF_TOKEN`), then:\n\n",
-        f"```bash\n{upload_commands(Path('.'), push_to).replace(' && ', chr(10))}\n```\n\n",
-        "(with an older huggingface_hub: `huggingface-cli upload SPACE_ID . . --repo-type=space`).\n",
+        "## Push it to the Hub by hand\n",
+        "Log in once (`hf auth login`, or set `HF_TOKEN`), then, in this folder:\n",
+        f"```bash\n{upload_commands(Path('.'), push_to).replace(' && ', chr(10))}\n```\n",
+        "With an older huggingface_hub: `huggingface-cli upload SPACE_ID . . --repo-type=space`.\n",
     ]
-    return "".join(lines)
+    return "\n".join(lines)
 
 
 # -- pushing and packing -----------------------------------------------------------------------
