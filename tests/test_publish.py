@@ -182,7 +182,7 @@ def test_published_app_replies_like_tuner_chat(space, signoff_run, tmp_path):
     try:
         # the playground's answer, computed while the app starts (both load the model)
         chat = subprocess.run([sys.executable, "-m", "tuner", "chat", "--run", str(signoff_run), "--prompt", PROMPT,
-                               "--compare", "--json"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                               "--json"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                               timeout=300)
         assert chat.returncode == 0, chat.stderr[-3000:]
         replies = json.loads(chat.stdout)["replies"]
@@ -193,8 +193,7 @@ def test_published_app_replies_like_tuner_chat(space, signoff_run, tmp_path):
         os.killpg(app.pid, signal.SIGTERM)
         app.wait(timeout=30)
     assert reply == replies["tuned"]
-    assert replies["tuned"] != replies["base"]  # the adapter is on in the Space
-    assert SIGN_OFF.split(",")[0] in reply  # the tuned voice: the run's sign-off
+    assert SIGN_OFF.split(",")[0] in reply  # the tuned voice (the run's sign-off): the adapter is on
 
 
 # -- pushing -------------------------------------------------------------------------------------

@@ -486,7 +486,7 @@ def zip_folder(folder: str | Path, zip_path: str | Path | None = None) -> Path:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="Run id, or path to a run folder.")
-    parser.add_argument("--to", default=None, help="Folder to write (default: TUNER_HOME/spaces/<run id>).")
+    parser.add_argument("--to", default=None, metavar="DIR", help="Folder to write (default: TUNER_HOME/spaces/<run id>).")
     parser.add_argument("--merge", action="store_true", help="Ship the adapter merged into the base model.")
     parser.add_argument("--title", default=None, help="Title of the chat page and the Space.")
     parser.add_argument("--system-prompt", default=None,
