@@ -797,17 +797,33 @@ def refresh_runs():
             gr.update(choices=choices))
 
 
-@friendly
-def publish_space(run_id: str | None, title: str, merge: bool) -> tuple[str, str]:
-    """Write a standalone chat Space folder for the run and hand it out as a zip."""
+def publish_space(run_id: str | None, title: str, merge: bool, space_id: str, token: str):
+    """Write a standalone chat Space folder for the run, hand it out as a zip, and push it if asked."""
     from tuner import publish
 
-    run_dir = run_folder(run_id)
-    work = _export_dir()
-    result = publish.publish(run_dir, work / f"{run_dir.name}-space", merge=bool(merge), title=title or None)
-    zipped = publish.zip_folder(result["folder"])
-    return (f"Wrote a {result['weights']} Space ({result['size_bytes'] / 1e6:.0f} MB, {len(result['files'])} files). "
-            "Unzip it and run `pip install -r requirements.txt && python app.py`, or upload it as a Space."), str(zipped)
+    token, space_id = (token or "").strip(), (space_id or "").strip()
+    try:
+        run_dir = run_folder(run_id)
+        if space_id and not token:
+            # security: never fall back to a token in the server's environment
+            raise TunerError("Pushing a Space needs your Hugging Face token (write); it is used for this push only.")
+        work = _export_dir()
+        try:
+            result = publish.publish(run_dir, work / f"{run_dir.name}-space", merge=bool(merge), title=title or None,
+                                     push_to=space_id or None, token=token or None)
+            folder, pushed = Path(result["folder"]), result.get("url")
+            note = f"Pushed to [{md_escape(space_id)}]({pushed})." if pushed else ""
+        except publish.PushFailed as exc:
+            folder, result = exc.folder, None
+            reason = str(exc).split(". The folder")[0]
+            note = f"{md_escape(_scrub(reason, token))}. Download the zip below and upload it yourself."
+        zipped = publish.zip_folder(folder)
+    except Exception as exc:
+        raise gr.Error(_scrub(str(_plain_error(exc).message), token), print_exception=False) from None
+    size = zipped.stat().st_size / 1e6
+    text = (f"Wrote the Space folder ({size:.0f} MB zipped). Unzip it and run "
+            "`pip install -r requirements.txt && python app.py`, or upload it as a Space.")
+    return (text + ("\n\n" + note if note else "")), str(zipped), ""
 
 
 # -- page load ---------------------------------------------------------------------------------------
@@ -1011,8 +1027,13 @@ def build_demo() -> gr.Blocks:
                     gr.Markdown("#### Publish as a Space\nA standalone chat page for this run, as a folder you "
                                 "can run anywhere or upload as a Hugging Face Space.")
                     with gr.Row():
-                        space_title = gr.Textbox(label="Title", placeholder="Lumen Lamps support", scale=3)
+                        space_title = gr.Textbox(label="Title", placeholder="Kettle & Co. support", scale=3)
                         space_merge = gr.Checkbox(False, label="Merge the adapter into the model", scale=1)
+                    with gr.Row():
+                        space_id = gr.Textbox(label="Push to Space (optional)", placeholder="your-name/space-name",
+                                              info="Created private. Leave empty to only download the folder.")
+                        space_token = gr.Textbox(label="Hugging Face token (write)", type="password",
+                                                 info="Only for the push; never stored, logged or shown again.")
                     publish_btn = gr.Button("Write the Space folder")
                     publish_md = gr.Markdown()
                     publish_file = gr.File(label="Space folder (.zip)", interactive=False)
@@ -1075,8 +1096,8 @@ def build_demo() -> gr.Blocks:
         keep_btn.click(lambda: gr.Row(visible=False), outputs=confirm_row, api_name="keep_run",
                        api_visibility="private")
         confirm_delete.click(delete_run, runs_pick, [*pickers, confirm_row], api_name="delete")
-        publish_btn.click(publish_space, [runs_pick, space_title, space_merge], [publish_md, publish_file],
-                          api_name="publish", concurrency_limit=1)
+        publish_btn.click(publish_space, [runs_pick, space_title, space_merge, space_id, space_token],
+                          [publish_md, publish_file, space_token], api_name="publish", concurrency_limit=1)
 
         demo.load(page_load, outputs=[train_run, pg_run, runs_pick, runs_df, notice], api_name="load")
     return demo
