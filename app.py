@@ -13,6 +13,7 @@ they touch the disk.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import html
 import inspect
@@ -47,7 +48,7 @@ PREVIEW_EXAMPLES = 20  # examples the Data tab can preview
 HISTOGRAM_EXAMPLES = 50_000  # examples measured for the length histogram
 FILES_COLUMNS = ["file", "format", "what it is", "rows read", "kept", "dropped"]
 DROPPED_COLUMNS = ["file", "line", "why", "reason"]
-LOG_LINES = 40  # log lines shown under the loss plot
+LOG_LINES = 40  # lines of train.log shown under the loss plot
 CHAT_CONCURRENCY = 4  # chats handled at once; the model itself generates one batch at a time
 EVAL_LIMIT = 20  # held-out prompts the page evaluates (the CLI can do more)
 EXPORT_TTL_S = 3600  # prepared zips are removed after an hour
@@ -399,7 +400,7 @@ def convert_data(files: list[str] | None, system_prompt: str, redact_pii: bool, 
         files_table(report),
         dropped_table(report),
         histogram_plot(token_histogram(out_dir, base_model)),
-        gr.update(maximum=max(len(examples), 1), value=1, visible=len(examples) > 1),
+        gr.update(maximum=max(len(examples), 2), value=1, visible=len(examples) > 1),  # a slider needs min < max
         system_of(first),
         bubbles(first),
         trained_tokens(first, base_model) if first else [],
@@ -455,28 +456,81 @@ def apply_preset(preset: str):
     return [values[n] for n in MAIN_SETTINGS + MORE_SETTINGS]
 
 
+def measured_speed(base_model: str) -> float | None:
+    """Training tokens/s of the newest finished run of this base model on this machine (a real measurement)."""
+    from tuner import jobs
+
+    for r in list_runs():
+        if r.get("status") != "completed" or r.get("base_model") != base_model:
+            continue
+        speeds = [m["tokens_per_s"] for m in jobs.read_metrics(Path(r["path"])) if m.get("tokens_per_s")]
+        if speeds:
+            return sorted(speeds)[len(speeds) // 2]
+    return None
+
+
+def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
+    """Steps, time and peak memory of a run before it starts: rough, from the data report and the model size.
+
+    Time uses this machine's measured speed when an earlier run of the same model finished here,
+    else the converter's reference speeds for the default model (scaled by model size).
+    """
+    from tuner.dataset import CPU_TOKENS_PER_S, GPU_TOKENS_PER_S
+    from tuner.models import device, is_default, model_info
+
+    report = json.loads((Path(data_dir) / "report.json").read_text(encoding="utf-8"))
+    stats = report.get("stats") or {}
+    n_train, n_val = int(report.get("train_examples") or 0), int(report.get("validation_examples") or 0)
+    mean_tokens = min((stats.get("tokens") or {}).get("total", 0) / max(stats.get("examples") or 1, 1), cfg.max_length)
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * n_train / per_step)
+    evals = steps // cfg.eval_steps + 1 if n_val else 0
+    train_tokens = steps * per_step * mean_tokens
+    dev = device()
+    info = model_info(cfg.base_model) if is_default(cfg.base_model) or Path(cfg.base_model).is_dir() else {}
+    params = int(info.get("parameters") or 0)
+    default_params = model_info("default")["parameters"]
+    measured = measured_speed(cfg.base_model)
+    reference = (GPU_TOKENS_PER_S if dev == "cuda" else CPU_TOKENS_PER_S) * default_params / max(params, 1)
+    speed = measured or (reference if params else None)
+    seconds = None
+    if speed:
+        # evaluation runs forward only: about a third of a training step's cost per token
+        seconds = 20 + train_tokens / speed + evals * n_val * mean_tokens / (3 * speed)
+    memory_mb = None
+    if params:
+        config = json.loads((Path(info["path"]) / "config.json").read_text())
+        hidden, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
+        vocab = config.get("vocab_size", 0)
+        weight_bytes = {"nf4": 0.56}.get(cfg.quantization.value, 2 if dev == "cuda" else 4)
+        seq = min(cfg.max_length, max(mean_tokens, 1) * 2)  # batches group similar lengths; allow the long tail
+        activations = cfg.batch_size * seq * (layers * hidden * 20 * 2 + vocab * 4 * 3)
+        overhead = 600 * 2**20 if dev == "cpu" else 400 * 2**20  # framework and CUDA context
+        memory_mb = (params * weight_bytes + activations + overhead) / 2**20
+    return {"steps": steps, "examples": n_train, "tokens": round(train_tokens), "time_s": seconds,
+            "memory_mb": memory_mb, "device": "GPU" if dev == "cuda" else "CPU",
+            "speed": speed, "measured": measured is not None}
+
+
 @friendly
 def estimate_run(session: dict[str, Any], base_model: str, preset: str, *values: Any) -> str:
     """Time and memory the run should take, before it starts."""
-    from tuner import train
-
     data_dir = (session or {}).get("data_dir")
     if not data_dir or not (session or {}).get("ok"):
-        return "Check your data on the **Data** tab first; the estimate needs the examples."
+        return "Check your data on the **Data** tab first: the estimate needs the examples."
     cfg = build_train_config(base_model, preset, MAIN_SETTINGS + MORE_SETTINGS, values)
-    est = train.estimate(cfg, data_dir)
-    parts = []
-    if est.get("steps") is not None:
-        parts.append(f"**{est['steps']} steps**")
-    if est.get("time_s") is not None:
-        parts.append(f"about **{fmt_duration(est['time_s'])}**")
-    if est.get("memory_mb") is not None:
-        parts.append(f"about **{est['memory_mb'] / 1024:.1f} GB** of memory")
-    if est.get("device"):
-        parts.append(f"on {md_escape(est['device'])}")
-    text = "Estimate: " + ", ".join(parts) if parts else "No estimate available."
-    for note in est.get("notes") or []:
-        text += f"\n\n{md_escape(note)}"
+    est = estimate(cfg, data_dir)
+    text = f"**Estimate:** {est['steps']} steps over {est['examples']} examples (~{est['tokens']:,} tokens)"
+    if est["time_s"] is not None:
+        text += f", about **{fmt_duration(est['time_s'])}**"
+    if est["memory_mb"] is not None:
+        text += f" and **{est['memory_mb'] / 1024:.1f} GB** of memory"
+    text += f" on this machine's {est['device']}."
+    if est["speed"]:
+        basis = "measured on an earlier run here" if est["measured"] else "a reference speed; the first run measures it"
+        text += f" Speed: {est['speed']:,.0f} tokens/s ({basis})."
+    else:
+        text += " (No time estimate for a Hub model that is not downloaded yet.)"
     return text
 
 
@@ -526,20 +580,15 @@ def loss_frame(metrics: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def log_lines(run_dir: Path, metrics: list[dict[str, Any]]) -> str:
-    """The tail of the run's log file if it writes one, else one line per metrics record."""
-    for name in ("train.log", "log.txt"):
-        path = run_dir / name
-        if path.is_file():
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                return "".join(fh.readlines()[-LOG_LINES:])
-    lines = []
-    for m in metrics[-LOG_LINES:]:
-        parts = [f"step {m.get('step')}"]
-        for key in ("loss", "eval_loss", "learning_rate", "tokens_per_s"):
-            if m.get(key) is not None:
-                parts.append(f"{key}={m[key]:.4g}")
-        lines.append("  ".join(parts))
-    return "\n".join(lines)
+    """The last lines of the run's train.log (progress bars redraw with \\r: keep their last state)."""
+    path = run_dir / "train.log"
+    if path.is_file():
+        with open(path, "rb") as fh:
+            fh.seek(max(path.stat().st_size - 64 * 1024, 0))
+            text = fh.read().decode("utf-8", errors="replace")
+        lines = [line.split("\r")[-1].rstrip() for line in text.split("\n")]
+        return "\n".join([line for line in lines if line.strip()][-LOG_LINES:])
+    return "\n".join(f"step {m.get('step')}  loss={m.get('loss')}  eval_loss={m.get('eval_loss')}" for m in metrics)
 
 
 @friendly
@@ -573,10 +622,18 @@ def start_training(session: dict[str, Any], base_model: str, preset: str, *value
     if not (session or {}).get("ok") or not session.get("data_dir"):
         raise TunerError("There is nothing valid to train on yet: check your data on the Data tab first.")
     cfg = build_train_config(base_model, preset, MAIN_SETTINGS + MORE_SETTINGS, values)
+    if (running := jobs.active_job()) is not None:
+        # refuse before creating a run folder that could not start
+        raise TunerError(f"Another training run is in progress on this machine ({running.get('holder')}). One job "
+                         "runs at a time: wait for it to finish or cancel it, then start again.")
     run_dir = train.prepare_run(cfg, session["data_dir"])
-    jobs.start(run_dir)
+    try:
+        jobs.start(run_dir)
+    except TunerError:
+        jobs.delete_run(run_dir.name)  # lost a race for the machine: leave no never-started run behind
+        raise
     gr.Info(f"Training started: run {run_dir.name}. You can close this tab; it keeps training.")
-    return gr.update(choices=run_choices(), value=run_dir.name)
+    return run_dir.name
 
 
 @friendly
@@ -783,7 +840,7 @@ def delete_run(run_id: str | None):
     from tuner import jobs
 
     run_dir = run_folder(run_id)
-    jobs.delete(run_dir)
+    jobs.delete_run(run_dir.name)
     gr.Info(f"Deleted run {run_dir.name}.")
     return (*refresh_runs(), gr.Row(visible=False))
 
@@ -866,7 +923,9 @@ CSS = """
 def build_demo() -> gr.Blocks:
     """Lay out the four tabs and wire every event (each with an api_name for gradio_client)."""
     defaults = preset_values("quick")
-    gen = GenerationConfig()
+    # defaults from the dataclass (an instance would refuse a server limit below its default length)
+    gen = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
+    gen["max_new_tokens"] = min(gen["max_new_tokens"], limits.MAX_NEW_TOKENS)
     gen_help = {f: GenerationConfig.__dataclass_fields__[f].metadata["help"] for f in GenerationConfig.__dataclass_fields__}
     setting_names = MAIN_SETTINGS + MORE_SETTINGS
 
@@ -979,13 +1038,13 @@ def build_demo() -> gr.Blocks:
                     clear_btn = gr.Button("Clear", scale=1)
                 with gr.Accordion("Sampling (the same for every column, so the comparison is fair)",
                                   open=False), gr.Row():
-                    max_new = gr.Slider(1, limits.MAX_NEW_TOKENS, value=gen.max_new_tokens, step=1,
+                    max_new = gr.Slider(1, limits.MAX_NEW_TOKENS, value=gen["max_new_tokens"], step=1,
                                         label="Max new tokens", info=gen_help["max_new_tokens"])
-                    temperature = gr.Slider(0.0, 2.0, value=gen.temperature, step=0.05, label="Temperature",
+                    temperature = gr.Slider(0.0, 2.0, value=gen["temperature"], step=0.05, label="Temperature",
                                             info=gen_help["temperature"])
-                    top_p = gr.Slider(0.05, 1.0, value=gen.top_p, step=0.05, label="Top-p", info=gen_help["top_p"])
-                    seed = gr.Number(gen.seed, precision=0, label="Seed", info=gen_help["seed"])
-                    rep = gr.Slider(1.0, 2.0, value=gen.repetition_penalty, step=0.05, label="Repetition penalty",
+                    top_p = gr.Slider(0.05, 1.0, value=gen["top_p"], step=0.05, label="Top-p", info=gen_help["top_p"])
+                    seed = gr.Number(gen["seed"], precision=0, label="Seed", info=gen_help["seed"])
+                    rep = gr.Slider(1.0, 2.0, value=gen["repetition_penalty"], step=0.05, label="Repetition penalty",
                                     info=gen_help["repetition_penalty"])
                 with gr.Accordion("Evaluation: did it learn the voice, did it forget anything?", open=False):
                     eval_btn = gr.Button(f"Evaluate on up to {EVAL_LIMIT} held-out prompts")
@@ -1039,6 +1098,7 @@ def build_demo() -> gr.Blocks:
                     publish_file = gr.File(label="Space folder (.zip)", interactive=False)
 
         # ---- events: Data
+        pickers = [runs_df, train_run, pg_run, runs_pick]
         convert_outputs = [report_md, files_df, dropped_df, hist, example_idx, preview_system, preview, learned, speakers,
                            to_train,
                            start_btn, session]
@@ -1057,7 +1117,8 @@ def build_demo() -> gr.Blocks:
         preset.change(apply_preset, preset, settings, api_name="preset")
         estimate_btn.click(estimate_run, [session, base_model, preset, *settings], estimate_md, api_name="estimate")
         start_btn.click(start_training, [session, base_model, preset, *settings], train_run, api_name="train",
-                        concurrency_limit=1)
+                        concurrency_limit=1).success(refresh_runs, outputs=pickers, api_name="runs_after_train",
+                                                     api_visibility="private")
         train_run.change(run_status, train_run, status_outputs, api_name="status")
         timer.tick(run_status, train_run, status_outputs, api_name="poll", api_visibility="undocumented",
                    show_progress="hidden")
@@ -1083,7 +1144,6 @@ def build_demo() -> gr.Blocks:
                        api_name="evaluate", concurrency_limit=1)
 
         # ---- events: Runs
-        pickers = [runs_df, train_run, pg_run, runs_pick]
         refresh_btn.click(refresh_runs, outputs=pickers, api_name="runs")
         runs_pick.change(run_details, runs_pick, details, api_name="run_details")
         dl_adapter_btn.click(download_adapter, runs_pick, download, api_name="download_adapter", concurrency_limit=1)
