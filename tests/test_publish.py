@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import pytest
 from conftest import SIGN_OFF
 
 from tuner.errors import TunerError
-from tuner.publish import CONFIG_FILE, PushFailed, publish, zip_folder
+from tuner.publish import CONFIG_FILE, PushFailed, add_cli_arguments, cli, publish, zip_folder
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +101,11 @@ def test_folder_holds_app_weights_requirements_and_card(space, signoff_run):
     n_val = len(_rows(signoff_run / "data" / "validation.jsonl"))
     assert f"| Training conversations | {n_train} |" in card and f"| Validation conversations | {n_val} |" in card
     assert "| learning_rate |" in card
+
+    # nothing in the folder reveals this machine's layout (runs, model cache, checkout)
+    local = (os.environ["TUNER_HOME"], os.environ["TUNER_MODELS_DIR"], str(ROOT))
+    texts = [p for p in folder.rglob("*") if p.is_file() and p.suffix not in (".gguf", ".safetensors")]
+    assert [p.name for p in texts if any(x in p.read_text(errors="replace") for x in local)] == []
 
     settings = json.loads((folder / CONFIG_FILE).read_text())
     val_prompts = [row["messages"][0]["content"] for row in _rows(signoff_run / "data" / "validation.jsonl")]
@@ -199,7 +205,7 @@ def test_published_app_replies_like_tuner_chat(space, signoff_run, tmp_path):
 # -- pushing -------------------------------------------------------------------------------------
 
 
-def test_push_offline_fails_clearly_leaves_folder_ready_and_never_stores_the_token(signoff_run, tmp_path, monkeypatch):
+def test_push_offline_fails_clearly_leaves_folder_ready_and_never_stores_the_token(signoff_run, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "space"
     proc = subprocess.run([sys.executable, "-m", "tuner", "publish", "--run", str(signoff_run), "--to", str(folder),
                            "--push", "someone/lumen-bot", "--token", FAKE_TOKEN], cwd=ROOT, env=_env(),
@@ -209,21 +215,25 @@ def test_push_offline_fails_clearly_leaves_folder_ready_and_never_stores_the_tok
     assert "hf upload someone/lumen-bot" in proc.stderr and str(folder) in proc.stderr
     assert (folder / "app.py").is_file() and (folder / "adapter" / "adapter_model.safetensors").is_file()
 
-    # the token from HF_TOKEN, through the function the app calls
+    # the token from HF_TOKEN (the CLI reads it; the library never does), in-process this time
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    with pytest.raises(PushFailed) as info:
-        publish(signoff_run, tmp_path / "space2", push_to="someone/lumen-bot")
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    args = parser.parse_args(["--run", str(signoff_run), "--to", str(tmp_path / "space2"), "--push", "someone/lumen-bot"])
+    with pytest.raises(PushFailed, match="Could not push") as info:
+        cli(args)
     assert info.value.folder == tmp_path / "space2" and (tmp_path / "space2" / "app.py").is_file()
+    out = capsys.readouterr()
 
     token = FAKE_TOKEN.encode()
     for root in (folder, tmp_path / "space2"):
         leaks = [p for p in root.rglob("*") if p.is_file() and token in p.read_bytes()]
         assert leaks == []
-    assert FAKE_TOKEN not in proc.stdout + proc.stderr and FAKE_TOKEN not in str(info.value)
+    assert FAKE_TOKEN not in proc.stdout + proc.stderr + out.out + out.err + str(info.value)
 
 
-def test_push_without_token_says_how(signoff_run, tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    with pytest.raises(PushFailed, match="HF_TOKEN") as info:
+def test_push_without_token_says_how_and_ignores_the_servers_token(signoff_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)  # a server's own token is never used by the library
+    with pytest.raises(PushFailed, match="No Hugging Face token") as info:
         publish(signoff_run, tmp_path / "space", push_to="someone/lumen-bot")
     assert info.value.command.startswith("hf repos create someone/lumen-bot --repo-type space")

@@ -436,13 +436,14 @@ def _readme(run: Path, space: dict[str, Any], base: dict[str, Any], weights: str
 
 
 def push(folder: str | Path, space_id: str, token: str | None = None, private: bool = True) -> str:
-    """Create the Space (private by default) and upload `folder`; returns the Space URL."""
+    """Create the Space (private by default) and upload `folder` with `token`; returns the Space URL."""
     folder = Path(folder)
     command = upload_commands(folder, space_id)
-    token = token or os.environ.get("HF_TOKEN") or None
+    # security: no fallback to a token in the environment here; a server must not push with its own
     if not token:
         raise PushFailed(
-            f"No Hugging Face token: set HF_TOKEN or pass --token. The folder {folder} is ready; push it with:\n  {command}",
+            f"No Hugging Face token was given (--token, or HF_TOKEN on the command line). The folder {folder} is ready; "
+            f"push it with:\n  {command}",
             folder,
             command,
         )
@@ -498,8 +499,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli(args: argparse.Namespace) -> int:
+    token = (args.token or os.environ.get("HF_TOKEN") or None) if args.push else None
     result = publish(args.run, args.to, merge=args.merge, title=args.title, system_prompt=args.system_prompt,
-                     push_to=args.push, token=args.token)
+                     push_to=args.push, token=token)
     if args.zip:
         result["zip"] = str(zip_folder(result["folder"]))
     if args.json:
