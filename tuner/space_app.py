@@ -50,8 +50,7 @@ def load() -> tuple[Any, Any]:
     else:  # a Hub id, fetched (or preloaded by the Space) at start
         model = AutoModelForCausalLM.from_pretrained(base["id"], use_safetensors=True, **kwargs)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer_at = SETTINGS.get("tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(HERE / tokenizer_at if tokenizer_at else base["id"])
+    tokenizer = AutoTokenizer.from_pretrained(HERE / SETTINGS["tokenizer"])  # the base's, saved with the weights
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     SETTINGS["end_ids"] = _end_of_turn_ids(tokenizer, model)
