@@ -18,7 +18,9 @@ from tuner.evaluate import METRIC_HELP, brand_phrases, general_texts, load_cases
     ([f"Answer {i} here. Best wishes, the Acme crew." for i in range(6)],
      [("Best wishes, the Acme crew.", "sign-off")]),
     # an opening shared by most replies, endings all different
-    ([f"Hello friend! Reply {i} is {'long ' * i}." for i in range(5)], [("Hello friend!", "opening")]),
+    ([f"Hello friend! Your {thing} ships {day}." for thing, day in
+      [("lamp", "today"), ("bulb", "on Monday"), ("cable", "soon"), ("shade", "next week"), ("dimmer", "now")]],
+     [("Hello friend!", "opening")]),
     # both, with case and spacing differences ignored
     (["Hi there!  We can help.  Cheers, Kettle & Co.", "hi there! No stock. Cheers, Kettle & Co.",
       "Hi there! Try again. cheers, kettle & co."], [("Hi there!", "opening"), ("Cheers, Kettle & Co.", "sign-off")]),

@@ -14,6 +14,7 @@ the base and the tuned model (same seed and settings, one batched pass per promp
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -155,23 +156,79 @@ def _column_model(pg, column: str, run_dir: Path) -> Iterator[Any]:
             yield model
 
 
-def _mean_loss(model, sequences: Sequence[tuple[list[int], list[int]]]) -> float | None:
-    """Token-weighted mean cross-entropy of `labels` (-100 = not scored) given `input_ids`."""
+def _mean_loss(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int = 0,
+               batch_size: int = 8) -> float | None:
+    """Token-weighted mean cross-entropy of `labels` (-100 = not scored) given `input_ids`.
+
+    Sequences are length-sorted and right-padded into batches; padding is never scored.
+    """
     import torch
 
     total, count = 0.0, 0
+    ordered = sorted((s for s in sequences if any(t != -100 for t in s[1][1:])), key=lambda s: len(s[0]))
     with torch.inference_mode():
-        for ids, labels in sequences:
-            if sum(1 for t in labels[1:] if t != -100) == 0:
-                continue
-            x = torch.tensor([ids], device=model.device)
-            y = torch.tensor([labels], device=model.device)
-            logits = model(input_ids=x).logits[0, :-1].float()
-            target = y[0, 1:]
-            loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+        for start in range(0, len(ordered), batch_size):
+            batch = ordered[start:start + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            x = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch], device=model.device)
+            y = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch], device=model.device)
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=model.device)
+            logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
+            target = y[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
             total += float(loss)
             count += int((target != -100).sum())
     return total / count if count else None
+
+
+def _fingerprint(*paths: Path) -> str:
+    """Changes when any of the files does: losses are reused only for the same adapter and data."""
+    parts = []
+    for p in paths:
+        st = p.stat() if p.is_file() else None
+        parts.append(f"{p}:{st.st_size}:{st.st_mtime_ns}" if st else f"{p}:-")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def loss_metrics(pg, info, max_length: int, loss_limit: int = LOSS_LIMIT) -> dict[str, dict[str, float | None]]:
+    """Validation loss/perplexity and general-text perplexity, base vs tuned (adapter off and on).
+
+    They do not depend on sampling settings, so an earlier eval.json of the same adapter and data
+    is reused.
+    """
+    run_dir = info.run_dir
+    val_file = run_dir / "data" / "validation.jsonl"
+    weights = [p for p in info.adapter_dir.iterdir() if p.suffix == ".safetensors"]
+    key = _fingerprint(val_file, GENERAL_TEXT, *sorted(weights)) + f":{loss_limit}:{max_length}"
+    previous = _read_json(run_dir / "eval.json")
+    if previous.get("loss_fingerprint") == key and isinstance(previous.get("losses"), dict):
+        return {**previous["losses"], "fingerprint": key}
+    validation = [c["messages"] + [{"role": "assistant", "content": c["reference"]}]
+                  for c in load_cases(run_dir, None, None) if c["reference"] is not None][:loss_limit] \
+        if val_file.is_file() else []
+    val_seqs = assistant_sequences(pg.tokenizer, validation, max_length) if validation else []
+    gen_seqs = text_sequences(pg.tokenizer, general_texts())
+    out: dict[str, dict[str, float | None]] = {"validation_loss": {}, "validation_perplexity": {},
+                                                "general_perplexity": {}}
+    pad = pg.tokenizer.pad_token_id or 0
+    for col in COLUMNS:
+        with _column_model(pg, col, run_dir) as model:
+            val_loss = _mean_loss(model, val_seqs, pad) if val_seqs else None
+            gen_loss = _mean_loss(model, gen_seqs, pad)
+        out["validation_loss"][col] = round(val_loss, 4) if val_loss is not None else None
+        out["validation_perplexity"][col] = _ppl(val_loss)
+        out["general_perplexity"][col] = _ppl(gen_loss)
+    out["fingerprint"] = key  # type: ignore[assignment]
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def assistant_sequences(tokenizer, conversations: Sequence[list[dict]], max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -329,19 +386,10 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
     metrics["length_words"]["reference"] = length_stats([r["reference"] for r in refs])
 
     # losses: the same model, adapter off and on
-    cfg = TrainConfig.load(run_dir / "config.yaml")
-    validation = [c["messages"] + [{"role": "assistant", "content": c["reference"]}]
-                  for c in load_cases(run_dir, None, None) if c["reference"] is not None][:loss_limit] \
-        if (run_dir / "data" / "validation.jsonl").is_file() else []
-    val_seqs = assistant_sequences(pg.tokenizer, validation, cfg.max_length) if validation else []
-    gen_seqs = text_sequences(pg.tokenizer, general_texts())
-    for col in COLUMNS:
-        with _column_model(pg, col, run_dir) as model:
-            val_loss = _mean_loss(model, val_seqs) if val_seqs else None
-            gen_loss = _mean_loss(model, gen_seqs)
-        metrics["validation_loss"][col] = round(val_loss, 4) if val_loss is not None else None
-        metrics["validation_perplexity"][col] = _ppl(val_loss)
-        metrics["general_perplexity"][col] = _ppl(gen_loss)
+    losses = loss_metrics(pg, info, TrainConfig.load(run_dir / "config.yaml").max_length, loss_limit)
+    fingerprint = losses.pop("fingerprint", None)
+    for name, values in losses.items():
+        metrics[name].update(values)
 
     result = {
         "run": info.run_id,
@@ -350,6 +398,8 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
         "rows": rows,
         "metrics": metrics,
         "phrases": phrases,
+        "losses": losses,
+        "loss_fingerprint": fingerprint,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
