@@ -12,7 +12,7 @@ from pathlib import Path
 
 # a sign-off is easy to learn: a few large steps do it, and keep the suite fast
 OVERRIDES = {"max_steps": 10, "batch_size": 4, "learning_rate": 2e-3, "max_length": 128, "quantization": "none",
-             "eval_steps": 5, "save_steps": 5}
+             "eval_steps": 10, "save_steps": 10}
 
 
 def write_data(data_dir: Path, conversations: list[dict], n_val: int) -> None:

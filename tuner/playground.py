@@ -65,7 +65,8 @@ class RunInfo:
 
 def check_safetensors_folder(folder: Path, weights: str = "adapter_model.safetensors") -> None:
     """Raise ModelError unless `folder` holds safetensors weights and no pickle weight files."""
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    # training_args.bin (Trainer's pickled settings) sits next to adapters; it is never loaded
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin")
     if pickles:
         # security: .bin/.pt files are pickles that can run code when loaded
         raise ModelError(f"{folder} holds pickle weight files ({', '.join(pickles)}); only safetensors are loaded. "
