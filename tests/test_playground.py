@@ -209,7 +209,8 @@ def test_load_run_refuses_unsafe_or_unfinished_runs(signoff_run, tmp_path, break
     run = tmp_path / "broken"
     shutil.copytree(signoff_run, run)
     status = json.loads((run / "status.json").read_text())
-    adapter = run / status["adapter"]
+    adapter = read_run(run).adapter_dir
+    assert adapter.parent == run  # a copied run uses its own adapter, whatever status.json says
     if breakage == "pickle":
         (adapter / "adapter_model.bin").write_bytes(b"not really a pickle")
     elif breakage == "running":

@@ -93,6 +93,8 @@ def read_run(run: str | Path) -> RunInfo:
         raise ModelError(f"{status_file} names no adapter; the run did not save one.")
     adapter_dir = Path(status["adapter"])
     adapter_dir = (adapter_dir if adapter_dir.is_absolute() else run_dir / adapter_dir).resolve()
+    if not adapter_dir.is_relative_to(run_dir):  # a run folder copied or moved: its own adapter/ (or model/)
+        adapter_dir = run_dir / adapter_dir.name
     # security: a status file must not point the loader outside its own run folder
     if not adapter_dir.is_relative_to(run_dir) or not adapter_dir.is_dir():
         raise ModelError(f"{status_file}: adapter '{status['adapter']}' is not a folder inside the run.")
@@ -691,7 +693,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="The user message.")
     parser.add_argument("--compare", action="store_true", help="Also answer with the base model (one batched pass).")
     parser.add_argument("--prompted", action="store_true", help="Also answer with the base model told the brand brief.")
-    parser.add_argument("--json", action="store_true", help="Print {prompt, replies, timing} as JSON.")
+    parser.add_argument("--columns", default=None,
+                        help="Comma-separated columns to answer with (base,tuned,prompted); overrides --compare/--prompted.")
+    parser.add_argument("--json", action="store_true", help="Print {prompt, replies, notice, timing} as JSON.")
     parser.add_argument("--system-prompt", default=None, help="System prompt (default: the run's training one).")
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="Longest reply in tokens.")
     parser.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy (repeatable).")
@@ -710,6 +714,8 @@ def cli(args: argparse.Namespace) -> int:
     pg = Playground()
     pg.load_run(args.run)
     columns = ([BASE] if args.compare else []) + [TUNED] + ([PROMPTED] if args.prompted else [])
+    if args.columns:
+        columns = [c.strip() for c in args.columns.split(",") if c.strip()]
     if args.json:
         result = pg.timed_compare(args.prompt, columns, settings, args.system_prompt)
         print(json.dumps({"prompt": args.prompt, **result}, indent=2, ensure_ascii=False))
@@ -719,7 +725,7 @@ def cli(args: argparse.Namespace) -> int:
         for partial in pg.stream_compare({}, args.prompt, columns, settings, args.system_prompt):
             if NOTICE_KEY in partial and not shown:
                 print(f"note: {partial[NOTICE_KEY]}", file=sys.stderr)
-            text = partial[TUNED]
+            text = partial[columns[0]]
             if text.startswith(shown):
                 sys.stdout.write(text[len(shown):])
                 sys.stdout.flush()
