@@ -85,6 +85,8 @@ class TrainConfig:
     assistant_only_loss: bool = _f(True, "Learn from the assistant's replies only, not from the customers' lines.")
     packing: bool = _f(True, "Pack short examples into one row (no cross-attention between them) to skip padding.")
     gradient_checkpointing: str = _f("auto", "Trade compute for memory: 'auto' (on for CUDA models over 1B), 'on' or 'off'.")
+    precision: str = _f("auto", "Compute precision: 'auto' (bf16 on GPUs and on CPUs with bf16 matrix units, else fp32), "
+                        "'bf16', 'fp16' (GPU) or 'fp32'.")
     logging_steps: int = _f(1, "Log loss and speed every N steps.")
     preset: str = _f("custom", "The preset these settings started from.")
 
@@ -109,6 +111,10 @@ class TrainConfig:
             (self.save_total_limit >= 1, "save_total_limit must be at least 1."),
             (self.early_stopping_patience >= 0, "early_stopping_patience must be 0 (off) or more."),
             (self.gradient_checkpointing in ("auto", "on", "off"), "gradient_checkpointing is auto, on or off."),
+            (self.precision in ("auto", "bf16", "fp16", "fp32"), "precision is auto, bf16, fp16 or fp32."),
+            (self.save_steps % self.eval_steps == 0,
+             f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}), so the best "
+             "checkpoint by eval loss is kept."),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,0 +1,317 @@
+"""Training jobs: each run trains in its own process, which the app starts, watches, cancels and lists.
+
+The job process is `python -m tuner train --run|--resume RUN_DIR` in a new session (its own
+process group), with stdout/stderr in `RUN_DIR/train.log`. It reports only through files
+(status.json, metrics.jsonl), so the app stays responsive, a crash cannot take the app down,
+and an app restart loses nothing.
+
+One training job per machine: `start` takes an exclusive lock (`TUNER_HOME/train.lock`) and
+hands it to the job process, which holds it until it exits (the kernel frees it even on
+kill -9). A second `start` while a job runs raises TrainingError naming the running run;
+it does not queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import RunNotFound, TrainingError
+from tuner.paths import check_run_id, resolve_run, runs_dir, tuner_home
+from tuner.train import (
+    ACTIVE,
+    CONFIG_FILE,
+    LOCK_FD_ENV,
+    LOCK_FILE,
+    LOG_FILE,
+    complete_checkpoints,
+    quiet_threads_env,
+    read_json,
+    update_status,
+)
+from tuner.train import read_metrics as _read_metrics
+from tuner.train import read_status as _read_status
+
+ROOT = Path(__file__).resolve().parent.parent
+CANCEL_GRACE_S = 5.0  # SIGTERM first, SIGKILL after this
+
+
+@dataclass
+class Job:
+    """A training process started by `start`. Poll files (read_status) rather than this object."""
+
+    run_dir: Path
+    pid: int
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def poll(self) -> int | None:
+        """The exit code, or None while it runs."""
+        return self.process.poll() if self.process else (None if pid_alive(self.pid) else 0)
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the process to end and return the run's final status."""
+        if self.process is not None:
+            self.process.wait(timeout)
+        else:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while pid_alive(self.pid):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+                time.sleep(0.2)
+        return read_status(self.run_dir)
+
+
+def pid_alive(pid: int | None, started: float | None = None) -> bool:
+    """True if `pid` runs (not a zombie) and, when `started` is given, is the same process that started then."""
+    if not pid:
+        return False
+    import psutil
+
+    try:
+        proc = psutil.Process(int(pid))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(int(pid), os.WNOHANG)  # reap our own child
+            return False
+        return started is None or abs(proc.create_time() - float(started)) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def _run_path(run: str | Path) -> Path:
+    path = Path(run)
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        return path.resolve()
+    return resolve_run(run)
+
+
+def _stale(status: dict[str, Any]) -> bool:
+    return status.get("status") in ACTIVE and status.get("pid") is not None and not pid_alive(
+        status.get("pid"), status.get("pid_started"))
+
+
+def _mark_interrupted(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
+    step = status.get("step") or 0
+    checkpoints = complete_checkpoints(run_dir)
+    resume_at = checkpoints[-1].name if checkpoints else "the start"
+    return update_status(run_dir, status="interrupted", pid=None, error=(
+        f"The training process stopped at step {step} without finishing (app restart, kill, or the system "
+        f"ran out of memory). Resume continues from {resume_at}."))
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any]:
+    """The run's status; a run left 'running' by a process that no longer exists reads as 'interrupted'."""
+    run_dir = _run_path(run_dir)
+    status = _read_status(run_dir)
+    if _stale(status):
+        status = _mark_interrupted(run_dir, status)
+    return status
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl as a list of records (step, loss, eval_loss, learning_rate, tokens_per_s, elapsed_s, eta_s)."""
+    return _read_metrics(_run_path(run_dir))
+
+
+def active_job() -> dict[str, Any] | None:
+    """The run holding the machine's training lock, as {run_dir, pid}, or None."""
+    import fcntl
+
+    path = tuner_home() / LOCK_FILE
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return {"holder": os.pread(fd, 4096, 0).decode(errors="replace").strip()}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def start(run_dir: str | Path, resume: bool = False) -> Job:
+    """Start training a prepared run (or resume one) in a new process group; returns at once.
+
+    Raises TrainingError if another training job runs on this machine, or if the run is
+    already running or completed.
+    """
+    import fcntl
+
+    run_dir = _run_path(run_dir)
+    status = read_status(run_dir)
+    state = status.get("status")
+    if state == "running":
+        raise TrainingError(f"{run_dir.name} is already running (pid {status.get('pid')}).")
+    if state == "completed":
+        raise TrainingError(f"{run_dir.name} is already completed; start a new run to train again.")
+    if state == "queued" and resume and not complete_checkpoints(run_dir):
+        resume = False
+    if state in ("interrupted", "failed", "cancelled") and not resume:
+        resume = True  # a stopped run only continues; a fresh start is a new run
+
+    lock = tuner_home() / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise TrainingError(f"Another training run is in progress on this machine ({holder}). One job runs "
+                                "at a time: wait for it to finish or cancel it, then start this one.") from None
+        env = {**os.environ, LOCK_FD_ENV: str(fd), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        quiet_threads_env(env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        cmd = [sys.executable, "-m", "tuner", "train", "--resume" if resume else "--run", str(run_dir)]
+        with open(run_dir / LOG_FILE, "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd[2:])}\n".encode())
+            log.flush()
+            # security/robustness: own session, so cancel can signal the whole tree and the app's signals don't
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    cwd=str(ROOT), pass_fds=(fd,), start_new_session=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"run {run_dir.name}, pid {proc.pid}".encode(), 0)
+        update_status(run_dir, status="queued" if state != "running" else state, pid=proc.pid,
+                      pid_started=_create_time(proc.pid), error=None)
+    finally:
+        os.close(fd)  # the child holds the lock from here on
+    return Job(run_dir=run_dir, pid=proc.pid, process=proc)
+
+
+def _create_time(pid: int) -> float | None:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).create_time()
+    return None
+
+
+def cancel(run_dir: str | Path, grace_s: float = CANCEL_GRACE_S) -> dict[str, Any]:
+    """Stop a queued or running job: SIGTERM to its process group, SIGKILL after `grace_s`.
+
+    The status becomes 'cancelled' (resumable from its last checkpoint). A run that is not
+    active is left as it is. Returns the status.
+    """
+    run_dir = _run_path(run_dir)
+    status = _read_status(run_dir)
+    if status.get("status") not in ACTIVE:
+        return status
+    pid = status.get("pid")
+    if pid and pid_alive(pid, status.get("pid_started")):
+        _kill_group(int(pid), grace_s)
+    return update_status(run_dir, status="cancelled", pid=None, eta_s=None,
+                         error=f"Cancelled at step {status.get('step') or 0}. Resume continues from the last "
+                               "checkpoint.")
+
+
+def _kill_group(pid: int, grace_s: float) -> None:
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    # never signal our own group (a process started without its own session)
+    targets = [pid] if pgid == os.getpgid(0) else None
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            if targets is None:
+                os.killpg(pgid, sig)
+            else:
+                for t in targets:
+                    os.kill(t, sig)
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 10.0)
+        while time.monotonic() < deadline:
+            if not pid_alive(pid) and not _group_alive(pgid):
+                return
+            time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    import psutil
+
+    # members that are only zombies waiting to be reaped count as gone
+    for proc in psutil.process_iter(["pid", "status"]):
+        with contextlib.suppress(psutil.Error):
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+    return False
+
+
+def reconcile() -> list[str]:
+    """Mark runs left queued/running by a process that no longer exists as interrupted; return their ids.
+
+    The app calls this on start: after a restart or a crash, those runs are resumable.
+    """
+    changed = []
+    for run_dir in _run_dirs():
+        status = _read_status(run_dir)
+        if status.get("status") in ACTIVE and not pid_alive(status.get("pid"), status.get("pid_started")):
+            _mark_interrupted(run_dir, status)
+            changed.append(run_dir.name)
+    return changed
+
+
+def _run_dirs() -> list[Path]:
+    root = runs_dir()
+    return [p for p in root.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()]
+
+
+def list_runs() -> list[dict[str, Any]]:
+    """Every run, newest first: id, folder, status, settings and losses, for the app's run list."""
+    import yaml
+
+    out = []
+    for run_dir in _run_dirs():
+        status = read_status(run_dir)
+        try:
+            cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
+        except (OSError, ValueError):
+            cfg = {}
+        sources = read_json(run_dir / "data" / "sources.json", {})
+        out.append({
+            "id": run_dir.name,
+            "path": str(run_dir),
+            "status": status.get("status"),
+            "error": status.get("error"),
+            "created_at": status.get("created_at"),
+            "created": (run_dir / CONFIG_FILE).stat().st_mtime,
+            "step": status.get("step"),
+            "max_steps": status.get("max_steps"),
+            "first_eval_loss": status.get("first_eval_loss"),
+            "eval_loss": status.get("eval_loss"),
+            "train_loss": status.get("train_loss"),
+            "adapter": status.get("adapter"),
+            "base_model": cfg.get("base_model"),
+            "method": cfg.get("method"),
+            "quantization": cfg.get("quantization"),
+            "preset": cfg.get("preset"),
+            "learning_rate": cfg.get("learning_rate"),
+            "train_examples": (sources.get("train.jsonl") or {}).get("examples"),
+            "resumable": status.get("status") in ("interrupted", "failed", "cancelled"),
+        })
+    out.sort(key=lambda r: (r["created"], r["id"]), reverse=True)
+    return out
+
+
+def delete_run(run_id: str) -> None:
+    """Delete a run folder and everything in it (data copy, checkpoints, adapter, logs); cancel it first if active."""
+    run_dir = runs_dir() / check_run_id(run_id)
+    if not run_dir.is_dir():
+        raise RunNotFound(f"No run named '{run_id}' in {runs_dir()}.")
+    status = _read_status(run_dir)
+    if status.get("status") in ACTIVE:
+        cancel(run_dir)
+    shutil.rmtree(run_dir)
