@@ -91,6 +91,8 @@ class TrainConfig:
     preset: str = _f("custom", "The preset these settings started from.")
 
     def __post_init__(self) -> None:
+        from tuner import limits
+
         try:
             self.method = Method(self.method)
             self.quantization = Quantization(self.quantization)
@@ -106,6 +108,8 @@ class TrainConfig:
             (self.num_epochs > 0 or self.max_steps > 0, "Set num_epochs > 0 or max_steps > 0."),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1."),
             (self.max_length >= 32, f"max_length must be at least 32 tokens, got {self.max_length}."),
+            (self.max_length <= limits.MAX_EXAMPLE_TOKENS, f"max_length {self.max_length} is over the server limit of "
+             f"{limits.MAX_EXAMPLE_TOKENS} tokens per example (TUNER_MAX_EXAMPLE_TOKENS)."),
             (0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}."),
             (self.eval_steps >= 1 and self.save_steps >= 1, "eval_steps and save_steps must be at least 1."),
             (self.save_total_limit >= 1, "save_total_limit must be at least 1."),

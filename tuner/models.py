@@ -153,13 +153,20 @@ def load_tokenizer(name: str | None):
     location = resolve_model(name)
     try:
         tok = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
-    except OSError as exc:
-        raise ModelError(f"Could not load the tokenizer of '{name}': {exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: the folder needs its own code (never run)
+        raise ModelError(f"Could not load the tokenizer of '{name}': {_load_error(exc)}") from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
         raise ModelError(f"'{name}' has no chat template; pick an instruct/chat model.")
     return tok
+
+
+def _load_error(exc: Exception) -> str:
+    if "trust_remote_code" in str(exc):  # transformers' advice is the one thing tuner never does
+        return ("it ships its own Python code, and tuner never runs code that comes with a model. "
+                "Fix: pick a model whose architecture transformers supports natively.")
+    return str(exc)
 
 
 def device() -> str:
@@ -208,8 +215,8 @@ def load_model(name: str | None, quantization: str = "none", dtype: Any = None, 
         kwargs["device_map"] = {"": dev if dev == "cpu" else 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except OSError as exc:
-        raise ModelError(f"Could not load model '{name}': {exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: custom code (never run) or an unknown architecture
+        raise ModelError(f"Could not load model '{name}': {_load_error(exc)}") from exc
     if qcfg is None:
         model.to(dev)
     model.eval()

@@ -63,7 +63,7 @@ def new_run_id(prefix: str = "run") -> str:
 
 def check_run_id(run_id: str) -> str:
     """Return `run_id` if it is a safe folder name, else raise RunNotFound."""
-    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id) or ".." in run_id:
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or ".." in run_id:  # fullmatch: no "id\n"
         raise RunNotFound(f"'{run_id}' is not a valid run id (letters, digits, '-', '_' and '.' only).")
     return run_id
 
@@ -75,6 +75,8 @@ def resolve_run(run: str | Path) -> Path:
     a `config.yaml`. Raises RunNotFound otherwise.
     """
     run_s = str(run)
+    if "\x00" in run_s:  # the OS would refuse it with a ValueError, not as a missing run
+        raise RunNotFound(f"{run_s!r} is not a valid run id or run folder.")
     if "/" in run_s or os.sep in run_s:
         path = Path(run_s).expanduser().resolve()
         if not (path / "config.yaml").is_file():
