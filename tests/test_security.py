@@ -369,3 +369,18 @@ def test_password_protection_and_a_restart_clean_up(tmp_path):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)
+
+
+def test_reliability_section_cites_tests_that_exist():
+    """The README's "Reliability and data" promises each name the test that checks them; those must exist."""
+    readme = (ROOT / "README.md").read_text()
+    heading = "## Reliability and data"
+    text = readme if heading in readme else (ROOT / "docs" / "RELIABILITY.md").read_text()
+    section = text[text.index(heading):]
+    section = section[:section.find("\n## ", len(heading))] if "\n## " in section[len(heading):] else section
+    cited = re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", section)
+    assert len(cited) >= 20
+    for path, name in cited:
+        source = (ROOT / path).read_text()
+        assert not name or re.search(rf"^def {name}\(", source, re.M), f"{path}::{name} does not exist"
+    assert "TUNER_AUTH=user:password" in section
