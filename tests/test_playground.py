@@ -14,7 +14,7 @@ from tuner.config import GenerationConfig
 from tuner.errors import ModelError, TunerError
 from tuner.playground import BASE, NOTICE_KEY, PROMPTED, TUNED, Playground, fit_messages, read_run
 
-SETTINGS = GenerationConfig(max_new_tokens=24)
+SETTINGS = GenerationConfig(max_new_tokens=16)
 # none of these topics is in the training data (lamps, orders, returns... phrased differently)
 UNSEEN = ["Hello, my parcel never arrived.", "Can I change my delivery address?", "Do you have a shop in Berlin?",
           "How long is the guarantee?", "Can I pay with PayPal?", "Is there a student discount?"]

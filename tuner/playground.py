@@ -398,8 +398,21 @@ class Playground:
         return ids
 
     def load_run(self, run: str | Path) -> RunInfo:
-        """Load a completed run (an id or a run folder). The base is reloaded only if it differs."""
-        info = read_run(run)
+        """Load a completed run (an id or a run folder). The base is reloaded only if it differs;
+        a run that is loaded already costs nothing (the app calls this for every message)."""
+        from tuner.paths import resolve_run
+
+        run_dir = resolve_run(run).resolve()
+        with self._lock:
+            info = self._runs.get(run_dir)
+            if info is not None and run_dir in self._adapters:
+                self._adapters.move_to_end(run_dir)
+                self.run = info
+                return info
+            if info is not None and run_dir in self._full:
+                self.run = info
+                return info
+        info = read_run(run_dir)
         with self._lock:
             if info.method == "full":
                 self._load_full(info)
@@ -446,10 +459,19 @@ class Playground:
         self._full.move_to_end(info.run_dir)
 
     def _run_info(self, run: str | Path | None) -> RunInfo | None:
+        """The loaded run `run` (None: the last one loaded), loading it again if it was dropped."""
+        from tuner.paths import resolve_run
+
         if run is None:
-            return self.run
-        info = read_run(run)
-        return self._runs.get(info.run_dir) or self.load_run(info.run_dir)
+            if self.run is None:
+                return None
+            run_dir = self.run.run_dir
+        else:
+            run_dir = resolve_run(run).resolve()
+        info = self._runs.get(run_dir)
+        if info is not None and (run_dir in self._adapters or run_dir in self._full):
+            return info
+        return self.load_run(run_dir)
 
     # -- building prompts --------------------------------------------------------------------
 
