@@ -48,9 +48,9 @@ PREVIEW_EXAMPLES = 20  # examples the Data tab can preview
 HISTOGRAM_EXAMPLES = 50_000  # examples measured for the length histogram
 FILES_COLUMNS = ["file", "format", "what it is", "rows read", "kept", "dropped"]
 DROPPED_COLUMNS = ["file", "line", "why", "reason"]
-LOG_LINES = 40  # lines of train.log shown under the loss plot
+LOG_LINES = 14  # last lines of train.log shown under the loss plot (the box shows them all)
 CHAT_CONCURRENCY = 4  # chats handled at once; the model itself generates one batch at a time
-EVAL_LIMIT = 20  # held-out prompts the page evaluates (the CLI can do more)
+EVAL_LIMIT = 10  # held-out prompts the page evaluates (the CLI can do more)
 EXPORT_TTL_S = 3600  # prepared zips are removed after an hour
 RUN_STATES_ACTIVE = ("queued", "running")
 
@@ -234,7 +234,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     else:
         lines.append("### Not enough to train on yet")
         if report.get("reason"):
-            lines.append(md_escape(report["reason"]).capitalize() + ".")
+            reason = md_escape(report["reason"])
+            lines.append(reason[:1].upper() + reason[1:] + ".")
     facts = [f"{stats.get('conversations_read', 0):,} conversations read"]
     tokens = stats.get("tokens") or {}
     if tokens.get("total"):
@@ -292,23 +293,23 @@ def token_histogram(data_dir: str | Path | None, base_model: str) -> pd.DataFram
     """Examples per token-length bin (chat template included), measured with the model's tokenizer."""
     from tuner.dataset import token_lengths
 
-    convs = read_examples(data_dir, limit=HISTOGRAM_EXAMPLES, files=("train.jsonl", "validation.jsonl"))
+    convs = read_examples(data_dir, limit=HISTOGRAM_EXAMPLES)
     if not convs:
-        return pd.DataFrame(columns=["tokens", "examples"])
+        return pd.DataFrame({"tokens": pd.Series(dtype="str"), "examples": pd.Series(dtype="int64")})
     tok = tokenizer_for(base_model or "default")
     lengths = token_lengths(tok, tok.apply_chat_template(convs, tokenize=False))
-    top = max(lengths)
-    width = max(16, 2 ** math.ceil(math.log2(max(top / 12, 1))))  # about a dozen round-numbered bins
+    low, top = min(lengths), max(lengths)
+    width = max(8, 2 ** math.ceil(math.log2(max((top - low) / 12, 1))))  # about a dozen round-numbered bins
     counts: dict[int, int] = {}
     for n in lengths:
         counts[n // width] = counts.get(n // width, 0) + 1
     rows = [{"tokens": f"{b * width}-{(b + 1) * width - 1}", "examples": counts.get(b, 0)}
-            for b in range(top // width + 1)]
+            for b in range(low // width, top // width + 1)]
     return pd.DataFrame(rows, columns=["tokens", "examples"])
 
 
 def read_examples(data_dir: str | Path | None, limit: int = PREVIEW_EXAMPLES,
-                  files: tuple[str, ...] = ("train.jsonl",)) -> list[list[dict[str, str]]]:
+                  files: tuple[str, ...] = ("train.jsonl", "validation.jsonl")) -> list[list[dict[str, str]]]:
     """The first converted examples (their messages), for the preview and the histogram."""
     out: list[list[dict[str, str]]] = []
     for name in files if data_dir else ():
@@ -555,7 +556,7 @@ def progress_html(status: dict[str, Any], metrics: list[dict[str, Any]]) -> str:
     if state in RUN_STATES_ACTIVE and last.get("eta_s") is not None:
         bits.append(f"about {fmt_duration(last['eta_s'])} left")
     if status.get("wall_s"):
-        bits.append(f"took {fmt_duration(status['wall_s'])}")
+        bits.append(f"{'running for' if state in RUN_STATES_ACTIVE else 'took'} {fmt_duration(status['wall_s'])}")
     if last.get("tokens_per_s"):
         bits.append(f"{last['tokens_per_s']:.0f} tokens/s")
     if status.get("first_eval_loss") is not None and status.get("eval_loss") is not None:
@@ -576,19 +577,23 @@ def loss_frame(metrics: list[dict[str, Any]]) -> pd.DataFrame:
             rows.append({"step": int(m["step"]), "loss": float(m["loss"]), "series": "train loss"})
         if m.get("eval_loss") is not None:
             rows.append({"step": int(m["step"]), "loss": float(m["eval_loss"]), "series": "eval loss"})
+    if not rows:  # typed even when empty: the plot keeps the axis types of the first frame it gets
+        return pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
+                             "series": pd.Series(dtype="str")})
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
 def log_lines(run_dir: Path, metrics: list[dict[str, Any]]) -> str:
-    """The last lines of the run's train.log (progress bars redraw with \\r: keep their last state)."""
+    """The last lines of the run's train.log, newest first (progress bars redraw with \\r: keep their last state)."""
     path = run_dir / "train.log"
     if path.is_file():
         with open(path, "rb") as fh:
             fh.seek(max(path.stat().st_size - 64 * 1024, 0))
             text = fh.read().decode("utf-8", errors="replace")
         lines = [line.split("\r")[-1].rstrip() for line in text.split("\n")]
-        return "\n".join([line for line in lines if line.strip()][-LOG_LINES:])
-    return "\n".join(f"step {m.get('step')}  loss={m.get('loss')}  eval_loss={m.get('eval_loss')}" for m in metrics)
+        return "\n".join(reversed([line for line in lines if line.strip()][-LOG_LINES:]))
+    return "\n".join(f"step {m.get('step')}  loss={m.get('loss')}  eval_loss={m.get('eval_loss')}"
+                     for m in reversed(metrics))
 
 
 @friendly
@@ -598,18 +603,19 @@ def run_status(run_id: str | None):
 
     if not run_id:
         return ("<p>No run yet. Check your data, then press <b>Start training</b>.</p>", loss_frame([]), "",
-                gr.update(interactive=False), gr.update(interactive=False), gr.Timer(active=False))
+                gr.update(visible=False), gr.update(visible=False), gr.Timer(active=False))
     run_dir = run_folder(run_id)
     status = jobs.read_status(run_dir)
     metrics = jobs.read_metrics(run_dir)
     state = status.get("status")
     active = state in RUN_STATES_ACTIVE
+    last_step = max([int(status.get("max_steps") or 0)] + [int(m["step"]) for m in metrics])
     return (
         progress_html(status, metrics),
-        loss_frame(metrics),
+        gr.LinePlot(value=loss_frame(metrics), x_lim=[0, max(last_step, 1)]),
         log_lines(run_dir, metrics),
-        gr.update(interactive=active),
-        gr.update(interactive=state in ("interrupted", "cancelled", "failed")),
+        gr.update(visible=active),
+        gr.update(visible=state in ("interrupted", "cancelled", "failed")),
         gr.Timer(active=active),
     )
 
@@ -666,6 +672,10 @@ def new_chats() -> dict[str, list[dict[str, str]]]:
 
 def chat_views(chats: dict[str, list[dict[str, str]]]) -> tuple[list, list, list]:
     return bubbles(chats["base"]), bubbles(chats["tuned"]), bubbles(chats["prompted"])
+
+
+def forget_column(column: str, chats: dict[str, list[dict[str, str]]] | None) -> dict[str, list[dict[str, str]]]:
+    return {**(chats or new_chats()), column: []}
 
 
 @friendly
@@ -854,6 +864,13 @@ def refresh_runs():
             gr.update(choices=choices))
 
 
+@friendly
+def playground_runs(current: str | None):
+    """Completed runs for the playground picker, keeping the current pick while it is still there."""
+    completed = run_choices(only_completed=True)
+    return gr.update(choices=completed, value=current if current in completed else (completed[0] if completed else None))
+
+
 def publish_space(run_id: str | None, title: str, merge: bool, space_id: str, token: str):
     """Write a standalone chat Space folder for the run, hand it out as a zip, and push it if asked."""
     from tuner import publish
@@ -1007,16 +1024,19 @@ def build_demo() -> gr.Blocks:
                                                      "stop it.")
                         progress = gr.HTML(elem_id="progress")
                         loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss",
+                                                color_map={"train loss": "#f97316", "eval loss": "#2563eb"},
                                                 x_title="step", y_title="loss", height=280, elem_id="loss-plot")
                         with gr.Row():
-                            cancel_btn = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel")
-                            resume_btn = gr.Button("Resume", interactive=False, elem_id="resume")
-                        train_log = gr.Textbox(label="Log", lines=8, max_lines=12, interactive=False,
-                                               autoscroll=True, elem_id="train-log")
+                            cancel_btn = gr.Button("Cancel training", variant="stop", visible=False, elem_id="cancel")
+                            resume_btn = gr.Button("Resume from the last checkpoint", visible=False,
+                                                   elem_id="resume")
+                        train_log = gr.Textbox(label="Log (train.log, newest first)", lines=8, max_lines=LOG_LINES,
+                                               interactive=False,
+                                               autoscroll=False, elem_id="train-log")
                 timer = gr.Timer(POLL_SECONDS, active=False)
 
             # ---- 3. Playground
-            with gr.Tab("3. Playground", id="playground"):
+            with gr.Tab("3. Playground", id="playground") as playground_tab:
                 with gr.Row():
                     pg_run = gr.Dropdown(label="Tuned run", allow_custom_value=True, scale=3, elem_id="pg-run",
                                          info="A completed run; without one only the base model answers.")
@@ -1025,12 +1045,12 @@ def build_demo() -> gr.Blocks:
                                                 scale=2)
                 with gr.Row(equal_height=True):
                     base_chat = gr.Chatbot(label="Base model", height=380, elem_id="chat-base", feedback_options=None,
-                                           render_markdown=False)
+                                           render_markdown=False, buttons=["copy_all"])
                     tuned_chat = gr.Chatbot(label="Tuned", height=380, elem_id="chat-tuned", feedback_options=None,
-                                            render_markdown=False)
+                                            render_markdown=False, buttons=["copy_all"])
                     prompted_chat = gr.Chatbot(label="Prompt-only", height=380, visible=False,
                                                elem_id="chat-prompted", feedback_options=None,
-                                               render_markdown=False)
+                                               render_markdown=False, buttons=["copy_all"])
                 with gr.Row():
                     msg = gr.Textbox(placeholder="Ask what your customers ask… (Enter sends to every column)",
                                      show_label=False, scale=5, elem_id="chat-input", max_length=4000)
@@ -1038,7 +1058,7 @@ def build_demo() -> gr.Blocks:
                     clear_btn = gr.Button("Clear", scale=1)
                 with gr.Accordion("Sampling (the same for every column, so the comparison is fair)",
                                   open=False), gr.Row():
-                    max_new = gr.Slider(1, limits.MAX_NEW_TOKENS, value=gen["max_new_tokens"], step=1,
+                    max_new = gr.Slider(1, limits.MAX_NEW_TOKENS, value=gen["max_new_tokens"], step=1, elem_id="max-new",
                                         label="Max new tokens", info=gen_help["max_new_tokens"])
                     temperature = gr.Slider(0.0, 2.0, value=gen["temperature"], step=0.05, label="Temperature",
                                             info=gen_help["temperature"])
@@ -1053,7 +1073,7 @@ def build_demo() -> gr.Blocks:
                     eval_rows = gr.Dataframe(label="Replies", interactive=False, wrap=True, max_height=400)
 
             # ---- 4. Runs
-            with gr.Tab("4. Runs", id="runs"):
+            with gr.Tab("4. Runs", id="runs") as runs_tab:
                 runs_df = gr.Dataframe(label="Runs", interactive=False, elem_id="runs-table")
                 with gr.Row():
                     runs_pick = gr.Dropdown(label="Run", allow_custom_value=True, scale=3, elem_id="runs-pick")
@@ -1130,13 +1150,24 @@ def build_demo() -> gr.Blocks:
         # ---- events: Playground
         chat_inputs = [msg, pg_run, with_prompted, max_new, temperature, top_p, seed, rep, chats]
         chat_outputs = [msg, base_chat, tuned_chat, prompted_chat, chats]
-        send_btn.click(chat, chat_inputs, chat_outputs, api_name="chat", concurrency_limit=CHAT_CONCURRENCY)
-        msg.submit(chat, chat_inputs, chat_outputs, api_name="chat_submit", api_visibility="private", concurrency_limit=CHAT_CONCURRENCY,
-                   concurrency_id="chat")
+        # Send is disabled while the replies stream, so a second click cannot interleave two turns
+        for trigger, name in ((send_btn.click, "chat"), (msg.submit, "chat_submit")):
+            trigger(lambda: gr.Button("Answering…", interactive=False), outputs=send_btn, api_name=f"{name}_busy",
+                    api_visibility="private", queue=False).then(
+                chat, chat_inputs, chat_outputs, api_name=name, concurrency_limit=CHAT_CONCURRENCY,
+                concurrency_id="chat", api_visibility="public" if name == "chat" else "private").then(
+                lambda: gr.Button("Send", interactive=True), outputs=send_btn, api_name=f"{name}_done",
+                api_visibility="private", queue=False)
         clear_btn.click(lambda: ([], [], [], new_chats()), outputs=[base_chat, tuned_chat, prompted_chat, chats],
                         api_name="clear_chat")
+        # a column's own trash icon forgets that column's conversation too
+        for column, box in (("base", base_chat), ("tuned", tuned_chat), ("prompted", prompted_chat)):
+            box.clear(functools.partial(forget_column, column), chats, chats, api_name=f"clear_{column}",
+                      api_visibility="private")
         with_prompted.change(lambda v: gr.update(visible=bool(v)), with_prompted, prompted_chat, api_name="toggle_prompted",
                             api_visibility="private")
+        # runs finish while the page is open: opening the tab picks up the newest ones
+        playground_tab.select(playground_runs, pg_run, pg_run, api_name="playground_runs")
         pg_run.change(saved_evaluation, pg_run, [eval_metrics, eval_rows], api_name="saved_evaluation")
         pg_run.change(lambda: ([], [], [], new_chats()), outputs=[base_chat, tuned_chat, prompted_chat, chats],
                       api_name="new_chat", api_visibility="private")
@@ -1145,6 +1176,7 @@ def build_demo() -> gr.Blocks:
 
         # ---- events: Runs
         refresh_btn.click(refresh_runs, outputs=pickers, api_name="runs")
+        runs_tab.select(refresh_runs, outputs=pickers, api_name="runs_on_open", api_visibility="private")
         runs_pick.change(run_details, runs_pick, details, api_name="run_details")
         dl_adapter_btn.click(download_adapter, runs_pick, download, api_name="download_adapter", concurrency_limit=1)
         dl_merged_btn.click(download_merged, runs_pick, download, api_name="download_merged", concurrency_limit=1)

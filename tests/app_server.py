@@ -33,6 +33,14 @@ class AppServer:
         return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
 
 
+def stop_training(home: Path) -> None:
+    """Cancel training jobs the app started under `home` (they run in their own process group by design)."""
+    from tuner import jobs
+
+    for run_dir in sorted((home / "runs").glob("*/config.yaml")):
+        jobs.cancel(run_dir.parent)
+
+
 @contextmanager
 def running_app(home: Path, log_path: Path, env: dict[str, str] | None = None, timeout: float = 120) -> Iterator[AppServer]:
     """Start app.py with TUNER_HOME=home; yield once the page answers; stop it (and its group) after."""
@@ -63,6 +71,7 @@ def running_app(home: Path, log_path: Path, env: dict[str, str] | None = None, t
             time.sleep(0.5)
         yield server
     finally:
+        stop_training(home)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:

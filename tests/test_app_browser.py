@@ -1,0 +1,161 @@
+"""The real page in headless Chromium: upload a transcript, read the report, train, watch it finish, chat.
+
+Screenshots of every stage go to test-artifacts/ (gitignored), to look at when something fails.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from app_server import running_app
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "datasets" / "kettle_transcripts.txt"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CONVERT_TIMEOUT_MS = 180_000  # the first conversion loads transformers and the tokenizer
+TRAIN_STEPS = 6  # the quick preset, shortened in the page for test time
+TRAIN_TIMEOUT_MS = 300_000
+CHAT_TIMEOUT_MS = 180_000
+MAX_NEW_TOKENS = 40  # replies long enough to compare, short enough for a CPU under load
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM),
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("browser_home")
+    with running_app(home, home / "app.log") as srv:
+        yield srv
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+@pytest.fixture
+def open_page(browser, server, request):
+    """Open the app in a new tab; if the test fails, its open tabs are saved as FAILED-*.png."""
+    opened = []
+    failed_before = request.session.testsfailed
+
+    def _open():
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(server.url)
+        page.get_by_role("tab", name="1. Data").wait_for()
+        opened.append(page)
+        return page, dialogs
+
+    yield _open
+    for i, page in enumerate(opened):
+        if not page.is_closed():
+            if request.session.testsfailed > failed_before:
+                shot(page, f"FAILED-{request.node.name}-{i}")
+            page.close()
+
+
+def bot_texts(page, elem_id: str) -> list[str]:
+    return [t.strip() for t in page.locator(f"#{elem_id} .message.bot").all_inner_texts()]
+
+
+def test_html_in_uploaded_messages_is_shown_as_text_and_never_runs(open_page, tmp_path):
+    page, dialogs = open_page()
+    payload = '<img src=x onerror="alert(1)"><script>alert(2)</script><b>bold?</b>'
+    topics = ["kettle", "teapot", "mug", "strainer", "caddy", "infuser", "tray", "cosy", "spoon", "timer", "lid",
+              "filter"]
+    rows = [{"messages": [{"role": "user", "content": f"Is the {t} in stock? {payload}"},
+                          {"role": "assistant", "content": f"The {t} ships today <a href='javascript:alert(3)'>link</a>"}]}
+            for t in topics]
+    bad = tmp_path / "html.jsonl"
+    bad.write_text("\n".join(json.dumps(r) for r in rows))
+    page.locator("#upload input[type=file]").set_input_files(str(bad))
+    page.locator("#report").get_by_text("Ready to train").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    preview = page.locator("#preview")
+    preview.get_by_text('in stock? <img src=x onerror="alert(1)">', exact=False).first.wait_for()
+    assert preview.locator("img[src=x], script, b, a[href^=javascript]").count() == 0
+    page.wait_for_timeout(500)
+    shot(page, "00-html-shown-as-text")
+    assert dialogs == []
+
+
+def test_upload_train_watch_and_chat(open_page):
+    started = time.monotonic()
+    page, dialogs = open_page()
+
+    # 1. Data: upload a transcript, read the report
+    page.locator("#upload input[type=file]").set_input_files(str(SAMPLE))
+    report = page.locator("#report")
+    report.get_by_text("Ready to train").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    assert "96 conversations read" in report.inner_text()
+    assert "transcript-txt" in page.locator("#files-table").inner_text()
+    page.locator("#preview .message.bot").first.wait_for()
+    assert bot_texts(page, "preview")[0].startswith("Ahoy there, shipmate!")
+    shot(page, "01-data-report")
+
+    # 2. Train: the quick preset, shortened; estimate, start, watch it finish
+    page.locator("#to-train").click()
+    steps = page.get_by_label("Max steps")
+    steps.fill(str(TRAIN_STEPS))
+    steps.press("Tab")
+    page.get_by_role("button", name="Estimate time and memory").click()
+    page.locator("#estimate").get_by_text("Estimate").wait_for(timeout=60_000)
+    page.locator("#start-training").click()
+    progress = page.locator("#progress .run-progress")
+    progress.wait_for(timeout=60_000)
+    page.locator('#progress [data-status="running"]').wait_for(timeout=90_000)
+    # the first optimizer steps are logged: the bar moves and the plot has points
+    page.wait_for_function(
+        "() => /step [1-9]\\d* \\//.test(document.querySelector('#progress')?.innerText || '')", timeout=TRAIN_TIMEOUT_MS)
+    page.wait_for_timeout(2500)  # the plot draws on the next poll
+    shot(page, "02-training")
+
+    # closing the tab does not stop training; a new tab shows the run, read from disk
+    page.close()
+    page, dialogs = open_page()
+    page.get_by_role("tab", name="2. Train").click()
+    page.wait_for_function("() => document.querySelector('#train-run input')?.value.startsWith('run-')")
+    run_id = page.locator("#train-run input").input_value()
+    page.locator('#progress [data-status="completed"]').wait_for(timeout=TRAIN_TIMEOUT_MS)
+    assert f"step {TRAIN_STEPS} / {TRAIN_STEPS}" in page.locator("#progress").inner_text()
+    page.wait_for_timeout(2500)  # one more poll so the plot has the final points
+    shot(page, "03-trained")
+
+    # 3. Playground: the finished run is picked; one prompt, both columns answer side by side
+    page.get_by_role("tab", name="3. Playground").click()
+    page.wait_for_function(f"() => document.querySelector('#pg-run input')?.value === '{run_id}'", timeout=30_000)
+    page.get_by_text("Sampling (the same for every column").click()
+    max_new = page.locator("#max-new input[type=number]")
+    max_new.fill(str(MAX_NEW_TOKENS))
+    max_new.press("Tab")
+    page.locator("#chat-input textarea").fill("Hi, where is my order KC-12345? It's been a week.")
+    send = page.locator("#chat-send")
+    send.click()
+    page.locator("#chat-tuned .message.bot").first.wait_for(timeout=CHAT_TIMEOUT_MS)
+    shot(page, "04-playground-streaming")
+    page.wait_for_function("() => !document.querySelector('#chat-send').disabled", timeout=CHAT_TIMEOUT_MS)
+    base, tuned = bot_texts(page, "chat-base"), bot_texts(page, "chat-tuned")
+    shot(page, "05-playground")
+    assert len(base) == len(tuned) == 1 and base[0] and tuned[0]
+    assert base[0] != tuned[0]  # the adapter changed the reply
+    assert dialogs == []
+    print(f"browser flow: {time.monotonic() - started:.0f} s")
