@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,9 +62,10 @@ def running_app(home: Path, log_path: Path, env: dict[str, str] | None = None, t
             if proc.poll() is not None:
                 raise RuntimeError(f"app.py exited with {proc.returncode}:\n{server.log()[-3000:]}")
             try:
-                with urllib.request.urlopen(url + "/gradio_api/info", timeout=5) as resp:  # noqa: S310
-                    if resp.status == 200:
-                        break
+                with urllib.request.urlopen(url + "/gradio_api/info", timeout=5):  # noqa: S310
+                    break
+            except urllib.error.HTTPError:  # it answers (401 when a password is set): it is up
+                break
             except OSError:
                 pass
             if time.monotonic() > deadline:

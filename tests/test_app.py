@@ -378,3 +378,33 @@ def test_one_job_per_machine_and_twenty_chats_while_it_trains(server, home):
     alice.predict(run_id, api_name="/delete")
     assert run_id not in json.dumps(alice.predict(api_name="/runs")[0])
     assert not (home / "runs" / run_id).exists()  # data copy, checkpoints, log: gone from disk
+
+
+# -- self-hosting and Spaces ------------------------------------------------------------------------------
+
+
+def test_tuner_auth_puts_the_page_and_the_api_behind_a_password(tmp_path):
+    from gradio_client import Client
+
+    with running_app(tmp_path / "home", tmp_path / "app.log", env={"TUNER_AUTH": "crew:s3cret-pass"}) as srv:
+        for path in ("/gradio_api/info", f"/gradio_api/file={SAMPLE}"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(srv.url + path, timeout=10)  # noqa: S310
+            assert info.value.code in (401, 403)
+        with pytest.raises(Exception):  # noqa: B017 (gradio_client raises its own auth errors)
+            Client(srv.url, verbose=False, auth=("crew", "wrong"))
+        client = Client(srv.url, verbose=False, auth=("crew", "s3cret-pass"), download_files=False)
+        assert client.predict(api_name="/runs")[0]["data"] == []
+        assert "s3cret-pass" not in srv.log()
+
+
+def test_a_space_without_persistent_storage_says_runs_are_temporary(monkeypatch):
+    import app
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert app.storage_notice() == ""  # running locally: nothing to warn about
+    monkeypatch.setenv("SPACE_ID", "someone/tuner")
+    monkeypatch.setattr(app, "persistent_storage", lambda: False)
+    assert "no persistent storage" in app.storage_notice()
+    monkeypatch.setattr(app, "persistent_storage", lambda: True)
+    assert app.storage_notice() == ""
