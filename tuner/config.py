@@ -67,7 +67,8 @@ class TrainConfig:
     quantization: Quantization = _f(Quantization.NF4, "nf4: load the base in 4 bits (QLoRA); none: 16/32-bit base.")
     lora_r: int = _f(16, "LoRA rank: capacity of the adapter. 8-64 is typical.")
     lora_alpha: int = _f(32, "LoRA scaling numerator; alpha/r scales the update. Usually 2 x rank.")
-    lora_dropout: float = _f(0.05, "Dropout on the LoRA input; regularises small datasets.")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input; regularises small datasets but costs a random mask per layer "
+                             "per step (measured 10% of a CPU step). Early stopping guards against overfitting instead.")
     target_modules: str = _f("all-linear", "Layers that get adapters: 'all-linear' or comma-separated names (q_proj,v_proj).")
     learning_rate: float = _f(2e-4, "Peak learning rate. LoRA: 1e-4 to 5e-4; full fine-tuning: 1e-5 to 5e-5.")
     num_epochs: float = _f(1.0, "Passes over the training set (ignored when max_steps > 0).")

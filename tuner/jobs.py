@@ -87,10 +87,14 @@ def pid_alive(pid: int | None, started: float | None = None) -> bool:
 
 
 def _run_path(run: str | Path) -> Path:
-    path = Path(run)
-    if path.is_dir() and (path / CONFIG_FILE).is_file():
-        return path.resolve()
-    return resolve_run(run)
+    """A run folder from a Path (the app's, the bench's) or an id / CLI path (checked by resolve_run)."""
+    try:
+        path = Path(run)
+        if isinstance(run, Path) and path.is_dir() and (path / CONFIG_FILE).is_file():
+            return path.resolve()
+        return resolve_run(run)
+    except (OSError, ValueError):
+        raise RunNotFound(f"'{str(run)[:100]}' is not a run.") from None
 
 
 def _stale(status: dict[str, Any]) -> bool:
@@ -173,16 +177,17 @@ def start(run_dir: str | Path, resume: bool = False) -> Job:
         quiet_threads_env(env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         cmd = [sys.executable, "-m", "tuner", "train", "--resume" if resume else "--run", str(run_dir)]
+        update_status(run_dir, status="queued", pid=None, pid_started=None, error=None)
         with open(run_dir / LOG_FILE, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd[2:])}\n".encode())
             log.flush()
-            # security/robustness: own session, so cancel can signal the whole tree and the app's signals don't
+            # its own session: cancel signals the whole tree, and the app's own signals do not reach it
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     cwd=str(ROOT), pass_fds=(fd,), start_new_session=True)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"run {run_dir.name}, pid {proc.pid}".encode(), 0)
-        update_status(run_dir, status="queued" if state != "running" else state, pid=proc.pid,
-                      pid_started=_create_time(proc.pid), error=None)
+        if _read_status(run_dir).get("pid") is None:  # unless the job already reported itself running
+            update_status(run_dir, pid=proc.pid, pid_started=_create_time(proc.pid))
     finally:
         os.close(fd)  # the child holds the lock from here on
     return Job(run_dir=run_dir, pid=proc.pid, process=proc)
@@ -258,7 +263,8 @@ def reconcile() -> list[str]:
     changed = []
     for run_dir in _run_dirs():
         status = _read_status(run_dir)
-        if status.get("status") in ACTIVE and not pid_alive(status.get("pid"), status.get("pid_started")):
+        # a queued run without a pid was prepared but never started: it is waiting, not stale
+        if _stale(status):
             _mark_interrupted(run_dir, status)
             changed.append(run_dir.name)
     return changed

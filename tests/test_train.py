@@ -1,0 +1,189 @@
+"""tuner.train: run folders, assistant-only labels, real QLoRA / LoRA training on the embedded model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import SIGN_OFF, signoff_conversations
+
+from tuner import train
+from tuner.config import TrainConfig
+from tuner.errors import DataError, TrainingError
+
+# small and quick: a sign-off is learned in a few large steps on short examples
+SMALL = {"max_steps": 6, "batch_size": 4, "learning_rate": 2e-3, "max_length": 128, "eval_steps": 3,
+         "save_steps": 3, "warmup_ratio": 0.0, "early_stopping_patience": 0}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+# -- config and run folder -------------------------------------------------------------------------
+
+
+def test_config_round_trips_and_prepare_run_records_the_data(signoff_data, tmp_path):
+    cfg = TrainConfig.from_preset("quick", quantization="none", learning_rate=3e-4, target_modules="q_proj,v_proj")
+    for name in ("config.yaml", "config.json"):
+        cfg.save(tmp_path / name)
+        assert TrainConfig.load(tmp_path / name) == cfg
+
+    run = train.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
+    assert TrainConfig.load(run / "config.yaml") == cfg  # the run is re-created from this file alone
+    sources = json.loads((run / "data" / "sources.json").read_text())
+    for name in ("train.jsonl", "validation.jsonl"):
+        copy = run / "data" / name
+        assert copy.read_bytes() == (signoff_data / name).read_bytes()
+        assert sources[name]["sha256"] == hashlib.sha256(copy.read_bytes()).hexdigest()
+    assert sources["train.jsonl"]["examples"] == 40 and sources["validation.jsonl"]["examples"] == 8
+    status = train.read_status(run)
+    assert status["status"] == "queued" and status["step"] == 0 and status["adapter"] is None
+
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train.prepare_run(cfg, signoff_data, run_dir=run)
+
+
+def test_bad_data_is_refused_with_file_line_and_fix(tmp_path):
+    rows = signoff_conversations(3)
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    with open(tmp_path / "data" / "train.jsonl", "a") as fh:
+        fh.write('{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}\n')
+        fh.write("{not json\n")
+    with pytest.raises(DataError, match=r"train.jsonl, line 4: message 1 needs a role"):
+        train.prepare_run(TrainConfig(), tmp_path / "data", run_dir=tmp_path / "run")
+    with pytest.raises(DataError, match="no train.jsonl here. Fix"):
+        train.prepare_run(TrainConfig(), tmp_path / "nowhere")
+    with pytest.raises(TrainingError, match="multiple of eval_steps"):
+        TrainConfig(eval_steps=10, save_steps=15)
+
+
+# -- labels ---------------------------------------------------------------------------------------
+
+
+def test_exactly_the_assistant_replies_carry_labels_and_empty_examples_are_dropped(tmp_path, tokenizer):
+    rows = [
+        {"messages": [{"role": "system", "content": "You are Lumen's helper."},
+                      {"role": "user", "content": "Hi, my lamp flickers."},
+                      {"role": "assistant", "content": "Unplug it for ten seconds."},
+                      {"role": "user", "content": "Done, thanks!"},
+                      {"role": "assistant", "content": f"Glad it works. {SIGN_OFF}"}]},
+        {"messages": [{"role": "user", "content": "Where is my order?"},
+                      {"role": "assistant", "content": "An old reply we do not want to learn.", "weight": 0},
+                      {"role": "user", "content": "Hello?"},
+                      {"role": "assistant", "content": f"It left today. {SIGN_OFF}"}]},
+        # nothing to learn: no assistant reply at all, and a reply that lies beyond max_length
+        {"messages": [{"role": "user", "content": "Is anyone there?"}]},
+        {"messages": [{"role": "user", "content": "lamp " * 200}, {"role": "assistant", "content": "Sure."}]},
+    ] + signoff_conversations(4)
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "data" / "validation.jsonl", signoff_conversations(2, seed=5))
+    cfg = TrainConfig.from_preset("quick", **{**SMALL, "quantization": "none"})
+    run = train.prepare_run(cfg, tmp_path / "data", run_dir=tmp_path / "run")
+
+    trainer, ctx = train.build_trainer(run, cfg, "cpu")
+    status = train.read_status(run)
+    assert [(d["file"], d["line"]) for d in status["dropped"]] == [("train.jsonl", 3), ("train.jsonl", 4)]
+    assert "beyond max_length=128" in status["dropped"][1]["reason"]
+    assert status["data"]["train"]["examples"] == len(rows) - 2
+
+    kept = [r for i, r in enumerate(rows) if i not in (2, 3)]
+    dataset = trainer.train_dataset
+    assert len(dataset) == len(kept)
+    for example, row in zip(dataset, kept, strict=True):
+        trained = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
+        assert trained, "an example with no trained token"
+        assert all(label in (-100, t) for t, label in zip(example["input_ids"], example["labels"], strict=True))
+        expected = "".join(m["content"] + "<|im_end|>" for m in row["messages"]
+                           if m["role"] == "assistant" and m.get("weight", 1) != 0)
+        assert tokenizer.decode(trained) == expected
+        # the rendered text is the model's own chat format (the training template only adds markers)
+        assert tokenizer.decode(example["input_ids"]) == tokenizer.apply_chat_template(
+            [{k: v for k, v in m.items() if k != "weight"} for m in row["messages"]], tokenize=False)
+
+    # a collated batch pads with labels that carry no loss
+    batch = trainer.data_collator([dataset[0], dataset[2]])
+    width = batch["input_ids"].shape[1]
+    short = len(dataset[2]["input_ids"])
+    assert short < width and (batch["labels"][1, short:] == -100).all()
+
+
+# -- training: the shared sign-off run (quantization none) ---------------------------------------------
+
+
+def test_lora_run_completes_learns_and_writes_a_reloadable_adapter(signoff_run, default_model_path):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from tuner.models import load_model, load_tokenizer
+
+    status = train.read_status(signoff_run)
+    assert status["status"] == "completed", status.get("error")
+    assert status["eval_loss"] < status["first_eval_loss"]  # it learned the validation replies
+    assert status["step"] == status["max_steps"] and status["tokens_trained"] > 0 and status["peak_memory_mb"] > 0
+
+    metrics = train.read_metrics(signoff_run)
+    steps = [r["step"] for r in metrics if r["loss"] is not None]
+    assert steps == list(range(1, status["max_steps"] + 1))
+    assert metrics[0]["step"] == 0 and metrics[0]["eval_loss"] == status["first_eval_loss"]  # before training
+    for record in metrics:
+        assert isinstance(record["step"], int) and record["elapsed_s"] >= 0
+        assert {"loss", "eval_loss", "learning_rate", "tokens_per_s", "elapsed_s", "eta_s"} <= record.keys()
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in metrics if r["loss"] is not None)
+
+    adapter = Path(status["adapter"])
+    assert adapter == signoff_run / "adapter"
+    names = {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]  # nothing that unpickles
+    assert not list(signoff_run.glob(".adapter*"))  # no temporary folder left behind
+    card = (adapter / "README.md").read_text()
+    for fact in ("SmolLM2-135M-Instruct", "40 conversations", f"{status['first_eval_loss']:.4f}",
+                 f"{status['eval_loss']:.4f}", "learning_rate: 0.002", "sha256"):
+        assert fact in card
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert weights and all("lora_" in k for k in weights)  # only the adapter, never base weights
+    assert all(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # B starts at zero: it moved
+
+    tok = load_tokenizer("default")
+    assert "{% generation %}" not in (tok.chat_template or "")
+    assert (adapter / "chat_template.jinja").read_text() == tok.chat_template  # ships the model's own template
+    model = PeftModel.from_pretrained(load_model("default", dev="cpu"), str(adapter))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi, where is my order (case 99)?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=48, do_sample=False)
+    reply = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Stay sunny" in reply, reply
+
+
+# -- training: QLoRA (NF4 base), in this process so the weights can be compared ------------------------
+
+
+def test_qlora_trains_the_adapter_and_leaves_the_4bit_base_untouched(signoff_data, tmp_path):
+    import torch
+
+    cfg = TrainConfig.from_preset("quick", **{**SMALL, "quantization": "nf4"})
+    run = train.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
+    trainer, ctx = train.build_trainer(run, cfg, "cpu")
+    model = trainer.model
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())  # a real NF4 base
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    with train.fast_lora_casts(model):
+        trainer.train()
+
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    lora = {n for n in before if "lora_" in n}
+    assert changed <= lora  # the base (4-bit weights, norms, embeddings) did not move
+    assert len(changed) > 0.9 * len(lora)  # the adapter did
+    metrics = train.read_metrics(run)
+    evals = [r["eval_loss"] for r in metrics if r["eval_loss"] is not None]
+    assert len(evals) == 3 and evals[-1] < evals[0]  # before training, step 3, step 6
+    assert [p.name for p in train.complete_checkpoints(run)] == ["checkpoint-3", "checkpoint-6"]
