@@ -12,7 +12,7 @@ from conftest import SIGN_OFF, signoff_conversations
 
 from tuner import train
 from tuner.config import TrainConfig
-from tuner.errors import DataError, TrainingError
+from tuner.errors import DataError, TrainingError, TunerError
 
 # small and quick: a sign-off is learned in a few large steps on short examples
 SMALL = {"max_steps": 6, "batch_size": 4, "learning_rate": 2e-3, "max_length": 128, "eval_steps": 3,
@@ -58,7 +58,7 @@ def test_bad_data_is_refused_with_file_line_and_fix(tmp_path):
         train.prepare_run(TrainConfig(), tmp_path / "data", run_dir=tmp_path / "run")
     with pytest.raises(DataError, match="no train.jsonl here. Fix"):
         train.prepare_run(TrainConfig(), tmp_path / "nowhere")
-    with pytest.raises(TrainingError, match="multiple of eval_steps"):
+    with pytest.raises(TunerError, match="multiple of eval_steps"):
         TrainConfig(eval_steps=10, save_steps=15)
 
 
@@ -106,10 +106,10 @@ def test_exactly_the_assistant_replies_carry_labels_and_empty_examples_are_dropp
             [{k: v for k, v in m.items() if k != "weight"} for m in row["messages"]], tokenize=False)
 
     # a collated batch pads with labels that carry no loss
-    batch = trainer.data_collator([dataset[0], dataset[2]])
-    width = batch["input_ids"].shape[1]
-    short = len(dataset[2]["input_ids"])
-    assert short < width and (batch["labels"][1, short:] == -100).all()
+    by_length = sorted(dataset, key=lambda e: len(e["input_ids"]))
+    batch = trainer.data_collator([by_length[-1], by_length[0]])
+    short = len(by_length[0]["input_ids"])
+    assert short < batch["input_ids"].shape[1] and (batch["labels"][1, short:] == -100).all()
 
 
 # -- training: the shared sign-off run (quantization none) ---------------------------------------------

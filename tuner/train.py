@@ -778,8 +778,15 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str) ->
     trainer, ctx = build_trainer(run_dir, cfg, dev, resume, progress)
     checkpoint, recorder = ctx["checkpoint"], ctx["recorder"]
     autocast = ctx["precision"]["bf16"] or ctx["precision"]["fp16"]
-    with fast_lora_casts(trainer.model) if autocast else contextlib.nullcontext():
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint is not None and _finished(checkpoint):
+        # killed after the last step (during the final save): the Trainer, resumed there, would run one
+        # step too many, so the result is taken from the checkpoints as they are
+        _restore_finished(trainer, run_dir, checkpoint, cfg)
+        train_runtime = 0.0
+    else:
+        with fast_lora_casts(trainer.model) if autocast else contextlib.nullcontext():
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        train_runtime = result.metrics.get("train_runtime", 0.0)
 
     # the final result: best weights (load_best_model_at_end), written whole or not at all
     trainer.processing_class.chat_template = ctx["chat_template"]  # ship the model's own template
@@ -801,7 +808,36 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str) ->
     summary["wall_s"] = round(recorder.elapsed(), 1)
     return update_status(run_dir, status="completed", error=None, adapter=str(out_dir), pid=None, eta_s=0,
                          peak_memory_mb=_peak_memory_mb(dev),
-                         train_runtime_s=round(result.metrics.get("train_runtime", 0.0), 1), **summary)
+                         train_runtime_s=round(train_runtime, 1), **summary)
+
+
+def _finished(checkpoint: Path) -> bool:
+    """True if training had ended at this checkpoint (last step reached, or stopped early)."""
+    state = read_json(checkpoint / "trainer_state.json", {})
+    control = (state.get("stateful_callbacks") or {}).get("TrainerControl") or {}
+    stopped = bool((control.get("args") or {}).get("should_training_stop"))
+    return stopped or state.get("global_step", 0) >= state.get("max_steps", math.inf)
+
+
+def _restore_finished(trainer, run_dir: Path, checkpoint: Path, cfg: TrainConfig) -> None:
+    """Load the trainer state and the result weights (the best checkpoint when there is one) from disk."""
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    source = checkpoint
+    best = trainer.state.best_model_checkpoint
+    if best and (run_dir / CHECKPOINTS_DIR / Path(best).name).is_dir():
+        source = run_dir / CHECKPOINTS_DIR / Path(best).name  # found by name: the run folder may have moved
+    if cfg.method is Method.LORA:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(trainer.model, load_file(str(source / "adapter_model.safetensors")))
+    else:
+        weights: dict[str, Any] = {}
+        for f in sorted(source.glob("*.safetensors")):
+            weights.update(load_file(str(f)))
+        trainer.model.load_state_dict(weights, strict=False)
 
 
 def _offset_from(records: list[dict[str, Any]]) -> dict[str, Any]:
