@@ -50,7 +50,8 @@ FILES_COLUMNS = ["file", "format", "what it is", "rows read", "kept", "dropped"]
 DROPPED_COLUMNS = ["file", "line", "why", "reason"]
 LOG_LINES = 14  # last lines of train.log shown under the loss plot (the box shows them all)
 CHAT_CONCURRENCY = 4  # chats handled at once; the model itself generates one batch at a time
-EVAL_LIMIT = 10  # held-out prompts the page evaluates (the CLI can do more)
+EVAL_PROMPTS = 10  # held-out prompts the page evaluates by default ...
+EVAL_MAX_PROMPTS = 50  # ... and at most (the CLI can do more)
 EXPORT_TTL_S = 3600  # prepared zips are removed after an hour
 RUN_STATES_ACTIVE = ("queued", "running")
 
@@ -729,16 +730,19 @@ def eval_tables(result: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 @friendly
-def evaluate_run(run_id: str | None, max_new_tokens: float, temperature: float, top_p: float, seed: float,
-                 repetition_penalty: float, progress: gr.Progress = gr.Progress()):  # noqa: B008
+def evaluate_run(run_id: str | None, prompts: float, max_new_tokens: float, temperature: float, top_p: float,
+                 seed: float, repetition_penalty: float, progress: gr.Progress = gr.Progress()):  # noqa: B008
     """Answer held-out prompts with base and tuned, and score the voice."""
     from tuner import evaluate
 
     run_dir = run_folder(run_id)
+    if not 1 <= int(prompts or 0) <= EVAL_MAX_PROMPTS:
+        raise TunerError(f"Evaluate between 1 and {EVAL_MAX_PROMPTS} prompts here; the CLI (`python -m tuner eval`) "
+                         "does more.")
     settings = GenerationConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                 top_p=float(top_p), seed=int(seed), repetition_penalty=float(repetition_penalty))
     progress(0, desc="Generating replies to held-out prompts…")
-    result = evaluate.evaluate(run_dir, settings=settings, limit=EVAL_LIMIT, playground=playground())
+    result = evaluate.evaluate(run_dir, settings=settings, limit=int(prompts), playground=playground())
     return eval_tables(result)
 
 
@@ -1067,7 +1071,11 @@ def build_demo() -> gr.Blocks:
                     rep = gr.Slider(1.0, 2.0, value=gen["repetition_penalty"], step=0.05, label="Repetition penalty",
                                     info=gen_help["repetition_penalty"])
                 with gr.Accordion("Evaluation: did it learn the voice, did it forget anything?", open=False):
-                    eval_btn = gr.Button(f"Evaluate on up to {EVAL_LIMIT} held-out prompts")
+                    with gr.Row():
+                        eval_prompts = gr.Slider(1, EVAL_MAX_PROMPTS, value=EVAL_PROMPTS, step=1,
+                                                 label="Held-out prompts", scale=3,
+                                                 info="From the run's validation split; both models answer each.")
+                        eval_btn = gr.Button("Evaluate base vs tuned", scale=1)
                     eval_metrics = gr.Dataframe(label="Voice metrics", interactive=False, wrap=True,
                                                 elem_id="eval-metrics")
                     eval_rows = gr.Dataframe(label="Replies", interactive=False, wrap=True, max_height=400)
@@ -1171,7 +1179,8 @@ def build_demo() -> gr.Blocks:
         pg_run.change(saved_evaluation, pg_run, [eval_metrics, eval_rows], api_name="saved_evaluation")
         pg_run.change(lambda: ([], [], [], new_chats()), outputs=[base_chat, tuned_chat, prompted_chat, chats],
                       api_name="new_chat", api_visibility="private")
-        eval_btn.click(evaluate_run, [pg_run, max_new, temperature, top_p, seed, rep], [eval_metrics, eval_rows],
+        eval_btn.click(evaluate_run, [pg_run, eval_prompts, max_new, temperature, top_p, seed, rep],
+                       [eval_metrics, eval_rows],
                        api_name="evaluate", concurrency_limit=1)
 
         # ---- events: Runs

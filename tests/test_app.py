@@ -244,7 +244,7 @@ RUN_ID_ENDPOINTS = {
     "/push": [None, "someone/model", USER_TOKEN, False, True],
     "/delete": [None],
     "/publish": [None, "title", False, "someone/space", USER_TOKEN],
-    "/evaluate": [None, 8, 0.0, 0.9, 0, 1.1],
+    "/evaluate": [None, 3, 8, 0.0, 0.9, 0, 1.1],
     "/chat": ["hello", None, False, 8, 0.0, 0.9, 0, 1.1],
 }
 
@@ -293,6 +293,7 @@ def test_push_needs_the_visitors_token_and_never_echoes_it(client, server, home,
     assert "token" in message.lower() and ENV_TOKEN not in message
     # a token given: the push fails offline, and the message does not contain the token
     message = _fails(client, run_id, "someone/model", USER_TOKEN, False, True, api_name="/push")
+    assert "Could not push to someone/model" in message  # it got as far as the Hub call
     assert USER_TOKEN not in message and "Traceback" not in message
     # ... nor does anything on disk or in the server's log
     assert USER_TOKEN not in server.log() and ENV_TOKEN not in server.log()
@@ -300,6 +301,28 @@ def test_push_needs_the_visitors_token_and_never_echoes_it(client, server, home,
         if path.is_file() and path.stat().st_size < 50 * 2**20:
             data = path.read_bytes()
             assert USER_TOKEN.encode() not in data and ENV_TOKEN.encode() not in data, path
+
+
+def test_a_finished_run_is_evaluated_described_and_downloaded(client, signoff_run):
+    import zipfile
+
+    run_id = signoff_run.name
+    details = client.predict(run_id, api_name="/run_details")
+    assert "| status | completed |" in details and "| learning rate |" in details
+    metrics, rows = client.predict(run_id, 3, 8, 0.0, 0.9, 0, 1.1, api_name="/evaluate")
+    names = [r[0] for r in metrics["data"]]
+    assert {"chrf", "brand_phrase_rate", "validation_loss", "general_perplexity"} <= set(names)
+    assert all(r[-1] for r in metrics["data"])  # every metric explains itself in one line
+    assert rows["data"] and all(r[2] and r[3] for r in rows["data"])  # base and tuned answered every prompt
+    # the evaluation is kept with the run and shown again when the run is picked
+    assert client.predict(run_id, api_name="/saved_evaluation")[0]["data"] == metrics["data"]
+    for endpoint, must_have in (("/download_adapter", "adapter_model.safetensors"),
+                                ("/download_merged", "model.safetensors")):
+        file = client.predict(run_id, api_name=endpoint)
+        with zipfile.ZipFile(file["path"]) as zf:
+            names = zf.namelist()
+        assert any(n.endswith(must_have) for n in names), names
+        assert any(n.endswith("README.md") for n in names)  # the model card travels with the weights
 
 
 def test_restart_marks_a_stale_running_run_interrupted(client, server):
