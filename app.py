@@ -74,13 +74,16 @@ SETTING_LABELS = {
 # -- errors ------------------------------------------------------------------------------------------
 
 
-def _plain_error(exc: BaseException) -> gr.Error:
+def _plain_error(exc: BaseException, secret: str = "") -> gr.Error:
+    """The message a person sees for `exc`; the traceback goes to the server log only (never with a secret)."""
     if isinstance(exc, gr.Error):
         return exc
     if isinstance(exc, TunerError):
         return gr.Error(str(exc), print_exception=False)
-    # never show a traceback: log the type server-side, tell the user something they can act on
-    log.error("unexpected %s in a handler", type(exc).__name__)
+    if secret:  # security: a library's message or traceback might quote the token
+        log.error("unexpected %s in a handler that holds a token", type(exc).__name__)
+    else:
+        log.error("unexpected %s in a handler", type(exc).__name__, exc_info=exc)
     return gr.Error(f"Something went wrong ({type(exc).__name__}). Try again; if it repeats, "
                     "reload the page and check the server log.", print_exception=False)
 
@@ -760,17 +763,24 @@ def saved_evaluation(run_id: str | None):
 # -- Runs tab --------------------------------------------------------------------------------------
 
 
+def _round(value: Any, digits: int = 3) -> Any:
+    return round(value, digits) if isinstance(value, float) else value
+
+
 def runs_frame() -> pd.DataFrame:
     rows = []
     for r in list_runs():
         rows.append({"run": r.get("id"), "status": r.get("status"), "base model": r.get("base_model"),
                      "preset": r.get("preset"), "steps": f"{r.get('step') or 0}/{r.get('max_steps') or '?'}",
-                     "train loss": r.get("train_loss"), "eval loss": r.get("eval_loss")})
+                     "train loss": _round(r.get("train_loss")),
+                     "eval loss": f"{_round(r.get('first_eval_loss'))} → {_round(r.get('eval_loss'))}"
+                     if r.get("eval_loss") is not None else None})
     return pd.DataFrame(rows, columns=["run", "status", "base model", "preset", "steps", "train loss", "eval loss"])
 
 
 @friendly
 def run_details(run_id: str | None) -> str:
+    """A run's outcome, then every setting it was trained with (its config.yaml)."""
     from tuner import jobs
 
     if not run_id:
@@ -778,12 +788,24 @@ def run_details(run_id: str | None) -> str:
     run_dir = run_folder(run_id)
     status = jobs.read_status(run_dir)
     cfg = TrainConfig.load(run_dir / "config.yaml").to_dict()
-    shown = {k: status.get(k) for k in ("status", "step", "max_steps", "train_loss", "first_eval_loss", "eval_loss",
-                                         "tokens_trained", "wall_s", "peak_memory_mb") if status.get(k) is not None}
-    lines = [f"### {md_escape(run_dir.name)}", "| | |", "|---|---|"]
-    lines += [f"| {k.replace('_', ' ')} | {md_escape(v)} |" for k, v in shown.items()]
-    lines += ["", "**Settings**", "", "| | |", "|---|---|"]
-    lines += [f"| {k.replace('_', ' ')} | {md_escape(v)} |" for k, v in cfg.items()]
+    facts = {
+        "status": status.get("status"),
+        "steps": f"{status.get('step') or 0} / {status.get('max_steps') or '?'}",
+        "train loss": _round(status.get("train_loss")),
+        "eval loss": f"{_round(status.get('first_eval_loss'))} → {_round(status.get('eval_loss'))}"
+        if status.get("eval_loss") is not None else None,
+        "tokens trained": f"{status['tokens_trained']:,}" if status.get("tokens_trained") else None,
+        "time": fmt_duration(status["wall_s"]) if status.get("wall_s") else None,
+        "peak memory": f"{status['peak_memory_mb'] / 1024:.1f} GB" if status.get("peak_memory_mb") else None,
+        "error": status.get("error"),
+    }
+    lines = [f"#### {md_escape(run_dir.name)}", "", "| result | |", "|---|---|"]
+    lines += [f"| {k} | {md_escape(v)} |" for k, v in facts.items() if v is not None]
+    pairs = [(k.replace("_", " "), v) for k, v in cfg.items()]
+    half = (len(pairs) + 1) // 2  # two columns of settings keep the table short
+    lines += ["", "| setting | value | setting | value |", "|---|---|---|---|"]
+    for (k1, v1), right in zip(pairs[:half], pairs[half:] + [("", "")], strict=False):
+        lines.append(f"| {k1} | {md_escape(v1)} | {right[0]} | {md_escape(right[1])} |")
     return "\n".join(lines)
 
 
@@ -843,7 +865,7 @@ def push_run(run_id: str | None, repo_id: str, token: str, merge: bool, private:
             shutil.rmtree(work, ignore_errors=True)  # the folder was only a staging area for the upload
     except Exception as exc:
         # the staging folder is gone, so its path means nothing to the user; the token never shows
-        message = re.sub(r"\s*The export is in \S+\.?$", "", str(_plain_error(exc).message))
+        message = re.sub(r"\s*The export is in \S+\.?$", "", str(_plain_error(exc, token).message))
         raise gr.Error(_scrub(message, token), print_exception=False) from None
     url = f"https://huggingface.co/{repo_id}"
     return f"Pushed {'the merged model' if merge else 'the adapter'} to [{md_escape(repo_id)}]({url}).", ""
@@ -897,7 +919,7 @@ def publish_space(run_id: str | None, title: str, merge: bool, space_id: str, to
             note = f"{md_escape(_scrub(reason, token))}. Download the zip below and upload it yourself."
         zipped = publish.zip_folder(folder)
     except Exception as exc:
-        raise gr.Error(_scrub(str(_plain_error(exc).message), token), print_exception=False) from None
+        raise gr.Error(_scrub(str(_plain_error(exc, token).message), token), print_exception=False) from None
     size = zipped.stat().st_size / 1e6
     text = (f"Wrote the Space folder ({size:.0f} MB zipped). Unzip it and run "
             "`pip install -r requirements.txt && python app.py`, or upload it as a Space.")
@@ -1094,7 +1116,7 @@ def build_demo() -> gr.Blocks:
                         with gr.Row():
                             dl_adapter_btn = gr.Button("Adapter (.zip)")
                             dl_merged_btn = gr.Button("Merged model (.zip)")
-                        download = gr.File(label="Download", interactive=False)
+                        download = gr.File(label="Download", interactive=False, height=90)
                         gr.Markdown("#### Push to the Hugging Face Hub")
                         repo_id = gr.Textbox(label="Model repository", placeholder="your-name/my-support-bot")
                         token = gr.Textbox(label="Hugging Face token (write)", type="password",
@@ -1110,7 +1132,7 @@ def build_demo() -> gr.Blocks:
                             confirm_delete = gr.Button("Yes, delete it and all its files", variant="stop",
                                                        elem_id="confirm-delete")
                             keep_btn = gr.Button("Keep it")
-                with gr.Group(elem_id="publish-section"):
+                with gr.Column(elem_id="publish-section", variant="panel"):
                     gr.Markdown("#### Publish as a Space\nA standalone chat page for this run, as a folder you "
                                 "can run anywhere or upload as a Hugging Face Space.")
                     with gr.Row():
@@ -1123,7 +1145,7 @@ def build_demo() -> gr.Blocks:
                                                  info="Only for the push; never stored, logged or shown again.")
                     publish_btn = gr.Button("Write the Space folder")
                     publish_md = gr.Markdown()
-                    publish_file = gr.File(label="Space folder (.zip)", interactive=False)
+                    publish_file = gr.File(label="Space folder (.zip)", interactive=False, height=90)
 
         # ---- events: Data
         pickers = [runs_df, train_run, pg_run, runs_pick]
