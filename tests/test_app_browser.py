@@ -42,7 +42,8 @@ def browser():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("browser_home")
-    with running_app(home, home / "app.log") as srv:
+    # GRADIO_IS_E2E_TEST: gradio forgets a closed tab's state after 1 s instead of an hour
+    with running_app(home, home / "app.log", env={"GRADIO_IS_E2E_TEST": "1"}) as srv:
         yield srv
 
 
@@ -78,7 +79,7 @@ def bot_texts(page, elem_id: str) -> list[str]:
     return [t.strip() for t in page.locator(f"#{elem_id} .message.bot").all_inner_texts()]
 
 
-def test_html_in_uploaded_messages_is_shown_as_text_and_never_runs(open_page, tmp_path):
+def test_html_in_uploaded_messages_is_shown_as_text_and_never_runs(open_page, server, tmp_path):
     page, dialogs = open_page()
     payload = '<img src=x onerror="alert(1)"><script>alert(2)</script><b>bold?</b>'
     topics = ["kettle", "teapot", "mug", "strainer", "caddy", "infuser", "tray", "cosy", "spoon", "timer", "lid",
@@ -96,6 +97,15 @@ def test_html_in_uploaded_messages_is_shown_as_text_and_never_runs(open_page, tm
     page.wait_for_timeout(500)
     shot(page, "00-html-shown-as-text")
     assert dialogs == []
+
+    # the upload lives in this session's own folder, and goes when the session ends
+    folders = [p.parents[1] for p in (server.home / "uploads").glob("*/files/html.jsonl")]
+    assert len(folders) == 1
+    page.close()
+    deadline = time.monotonic() + 30
+    while folders[0].exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not folders[0].exists()
 
 
 def test_upload_train_watch_and_chat(open_page):
