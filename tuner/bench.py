@@ -1,0 +1,1000 @@
+"""Benchmark this project's default recipe against the plain TRL recipe, side by side, on this machine.
+
+    python -m tuner bench                       # everything, 3 runs of each recipe, bench/results.json
+    python -m tuner bench --only train --repeats 5 --tokens 6000
+    python -m tuner bench --tokens 300 --repeats 1 --val-examples 2 --convert-n 200   # a smoke test
+
+Training (`train`): the same data (a fixed, mixed-length subset built from the shipped Kettle & Co.
+sample and converted by tuner.dataset), the same base model (the embedded default), the same LoRA
+rank and targets and the same training tokens (one pass over the subset) for
+  baseline  trl SFTTrainer + a plain SFTConfig (its own defaults: batch size, padding, gradient
+            checkpointing, precision; only output_dir, max_steps, report_to and seeds are set) and
+            peft_config=LoraConfig(r=16, target_modules="all-linear"), as the TRL docs show it;
+  project   tuner.train.prepare_run + train_run with TrainConfig defaults (max_steps = one pass).
+Runs alternate (A B A B ...), each in a fresh process so memory is its own; medians are reported.
+Both adapters are scored by the same code on the same validation set (loss on assistant tokens,
+and on all tokens). Utilisation is ~4 x base parameters x tokens (LoRA: forward + input gradients,
+no weight gradients of the frozen base) over the train-step time, against a torch.matmul
+microbenchmark in the run's compute dtype, measured in the same process right after training.
+
+Also: `chat` (playground time to first token and tokens/s, one column vs a batched compare),
+`convert` (converter conversations/s and peak memory on a generated export), `quick` (the quick
+preset from pressing Train to the first tuned reply, model load included) and `profile`
+(torch.profiler over a few train steps of the default recipe: where the time goes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import TunerError
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "datasets" / "kettle_openai.jsonl"
+DEFAULT_OUT = ROOT / "bench" / "results.json"
+PARTS = ("train", "chat", "convert", "quick", "profile")
+DEFAULT_TOKENS = 8000  # one pass over about 8k tokens: ~2 min per baseline run on a 2-core CPU
+DEFAULT_VAL_EXAMPLES = 12
+DEFAULT_CONVERT_N = 100_000
+LORA_R, LORA_TARGETS = 16, "all-linear"  # the TRL docs' example; the project's defaults must match
+GROUP_SIZES = (1, 1, 1, 2, 2, 3, 4, 6)  # sample conversations joined into one: 1 to 12 exchanges
+CHAT_PROMPT = "Hi, my Galley kettle arrived with a dent in the lid. What can you do, and how long will it take?"
+EVAL_LOSS_TOLERANCE = 0.02  # "equal eval loss within noise": project may be at most this much higher
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _grouped(convs: list[list[dict[str, Any]]], rng: random.Random) -> list[dict[str, Any]]:
+    """Join consecutive conversations into multi-turn ones of mixed length (1 to 6 at a time)."""
+    out, i = [], 0
+    while i < len(convs):
+        k = rng.choice(GROUP_SIZES)
+        out.append({"messages": [m for conv in convs[i:i + k] for m in conv]})
+        i += k
+    return out
+
+
+def mixed_exports(folder: Path, tokens: int, seed: int = 0) -> tuple[Path, Path]:
+    """Write train and validation exports (OpenAI JSONL) built from the shipped sample.
+
+    Every sixth sample conversation goes to validation, the rest to training, so no exchange is in
+    both. Training conversations are regrouped in seeded rounds until there is text for `tokens`.
+    """
+    if not SAMPLE.is_file():
+        raise TunerError(f"{SAMPLE} is missing: the benchmark builds its data from the shipped sample.")
+    convs = [row["messages"] for row in _read_jsonl(SAMPLE)]
+    val_pool = convs[::6]
+    train_pool = [c for i, c in enumerate(convs) if i % 6]
+    folder.mkdir(parents=True, exist_ok=True)
+    val_rows = _grouped(val_pool, random.Random(seed))
+    train_rows: list[dict[str, Any]] = []
+    chars_needed = tokens * 4 * 1.3 + 1  # ~4 characters a token, with room for duplicates dropped
+    rounds = 0
+    while sum(len(m["content"]) for r in train_rows for m in r["messages"]) < chars_needed and rounds < 50:
+        pool = list(train_pool)
+        if rounds:
+            random.Random(seed + rounds).shuffle(pool)
+        train_rows += _grouped(pool, random.Random(seed + 1000 + rounds))
+        rounds += 1
+    paths = folder / "bench_train_export.jsonl", folder / "bench_validation_export.jsonl"
+    _write_jsonl(paths[0], train_rows)
+    _write_jsonl(paths[1], val_rows)
+    return paths
+
+
+def chat_length(tokenizer, messages: list[dict[str, Any]], max_length: int = 1024) -> int:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    return min(len(ids), max_length)
+
+
+def prepare_data(work: Path, tokens: int, val_examples: int, seed: int = 0) -> dict[str, Any]:
+    """Convert the mixed exports with tuner.dataset and keep a prefix of about `tokens` training tokens."""
+    from tuner.config import ConvertConfig
+    from tuner.dataset import convert
+    from tuner.models import load_tokenizer
+
+    tokenizer = load_tokenizer("default")
+    train_export, val_export = mixed_exports(work / "exports", tokens, seed)
+    cfg = ConvertConfig(val_fraction=0.0, seed=seed)
+    reports = {name: convert([path], work / f"converted_{name}", cfg, tokenizer)
+               for name, path in (("train", train_export), ("validation", val_export))}
+    train_all = _read_jsonl(work / "converted_train" / "train.jsonl")
+    val_all = _read_jsonl(work / "converted_validation" / "train.jsonl")
+    train, total = [], 0
+    for row in train_all:  # file order keeps the mix of lengths; skip what would overshoot the budget
+        n = chat_length(tokenizer, row["messages"])
+        if total + n > tokens * 1.05 and train:
+            continue
+        train.append(row)
+        total += n
+        if total >= tokens * 0.95:
+            break
+    if not train:
+        raise TunerError("the converter kept no training conversation from the sample.")
+    val = val_all[:max(1, val_examples)]
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(data / "train.jsonl", train)
+    _write_jsonl(data / "validation.jsonl", val)
+    lengths = sorted(chat_length(tokenizer, r["messages"]) for r in train)
+    turns = sorted(sum(m["role"] == "assistant" for m in r["messages"]) for r in train)
+    return {
+        "dir": str(data), "source": str(SAMPLE.relative_to(ROOT)), "train_examples": len(train),
+        "train_tokens": total, "tokens_requested": tokens, "capped": total < tokens,
+        "validation_examples": len(val), "validation_tokens": sum(chat_length(tokenizer, r["messages"]) for r in val),
+        "example_tokens": {"min": lengths[0], "median": statistics.median(lengths), "max": lengths[-1]},
+        "assistant_turns": {"min": turns[0], "median": statistics.median(turns), "max": turns[-1]},
+        "converter_dropped": {k: len(r.get("dropped", [])) for k, r in reports.items()},
+    }
+
+
+def big_export(path: Path, n: int, seed: int = 0) -> int:
+    """A generated help-desk export of `n` conversations (OpenAI JSONL) for the converter benchmark.
+
+    Exchanges of the shipped sample are recombined (1 to 4 per conversation) with fresh ticket and
+    order numbers, so conversations are distinct, as in a real export. Returns the file size.
+    """
+    convs = [row["messages"] for row in _read_jsonl(SAMPLE)]
+    exchanges = [conv[i:i + 2] for conv in convs for i in range(0, len(conv) - 1, 2)]
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            msgs = []
+            for j, (user, reply) in enumerate(rng.choice(exchanges) for _ in range(rng.choice((1, 1, 2, 2, 3, 4)))):
+                ref = f" (ticket {100000 + i}, order KC-{rng.randrange(10000, 99999)})" if j == 0 else ""
+                msgs += [{"role": "user", "content": user["content"] + ref},
+                         {"role": "assistant", "content": reply["content"]}]
+            fh.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    return path.stat().st_size
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
+
+
+def matmul_peak_flops(dtype_name: str, dev: str, seconds: float = 1.5) -> float:
+    """Best achieved FLOP/s of a square torch.matmul in `dtype_name` (bf16, fp16, fp32) on `dev`."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    n = 8192 if dev == "cuda" else 2048
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    best = math.inf
+    deadline = time.perf_counter() + seconds
+    for i in range(1000):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first call pays for kernel selection and page faults
+            best = min(best, time.perf_counter() - t)
+        if i >= 2 and time.perf_counter() > deadline:
+            break
+    return 2 * n**3 / best
+
+
+def dtype_of(precision: str) -> str:
+    return "bf16" if "bf16" in precision else "fp16" if "fp16" in precision else "fp32"
+
+
+def model_parameters(model_path: str) -> int:
+    """Parameters of the base checkpoint, from the safetensors headers (tied embeddings counted once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            names = fh.keys()  # a safe_open handle is not iterable itself
+            for key in names:
+                total += math.prod(fh.get_slice(key).get_shape())
+    return total
+
+
+def eval_losses(model_path: str, adapter_dir: str, val_file: str, dev: str) -> dict[str, float]:
+    """Mean cross-entropy of base + adapter on the validation set, on assistant tokens and on all tokens.
+
+    The same code scores both recipes (fp32, one example at a time), so the numbers compare even
+    though the baseline trains on every token and the project on replies only.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuner.chat_template import training_template
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    template = training_template(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(dev)
+    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    sums = {"assistant": 0.0, "all": 0.0}
+    counts = {"assistant": 0, "all": 0}
+    with torch.no_grad():
+        for row in _read_jsonl(Path(val_file)):
+            enc = tokenizer.apply_chat_template(row["messages"], chat_template=template, tokenize=True,
+                                                return_dict=True, return_assistant_tokens_mask=True)
+            ids = torch.tensor([enc["input_ids"][:1024]], device=dev)
+            mask = torch.tensor(enc["assistant_masks"][:1024], device=dev)[1:].bool()
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+            sums["all"] += losses.sum().item()
+            counts["all"] += losses.numel()
+            sums["assistant"] += losses[mask].sum().item()
+            counts["assistant"] += int(mask.sum().item())
+    return {"eval_loss": round(sums["assistant"] / max(counts["assistant"], 1), 4),
+            "eval_loss_all_tokens": round(sums["all"] / max(counts["all"], 1), 4)}
+
+
+def _finish_train_result(spec: dict[str, Any], result: dict[str, Any], dev: str) -> dict[str, Any]:
+    """Memory first (before scoring loads anything), then the shared eval, then the matmul peak."""
+    import torch
+
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["cuda_max_allocated_mb"] = (round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                                       if dev == "cuda" else None)
+    result.update(eval_losses(spec["model_path"], result["adapter"], spec["val_file"], dev))
+    result["tokens_per_s"] = round(result["tokens"] / result["train_s"], 2) if result["train_s"] else None
+    flops = 4 * spec["parameters"] * result["tokens"] / result["train_s"] if result["train_s"] else 0.0
+    peak = matmul_peak_flops(result["dtype"], dev)
+    result.update(achieved_tflops=round(flops / 1e12, 4), peak_matmul_tflops=round(peak / 1e12, 3),
+                  utilisation=round(flops / peak, 4), device=dev,
+                  threads=torch.get_num_threads() if dev == "cpu" else None)
+    return result
+
+
+# -- workers (each runs in its own process) ----------------------------------------------------------
+
+
+def step_clock():
+    """A TrainerCallback timing the train steps (wall and process CPU seconds) and reading the trainer's
+    count of real tokens (trl sums the attention mask: padding is not counted)."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds = self.cpu_seconds = 0.0
+            self.steps = 0
+            self.trainer = None
+            self._t = self._c = 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t, self._c = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.seconds += time.perf_counter() - self._t
+            self.cpu_seconds += time.process_time() - self._c
+            self.steps += 1
+
+        def figures(self) -> dict[str, Any]:
+            tokens = int(getattr(self.trainer, "_total_train_tokens", 0))
+            return {"train_s": round(self.seconds, 2), "train_cpu_s": round(self.cpu_seconds, 2),
+                    "steps": self.steps, "tokens": tokens,
+                    "tokens_per_cpu_s": round(tokens / self.cpu_seconds, 2) if self.cpu_seconds else None}
+
+    return StepClock()
+
+
+@contextlib.contextmanager
+def attached(clock):
+    """Add `clock` to the SFTTrainer that tuner.train builds inside train_run (this process only)."""
+    import trl
+
+    original = trl.SFTTrainer.train
+
+    def train(self, *args, **kwargs):
+        clock.trainer = self
+        self.add_callback(clock)
+        return original(self, *args, **kwargs)
+
+    trl.SFTTrainer.train = train
+    try:
+        yield clock
+    finally:
+        trl.SFTTrainer.train = original
+
+
+def _worker_baseline(spec: dict[str, Any]) -> dict[str, Any]:
+    """The TRL quickstart recipe: plain SFTConfig, LoraConfig(r=16, all-linear), model from the folder."""
+    started = time.perf_counter()
+    import dataclasses
+
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from datasets import load_dataset
+
+    dataset = load_dataset("json", data_files={"train": spec["train_file"]})["train"]
+    defaults = {f.name: f.default for f in dataclasses.fields(SFTConfig)}
+    per_step = defaults["per_device_train_batch_size"] * defaults["gradient_accumulation_steps"]
+    max_steps = math.ceil(len(dataset) / per_step)  # one pass: the same tokens as the project run
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
+    # on a CPU the default bf16=True refuses to start unless use_cpu=True, as its error message says
+    cpu = {} if torch.cuda.is_available() else {"use_cpu": True}
+    args = SFTConfig(output_dir=spec["out"], max_steps=max_steps, report_to="none", seed=spec["seed"],
+                     data_seed=spec["seed"], **cpu)
+    clock = step_clock()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=LoraConfig(r=LORA_R, target_modules=LORA_TARGETS), callbacks=[clock])
+    clock.trainer = trainer
+    trainer.train()
+    adapter = str(Path(spec["out"]) / "adapter")
+    trainer.save_model(adapter)
+    wall = time.perf_counter() - started
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = "bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else "fp32"
+    result = {"recipe": "baseline", "wall_s": round(wall, 2), **clock.figures(),
+              "batch_size": args.per_device_train_batch_size, "precision": precision, "dtype": dtype_of(precision),
+              "gradient_checkpointing": bool(args.gradient_checkpointing), "batching": "padded (random order)",
+              "quantization": "none", "learning_rate": args.learning_rate, "adapter": adapter}
+    return _finish_train_result(spec, result, dev)
+
+
+def _worker_project(spec: dict[str, Any]) -> dict[str, Any]:
+    """This project's default recipe through its own code path (TrainConfig defaults)."""
+    started = time.perf_counter()
+    import torch
+
+    from tuner.config import TrainConfig
+    from tuner.train import prepare_run, read_metrics, train_run
+
+    cfg = TrainConfig(**spec.get("overrides", {}))
+    if cfg.lora_r != LORA_R or cfg.target_modules != LORA_TARGETS:
+        raise TunerError(f"TrainConfig defaults (r={cfg.lora_r}, {cfg.target_modules}) no longer match the "
+                         f"baseline's LoRA (r={LORA_R}, {LORA_TARGETS}); update tuner.bench.")
+    n = len(_read_jsonl(Path(spec["train_file"])))
+    cfg.max_steps = spec.get("max_steps") or math.ceil(n / (cfg.batch_size * cfg.grad_accum))  # one pass
+    run_dir = prepare_run(cfg, Path(spec["train_file"]).parent, Path(spec["out"]) / "run")
+    clock = step_clock()
+    with attached(clock):
+        status = train_run(run_dir)
+    wall = time.perf_counter() - started
+    if status.get("status") != "completed":
+        raise TunerError(f"the project run failed: {status.get('error')}")
+    records = [r for r in read_metrics(run_dir) if r.get("tokens_per_s")]
+    recorder_s, last = 0.0, 0
+    for r in records:  # tuner's own recorder, as a cross-check of the clock: tokens per window / its step time
+        recorder_s += (r["tokens"] - last) / r["tokens_per_s"]
+        last = r["tokens"]
+    dev = status.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = status.get("precision") or "fp32"
+    result = {"recipe": spec.get("recipe", "project"), "overrides": spec.get("overrides", {}), "wall_s": round(wall, 2),
+              **clock.figures(), "recorder_tokens": int(last), "recorder_train_s": round(recorder_s, 2),
+              "batch_size": cfg.batch_size, "precision": precision, "dtype": dtype_of(precision),
+              "gradient_checkpointing": bool(status.get("gradient_checkpointing")),
+              "batching": status.get("batching"), "quantization": cfg.quantization.value,
+              "learning_rate": cfg.learning_rate, "adapter": status["adapter"], "run_dir": str(run_dir),
+              "trainer_eval_loss": status.get("eval_loss")}
+    return _finish_train_result(spec, result, dev)
+
+
+def _worker_chat(spec: dict[str, Any]) -> dict[str, Any]:
+    """Playground: one tuned column vs a batched base+tuned compare (peft mixed-adapter batch)."""
+    from tuner.config import GenerationConfig
+    from tuner.playground import BASE, TUNED, Playground
+
+    t = time.perf_counter()
+    pg = Playground()
+    pg.load_run(spec["run_dir"])
+    load_s = time.perf_counter() - t
+    settings = GenerationConfig(max_new_tokens=spec["max_new_tokens"], temperature=0.0)
+    pg.timed_compare(spec["prompt"], [TUNED], settings)  # warm-up: first-call allocations
+    single, compare = [], []
+    for _ in range(spec["repeats"]):
+        single.append(pg.timed_compare(spec["prompt"], [TUNED], settings)["timing"])
+        compare.append(pg.timed_compare(spec["prompt"], [BASE, TUNED], settings)["timing"])
+
+    def summary(timings: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"first_token_s": _median([x["first_token_s"] for x in timings]),
+                "total_s": _median([x["total_s"] for x in timings]),
+                "new_tokens": timings[-1]["new_tokens"],
+                "tokens_per_s_per_column": _median([x["tokens_per_s_per_column"] for x in timings]),
+                "tokens_per_s_all_columns": _median([x["tokens_per_s"] for x in timings])}
+
+    s, c = summary(single), summary(compare)
+    return {"load_s": round(load_s, 2), "max_new_tokens": spec["max_new_tokens"], "repeats": spec["repeats"],
+            "device": pg.device, "single": s, "compare": c,
+            # what comparing costs per generated token, relative to one column (1.0 = free)
+            "compare_cost_per_token": round(s["tokens_per_s_per_column"] / c["tokens_per_s_per_column"], 3)
+            if c["tokens_per_s_per_column"] else None,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def _worker_convert(spec: dict[str, Any]) -> dict[str, Any]:
+    from tuner.config import ConvertConfig
+    from tuner.dataset import convert
+
+    rss_before = peak_rss_mb()
+    t = time.perf_counter()
+    report = convert([spec["export"]], spec["out"], ConvertConfig())
+    elapsed = time.perf_counter() - t
+    n = spec["n"]
+    return {"conversations": n, "export_mb": round(spec["export_bytes"] / 2**20, 1), "elapsed_s": round(elapsed, 2),
+            "conversations_per_s": round(n / elapsed, 1), "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_before_mb": rss_before, "train_examples": report["train_examples"],
+            "validation_examples": report["validation_examples"],
+            "dropped": len(report.get("dropped", [])), "ok": report["ok"]}
+
+
+def _worker_quick(spec: dict[str, Any]) -> dict[str, Any]:
+    """Press Train on the quick preset, wait, open the playground (model load included), first reply."""
+    from tuner import jobs
+    from tuner.config import GenerationConfig, TrainConfig
+    from tuner.dataset import convert
+    from tuner.playground import TUNED, Playground
+    from tuner.train import prepare_run
+
+    convert([SAMPLE], Path(spec["out"]) / "data")  # the Data tab's work, done before Train is pressed
+    overrides = {"max_steps": spec["max_steps"]} if spec.get("max_steps") else {}
+    cfg = TrainConfig.from_preset("quick", **overrides)
+    pressed = time.perf_counter()
+    run_dir = prepare_run(cfg, Path(spec["out"]) / "data")
+    job = jobs.start(run_dir)
+    status = job.wait(timeout=3600)
+    trained = time.perf_counter()
+    if status.get("status") != "completed":
+        raise TunerError(f"the quick run failed: {status.get('error')}")
+    pg = Playground()
+    pg.load_run(run_dir)
+    loaded = time.perf_counter()
+    timed = pg.timed_compare(spec["prompt"], [TUNED], GenerationConfig(max_new_tokens=spec["max_new_tokens"]))
+    done = time.perf_counter()
+    first = loaded - pressed + timed["timing"]["first_token_s"]
+    return {"preset": "quick", "max_steps": status.get("max_steps"), "steps": status.get("step"),
+            "train_examples": (status.get("data") or {}).get("train", {}).get("examples"),
+            "press_to_adapter_s": round(trained - pressed, 2), "playground_load_s": round(loaded - trained, 2),
+            "first_token_s": round(timed["timing"]["first_token_s"], 2),
+            "press_to_first_token_s": round(first, 2), "press_to_full_reply_s": round(done - pressed, 2),
+            "reply_tokens": timed["timing"]["new_tokens"].get(TUNED),
+            "first_eval_loss": status.get("first_eval_loss"), "eval_loss": status.get("eval_loss"),
+            "train_wall_s": status.get("wall_s"), "job_peak_memory_mb": status.get("peak_memory_mb"),
+            "precision": status.get("precision"), "target_s": 60,
+            "reply": timed["replies"].get(TUNED, "")[:300]}
+
+
+PROFILE_CATEGORIES = (  # (category, substrings of op names), first match wins
+    ("attention (SDPA)", ("scaled_dot_product", "flash_attention", "efficient_attention", "_sdpa")),
+    ("4-bit (de)quantization", ("bitsandbytes", "dequantize", "quantize_4bit", "int4")),
+    ("matmul (linear layers + LoRA)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
+                                       "mkldnn", "onednn", "gemm")),
+    ("loss (log-softmax, cross-entropy)", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("optimizer (AdamW, grad clipping)", ("_foreach", "adam", "clip_grad", "norm_")),
+    ("casts and copies", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous",
+                          "aten::cat", "aten::stack", "aten::index", "aten::fill_", "aten::zero_", "aten::empty")),
+    ("embedding", ("embedding",)),
+    ("elementwise, activations, norms", ("aten::mul", "aten::add", "aten::silu", "aten::rsqrt", "aten::pow",
+                                         "aten::mean", "aten::neg", "aten::div", "aten::sub", "aten::sum",
+                                         "aten::exp", "aten::where", "aten::sigmoid", "aten::tanh",
+                                         "aten::threshold", "aten::dropout", "aten::native_dropout",
+                                         "aten::bernoulli", "backward", "aten::sin", "aten::cos")),
+)
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for category, keys in PROFILE_CATEGORIES:
+        if any(k.lower() in low for k in keys):
+            return category
+    return "other torch ops"
+
+
+def _worker_profile(spec: dict[str, Any]) -> dict[str, Any]:
+    """The default recipe's own code path, with torch.profiler attached to a few train steps.
+
+    train_run builds its trainer inside; the profiler callback is attached to it in this process
+    only (measurement, not a change of the recipe).
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    from tuner.config import TrainConfig
+    from tuner.train import prepare_run, train_run
+
+    first, count = spec["skip_steps"], spec["steps"]
+    found: dict[str, Any] = {}
+
+    class ProfileSteps(TrainerCallback):
+        prof = None
+        t = 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == first and self.prof is None:
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+                self.prof = profile(activities=acts)
+                self.prof.__enter__()
+                self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None and state.global_step == first + count:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                found["wall_s"] = time.perf_counter() - self.t
+                self.prof.__exit__(None, None, None)
+                found["averages"] = self.prof.key_averages()
+                self.prof = None
+
+    cfg = TrainConfig(**spec.get("overrides", {}))
+    cfg.max_steps = first + count
+    run_dir = prepare_run(cfg, Path(spec["train_file"]).parent, Path(spec["out"]) / "run")
+    with attached(ProfileSteps()):
+        status = train_run(run_dir)
+    if "averages" not in found:
+        raise TunerError(f"the profiled run did not reach step {first + count}: {status.get('error')}")
+    cuda = torch.cuda.is_available()
+    rows = []
+    for avg in found["averages"]:
+        t = (avg.self_device_time_total if cuda else avg.self_cpu_time_total) / 1e6
+        rows.append((avg.key, t, avg.count))
+    total = sum(t for _, t, _ in rows) or 1e-9
+    rows.sort(key=lambda r: -r[1])
+    categories: dict[str, float] = {}
+    for key, t, _ in rows:
+        categories[_category(key)] = categories.get(_category(key), 0.0) + t
+    wall = found["wall_s"]
+    return {"overrides": spec.get("overrides", {}), "steps": count, "after_step": first, "wall_s": round(wall, 2), "device": "cuda" if cuda else "cpu",
+            "precision": status.get("precision"), "quantization": cfg.quantization.value,
+            "batching": status.get("batching"), "gradient_checkpointing": status.get("gradient_checkpointing"),
+            "op_time_s": round(total, 2),
+            # CPU: what the step's wall time spent outside torch ops (Python, Trainer, data collation)
+            "outside_ops_pct": round(100 * max(wall - total, 0.0) / wall, 1) if not cuda and wall else None,
+            "categories": sorted(({"category": k, "pct": round(100 * v / total, 1), "s": round(v, 2)}
+                                  for k, v in categories.items()), key=lambda r: -r["pct"]),
+            "top_ops": [{"op": k, "pct": round(100 * t / total, 1), "s": round(t, 3), "calls": c}
+                        for k, t, c in rows[:15]]}
+
+
+WORKERS = {"baseline": _worker_baseline, "project": _worker_project, "chat": _worker_chat,
+           "convert": _worker_convert, "quick": _worker_quick, "profile": _worker_profile}
+
+
+def run_worker(spec_file: str) -> int:
+    spec = json.loads(Path(spec_file).read_text())
+    result = WORKERS[spec["kind"]](spec)
+    Path(spec["result_file"]).write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+# -- the parent: scheduling, medians, report --------------------------------------------------------
+
+
+def _median(values: list[Any]) -> Any:
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return round(statistics.median(nums), 4) if nums else None
+
+
+class Bench:
+    """Runs workers in fresh processes under a private TUNER_HOME that shares the model cache."""
+
+    def __init__(self, work: Path, verbose: bool = True):
+        from tuner.paths import models_dir
+
+        self.work = work
+        self.verbose = verbose
+        self.env = {**os.environ, "TUNER_HOME": str(work / "home"), "TUNER_MODELS_DIR": str(models_dir()),
+                    "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        self.count = 0
+
+    def say(self, text: str) -> None:
+        if self.verbose:
+            print(text, file=sys.stderr, flush=True)
+
+    def run(self, kind: str, spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        self.count += 1
+        name = f"{self.count:02d}-{kind}"
+        folder = self.work / name
+        folder.mkdir(parents=True, exist_ok=True)
+        spec = {**spec, "kind": kind, "out": str(folder), "result_file": str(folder / "result.json")}
+        spec_file = folder / "spec.json"
+        spec_file.write_text(json.dumps(spec, indent=2))
+        log = folder / "worker.log"
+        t = time.perf_counter()
+        with open(log, "w") as fh:
+            try:
+                proc = subprocess.run([sys.executable, "-m", "tuner", "bench", "--worker", str(spec_file)],
+                                      env=self.env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout,
+                                      cwd=str(ROOT))
+                code = proc.returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+        if code != 0 or not (folder / "result.json").is_file():
+            tail = log.read_text(errors="replace")[-3000:]
+            raise TunerError(f"bench worker {name} failed (exit {code}); log: {log}\n{tail}")
+        result = json.loads((folder / "result.json").read_text())
+        result["process_s"] = round(time.perf_counter() - t, 2)
+        return result
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets"):
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version
+
+            versions[pkg] = version(pkg)
+    cuda = torch.cuda.is_available()
+    info = {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "memory_gb": None, "platform": platform.platform(), "python": platform.python_version(),
+        "versions": versions, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "cuda": torch.version.cuda if cuda else None,
+    }
+    with contextlib.suppress(Exception):
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    with contextlib.suppress(Exception):
+        from tuner.train import cpu_has_bf16_matmul
+
+        info["cpu_bf16_matmul_units"] = cpu_has_bf16_matmul()
+    return info
+
+
+def command_line() -> str:
+    """This invocation as `python -m tuner bench ...` (also when started through bench/run_bench.py)."""
+    import shlex
+
+    argv = sys.argv[1:]
+    if "bench" in argv:
+        argv = argv[argv.index("bench") + 1:]
+    return " ".join(["python -m tuner bench", *map(shlex.quote, argv)])
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+TRAIN_METRICS = ("tokens_per_s", "tokens_per_cpu_s", "wall_s", "train_s", "train_cpu_s", "peak_rss_mb", "cuda_max_allocated_mb", "eval_loss",
+                 "eval_loss_all_tokens", "achieved_tflops", "peak_matmul_tflops", "utilisation", "tokens", "steps")
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """`name:key=value,key=value` -> (name, TrainConfig overrides), e.g. `fp32:precision=fp32`."""
+    from tuner.config import TrainConfig
+
+    name, _, body = text.partition(":")
+    if not name or not body or name in ("baseline", "project"):
+        raise TunerError(f"--variant '{text}': write NAME:key=value[,key=value], NAME not baseline/project.")
+    overrides: dict[str, Any] = {}
+    for item in body.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in TrainConfig.help():
+            raise TunerError(f"--variant '{text}': unknown TrainConfig setting '{key}'.")
+        for cast in (int, float):
+            with contextlib.suppress(ValueError):
+                value = cast(value)
+                break
+        overrides[key] = {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+    TrainConfig(**overrides)  # validates now, not in the middle of the benchmark
+    return name, overrides
+
+
+def bench_train(b: Bench, data: dict[str, Any], repeats: int, model_path: str, params: int,
+                variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    spec = {"model_path": model_path, "train_file": str(Path(data["dir"]) / "train.jsonl"),
+            "val_file": str(Path(data["dir"]) / "validation.jsonl"), "parameters": params, "seed": 42}
+    recipes = ["baseline", "project", *(variants or {})]
+    runs: list[dict[str, Any]] = []
+    total = len(recipes) * repeats
+    for i in range(repeats):
+        for j, recipe in enumerate(recipes):  # alternate, so drifting machine load hits every recipe alike
+            b.say(f"[train {i * len(recipes) + j + 1}/{total}] {recipe} ...")
+            worker = "baseline" if recipe == "baseline" else "project"
+            extra = {"recipe": recipe, "overrides": variants[recipe]} if recipe not in ("baseline", "project") else {}
+            r = b.run(worker, {**spec, **extra})
+            r["repeat"] = i + 1
+            r["load_average"] = _load()
+            runs.append(r)
+            b.say(f"    {r['tokens']} tokens, {r['tokens_per_s']} tok/s, wall {r['wall_s']} s, "
+                  f"RSS {r['peak_rss_mb']} MB, eval loss {r['eval_loss']} (all tokens {r['eval_loss_all_tokens']}), "
+                  f"utilisation {100 * r['utilisation']:.1f}%")
+    medians = {recipe: {m: _median([r.get(m) for r in runs if r["recipe"] == recipe]) for m in TRAIN_METRICS}
+               for recipe in recipes}
+
+    def ratios(recipe: str) -> dict[str, float | None]:
+        out = {}
+        for m in TRAIN_METRICS:
+            a, p = medians["baseline"][m], medians[recipe][m]
+            out[m] = round(p / a, 3) if isinstance(a, (int, float)) and isinstance(p, (int, float)) and a else None
+        return out
+
+    base_losses = [r["eval_loss"] for r in runs if r["recipe"] == "baseline"]
+    tolerance = max(max(base_losses) - min(base_losses), EVAL_LOSS_TOLERANCE)
+    ratio = ratios("project")
+    speedup = ratio["tokens_per_s"] or 0.0
+    loss_ok = medians["project"]["eval_loss"] <= medians["baseline"]["eval_loss"] + tolerance
+    settings = {r["recipe"]: {k: r.get(k) for k in ("precision", "quantization", "gradient_checkpointing",
+                                                     "batching", "batch_size", "learning_rate", "threads",
+                                                     "overrides")}
+                for r in runs}
+    return {"recipes": recipes, "repeats": repeats, "runs": runs, "medians": medians, "ratio": ratio,
+            "variant_ratios": {v: ratios(v) for v in recipes[2:]}, "settings": settings,
+            "verdict": {"tokens_per_s_ratio": speedup, "eval_loss_ok": bool(loss_ok),
+                        "eval_loss_tolerance": round(tolerance, 4),
+                        "meets_3x": bool(speedup >= 3 and loss_ok), "meets_2x": bool(speedup >= 2 and loss_ok)}}
+
+
+def _run_for_chat(b: Bench, data: dict[str, Any], model_path: str, params: int, train: dict[str, Any] | None) -> str:
+    """A completed project run: the last one the train part made, or a short one made now."""
+    if train:
+        for r in reversed(train["runs"]):
+            if r["recipe"] == "project" and r.get("run_dir"):
+                return r["run_dir"]
+    spec = {"model_path": model_path, "train_file": str(Path(data["dir"]) / "train.jsonl"),
+            "val_file": str(Path(data["dir"]) / "validation.jsonl"), "parameters": params, "seed": 42,
+            "max_steps": 2}
+    b.say("[chat] training a short run to chat with ...")
+    return b.run("project", spec)["run_dir"]
+
+
+def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from tuner.models import default_checkpoint
+
+    parts = args.only or list(PARTS)
+    b = Bench(work, verbose=not args.quiet)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "command": command_line(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "load_average_start": _load(),
+        "parts": parts,
+    }
+    model_path = str(default_checkpoint())
+    params = model_parameters(model_path)
+    results["model"] = {"name": "default (embedded SmolLM2-135M-Instruct)", "path": model_path, "parameters": params,
+                        "lora": {"r": LORA_R, "target_modules": LORA_TARGETS}}
+    data = None
+    if {"train", "chat", "profile"} & set(parts):
+        b.say("[data] building the benchmark data from the shipped sample ...")
+        data = prepare_data(work / "bench_data", args.tokens, args.val_examples)
+        results["data"] = data
+        b.say(f"    {data['train_examples']} training conversations, {data['train_tokens']} tokens "
+              f"({data['example_tokens']['min']}-{data['example_tokens']['max']} each); "
+              f"{data['validation_examples']} validation conversations")
+    if "train" in parts:
+        variants = dict(parse_variant(v) for v in args.variant or [])
+        results["train"] = bench_train(b, data, args.repeats, model_path, params, variants)
+    if "chat" in parts:
+        run_dir = _run_for_chat(b, data, model_path, params, results.get("train"))
+        b.say("[chat] playground: one column vs compare ...")
+        results["chat"] = b.run("chat", {"run_dir": run_dir, "prompt": CHAT_PROMPT, "repeats": args.repeats,
+                                         "max_new_tokens": args.chat_tokens})
+    if "convert" in parts:
+        export = work / "convert_export.jsonl"
+        b.say(f"[convert] generating a {args.convert_n}-conversation export ...")
+        size = big_export(export, args.convert_n)
+        b.say("[convert] converting it ...")
+        results["convert"] = b.run("convert", {"export": str(export), "n": args.convert_n, "export_bytes": size})
+    if "quick" in parts:
+        b.say("[quick] quick preset: Train pressed -> first tuned reply ...")
+        results["quick"] = b.run("quick", {"prompt": CHAT_PROMPT, "max_new_tokens": args.chat_tokens,
+                                           "max_steps": args.quick_steps})
+    if "profile" in parts:
+        b.say(f"[profile] default recipe, {args.profile_steps} steps under torch.profiler ...")
+        variants = dict(parse_variant(v) for v in args.variant or [])
+        if args.profile_variant and args.profile_variant not in variants:
+            raise TunerError(f"--profile-variant {args.profile_variant}: no --variant of that name.")
+        results["profile"] = b.run("profile", {"train_file": str(Path(data["dir"]) / "train.jsonl"),
+                                               "skip_steps": 1, "steps": args.profile_steps,
+                                               "overrides": variants.get(args.profile_variant, {})})
+    results["load_average_end"] = _load()
+    results["bench_s"] = round(time.perf_counter() - started, 1)
+    return results
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.3g}"
+    return str(v)
+
+
+TABLE_ROWS = (  # (label, metric, digits)
+    ("training tokens/s (real tokens)", "tokens_per_s", 1),
+    ("training tokens per CPU-second (load-independent)", "tokens_per_cpu_s", 1),
+    ("wall time to saved adapter (s)", "wall_s", 1),
+    ("time in train steps (s)", "train_s", 1),
+    ("CPU time in train steps (s)", "train_cpu_s", 1),
+    ("peak RSS (MB)", "peak_rss_mb", 0),
+    ("CUDA max allocated (MB)", "cuda_max_allocated_mb", 0),
+    ("eval loss, assistant tokens", "eval_loss", 4),
+    ("eval loss, all tokens", "eval_loss_all_tokens", 4),
+    ("achieved TFLOP/s (4 x params x tokens)", "achieved_tflops", 4),
+    ("peak matmul TFLOP/s (run's dtype)", "peak_matmul_tflops", 3),
+    ("utilisation", "utilisation", 4),
+    ("training tokens", "tokens", 0),
+    ("optimizer steps", "steps", 0),
+)
+
+
+def _label(recipe: str) -> str:
+    return {"baseline": "baseline (TRL defaults)", "project": "project default"}.get(recipe, f"variant `{recipe}`")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as Markdown tables (printed, and pasted into bench/README.md)."""
+    out = []
+    m = results["machine"]
+    out.append(f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['versions'].get('torch')}, device {m['device']}; "
+               f"load average {results.get('load_average_start')} -> {results.get('load_average_end')}; "
+               f"{results['date']}.  ")
+    out.append(f"Command: `{results['command']}`")
+    if "train" in results:
+        t = results["train"]
+        d = results["data"]
+        out += ["", f"Training: {d['train_examples']} conversations, {d['train_tokens']} tokens "
+                f"({d['example_tokens']['min']}-{d['example_tokens']['max']} tokens, "
+                f"{d['assistant_turns']['min']}-{d['assistant_turns']['max']} replies each), one pass; "
+                f"validation {d['validation_examples']} conversations. Medians of "
+                f"{t['repeats']} alternating runs each.", "",
+                "| metric | " + " | ".join(_label(r) for r in t["recipes"]) + " | project / baseline |",
+                "|---|" + "---:|" * (len(t["recipes"]) + 1)]
+        for label, key, digits in TABLE_ROWS:
+            values = [t["medians"][r].get(key) for r in t["recipes"]]
+            if all(v is None for v in values):
+                continue
+            out.append(f"| {label} | " + " | ".join(_fmt(v, digits) for v in values)
+                       + f" | {_fmt(t['ratio'].get(key), 2)} |")
+        out += ["", "| setting | " + " | ".join(_label(r) for r in t["recipes"]) + " |",
+                "|---|" + "---|" * len(t["recipes"])]
+        for k in ("precision", "quantization", "gradient_checkpointing", "batching", "batch_size", "learning_rate"):
+            out.append(f"| {k} | " + " | ".join(str(t["settings"][r].get(k)) for r in t["recipes"]) + " |")
+        for name, r in t["variant_ratios"].items():
+            out.append(f"\nVariant `{name}` ({t['settings'][name]['overrides']}): {_fmt(r['tokens_per_s'])}x "
+                       f"baseline tokens/s, eval loss {_fmt(t['medians'][name]['eval_loss'], 4)}.")
+        v = t["verdict"]
+        out += ["", f"Verdict: project/baseline tokens/s = {v['tokens_per_s_ratio']:.2f}x; eval loss "
+                f"{'equal or lower' if v['eval_loss_ok'] else 'HIGHER'} (tolerance {v['eval_loss_tolerance']}); "
+                f">= 3x: {'yes' if v['meets_3x'] else 'no'}; >= 2x: {'yes' if v['meets_2x'] else 'no'}."]
+    if "chat" in results:
+        c = results["chat"]
+        out += ["", f"Playground ({c['device']}, greedy, up to {c['max_new_tokens']} new tokens, model load "
+                f"{c['load_s']} s):", "",
+                "| mode | time to first token (s) | tokens/s per column | tokens/s all columns |", "|---|---:|---:|---:|",
+                f"| one column (tuned) | {_fmt(c['single']['first_token_s'])} | "
+                f"{_fmt(c['single']['tokens_per_s_per_column'], 1)} | {_fmt(c['single']['tokens_per_s_all_columns'], 1)} |",
+                f"| compare (base + tuned, one batch) | {_fmt(c['compare']['first_token_s'])} | "
+                f"{_fmt(c['compare']['tokens_per_s_per_column'], 1)} | "
+                f"{_fmt(c['compare']['tokens_per_s_all_columns'], 1)} |",
+                "", f"Compare costs {_fmt(c['compare_cost_per_token'])}x one column per generated token."]
+    if "convert" in results:
+        c = results["convert"]
+        out += ["", f"Converter: {c['conversations']} generated conversations ({c['export_mb']} MB OpenAI JSONL) in "
+                f"{c['elapsed_s']} s = **{c['conversations_per_s']:.0f} conversations/s**, peak RSS "
+                f"{c['peak_rss_mb']:.0f} MB ({c['peak_rss_before_mb']:.0f} MB before converting)."]
+    if "quick" in results:
+        q = results["quick"]
+        out += ["", f"Quick preset ({q['steps']} steps, {q['precision']}): Train pressed -> adapter saved "
+                f"{q['press_to_adapter_s']} s; playground load {q['playground_load_s']} s; first token "
+                f"{q['first_token_s']} s: **{q['press_to_first_token_s']} s to the first tuned token** "
+                f"(full reply at {q['press_to_full_reply_s']} s; target <= {q['target_s']} s). Eval loss "
+                f"{_fmt(q['first_eval_loss'], 3)} -> {_fmt(q['eval_loss'], 3)}."]
+    if "profile" in results:
+        p = results["profile"]
+        out += ["", f"Profile of the default recipe ({p['steps']} train steps after step {p['after_step']}, "
+                f"{p['device']}, {p['precision']}, {p['batching']}): {p['wall_s']} s wall, {p['op_time_s']} s in "
+                "torch ops" + (f"; {p['outside_ops_pct']}% of the wall time outside torch ops" if
+                               p.get("outside_ops_pct") is not None else "") + ".", "",
+                "| category | % of op time |", "|---|---:|"]
+        out += [f"| {r['category']} | {r['pct']} |" for r in p["categories"]]
+        out += ["", "| top ops (self time) | % | calls |", "|---|---:|---:|"]
+        out += [f"| `{r['op']}` | {r['pct']} | {r['calls']} |" for r in p["top_ops"][:10]]
+    return "\n".join(out)
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=3, help="Runs of each recipe (alternating); medians reported.")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                        help="Training-token budget of each run (one pass over a subset of about this many).")
+    parser.add_argument("--only", action="append", choices=PARTS,
+                        help="Run only this part (repeatable); default: all of " + ", ".join(PARTS) + ".")
+    parser.add_argument("--variant", action="append", metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                        help="Also time the project recipe with these TrainConfig overrides (repeatable), "
+                             "e.g. fp32:precision=fp32. Levers are measured, not assumed.")
+    parser.add_argument("--val-examples", type=int, default=DEFAULT_VAL_EXAMPLES,
+                        help="Validation conversations scored after each run.")
+    parser.add_argument("--convert-n", type=int, default=DEFAULT_CONVERT_N,
+                        help="Conversations in the generated export for the converter benchmark.")
+    parser.add_argument("--chat-tokens", type=int, default=64, help="New tokens per playground reply.")
+    parser.add_argument("--quick-steps", type=int, default=None,
+                        help="Override the quick preset's max_steps (for smoke tests; default: the preset's).")
+    parser.add_argument("--profile-variant", metavar="NAME",
+                        help="Profile this --variant instead of the default recipe.")
+    parser.add_argument("--profile-steps", type=int, default=3, help="Train steps under the profiler.")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="Where to write the results JSON.")
+    parser.add_argument("--json", action="store_true", help="Print the results as JSON instead of tables.")
+    parser.add_argument("--quiet", action="store_true", help="No progress lines on stderr.")
+    parser.add_argument("--keep", action="store_true", help="Keep the working folder (runs, logs, data).")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measured run in this process
+
+
+def cli(args: argparse.Namespace) -> int:
+    if args.worker:
+        return run_worker(args.worker)
+    if args.repeats < 1 or args.tokens < 1 or args.val_examples < 1 or args.convert_n < 1:
+        raise TunerError("--repeats, --tokens, --val-examples and --convert-n must be at least 1.")
+    work = Path(tempfile.mkdtemp(prefix="tuner-bench-"))
+    ok = False
+    try:
+        results = run_bench(args, work)
+        ok = True
+    finally:
+        if ok and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"working folder kept: {work}", file=sys.stderr)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        print(markdown(results))
+        print(f"\nwritten: {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for bench/run_bench.py: the same as `python -m tuner bench ...`."""
+    from tuner.cli import main as tuner_main
+
+    argv = sys.argv[1:] if argv is None else argv
+    return tuner_main(["bench", *argv])
