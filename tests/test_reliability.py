@@ -112,12 +112,16 @@ def prepare(name: str, data: Path, **overrides) -> Path:
     return train.prepare_run(cfg, data, run_dir=runs_dir() / name)
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float = TIMEOUT, every: float = 0.05) -> None:
+def wait_for(what: str, check: Callable[[], bool], job: jobs.Job, timeout: float = TIMEOUT) -> None:
+    """Poll `check` while `job` runs; fail at once (with its log) if the job ends first."""
     deadline = time.monotonic() + timeout
     while not check():
+        if job.poll() is not None:
+            log = (job.run_dir / "train.log").read_text(errors="replace")[-3000:]
+            raise AssertionError(f"the job ended (exit {job.poll()}) before {what}:\n{log}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
+        time.sleep(0.05)
 
 
 def checkpoint_names(run: Path) -> list[str]:
@@ -233,7 +237,7 @@ def test_twenty_chats_while_a_job_trains_then_kill_9_at_a_random_moment(start, t
     data = write_data(tmp_path / "data", 12)
     run = prepare("kill-at-random", data, max_steps=1000)
     job = start(run)
-    wait_for("the job to train", lambda: jobs.read_status(run).get("step", 0) >= 1)
+    wait_for("its first step", lambda: jobs.read_status(run).get("step", 0) >= 1, job)
 
     # one job per machine: a second request is refused with a message naming the running run
     second = prepare("second-request", data)
@@ -272,7 +276,7 @@ def test_twenty_chats_while_a_job_trains_then_kill_9_at_a_random_moment(start, t
     assert job.poll() is None and jobs.read_status(run)["status"] == "running"  # the job kept training
 
     # kill -9 at a random moment (a step, a checkpoint save or a rotation, whatever it is doing)
-    seed = random.randrange(2**32)
+    seed = random.SystemRandom().randrange(2**32)  # the global generator is seeded the same every session
     delay = random.Random(seed).uniform(0.0, 3.0)
     print(f"kill -9 after {delay:.2f} s (seed {seed})")
     time.sleep(delay)
@@ -287,7 +291,7 @@ def test_twenty_chats_while_a_job_trains_then_kill_9_at_a_random_moment(start, t
 
     # resume starts from the last complete checkpoint (half-written ones are removed), then cancel
     job = start(run, resume=True)
-    wait_for("the resume to load its checkpoint", lambda: "resumed_from" in jobs.read_status(run))
+    wait_for("the resume loaded its checkpoint", lambda: "resumed_from" in jobs.read_status(run), job)
     status = jobs.read_status(run)
     assert status["resumed_from"] == (done[-1] if done else None)
     assert set(status["removed_incomplete"]).isdisjoint(done)
@@ -439,8 +443,9 @@ def _sha256_tree(folder: Path) -> dict[str, str]:
 
 
 def test_disk_full_while_saving_keeps_the_last_good_state(tmp_path, small_disk):
-    run = train.prepare_run(TrainConfig.from_preset("quick", **SMALL), write_data(tmp_path / "data", 12),
-                            run_dir=small_disk / "run")
+    # a checkpoint every step: checkpoint-1 is written whole, then the disk fills up before checkpoint-2
+    cfg = TrainConfig.from_preset("quick", **{**SMALL, "max_steps": 2, "save_steps": 1, "eval_steps": 1})
+    run = train.prepare_run(cfg, write_data(tmp_path / "data", 12), run_dir=small_disk / "run")
     filler = small_disk / "filler"
     kept: dict[str, str] = {}
     stop = threading.Event()
@@ -466,18 +471,18 @@ def test_disk_full_while_saving_keeps_the_last_good_state(tmp_path, small_disk):
     assert filler.exists(), "the disk was never filled"
     assert status["status"] == "failed"
     error = status["error"]
-    # the last good state: checkpoint-2 byte for byte, readable status and metrics, nothing half-written
-    assert checkpoint_names(run) == ["checkpoint-2"]
-    assert _sha256_tree(run / "checkpoints" / "checkpoint-2") == kept
-    assert [p.name for p in (run / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+    # the last good state: checkpoint-1 byte for byte, readable status and metrics, nothing half-written
+    assert checkpoint_names(run) == ["checkpoint-1"]
+    assert _sha256_tree(run / "checkpoints" / "checkpoint-1") == kept
+    assert [p.name for p in (run / "checkpoints").glob("checkpoint-*")] == ["checkpoint-1"]
     assert json.loads((run / "status.json").read_text())["status"] == "failed"
-    assert [r["step"] for r in train.read_metrics(run) if r.get("loss") is not None][:2] == [1, 2]
+    assert [r["step"] for r in train.read_metrics(run) if r.get("loss") is not None][:1] == [1]
     assert not (run / "adapter").exists()
 
-    # space freed: resume finishes from checkpoint-2
+    # space freed: resume finishes from checkpoint-1
     filler.unlink()
     status = train.train_run(run, resume=True)
-    assert status["status"] == "completed" and status["resumed_from"] == "checkpoint-2"
+    assert status["status"] == "completed" and status["resumed_from"] == "checkpoint-1"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     # and the failure said what happened and what to do (checked last: the state above matters more)
     assert "disk is full" in error and "free disk space, then resume" in error, error
