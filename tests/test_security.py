@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import re
 import secrets
 import shutil
-import subprocess
-import sys
 import time
 import traceback
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -322,51 +317,20 @@ def test_server_side_limits_hold_in_the_library(tmp_path, tokenizer, monkeypatch
     # total conversations: test_dataset.py::test_conversation_limit_stops_reading_with_a_report
 
 
-# -- self-hosting: password, restart ---------------------------------------------------------------------
+# -- restart ---------------------------------------------------------------------------------------------
 
 
-def test_password_protection_and_a_restart_clean_up(tmp_path):
-    """TUNER_AUTH=user:password asks for a login; uploads of sessions from before a restart are removed."""
-    from app_server import free_port
+def test_a_restart_removes_uploads_of_sessions_that_ended_with_the_old_process(tmp_path):
+    # Gradio calls the app's delete_callback only for sessions of the live process (and not for
+    # sessions evicted beyond its capacity): folders of an earlier process must go at start
+    from app_server import running_app
 
     home = tmp_path / "home"
-    left = home / "uploads" / secrets.token_hex(16)  # a session folder from before the restart
+    left = home / "uploads" / secrets.token_hex(16)
     (left / "files").mkdir(parents=True)
-    (left / "files" / "customers.jsonl").write_text('{"messages": []}\n')
-    port = free_port()
-    env = {**os.environ, "TUNER_HOME": str(home), "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
-           "GRADIO_ANALYTICS_ENABLED": "False", "TUNER_AUTH": "owner:correct-horse-battery"}
-    log = tmp_path / "app.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:  # the page shell (which shows the login form) answers once the app is up
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(url + "/", timeout=5):  # noqa: S310
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
-        # the API refuses anonymous and wrong-password callers, and answers the owner
-        for path in ("/gradio_api/info", "/config"):
-            with pytest.raises(urllib.error.HTTPError) as info:
-                urllib.request.urlopen(url + path, timeout=10)  # noqa: S310
-            assert info.value.code in (401, 403)
-        from gradio_client import Client
-
-        with pytest.raises(Exception):  # noqa: B017 - gradio_client raises a plain ValueError/HTTPError
-            Client(url, auth=("owner", "wrong"), verbose=False)
-        client = Client(url, auth=("owner", "correct-horse-battery"), verbose=False)
-        assert client.predict(api_name="/runs") is not None
-        # uploads of sessions that ended with the old process are gone
+    (left / "files" / "customers.jsonl").write_text('{"messages": [{"role": "user", "content": "my card 4111"}]}\n')
+    with running_app(home, tmp_path / "app.log"):
         assert not left.exists(), "uploads from before the restart are still on disk"
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(30)
 
 
 def test_reliability_section_cites_tests_that_exist():
