@@ -15,6 +15,8 @@ SAMPLES = ROOT / "datasets"
 os.environ.setdefault("TUNER_MODELS_DIR", str(Path.home() / ".cache" / "tuner" / "models"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads sleep instead of spin while waiting: on 2 shared cores spinning stalls every model test
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 

@@ -176,7 +176,7 @@ def test_qlora_trains_the_adapter_and_leaves_the_4bit_base_untouched(signoff_dat
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())  # a real NF4 base
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    with train.fast_lora_casts(model):
+    with train.fast_lora_casts(model), train.loss_positions_only():  # as train_run does
         trainer.train()
 
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
@@ -187,3 +187,16 @@ def test_qlora_trains_the_adapter_and_leaves_the_4bit_base_untouched(signoff_dat
     evals = [r["eval_loss"] for r in metrics if r["eval_loss"] is not None]
     assert len(evals) == 3 and evals[-1] < evals[0]  # before training, step 3, step 6
     assert [p.name for p in train.complete_checkpoints(run)] == ["checkpoint-3", "checkpoint-6"]
+
+
+@pytest.mark.gpu
+def test_qlora_on_cuda_uses_bf16_and_completes(signoff_data, tmp_path):
+    import torch
+
+    cfg = TrainConfig.from_preset("quick", **{**SMALL, "quantization": "nf4"})
+    run = train.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
+    status = train.train_run(run)
+    assert status["status"] == "completed", status.get("error")
+    assert status["device"] == "cuda" and status["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    assert status["eval_loss"] < status["first_eval_loss"]
+    assert 0 < status["peak_memory_mb"] < torch.cuda.get_device_properties(0).total_memory / 2**20

@@ -212,7 +212,8 @@ def load_model(name: str | None, quantization: str = "none", dtype: Any = None, 
     qcfg = bnb_config(quantization, dtype)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
-        kwargs["device_map"] = {"": dev if dev == "cpu" else 0}
+        # each process of a multi-GPU launch loads onto its own GPU
+        kwargs["device_map"] = {"": dev if dev == "cpu" else int(os.environ.get("LOCAL_RANK", "0"))}
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:  # ValueError: custom code (never run) or an unknown architecture

@@ -63,6 +63,15 @@ OOM_ADVICE = ("Fix: lower batch_size (now {batch_size}), lower max_length (now {
 # -- files that readers poll ----------------------------------------------------------------------
 
 
+def is_main_process() -> bool:
+    """False in the extra processes of `accelerate launch` / torchrun: only rank 0 writes the run's files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so that a reader (or a kill -9) never sees a half-written file."""
     path = Path(path)
@@ -98,7 +107,8 @@ def update_status(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
         status = {}
     status.update(fields)
     status["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json_atomic(Path(run_dir) / STATUS_FILE, status)
+    if is_main_process():
+        write_json_atomic(Path(run_dir) / STATUS_FILE, status)
     return status
 
 
@@ -116,6 +126,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def _append_metric(run_dir: Path, record: dict[str, Any]) -> None:
+    if not is_main_process():
+        return
     with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
 
@@ -123,6 +135,8 @@ def _append_metric(run_dir: Path, record: dict[str, Any]) -> None:
 def _truncate_metrics(run_dir: Path, last_step: int) -> list[dict[str, Any]]:
     """Keep the records up to `last_step` (the checkpoint a resume starts from), so the curve stays continuous."""
     kept = [r for r in read_metrics(run_dir) if r["step"] <= last_step]
+    if not is_main_process():
+        return kept
     tmp = run_dir / f".{METRICS_FILE}.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     os.replace(tmp, run_dir / METRICS_FILE)
@@ -529,7 +543,8 @@ def remove_incomplete_checkpoints(run_dir: Path) -> list[str]:
     removed = []
     for path in folder.glob("checkpoint-*") if folder.is_dir() else []:
         if path not in good:
-            shutil.rmtree(path, ignore_errors=True)
+            if is_main_process():
+                shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
     return removed
 
@@ -550,8 +565,8 @@ def machine_lock(run_dir: Path) -> Iterator[None]:
     """One training job per machine: an exclusive flock that the kernel frees even on kill -9."""
     import fcntl
 
-    if _inherited_lock():  # tuner.jobs took the lock for us and passed its descriptor down
-        yield
+    if _inherited_lock() or os.environ.get("LOCAL_RANK", "0") != "0":
+        yield  # tuner.jobs took the lock and passed it down, or this is an extra process of one launch
         return
     path = tuner_home() / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -735,7 +750,7 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
         kept = _truncate_metrics(run_dir, _checkpoint_step(checkpoint) if checkpoint else 0)
         offset = _offset_from(kept)
         update_status(run_dir, resumed_from=checkpoint.name if checkpoint else None, removed_incomplete=removed)
-    else:
+    elif is_main_process():
         if (run_dir / CHECKPOINTS_DIR).exists():
             shutil.rmtree(run_dir / CHECKPOINTS_DIR)  # a fresh start must not rotate into old checkpoints
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
@@ -774,6 +789,32 @@ def fast_lora_casts(model):
     return disable_input_dtype_casting(model)
 
 
+@contextlib.contextmanager
+def loss_positions_only() -> Iterator[None]:
+    """Let trl's fused LM head score only the positions that carry loss on every device.
+
+    trl scores just those positions where it runs Triton (CUDA/XPU) and every position elsewhere,
+    to keep tile shapes fixed for compiling backends (Neuron). Eager CPU has no such concern, and
+    the head's fp32 backward over a 49k vocabulary is the largest single cost of a CPU step, so
+    scoring prompts and padding for nothing is pure waste. Only the choice of positions changes:
+    the kernels (picked in trl.kernels) and the loss are the same.
+    """
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:  # trl changed: keep its behaviour
+        yield
+        return
+    trl_utils._use_triton = lambda device: original(device) or device.type == "cpu"
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str) -> dict[str, Any]:
     trainer, ctx = build_trainer(run_dir, cfg, dev, resume, progress)
     checkpoint, recorder = ctx["checkpoint"], ctx["recorder"]
@@ -784,7 +825,7 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str) ->
         _restore_finished(trainer, run_dir, checkpoint, cfg)
         train_runtime = 0.0
     else:
-        with fast_lora_casts(trainer.model) if autocast else contextlib.nullcontext():
+        with (fast_lora_casts(trainer.model) if autocast else contextlib.nullcontext()), loss_positions_only():
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_runtime = result.metrics.get("train_runtime", 0.0)
 
@@ -858,6 +899,9 @@ def _save_result(trainer, cfg: TrainConfig, run_dir: Path, out_dir: Path, summar
                  data_stats: dict[str, Any], prec: str, dev: str) -> None:
     """Save to a temporary folder, check that it reloads, then rename it into place."""
     tmp = run_dir / f".{out_dir.name}.tmp"
+    if not is_main_process():
+        trainer.save_model(str(tmp))  # every process takes part (sharded weights are gathered); rank 0 writes
+        return
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         trainer.save_model(str(tmp))
@@ -883,6 +927,14 @@ def verify_result(model, folder: Path, cfg: TrainConfig) -> None:
     import torch
     from safetensors.torch import load_file
 
+    if _world_size() > 1:  # weights may be sharded across processes: check what was written, not values
+        from peft import PeftConfig
+
+        if cfg.method is Method.LORA:
+            PeftConfig.from_pretrained(str(folder))
+        if not any(load_file(str(f)) for f in folder.glob("*.safetensors")):
+            raise TrainingError(f"No weights were written to {folder}.")
+        return
     if cfg.method is Method.LORA:
         name = "_reload_check"
         model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
@@ -1048,8 +1100,19 @@ def cli(args: argparse.Namespace) -> int:
         if not args.data:
             raise TunerError("Give --data DIR (the folder `convert` wrote), or --resume RUN_DIR.")
         cfg = config_from_args(args)
-        run_dir = prepare_run(cfg, args.data, args.out)
         resume = False
+        if _world_size() > 1:  # accelerate launch / torchrun: rank 0 prepares, the others join its folder
+            if not args.out:
+                raise TunerError("Under a multi-process launch give --out RUN_DIR, so every process uses one run.")
+            run_dir = Path(args.out).expanduser().resolve()
+            if is_main_process():
+                prepare_run(cfg, args.data, run_dir)
+            else:
+                deadline = time.monotonic() + 600
+                while not (run_dir / STATUS_FILE).is_file() and time.monotonic() < deadline:
+                    time.sleep(0.5)
+        else:
+            run_dir = prepare_run(cfg, args.data, args.out)
         if not args.json:
             print(f"run folder: {run_dir}", file=sys.stderr)
     update, close = _progress_printer(args.json)
