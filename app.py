@@ -1254,6 +1254,8 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     jobs.reconcile()  # runs left "running" by a previous process become "interrupted" (resumable)
+    # sessions of a previous process are gone; their uploads must not outlive them
+    shutil.rmtree(uploads_dir(), ignore_errors=True)
     build_demo().queue(max_size=limits.QUEUE_SIZE).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
