@@ -126,17 +126,20 @@ def prepare_data(work: Path, tokens: int, val_examples: int, seed: int = 0) -> d
                for name, path in (("train", train_export), ("validation", val_export))}
     train_all = _read_jsonl(work / "converted_train" / "train.jsonl")
     val_all = _read_jsonl(work / "converted_validation" / "train.jsonl")
+    if not train_all:
+        raise TunerError("the converter kept no training conversation from the sample.")
+    lengths_all = [chat_length(tokenizer, row["messages"]) for row in train_all]
     train, total = [], 0
-    for row in train_all:  # file order keeps the mix of lengths; skip what would overshoot the budget
-        n = chat_length(tokenizer, row["messages"])
-        if total + n > tokens * 1.05 and train:
-            continue
+    for row, n in zip(train_all, lengths_all, strict=True):  # file order keeps the mix of lengths
+        if total + n > tokens * 1.05:
+            continue  # would overshoot the budget: a shorter one may still fit
         train.append(row)
         total += n
         if total >= tokens * 0.95:
             break
-    if not train:
-        raise TunerError("the converter kept no training conversation from the sample.")
+    if not train:  # a budget below the shortest conversation: train on that one
+        shortest = min(range(len(train_all)), key=lengths_all.__getitem__)
+        train, total = [train_all[shortest]], lengths_all[shortest]
     val = val_all[:max(1, val_examples)]
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -185,7 +188,7 @@ def peak_rss_mb() -> float:
     return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
-def matmul_peak_flops(dtype_name: str, dev: str, seconds: float = 1.5) -> float:
+def matmul_peak_flops(dtype_name: str, dev: str, seconds: float = 1.0) -> float:
     """Best achieved FLOP/s of a square torch.matmul in `dtype_name` (bf16, fp16, fp32) on `dev`."""
     import torch
 

@@ -1,0 +1,130 @@
+"""`python -m tuner bench` runs end to end in a tiny mode and writes well-formed results.
+
+No timing assertions: the figures come from the benchmark itself (bench/README.md). What is checked
+is what a reader of bench/results.json relies on: both recipes trained on the same tokens, every
+figure is there and positive, and the ratios are computed from the medians.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tuner.bench import SAMPLE, TRAIN_METRICS, parse_variant, prepare_data
+from tuner.errors import TunerError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, default_model_path) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    cmd = [sys.executable, "-m", "tuner", "bench", "--tokens", "300", "--repeats", "1", "--val-examples", "1",
+           "--only", "train", "--only", "convert", "--convert-n", "300",
+           "--out", str(out), "--quiet"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_results_describe_machine_and_command(tiny):
+    results, _ = tiny
+    assert results["command"].startswith("python -m tuner bench --tokens 300 --repeats 1")
+    machine = results["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["versions"]["torch"]
+    assert machine["device"] == "cpu" or machine["cuda"]
+    assert len(results["load_average_start"]) == 3 and results["parts"] == ["train", "convert"]
+
+
+def test_train_runs_alternate_on_equal_tokens_with_positive_figures(tiny):
+    results, _ = tiny
+    train = results["train"]
+    assert [r["recipe"] for r in train["runs"]] == ["baseline", "project"]
+    baseline, project = train["runs"]
+    # the same data, one pass each: both trainers count the same real (non-padding) tokens
+    assert baseline["tokens"] == project["tokens"] == results["data"]["train_tokens"] > 0
+    for run in train["runs"]:
+        for key in ("tokens_per_s", "wall_s", "train_s", "peak_rss_mb", "achieved_tflops", "peak_matmul_tflops"):
+            assert run[key] > 0, (run["recipe"], key, run[key])
+        assert 0 < run["utilisation"] <= 1
+        assert math.isfinite(run["eval_loss"]) and run["eval_loss"] > 0
+        assert math.isfinite(run["eval_loss_all_tokens"]) and run["eval_loss_all_tokens"] > 0
+        assert run["wall_s"] >= run["train_s"]
+        assert Path(run["adapter"]).name == "adapter"
+    assert baseline["gradient_checkpointing"] is True and baseline["batch_size"] == 8  # TRL's own defaults
+
+
+def test_medians_and_ratios_come_from_the_runs(tiny):
+    results, stdout = tiny
+    train = results["train"]
+    assert set(train["medians"]) == {"baseline", "project"}
+    for metric in TRAIN_METRICS:
+        a, p = train["medians"]["baseline"][metric], train["medians"]["project"][metric]
+        if a is None or p is None:
+            continue
+        run_values = {r["recipe"]: r[metric] for r in train["runs"]}  # one repeat: the median is the value
+        assert a == pytest.approx(run_values["baseline"], rel=1e-3)
+        assert p == pytest.approx(run_values["project"], rel=1e-3)
+        assert train["ratio"][metric] == pytest.approx(p / a, rel=1e-2)
+    verdict = train["verdict"]
+    assert verdict["tokens_per_s_ratio"] == train["ratio"]["tokens_per_s"]
+    assert verdict["meets_3x"] == (verdict["tokens_per_s_ratio"] >= 3 and verdict["eval_loss_ok"])
+    assert "| training tokens/s (real tokens) |" in stdout and "project / baseline" in stdout
+
+
+def test_convert_figures(tiny):
+    results, _ = tiny
+    conv = results["convert"]
+    assert conv["conversations"] == 300 and conv["ok"]
+    assert conv["train_examples"] + conv["validation_examples"] + conv["dropped"] >= 1
+    assert conv["conversations_per_s"] > 0 and conv["peak_rss_mb"] >= conv["peak_rss_before_mb"] > 0
+
+
+def test_benchmark_data_is_mixed_length_and_validation_is_held_out(tmp_path, default_model_path):
+    data = prepare_data(tmp_path, tokens=6000, val_examples=4)
+    assert 5700 <= data["train_tokens"] <= 6300
+    assert data["example_tokens"]["max"] >= 3 * data["example_tokens"]["min"]
+    assert data["assistant_turns"]["max"] >= 3  # multi-turn conversations, not only one exchange
+
+    def pairs(conv: list[dict]) -> set[tuple[str, str]]:
+        return {(conv[i]["content"], conv[i + 1]["content"]) for i in range(len(conv) - 1)
+                if conv[i]["role"] == "user" and conv[i + 1]["role"] == "assistant"}
+
+    def exchanges(name: str) -> set[tuple[str, str]]:
+        lines = (Path(data["dir"]) / name).read_text(encoding="utf-8").splitlines()
+        return set().union(*(pairs(json.loads(line)["messages"]) for line in lines))
+
+    # every sixth sample conversation is held out; an exchange may still be in both sets only where the
+    # sample itself repeats it in several conversations (stock follow-ups such as "Is it ok with oat milk?")
+    sample = [json.loads(line)["messages"] for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    in_conversations = Counter(pair for conv in sample for pair in pairs(conv))
+    held_out = exchanges("validation.jsonl")
+    shared = held_out & exchanges("train.jsonl")
+    assert held_out and len(shared) < len(held_out) / 4
+    assert all(in_conversations[pair] > 1 for pair in shared)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("fp32:precision=fp32", ("fp32", {"precision": "fp32"})),
+    ("plain:quantization=none,batch_size=8", ("plain", {"quantization": "none", "batch_size": 8})),
+])
+def test_parse_variant(text, expected):
+    assert parse_variant(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("noname", "NAME:key=value"),
+    ("project:batch_size=2", "NAME:key=value"),
+    ("x:batchsize=2", "unknown TrainConfig setting 'batchsize'"),
+    ("x:batch_size=0", "batch_size"),
+])
+def test_parse_variant_rejects_bad_input(text, message):
+    with pytest.raises(TunerError, match=message):
+        parse_variant(text)
