@@ -370,9 +370,19 @@ def _worker_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     return _finish_train_result(spec, result, dev)
 
 
+def _project_process_setup() -> None:
+    """What `python -m tuner train` does to its process before torch loads (thread wait policy)."""
+    from tuner import train
+
+    setup = getattr(train, "quiet_threads_env", None)
+    if setup is not None:
+        setup()
+
+
 def _worker_project(spec: dict[str, Any]) -> dict[str, Any]:
     """This project's default recipe through its own code path (TrainConfig defaults)."""
     started = time.perf_counter()
+    _project_process_setup()
     import torch
 
     from tuner.config import TrainConfig
@@ -524,6 +534,7 @@ def _worker_profile(spec: dict[str, Any]) -> dict[str, Any]:
     train_run builds its trainer inside; the profiler callback is attached to it in this process
     only (measurement, not a change of the recipe).
     """
+    _project_process_setup()
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
