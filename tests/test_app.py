@@ -130,6 +130,11 @@ def test_convert_through_the_api_reports_the_sample(client):
     assert not any("Hi, where is my order" in t for t in marked)
 
 
+def test_try_the_sample_offers_the_shipped_transcript(client):
+    files = client.predict(api_name="/sample")
+    assert [Path(f["path"]).name for f in files] == ["kettle_transcripts.txt"]
+
+
 def test_unmapped_speakers_are_asked_for_and_then_mapped(client, tmp_path):
     log = tmp_path / "crew.txt"
     lines = []
