@@ -353,7 +353,7 @@ def _wait_status(client, run_id: str, wanted: tuple[str, ...], timeout: float) -
         time.sleep(1.0)
 
 
-def test_one_job_per_machine_and_twenty_chats_while_it_trains(server, home):
+def test_one_job_per_machine_and_twenty_chats_while_it_trains(server, home, signoff_run):
     alice, bob = _client(server), _client(server)
     _convert(alice)
     _convert(bob)
@@ -367,16 +367,16 @@ def test_one_job_per_machine_and_twenty_chats_while_it_trains(server, home):
         assert "Another training run is in progress" in message and run_id in message
         assert alice.predict(api_name="/runs")[0]["data"] == runs_before
 
-        # the playground keeps answering while the job trains: 20 sessions chat at once
-        results: dict[int, tuple[float, list]] = {}
+        # the playground keeps answering while the job trains: 20 sessions chat with base and tuned at once
+        results: dict[int, tuple[float, list, list]] = {}
         errors: list[BaseException] = []
 
         def chat(i: int) -> None:
             try:
                 started = time.monotonic()
-                out = _client(server).predict(f"Question number {i}: is my kettle on its way?", "", False, 8, 0.0,
-                                              0.9, 0, 1.1, api_name="/chat")
-                results[i] = (time.monotonic() - started, out[1])
+                out = _client(server).predict(f"Question number {i}: is my kettle on its way?", signoff_run.name,
+                                              False, 8, 0.0, 0.9, 0, 1.1, api_name="/chat")
+                results[i] = (time.monotonic() - started, out[1], out[2])
             except BaseException as exc:  # collected, re-raised below
                 errors.append(exc)
 
@@ -387,12 +387,13 @@ def test_one_job_per_machine_and_twenty_chats_while_it_trains(server, home):
             t.join(timeout=600)
         assert not errors, errors
         assert len(results) == 20
-        for i, (_seconds, base_chat) in results.items():
-            # each session sees its own question and one reply, nobody else's
-            assert [m["role"] for m in base_chat] == ["user", "assistant"]
-            assert _text(base_chat[0]) == f"Question number {i}: is my kettle on its way?"
-            assert _text(base_chat[1]).strip()
-        latencies = sorted(s for s, _ in results.values())
+        for i, (_seconds, base_chat, tuned_chat) in results.items():
+            # each session sees its own question and one reply per column, nobody else's
+            for column in (base_chat, tuned_chat):
+                assert [m["role"] for m in column] == ["user", "assistant"]
+                assert _text(column[0]) == f"Question number {i}: is my kettle on its way?"
+                assert _text(column[1]).strip()
+        latencies = sorted(s for s, _, _ in results.values())
         print(f"20 chats while training: median {latencies[10]:.1f} s, slowest {latencies[-1]:.1f} s")
         assert _status(alice, run_id) == "running"  # and the job kept going
     finally:
