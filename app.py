@@ -1061,7 +1061,7 @@ def build_demo() -> gr.Blocks:
                                                 info="Training runs in the background: closing this tab does not "
                                                      "stop it.")
                         progress = gr.HTML(elem_id="progress")
-                        loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss",
+                        loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss (orange: train, blue: held-out eval)",
                                                 color_map={"train loss": "#f97316", "eval loss": "#2563eb"},
                                                 x_title="step", y_title="loss", height=280, elem_id="loss-plot")
                         with gr.Row():
