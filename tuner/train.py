@@ -315,6 +315,16 @@ def precision(cfg: TrainConfig, dev: str) -> dict[str, Any]:
     return {"name": choice, "weights": half, "bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 
+def quantization(cfg: TrainConfig, dev: str) -> str:
+    """The base's storage: 'auto' is nf4 (QLoRA) on CUDA and none on CPU, where bnb's 4-bit layers
+    dequantize on every matmul (1.65x the step time, measured) to save memory a small model does not need."""
+    if cfg.method is Method.FULL:
+        return Quantization.NONE.value
+    if cfg.quantization is Quantization.AUTO:
+        return Quantization.NF4.value if dev == "cuda" else Quantization.NONE.value
+    return cfg.quantization.value
+
+
 def gradient_checkpointing(cfg: TrainConfig, dev: str, n_params: int) -> bool:
     if cfg.gradient_checkpointing != "auto":
         return cfg.gradient_checkpointing == "on"
@@ -731,7 +741,7 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
     if template is not None:
         tokenizer.chat_template = template  # trl reads {% generation %} markers from the tokenizer's template
     prec = precision(cfg, dev)
-    quant = cfg.quantization.value if cfg.method is Method.LORA else "none"
+    quant = quantization(cfg, dev)
     model = load_model(cfg.base_model, quantization=quant, dtype=prec["weights"], dev=dev)
     if cfg.method is Method.FULL:
         model.requires_grad_(True)
@@ -769,9 +779,10 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
                          eval_dataset=as_dataset(val_rows), processing_class=tokenizer,
                          peft_config=lora_config(cfg) if cfg.method is Method.LORA else None, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress callback instead
-    context = {"checkpoint": checkpoint, "recorder": recorder, "chat_template": chat_template,
+    context = {"checkpoint": checkpoint, "recorder": recorder, "chat_template": chat_template, "quantization": quant,
                "data_stats": data_stats, "precision": prec, "has_eval": bool(val_rows)}
-    update_status(run_dir, device=dev, precision=prec["name"], gradient_checkpointing=gc_on, attention=attn,
+    update_status(run_dir, device=dev, precision=prec["name"], quantization=quant, gradient_checkpointing=gc_on,
+                  attention=attn,
                   batching=packing_mode(cfg, dev), threads=torch.get_num_threads() if dev == "cpu" else None,
                   parameters=n_params, trainable_parameters=sum(p.numel() for p in trainer.model.parameters()
                                                                 if p.requires_grad))
@@ -843,6 +854,7 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str) ->
         "train_loss": _last(metrics, "loss"),
         "tokens_trained": _last(metrics, "tokens") or 0,
         "early_stopped": trainer.state.global_step < trainer.state.max_steps,
+        "quantization": ctx["quantization"],
     }
     out_dir = run_dir / (MODEL_DIR if cfg.method is Method.FULL else ADAPTER_DIR)
     _save_result(trainer, cfg, run_dir, out_dir, summary, ctx["data_stats"], ctx["precision"]["name"], dev)
@@ -977,11 +989,11 @@ def model_card(cfg: TrainConfig, summary: dict[str, Any], data_stats: dict[str, 
     kind = "LoRA adapter" if cfg.method is Method.LORA else "fully fine-tuned model"
     quant = ""
     if cfg.method is Method.LORA:
-        quant = " (base in 4-bit NF4: QLoRA)" if cfg.quantization is Quantization.NF4 else f" (base in {prec})"
+        quant = " (base in 4-bit NF4: QLoRA)" if summary.get("quantization") == "nf4" else f" (base in {prec})"
     lines = [
         "---", f"base_model: {DEFAULT_HUB_ID if is_default(cfg.base_model) else cfg.base_model}",
         "library_name: peft" if cfg.method is Method.LORA else "library_name: transformers",
-        "tags: [tuner, trl, sft" + (", lora, qlora]" if cfg.quantization is Quantization.NF4 else "]"), "---", "",
+        "tags: [tuner, trl, sft" + (", lora]" if cfg.method is Method.LORA else "]"), "---", "",
         f"# {run_dir.name}", "",
         f"A {kind} trained by tuner {__version__} with trl's SFTTrainer on {base}{quant}.", "",
         "## Results", "",
