@@ -146,12 +146,8 @@ def _column_model(pg, column: str, run_dir: Path) -> Iterator[Any]:
             with model.disable_adapter():
                 yield model
         elif isinstance(model, PeftModel):
-            previous = model.active_adapter
-            model.set_adapter(pg._adapters[info.run_dir])
-            try:
-                yield model
-            finally:
-                model.set_adapter(previous)
+            model.set_adapter(pg._adapters[info.run_dir], inference_mode=True)
+            yield model
         else:
             yield model
 

@@ -558,7 +558,12 @@ class Playground:
         adapters = [r.adapter for r in rows]
         torch.manual_seed(s.seed)
         with torch.inference_mode():
-            if isinstance(model, PeftModel) and any(a != BASE_ADAPTER for a in adapters):
+            if isinstance(model, PeftModel) and len(set(adapters)) == 1 and adapters[0] != BASE_ADAPTER:
+                # one adapter for every row: the plain LoRA forward, cheaper than a mixed batch
+                if model.active_adapter != adapters[0]:
+                    model.set_adapter(adapters[0], inference_mode=True)
+                out = model.generate(**batch, **kwargs)
+            elif isinstance(model, PeftModel) and any(a != BASE_ADAPTER for a in adapters):
                 out = model.generate(**batch, adapter_names=adapters, **kwargs)
             elif isinstance(model, PeftModel):
                 with model.disable_adapter():  # the base column: same weights, adapter off
