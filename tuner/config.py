@@ -87,7 +87,8 @@ class TrainConfig:
     save_total_limit: int = _f(2, "Checkpoints kept (the best one is kept besides these).")
     early_stopping_patience: int = _f(3, "Stop when eval loss has not improved for N evaluations; 0 disables.")
     assistant_only_loss: bool = _f(True, "Learn from the assistant's replies only, not from the customers' lines.")
-    packing: bool = _f(True, "Pack short examples into one row (no cross-attention between them) to skip padding.")
+    packing: bool = _f(True, "Skip computing padding: pack examples into rows (no attention across them) on GPUs with "
+                       "flash attention, group examples of similar length elsewhere (measured faster on CPU).")
     gradient_checkpointing: str = _f("auto", "Trade compute for memory: 'auto' (on for CUDA models over 1B), 'on' or 'off'.")
     precision: str = _f("auto", "Compute precision: 'auto' (bf16 on GPUs and on CPUs with bf16 matrix units, else fp32), "
                         "'bf16', 'fp16' (GPU) or 'fp32'.")
