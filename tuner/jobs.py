@@ -106,9 +106,10 @@ def _mark_interrupted(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
     step = status.get("step") or 0
     checkpoints = complete_checkpoints(run_dir)
     resume_at = checkpoints[-1].name if checkpoints else "the start"
+    log = " Its output is in train.log." if (run_dir / LOG_FILE).is_file() else ""
     return update_status(run_dir, status="interrupted", pid=None, error=(
         f"The training process stopped at step {step} without finishing (app restart, kill, or the system "
-        f"ran out of memory). Resume continues from {resume_at}."))
+        f"ran out of memory). Resume continues from {resume_at}.{log}"))
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:
