@@ -412,7 +412,8 @@ def _worker_project(spec: dict[str, Any]) -> dict[str, Any]:
               **clock.figures(), "recorder_tokens": int(last), "recorder_train_s": round(recorder_s, 2),
               "batch_size": cfg.batch_size, "precision": precision, "dtype": dtype_of(precision),
               "gradient_checkpointing": bool(status.get("gradient_checkpointing")),
-              "batching": status.get("batching"), "quantization": cfg.quantization.value,
+              "batching": status.get("batching"),
+              "quantization": status.get("quantization") or cfg.quantization.value,
               "learning_rate": cfg.learning_rate, "adapter": status["adapter"], "run_dir": str(run_dir),
               "trainer_eval_loss": status.get("eval_loss")}
     return _finish_train_result(spec, result, dev)
@@ -584,7 +585,8 @@ def _worker_profile(spec: dict[str, Any]) -> dict[str, Any]:
         categories[_category(key)] = categories.get(_category(key), 0.0) + t
     wall = found["wall_s"]
     return {"overrides": spec.get("overrides", {}), "steps": count, "after_step": first, "wall_s": round(wall, 2), "device": "cuda" if cuda else "cpu",
-            "precision": status.get("precision"), "quantization": cfg.quantization.value,
+            "precision": status.get("precision"),
+            "quantization": status.get("quantization") or cfg.quantization.value,
             "batching": status.get("batching"), "gradient_checkpointing": status.get("gradient_checkpointing"),
             "op_time_s": round(total, 2),
             # CPU: what the step's wall time spent outside torch ops (Python, Trainer, data collation)

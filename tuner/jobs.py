@@ -78,11 +78,22 @@ def pid_alive(pid: int | None, started: float | None = None) -> bool:
     try:
         proc = psutil.Process(int(pid))
         if proc.status() == psutil.STATUS_ZOMBIE:
+            if _threads_left(int(pid)):
+                # a killed multi-threaded process: the leader is a zombie while its other threads still
+                # exit, and they hold its open files (the training lock) until the last one is gone
+                return True
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(int(pid), os.WNOHANG)  # reap our own child
             return False
         return started is None or abs(proc.create_time() - float(started)) < 1.0
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def _threads_left(pid: int) -> bool:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
         return False
 
 
@@ -215,9 +226,21 @@ def cancel(run_dir: str | Path, grace_s: float = CANCEL_GRACE_S) -> dict[str, An
     pid = status.get("pid")
     if pid and pid_alive(pid, status.get("pid_started")):
         _kill_group(int(pid), grace_s)
+        _wait_lock_released(run_dir.name, timeout_s=10.0)
     return update_status(run_dir, status="cancelled", pid=None, eta_s=None,
                          error=f"Cancelled at step {status.get('step') or 0}. Resume continues from the last "
                                "checkpoint.")
+
+
+def _wait_lock_released(run_name: str, timeout_s: float) -> None:
+    """Return once the machine lock is no longer held for `run_name` (the kernel frees it as the job's
+    last thread exits), so the next Train press right after a cancel is not refused."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        holder = active_job()
+        if holder is None or f"run {run_name}," not in holder.get("holder", ""):
+            return
+        time.sleep(0.1)
 
 
 def _kill_group(pid: int, grace_s: float) -> None:
