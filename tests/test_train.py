@@ -200,3 +200,27 @@ def test_qlora_on_cuda_uses_bf16_and_completes(signoff_data, tmp_path):
     assert status["device"] == "cuda" and status["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     assert status["eval_loss"] < status["first_eval_loss"]
     assert 0 < status["peak_memory_mb"] < torch.cuda.get_device_properties(0).total_memory / 2**20
+
+
+def test_length_grouping_pads_little_on_a_small_dataset_and_keeps_every_example():
+    import random
+
+    import torch
+
+    rng = random.Random(0)
+    lengths = [rng.randint(100, 750) for _ in range(23)]  # the benchmark's size: transformers groups nothing here
+    torch.manual_seed(0)
+    order = train.length_grouped_batches(lengths, 4)
+    assert sorted(order) == list(range(23))  # every example once per epoch
+    batches = [order[i:i + 4] for i in range(0, 23, 4)]
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # an out-of-memory batch fails at step 1
+    assert len(batches[-1]) == 3 and all(len(b) == 4 for b in batches[:-1])  # the short batch stays last
+
+    def fill(bs):
+        return sum(lengths[i] for b in bs for i in b) / sum(max(lengths[i] for i in b) * len(b) for b in bs)
+
+    shuffled = list(range(23))
+    rng.shuffle(shuffled)
+    assert fill(batches) > 0.85 > fill([shuffled[i:i + 4] for i in range(0, 23, 4)])
+    torch.manual_seed(1)
+    assert train.length_grouped_batches(lengths, 4) != order  # batch order changes with the seed (epoch)
