@@ -125,5 +125,5 @@ def test_training_template_renders_like_the_model_template_and_masks_only_replie
     assert tokenizer.apply_chat_template(msgs, tokenize=False) == tokenizer.apply_chat_template(
         msgs, tokenize=False, chat_template=tpl)
     out = tokenizer.apply_chat_template(msgs, chat_template=tpl, return_assistant_tokens_mask=True, return_dict=True)
-    trained = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    trained = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
     assert tokenizer.decode(trained) == "Hello! How can I help?<|im_end|>It's 5 EUR.<|im_end|>"

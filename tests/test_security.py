@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import re
 import secrets
 import shutil
+import subprocess
+import sys
 import time
 import traceback
 import zipfile
@@ -306,6 +309,9 @@ def test_server_side_limits_hold_in_the_library(tmp_path, tokenizer, monkeypatch
                 tokenizer=tokenizer)
     with pytest.raises(TunerError, match=str(limits.MAX_NEW_TOKENS)):
         GenerationConfig(max_new_tokens=limits.MAX_NEW_TOKENS + 1)  # max new tokens, in every column
+    low = subprocess.run([sys.executable, "-c", "from tuner.config import GenerationConfig as G; print(G().max_new_tokens)"],
+                         env={**os.environ, "TUNER_MAX_NEW_TOKENS": "64"}, capture_output=True, text=True, cwd=ROOT)
+    assert low.stdout.strip() == "64", low.stderr  # a server with a lower limit still has working defaults
     monkeypatch.setattr(limits, "MAX_UPLOAD_BYTES", 2**20)
     big = tmp_path / "big.jsonl"
     big.write_bytes(b"{}\n" * 2**19)

@@ -13,6 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from tuner import limits
 from tuner.errors import TunerError
 
 
@@ -102,7 +103,7 @@ class TrainConfig:
             self.method = Method(self.method)
             self.quantization = Quantization(self.quantization)
         except ValueError as exc:
-            raise TunerError(f"{exc}. method is lora or full; quantization is nf4 or none.") from None
+            raise TunerError(f"{exc}. method is lora or full; quantization is auto, nf4 or none.") from None
         if self.method is Method.FULL and self.quantization is Quantization.NF4:
             raise TunerError("Full fine-tuning cannot train 4-bit weights: set quantization to 'none' (or method to 'lora').")
         checks = [
@@ -132,7 +133,7 @@ class TrainConfig:
     # -- presets and files ------------------------------------------------------------------
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
         if name not in PRESETS:
             raise TunerError(f"Unknown preset '{name}'. Choose one of: {', '.join(PRESETS)}.")
         values = {**PRESETS[name], "preset": name}
@@ -140,7 +141,7 @@ class TrainConfig:
         return cls.from_dict(values)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -162,7 +163,7 @@ class TrainConfig:
             path.write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
         try:
             if path.suffix in (".yaml", ".yml"):
@@ -199,17 +200,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 class GenerationConfig:
     """Sampling settings shared by every playground column, so a comparison is fair."""
 
-    max_new_tokens: int = _f(200, "Longest reply in tokens.")
+    max_new_tokens: int = _f(min(200, limits.MAX_NEW_TOKENS), "Longest reply in tokens.")
     temperature: float = _f(0.0, "0 is greedy (repeatable); 0.7 is lively.")
     top_p: float = _f(0.9, "Nucleus sampling: keep the smallest set of tokens whose probability sums to this.")
     seed: int = _f(0, "Sampling seed; the same seed and settings give the same replies.")
     repetition_penalty: float = _f(1.1, "Above 1 discourages repeating the same words.")
 
     def __post_init__(self) -> None:
-        from tuner.limits import MAX_NEW_TOKENS
-
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise TunerError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {self.max_new_tokens}.")
+        if not 1 <= self.max_new_tokens <= limits.MAX_NEW_TOKENS:
+            raise TunerError(f"max_new_tokens must be between 1 and {limits.MAX_NEW_TOKENS}, "
+                             f"got {self.max_new_tokens}.")
         if not 0.0 <= self.temperature <= 2.0:
             raise TunerError(f"temperature must be between 0 and 2, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:

@@ -14,9 +14,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tuner.errors import ModelError
 from tuner.paths import models_dir
@@ -232,7 +233,7 @@ def model_info(name: str | None = None) -> dict[str, Any]:
     params = 0
     for shard in sorted(location.glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as fh:
-            for key in fh.keys():
+            for key in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
                 shape = fh.get_slice(key).get_shape()
                 n = 1
                 for d in shape:
