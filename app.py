@@ -473,70 +473,16 @@ def apply_preset(preset: str):
     return [values[n] for n in MAIN_SETTINGS + MORE_SETTINGS]
 
 
-def measured_speed(base_model: str) -> float | None:
-    """Training tokens/s of the newest finished run of this base model on this machine (a real measurement)."""
-    from tuner import jobs
-
-    for r in list_runs():
-        if r.get("status") != "completed" or r.get("base_model") != base_model:
-            continue
-        speeds = [m["tokens_per_s"] for m in jobs.read_metrics(Path(r["path"])) if m.get("tokens_per_s")]
-        if speeds:
-            return sorted(speeds)[len(speeds) // 2]
-    return None
-
-
-def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
-    """Steps, time and peak memory of a run before it starts: rough, from the data report and the model size.
-
-    Time uses this machine's measured speed when an earlier run of the same model finished here,
-    else the converter's reference speeds for the default model (scaled by model size).
-    """
-    from tuner.dataset import CPU_TOKENS_PER_S, GPU_TOKENS_PER_S
-    from tuner.models import device, is_default, model_info
-
-    report = json.loads((Path(data_dir) / "report.json").read_text(encoding="utf-8"))
-    stats = report.get("stats") or {}
-    n_train, n_val = int(report.get("train_examples") or 0), int(report.get("validation_examples") or 0)
-    mean_tokens = min((stats.get("tokens") or {}).get("total", 0) / max(stats.get("examples") or 1, 1), cfg.max_length)
-    per_step = cfg.batch_size * cfg.grad_accum
-    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * n_train / per_step)
-    evals = steps // cfg.eval_steps + 1 if n_val else 0
-    train_tokens = steps * per_step * mean_tokens
-    dev = device()
-    info = model_info(cfg.base_model) if is_default(cfg.base_model) or Path(cfg.base_model).is_dir() else {}
-    params = int(info.get("parameters") or 0)
-    default_params = model_info("default")["parameters"]
-    measured = measured_speed(cfg.base_model)
-    reference = (GPU_TOKENS_PER_S if dev == "cuda" else CPU_TOKENS_PER_S) * default_params / max(params, 1)
-    speed = measured or (reference if params else None)
-    seconds = None
-    if speed:
-        # evaluation runs forward only: about a third of a training step's cost per token
-        seconds = 20 + train_tokens / speed + evals * n_val * mean_tokens / (3 * speed)
-    memory_mb = None
-    if params:
-        config = json.loads((Path(info["path"]) / "config.json").read_text())
-        hidden, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
-        vocab = config.get("vocab_size", 0)
-        weight_bytes = {"nf4": 0.56}.get(cfg.quantization.value, 2 if dev == "cuda" else 4)
-        seq = min(cfg.max_length, max(mean_tokens, 1) * 2)  # batches group similar lengths; allow the long tail
-        activations = cfg.batch_size * seq * (layers * hidden * 20 * 2 + vocab * 4 * 3)
-        overhead = 600 * 2**20 if dev == "cpu" else 400 * 2**20  # framework and CUDA context
-        memory_mb = (params * weight_bytes + activations + overhead) / 2**20
-    return {"steps": steps, "examples": n_train, "tokens": round(train_tokens), "time_s": seconds,
-            "memory_mb": memory_mb, "device": "GPU" if dev == "cuda" else "CPU",
-            "speed": speed, "measured": measured is not None}
-
-
 @friendly
 def estimate_run(session: dict[str, Any], base_model: str, preset: str, *values: Any) -> str:
     """Time and memory the run should take, before it starts."""
     data_dir = (session or {}).get("data_dir")
     if not data_dir or not (session or {}).get("ok"):
         return "Check your data on the **Data** tab first: the estimate needs the examples."
+    from tuner import jobs
+
     cfg = build_train_config(base_model, preset, MAIN_SETTINGS + MORE_SETTINGS, values)
-    est = estimate(cfg, data_dir)
+    est = jobs.estimate(cfg, data_dir)
     text = f"**Estimate:** {est['steps']} steps over {est['examples']} examples (~{est['tokens']:,} tokens)"
     if est["time_s"] is not None:
         text += f", about **{fmt_duration(est['time_s'])}**"

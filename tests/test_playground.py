@@ -228,7 +228,7 @@ def test_chat_cli_compares_in_json(signoff_run, capsys):
     from tuner.cli import main
 
     code = main(["chat", "--run", str(signoff_run), "--prompt", UNSEEN[0], "--compare", "--json",
-                 "--max-new-tokens", "24"])
+                 "--max-new-tokens", "48"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["replies"]) == {BASE, TUNED}

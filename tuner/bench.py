@@ -478,6 +478,7 @@ def _worker_quick(spec: dict[str, Any]) -> dict[str, Any]:
     convert([SAMPLE], Path(spec["out"]) / "data")  # the Data tab's work, done before Train is pressed
     overrides = {"max_steps": spec["max_steps"]} if spec.get("max_steps") else {}
     cfg = TrainConfig.from_preset("quick", **overrides)
+    estimate = jobs.estimate(cfg, Path(spec["out"]) / "data")  # what the Train tab promised before the press
     pressed = time.perf_counter()
     run_dir = prepare_run(cfg, Path(spec["out"]) / "data")
     job = jobs.start(run_dir)
@@ -500,6 +501,8 @@ def _worker_quick(spec: dict[str, Any]) -> dict[str, Any]:
             "first_eval_loss": status.get("first_eval_loss"), "eval_loss": status.get("eval_loss"),
             "train_wall_s": status.get("wall_s"), "job_peak_memory_mb": status.get("peak_memory_mb"),
             "precision": status.get("precision"), "target_s": 60,
+            "estimated_s": round(estimate["time_s"], 1) if estimate.get("time_s") else None,
+            "estimated_memory_mb": round(estimate["memory_mb"]) if estimate.get("memory_mb") else None,
             "reply": timed["replies"].get(TUNED, "")[:300]}
 
 
@@ -940,6 +943,10 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{q['first_token_s']} s: **{q['press_to_first_token_s']} s to the first tuned token** "
                 f"(full reply at {q['press_to_full_reply_s']} s; target <= {q['target_s']} s). Eval loss "
                 f"{_fmt(q['first_eval_loss'], 3)} -> {_fmt(q['eval_loss'], 3)}."]
+        if q.get("estimated_s"):
+            out[-1] += (f" The Train tab's estimate beforehand: {q['estimated_s']} s to the adapter"
+                        + (f", {q['estimated_memory_mb']} MB peak" if q.get("estimated_memory_mb") else "")
+                        + f" (measured {q['press_to_adapter_s']} s, {_fmt(q.get('job_peak_memory_mb'), 0)} MB).")
     if "profile" in results:
         p = results["profile"]
         out += ["", f"Profile of the default recipe ({p['steps']} train steps after step {p['after_step']}, "

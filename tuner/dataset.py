@@ -218,8 +218,10 @@ def _keys(messages: list[dict[str, Any]]) -> tuple[int, int]:
 BATCH = 512  # conversations measured per tokenizer call
 MAX_REPORTED_DROPS = 10_000  # report.json lists this many; counts per category are always complete
 REPLY_SAMPLE = 1000  # replies sampled to look for one canned reply dominating
-# rough training throughput of the default model (SmolLM2-135M, LoRA), for the time estimate only
-CPU_TOKENS_PER_S = 1_500
+# rough training throughput of the default model (SmolLM2-135M, LoRA), for the time estimate only:
+# `python -m tuner bench` measured 347 tokens/s on 2 Xeon cores (bench/README.md); more cores scale it
+# less than linearly, so this errs on the slow side
+CPU_TOKENS_PER_S = 170 * (os.cpu_count() or 2)
 GPU_TOKENS_PER_S = 25_000
 
 
@@ -596,7 +598,7 @@ def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, st
             "tokens_per_epoch": epoch_tokens,
             "cpu_minutes_per_epoch": round(epoch_tokens / CPU_TOKENS_PER_S / 60, 1),
             "gpu_minutes_per_epoch": round(epoch_tokens / GPU_TOKENS_PER_S / 60, 1),
-            "assumes": f"the default 135M model with LoRA at about {CPU_TOKENS_PER_S} tokens/s on a laptop CPU "
+            "assumes": f"the default 135M model with LoRA at about {CPU_TOKENS_PER_S} tokens/s on this machine's CPU "
                        f"and {GPU_TOKENS_PER_S} tokens/s on a GPU; larger models are slower",
         },
     }

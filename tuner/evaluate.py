@@ -29,6 +29,7 @@ from typing import Any
 
 from tuner.config import GenerationConfig
 from tuner.errors import DataError, TunerError
+from tuner.train import read_json_object
 
 GENERAL_TEXT = Path(__file__).parent / "resources" / "general_text.jsonl"
 EVAL_BATCH = 4  # prompts generated together (x columns rows in one batch)
@@ -197,7 +198,7 @@ def loss_metrics(pg, info, max_length: int, loss_limit: int = LOSS_LIMIT) -> dic
     val_file = run_dir / "data" / "validation.jsonl"
     weights = [p for p in info.adapter_dir.iterdir() if p.suffix == ".safetensors"]
     key = _fingerprint(val_file, GENERAL_TEXT, *sorted(weights)) + f":{loss_limit}:{max_length}"
-    previous = _read_json(run_dir / "eval.json")
+    previous = read_json_object(run_dir / "eval.json")
     if previous.get("loss_fingerprint") == key and isinstance(previous.get("losses"), dict):
         return {**previous["losses"], "fingerprint": key}
     validation = [c["messages"] + [{"role": "assistant", "content": c["reference"]}]
@@ -217,14 +218,6 @@ def loss_metrics(pg, info, max_length: int, loss_limit: int = LOSS_LIMIT) -> dic
         out["general_perplexity"][col] = _ppl(gen_loss)
     out["fingerprint"] = key  # type: ignore[assignment]
     return out
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def assistant_sequences(tokenizer, conversations: Sequence[list[dict]], max_length: int) -> list[tuple[list[int], list[int]]]:

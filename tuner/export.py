@@ -19,9 +19,9 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from tuner.errors import ModelError, TunerError
+from tuner.train import read_json_object
 
 MARKER = "tuner_export.json"  # provenance of an export folder (also: "safe to overwrite")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -114,8 +114,8 @@ def _write_full(info, cfg, out: Path) -> None:
 
 def model_card(info, cfg, kind: str, dtype: str | None) -> str:
     """README.md for the export: what it is, how it was trained, how well, and how to load it."""
-    status = _read_json(info.run_dir / "status.json")
-    evaluation = _read_json(info.run_dir / "eval.json")
+    status = read_json_object(info.run_dir / "status.json")
+    evaluation = read_json_object(info.run_dir / "eval.json")
     hub_id = _hub_id(cfg.base_model)
     base = hub_id or _base_name(cfg.base_model)
     library = "peft" if kind == "adapter" else "transformers"
@@ -166,14 +166,6 @@ def model_card(info, cfg, kind: str, dtype: str | None) -> str:
               "print(tokenizer.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))", "```", "",
               "The training data were private customer conversations; they are not part of this repository.", ""]
     return "\n".join(lines)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def export(run_dir: str | Path, to_dir: str | Path, merge: bool = False, push_to: str | None = None,

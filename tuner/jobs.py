@@ -14,6 +14,8 @@ it does not queue.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import signal
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner.config import TrainConfig
 from tuner.errors import RunNotFound, TrainingError
 from tuner.paths import check_run_id, resolve_run, runs_dir, tuner_home
 from tuner.train import (
@@ -35,6 +38,7 @@ from tuner.train import (
     complete_checkpoints,
     quiet_threads_env,
     read_json,
+    take_machine_lock,
     update_status,
 )
 from tuner.train import read_metrics as _read_metrics
@@ -162,8 +166,6 @@ def start(run_dir: str | Path, resume: bool = False) -> Job:
     Raises TrainingError if another training job runs on this machine, or if the run is
     already running or completed.
     """
-    import fcntl
-
     run_dir = _run_path(run_dir)
     status = read_status(run_dir)
     state = status.get("status")
@@ -176,15 +178,8 @@ def start(run_dir: str | Path, resume: bool = False) -> Job:
     if state in ("interrupted", "failed", "cancelled") and not resume:
         resume = True  # a stopped run only continues; a fresh start is a new run
 
-    lock = tuner_home() / LOCK_FILE
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = take_machine_lock("One job runs at a time: wait for it to finish or cancel it, then start this one.")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            raise TrainingError(f"Another training run is in progress on this machine ({holder}). One job runs "
-                                "at a time: wait for it to finish or cancel it, then start this one.") from None
         env = {**os.environ, LOCK_FD_ENV: str(fd), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         quiet_threads_env(env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
@@ -345,3 +340,62 @@ def delete_run(run_id: str) -> None:
     if status.get("status") in ACTIVE:
         cancel(run_dir)
     shutil.rmtree(run_dir)
+
+
+# -- before a run starts ----------------------------------------------------------------------------------
+
+
+def measured_speed(base_model: str) -> float | None:
+    """Training tokens/s of the newest finished run of this base model on this machine (a real measurement)."""
+    for r in list_runs():
+        if r.get("status") != "completed" or r.get("base_model") != base_model:
+            continue
+        speeds = [m["tokens_per_s"] for m in read_metrics(Path(r["path"])) if m.get("tokens_per_s")]
+        if speeds:
+            return sorted(speeds)[len(speeds) // 2]
+    return None
+
+
+def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
+    """Steps, time and peak memory of a run before it starts: rough, from the data report and the model size.
+
+    Time uses this machine's measured speed when an earlier run of the same model finished here,
+    else the converter's reference speeds for the default model (scaled by model size).
+    """
+    from tuner.dataset import CPU_TOKENS_PER_S, GPU_TOKENS_PER_S
+    from tuner.models import device, is_default, model_info
+    from tuner.train import precision, quantization
+
+    report = json.loads((Path(data_dir) / "report.json").read_text(encoding="utf-8"))
+    stats = report.get("stats") or {}
+    n_train, n_val = int(report.get("train_examples") or 0), int(report.get("validation_examples") or 0)
+    mean_tokens = min((stats.get("tokens") or {}).get("total", 0) / max(stats.get("examples") or 1, 1), cfg.max_length)
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * n_train / per_step)
+    evals = steps // cfg.eval_steps + 1 if n_val else 0
+    train_tokens = steps * per_step * mean_tokens
+    dev = device()
+    info = model_info(cfg.base_model) if is_default(cfg.base_model) or Path(cfg.base_model).is_dir() else {}
+    params = int(info.get("parameters") or 0)
+    default_params = model_info("default")["parameters"]
+    measured = measured_speed(cfg.base_model)
+    reference = (GPU_TOKENS_PER_S if dev == "cuda" else CPU_TOKENS_PER_S) * default_params / max(params, 1)
+    speed = measured or (reference if params else None)
+    seconds = None
+    if speed:
+        # evaluation runs forward only: about a third of a training step's cost per token
+        seconds = 20 + train_tokens / speed + evals * n_val * mean_tokens / (3 * speed)
+    memory_mb = None
+    if params:
+        config = json.loads((Path(info["path"]) / "config.json").read_text())
+        hidden, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
+        vocab = config.get("vocab_size", 0)
+        # 4-bit NF4 with its scales, else the dtype the run keeps the base in (bf16, or fp32 on older CPUs)
+        weight_bytes = 0.56 if quantization(cfg, dev) == "nf4" else precision(cfg, dev)["weights"].itemsize
+        seq = min(cfg.max_length, max(mean_tokens, 1) * 2)  # batches group similar lengths; allow the long tail
+        activations = cfg.batch_size * seq * (layers * hidden * 20 * 2 + vocab * 4 * 3)
+        overhead = 600 * 2**20 if dev == "cpu" else 400 * 2**20  # framework and CUDA context
+        memory_mb = (params * weight_bytes + activations + overhead) / 2**20
+    return {"steps": steps, "examples": n_train, "tokens": round(train_tokens), "time_s": seconds,
+            "memory_mb": memory_mb, "device": "GPU" if dev == "cuda" else "CPU",
+            "speed": speed, "measured": measured is not None}

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import TunerError
+from tuner.train import read_json_object
 
 APP_TEMPLATE = Path(__file__).with_name("space_app.py")
 CONFIG_FILE = "space_config.json"
@@ -50,14 +51,6 @@ class PushFailed(TunerError):
 
 
 # -- reading the run ---------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -83,7 +76,7 @@ def system_prompt_of(run: Path, data_prompt: str | None = None) -> str:
     a `system_prompt` in the run's config or data report, else none."""
     if data_prompt:
         return data_prompt
-    for source in (_config_dict(run), _read_json(run / "data" / "report.json").get("config") or {}):
+    for source in (_config_dict(run), read_json_object(run / "data" / "report.json").get("config") or {}):
         if isinstance(source, dict) and isinstance(source.get("system_prompt"), str):
             return source["system_prompt"]
     return ""
@@ -144,7 +137,7 @@ def _ship_base(base_model: str, out: Path) -> tuple[dict[str, Any], dict[str, An
 
     location = models.resolve_model(base_model)
     if models.is_default(base_model):
-        source = _read_json(Path(location) / models.SOURCE_FILE)
+        source = read_json_object(Path(location) / models.SOURCE_FILE)
         gguf = models.embedded_gguf()
         if source.get("from") == "gguf" and gguf is not None:
             # the run trained on exactly these dequantized weights; the GGUF is 98 MB, the fp32 copy 540 MB
@@ -342,7 +335,7 @@ def _weights_card(folder: Path) -> str:
 
 
 def _data_rows(run: Path) -> list[tuple[str, Any]]:
-    report = _read_json(run / "data" / "report.json")
+    report = read_json_object(run / "data" / "report.json")
     train = _read_jsonl(run / "data" / "train.jsonl")
     val = _read_jsonl(run / "data" / "validation.jsonl")
     replies = sum(1 for r in train for m in r["messages"] if isinstance(m, dict) and m.get("role") == "assistant")

@@ -94,6 +94,12 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file as a dict; {} when it is missing, damaged or not an object."""
+    value = read_json(path)
+    return value if isinstance(value, dict) else {}
+
+
 def read_status(run_dir: str | Path) -> dict[str, Any]:
     """The run's status.json as a dict (status 'unknown' if it cannot be read)."""
     status = read_json(Path(run_dir) / STATUS_FILE)
@@ -624,23 +630,30 @@ def _inherited_lock() -> bool:
         return False
 
 
+def take_machine_lock(fix: str) -> int:
+    """Open and lock TUNER_HOME/train.lock without waiting; the caller owns (and closes) the fd.
+
+    Raises TrainingError naming the holder (the text its owner wrote into the file) and `fix`."""
+    import fcntl
+
+    fd = os.open(tuner_home() / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise TrainingError(f"Another training run is in progress on this machine ({holder}). {fix}") from None
+    return fd
+
+
 @contextlib.contextmanager
 def machine_lock(run_dir: Path) -> Iterator[None]:
     """One training job per machine: an exclusive flock that the kernel frees even on kill -9."""
-    import fcntl
-
     if _inherited_lock() or os.environ.get("LOCAL_RANK", "0") != "0":
         yield  # tuner.jobs took the lock and passed it down, or this is an extra process of one launch
         return
-    path = tuner_home() / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = take_machine_lock("Fix: wait for it to finish, or cancel it.")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            raise TrainingError(f"Another training run is in progress on this machine ({holder}). "
-                                "Fix: wait for it to finish, or cancel it.") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"run {run_dir.name}, pid {os.getpid()}".encode(), 0)
         yield
