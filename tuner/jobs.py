@@ -394,7 +394,9 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
         weight_bytes = 0.56 if quantization(cfg, dev) == "nf4" else precision(cfg, dev)["weights"].itemsize
         seq = min(cfg.max_length, max(mean_tokens, 1) * 2)  # batches group similar lengths; allow the long tail
         activations = cfg.batch_size * seq * (layers * hidden * 20 * 2 + vocab * 4 * 3)
-        overhead = 600 * 2**20 if dev == "cpu" else 400 * 2**20  # framework and CUDA context
+        # framework: torch, tokenizer, datasets, the Trainer (CPU: RSS, calibrated on the quick preset, which
+        # `python -m tuner bench --only quick` measured at 4.6 GB); CUDA: the context
+        overhead = 2000 * 2**20 if dev == "cpu" else 400 * 2**20
         memory_mb = (params * weight_bytes + activations + overhead) / 2**20
     return {"steps": steps, "examples": n_train, "tokens": round(train_tokens), "time_s": seconds,
             "memory_mb": memory_mb, "device": "GPU" if dev == "cuda" else "CPU",
