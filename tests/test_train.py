@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -176,8 +177,15 @@ def test_qlora_trains_the_adapter_and_leaves_the_4bit_base_untouched(signoff_dat
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())  # a real NF4 base
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    with train.fast_lora_casts(model), train.loss_positions_only():  # as train_run does
+    with (warnings.catch_warnings(record=True) as caught, train.fast_lora_casts(model),
+          train.loss_positions_only()):  # as train_run does
+        warnings.simplefilter("always")
         trainer.train()
+    # the evaluation before training must not leave the 4-bit layers in bitsandbytes' inference-only CPU
+    # layout, whose kernel has no backward (gradients through the base would be silently wrong)
+    assert not [str(w.message) for w in caught if "autograd kernel was not registered" in str(w.message)]
+    assert not any(getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+                   for m in model.modules())
 
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     lora = {n for n in before if "lora_" in n}

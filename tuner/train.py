@@ -811,6 +811,8 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
     model = load_model(cfg.base_model, quantization=quant, dtype=prec["weights"], dev=dev)
     if cfg.method is Method.FULL:
         model.requires_grad_(True)
+    if quant == Quantization.NF4.value and dev == "cpu":
+        keep_4bit_layout_trainable(model)
     n_params = sum(p.numel() for p in model.parameters())
     gc_on = gradient_checkpointing(cfg, dev, n_params)
     attn = attention(dev, max(train_stats["longest"], val_stats["longest"]), packing_mode(cfg, dev))
@@ -857,6 +859,20 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
                   parameters=n_params, trainable_parameters=sum(p.numel() for p in trainer.model.parameters()
                                                                 if p.requires_grad))
     return trainer, context
+
+
+def keep_4bit_layout_trainable(model) -> int:
+    """Stop bitsandbytes repacking NF4 weights for CPU inference during evaluation.
+
+    On CPUs with AVX512-BF16, a bitsandbytes Linear4bit called in eval mode without gradients converts
+    its weight to an inference-only layout, and never converts it back: the training steps after the
+    first evaluation then run through a kernel with no backward (torch warns "an autograd kernel was
+    not registered"), and gradients through the frozen base are wrong. Returns the layers changed.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def fast_lora_casts(model):
@@ -1173,8 +1189,21 @@ def quiet_threads_env(env: dict[str, str] | os._Environ = os.environ) -> None:
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def quiet_library_noise() -> None:
+    """Keep train.log about the run: silence messages that are harmless and that no user can act on."""
+    import logging
+    import warnings
+
+    # bitsandbytes looks for an optional `kernels` package for its CPU 4-bit matmul and falls back without it
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # transformers' renames (gradient -> activation checkpointing) that trl and peft still call by the old name
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars in a log file
+
+
 def cli(args: argparse.Namespace) -> int:
     quiet_threads_env()
+    quiet_library_noise()
     if args.resume or args.run:
         run_dir = resolve_run(args.resume or args.run)
         resume = bool(args.resume)
