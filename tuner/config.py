@@ -18,7 +18,7 @@ from tuner.errors import TunerError
 
 
 class Quantization(str, Enum):
-    AUTO = "auto"  # nf4 on a GPU, none on CPU (see TrainConfig.quantization)
+    AUTO = "auto"  # nf4 for LoRA, none for full fine-tuning (see TrainConfig.quantization)
     NF4 = "nf4"  # QLoRA: 4-bit NormalFloat base + double quantization
     NONE = "none"  # plain LoRA on a 16/32-bit base
 
@@ -66,9 +66,9 @@ class TrainConfig:
 
     base_model: str = _f("default", "Base model: 'default' (embedded SmolLM2-135M-Instruct), a local folder or a Hub id.")
     method: Method = _f(Method.LORA, "lora: train small adapter matrices; full: train every weight (small models).")
-    quantization: Quantization = _f(Quantization.AUTO, "nf4: load the base in 4 bits (QLoRA); none: 16/32-bit base; "
-                                    "auto: nf4 on a GPU, none on CPU (there 4-bit steps were measured 1.65x slower, "
-                                    "and a small model's bf16 weights fit easily; pick nf4 for multi-billion models).")
+    quantization: Quantization = _f(Quantization.AUTO, "nf4: load the base in 4 bits (QLoRA: a quarter of the memory, "
+                                    "a slightly higher loss); none: 16/32-bit base; auto: nf4 for LoRA, none for full "
+                                    "fine-tuning.")
     lora_r: int = _f(16, "LoRA rank: capacity of the adapter. 8-64 is typical.")
     lora_alpha: int = _f(32, "LoRA scaling numerator; alpha/r scales the update. Usually 2 x rank.")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input; regularises small datasets but costs a random mask per layer "
