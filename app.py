@@ -888,11 +888,19 @@ def publish_space(run_id: str | None, title: str, merge: bool, space_id: str, to
 
 
 def storage_notice() -> str:
-    """On a Space without persistent storage, say that runs vanish on restart."""
-    if os.environ.get("SPACE_ID") and not persistent_storage():
-        return ("**This Space has no persistent storage**: runs are lost when it restarts or sleeps. "
-                "Download the adapter or push it to the Hub from the **Runs** tab when training ends.")
-    return ""
+    """On a Space: runs are shared by its visitors (unless behind TUNER_AUTH), and without persistent
+    storage they vanish on restart."""
+    if not os.environ.get("SPACE_ID"):
+        return ""
+    notes = []
+    if not os.environ.get("TUNER_AUTH"):
+        notes.append("**Runs on this Space are shared**: if it is public, everyone who opens it sees the run list "
+                     "and can chat with, download or delete a run (uploads and chats stay in your browser). For "
+                     "your company's transcripts, duplicate it as a private Space or set `TUNER_AUTH`.")
+    if not persistent_storage():
+        notes.append("**This Space has no persistent storage**: runs are lost when it restarts or sleeps. "
+                     "Download the adapter or push it to the Hub from the **Runs** tab when training ends.")
+    return "\n\n".join(notes)
 
 
 @friendly

@@ -431,9 +431,12 @@ def test_a_space_without_persistent_storage_says_runs_are_temporary(monkeypatch)
     import app
 
     monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("TUNER_AUTH", raising=False)
     assert app.storage_notice() == ""  # running locally: nothing to warn about
     monkeypatch.setenv("SPACE_ID", "someone/tuner")
     monkeypatch.setattr(app, "persistent_storage", lambda: False)
     assert "no persistent storage" in app.storage_notice()
+    assert "shared" in app.storage_notice()  # a public Space's visitors see each other's runs: say so
     monkeypatch.setattr(app, "persistent_storage", lambda: True)
-    assert app.storage_notice() == ""
+    monkeypatch.setenv("TUNER_AUTH", "crew:s3cret-pass")
+    assert app.storage_notice() == ""  # persistent, and behind a login: nothing to warn about
