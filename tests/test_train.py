@@ -232,3 +232,12 @@ def test_length_grouping_pads_little_on_a_small_dataset_and_keeps_every_example(
     assert fill(batches) > 0.85 > fill([shuffled[i:i + 4] for i in range(0, 23, 4)])
     torch.manual_seed(1)
     assert train.length_grouped_batches(lengths, 4) != order  # batch order changes with the seed (epoch)
+
+
+def test_default_is_qlora_on_cpu_and_gpu_and_full_fine_tuning_keeps_full_weights():
+    for dev in ("cpu", "cuda"):
+        assert train.quantization(TrainConfig(), dev) == "nf4"  # the same QLoRA path on both
+        assert train.quantization(TrainConfig(method="full"), dev) == "none"
+        assert train.quantization(TrainConfig(quantization="none"), dev) == "none"
+    with pytest.raises(TunerError, match="Full fine-tuning cannot train 4-bit weights"):
+        TrainConfig(method="full", quantization="nf4")
