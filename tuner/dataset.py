@@ -219,7 +219,7 @@ BATCH = 512  # conversations measured per tokenizer call
 MAX_REPORTED_DROPS = 10_000  # report.json lists this many; counts per category are always complete
 REPLY_SAMPLE = 1000  # replies sampled to look for one canned reply dominating
 # rough training throughput of the default model (SmolLM2-135M, LoRA), for the time estimate only:
-# `python -m tuner bench` measured 347 tokens/s on 2 Xeon cores (bench/README.md); more cores scale it
+# `python -m tuner bench` measured 315 tokens/s (QLoRA) on 2 Xeon cores (bench/README.md); more cores scale it
 # less than linearly, so this errs on the slow side
 CPU_TOKENS_PER_S = 170 * (os.cpu_count() or 2)
 GPU_TOKENS_PER_S = 25_000

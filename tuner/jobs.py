@@ -220,22 +220,10 @@ def cancel(run_dir: str | Path, grace_s: float = CANCEL_GRACE_S) -> dict[str, An
         return status
     pid = status.get("pid")
     if pid and pid_alive(pid, status.get("pid_started")):
-        _kill_group(int(pid), grace_s)
-        _wait_lock_released(run_dir.name, timeout_s=10.0)
+        _kill_group(int(pid), grace_s)  # returns when the job's last thread is gone, and with it the lock
     return update_status(run_dir, status="cancelled", pid=None, eta_s=None,
                          error=f"Cancelled at step {status.get('step') or 0}. Resume continues from the last "
                                "checkpoint.")
-
-
-def _wait_lock_released(run_name: str, timeout_s: float) -> None:
-    """Return once the machine lock is no longer held for `run_name` (the kernel frees it as the job's
-    last thread exits), so the next Train press right after a cancel is not refused."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        holder = active_job()
-        if holder is None or f"run {run_name}," not in holder.get("holder", ""):
-            return
-        time.sleep(0.1)
 
 
 def _kill_group(pid: int, grace_s: float) -> None:
