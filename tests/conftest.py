@@ -30,11 +30,51 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+DEFAULT_SHAPE = (576, 1536, 192)  # SmolLM2-135M: hidden, intermediate, key/value width
+_PROBE: dict = {}
+
+
+def _machine_lines() -> list[str]:
+    """The CPU and the precision the product chooses on it (measured once a session, as `precision: auto` does)."""
+    import torch
+
+    from tuner.precision import cpu_info, describe, probe
+
+    cpu = cpu_info()
+    lines = [f"cpu: {cpu['model']}, {cpu['cores']} cores, flags: {' '.join(cpu['flags']) or 'none of interest'}"]
+    if torch.cuda.is_available():
+        lines.append(f"gpu: {torch.cuda.get_device_name(0)}; training precision: "
+                     f"{'bf16' if torch.cuda.is_bf16_supported() else 'fp16'}")
+    else:
+        if not _PROBE:
+            _PROBE.update(probe(*DEFAULT_SHAPE))
+        lines.append(f"training precision (precision: auto) on this CPU: {describe(_PROBE)}")
+    return lines
+
+
+def pytest_report_header(config):
+    return _machine_lines()
+
+
+def pytest_terminal_summary(terminalreporter):
+    # also under -q (which hides the header): a failure on another machine explains itself
+    terminalreporter.write_sep("-", "this machine")
+    for line in _machine_lines():
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _tuner_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("tuner_home")
     old = os.environ.get("TUNER_HOME")
     os.environ["TUNER_HOME"] = str(home)
+    import torch
+
+    if not torch.cuda.is_available():  # one probe a session: what the summary prints is what runs use
+        from tuner.precision import remember
+
+        _machine_lines()
+        remember(DEFAULT_SHAPE, dict(_PROBE))
     yield home
     if old is None:
         os.environ.pop("TUNER_HOME", None)

@@ -177,8 +177,8 @@ def test_qlora_trains_the_adapter_and_leaves_the_4bit_base_untouched(signoff_dat
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())  # a real NF4 base
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    with (warnings.catch_warnings(record=True) as caught, train.fast_lora_casts(model),
-          train.loss_positions_only()):  # as train_run does
+    with (warnings.catch_warnings(record=True) as caught,
+          train.training_context(model, ctx["precision"])):  # as train_run does, in the precision it chose here
         warnings.simplefilter("always")
         trainer.train()
     # the evaluation before training must not leave the 4-bit layers in bitsandbytes' inference-only CPU

@@ -689,9 +689,12 @@ def machine_info() -> dict[str, Any]:
 
         info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
     with contextlib.suppress(Exception):
-        from tuner.train import cpu_has_bf16_matmul
+        from tuner.precision import cpu_info
+        from tuner.train import cpu_precision_choice
 
-        info["cpu_bf16_matmul_units"] = cpu_has_bf16_matmul()
+        info["cpu_flags"] = cpu_info()["flags"]
+        choice = cpu_precision_choice("default")
+        info["cpu_precision"] = {k: choice.get(k) for k in ("choice", "fp32_ms", "bf16_ms", "bf16_speedup")}
     return info
 
 

@@ -91,8 +91,8 @@ class TrainConfig:
     packing: bool = _f(True, "Skip computing padding: pack examples into rows (no attention across them) on GPUs with "
                        "flash attention, group examples of similar length elsewhere (measured faster on CPU).")
     gradient_checkpointing: str = _f("auto", "Trade compute for memory: 'auto' (on for CUDA models over 1B), 'on' or 'off'.")
-    precision: str = _f("auto", "Compute precision: 'auto' (bf16 on GPUs and on CPUs with bf16 matrix units, else fp32), "
-                        "'bf16', 'fp16' (GPU) or 'fp32'.")
+    precision: str = _f("auto", "Compute precision: 'auto' (bf16 on GPUs; on a CPU the faster of bf16 and fp32, "
+                        "measured by a few-second probe once per machine), 'bf16', 'fp16' (GPU) or 'fp32'.")
     logging_steps: int = _f(1, "Log loss and speed every N steps.")
     preset: str = _f("custom", "The preset these settings started from.")
 

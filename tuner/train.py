@@ -286,22 +286,23 @@ def lora_config(cfg: TrainConfig):
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
 
 
-def cpu_has_bf16_matmul() -> bool:
-    """True where oneDNN runs bf16 matmuls natively (AMX / AVX512-BF16): there they beat fp32 by far."""
-    import torch
+def cpu_precision_choice(base_model: str) -> dict[str, Any]:
+    """The measured CPU precision for this base model's shapes (tuner.precision; cached per machine)."""
+    from tuner.models import resolve_model
+    from tuner.precision import cpu_precision, model_shapes
 
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and torch.cpu._is_amx_tile_supported()
-    except (AttributeError, RuntimeError):
-        return False
+    location = Path(resolve_model(base_model))
+    config = read_json(location / "config.json", {}) if location.is_dir() else {}
+    return cpu_precision(model_shapes(config or {}))
 
 
 def precision(cfg: TrainConfig, dev: str) -> dict[str, Any]:
     """Weights dtype and autocast for this device.
 
-    CUDA: bf16 where supported (fp16 otherwise). CPU: bf16 where the CPU has bf16 matrix units
-    (measured here: AMX bf16 matmuls are ~8x fp32), fp32 elsewhere. Full fine-tuning keeps fp32
-    master weights under autocast, since AdamW updates vanish in bf16 weights.
+    CUDA: bf16 where supported (fp16 otherwise). CPU: whichever of bf16 and fp32 a short probe
+    measured faster on this machine (tuner.precision; cached), since no flag rule held across CPU
+    families. Full fine-tuning keeps fp32 master weights under autocast, since AdamW updates
+    vanish in bf16 weights.
     """
     import torch
 
@@ -310,7 +311,7 @@ def precision(cfg: TrainConfig, dev: str) -> dict[str, Any]:
         if dev == "cuda":
             choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            choice = "bf16" if cpu_has_bf16_matmul() else "fp32"
+            choice = cpu_precision_choice(cfg.base_model)["choice"]
     if choice == "fp32":
         return {"name": "fp32", "weights": torch.float32, "bf16": False, "fp16": False}
     half = torch.bfloat16 if choice == "bf16" else torch.float16
@@ -319,6 +320,17 @@ def precision(cfg: TrainConfig, dev: str) -> dict[str, Any]:
                 "fp16": choice == "fp16"}
     # LoRA: frozen base in half precision; the adapter keeps fp32 weights and autocast runs its matmuls in half
     return {"name": choice, "weights": half, "bf16": choice == "bf16", "fp16": choice == "fp16"}
+
+
+def _precision_reason(cfg: TrainConfig, dev: str) -> str:
+    """Why this precision, in words, for the run's status and the Train tab."""
+    if cfg.precision != "auto":
+        return f"{cfg.precision} (set in the run's settings)"
+    if dev == "cuda":
+        return "chosen for this GPU"
+    from tuner.precision import describe
+
+    return describe(cpu_precision_choice(cfg.base_model))
 
 
 def quantization(cfg: TrainConfig, dev: str) -> str:
@@ -854,7 +866,7 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
         trainer.eval_dataset = trainer.eval_dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
     context = {"checkpoint": checkpoint, "recorder": recorder, "chat_template": chat_template, "quantization": quant,
                "data_stats": data_stats, "precision": prec, "has_eval": bool(val_rows)}
-    update_status(run_dir, device=dev, precision=prec["name"], quantization=quant, gradient_checkpointing=gc_on,
+    update_status(run_dir, device=dev, precision=prec["name"], precision_reason=_precision_reason(cfg, dev), quantization=quant, gradient_checkpointing=gc_on,
                   attention=attn,
                   batching=packing_mode(cfg, dev), threads=torch.get_num_threads() if dev == "cpu" else None,
                   parameters=n_params, trainable_parameters=sum(p.numel() for p in trainer.model.parameters()
@@ -888,6 +900,15 @@ def fast_lora_casts(model):
 
 
 @contextlib.contextmanager
+def training_context(model, prec: dict[str, Any]) -> Iterator[None]:
+    """What `trainer.train()` runs inside: LoRA matmuls in autocast's dtype (under autocast only, where
+    the adapter's fp32 weights and the half-precision base meet), and loss on loss positions only."""
+    autocast = prec["bf16"] or prec["fp16"]
+    with (fast_lora_casts(model) if autocast else contextlib.nullcontext()), loss_positions_only():
+        yield
+
+
+@contextlib.contextmanager
 def loss_positions_only() -> Iterator[None]:
     """Let trl's fused LM head score only the positions that carry loss on every device.
 
@@ -916,14 +937,13 @@ def loss_positions_only() -> Iterator[None]:
 def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str) -> dict[str, Any]:
     trainer, ctx = build_trainer(run_dir, cfg, dev, resume, progress)
     checkpoint, recorder = ctx["checkpoint"], ctx["recorder"]
-    autocast = ctx["precision"]["bf16"] or ctx["precision"]["fp16"]
     if checkpoint is not None and _finished(checkpoint):
         # killed after the last step (during the final save): the Trainer, resumed there, would run one
         # step too many, so the result is taken from the checkpoints as they are
         _restore_finished(trainer, run_dir, checkpoint, cfg)
         train_runtime = 0.0
     else:
-        with (fast_lora_casts(trainer.model) if autocast else contextlib.nullcontext()), loss_positions_only():
+        with training_context(trainer.model, ctx["precision"]):
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_runtime = result.metrics.get("train_runtime", 0.0)
 
