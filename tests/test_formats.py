@@ -281,6 +281,52 @@ def test_transcript_line_without_speaker_and_nothing_to_continue_is_reported(tmp
     assert [(c.line, c.end_line) for c in items if isinstance(c, Conversation)] == [(1, 2), (5, 7)]
 
 
+# speaker learning: which `word:` lines start a turn and which belong to the message before them
+CODE = "def quicksort(arr):\n    if len(arr) <= 1:\n        return arr\n    else:\n        return arr\ntry:"
+SPEAKER_CASES = [
+    ("timestamped, code in a reply",
+     f"[10:00] Customer: sort?\n[10:01] Agent Maya: Here:\n{CODE}\n[10:02] Customer: thanks\n[10:03] Agent Maya: bye\n",
+     [[("Customer", "sort?"), ("Agent Maya", f"Here:\n{CODE}"), ("Customer", "thanks"), ("Agent Maya", "bye")]]),
+    ("timestamped, blank line inside code, blank line before the next chat",
+     "[10:00] Customer: a\n[10:01] Agent Maya: x = 1\n\nelse:\n\n[11:00] Customer: b\n[11:01] Agent Maya: c\n",
+     [[("Customer", "a"), ("Agent Maya", "x = 1\n\nelse:")], [("Customer", "b"), ("Agent Maya", "c")]]),
+    ("timestamped, a learned speaker once without a stamp",
+     "[10:00] Customer: a\n[10:01] Agent: b\nCustomer: c\n[10:03] Agent: d\n",
+     [[("Customer", "a"), ("Agent", "b"), ("Customer", "c"), ("Agent", "d")]]),
+    ("timestamped, a third speaker with a stamp",
+     "[10:00] Customer: a\n[10:01] Agent: b\n[10:02] Supervisor: approved\n[10:03] Customer: c\n[10:04] Agent: d\n",
+     [[("Customer", "a"), ("Agent", "b"), ("Supervisor", "approved"), ("Customer", "c"), ("Agent", "d")]]),
+    ("untimestamped, code in a reply",
+     f"Customer: sort?\nAgent: Here:\n{CODE}\nCustomer: thanks\nAgent: bye\n",
+     [[("Customer", "sort?"), ("Agent", f"Here:\n{CODE}"), ("Customer", "thanks"), ("Agent", "bye")]]),
+    ("untimestamped, a real third speaker who recurs",
+     "Customer: a\nMaya: b\nSupervisor: approved\nCustomer: c\nSupervisor: noted\nMaya: d\n",
+     [[("Customer", "a"), ("Maya", "b"), ("Supervisor", "approved"), ("Customer", "c"), ("Supervisor", "noted"),
+       ("Maya", "d")]]),
+    ("untimestamped, a one-off Note: line",
+     "Customer: a\nAgent: b\nNote: keep the receipt\nCustomer: c\nAgent: d\n",
+     [[("Customer", "a"), ("Agent", "b\nNote: keep the receipt"), ("Customer", "c"), ("Agent", "d")]]),
+    ("untimestamped, too short to learn from: every label with text speaks",
+     "Maya: hi\nKettle & Co.: Ahoy!\n", [[("Maya", "hi"), ("Kettle & Co.", "Ahoy!")]]),
+]
+
+
+@pytest.mark.parametrize("text,expected", [c[1:] for c in SPEAKER_CASES], ids=[c[0] for c in SPEAKER_CASES])
+def test_speakers_are_learned_from_the_file(tmp_path, text, expected):
+    path = tmp_path / "chat.txt"
+    path.write_text(text, encoding="utf-8")
+    assert formats.detect_format(path) == "transcript-txt"
+    items, _ = _parse(path)
+    assert _convs(items) == expected
+    assert _drops(items) == []
+
+
+def test_learned_speakers_of_a_timestamped_file_with_code():
+    src = Source(Path(__file__).parent / "data" / "transcript_with_code.txt")
+    speakers = formats.learn_speakers(src)
+    assert speakers.timestamped and speakers.labels == {"Customer", "Agent Maya"}
+
+
 # -- encodings and odd bytes --------------------------------------------------------------------------------
 
 TEXT = "Customer: Привет, 你好, ça va? 🙂\nAgent: Ahoy! Ναι, مرحبا\n"

@@ -860,10 +860,17 @@ HEADER_LINE = re.compile(
 
 def speaker_line(text: str) -> tuple[str, str] | None:
     """(speaker, text) when a transcript line starts a message, like `[10:02] Agent Rosa: Ahoy!`."""
+    turn = _turn(text)
+    return None if turn is None else turn[:2]
+
+
+def _turn(text: str) -> tuple[str, str, bool] | None:
+    """(speaker, text, timestamped) for a line shaped like a message start."""
     m = SPEAKER_LINE.match(text)
     if not m or len(m.group("speaker").split()) > 4:
         return None
-    return m.group("speaker").strip(), (m.group("text") or "")
+    stamped = (m.group("ts1") or m.group("ts2") or m.group("ts3")) is not None
+    return m.group("speaker").strip(), (m.group("text") or ""), stamped
 
 
 def is_header(text: str) -> bool:
@@ -876,14 +883,73 @@ def is_header(text: str) -> bool:
     return speaker is None or speaker[0].split()[0].lower() in _HEADER_WORDS
 
 
+MAX_LABELS = 10_000  # distinct `word:` labels counted while learning speakers (bounds memory on odd files)
+
+
+@dataclass
+class Speakers:
+    """The speaker labels a transcript uses, learned from the whole file before parsing it.
+
+    `timestamped`: turns carry a time, so an unstamped `word:` line is part of a message unless its label
+    was seen stamped. Otherwise a label is a speaker when it is a known role or recurs with text after the
+    colon; `else:`, `try:` or a one-off `Note:` inside a reply stay in the reply.
+    """
+
+    labels: set[str]
+    timestamped: bool
+
+    def starts_turn(self, speaker: str, stamped: bool) -> bool:
+        if self.timestamped and stamped:
+            return True
+        return speaker in self.labels
+
+
+def learn_speakers(src: Source) -> Speakers:
+    """Which `word:` labels of a transcript are speakers, from counts over the file (read once, streamed).
+
+    >>> # [10:02] Customer: ... / [10:03] Agent Maya: Try this: / else: / try:  ->  {Customer, Agent Maya}
+    """
+    from tuner.dataset import role_of  # the known role names live with the role mapping
+
+    counts: dict[str, list[int]] = {}  # label -> [lines, lines with text after the colon, stamped lines]
+    scan = Source(src.path, src.name, max_lines=src.max_lines)
+    for _lineno, text, problem in lines(scan):
+        if problem is not None or text is None or not text.strip() or is_header(text):
+            continue
+        turn = _turn(text)
+        if turn is None:
+            continue
+        speaker, said, stamped = turn
+        entry = counts.get(speaker)
+        if entry is None:
+            if len(counts) >= MAX_LABELS:
+                continue
+            entry = counts[speaker] = [0, 0, 0]
+        entry[0] += 1
+        entry[1] += bool(said.strip())
+        entry[2] += stamped
+    stamped_labels = {label for label, (_n, _t, s) in counts.items() if s}
+    stamped_lines = sum(counts[label][2] for label in stamped_labels)
+    if stamped_lines >= 2 and stamped_lines * 2 >= sum(counts[label][0] for label in stamped_labels):
+        return Speakers(stamped_labels, timestamped=True)
+    known = {label for label in counts if role_of(label) is not None}
+    recurring = {label for label, (_n, t, _s) in counts.items() if t >= 2}
+    if len(recurring) >= 2:  # the file shows who talks: one-off labels are words in a message
+        return Speakers(recurring | known, timestamped=False)
+    # too little to learn from (a short file): any label with text is a speaker, as written
+    return Speakers(known | {label for label, (_n, t, _s) in counts.items() if t}, timestamped=False)
+
+
 def parse_transcript(src: Source) -> Iterator[Item]:
     """`Speaker: text` lines; blank lines or header lines (`=== Ticket 12 ===`) separate conversations.
 
-    When the file uses header lines, blank lines inside a conversation are kept as paragraph breaks.
-    A line with no speaker continues the previous message.
+    Speakers are learned from the file first (`learn_speakers`); any other line, `else:` included,
+    continues the message before it. When the file uses header lines, blank lines inside a conversation
+    are kept as paragraph breaks; in a timestamped file so is a blank line not followed by a new turn.
     """
     text_head, _ = head_text(src.path, src.name)
     by_headers = any(line.strip() and is_header(line) for line in text_head.splitlines()[:2000])
+    speakers = learn_speakers(src)
     messages: list[dict[str, Any]] = []
     start = end = 0
     blank_run = 0
@@ -913,7 +979,7 @@ def parse_transcript(src: Source) -> Iterator[Item]:
         assert text is not None
         if not text.strip():
             blank_run += 1
-            if not by_headers:
+            if not by_headers and not speakers.timestamped:
                 yield from close_conversation()
             continue
         src.rows_read += 1
@@ -921,15 +987,20 @@ def parse_transcript(src: Source) -> Iterator[Item]:
             yield from close_conversation()
             blank_run = 0
             continue
-        parsed = speaker_line(text)
-        if parsed is not None:
+        turn = _turn(text)
+        # a label nobody uses as a speaker still starts a message when there is none to continue
+        if turn is not None and (pending is None or speakers.starts_turn(turn[0], turn[2])):
+            if blank_run and not by_headers:
+                yield from close_conversation()  # timestamped file: the blank line ended the conversation
             yield from close_message()
             if not messages:
                 start = lineno
-            pending = {"role": parsed[0], "content": parsed[1], "line": lineno}
+            pending = {"role": turn[0], "content": turn[1], "line": lineno}
         elif pending is not None:
-            joiner = "\n\n" if blank_run and pending["content"] else "\n"
-            pending["content"] = f"{pending['content']}{joiner}{text.strip()}" if pending["content"] else text.strip()
+            # code and quoted text keep their own layout: lines as written, blank lines counted
+            body = text.rstrip()
+            joiner = "\n" * (blank_run + 1) if blank_run and pending["content"] else "\n"
+            pending["content"] = f"{pending['content']}{joiner}{body}" if pending["content"] else body.strip()
         else:
             yield Dropped(src.name, lineno, UNPARSEABLE,
                           "no 'Speaker: text' label and no message before it to continue; start messages with a "
