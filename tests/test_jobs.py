@@ -22,7 +22,7 @@ TIMEOUT = 600
 # with a validation split, so the eval curve must stay continuous across a resume too
 SMALL = {"max_steps": 8, "batch_size": 2, "max_length": 128, "quantization": "none", "eval_steps": 2,
          "save_steps": 2, "lora_r": 4, "lora_alpha": 8, "warmup_ratio": 0.0, "early_stopping_patience": 0,
-         "learning_rate": 1e-3}
+         "learning_rate": 1e-3, "eval_share": 1.0, "save_every_s": 0}  # the kill/resume steps asserted need them
 
 
 def prepare(name: str, data: Path, **overrides) -> Path:

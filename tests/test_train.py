@@ -17,7 +17,8 @@ from tuner.errors import DataError, TrainingError, TunerError
 
 # small and quick: a sign-off is learned in a few large steps on short examples
 SMALL = {"max_steps": 6, "batch_size": 4, "learning_rate": 2e-3, "max_length": 128, "eval_steps": 3,
-         "save_steps": 3, "warmup_ratio": 0.0, "early_stopping_patience": 0}
+         "save_steps": 3, "warmup_ratio": 0.0, "early_stopping_patience": 0,
+         "eval_share": 1.0, "save_every_s": 0}  # every eval_steps / save_steps: the steps asserted below
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -241,3 +242,29 @@ def test_default_is_qlora_on_cpu_and_gpu_and_full_fine_tuning_keeps_full_weights
         assert train.quantization(TrainConfig(quantization="none"), dev) == "none"
     with pytest.raises(TunerError, match="Full fine-tuning cannot train 4-bit weights"):
         TrainConfig(method="full", quantization="nf4")
+
+
+def test_evaluations_and_checkpoints_are_budgeted_by_time_and_the_result_is_scored_on_every_example(
+        signoff_data, tmp_path):
+    # due every step by the step counts; the time budget decides which happen
+    cfg = TrainConfig.from_preset("quick", **{**SMALL, "quantization": "none", "eval_steps": 1, "save_steps": 1,
+                                              "eval_share": 0.1, "save_every_s": 3600, "eval_examples": 4})
+    run = train.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
+    status = train.train_run(run)
+    assert status["status"] == "completed", status.get("error")
+    assert status["phase"] == "done"
+    metrics = train.read_metrics(run)
+    eval_steps = [r["step"] for r in metrics if r["eval_loss"] is not None]
+    assert eval_steps[0] == 0 and eval_steps[-1] == 6  # before training, and the last step always
+    assert len(eval_steps) < 7  # not every step: an evaluation costs more than a tenth of a step's time here
+    # checkpoints: none by the clock (an hour apart), only new bests and the last step
+    evals = {r["step"]: r["eval_loss"] for r in metrics if r["eval_loss"] is not None}
+    for checkpoint in train.complete_checkpoints(run):
+        step = int(checkpoint.name.split("-")[1])
+        assert step == 6 or evals[step] < min(v for k, v in evals.items() if k < step), (step, evals)
+    # evaluated during training on a seeded sample of 4; the result once more on all 8
+    assert status["eval_examples"] == 4 and status["data"]["validation"]["examples"] == 8
+    assert status["eval_loss_all"] is not None and status["eval_loss_all"] != status["eval_loss"]
+    assert status["examples_seen"] == 6 * cfg.batch_size
+    card = (run / "adapter" / "README.md").read_text()
+    assert "validation loss on all 8 validation examples" in card

@@ -86,6 +86,13 @@ class TrainConfig:
     eval_steps: int = _f(10, "Evaluate on the validation split every N steps (and before training).")
     save_steps: int = _f(10, "Write a checkpoint every N steps.")
     save_total_limit: int = _f(2, "Checkpoints kept (the best one is kept besides these).")
+    eval_examples: int = _f(64, "Validation examples scored at each evaluation during training: a fixed, seeded sample "
+                            "(0 = all). The result is scored once more on every validation example at the end.")
+    eval_share: float = _f(0.1, "Most of the run's time that evaluations during training may take: an evaluation "
+                           "due by eval_steps is skipped when it would go over (the last step is always evaluated); "
+                           "1 evaluates every eval_steps.")
+    save_every_s: float = _f(120.0, "Write a checkpoint at most every N seconds (a new best and the last step are "
+                             "always saved), so short runs do not spend their time saving; 0 saves every save_steps.")
     early_stopping_patience: int = _f(3, "Stop when eval loss has not improved for N evaluations; 0 disables.")
     assistant_only_loss: bool = _f(True, "Learn from the assistant's replies only, not from the customers' lines.")
     packing: bool = _f(True, "Skip computing padding: pack examples into rows (no attention across them) on GPUs with "
@@ -119,6 +126,9 @@ class TrainConfig:
             (0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}."),
             (self.eval_steps >= 1 and self.save_steps >= 1, "eval_steps and save_steps must be at least 1."),
             (self.save_total_limit >= 1, "save_total_limit must be at least 1."),
+            (self.eval_examples >= 0, f"eval_examples must be 0 (all) or more, got {self.eval_examples}."),
+            (0.0 < self.eval_share <= 1.0, f"eval_share must be in (0, 1], got {self.eval_share}."),
+            (self.save_every_s >= 0, f"save_every_s must be 0 or more seconds, got {self.save_every_s}."),
             (self.early_stopping_patience >= 0, "early_stopping_patience must be 0 (off) or more."),
             (self.gradient_checkpointing in ("auto", "on", "off"), "gradient_checkpointing is auto, on or off."),
             (self.precision in ("auto", "bf16", "fp16", "fp32"), "precision is auto, bf16, fp16 or fp32."),

@@ -485,8 +485,11 @@ def _recorder_class():
         """Writes metrics.jsonl and status.json as training goes, and stops a run whose loss is broken."""
 
         def __init__(self, run_dir: Path, offset: dict[str, float], has_eval: bool,
-                     progress: Callable[[dict[str, Any]], None] | None, vocab_size: int):
+                     progress: Callable[[dict[str, Any]], None] | None, vocab_size: int, eval_share: float = 1.0):
             self.run_dir = run_dir
+            self.eval_share = eval_share
+            self.phase_written = 0.0
+            self.eval_batches = 0
             # a loss above ln(vocab) is worse than guessing every token uniformly: training has diverged
             self.max_loss = math.log(max(vocab_size, 2)) + 1.0
             self.has_eval = has_eval
@@ -508,10 +511,29 @@ def _recorder_class():
             return self.elapsed0 + time.monotonic() - self.started
 
         def on_train_begin(self, args, state, control, **kw):
-            update_status(self.run_dir, status="running", max_steps=state.max_steps, step=state.global_step)
+            update_status(self.run_dir, status="running", max_steps=state.max_steps, step=state.global_step,
+                          phase="training", examples_seen=self.examples_seen(args, state))
+
+        def examples_seen(self, args, state) -> int:
+            return int(state.global_step) * args.per_device_train_batch_size * args.gradient_accumulation_steps
+
+        def phase(self, text: str, force: bool = False, **fields: Any) -> None:
+            """Say what the run is doing now (status.json `phase`), at most twice a second unless forced."""
+            now = time.monotonic()
+            if force or now - self.phase_written >= 0.5:
+                self.phase_written = now
+                update_status(self.run_dir, phase=text, wall_s=round(self.elapsed(), 1), **fields)
 
         def on_step_begin(self, args, state, control, **kw):
             self.step_start = time.monotonic()
+            self.phase(f"training: step {state.global_step + 1} of {state.max_steps}")
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
+            self.eval_batches += 1
+            total = len(eval_dataloader) if eval_dataloader is not None else None
+            done = self.eval_batches if total is None else min(self.eval_batches, total)
+            when = "before training" if state.global_step == 0 else f"at step {state.global_step}"
+            self.phase(f"evaluating {when}: batch {done} of {total or '?'}", force=done == 1)
 
         def on_step_end(self, args, state, control, **kw):
             dt = time.monotonic() - self.step_start
@@ -525,14 +547,17 @@ def _recorder_class():
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             self.evals += 1
+            self.eval_batches = 0
+            self.phase("training", force=True)
 
         def eta(self, state) -> float | None:
             if not self.steps_timed or not state.max_steps:
                 return None
             left = max(state.max_steps - state.global_step, 0)
             eval_each = self.eval_s / self.evals if self.evals else 0.0
-            evals_left = math.ceil(left / state.eval_steps) if self.has_eval and state.eval_steps else 0
-            return round(left * self.train_s / self.steps_timed + evals_left * eval_each, 1)
+            # evaluations take at most eval_share of the time (OverheadBudget), and the last step is evaluated
+            evals = min(self.eval_share * left * self.train_s / self.steps_timed, eval_each * left) + eval_each
+            return round(left * self.train_s / self.steps_timed + (evals if self.has_eval and left else 0.0), 1)
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
@@ -576,14 +601,58 @@ def _recorder_class():
             update_status(self.run_dir, step=step, max_steps=state.max_steps, first_eval_loss=self.first_eval_loss,
                           eval_loss=_best_eval(state, record), train_loss=record["loss"] or _status_loss(self.run_dir),
                           tokens_trained=record.get("tokens") or read_status(self.run_dir).get("tokens_trained", 0),
-                          wall_s=record["elapsed_s"], eta_s=record["eta_s"])
+                          wall_s=record["elapsed_s"], eta_s=record["eta_s"], examples_seen=self.examples_seen(args, state))
             if self.progress is not None:
                 self.progress({**record, "max_steps": state.max_steps})
 
         def on_save(self, args, state, control, **kw):
             update_status(self.run_dir, last_checkpoint=f"checkpoint-{state.global_step}")
 
-    return RunRecorder
+    class OverheadBudget(TrainerCallback):
+        """Keep evaluations and checkpoints to a share of the run's time, not a count of steps.
+
+        On small data a run is mostly overhead when it evaluates and saves every N steps. Here an
+        evaluation that eval_steps makes due is skipped when it would take evaluations over
+        `eval_share` of the time so far; a checkpoint that save_steps makes due is skipped when the
+        last one is under `save_every_s` old. The last step is always evaluated and saved, and a new
+        best evaluation is always saved, so the best weights can be loaded at the end.
+        Comes after RunRecorder (which asks for the last step's evaluation).
+        """
+
+        def __init__(self, eval_share: float, save_every_s: float):
+            self.eval_share, self.save_every_s = eval_share, save_every_s
+            self.started = self.last_save = self.eval_started = time.monotonic()
+            self.eval_s = self.last_eval_s = 0.0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.started = self.last_save = self.eval_started = time.monotonic()  # eval_on_start starts now
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.monotonic()
+            last = state.global_step >= state.max_steps
+            if control.should_evaluate and not last and self.eval_share < 1.0:
+                spent = now - self.started
+                if self.eval_s + self.last_eval_s > self.eval_share * (spent + self.last_eval_s):
+                    control.should_evaluate = False
+            if control.should_evaluate:
+                self.eval_started = now
+            if control.should_save and not last and now - self.last_save < self.save_every_s:
+                control.should_save = False
+            return control
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            self.last_eval_s = time.monotonic() - self.eval_started
+            self.eval_s += self.last_eval_s
+            loss = (metrics or {}).get("eval_loss")
+            best = state.best_metric
+            if state.global_step > 0 and loss is not None and (best is None or loss < best):
+                control.should_save = True  # load_best_model_at_end needs the best on disk
+            return control
+
+        def on_save(self, args, state, control, **kw):
+            self.last_save = time.monotonic()
+
+    return RunRecorder, OverheadBudget
 
 
 def _best_eval(state, record: dict[str, Any]) -> float | None:
@@ -722,9 +791,9 @@ def train_run(run_dir: str | Path, resume: bool = False,
             return _train(run_dir, cfg, resume, progress, dev)
         except KeyboardInterrupt:
             return update_status(run_dir, status="cancelled", error="Stopped from the keyboard. Resume to continue.",
-                                 pid=None)
+                                 pid=None, phase=None)
         except TunerError as exc:
-            return update_status(run_dir, status="failed", error=str(exc), pid=None)
+            return update_status(run_dir, status="failed", error=str(exc), pid=None, phase=None)
         except Exception as exc:  # the run fails; the caller (app, CLI) keeps going
             if _is_oom(exc):
                 error = "Out of memory. " + OOM_ADVICE.format(batch_size=cfg.batch_size, max_length=cfg.max_length,
@@ -738,7 +807,7 @@ def train_run(run_dir: str | Path, resume: bool = False,
 
             traceback.print_exc()  # into train.log when run by tuner.jobs
             remove_incomplete_checkpoints(run_dir)
-            return update_status(run_dir, status="failed", error=error, pid=None,
+            return update_status(run_dir, status="failed", error=error, pid=None, phase=None,
                                  wall_s=round(read_status(run_dir).get("wall_s") or 0.0, 1),
                                  session_s=round(time.monotonic() - started, 1))
         finally:
@@ -798,6 +867,7 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
     from tuner.models import load_model, load_tokenizer
 
     _check_data(run_dir)
+    update_status(run_dir, phase="loading the model and the data")
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.base_model)
     chat_template = tokenizer.chat_template
@@ -847,8 +917,10 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
 
     args = sft_config(cfg, run_dir, dev, prec, bool(val_rows), gc_on, resume=checkpoint is not None)
-    recorder = _recorder_class()(run_dir, offset, bool(val_rows), progress, model.config.get_text_config().vocab_size)
-    callbacks = [recorder]
+    recorder_class, budget_class = _recorder_class()
+    recorder = recorder_class(run_dir, offset, bool(val_rows), progress, model.config.get_text_config().vocab_size,
+                              eval_share=cfg.eval_share)
+    callbacks = [recorder, budget_class(cfg.eval_share, cfg.save_every_s)]
     if cfg.early_stopping_patience > 0 and val_rows:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
 
@@ -860,11 +932,11 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
                          eval_dataset=as_dataset(val_rows), processing_class=tokenizer,
                          peft_config=lora_config(cfg) if cfg.method is Method.LORA else None, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress callback instead
+    full_eval = None
     if trainer.eval_dataset is not None and "input_ids" in trainer.eval_dataset.column_names:
-        # evaluation batches in length order pad least (the order of validation examples means nothing)
-        lengths = [len(ids) for ids in trainer.eval_dataset["input_ids"]]
-        trainer.eval_dataset = trainer.eval_dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
-    context = {"checkpoint": checkpoint, "recorder": recorder, "chat_template": chat_template, "quantization": quant,
+        full_eval = trainer.eval_dataset
+        trainer.eval_dataset = eval_sample(full_eval, cfg.eval_examples, cfg.seed)
+    context = {"full_eval": full_eval, "checkpoint": checkpoint, "recorder": recorder, "chat_template": chat_template, "quantization": quant,
                "data_stats": data_stats, "precision": prec, "has_eval": bool(val_rows)}
     update_status(run_dir, device=dev, precision=prec["name"], precision_reason=_precision_reason(cfg, dev), quantization=quant, gradient_checkpointing=gc_on,
                   attention=attn,
@@ -872,6 +944,18 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
                   parameters=n_params, trainable_parameters=sum(p.numel() for p in trainer.model.parameters()
                                                                 if p.requires_grad))
     return trainer, context
+
+
+def eval_sample(dataset, limit: int, seed: int):
+    """The validation examples scored during training: all, or a fixed seeded sample of `limit`; in length
+    order, since batches of similar length pad least (the order of validation examples means nothing)."""
+    import random
+
+    indices = list(range(len(dataset)))
+    if 0 < limit < len(indices):
+        indices = random.Random(seed).sample(indices, limit)
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return dataset.select(sorted(indices, key=lambda i: -lengths[i]))
 
 
 def keep_4bit_layout_trainable(model) -> int:
@@ -949,6 +1033,11 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str) ->
 
     # the final result: best weights (load_best_model_at_end), written whole or not at all
     trainer.processing_class.chat_template = ctx["chat_template"]  # ship the model's own template
+    full_eval, scored = ctx["full_eval"], trainer.eval_dataset
+    eval_all = None
+    if full_eval is not None and scored is not None and len(full_eval) > len(scored):
+        update_status(run_dir, phase=f"evaluating the result on all {len(full_eval)} validation examples")
+        eval_all = trainer.evaluate(eval_dataset=full_eval, metric_key_prefix="eval_all").get("eval_all_loss")
     metrics = read_metrics(run_dir)
     summary = {
         "step": int(trainer.state.global_step),
@@ -962,11 +1051,16 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str) ->
         "tokens_trained": _last(metrics, "tokens") or 0,
         "early_stopped": trainer.state.global_step < trainer.state.max_steps,
         "quantization": ctx["quantization"],
+        "eval_examples": len(scored) if scored is not None else 0,
+        # every validation example, scored on the final weights (the same as eval_loss when the sample is all)
+        "eval_loss_all": eval_all if eval_all is not None else (trainer.state.best_metric if ctx["has_eval"] else None),
+        "examples_seen": int(trainer.state.global_step) * cfg.batch_size * cfg.grad_accum * max(_world_size(), 1),
     }
     out_dir = run_dir / (MODEL_DIR if cfg.method is Method.FULL else ADAPTER_DIR)
+    update_status(run_dir, phase="saving and checking the result")
     _save_result(trainer, cfg, run_dir, out_dir, summary, ctx["data_stats"], ctx["precision"]["name"], dev)
     summary["wall_s"] = round(recorder.elapsed(), 1)
-    return update_status(run_dir, status="completed", error=None, adapter=str(out_dir), pid=None, eta_s=0,
+    return update_status(run_dir, status="completed", phase="done", error=None, adapter=str(out_dir), pid=None, eta_s=0,
                          peak_memory_mb=_peak_memory_mb(dev),
                          train_runtime_s=round(train_runtime, 1), **summary)
 
@@ -1105,8 +1199,10 @@ def model_card(cfg: TrainConfig, summary: dict[str, Any], data_stats: dict[str, 
         f"A {kind} trained by tuner {__version__} with trl's SFTTrainer on {base}{quant}.", "",
         "## Results", "",
         "| | value |", "|---|---|",
-        f"| validation loss before training | {fmt(summary.get('first_eval_loss'))} |",
-        f"| validation loss of these weights (best) | {fmt(summary.get('eval_loss'))} |",
+        f"| validation loss before training ({summary.get('eval_examples')} examples) | "
+        f"{fmt(summary.get('first_eval_loss'))} |",
+        f"| validation loss of these weights (best, same examples) | {fmt(summary.get('eval_loss'))} |",
+        f"| validation loss on all {va['examples']} validation examples | {fmt(summary.get('eval_loss_all'))} |",
         f"| first / final training loss | {fmt(summary.get('first_loss'))} / {fmt(summary.get('train_loss'))} |",
         f"| steps (best step) | {summary.get('step')} of {summary.get('max_steps')} ({summary.get('best_step')}) |",
         f"| tokens trained | {summary.get('tokens_trained')} |",
