@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -209,13 +210,64 @@ def test_report_lists_every_drop_with_file_line_and_category(tmp_path, tokenizer
     files = {f["file"]: f for f in report["files"]}
     assert files["chats.jsonl"] | {"encoding": None} == {
         "file": "chats.jsonl", "format": "openai-jsonl", "encoding": None, "rows_read": 20,
-        "conversations_read": 15, "conversations_kept": 12, "dropped": 8, "error": None}
+        "conversations_read": 15, "conversations_kept": 12, "dropped": 8, "error": None,
+        "row_unit": "lines", "rows_dropped": 5, "conversations_dropped": 3}
     assert files["log.txt"]["conversations_kept"] == 1
     assert report["train_examples"] + report["validation_examples"] == 13 == len(_examples(tmp_path / "out"))
     assert report["dropped_total"] == 10
     assert report["stats"]["dropped_by_category"][formats.TOO_LONG] == 1
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["dropped"] == report["dropped"]
+
+
+def test_report_counts_one_unit_per_column_and_the_headline_sums_the_table(tmp_path, tokenizer):
+    # 3 files: JSONL (a line per conversation), a one-row-per-message CSV, a transcript with a broken line
+    chats = _jsonl(tmp_path / "chats.jsonl", [_chat(i) for i in range(30)] + ["{broken"])
+    rows = "".join(f"{i},Customer,Question {_tag(100 + i)}?\n{i},Agent,Answer {_tag(100 + i)}.\n" for i in range(20))
+    (tmp_path / "tickets.csv").write_text("conversation_id,speaker,text\n" + rows, encoding="utf-8")
+    log = "".join(f"Customer: hi {_tag(200 + i)}\nAgent: ahoy {_tag(200 + i)}\n\n" for i in range(10))
+    (tmp_path / "log.txt").write_text("orphan line\n\n" + log + "Customer: hello\nWizard: poof\n", encoding="utf-8")
+    report = _convert([chats, tmp_path / "tickets.csv", tmp_path / "log.txt"], tmp_path / "out", tokenizer)
+    files = {f["file"]: f for f in report["files"]}
+    units = {name: (f["rows_read"], f["row_unit"], f["rows_dropped"], f["conversations_read"],
+                    f["conversations_kept"], f["conversations_dropped"]) for name, f in files.items()}
+    assert units == {"chats.jsonl": (31, "lines", 1, 30, 30, 0), "tickets.csv": (40, "rows", 0, 20, 20, 0),
+                     "log.txt": (23, "lines", 1, 11, 10, 1)}
+    totals = report["totals"]
+    assert totals == {"conversations_read": 61, "conversations_kept": 60, "conversations_dropped": 1, "rows_dropped": 2}
+    assert totals["conversations_read"] == report["stats"]["conversations_read"]
+    assert totals["conversations_kept"] == report["train_examples"] + report["validation_examples"]
+    assert totals["conversations_dropped"] + totals["rows_dropped"] == report["dropped_total"] == len(report["dropped"])
+    summary = dataset.format_report(report)
+    assert "from 61 conversations read" in summary.splitlines()[0]
+    assert "tickets.csv [messages-csv]: 20 conversations read, 20 kept, 0 dropped; 40 rows read, 0 skipped" in summary
+
+
+@pytest.mark.parametrize("hints", ["cli", "page"])
+def test_advice_names_flags_only_for_the_command_line(tmp_path, tokenizer, hints):
+    records = [_chat(i) for i in range(20)] + [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "function", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "long " * 400}, {"role": "assistant", "content": "ok"}]},
+        {"messages": [{"role": "user", "content": "mail ana@example.com"}, {"role": "assistant", "content": "ok"}]}]
+    chats = _jsonl(tmp_path / "chats.jsonl", records)
+    (tmp_path / "log.txt").write_text("Customer: hi\nAgent: Ahoy!\n\nCustomer: hello\nWizard: poof\n")
+    report = dataset.convert([chats, tmp_path / "log.txt"], tmp_path / "out",
+                             ConvertConfig(min_examples=1, max_length=128, overlong="drop"), tokenizer=tokenizer,
+                             hints=hints)
+    assert report["unmapped_speakers"] == ["Wizard"] and report["unmapped_speaker_conversations"] == {"Wizard": 1}
+    advice = report["warnings"] + [d["reason"] for d in report["dropped"]]
+    assert {d["category"] for d in report["dropped"]} == {formats.UNRECOGNIZED_ROLE, formats.TOO_LONG,
+                                                           formats.UNMAPPED_SPEAKER}
+    assert any("Personal data found" in w for w in report["warnings"])
+    flagged = [a for a in advice if "--" in a]
+    if hints == "cli":
+        assert any("--assistant NAME" in a for a in flagged) and any("--max-length" in a for a in flagged)
+        assert any("--redact-pii" in a for a in flagged)
+    else:
+        assert flagged == []
+        assert any("Wizard" in w and "your team" in w for w in report["warnings"])
+    with pytest.raises(TunerError, match="hints"):
+        dataset.convert([chats], tmp_path / "out2", ConvertConfig(), tokenizer=tokenizer, hints="web")
 
 
 @pytest.mark.parametrize("policy", ["truncate", "drop"])
@@ -491,6 +543,28 @@ def test_cli_converts_and_prints_json(tmp_path, default_model_path):
     assert report["stats"]["system_prompt_added"] == 192 and report["pii_redacted"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["files"] == report["files"]
     assert all(e["messages"][0] == {"role": "system", "content": "Kettle crew."} for e in _examples(tmp_path / "out"))
+
+
+def test_cli_converts_a_transcript_whose_replies_contain_code(tmp_path, default_model_path):
+    # issue 17: every turn is stamped and is Customer or Agent Maya; def ...:, else:, try: are code in replies
+    source = Path(__file__).parent / "data" / "transcript_with_code.txt"
+    out = _cli(str(source), "--out", str(tmp_path / "out"), "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    (entry,) = report["files"]
+    assert (entry["conversations_read"], entry["conversations_kept"], entry["dropped"]) == (24, 24, 0)
+    assert report["unmapped_speakers"] == [] and report["dropped"] == []
+    assert not any("no role" in w for w in report["warnings"])
+    examples = _examples(tmp_path / "out")
+    assert len(examples) == 24
+    replies = "\n".join(m["content"] for e in examples for m in e["messages"] if m["role"] == "assistant")
+    reply_lines = set(replies.splitlines())
+    turn = re.compile(r"^\[[\d: -]+\] (Customer|Agent Maya): ")
+    body = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip() and not turn.match(line)]
+    assert len(body) > 100 and "def quicksort(arr):" in body and "    else:" in body and "try:" in body
+    assert [line for line in body if line not in reply_lines] == []  # every code line, indentation and all
+    assert "    retries -= 1\nelse:\n    print('done')" in replies  # in order, inside one reply
+    assert "        return 'hot'\n\n\ndef main():" in replies  # blank lines between definitions kept
 
 
 def test_cli_fails_with_a_one_line_reason(tmp_path, default_model_path):

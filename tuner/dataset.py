@@ -75,6 +75,28 @@ SCHEMA_ROLES = {"system": "system", "developer": "system", "user": "user", "huma
                 "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
                 "model": "assistant"}
 
+# advice in reports names the fix as the caller's user meets it: command-line flags, or settings in words
+HINTS: dict[str, dict[str, str]] = {
+    "cli": {
+        "map_speaker": "map it with --assistant NAME or --user NAME",
+        "map_speakers": "Map them with --assistant NAME or --user NAME.",
+        "map_role": "remove those messages or map the role with --assistant/--user",
+        "overlong_drop": "overlong examples are dropped (--overlong drop)",
+        "raise_max_length": "Raise --max-length or shorten the conversation",
+        "lower_max_length": "Check them or lower --max-length.",
+        "redact": "convert with redact_pii (--redact-pii) to replace it",
+    },
+    "page": {
+        "map_speaker": "say whether it is your team or your customers",
+        "map_speakers": "Say which of them are your team to keep those conversations.",
+        "map_role": "remove those messages or rename the role to system, user or assistant",
+        "overlong_drop": "overlong examples are set to be dropped, not shortened",
+        "raise_max_length": "Raise the maximum length or shorten the conversation",
+        "lower_max_length": "Check them or lower the maximum length.",
+        "redact": "turn on redaction of personal data to replace it",
+    },
+}
+
 
 def _label(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", str(text)).casefold().replace("_", " ").split()).strip(" .:-")
@@ -118,8 +140,11 @@ class _Counts:
 
 
 def clean(conv: Conversation, cfg: ConvertConfig, counts: _Counts | None = None,
-          unmapped: Counter | None = None) -> list[dict[str, Any]] | Dropped:
-    """Roles mapped, sides merged, greeting and unanswered tail trimmed, system prompt added; or why not."""
+          unmapped: Counter | None = None, hints: str = "cli") -> list[dict[str, Any]] | Dropped:
+    """Roles mapped, sides merged, greeting and unanswered tail trimmed, system prompt added; or why not.
+
+    `hints` words the fix in a drop reason: "cli" (flags) or "page" (settings in words), see HINTS.
+    """
     counts = counts if counts is not None else _Counts()
     mapped: list[dict[str, Any]] = []
     unknown: list[str] = []
@@ -145,13 +170,11 @@ def clean(conv: Conversation, cfg: ConvertConfig, counts: _Counts | None = None,
         names = ", ".join(f"'{u}'" for u in unknown)
         if conv.strict_roles:
             return Dropped(conv.file, conv.line, UNRECOGNIZED_ROLE,
-                           f"role {names} is not system, user or assistant; remove those messages or map the role "
-                           f"with --assistant/--user")
+                           f"role {names} is not system, user or assistant; {HINTS[hints]['map_role']}")
         if unmapped is not None:
             unmapped.update(unknown)
         return Dropped(conv.file, conv.line, UNMAPPED_SPEAKER,
-                       f"speaker {names} is neither a known agent nor customer label; map it with "
-                       f"--assistant NAME or --user NAME")
+                       f"speaker {names} is neither a known agent nor customer label; {HINTS[hints]['map_speaker']}")
     head = 0
     while head < len(mapped) and mapped[head]["role"] == "system":
         head += 1
@@ -216,6 +239,7 @@ def _keys(messages: list[dict[str, Any]]) -> tuple[int, int]:
 # -- the conversion --------------------------------------------------------------------------------------------
 
 BATCH = 512  # conversations measured per tokenizer call
+ROW_UNITS = {"jsonl": "lines", "json": "records", "csv": "rows", "txt": "lines"}  # what rows_read counts, by container
 MAX_REPORTED_DROPS = 10_000  # report.json lists this many; counts per category are always complete
 REPLY_SAMPLE = 1000  # replies sampled to look for one canned reply dominating
 # rough training throughput of the default model (SmolLM2-135M, LoRA), for the time estimate only:
@@ -239,6 +263,7 @@ class _Run:
     cfg: ConvertConfig
     tokenizer: Any
     out_dir: Path
+    hints: str = "cli"
     counts: _Counts = field(default_factory=_Counts)
     dropped: list[dict[str, Any]] = field(default_factory=list)
     dropped_by_category: Counter = field(default_factory=Counter)
@@ -270,12 +295,14 @@ class _Run:
         self.handles = {split: open(self.out_dir / f".{split}.jsonl.tmp", "w", encoding="utf-8")  # noqa: SIM115
                         for split in ("train", "validation")}
 
-    def drop(self, item: Dropped, file_entry: dict[str, Any] | None) -> None:
+    def drop(self, item: Dropped, file_entry: dict[str, Any] | None, conversation: bool = True) -> None:
+        """Count a drop: a conversation that was read (`conversation`), or a line/row that never became one."""
         self.dropped_by_category[item.category] += 1
         if len(self.dropped) < MAX_REPORTED_DROPS:
             self.dropped.append(item.to_dict())
         if file_entry is not None:
             file_entry["dropped"] += 1
+            file_entry["conversations_dropped" if conversation else "rows_dropped"] += 1
 
     # -- per batch: measure, truncate, deduplicate, split, write --
 
@@ -294,11 +321,12 @@ class _Run:
                 self.over_limit += 1
                 fitted = self._fit(messages) if self.cfg.overlong == "truncate" else None
                 if fitted is None:
+                    hint = HINTS[self.hints]
                     why = ("even the first exchange is longer" if self.cfg.overlong == "truncate"
-                           else "overlong examples are dropped (--overlong drop)")
+                           else hint["overlong_drop"])
                     self.drop(Dropped(pending.file["file"], pending.line, TOO_LONG,
-                                      f"{total} tokens, over max_length {max_len}; {why}. Raise --max-length "
-                                      "or shorten the conversation"), pending.file)
+                                      f"{total} tokens, over max_length {max_len}; {why}. "
+                                      f"{hint['raise_max_length']}"), pending.file)
                     continue
                 messages, total = fitted
                 per_reply = per_reply[: sum(1 for m in messages if m["role"] == "assistant")]
@@ -413,12 +441,16 @@ def _check_config(cfg: ConvertConfig) -> None:
 
 
 def convert(paths: list[str | Path] | str | Path, out_dir: str | Path, cfg: ConvertConfig | None = None,
-            tokenizer: Any = None, progress: Callable[[float, str], Any] | None = None) -> dict[str, Any]:
+            tokenizer: Any = None, progress: Callable[[float, str], Any] | None = None,
+            hints: str = "cli") -> dict[str, Any]:
     """Convert exports into `out_dir/train.jsonl`, `validation.jsonl` and `report.json`; returns the report.
 
     Problems with single rows or files are reported, not raised; TunerError only for bad settings or
     limits (too many files). `progress(fraction, text)` is called as files are read (gr.Progress fits).
+    `hints` words the advice in reasons and warnings: "cli" names flags, "page" names settings in words.
     """
+    if hints not in HINTS:
+        raise TunerError(f"hints must be one of {', '.join(HINTS)}, got '{hints}'.")
     started = time.monotonic()
     cfg = cfg or ConvertConfig()
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
@@ -434,7 +466,7 @@ def convert(paths: list[str | Path] | str | Path, out_dir: str | Path, cfg: Conv
         tokenizer = load_tokenizer("default")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = _Run(cfg, tokenizer, out_dir)
+    run = _Run(cfg, tokenizer, out_dir, hints)
     files: list[dict[str, Any]] = []
     sizes = [p.stat().st_size if p.is_file() else 0 for p in paths]
     total_bytes, done_bytes = max(1, sum(sizes)), 0
@@ -447,26 +479,31 @@ def convert(paths: list[str | Path] | str | Path, out_dir: str | Path, cfg: Conv
     try:
         batch: list[_Pending] = []
         for path, name, size in zip(paths, _display_names(paths), sizes, strict=True):
-            entry: dict[str, Any] = {"file": name, "format": None, "encoding": None, "rows_read": 0,
-                                     "conversations_read": 0, "conversations_kept": 0, "dropped": 0, "error": None}
+            # one unit per count: rows_* count the file's lines/records/rows (row_unit), conversations_* count
+            # conversations (read = kept + conversations_dropped); "dropped" is both, as listed in report["dropped"]
+            entry: dict[str, Any] = {"file": name, "format": None, "encoding": None, "rows_read": 0, "row_unit": None,
+                                     "rows_dropped": 0, "conversations_read": 0, "conversations_kept": 0,
+                                     "conversations_dropped": 0, "dropped": 0, "error": None}
             files.append(entry)
             src = Source(path, name, dict(cfg.column_map))
             try:
                 if not path.is_file():
                     raise DataError("no such file.", name)
                 entry["format"] = resolve_format(cfg.format, path, cfg.column_map, name)
+                entry["row_unit"] = ROW_UNITS[entry["format"].rsplit("-", 1)[1]]
                 for item in parse(src, entry["format"]):
                     if isinstance(item, Dropped):
-                        run.drop(item, entry)
+                        run.drop(item, entry, conversation=False)
                         continue
                     if run.conversations_read >= limits.MAX_CONVERSATIONS:
                         run.drop(Dropped(name, item.line, OVER_LIMIT,
                                          f"the limit of {limits.MAX_CONVERSATIONS} conversations per dataset was "
-                                         "reached; this and later conversations were not read"), entry)
+                                         "reached; this and later conversations were not read"), entry,
+                                 conversation=False)
                         break
                     run.conversations_read += 1
                     entry["conversations_read"] += 1
-                    cleaned = clean(item, cfg, run.counts, run.unmapped)
+                    cleaned = clean(item, cfg, run.counts, run.unmapped, run.hints)
                     if isinstance(cleaned, Dropped):
                         run.drop(cleaned, entry)
                         continue
@@ -478,7 +515,7 @@ def convert(paths: list[str | Path] | str | Path, out_dir: str | Path, cfg: Conv
                         report_progress(src)
             except DataError as exc:  # the whole file is unusable; the other files still convert
                 entry["error"] = str(exc)
-                run.drop(Dropped(name, exc.line or 1, UNREADABLE_FILE, str(exc)), entry)
+                run.drop(Dropped(name, exc.line or 1, UNREADABLE_FILE, str(exc)), entry, conversation=False)
             entry["rows_read"], entry["encoding"] = src.rows_read, src.encoding or None
             done_bytes += size
             src.bytes_read = 0
@@ -536,10 +573,11 @@ def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, st
     for entry in files:
         if entry["error"]:
             warnings.append(f"{entry['file']} was skipped: {entry['error']}")
+    hint = HINTS[run.hints]
     if run.unmapped:
         labels = ", ".join(f"'{k}' ({v})" for k, v in run.unmapped.most_common(10))
         warnings.append(f"{run.dropped_by_category[UNMAPPED_SPEAKER]} conversation(s) dropped because these speakers "
-                        f"have no role: {labels}. Map them with --assistant NAME or --user NAME.")
+                        f"have no role: {labels}. {hint['map_speakers']}")
     dup = run.exact_duplicates + run.near_duplicates
     if examples and dup / examples >= 0.2:
         warnings.append(f"{dup} of {examples} examples ({dup / examples:.0%}) are duplicates or near-duplicates; "
@@ -551,14 +589,14 @@ def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, st
     replies = _summary(run.reply_tokens)
     if len(run.reply_tokens) >= 20 and replies["median"] and replies["p95"] > 8 * replies["median"]:
         warnings.append(f"Reply lengths are very uneven (median {replies['median']} tokens, 95th percentile "
-                        f"{replies['p95']}): a few long replies dominate training. Check them or lower --max-length.")
+                        f"{replies['p95']}): a few long replies dominate training. {hint['lower_max_length']}")
     if run.truncated:
         warnings.append(f"{run.truncated} example(s) were over {cfg.max_length} tokens and lost their last turns.")
     if run.dropped_by_category[TOO_LONG]:
         warnings.append(f"{run.dropped_by_category[TOO_LONG]} example(s) over {cfg.max_length} tokens were dropped.")
     if sum(run.pii.values()) and not cfg.redact_pii:
         found = ", ".join(f"{n} {k}" for k, n in run.pii.most_common())
-        warnings.append(f"Personal data found ({found}) and kept; convert with redact_pii (--redact-pii) to replace it.")
+        warnings.append(f"Personal data found ({found}) and kept; {hint['redact']}.")
     dropped_total = sum(run.dropped_by_category.values())
     if dropped_total > len(run.dropped):
         warnings.append(f"{dropped_total} records were dropped; report.json lists the first {len(run.dropped)} "
@@ -602,10 +640,14 @@ def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, st
                        f"and {GPU_TOKENS_PER_S} tokens/s on a GPU; larger models are slower",
         },
     }
+    totals = {key: sum(entry[key] for entry in files)
+              for key in ("conversations_read", "conversations_kept", "conversations_dropped", "rows_dropped")}
     return {
         "ok": ok,
         "reason": reason,
         "files": files,
+        # the headline's numbers: sums of the files table's columns, so the two always agree
+        "totals": totals,
         "dropped": run.dropped,
         "dropped_total": dropped_total,
         "stats": stats,
@@ -613,6 +655,8 @@ def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, st
         "pii": {kind: run.pii.get(kind, 0) for kind in ("email", "phone", "card", "iban", "ip")},
         "pii_redacted": cfg.redact_pii,
         "unmapped_speakers": [label for label, _ in run.unmapped.most_common()],
+        # label -> conversations dropped for it; the caller words the fix (CLI flags, or the page's checklist)
+        "unmapped_speaker_conversations": dict(run.unmapped.most_common()),
         "train_examples": train_n,
         "validation_examples": val_n,
         "elapsed_s": round(time.monotonic() - started, 2),
@@ -738,12 +782,13 @@ def format_report(report: dict[str, Any], out_dir: str | Path | None = None) -> 
     """The report as a short plain-text summary (the CLI's default output)."""
     s = report["stats"]
     lines = [f"{'Ready to train' if report['ok'] else 'NOT trainable'}: {report['train_examples']} train + "
-             f"{report['validation_examples']} validation examples in {report['elapsed_s']} s"
+             f"{report['validation_examples']} validation examples from {report['totals']['conversations_read']} "
+             f"conversations read in {report['elapsed_s']} s"
              + (f" -> {out_dir}" if out_dir else "")]
     for f in report["files"]:
         state = f"error: {f['error']}" if f["error"] else (
-            f"{f['rows_read']} rows, {f['conversations_read']} conversations, {f['conversations_kept']} kept, "
-            f"{f['dropped']} dropped")
+            f"{f['conversations_read']} conversations read, {f['conversations_kept']} kept, "
+            f"{f['conversations_dropped']} dropped; {f['rows_read']} {f['row_unit']} read, {f['rows_dropped']} skipped")
         lines.append(f"  {f['file']} [{f['format'] or '?'}]: {state}")
     if s["examples"]:
         t, a = s["tokens"], s["assistant_tokens"]
