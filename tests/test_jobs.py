@@ -142,3 +142,20 @@ def test_reconcile_marks_runs_left_running_by_a_dead_process_interrupted(signoff
     assert status["status"] == "interrupted" and "Resume continues from the start" in status["error"]
     assert train.read_status(waiting)["status"] == "queued"
     assert stale.name not in jobs.reconcile()  # idempotent
+
+
+def test_a_finished_job_is_reaped_without_anyone_waiting_for_it(signoff_data, started):
+    import psutil
+
+    run = prepare("jobs-reaped", signoff_data, max_steps=1, eval_steps=1, save_steps=1)
+    job = jobs.start(run)
+    started.append(job)
+    wait_for("the run to complete", lambda: jobs.read_status(run).get("status") == "completed")
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(job.pid).status() != psutil.STATUS_ZOMBIE and not psutil.pid_exists(job.pid)
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for("the finished process to be reaped", gone, timeout=30)  # nobody here called wait()

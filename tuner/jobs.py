@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +192,8 @@ def start(run_dir: str | Path, resume: bool = False) -> Job:
             # its own session: cancel signals the whole tree, and the app's own signals do not reach it
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     cwd=str(ROOT), pass_fds=(fd,), start_new_session=True)
+        # reap it when it exits, so a finished job does not stay a zombie under the app until the app exits
+        threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"run {run_dir.name}, pid {proc.pid}".encode(), 0)
         if _read_status(run_dir).get("pid") is None:  # unless the job already reported itself running
