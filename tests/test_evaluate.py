@@ -10,33 +10,7 @@ from conftest import SIGN_OFF
 
 from tuner.config import GenerationConfig
 from tuner.errors import DataError
-from tuner.evaluate import METRIC_HELP, brand_phrases, general_texts, load_cases, phrase_rate
-
-
-@pytest.mark.parametrize("replies, expected", [
-    # a sign-off shared by every reply wins whole, not just its last words
-    ([f"Answer {i} here. Best wishes, the Acme crew." for i in range(6)],
-     [("Best wishes, the Acme crew.", "sign-off")]),
-    # an opening shared by most replies, endings all different
-    ([f"Hello friend! Your {thing} ships {day}." for thing, day in
-      [("lamp", "today"), ("bulb", "on Monday"), ("cable", "soon"), ("shade", "next week"), ("dimmer", "now")]],
-     [("Hello friend!", "opening")]),
-    # both, with case and spacing differences ignored
-    (["Hi there!  We can help.  Cheers, Kettle & Co.", "hi there! No stock. Cheers, Kettle & Co.",
-      "Hi there! Try again. cheers, kettle & co."], [("Hi there!", "opening"), ("Cheers, Kettle & Co.", "sign-off")]),
-    # nothing recurs: nothing is mined
-    (["Sure.", "No problem at all.", "We ship on Monday."], []),
-    ([], []),
-])
-def test_brand_phrases_are_recurring_openings_and_sign_offs(replies, expected):
-    found = {(p["phrase"].lower(), p["position"]) for p in brand_phrases(replies)}
-    assert found == {(phrase.lower(), position) for phrase, position in expected}
-
-
-def test_phrase_rate_counts_replies_with_any_phrase():
-    phrases = [{"phrase": "Cheers, Ann", "position": "sign-off", "share": 1.0}]
-    assert phrase_rate(["ok. cheers,  ann", "no", "Cheers, Ann!", "x"], phrases) == 0.5
-    assert phrase_rate(["a"], []) is None
+from tuner.evaluate import METRIC_HELP, general_texts, load_cases
 
 
 def test_general_text_set_ships_with_the_package():
@@ -68,9 +42,14 @@ def test_prompts_files_and_their_errors(signoff_run, tmp_path):
 def test_evaluate_shows_the_voice_was_learned_and_what_it_cost(signoff_run):
     from tuner.evaluate import evaluate
 
-    result = evaluate(signoff_run, settings=GenerationConfig(max_new_tokens=32), limit=3)
+    heard: list[tuple[int, int, str]] = []
+    result = evaluate(signoff_run, settings=GenerationConfig(max_new_tokens=32), limit=3,
+                      on_progress=lambda done, total, text: heard.append((done, total, text)))
     rows, metrics = result["rows"], result["metrics"]
     assert len(rows) == 3
+    # progress says n of N prompts before the replies and after them, then the scoring
+    assert heard[0] == (0, 3, "Base and tuned answer prompts 1-3 of 3")
+    assert heard[1][:2] == (3, 3) and "answered" in heard[1][2]
     assert all(set(r) == {"prompt", "reference", "base", "tuned"} for r in rows)
     assert all(r["reference"] and SIGN_OFF in r["reference"] for r in rows)
     assert any(p["phrase"] == SIGN_OFF and p["position"] == "sign-off" for p in result["phrases"])
@@ -89,6 +68,23 @@ def test_evaluate_shows_the_voice_was_learned_and_what_it_cost(signoff_run):
     assert saved["rows"] == rows
     md = (signoff_run / "eval.md").read_text()
     assert "| brand_phrase_rate |" in md and rows[0]["prompt"] in md and SIGN_OFF in md
+
+
+def test_each_prompt_is_evaluated_once_and_a_stop_writes_nothing(signoff_run, tmp_path):
+    import threading
+
+    from tuner.evaluate import Stopped, evaluate
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["Refund?", " Refund? ", {"prompt": "Refund?", "reference": "Sure."}, "Where?"]))
+    assert [c["messages"][-1]["content"] for c in load_cases(signoff_run, prompts, None)] == ["Refund?", "Where?"]
+    before = (signoff_run / "eval.json").read_bytes() if (signoff_run / "eval.json").is_file() else None
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Stopped):
+        evaluate(signoff_run, prompts, GenerationConfig(max_new_tokens=8), stop=stop)
+    after = (signoff_run / "eval.json").read_bytes() if (signoff_run / "eval.json").is_file() else None
+    assert after == before
 
 
 def test_eval_cli_prints_rows_and_metrics_for_a_prompts_file(signoff_run, tmp_path, capsys):

@@ -17,12 +17,10 @@ import argparse
 import hashlib
 import json
 import math
-import re
 import statistics
+import threading
 import time
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,10 @@ from typing import Any
 from tuner.config import GenerationConfig
 from tuner.errors import DataError, TunerError
 from tuner.train import read_json_object
+from tuner.voice import brand_phrases, phrase_rate, training_replies
+
+__all__ = ["METRIC_HELP", "METRIC_LABELS", "Stopped", "brand_phrases", "evaluate", "load_cases", "phrase_rate",
+           "saved_result", "to_markdown"]
 
 GENERAL_TEXT = Path(__file__).parent / "resources" / "general_text.jsonl"
 EVAL_BATCH = 4  # prompts generated together (x columns rows in one batch)
@@ -44,67 +46,19 @@ METRIC_HELP = {
     "validation_perplexity": "exp(validation loss): the number of words the model hesitates between, on average (lower is better).",
     "general_perplexity": "Perplexity on general English shipped with tuner (lower is better); a rise after tuning is forgetting.",
 }
+METRIC_LABELS = {  # the metric names a person reads (eval.json keeps the keys)
+    "chrf": "Wording close to the real reply (chrF)",
+    "brand_phrase_rate": "Replies using the brand's phrases",
+    "length_words": "Reply length in words",
+    "validation_loss": "Loss on the real replies",
+    "validation_perplexity": "Perplexity on the real replies",
+    "general_perplexity": "Perplexity on general English (forgetting)",
+}
+ProgressFn = Callable[[int, int, str], None]  # (prompts done, prompts in all, what is happening)
 
 
-# -- brand phrases ---------------------------------------------------------------------------------
-
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.split())
-
-
-def brand_phrases(replies: Sequence[str], min_share: float = 0.25, min_count: int = 3, max_words: int = 12,
-                  top: int = 8) -> list[dict[str, Any]]:
-    """Recurring openings and sign-offs: leading word n-grams of the first sentence and trailing
-    n-grams of the last sentence that many replies share.
-
-    >>> brand_phrases(["Hi! Sure thing. Cheers, Ann"] * 3 + ["Hi! No. Cheers, Ann"])[0]["phrase"]
-    'Cheers, Ann'
-
-    Returns [{phrase, position: "opening"|"sign-off", share}], most frequent first. Of an n-gram
-    and a longer one that extends it, the longer wins only when nearly as frequent (the whole
-    sign-off, not its last two words; not the sign-off plus one common answer).
-    """
-    texts = [_norm(r) for r in replies if isinstance(r, str) and r.strip()]
-    n = len(texts)
-    if n < min_count:
-        return []
-    threshold = max(min_count, min_share * n)
-    found: list[dict[str, Any]] = []
-    for position in ("opening", "sign-off"):
-        counts: Counter[str] = Counter()
-        shown: dict[str, str] = {}
-        for text in texts:
-            sentences = _SENTENCE_END.split(text)
-            words = (sentences[0] if position == "opening" else sentences[-1]).split()
-            for k in range(2 if len(words) > 1 else 1, min(max_words, len(words)) + 1):
-                gram = " ".join(words[:k] if position == "opening" else words[-k:])
-                shown.setdefault(gram.lower(), gram)
-                counts[gram.lower()] += 1  # once per reply: a reply has one opening and one ending
-        kept: list[str] = []
-        for gram in sorted((g for g, c in counts.items() if c >= threshold), key=len):
-            opening = position == "opening"
-            base = next((k for k in reversed(kept)
-                         if (gram.startswith(k + " ") if opening else gram.endswith(" " + k))), None)
-            if base is None:
-                kept.append(gram)
-            elif counts[gram] >= 0.8 * counts[base]:
-                kept[kept.index(base)] = gram
-        found += [{"phrase": shown[g], "position": position, "share": round(counts[g] / n, 3)} for g in kept]
-    found.sort(key=lambda p: (-p["share"], -len(p["phrase"])))
-    return found[:top]
-
-
-def phrase_rate(replies: Sequence[str], phrases: Sequence[dict[str, Any]]) -> float | None:
-    """Share of replies that contain at least one of the phrases (case and spacing ignored)."""
-    if not replies or not phrases:
-        return None
-    keys = [_norm(p["phrase"]).lower() for p in phrases]
-    hits = sum(any(k in _norm(r).lower() for k in keys) for r in replies)
-    return round(hits / len(replies), 3)
+class Stopped(TunerError):
+    """The caller asked the evaluation to stop; nothing was written."""
 
 
 # -- text metrics ----------------------------------------------------------------------------------
@@ -131,26 +85,6 @@ def length_stats(replies: Sequence[str]) -> dict[str, float] | None:
 
 
 # -- losses ----------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _column_model(pg, column: str, run_dir: Path) -> Iterator[Any]:
-    """The playground's model set up as `column` (adapter off for base), under its lock."""
-    from peft import PeftModel
-
-    with pg._lock:
-        info = pg._run_info(run_dir)
-        model = pg.model
-        if column == "tuned" and info.method == "full":
-            yield pg._full[info.run_dir]
-        elif isinstance(model, PeftModel) and column == "base":
-            with model.disable_adapter():
-                yield model
-        elif isinstance(model, PeftModel):
-            model.set_adapter(pg._adapters[info.run_dir], inference_mode=True)
-            yield model
-        else:
-            yield model
 
 
 def _mean_loss(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int = 0,
@@ -210,7 +144,7 @@ def loss_metrics(pg, info, max_length: int, loss_limit: int = LOSS_LIMIT) -> dic
                                                 "general_perplexity": {}}
     pad = pg.tokenizer.pad_token_id or 0
     for col in COLUMNS:
-        with _column_model(pg, col, run_dir) as model:
+        with pg.column_model(col, run_dir) as model:
             val_loss = _mean_loss(model, val_seqs, pad) if val_seqs else None
             gen_loss = _mean_loss(model, gen_seqs, pad)
         out["validation_loss"][col] = round(val_loss, 4) if val_loss is not None else None
@@ -330,22 +264,49 @@ def load_cases(run_dir: Path, prompts_file: str | Path | None, limit: int | None
                     cases.append(case)
     if not cases:
         raise DataError("no prompts to evaluate.", str(path))
+    cases = distinct(cases)
     return cases[:limit] if limit else cases
+
+
+def distinct(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each prompt once (the first reference kept): a repeated question would count twice in every metric."""
+    seen: set[str] = set()
+    out = []
+    for case in cases:
+        key = json.dumps([(m["role"], " ".join(m["content"].split())) for m in case["messages"]])
+        if key not in seen:
+            seen.add(key)
+            out.append(case)
+    return out
+
+
+def saved_result(run_dir: Path) -> dict[str, Any]:
+    """The run's last evaluation (eval.json), or {} when it has none."""
+    return read_json_object(Path(run_dir) / "eval.json")
 
 
 # -- evaluate --------------------------------------------------------------------------------------
 
 
 def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settings: GenerationConfig | None = None,
-             limit: int | None = 50, playground=None, loss_limit: int = LOSS_LIMIT) -> dict[str, Any]:
+             limit: int | None = 50, playground=None, loss_limit: int = LOSS_LIMIT, on_progress: ProgressFn | None = None,
+             stop: threading.Event | None = None) -> dict[str, Any]:
     """Generate base and tuned replies for held-out prompts, score them, write eval.json and eval.md.
 
-    `playground` reuses an app's loaded model (a new one is loaded otherwise). Returns
+    `playground` reuses an app's loaded model (a new one is loaded otherwise). `on_progress` hears
+    (prompts done, prompts in all, what is happening) before and after each batch; setting `stop`
+    ends it with `Stopped` and writes nothing. Returns
     {run, settings, rows: [{prompt, reference, base, tuned}], metrics, phrases, elapsed_s}.
     """
     from tuner.config import TrainConfig
     from tuner.paths import resolve_run
-    from tuner.playground import Playground, _training_replies
+    from tuner.playground import Playground
+
+    def tell(done: int, text: str) -> None:
+        if stop is not None and stop.is_set():
+            raise Stopped("The evaluation was stopped; the previous eval.json (if any) is unchanged.")
+        if on_progress is not None:
+            on_progress(done, len(cases), text)
 
     started = time.monotonic()
     settings = settings or GenerationConfig()
@@ -357,12 +318,16 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
     rows: list[dict[str, Any]] = []
     for start in range(0, len(cases), EVAL_BATCH):
         chunk = cases[start:start + EVAL_BATCH]
-        replies = pg.generate_many([c["messages"] for c in chunk], COLUMNS, settings, run=run_dir)
+        first, last = start + 1, start + len(chunk)
+        tell(start, f"Base and tuned answer prompt{f's {first}-{last}' if last > first else f' {first}'} "
+                    f"of {len(cases)}")
+        replies = pg.generate_many([c["messages"] for c in chunk], COLUMNS, settings, run=run_dir, stop=stop)
         for case, reply in zip(chunk, replies, strict=True):
             rows.append({"prompt": case["messages"][-1]["content"], "reference": case["reference"],
                          "base": reply["base"], "tuned": reply["tuned"]})
+    tell(len(cases), f"All {len(cases)} prompts answered; measuring the losses (held-out replies, general English)")
 
-    train_replies, _ = _training_replies(run_dir / "data" / "train.jsonl", limit=10_000)
+    train_replies, _ = training_replies(run_dir / "data" / "train.jsonl", limit=10_000)
     phrases = brand_phrases(train_replies)
     refs = [r for r in rows if r["reference"] is not None]
     metrics: dict[str, dict[str, Any]] = {name: {"explain": text} for name, text in METRIC_HELP.items()}
@@ -377,6 +342,7 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
     # losses: the same model, adapter off and on
     losses = loss_metrics(pg, info, TrainConfig.load(run_dir / "config.yaml").max_length, loss_limit)
     fingerprint = losses.pop("fingerprint", None)
+    tell(len(cases), "Writing eval.json and eval.md")
     for name, values in losses.items():
         metrics[name].update(values)
 
@@ -440,13 +406,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="Print {rows, metrics} as JSON.")
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="Longest reply in tokens.")
     parser.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy (repeatable).")
+    parser.add_argument("--top-p", type=float, default=d.top_p, help="Nucleus sampling threshold.")
     parser.add_argument("--seed", type=int, default=d.seed, help="Sampling seed.")
+    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                        help="Above 1 discourages repeats.")
 
 
 def cli(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise TunerError("--limit must be 0 (all) or more.")
-    settings = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    settings = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed, repetition_penalty=args.repetition_penalty)
     result = evaluate(args.run, args.prompts, settings, limit=args.limit or None)
     if args.json:
         print(json.dumps({"rows": result["rows"], "metrics": result["metrics"], "phrases": result["phrases"]},

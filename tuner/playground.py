@@ -21,8 +21,9 @@ import queue
 import sys
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 from tuner.config import GenerationConfig
 from tuner.errors import ModelError, RunNotFound, TunerError
 from tuner.limits import MAX_INPUT_TOKENS
+from tuner.voice import make_brand_brief, training_replies
 
 BASE, TUNED, PROMPTED = "base", "tuned", "prompted"
 COLUMNS = (BASE, TUNED, PROMPTED)
@@ -108,52 +110,9 @@ def read_run(run: str | Path) -> RunInfo:
         check_safetensors_folder(adapter_dir, "model.safetensors")
     info = RunInfo(run_dir=run_dir, run_id=run_dir.name, base_model=cfg.base_model,
                    quantization=cfg.quantization.value, method=method, adapter_dir=adapter_dir)
-    replies, info.system_prompt = _training_replies(run_dir / "data" / "train.jsonl")
+    replies, info.system_prompt = training_replies(run_dir / "data" / "train.jsonl")
     info.brand_brief = make_brand_brief(replies, info.system_prompt)
     return info
-
-
-def _training_replies(train_file: Path, limit: int = 2000) -> tuple[list[str], str | None]:
-    """The assistant replies of a run's training data, and its common system prompt (if any)."""
-    replies: list[str] = []
-    systems: Counter[str] = Counter()
-    rows = 0
-    if not train_file.is_file():
-        return replies, None
-    with open(train_file, encoding="utf-8") as fh:
-        for line in fh:
-            if rows >= limit:
-                break
-            try:
-                messages = json.loads(line).get("messages", [])
-            except (ValueError, AttributeError):
-                continue
-            rows += 1
-            for m in messages:
-                if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                    continue
-                if m.get("role") == "assistant":
-                    replies.append(m["content"])
-                elif m.get("role") == "system":
-                    systems[m["content"]] += 1
-    system, count = systems.most_common(1)[0] if systems else (None, 0)
-    return replies, (system if rows and count * 2 > rows else None)
-
-
-def make_brand_brief(replies: Sequence[str], system_prompt: str | None = None) -> str:
-    """A system prompt that tells the base model the brand's voice: its brief plus mined phrases."""
-    from tuner.evaluate import brand_phrases
-
-    lines = [system_prompt.strip()] if system_prompt else ["You are the customer support assistant of our company."]
-    phrases = brand_phrases(replies)
-    openings = [p["phrase"] for p in phrases if p["position"] == "opening"][:3]
-    closings = [p["phrase"] for p in phrases if p["position"] == "sign-off"][:3]
-    lines.append("Answer in the brand's voice: friendly, short and helpful.")
-    if openings:
-        lines.append("Start replies the way the team does, e.g. " + "; ".join(f'"{o}"' for o in openings) + ".")
-    if closings:
-        lines.append("End every reply with the team's sign-off: " + " or ".join(f'"{c}"' for c in closings) + ".")
-    return " ".join(lines)
 
 
 # -- messages and trimming -------------------------------------------------------------------------
@@ -248,7 +207,11 @@ class _Job:
     rows: list[_Row]
     settings: GenerationConfig
     events: queue.Queue = field(default_factory=queue.Queue)
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)  # set when the reader goes away
+    caller_stop: threading.Event | None = None  # set by the caller (a Stop button) to end it early
+
+    def stopped(self) -> bool:
+        return self.stop.is_set() or (self.caller_stop is not None and self.caller_stop.is_set())
 
 
 def _row_streamer_class():
@@ -300,15 +263,15 @@ def _batch_streamer(tokenizer, events: queue.Queue, rows: list[int], end_ids: se
     return BatchStreamer()
 
 
-def _stop_criteria(stop: threading.Event):
+def _stop_criteria(job: _Job):
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class StopWhenAsked(StoppingCriteria):
-        """Ends generation early when the reader went away (closed the stream)."""
+        """Ends generation early when the reader went away (closed the stream) or the caller asked to stop."""
 
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+            return torch.full((input_ids.shape[0],), job.stopped(), dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([StopWhenAsked()])
 
@@ -527,7 +490,7 @@ class Playground:
                 for i, row in enumerate(job.rows):
                     groups.setdefault(row.model_key, []).append(i)
                 for model_key, indices in groups.items():
-                    if job.stop.is_set():
+                    if job.stopped():
                         break
                     self._generate_group(job, model_key, indices)
         except BaseException as exc:  # reported to the reader, who raises it in the caller's thread
@@ -549,7 +512,7 @@ class Playground:
             "max_new_tokens": s.max_new_tokens, "repetition_penalty": s.repetition_penalty,
             "eos_token_id": sorted(self._end_ids), "pad_token_id": tok.pad_token_id,
             "streamer": _batch_streamer(tok, job.events, indices, self._end_ids),
-            "stopping_criteria": _stop_criteria(job.stop),
+            "stopping_criteria": _stop_criteria(job),
         }
         if s.temperature > 0:
             kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
@@ -576,9 +539,10 @@ class Playground:
             text = tok.decode(ids[:end], skip_special_tokens=True)
             job.events.put(_Event("final", i, text, tokens=end))
 
-    def _events(self, rows: list[_Row], settings: GenerationConfig) -> Iterator[_Event]:
-        """Start the worker thread and hand its events over; closing the iterator stops generation."""
-        job = _Job(rows, settings)
+    def _events(self, rows: list[_Row], settings: GenerationConfig,
+                stop: threading.Event | None = None) -> Iterator[_Event]:
+        """Start the worker thread and hand its events over; closing the iterator (or setting `stop`) stops generation."""
+        job = _Job(rows, settings, caller_stop=stop)
         worker = threading.Thread(target=self._run_job, args=(job,), daemon=True, name="tuner-generate")
         worker.start()
         try:
@@ -658,10 +622,11 @@ class Playground:
 
     def generate_many(self, conversations: Sequence[Sequence[Mapping[str, Any]]], columns: Sequence[str],
                       settings: GenerationConfig | None = None, run: str | Path | None = None,
-                      brand_brief: str | None = None) -> list[dict[str, str]]:
+                      brand_brief: str | None = None, stop: threading.Event | None = None) -> list[dict[str, str]]:
         """Replies to many finished conversations (each ends with a user turn), all columns batched.
 
-        Used by evaluation; the conversations keep their own system messages.
+        Used by evaluation; the conversations keep their own system messages. Setting `stop` ends
+        the generation early (the replies are then cut where they were).
         """
         settings = settings or GenerationConfig()
         with self._lock:
@@ -675,10 +640,31 @@ class Playground:
                                       brand_brief, settings, run)
                 rows.extend(built)
         out: list[dict[str, str]] = [{} for _ in conversations]
-        for event in self._events(rows, settings):
+        for event in self._events(rows, settings, stop):
             if event.kind == "final":
                 out[event.row // len(columns)][rows[event.row].column] = event.text
         return out
+
+    @contextmanager
+    def column_model(self, column: str, run: str | Path) -> Iterator[Any]:
+        """The model set up as `column` of `run` (adapter off for base), held under the generation lock."""
+        from peft import PeftModel
+
+        with self._lock:
+            info = self._run_info(run)
+            if info is None:
+                raise TunerError("Load a run first.")
+            model = self.model
+            if column == TUNED and info.method == "full":
+                yield self._full[info.run_dir]
+            elif isinstance(model, PeftModel) and column == BASE:
+                with model.disable_adapter():
+                    yield model
+            elif isinstance(model, PeftModel):
+                model.set_adapter(self._adapters[info.run_dir], inference_mode=True)
+                yield model
+            else:
+                yield model
 
     def timed_compare(self, message: str, columns: Sequence[str] = (BASE, TUNED),
                       settings: GenerationConfig | None = None, system_prompt: str | None = None,
