@@ -1,0 +1,701 @@
+"""GGUF export: a run's merged model for llama.cpp, Ollama and LM Studio, checked by running it in llama.cpp.
+
+    to_dir/
+      <run>-<quant>.gguf   the merged model (llama.cpp's own converter; k-quants by llama.cpp)
+      <run>-lora-f16.gguf  the adapter alone (optional; llama.cpp --lora, Ollama ADAPTER)
+      Modelfile            Ollama: FROM, TEMPLATE (the model's chat template), stop, SYSTEM, sampling
+      README.md            ollama create / llama-cli / LM Studio, and the check's result
+      check.json           the held-out replies of transformers and llama.cpp side by side
+      tuner_export.json    provenance (also: "safe to overwrite")
+
+The converter is llama.cpp's `convert_hf_to_gguf.py` with its `gguf-py`, taken from the
+`llama-cpp-python` source distribution whose version is installed (so converter, gguf-py and the
+runtime that checks the file agree), cached once a machine under `tools/`. It runs as a
+subprocess in lazy mode: tensors stream from the safetensors file to the GGUF one at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import ModelError, TunerError
+
+QUANTS = ("f16", "q8_0", "q4_k_m")
+CONVERTER_OUTTYPE = {"f16": "f16", "q8_0": "q8_0", "q4_k_m": "f16"}  # q4_k_m: f16 first, then llama.cpp quantizes
+SDIST_NAME = "llama-cpp-python"
+VENDOR = "vendor/llama.cpp/"
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "LICENSE")
+CONVERTER_DIRS = ("conversion/", "gguf-py/")
+CHECK_PROMPTS = 3
+CHECK_MAX_NEW_TOKENS = 48
+MODELFILE = "Modelfile"
+CHECK_FILE = "check.json"
+Progress = Callable[[float, str], None]
+
+
+def _no_progress(fraction: float, message: str) -> None:
+    pass
+
+
+# -- the converter: llama.cpp's own, from the llama-cpp-python sdist --------------------------------
+
+
+def llama_cpp_version() -> str:
+    """The installed llama-cpp-python version (the converter is taken from the same release)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(SDIST_NAME)
+    except PackageNotFoundError:
+        raise TunerError("GGUF export needs llama-cpp-python (llama.cpp's Python binding). Fix: run `make setup`, "
+                         "or `pip install llama-cpp-python` (it builds llama.cpp from source: a C++ compiler and "
+                         "cmake are needed, and the first build takes several minutes).") from None
+
+
+def tools_dir() -> Path:
+    """Per-machine cache of tools (next to the model cache, so test sessions with their own home share it)."""
+    from tuner.paths import models_dir
+
+    env = os.environ.get("TUNER_TOOLS_DIR")
+    d = Path(env).expanduser() if env else models_dir().parent / "tools"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _converter_member(name: str) -> str | None:
+    """The path an sdist member is extracted to, or None for members the converter does not need."""
+    parts = name.split("/", 1)
+    if len(parts) < 2 or not parts[1].startswith(VENDOR):
+        return None
+    rel = parts[1][len(VENDOR):]
+    if rel in CONVERTER_FILES or (rel.startswith(CONVERTER_DIRS) and not rel.startswith("gguf-py/tests/")):
+        return rel
+    return None
+
+
+def ensure_converter(progress: Progress | None = None) -> Path:
+    """llama.cpp's converter folder for the installed llama-cpp-python (fetched from PyPI once a machine).
+
+    pip fetches the source distribution (from its own cache after `make setup` built the wheel);
+    only the converter scripts, `conversion/` and `gguf-py/` are kept.
+    """
+    from tuner.models import _file_lock
+
+    version = llama_cpp_version()
+    target = tools_dir() / f"llama.cpp-{version}"
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    (progress or _no_progress)(0.0, f"fetching llama.cpp's converter (llama-cpp-python {version} source)")
+    with _file_lock(target.with_suffix(".lock")):
+        if (target / "convert_hf_to_gguf.py").is_file():
+            return target
+        with tempfile.TemporaryDirectory(prefix=".llama.cpp-", dir=target.parent) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--quiet",
+                   f"{SDIST_NAME}=={version}", "-d", tmp]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            sdists = sorted(Path(tmp).glob("*.tar.gz"))
+            if done.returncode != 0 or not sdists:
+                raise TunerError(f"Could not fetch llama.cpp's converter (the {SDIST_NAME} {version} source "
+                                 f"distribution) from the package index: {done.stderr.strip()[-300:]}. "
+                                 "Fix: run `make setup` once on a machine that reaches PyPI.")
+            out = Path(tmp) / "llama.cpp"
+            with tarfile.open(sdists[0]) as tar:
+                members = []
+                for member in tar.getmembers():
+                    rel = _converter_member(member.name)
+                    if rel and (member.isfile() or member.isdir()):
+                        member.name = rel
+                        members.append(member)
+                tar.extractall(out, members=members, filter="data")
+            if not (out / "convert_hf_to_gguf.py").is_file():
+                raise TunerError(f"{sdists[0].name} has no {VENDOR}convert_hf_to_gguf.py: this llama-cpp-python "
+                                 "release does not vendor llama.cpp's converter. Fix: install another release.")
+            os.replace(out, target)
+    return target
+
+
+def _converter_env(converter: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # the vendored gguf-py must win over the gguf package installed for tuner: it matches the converter
+    env["PYTHONPATH"] = os.pathsep.join([str(converter / "gguf-py"), str(converter)])
+    env.pop("NO_LOCAL_GGUF", None)
+    env.setdefault("HF_HUB_OFFLINE", "1")  # the converter reads local folders only
+    return env
+
+
+# runs a converter script and prints its own peak RSS (the export's memory figure), even when it exits early
+_PEAK_WRAPPER = ("import resource, runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n    runpy.run_path(sys.argv[0], "
+                 "run_name='__main__')\nfinally:\n    print('tuner-peak-rss-kb', "
+                 "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n")
+
+
+def _run_converter(args: list[str], converter: Path, progress: Progress, lo: float, hi: float,
+                   layers: int, what: str) -> float:
+    """Run a converter script (args[0]) with its arguments; progress follows the layers it writes.
+
+    Returns the script's peak RSS in MB.
+    """
+    proc = subprocess.Popen([sys.executable, "-c", _PEAK_WRAPPER, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_converter_env(converter), cwd=converter)
+    lines: list[str] = []
+    peak_kb = 0
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("tuner-peak-rss-kb "):
+            peak_kb = int(line.split()[1])
+            continue
+        lines.append(line)
+        found = re.search(r"blk\.(\d+)\.", line)
+        if found and layers:
+            progress(lo + (hi - lo) * min(1.0, (int(found.group(1)) + 1) / layers), what)
+    proc.wait()
+    output = "".join(lines)
+    if proc.returncode != 0:
+        unsupported = re.search(r"Model (\S+) is not supported", output)
+        if unsupported:
+            raise TunerError(f"llama.cpp cannot convert the architecture {unsupported.group(1)}: its converter "
+                             "has no support for it, so this run cannot be exported to GGUF. The merged model "
+                             "export (--merge) still works.")
+        raise TunerError(f"llama.cpp's converter failed (exit {proc.returncode}): {output.strip()[-600:]}")
+    return peak_kb / 1024
+
+
+def _architecture(model_dir: Path) -> str:
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{model_dir / 'config.json'}: cannot read the model config ({exc}).") from None
+    return ",".join(config.get("architectures") or []) or str(config.get("model_type") or "unknown")
+
+
+def convert_model(model_dir: str | Path, out_file: str | Path, outtype: str = "f16",
+                  metadata: dict[str, Any] | None = None, progress: Progress | None = None,
+                  lo: float = 0.0, hi: float = 1.0) -> float:
+    """A Hugging Face model folder -> one GGUF file, with llama.cpp's converter in lazy (streaming) mode.
+
+    Returns the converter's peak RSS in MB. Raises TunerError naming the architecture when
+    llama.cpp cannot convert it.
+    """
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    converter = ensure_converter(progress)
+    layers = int(json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers") or 0)
+    cmd = [str(converter / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out_file), "--outtype", outtype]
+    with tempfile.TemporaryDirectory() as tmp:
+        if metadata:
+            meta = Path(tmp) / "metadata.json"
+            meta.write_text(json.dumps(metadata))
+            cmd += ["--metadata", str(meta)]
+        peak = _run_converter(cmd, converter, progress or _no_progress, lo, hi, layers,
+                              f"converting {_architecture(model_dir)} to GGUF {outtype}")
+    if not out_file.is_file():
+        raise TunerError(f"llama.cpp's converter wrote no {out_file.name}.")
+    return peak
+
+
+def convert_adapter(adapter_dir: Path, base_dir: Path, out_file: Path, progress: Progress | None = None) -> float:
+    """A peft LoRA adapter -> a GGUF LoRA (llama.cpp `--lora`, Ollama `ADAPTER`); returns the peak RSS in MB."""
+    converter = ensure_converter(progress)
+    cmd = [str(converter / "convert_lora_to_gguf.py"), str(adapter_dir), "--base", str(base_dir),
+           "--outfile", str(out_file), "--outtype", "f16"]
+    return _run_converter(cmd, converter, progress or _no_progress, 0.0, 0.0, 0, "converting the adapter")
+
+
+def quantize(src: Path, dst: Path, quant: str) -> Path:
+    """Quantize a GGUF with llama.cpp itself (`llama_model_quantize`): the k-quants."""
+    import llama_cpp
+
+    ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftypes[quant]
+    params.nthread = os.cpu_count() or 1
+    code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if code != 0 or not dst.is_file():
+        raise TunerError(f"llama.cpp could not quantize {src.name} to {quant} (code {code}).")
+    return dst
+
+
+# -- the chat template, as Ollama's Go template -----------------------------------------------------
+
+_PROBE = {"system": "@@tuner-system@@", "user": "@@tuner-user-1@@", "assistant": "@@tuner-assistant-1@@",
+          "user2": "@@tuner-user-2@@"}
+
+
+def _render_hf(tokenizer, messages: list[dict[str, str]], generation: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+
+def _split_once(text: str, marker: str) -> tuple[str, str]:
+    if text.count(marker) != 1:
+        raise ValueError(f"the template does not place {marker} once")
+    before, after = text.split(marker)
+    return before, after
+
+
+def template_parts(tokenizer) -> dict[str, str]:
+    """The text the chat template puts around each role's message, found by rendering probe conversations.
+
+    Raises ValueError for templates that are not a plain per-message wrapping (those get no TEMPLATE).
+    """
+    s, u, a, u2 = (_PROBE[k] for k in ("system", "user", "assistant", "user2"))
+    sys_msg, user, reply, user2 = ({"role": "system", "content": s}, {"role": "user", "content": u},
+                                   {"role": "assistant", "content": a}, {"role": "user", "content": u2})
+    r_u = _render_hf(tokenizer, [user], False)
+    r_ug = _render_hf(tokenizer, [user], True)
+    r_su = _render_hf(tokenizer, [sys_msg, user], False)
+    r_sua = _render_hf(tokenizer, [sys_msg, user, reply], False)
+    r_suau = _render_hf(tokenizer, [sys_msg, user, reply, user2], False)
+    if not (r_ug.startswith(r_u) and r_sua.startswith(r_su) and r_suau.startswith(r_sua)):
+        raise ValueError("later turns change the text of earlier ones")
+    head, user_post = _split_once(r_su, u)
+    asst_pre, asst_post = _split_once(r_sua[len(r_su):], a)
+    user_pre, user_post2 = _split_once(r_suau[len(r_sua):], u2)
+    if user_post2 != user_post or not head.endswith(user_pre):
+        raise ValueError("user turns are not wrapped the same way each time")
+    sys_pre, sys_post = _split_once(head[: len(head) - len(user_pre)], s)
+    no_system, _ = _split_once(r_u, u)
+    if not no_system.endswith(user_pre):
+        raise ValueError("the first user turn is wrapped differently without a system message")
+    return {"default_system": no_system[: len(no_system) - len(user_pre)], "system_pre": sys_pre,
+            "system_post": sys_post, "user_pre": user_pre, "user_post": user_post, "assistant_pre": asst_pre,
+            "assistant_post": asst_post, "generation": r_ug[len(r_u):]}
+
+
+def ollama_template(parts: dict[str, str]) -> str:
+    """Ollama's TEMPLATE for the parts `template_parts` found (Go text/template over `.Messages`)."""
+    if any("{{" in v or '"""' in v for v in parts.values()):
+        raise ValueError("the template's text contains '{{' or '\"\"\"'")
+    role = '{{{{ {kw} eq .Role "{role}" }}}}{pre}{{{{ .Content }}}}{post}'
+    return ("{{ if not .System }}" + parts["default_system"] + "{{ end }}{{ range .Messages }}"
+            + role.format(kw="if", role="system", pre=parts["system_pre"], post=parts["system_post"])
+            + role.format(kw="else if", role="user", pre=parts["user_pre"], post=parts["user_post"])
+            + role.format(kw="else if", role="assistant", pre=parts["assistant_pre"], post=parts["assistant_post"])
+            + "{{ end }}{{ end }}" + parts["generation"])
+
+
+_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
+
+
+def render_go_template(template: str, messages: Sequence[dict[str, str]]) -> str:
+    """Render the Go-template subset `ollama_template` emits, as Ollama would for a chat.
+
+    Supports text, `{{- -}}` trimming, `.System`/`.Content`/`.Role`, `if`/`else if`/`else`/`end`
+    (conditions: a field, `not X`, `eq X "literal"`) and `range .Messages`. Ollama passes every
+    message (system ones too) in `.Messages`, and all system messages joined by a blank line as
+    `.System`.
+
+    >>> render_go_template('{{ if not .System }}hi {{ end }}{{ range .Messages }}[{{ .Content }}]{{ end }}',
+    ...                    [{"role": "user", "content": "a"}])
+    'hi [a]'
+    """
+    tokens: list[tuple[str, str]] = []  # ("text", s) | ("action", s)
+    pos = 0
+    for m in _ACTION.finditer(template):
+        text = template[pos:m.start()]
+        if m.group(1):
+            text = text.rstrip()
+        tokens.append(("text", text))
+        tokens.append(("action", m.group(2)))
+        pos = m.end()
+        if m.group(3):
+            rest = template[pos:]
+            pos += len(rest) - len(rest.lstrip())
+    tokens.append(("text", template[pos:]))
+
+    def parse(i: int, stop: tuple[str, ...]) -> tuple[list, int, str]:
+        nodes: list = []
+        while i < len(tokens):
+            kind, value = tokens[i]
+            if kind == "text":
+                nodes.append(("text", value))
+                i += 1
+                continue
+            word = value.split(" ", 1)[0]
+            if value.startswith("else") or word == "end":
+                if word not in stop and not value.startswith("else"):
+                    raise ValueError(f"unexpected {{{{ {value} }}}}")
+                return nodes, i, value
+            if word == "if":
+                branches = []
+                cond = value[3:].strip()
+                while True:
+                    body, i, closer = parse(i + 1, ("end",))
+                    branches.append((cond, body))
+                    if closer == "end":
+                        break
+                    cond = closer[len("else"):].strip()
+                    cond = cond[3:].strip() if cond.startswith("if ") else "true"
+                nodes.append(("if", branches))
+                i += 1
+            elif word == "range":
+                if value.split(None, 1)[1] != ".Messages":
+                    raise ValueError(f"unsupported {{{{ {value} }}}}")
+                body, i, closer = parse(i + 1, ("end",))
+                nodes.append(("range", body))
+                i += 1
+            else:
+                nodes.append(("field", value))
+                i += 1
+        if stop:
+            raise ValueError("missing {{ end }}")
+        return nodes, i, ""
+
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+
+    def value_of(expr: str, dot: dict[str, str]) -> Any:
+        if expr == "true":
+            return True
+        if expr.startswith('"') and expr.endswith('"'):
+            return json.loads(expr)
+        if expr == ".System":
+            return system
+        if expr in (".Content", ".Role"):
+            return dot[expr[1:].lower()]
+        if expr.startswith("not "):
+            return not value_of(expr[4:].strip(), dot)
+        if expr.startswith("eq "):
+            left, right = re.findall(r'"[^"]*"|\S+', expr[3:])
+            return value_of(left, dot) == value_of(right, dot)
+        raise ValueError(f"unsupported expression {expr!r}")
+
+    def run(nodes: list, dot: dict[str, str]) -> str:
+        out = []
+        for kind, value in nodes:
+            if kind == "text":
+                out.append(value)
+            elif kind == "field":
+                out.append(str(value_of(value, dot)))
+            elif kind == "if":
+                for cond, body in value:
+                    if value_of(cond, dot):
+                        out.append(run(body, dot))
+                        break
+            else:
+                out.extend(run(value, m) for m in messages)
+        return "".join(out)
+
+    nodes, _, _ = parse(0, ())
+    return run(nodes, {})
+
+
+def _probe_conversations(system_prompt: str | None) -> list[list[dict[str, str]]]:
+    system = system_prompt or "You are the support crew."
+    turns = [{"role": "user", "content": "Hi, my kettle leaks."},
+             {"role": "assistant", "content": "Sorry to hear that!\nWhich model is it?"},
+             {"role": "user", "content": "The Dome 2."}]
+    return [turns, [{"role": "system", "content": system}] + turns, turns[:1]]
+
+
+def modelfile_template(tokenizer, system_prompt: str | None = None) -> tuple[str | None, list[str], str]:
+    """(Ollama TEMPLATE or None, stop strings, a note). The TEMPLATE is kept only when it renders
+    exactly the tokenizer's own chat template text for probe conversations (with and without a system message)."""
+    eos = tokenizer.eos_token
+    try:
+        parts = template_parts(tokenizer)
+        template = ollama_template(parts)
+        for conv in _probe_conversations(system_prompt):
+            if render_go_template(template, conv) != _render_hf(tokenizer, conv, True):
+                raise ValueError("the translated template renders a different prompt")
+    except (ValueError, TypeError) as exc:
+        return None, [eos] if eos else [], (f"no TEMPLATE: the chat template could not be translated ({exc}); "
+                                            "Ollama then uses the template stored in the GGUF if it knows it")
+    # end of a reply, end of sequence, and the start of a next turn (a model that runs on starts one)
+    starts = [t for t in tokenizer.get_added_vocab() if parts["user_pre"].startswith(t)]
+    stops = [t for t in dict.fromkeys([parts["assistant_post"].strip(), eos, *starts]) if t]
+    return template, stops, "TEMPLATE translated from the model's chat template (checked by rendering)"
+
+
+def _quote(text: str) -> str:
+    if '"""' in text:
+        raise TunerError('The system prompt contains """, which an Ollama Modelfile cannot hold. '
+                         "Fix: remove the triple quotes from the brand brief.")
+    return f'"""{text}"""'
+
+
+def write_modelfile(folder: Path, gguf_name: str, tokenizer, system_prompt: str | None,
+                    adapter_name: str | None = None) -> dict[str, Any]:
+    """Write an Ollama Modelfile next to the GGUF; returns what it holds."""
+    from tuner.config import GenerationConfig
+
+    template, stops, note = modelfile_template(tokenizer, system_prompt)
+    settings = GenerationConfig()
+    lines = [f"# Ollama: ollama create NAME -f {MODELFILE}", f"FROM ./{gguf_name}"]
+    if adapter_name:
+        lines.append(f"ADAPTER ./{adapter_name}")
+    if template is not None:
+        lines.append(f"TEMPLATE {_quote(template)}")
+    else:
+        lines.append(f"# {note}")
+    if system_prompt:
+        lines.append(f"SYSTEM {_quote(system_prompt)}")
+    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
+    # the playground's defaults (greedy: replies repeat); Ollama's repeat_last_n (64) differs from transformers' all
+    lines += [f"PARAMETER temperature {settings.temperature}", f"PARAMETER top_p {settings.top_p}",
+              f"PARAMETER repeat_penalty {settings.repetition_penalty}", f"PARAMETER seed {settings.seed}",
+              f"PARAMETER num_predict {settings.max_new_tokens}"]
+    (folder / MODELFILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"template": template, "stop": stops, "note": note, "system": system_prompt or None}
+
+
+# -- the check: llama.cpp answers like transformers ------------------------------------------------
+
+
+def _leading_same(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _eos_ids(model_dir: Path, tokenizer) -> set[int]:
+    ids = set()
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def transformers_replies(model_dir: Path, prompts: Sequence[list[dict[str, str]]],
+                         max_new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt token ids, greedy reply token ids) of the merged model in transformers, per prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eos = _eos_ids(model_dir, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
+    model.eval()
+    inputs, replies = [], []
+    with torch.inference_mode():
+        for messages in prompts:
+            batch = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                  return_dict=True)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0,
+                                 eos_token_id=sorted(eos), pad_token_id=tokenizer.pad_token_id or min(eos))
+            reply = out[0, batch["input_ids"].shape[1]:].tolist()
+            inputs.append(batch["input_ids"][0].tolist())
+            cut = next((i for i, t in enumerate(reply) if t in eos), len(reply))
+            replies.append(reply[:cut])
+    del model
+    gc.collect()
+    return inputs, replies
+
+
+def llama_cpp_replies(gguf_file: Path, texts: Sequence[str], inputs: Sequence[list[int]], eos: set[int],
+                      max_new_tokens: int) -> tuple[list[bool], list[list[int]], str]:
+    """(prompt tokenized the same as transformers?, greedy reply token ids, chat template in the GGUF)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=1024, n_threads=os.cpu_count() or 1, seed=0,
+                          verbose=False)
+    try:
+        same_tokens, replies = [], []
+        for text, ids in zip(texts, inputs, strict=True):
+            same_tokens.append(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids)
+            reply: list[int] = []
+            # the transformers prompt ids: the comparison is about the weights, the tokenizer is checked above
+            for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+                if token in eos or len(reply) >= max_new_tokens:
+                    break
+                reply.append(token)
+            replies.append(reply)
+        template = llm.metadata.get("tokenizer.chat_template", "")
+    finally:
+        llm.close()
+    return same_tokens, replies, template
+
+
+def check_gguf(gguf_file: Path, model_dir: Path, quant: str, prompts: Sequence[list[dict[str, str]]],
+               markers: Sequence[str], max_new_tokens: int = CHECK_MAX_NEW_TOKENS) -> dict[str, Any]:
+    """Greedy replies of llama.cpp (the GGUF) and transformers (the merged model) to held-out prompts.
+
+    Passes when f16 replies are token for token identical; for quantized files when every reply
+    has the same brand markers (recurring phrases of the training replies) as transformers'.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [_render_hf(tokenizer, p, True) for p in prompts]
+    inputs, reference = transformers_replies(model_dir, prompts, max_new_tokens)
+    same_prompt, replies, template = llama_cpp_replies(gguf_file, texts, inputs, _eos_ids(model_dir, tokenizer),
+                                                       max_new_tokens)
+    cases = []
+    for messages, ref, got, same in zip(prompts, reference, replies, same_prompt, strict=True):
+        ref_text = tokenizer.decode(ref, skip_special_tokens=True)
+        got_text = tokenizer.decode(got, skip_special_tokens=True)
+        cases.append({
+            "prompt": messages[-1]["content"], "transformers": ref_text, "llama_cpp": got_text,
+            "identical": ref == got, "same_prompt_tokens": same,
+            "same_leading_tokens": _leading_same(ref, got), "reply_tokens": len(ref),
+            "markers_transformers": [m for m in markers if m.lower() in ref_text.lower()],
+            "markers_llama_cpp": [m for m in markers if m.lower() in got_text.lower()],
+        })
+    identical = sum(c["identical"] for c in cases)
+    leading = [c["same_leading_tokens"] / max(1, c["reply_tokens"]) for c in cases]
+    same_markers = all(c["markers_transformers"] == c["markers_llama_cpp"] for c in cases)
+    same_template = template == (tokenizer.chat_template or "")
+    passed = all(c["same_prompt_tokens"] for c in cases) and same_template and (
+        identical == len(cases) if quant == "f16" else same_markers)
+    return {"passed": passed, "quant": quant, "prompts": len(cases), "identical_replies": identical,
+            "same_leading_token_share": round(sum(leading) / max(1, len(leading)), 3),
+            "same_brand_markers": same_markers, "brand_markers": list(markers),
+            "chat_template_in_gguf": same_template, "max_new_tokens": max_new_tokens,
+            "expectation": ("token for token identical replies" if quant == "f16"
+                            else "the same brand markers in every reply; divergence stated as the share of "
+                                 "identical leading tokens"),
+            "cases": cases}
+
+
+# -- the export ------------------------------------------------------------------------------------
+
+
+def _metadata(info, cfg, status: dict[str, Any]) -> dict[str, Any]:
+    """GGUF metadata overrides (`general.*`): the run's model-card facts and the playground's sampling."""
+    from tuner.config import GenerationConfig
+    from tuner.export import _base_name
+
+    facts = [f"{k}={status[k]}" for k in ("step", "train_loss", "eval_loss", "tokens_trained") if status.get(k) is not None]
+    settings = GenerationConfig()
+    return {
+        "general.name": info.run_id, "general.finetune": info.run_id, "general.basename": _base_name(cfg.base_model),
+        "general.description": (f"{_base_name(cfg.base_model)} fine-tuned by tuner ({cfg.method.value}, "
+                                f"r={cfg.lora_r}, alpha={cfg.lora_alpha}, lr={cfg.learning_rate}, "
+                                f"quantization={cfg.quantization.value}) on a company's support conversations; "
+                                + ", ".join(facts)),
+        "general.tags": ["tuner", "sft", cfg.method.value],
+        "general.sampling.temp": settings.temperature, "general.sampling.top_p": settings.top_p,
+        "general.sampling.penalty_repeat": settings.repetition_penalty,
+    }
+
+
+def _readme(run_id: str, gguf_name: str, modelfile: dict[str, Any], check: dict[str, Any] | None,
+            adapter_name: str | None, base_name: str) -> str:
+    name = re.sub(r"[^a-z0-9._-]+", "-", run_id.lower()).strip("-") or "tuned"
+    lines = [f"# {run_id} for llama.cpp, Ollama and LM Studio", "",
+             f"`{gguf_name}` is the tuned model ({base_name} with the run's LoRA adapter merged in), converted by "
+             "llama.cpp's own converter. Its metadata carries the chat template and the run's facts.", "",
+             "## Ollama", "", "```bash", f"ollama create {name} -f Modelfile", f"ollama run {name}", "```", "",
+             "The Modelfile sets the chat template, the end-of-turn stop tokens, the brand's system prompt and "
+             "tuner's playground settings (greedy by default; raise `temperature` for livelier replies)."]
+    if modelfile.get("template") is None:
+        lines += ["", f"Note: {modelfile['note']}."]
+    lines += ["", "## llama.cpp", "", "```bash", f"llama-cli -m {gguf_name} -cnv --temp 0 --repeat-penalty 1.1",
+              f"llama-server -m {gguf_name}   # OpenAI-compatible API on http://127.0.0.1:8080", "```", "",
+              "## LM Studio", "",
+              f"`lms import {gguf_name}` (or My Models > Import), then chat: LM Studio reads the chat template "
+              "from the file."]
+    if adapter_name:
+        lines += ["", "## The adapter alone", "",
+                  f"`{adapter_name}` is the LoRA adapter as a GGUF LoRA, for a machine that keeps the base "
+                  f"model ({base_name}) as a GGUF: `llama-cli -m BASE.gguf --lora {adapter_name}`, or in a "
+                  f"Modelfile `FROM BASE.gguf` plus `ADAPTER ./{adapter_name}`."]
+    if check is not None:
+        lines += ["", "## Checked by running it", "",
+                  f"llama.cpp loaded `{gguf_name}` and answered {check['prompts']} held-out prompts greedily "
+                  f"({check['max_new_tokens']} tokens at most); transformers answered the same prompts with the "
+                  f"merged model. Identical replies: {check['identical_replies']} of {check['prompts']}; share of "
+                  f"identical leading tokens: {check['same_leading_token_share']}; same brand markers: "
+                  f"{check['same_brand_markers']}. Expected: {check['expectation']}. Result: "
+                  f"{'passed' if check['passed'] else 'FAILED'} (details in {CHECK_FILE})."]
+    return "\n".join(lines) + "\n"
+
+
+def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", adapter_gguf: bool = False,
+                progress: Progress | None = None) -> dict[str, Any]:
+    """Export a completed run as GGUF for llama.cpp / Ollama / LM Studio, then check it in llama.cpp.
+
+    Merges the adapter (tuner.export), converts with llama.cpp's converter (f16, q8_0) and
+    quantizes with llama.cpp (q4_k_m); writes a Modelfile and README beside it; loads the file in
+    llama.cpp and compares its greedy replies to held-out prompts with transformers'. Returns
+    {"folder", "gguf", "adapter_gguf", "modelfile", "readme", "check", "sizes_mb", "peak_rss_mb", "seconds"}.
+    Raises TunerError (nothing left under `to_dir`) when a step fails; a failed check is reported, not raised.
+    """
+    from tuner.config import TrainConfig
+    from tuner.evaluate import brand_phrases, load_cases
+    from tuner.export import MARKER, _base_name, _prepare_target, export
+    from tuner.playground import _training_replies, read_run
+    from tuner.train import read_json_object
+
+    if quant not in QUANTS:
+        raise TunerError(f"quant must be one of {', '.join(QUANTS)}, got '{quant}'.")
+    report = progress or _no_progress
+    started = time.monotonic()
+    llama_cpp_version()  # fail before the merge when llama.cpp is missing
+    info = read_run(run_dir)
+    cfg = TrainConfig.load(info.run_dir / "config.yaml")
+    if adapter_gguf and info.method != "lora":
+        raise TunerError(f"Run {info.run_id} was fully fine-tuned: it has no adapter to export alone.")
+    out = Path(to_dir).expanduser().resolve()
+    _prepare_target(out)
+    ensure_converter(report)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        report(0.02, "merging the adapter into the base model")
+        # float16: the f16 GGUF then holds exactly the weights transformers checks against
+        merged = export(info.run_dir, tmp / "merged", merge=True, dtype="float16")
+        peak_merge = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process so far
+        gguf_name = f"{info.run_id}-{quant}.gguf"
+        target = tmp / gguf_name
+        metadata = _metadata(info, cfg, read_json_object(info.run_dir / "status.json"))
+        if quant == "q4_k_m":
+            f16 = tmp / "f16.gguf"
+            peak_convert = convert_model(merged, f16, "f16", metadata, report, 0.25, 0.55)
+            report(0.55, "quantizing to q4_k_m with llama.cpp")
+            quantize(f16, target, quant)
+            f16.unlink()
+        else:
+            peak_convert = convert_model(merged, target, CONVERTER_OUTTYPE[quant], metadata, report, 0.25, 0.6)
+        adapter_name = None
+        if adapter_gguf:
+            report(0.6, "converting the adapter alone to a GGUF LoRA")
+            from tuner.models import resolve_model
+
+            adapter_name = f"{info.run_id}-lora-f16.gguf"
+            convert_adapter(info.adapter_dir, Path(resolve_model(cfg.base_model)), tmp / adapter_name, report)
+        report(0.65, "checking: llama.cpp and transformers answer held-out prompts")
+        replies, _ = _training_replies(info.run_dir / "data" / "train.jsonl")
+        markers = [p["phrase"] for p in brand_phrases(replies)]
+        prompts = [c["messages"] for c in load_cases(info.run_dir, None, CHECK_PROMPTS)]
+        check = check_gguf(target, merged, quant, prompts, markers)
+        (tmp / CHECK_FILE).write_text(json.dumps(check, indent=2, ensure_ascii=False), encoding="utf-8")
+        report(0.95, "writing the Modelfile and README")
+        from transformers import AutoTokenizer
+
+        modelfile = write_modelfile(tmp, gguf_name, AutoTokenizer.from_pretrained(merged), info.system_prompt)
+        (tmp / "README.md").write_text(_readme(info.run_id, gguf_name, modelfile, check, adapter_name,
+                                               _base_name(cfg.base_model)), encoding="utf-8")
+        shutil.rmtree(merged)
+        (tmp / MARKER).write_text(json.dumps({
+            "run": info.run_id, "kind": "gguf", "quant": quant, "base_model": _base_name(cfg.base_model),
+            "llama_cpp_python": llama_cpp_version(), "check_passed": check["passed"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # atomic: a half-written export is never left under the asked name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(1.0, "done")
+    files = [out / gguf_name] + ([out / adapter_name] if adapter_name else [])
+    return {"folder": str(out), "gguf": str(out / gguf_name),
+            "adapter_gguf": str(out / adapter_name) if adapter_name else None,
+            "modelfile": str(out / MODELFILE), "readme": str(out / "README.md"), "check": check,
+            "template": modelfile["note"], "sizes_mb": {f.name: round(f.stat().st_size / 2**20, 1) for f in files},
+            "peak_rss_mb": {"merge_process": round(peak_merge), "converter": round(peak_convert)},
+            "seconds": round(time.monotonic() - started, 1)}
