@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tuner import jobs, train
+from tuner import jobs, runs
 from tuner.config import TrainConfig
 from tuner.errors import RunNotFound, TrainingError
 from tuner.paths import runs_dir
@@ -26,7 +26,7 @@ SMALL = {"max_steps": 8, "batch_size": 2, "max_length": 128, "quantization": "no
 
 
 def prepare(name: str, data: Path, **overrides) -> Path:
-    return train.prepare_run(TrainConfig.from_preset("quick", **{**SMALL, **overrides}), data,
+    return runs.prepare_run(TrainConfig.from_preset("quick", **{**SMALL, **overrides}), data,
                              run_dir=runs_dir() / name)
 
 
@@ -75,7 +75,7 @@ def test_kill_9_mid_training_then_resume_from_the_cli_continues_steps_and_curves
 
     status = jobs.read_status(run)  # nothing marked it: the reader finds the process gone
     assert status["status"] == "interrupted" and status["pid"] is None
-    last = train.complete_checkpoints(run)[-1].name
+    last = runs.complete_checkpoints(run)[-1].name
     assert f"Resume continues from {last}" in status["error"]
     assert jobs.active_job() is None  # the kernel released the machine lock with the process
     assert not (run / "adapter").exists()
@@ -133,14 +133,14 @@ def test_reconcile_marks_runs_left_running_by_a_dead_process_interrupted(signoff
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = prepare("jobs-stale", signoff_data)
-    train.update_status(stale, status="running", step=3, pid=dead.pid)
+    runs.update_status(stale, status="running", step=3, pid=dead.pid)
     waiting = prepare("jobs-waiting", signoff_data)  # prepared, never started: stays queued
 
     changed = jobs.reconcile()
     assert stale.name in changed and waiting.name not in changed
-    status = train.read_status(stale)
+    status = runs.read_status(stale)
     assert status["status"] == "interrupted" and "Resume continues from the start" in status["error"]
-    assert train.read_status(waiting)["status"] == "queued"
+    assert runs.read_status(waiting)["status"] == "queued"
     assert stale.name not in jobs.reconcile()  # idempotent
 
 

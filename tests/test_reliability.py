@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import SIGN_OFF, signoff_conversations
 
-from tuner import jobs, train
+from tuner import jobs, runs, train
 from tuner.config import GenerationConfig, TrainConfig
 from tuner.errors import TrainingError, TunerError
 from tuner.paths import runs_dir
@@ -110,7 +110,7 @@ def write_data(folder: Path, n: int, reply_words: int = 0) -> Path:
 
 def prepare(name: str, data: Path, **overrides) -> Path:
     cfg = TrainConfig.from_preset("quick", **{**SMALL, **overrides})
-    return train.prepare_run(cfg, data, run_dir=runs_dir() / name)
+    return runs.prepare_run(cfg, data, run_dir=runs_dir() / name)
 
 
 def wait_for(what: str, check: Callable[[], bool], job: jobs.Job, timeout: float = TIMEOUT) -> None:
@@ -126,7 +126,7 @@ def wait_for(what: str, check: Callable[[], bool], job: jobs.Job, timeout: float
 
 
 def checkpoint_names(run: Path) -> list[str]:
-    return [p.name for p in train.complete_checkpoints(run)]
+    return [p.name for p in runs.complete_checkpoints(run)]
 
 
 def assert_no_result_offered(run: Path) -> None:
@@ -400,7 +400,7 @@ def test_absurd_learning_rate_fails_the_run_and_never_completes(tmp_path):
     run = prepare("diverging", write_data(tmp_path / "data", 16), learning_rate=0.1, max_steps=6, save_steps=6,
                   eval_steps=6, precision="fp32")
     status = train.train_run(run)
-    losses = [r["loss"] for r in train.read_metrics(run) if r.get("loss") is not None]
+    losses = [r["loss"] for r in runs.read_metrics(run) if r.get("loss") is not None]
     assert status["status"] == "failed", f"completed with losses {losses}"
     assert "learning_rate" in status["error"]
     assert not (run / "adapter").exists()
@@ -446,14 +446,14 @@ def _sha256_tree(folder: Path) -> dict[str, str]:
 def test_disk_full_while_saving_keeps_the_last_good_state(tmp_path, small_disk):
     # a checkpoint every step: checkpoint-1 is written whole, then the disk fills up before checkpoint-2
     cfg = TrainConfig.from_preset("quick", **{**SMALL, "max_steps": 2, "save_steps": 1, "eval_steps": 1})
-    run = train.prepare_run(cfg, write_data(tmp_path / "data", 12), run_dir=small_disk / "run")
+    run = runs.prepare_run(cfg, write_data(tmp_path / "data", 12), run_dir=small_disk / "run")
     filler = small_disk / "filler"
     kept: dict[str, str] = {}
     stop = threading.Event()
 
     def fill_the_disk_after_the_first_checkpoint() -> None:
         while not stop.is_set():
-            done = train.complete_checkpoints(run)
+            done = runs.complete_checkpoints(run)
             if done:
                 kept.update(_sha256_tree(done[0]))
                 stat = os.statvfs(small_disk)
@@ -477,7 +477,7 @@ def test_disk_full_while_saving_keeps_the_last_good_state(tmp_path, small_disk):
     assert _sha256_tree(run / "checkpoints" / "checkpoint-1") == kept
     assert [p.name for p in (run / "checkpoints").glob("checkpoint-*")] == ["checkpoint-1"]
     assert json.loads((run / "status.json").read_text())["status"] == "failed"
-    assert [r["step"] for r in train.read_metrics(run) if r.get("loss") is not None][:1] == [1]
+    assert [r["step"] for r in runs.read_metrics(run) if r.get("loss") is not None][:1] == [1]
     assert not (run / "adapter").exists()
 
     # space freed: resume finishes from checkpoint-1

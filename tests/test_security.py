@@ -178,7 +178,7 @@ def _model_folder(folder: Path, marker: Path) -> Path:
 
 
 def test_pickle_models_and_adapters_are_refused_and_never_unpickled(tmp_path, default_model_path):
-    from tuner import train
+    from tuner import runs, train
     from tuner.export import export
     from tuner.models import load_model, load_tokenizer
     from tuner.playground import Playground
@@ -195,7 +195,7 @@ def test_pickle_models_and_adapters_are_refused_and_never_unpickled(tmp_path, de
     data.mkdir()
     (data / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                                                {"role": "assistant", "content": "ahoy"}]}) + "\n")
-    run = train.prepare_run(TrainConfig.from_preset("quick", base_model=str(base), quantization="none"), data,
+    run = runs.prepare_run(TrainConfig.from_preset("quick", base_model=str(base), quantization="none"), data,
                             run_dir=runs_dir() / "pickled-base-run")
     status = train.train_run(run)
     assert status["status"] == "failed" and "safetensors" in status["error"]

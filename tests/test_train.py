@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import SIGN_OFF, signoff_conversations
 
-from tuner import train
+from tuner import runs, train
 from tuner.config import TrainConfig
 from tuner.errors import DataError, TrainingError, TunerError
 
@@ -35,7 +35,7 @@ def test_config_round_trips_and_prepare_run_records_the_data(signoff_data, tmp_p
         cfg.save(tmp_path / name)
         assert TrainConfig.load(tmp_path / name) == cfg
 
-    run = train.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
+    run = runs.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
     assert TrainConfig.load(run / "config.yaml") == cfg  # the run is re-created from this file alone
     sources = json.loads((run / "data" / "sources.json").read_text())
     for name in ("train.jsonl", "validation.jsonl"):
@@ -43,11 +43,11 @@ def test_config_round_trips_and_prepare_run_records_the_data(signoff_data, tmp_p
         assert copy.read_bytes() == (signoff_data / name).read_bytes()
         assert sources[name]["sha256"] == hashlib.sha256(copy.read_bytes()).hexdigest()
     assert sources["train.jsonl"]["examples"] == 40 and sources["validation.jsonl"]["examples"] == 8
-    status = train.read_status(run)
+    status = runs.read_status(run)
     assert status["status"] == "queued" and status["step"] == 0 and status["adapter"] is None
 
     with pytest.raises(TrainingError, match="already holds a run"):
-        train.prepare_run(cfg, signoff_data, run_dir=run)
+        runs.prepare_run(cfg, signoff_data, run_dir=run)
 
 
 def test_bad_data_is_refused_with_file_line_and_fix(tmp_path):
@@ -57,9 +57,9 @@ def test_bad_data_is_refused_with_file_line_and_fix(tmp_path):
         fh.write('{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}\n')
         fh.write("{not json\n")
     with pytest.raises(DataError, match=r"train.jsonl, line 4: message 1 needs a role"):
-        train.prepare_run(TrainConfig(), tmp_path / "data", run_dir=tmp_path / "run")
+        runs.prepare_run(TrainConfig(), tmp_path / "data", run_dir=tmp_path / "run")
     with pytest.raises(DataError, match="no train.jsonl here. Fix"):
-        train.prepare_run(TrainConfig(), tmp_path / "nowhere")
+        runs.prepare_run(TrainConfig(), tmp_path / "nowhere")
     with pytest.raises(TunerError, match="multiple of eval_steps"):
         TrainConfig(eval_steps=10, save_steps=15)
 
@@ -85,10 +85,10 @@ def test_exactly_the_assistant_replies_carry_labels_and_empty_examples_are_dropp
     write_jsonl(tmp_path / "data" / "train.jsonl", rows)
     write_jsonl(tmp_path / "data" / "validation.jsonl", signoff_conversations(2, seed=5))
     cfg = TrainConfig.from_preset("quick", **{**SMALL, "quantization": "none"})
-    run = train.prepare_run(cfg, tmp_path / "data", run_dir=tmp_path / "run")
+    run = runs.prepare_run(cfg, tmp_path / "data", run_dir=tmp_path / "run")
 
     trainer, ctx = train.build_trainer(run, cfg, "cpu")
-    status = train.read_status(run)
+    status = runs.read_status(run)
     assert [(d["file"], d["line"]) for d in status["dropped"]] == [("train.jsonl", 3), ("train.jsonl", 4)]
     assert "beyond max_length=128" in status["dropped"][1]["reason"]
     assert status["data"]["train"]["examples"] == len(rows) - 2
@@ -124,12 +124,12 @@ def test_lora_run_completes_learns_and_writes_a_reloadable_adapter(signoff_run, 
 
     from tuner.models import load_model, load_tokenizer
 
-    status = train.read_status(signoff_run)
+    status = runs.read_status(signoff_run)
     assert status["status"] == "completed", status.get("error")
     assert status["eval_loss"] < status["first_eval_loss"]  # it learned the validation replies
     assert status["step"] == status["max_steps"] and status["tokens_trained"] > 0 and status["peak_memory_mb"] > 0
 
-    metrics = train.read_metrics(signoff_run)
+    metrics = runs.read_metrics(signoff_run)
     steps = [r["step"] for r in metrics if r["loss"] is not None]
     assert steps == list(range(1, status["max_steps"] + 1))
     assert metrics[0]["step"] == 0 and metrics[0]["eval_loss"] == status["first_eval_loss"]  # before training
@@ -171,7 +171,7 @@ def test_qlora_trains_the_adapter_and_leaves_the_4bit_base_untouched(signoff_dat
     import torch
 
     cfg = TrainConfig.from_preset("quick", **{**SMALL, "quantization": "nf4"})
-    run = train.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
+    run = runs.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
     trainer, ctx = train.build_trainer(run, cfg, "cpu")
     model = trainer.model
     assert type(model).__name__ == "PeftModelForCausalLM"
@@ -192,10 +192,10 @@ def test_qlora_trains_the_adapter_and_leaves_the_4bit_base_untouched(signoff_dat
     lora = {n for n in before if "lora_" in n}
     assert changed <= lora  # the base (4-bit weights, norms, embeddings) did not move
     assert len(changed) > 0.9 * len(lora)  # the adapter did
-    metrics = train.read_metrics(run)
+    metrics = runs.read_metrics(run)
     evals = [r["eval_loss"] for r in metrics if r["eval_loss"] is not None]
     assert len(evals) == 3 and evals[-1] < evals[0]  # before training, step 3, step 6
-    assert [p.name for p in train.complete_checkpoints(run)] == ["checkpoint-3", "checkpoint-6"]
+    assert [p.name for p in runs.complete_checkpoints(run)] == ["checkpoint-3", "checkpoint-6"]
 
 
 @pytest.mark.gpu
@@ -203,7 +203,7 @@ def test_qlora_on_cuda_uses_bf16_and_completes(signoff_data, tmp_path):
     import torch
 
     cfg = TrainConfig.from_preset("quick", **{**SMALL, "quantization": "nf4"})
-    run = train.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
+    run = runs.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
     status = train.train_run(run)
     assert status["status"] == "completed", status.get("error")
     assert status["device"] == "cuda" and status["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
@@ -249,17 +249,17 @@ def test_evaluations_and_checkpoints_are_budgeted_by_time_and_the_result_is_scor
     # due every step by the step counts; the time budget decides which happen
     cfg = TrainConfig.from_preset("quick", **{**SMALL, "quantization": "none", "eval_steps": 1, "save_steps": 1,
                                               "eval_share": 0.1, "save_every_s": 3600, "eval_examples": 4})
-    run = train.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
+    run = runs.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
     status = train.train_run(run)
     assert status["status"] == "completed", status.get("error")
     assert status["phase"] == "done"
-    metrics = train.read_metrics(run)
+    metrics = runs.read_metrics(run)
     eval_steps = [r["step"] for r in metrics if r["eval_loss"] is not None]
     assert eval_steps[0] == 0 and eval_steps[-1] == 6  # before training, and the last step always
     assert len(eval_steps) < 7  # not every step: an evaluation costs more than a tenth of a step's time here
     # checkpoints: none by the clock (an hour apart), only new bests and the last step
     evals = {r["step"]: r["eval_loss"] for r in metrics if r["eval_loss"] is not None}
-    for checkpoint in train.complete_checkpoints(run):
+    for checkpoint in runs.complete_checkpoints(run):
         step = int(checkpoint.name.split("-")[1])
         assert step == 6 or evals[step] < min(v for k, v in evals.items() if k < step), (step, evals)
     # evaluated during training on a seeded sample of 4; the result once more on all 8
@@ -268,3 +268,33 @@ def test_evaluations_and_checkpoints_are_budgeted_by_time_and_the_result_is_scor
     assert status["examples_seen"] == 6 * cfg.batch_size
     card = (run / "adapter" / "README.md").read_text()
     assert "validation loss on all 8 validation examples" in card
+
+
+def test_the_train_command_has_a_flag_for_every_setting_and_starts_from_the_pages_preset(tmp_path):
+    import dataclasses
+
+    from tuner.cli import build_parser
+    from tuner.config import DEFAULT_PRESET, PRESETS
+    from tuner.train.cli import config_from_args
+
+    parser = build_parser("train")
+    help_text = parser._subparsers._group_actions[0].choices["train"].format_help()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "preset":
+            assert f"--{f.name.replace('_', '-')}" in help_text, f.name  # a new setting appears without a second edit
+
+    def config(*argv: str) -> TrainConfig:
+        return config_from_args(parser.parse_args(["train", "--data", str(tmp_path), *argv]))
+
+    plain = config()
+    assert plain.preset == DEFAULT_PRESET and plain.max_steps == PRESETS[DEFAULT_PRESET]["max_steps"]  # as the page
+    tuned = config("--preset", "balanced", "--lora-r", "8", "--no-packing", "--precision", "fp32", "--epochs", "3")
+    assert (tuned.preset, tuned.lora_r, tuned.packing, tuned.precision) == ("balanced", 8, False, "fp32")
+    assert tuned.num_epochs == 3.0 and tuned.max_steps == -1  # epochs asked for: no step limit
+    assert tuned.lora_alpha == PRESETS["balanced"]["lora_alpha"]  # the rest stays the preset's
+    saved = tmp_path / "config.yaml"
+    tuned.save(saved)
+    again = config("--config", str(saved), "--learning-rate", "5e-4")
+    assert again.learning_rate == 5e-4 and again.lora_r == 8 and again.preset == "balanced"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--precision", "fp64"])  # closed choices come from the field

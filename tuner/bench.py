@@ -291,8 +291,8 @@ def step_clock():
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
             self.seconds = self.cpu_seconds = 0.0
-            self.steps = 0
-            self.trainer = None
+            self.steps = self.logged_tokens = 0
+            self.trainer = None  # the baseline sets it; tuner's runs report trl's num_tokens through on_log
             self._t = self._c = 0.0
 
         def on_step_begin(self, args, state, control, **kw):
@@ -303,32 +303,17 @@ def step_clock():
             self.cpu_seconds += time.process_time() - self._c
             self.steps += 1
 
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "num_tokens" in logs:
+                self.logged_tokens = int(logs["num_tokens"])
+
         def figures(self) -> dict[str, Any]:
-            tokens = int(getattr(self.trainer, "_total_train_tokens", 0))
+            tokens = int(getattr(self.trainer, "_total_train_tokens", 0)) if self.trainer else self.logged_tokens
             return {"train_s": round(self.seconds, 2), "train_cpu_s": round(self.cpu_seconds, 2),
                     "steps": self.steps, "tokens": tokens,
                     "tokens_per_cpu_s": round(tokens / self.cpu_seconds, 2) if self.cpu_seconds else None}
 
     return StepClock()
-
-
-@contextlib.contextmanager
-def attached(clock):
-    """Add `clock` to the SFTTrainer that tuner.train builds inside train_run (this process only)."""
-    import trl
-
-    original = trl.SFTTrainer.train
-
-    def train(self, *args, **kwargs):
-        clock.trainer = self
-        self.add_callback(clock)
-        return original(self, *args, **kwargs)
-
-    trl.SFTTrainer.train = train
-    try:
-        yield clock
-    finally:
-        trl.SFTTrainer.train = original
 
 
 def _worker_baseline(spec: dict[str, Any]) -> dict[str, Any]:
@@ -372,11 +357,9 @@ def _worker_baseline(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _project_process_setup() -> None:
     """What `python -m tuner train` does to its process before torch loads (thread wait policy)."""
-    from tuner import train
+    from tuner.cli import quiet_threads_env
 
-    setup = getattr(train, "quiet_threads_env", None)
-    if setup is not None:
-        setup()
+    quiet_threads_env()
 
 
 def _worker_project(spec: dict[str, Any]) -> dict[str, Any]:
@@ -386,7 +369,8 @@ def _worker_project(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from tuner.config import TrainConfig
-    from tuner.train import prepare_run, read_metrics, train_run
+    from tuner.runs import prepare_run, read_metrics
+    from tuner.train import train_run
 
     cfg = TrainConfig(**spec.get("overrides", {}))
     if cfg.lora_r != LORA_R or cfg.target_modules != LORA_TARGETS:
@@ -396,8 +380,7 @@ def _worker_project(spec: dict[str, Any]) -> dict[str, Any]:
     cfg.max_steps = spec.get("max_steps") or math.ceil(n / (cfg.batch_size * cfg.grad_accum))  # one pass
     run_dir = prepare_run(cfg, Path(spec["train_file"]).parent, Path(spec["out"]) / "run")
     clock = step_clock()
-    with attached(clock):
-        status = train_run(run_dir)
+    status = train_run(run_dir, callbacks=[clock])
     wall = time.perf_counter() - started
     if status.get("status") != "completed":
         raise TunerError(f"the project run failed: {status.get('error')}")
@@ -544,7 +527,8 @@ def _worker_profile(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import TrainerCallback
 
     from tuner.config import TrainConfig
-    from tuner.train import prepare_run, train_run
+    from tuner.runs import prepare_run
+    from tuner.train import train_run
 
     first, count = spec["skip_steps"], spec["steps"]
     found: dict[str, Any] = {}
@@ -572,8 +556,7 @@ def _worker_profile(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainConfig(**spec.get("overrides", {}))
     cfg.max_steps = first + count
     run_dir = prepare_run(cfg, Path(spec["train_file"]).parent, Path(spec["out"]) / "run")
-    with attached(ProfileSteps()):
-        status = train_run(run_dir)
+    status = train_run(run_dir, callbacks=[ProfileSteps()])
     if "averages" not in found:
         raise TunerError(f"the profiled run did not reach step {first + count}: {status.get('error')}")
     cuda = torch.cuda.is_available()
@@ -689,11 +672,10 @@ def machine_info() -> dict[str, Any]:
 
         info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
     with contextlib.suppress(Exception):
-        from tuner.precision import cpu_info
-        from tuner.train import cpu_precision_choice
+        from tuner.precision import cpu_info, for_model
 
         info["cpu_flags"] = cpu_info()["flags"]
-        choice = cpu_precision_choice("default")
+        choice = for_model("default")
         info["cpu_precision"] = {k: choice.get(k) for k in ("choice", "fp32_ms", "bf16_ms", "bf16_speedup")}
     return info
 

@@ -6,8 +6,10 @@ of overrides. Validation happens on creation, with messages that say what to cha
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -32,6 +34,51 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+def choices(cls: type, name: str) -> tuple[str, ...] | None:
+    """The allowed values of a closed-choice setting (an Enum, or `choices` in the field's metadata)."""
+    f = next(f for f in fields(cls) if f.name == name)
+    kind = typing.get_type_hints(cls).get(name)
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        return tuple(m.value for m in kind)
+    return f.metadata.get("choices")
+
+
+def _choice_check(obj: Any, name: str) -> tuple[bool, str]:
+    allowed = choices(type(obj), name) or ()
+    return getattr(obj, name) in allowed, f"{name} is {', '.join(allowed[:-1])} or {allowed[-1]}."
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                         aliases: dict[str, str] | None = None, group: Any = None) -> None:
+    """One `--field-name` flag per dataclass field, with its help, type and choices from the field itself.
+
+    Flags default to None, so only what the user typed overrides a preset or a config file
+    (config_overrides). Booleans get --name / --no-name. `aliases` adds a second spelling."""
+    hints = typing.get_type_hints(cls)
+    aliases = aliases or {}
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        flags = [f"--{f.name.replace('_', '-')}"] + ([aliases[f.name]] if f.name in aliases else [])
+        default = f.default.value if isinstance(f.default, Enum) else f.default
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse formats help
+        target = group if group is not None and f.name in ("num_epochs", "max_steps") else parser
+        if kind is bool:
+            target.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+            continue
+        allowed = choices(cls, f.name)
+        convert = str if (isinstance(kind, type) and issubclass(kind, Enum)) else kind
+        target.add_argument(*flags, dest=f.name, type=convert, choices=allowed, default=None, help=help_text,
+                            metavar=None if allowed else "SECONDS" if f.name.endswith("_s") else f.name.split("_")[-1].upper())
+
+
+def config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The dataclass fields the user set on the command line (see add_config_arguments)."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
 
 
 @dataclass
@@ -97,9 +144,11 @@ class TrainConfig:
     assistant_only_loss: bool = _f(True, "Learn from the assistant's replies only, not from the customers' lines.")
     packing: bool = _f(True, "Skip computing padding: pack examples into rows (no attention across them) on GPUs with "
                        "flash attention, group examples of similar length elsewhere (measured faster on CPU).")
-    gradient_checkpointing: str = _f("auto", "Trade compute for memory: 'auto' (on for CUDA models over 1B), 'on' or 'off'.")
+    gradient_checkpointing: str = _f("auto", "Trade compute for memory: 'auto' (on for CUDA models over 1B), 'on' or 'off'.",
+                                     choices=("auto", "on", "off"))
     precision: str = _f("auto", "Compute precision: 'auto' (bf16 on GPUs; on a CPU the faster of bf16 and fp32, "
-                        "measured by a few-second probe once per machine), 'bf16', 'fp16' (GPU) or 'fp32'.")
+                        "measured by a few-second probe once per machine), 'bf16', 'fp16' (GPU) or 'fp32'.",
+                        choices=("auto", "bf16", "fp16", "fp32"))
     logging_steps: int = _f(1, "Log loss and speed every N steps.")
     preset: str = _f("custom", "The preset these settings started from.")
 
@@ -130,8 +179,7 @@ class TrainConfig:
             (0.0 < self.eval_share <= 1.0, f"eval_share must be in (0, 1], got {self.eval_share}."),
             (self.save_every_s >= 0, f"save_every_s must be 0 or more seconds, got {self.save_every_s}."),
             (self.early_stopping_patience >= 0, "early_stopping_patience must be 0 (off) or more."),
-            (self.gradient_checkpointing in ("auto", "on", "off"), "gradient_checkpointing is auto, on or off."),
-            (self.precision in ("auto", "bf16", "fp16", "fp32"), "precision is auto, bf16, fp16 or fp32."),
+            *(_choice_check(self, name) for name in ("gradient_checkpointing", "precision")),
             (self.save_steps % self.eval_steps == 0,
              f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}), so the best "
              "checkpoint by eval loss is kept."),
@@ -188,12 +236,33 @@ class TrainConfig:
             raise TunerError(f"{path}: the training config must be a mapping of setting: value.")
         return cls.from_dict(values)
 
+    def uses_nf4(self) -> bool:
+        """Whether the base is stored in 4-bit NF4: 'auto' is NF4 (QLoRA) for LoRA on a GPU and on a CPU alike
+        (the same code path; on this project's 2-core CPUs a 4-bit step runs at the speed of a bf16 one,
+        `python -m tuner bench`), and none for full fine-tuning, which trains the base weights themselves."""
+        if self.method is Method.FULL:
+            return False
+        return self.quantization in (Quantization.AUTO, Quantization.NF4)
+
+    def precision_choice(self, dev: str) -> str:
+        """'bf16', 'fp16' or 'fp32': the setting, or for 'auto' the GPU's best or this CPU's measured choice."""
+        if self.precision != "auto":
+            return self.precision
+        if dev == "cuda":
+            import torch
+
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        from tuner.precision import for_model
+
+        return for_model(self.base_model)["choice"]
+
     @staticmethod
     def help() -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
 
 
 # Named starting points. "quick" is sized for about a minute on a laptop CPU with the default model.
+DEFAULT_PRESET = "quick"  # the page's first choice; `python -m tuner train` without --preset/--config starts here too
 PRESETS: dict[str, dict[str, Any]] = {
     # one pass over ~100 short chats: learns a brand's greeting and sign-off (measured on the Kettle sample)
     "quick": {"max_steps": 12, "learning_rate": 1e-3, "warmup_ratio": 0.1, "lora_r": 16, "lora_alpha": 32,

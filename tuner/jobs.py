@@ -27,23 +27,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner.cli import quiet_threads_env
 from tuner.config import TrainConfig
 from tuner.errors import RunNotFound, TrainingError
-from tuner.paths import check_run_id, resolve_run, runs_dir, tuner_home
-from tuner.train import (
+from tuner.paths import check_run_id, runs_dir, tuner_home
+from tuner.runs import (
     ACTIVE,
-    CONFIG_FILE,
     LOCK_FD_ENV,
     LOCK_FILE,
-    LOG_FILE,
+    Run,
+    all_runs,
     complete_checkpoints,
-    quiet_threads_env,
-    read_json,
+    resolve,
     take_machine_lock,
     update_status,
 )
-from tuner.train import read_metrics as _read_metrics
-from tuner.train import read_status as _read_status
+from tuner.runs import read_metrics as _read_metrics
+from tuner.runs import read_status as _read_status
 
 ROOT = Path(__file__).resolve().parent.parent
 CANCEL_GRACE_S = 5.0  # SIGTERM first, SIGKILL after this
@@ -103,14 +103,8 @@ def _threads_left(pid: int) -> bool:
 
 
 def _run_path(run: str | Path) -> Path:
-    """A run folder from a Path (the app's, the bench's) or an id / CLI path (checked by resolve_run)."""
-    try:
-        path = Path(run)
-        if isinstance(run, Path) and path.is_dir() and (path / CONFIG_FILE).is_file():
-            return path.resolve()
-        return resolve_run(run)
-    except (OSError, ValueError):
-        raise RunNotFound(f"'{str(run)[:100]}' is not a run.") from None
+    """A run folder from a Path (the app's, the bench's) or an id / CLI path (checked by runs.resolve)."""
+    return resolve(run).path
 
 
 def _stale(status: dict[str, Any]) -> bool:
@@ -122,7 +116,7 @@ def _mark_interrupted(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
     step = status.get("step") or 0
     checkpoints = complete_checkpoints(run_dir)
     resume_at = checkpoints[-1].name if checkpoints else "the start"
-    log = " Its output is in train.log." if (run_dir / LOG_FILE).is_file() else ""
+    log = " Its output is in train.log." if Run(run_dir).log_file.is_file() else ""
     return update_status(run_dir, status="interrupted", pid=None, error=(
         f"The training process stopped at step {step} without finishing (app restart, kill, or the system "
         f"ran out of memory). Resume continues from {resume_at}.{log}"))
@@ -186,7 +180,7 @@ def start(run_dir: str | Path, resume: bool = False) -> Job:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         cmd = [sys.executable, "-m", "tuner", "train", "--resume" if resume else "--run", str(run_dir)]
         update_status(run_dir, status="queued", pid=None, pid_started=None, error=None)
-        with open(run_dir / LOG_FILE, "ab") as log:
+        with open(Run(run_dir).log_file, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd[2:])}\n".encode())
             log.flush()
             # its own session: cancel signals the whole tree, and the app's own signals do not reach it
@@ -271,7 +265,7 @@ def reconcile() -> list[str]:
     The app calls this on start: after a restart or a crash, those runs are resumable.
     """
     changed = []
-    for run_dir in _run_dirs():
+    for run_dir in (r.path for r in all_runs()):
         status = _read_status(run_dir)
         # a queued run without a pid was prepared but never started: it is waiting, not stale
         if _stale(status):
@@ -280,30 +274,21 @@ def reconcile() -> list[str]:
     return changed
 
 
-def _run_dirs() -> list[Path]:
-    root = runs_dir()
-    return [p for p in root.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()]
-
-
 def list_runs() -> list[dict[str, Any]]:
     """Every run, newest first: id, folder, status, settings and losses, for the app's run list."""
-    import yaml
-
     out = []
-    for run_dir in _run_dirs():
+    for run in all_runs():
+        run_dir = run.path
         status = read_status(run_dir)
-        try:
-            cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
-        except (OSError, ValueError):
-            cfg = {}
-        sources = read_json(run_dir / "data" / "sources.json", {})
+        cfg = run.config_values()
+        sources = run.sources()
         out.append({
             "id": run_dir.name,
             "path": str(run_dir),
             "status": status.get("status"),
             "error": status.get("error"),
             "created_at": status.get("created_at"),
-            "created": (run_dir / CONFIG_FILE).stat().st_mtime,
+            "created": run.config_file.stat().st_mtime,
             "step": status.get("step"),
             "max_steps": status.get("max_steps"),
             "first_eval_loss": status.get("first_eval_loss"),
@@ -355,7 +340,6 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
     """
     from tuner.dataset import CPU_TOKENS_PER_S, GPU_TOKENS_PER_S
     from tuner.models import device, is_default, model_info
-    from tuner.train import precision, quantization
 
     report = json.loads((Path(data_dir) / "report.json").read_text(encoding="utf-8"))
     stats = report.get("stats") or {}
@@ -382,7 +366,7 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
         hidden, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
         vocab = config.get("vocab_size", 0)
         # 4-bit NF4 with its scales, else the dtype the run keeps the base in (bf16, or fp32 on older CPUs)
-        weight_bytes = 0.56 if quantization(cfg, dev) == "nf4" else precision(cfg, dev)["weights"].itemsize
+        weight_bytes = 0.56 if cfg.uses_nf4() else 2 if cfg.precision_choice(dev) in ("bf16", "fp16") else 4
         seq = min(cfg.max_length, max(mean_tokens, 1) * 2)  # batches group similar lengths; allow the long tail
         activations = cfg.batch_size * seq * (layers * hidden * 20 * 2 + vocab * 4 * 3)
         # framework: torch, tokenizer, datasets, the Trainer (CPU: RSS, calibrated on the quick preset, which

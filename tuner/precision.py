@@ -159,6 +159,18 @@ def remember(shape: tuple[int, int, int], result: dict[str, Any]) -> dict[str, A
     return result
 
 
+def for_model(base_model: str) -> dict[str, Any]:
+    """cpu_precision() for a base model's shapes ('default', a local folder or a Hub id)."""
+    from tuner.models import resolve_model
+
+    location = Path(resolve_model(base_model))
+    try:
+        config = json.loads((location / "config.json").read_text()) if location.is_dir() else {}
+    except (OSError, ValueError):
+        config = {}
+    return cpu_precision(model_shapes(config if isinstance(config, dict) else {}))
+
+
 def describe(result: dict[str, Any]) -> str:
     """One line for a person: what was chosen and why, e.g. for the Train tab and the test header."""
     if result.get("bf16_ms") is None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import TunerError
-from tuner.train import read_json_object
+from tuner.runs import read_json_object
 
 APP_TEMPLATE = Path(__file__).with_name("space_app.py")
 CONFIG_FILE = "space_config.json"

@@ -1,0 +1,129 @@
+"""`python -m tuner train`: every TrainConfig field as a flag, progress on the terminal, the status at the end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tuner.config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    Method,
+    Quantization,
+    TrainConfig,
+    add_config_arguments,
+    config_overrides,
+)
+from tuner.errors import TunerError
+from tuner.runs import Run, is_main_process, prepare_run, resolve, world_size
+from tuner.train.run import train_run
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="Folder with train.jsonl and validation.jsonl (from `convert`).")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help=f"Start from a preset (default: {DEFAULT_PRESET}, as on the page); flags override it.")
+    parser.add_argument("--config", help="A TrainConfig as YAML/JSON (a run's config.yaml re-creates that run); "
+                                         "flags override it.")
+    parser.add_argument("--out", help="Run folder to create (default: a new folder under the runs directory).")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="Continue an interrupted run from its last checkpoint.")
+    parser.add_argument("--run", metavar="RUN_DIR", help=argparse.SUPPRESS)  # a prepared run, used by tuner.jobs
+    parser.add_argument("--json", action="store_true", help="Print the final status as one JSON object.")
+    settings = parser.add_argument_group("training settings (every TrainConfig field; see also --config)")
+    steps = settings.add_mutually_exclusive_group()
+    add_config_arguments(settings, TrainConfig, skip=("preset",), aliases={"num_epochs": "--epochs"}, group=steps)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = config_overrides(args, TrainConfig)
+    if args.num_epochs is not None:
+        overrides["max_steps"] = -1  # epochs asked for: no step limit from the preset or file
+    if args.config:
+        values = TrainConfig.load(args.config).to_dict()
+        values.update(overrides)
+        return TrainConfig.from_dict(values)
+    if args.method == Method.FULL.value and args.quantization is None:
+        overrides["quantization"] = Quantization.NONE.value  # full fine-tuning cannot train 4-bit weights
+    return TrainConfig.from_preset(args.preset or DEFAULT_PRESET, **overrides)
+
+
+def _progress_printer(json_mode: bool) -> tuple[Callable[[dict[str, Any]], None], Callable[[], None]]:
+    """A tqdm bar on a terminal; plain lines into a log file; nothing on stdout in --json mode."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    bar: dict[str, Any] = {}
+
+    def update(record: dict[str, Any]) -> None:
+        if tty:
+            if "bar" not in bar:
+                bar["bar"] = tqdm(total=record.get("max_steps"), unit="step", file=sys.stderr, dynamic_ncols=True)
+            b = bar["bar"]
+            b.total = record.get("max_steps") or b.total
+            b.update(record["step"] - b.n)
+            post = {}
+            if record.get("loss") is not None:
+                post["loss"] = f"{record['loss']:.3f}"
+            if record.get("eval_loss") is not None:
+                bar["eval"] = f"{record['eval_loss']:.3f}"
+            if "eval" in bar:
+                post["eval"] = bar["eval"]
+            if record.get("tokens_per_s"):
+                post["tok/s"] = f"{record['tokens_per_s']:.0f}"
+            b.set_postfix(post, refresh=True)
+        elif record.get("eval_loss") is not None or not json_mode:
+            print(json.dumps(record), file=sys.stderr, flush=True)
+
+    def close() -> None:
+        if "bar" in bar:
+            bar["bar"].close()
+
+    return update, close
+
+
+def cli(args: argparse.Namespace) -> int:
+    if args.resume or args.run:
+        run_dir = resolve(args.resume or args.run).path
+        resume = bool(args.resume)
+    else:
+        if not args.data:
+            raise TunerError("Give --data DIR (the folder `convert` wrote), or --resume RUN_DIR.")
+        cfg = config_from_args(args)
+        resume = False
+        if world_size() > 1:  # accelerate launch / torchrun: rank 0 prepares, the others join its folder
+            if not args.out:
+                raise TunerError("Under a multi-process launch give --out RUN_DIR, so every process uses one run.")
+            run_dir = Path(args.out).expanduser().resolve()
+            if is_main_process():
+                prepare_run(cfg, args.data, run_dir)
+            else:
+                deadline = time.monotonic() + 600
+                while not Run(run_dir).status_file.is_file() and time.monotonic() < deadline:
+                    time.sleep(0.5)
+        else:
+            run_dir = prepare_run(cfg, args.data, args.out)
+        if not args.json:
+            print(f"run folder: {run_dir}", file=sys.stderr)
+    update, close = _progress_printer(args.json)
+    try:
+        status = train_run(run_dir, resume=resume, progress=update)
+    finally:
+        close()
+    if args.json:
+        keys = ("status", "error", "adapter", "first_eval_loss", "eval_loss", "train_loss", "step", "max_steps",
+                "tokens_trained", "wall_s", "peak_memory_mb", "device", "precision")
+        print(json.dumps({"run": str(run_dir), **{k: status.get(k) for k in keys}}))
+    else:
+        line = f"{status['status']}: {run_dir}"
+        if status.get("error"):
+            line += f"\n{status['error']}"
+        elif status.get("adapter"):
+            line += (f"\nresult: {status['adapter']}\neval loss {status.get('first_eval_loss')} -> "
+                     f"{status.get('eval_loss')} in {status.get('step')} steps, {status.get('wall_s')} s")
+        print(line, file=sys.stderr)
+    return 0 if status["status"] == "completed" else 1

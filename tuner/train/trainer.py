@@ -1,0 +1,231 @@
+"""Everything up to `trainer.train()`: data, model, SFTConfig, callbacks; and the context it trains in."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft.helpers import disable_input_dtype_casting
+from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback, set_seed
+from transformers.trainer_pt_utils import get_length_grouped_indices
+from trl import SFTTrainer
+
+from datasets import Dataset, disable_progress_bars
+from tuner.chat_template import training_template
+from tuner.config import Method, Quantization, TrainConfig
+from tuner.errors import DataError
+from tuner.models import load_model, load_tokenizer
+from tuner.runs import (
+    Run,
+    check_data,
+    checkpoint_step,
+    complete_checkpoints,
+    is_main_process,
+    remove_incomplete_checkpoints,
+    truncate_metrics,
+    update_status,
+)
+from tuner.train.callbacks import OverheadBudget, RunRecorder
+from tuner.train.checkpoints import offset_from
+from tuner.train.data import eval_sample, load_split
+from tuner.train.recipe import (
+    attention,
+    gradient_checkpointing,
+    lora_config,
+    packing_mode,
+    precision,
+    precision_reason,
+    quantization,
+    sft_config,
+)
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, generator=None) -> list[int]:
+    """Indices whose consecutive `batch_size` slices hold examples of similar length, batches in random order.
+
+    transformers' LengthGroupedSampler sorts within mega-batches of at most 50 batches, but shrinks them
+    so that an epoch has at least 4: on a few hundred examples a mega-batch is 1 to 6 batches and most
+    of a step is padding (measured 56% fill on the benchmark's 23 examples). Here the mega-batches are
+    always 50 batches (the library's own grouping function), and randomness comes from shuffling the
+    order of the batches instead; the batch with the longest example stays first, so a batch that
+    does not fit in memory fails at step 1, and a short last batch stays last.
+    """
+    order = get_length_grouped_indices(lengths, batch_size, mega_batch_mult=50, generator=generator)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches.sort(key=lambda b: -max(lengths[i] for i in b))  # longest first, then the others shuffled
+    first, rest = batches[:1], batches[1:]
+    tail = [b for b in rest if len(b) < batch_size]
+    rest = [b for b in rest if len(b) == batch_size]
+    shuffled = [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()]
+    return [i for b in first + shuffled + tail for i in b]
+
+
+class GroupedSampler(torch.utils.data.Sampler):
+    def __init__(self, lengths: list[int], batch_size: int):
+        self.lengths, self.batch_size = lengths, batch_size
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        return iter(length_grouped_batches(self.lengths, self.batch_size))
+
+class TunerSFTTrainer(SFTTrainer):
+    """trl's SFTTrainer with tighter length grouping (see length_grouped_batches)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if (self.args.train_sampling_strategy != "group_by_length" or self.args.world_size > 1
+                or dataset is None or "input_ids" not in dataset.column_names):
+            return super()._get_train_sampler(train_dataset)
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        return GroupedSampler(lengths, self.args.train_batch_size)  # each forward's batch is what pads
+
+
+def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = False,
+                  progress: Callable[[dict[str, Any]], None] | None = None,
+                  callbacks: list[TrainerCallback] | None = None):
+    """Everything up to `trainer.train()`: data, model, SFTConfig, callbacks. Returns (trainer, context).
+
+    Also used by the benchmark, so the measured recipe is the one users get.
+    """
+    check_data(run_dir)
+    update_status(run_dir, phase="loading the model and the data")
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.base_model)
+    chat_template = tokenizer.chat_template
+    template = training_template(tokenizer) if cfg.assistant_only_loss else None
+    train_rows, train_stats = load_split(run_dir, "train.jsonl", tokenizer, template, cfg.max_length)
+    val_rows, val_stats = load_split(run_dir, "validation.jsonl", tokenizer, template, cfg.max_length)
+    warnings = []
+    if not val_rows:
+        warnings.append("No validation examples: no eval loss, no best-checkpoint selection, no early stopping.")
+    dropped = train_stats["dropped"] + val_stats["dropped"]
+    if dropped:
+        warnings.append(f"{len(dropped)} example(s) dropped: nothing in them to learn from (see `dropped`).")
+    data_stats = {"train": {k: v for k, v in train_stats.items() if k != "dropped"},
+                  "validation": {k: v for k, v in val_stats.items() if k != "dropped"}}
+    update_status(run_dir, data=data_stats, dropped=dropped[:100], warnings=warnings)
+    if not train_rows:
+        raise DataError("no example is left to train on (see `dropped` in status.json). "
+                        "Fix: the examples need assistant replies within max_length.", file="train.jsonl")
+
+    if template is not None:
+        tokenizer.chat_template = template  # trl reads {% generation %} markers from the tokenizer's template
+    prec = precision(cfg, dev)
+    quant = quantization(cfg, dev)
+    model = load_model(cfg.base_model, quantization=quant, dtype=prec["weights"], dev=dev)
+    if cfg.method is Method.FULL:
+        model.requires_grad_(True)
+    if quant == Quantization.NF4.value and dev == "cpu":
+        keep_4bit_layout_trainable(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    gc_on = gradient_checkpointing(cfg, dev, n_params)
+    attn = attention(dev, max(train_stats["longest"], val_stats["longest"]), packing_mode(cfg, dev))
+    if attn != model.config._attn_implementation:
+        model.set_attn_implementation(attn)
+
+    offset: dict[str, Any] = {}
+    checkpoint = None
+    if resume:
+        removed = remove_incomplete_checkpoints(run_dir)
+        checkpoints = complete_checkpoints(run_dir)
+        checkpoint = checkpoints[-1] if checkpoints else None
+        kept = truncate_metrics(run_dir, checkpoint_step(checkpoint) if checkpoint else 0)
+        offset = offset_from(kept)
+        update_status(run_dir, resumed_from=checkpoint.name if checkpoint else None, removed_incomplete=removed)
+    elif is_main_process():
+        if Run(run_dir).checkpoints_dir.exists():
+            shutil.rmtree(Run(run_dir).checkpoints_dir)  # a fresh start must not rotate into old checkpoints
+        Run(run_dir).metrics_file.unlink(missing_ok=True)
+
+    args = sft_config(cfg, run_dir, dev, prec, bool(val_rows), gc_on, resume=checkpoint is not None)
+    recorder = RunRecorder(run_dir, offset, bool(val_rows), progress, model.config.get_text_config().vocab_size,
+                              eval_share=cfg.eval_share)
+    own = [recorder, OverheadBudget(cfg.eval_share, cfg.save_every_s)]
+    if cfg.early_stopping_patience > 0 and val_rows:
+        own.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+
+    def as_dataset(rows):
+        return Dataset.from_list([{"messages": r["messages"]} for r in rows]) if rows else None
+
+    disable_progress_bars()  # trl's map() bars would flood train.log; tuner reports progress itself
+    trainer = TunerSFTTrainer(model=model, args=args, train_dataset=as_dataset(train_rows),
+                         eval_dataset=as_dataset(val_rows), processing_class=tokenizer,
+                         peft_config=lora_config(cfg) if cfg.method is Method.LORA else None,
+                         callbacks=own + list(callbacks or []))
+    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress callback instead
+    full_eval = None
+    if trainer.eval_dataset is not None and "input_ids" in trainer.eval_dataset.column_names:
+        full_eval = trainer.eval_dataset
+        trainer.eval_dataset = eval_sample(full_eval, cfg.eval_examples, cfg.seed)
+    context = {"full_eval": full_eval, "checkpoint": checkpoint, "recorder": recorder, "chat_template": chat_template, "quantization": quant,
+               "data_stats": data_stats, "precision": prec, "has_eval": bool(val_rows)}
+    update_status(run_dir, device=dev, precision=prec["name"], precision_reason=precision_reason(cfg, dev), quantization=quant, gradient_checkpointing=gc_on,
+                  attention=attn,
+                  batching=packing_mode(cfg, dev), threads=torch.get_num_threads() if dev == "cpu" else None,
+                  parameters=n_params, trainable_parameters=sum(p.numel() for p in trainer.model.parameters()
+                                                                if p.requires_grad))
+    return trainer, context
+
+
+def keep_4bit_layout_trainable(model) -> int:
+    """Stop bitsandbytes repacking NF4 weights for CPU inference during evaluation.
+
+    On CPUs with AVX512-BF16, a bitsandbytes Linear4bit called in eval mode without gradients converts
+    its weight to an inference-only layout, and never converts it back: the training steps after the
+    first evaluation then run through a kernel with no backward (torch warns "an autograd kernel was
+    not registered"), and gradients through the frozen base are wrong. Returns the layers changed.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def fast_lora_casts(model):
+    """Let autocast pick the LoRA matmul dtype instead of peft casting every input to the fp32 adapter dtype.
+
+    The adapter keeps fp32 master weights (exact AdamW updates) while its matmuls run in bf16 like
+    the base layers; on CPU this removes a copy per LoRA layer per step (measured ~1.2x).
+    """
+    return disable_input_dtype_casting(model)
+
+
+@contextlib.contextmanager
+def training_context(model, prec: dict[str, Any]) -> Iterator[None]:
+    """What `trainer.train()` runs inside: LoRA matmuls in autocast's dtype (under autocast only, where
+    the adapter's fp32 weights and the half-precision base meet), and loss on loss positions only."""
+    autocast = prec["bf16"] or prec["fp16"]
+    with (fast_lora_casts(model) if autocast else contextlib.nullcontext()), loss_positions_only():
+        yield
+
+
+@contextlib.contextmanager
+def loss_positions_only() -> Iterator[None]:
+    """Let trl's fused LM head score only the positions that carry loss on every device.
+
+    trl scores just those positions where it runs Triton (CUDA/XPU) and every position elsewhere,
+    to keep tile shapes fixed for compiling backends (Neuron). Eager CPU has no such concern, and
+    the head's fp32 backward over a 49k vocabulary is the largest single cost of a CPU step, so
+    scoring prompts and padding for nothing is pure waste. Only the choice of positions changes:
+    the kernels (picked in trl.kernels) and the loss are the same.
+    """
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:  # trl changed: keep its behaviour
+        yield
+        return
+    trl_utils._use_triton = lambda device: original(device) or device.type == "cpu"
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
