@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tuner.bench import SAMPLE, TRAIN_METRICS, parse_variant, prepare_data
+from bench.speed import SAMPLE, TRAIN_METRICS, parse_variant, prepare_data
 from tuner.errors import TunerError
 
 ROOT = Path(__file__).resolve().parent.parent
