@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tuner import jobs, runs
+from tuner import jobs, runs, train
 from tuner.config import TrainConfig
 from tuner.errors import RunNotFound, TrainingError
 from tuner.paths import runs_dir
@@ -159,3 +159,27 @@ def test_a_finished_job_is_reaped_without_anyone_waiting_for_it(signoff_data, st
             return True
 
     wait_for("the finished process to be reaped", gone, timeout=30)  # nobody here called wait()
+
+
+def test_the_estimate_counts_start_up_evaluations_and_saving_and_learns_this_machine(tmp_path):
+    from tuner.config import TrainConfig
+    from tuner.dataset import convert
+
+    data = tmp_path / "data"
+    convert([ROOT / "datasets" / "kettle_openai.jsonl"], data)
+    cfg = TrainConfig.from_preset("quick", max_steps=2, eval_steps=1, save_steps=1, quantization="none",
+                                  base_model="default")
+    before = jobs.estimate(cfg, data)
+    assert before["measured"] is False and "reference" in before["uncertainty"]
+    parts = before["breakdown"]
+    assert parts["startup_s"] > 0 and parts["eval_s"] > 0 and parts["save_s"] > 0 and parts["train_s"] > 0
+    assert abs(sum(parts.values()) - before["time_s"]) < 0.01  # the total is what the user waits for
+    assert before["precision"] and before["precision"].split()[0] in ("bf16", "fp32")  # the CPU's measured choice
+
+    run = runs.prepare_run(cfg, data, run_dir=runs_dir() / "estimate-learns")
+    status = train.train_run(run)
+    assert status["status"] == "completed", status.get("error")
+    assert status["startup_s"] > 0 and status["eval_s"] > 0
+    after = jobs.estimate(cfg, data)
+    assert after["measured"] is True and "this machine" in after["uncertainty"]
+    assert after["breakdown"]["startup_s"] == status["startup_s"]  # learned from the run that finished here

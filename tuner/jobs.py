@@ -38,6 +38,7 @@ from tuner.runs import (
     Run,
     all_runs,
     complete_checkpoints,
+    read_json_object,
     resolve,
     take_machine_lock,
     update_status,
@@ -321,51 +322,77 @@ def delete_run(run_id: str) -> None:
 # -- before a run starts ----------------------------------------------------------------------------------
 
 
-def measured_speed(base_model: str) -> float | None:
-    """Training tokens/s of the newest finished run of this base model on this machine (a real measurement)."""
+def measured_here(base_model: str) -> dict[str, Any] | None:
+    """What the newest finished run of this base model measured on this machine: training tokens/s (median
+    of its steps), start-up seconds, and evaluation seconds per validation token."""
     for r in list_runs():
         if r.get("status") != "completed" or r.get("base_model") != base_model:
             continue
         speeds = [m["tokens_per_s"] for m in read_metrics(Path(r["path"])) if m.get("tokens_per_s")]
-        if speeds:
-            return sorted(speeds)[len(speeds) // 2]
+        if not speeds:
+            continue
+        status = read_status(Path(r["path"]))
+        return {"speed": sorted(speeds)[len(speeds) // 2], "startup_s": status.get("startup_s"),
+                "eval_s": status.get("eval_s")}
     return None
 
 
-def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
-    """Steps, time and peak memory of a run before it starts: rough, from the data report and the model size.
+def measured_speed(base_model: str) -> float | None:
+    """Training tokens/s of the newest finished run of this base model on this machine (a real measurement)."""
+    found = measured_here(base_model)
+    return found["speed"] if found else None
 
-    Time uses this machine's measured speed when an earlier run of the same model finished here,
-    else the converter's reference speeds for the default model (scaled by model size).
+
+STARTUP_S = 20.0  # process start, model load, tokenization: a first run's reference (then measured)
+SAVE_S = 3.0  # save the adapter, reload it and compare (small for LoRA)
+
+
+def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
+    """Steps, time and peak memory of a run before it starts, counting what the user waits for.
+
+    Time = start-up + training steps + evaluations + saving. Speed and start-up come from this
+    machine's newest finished run of the same model when there is one, else from reference figures
+    (the converter's speeds for the default model, scaled by model size); the uncertainty says which.
+    Evaluations: a seeded sample before training, at most eval_share of the training time during
+    it, and every validation example once at the end (OverheadBudget in tuner.train.callbacks).
     """
     from tuner.dataset import CPU_TOKENS_PER_S, GPU_TOKENS_PER_S
     from tuner.models import device, is_default, model_info
 
-    report = json.loads((Path(data_dir) / "report.json").read_text(encoding="utf-8"))
+    report = read_json_object(Path(data_dir) / "report.json")
     stats = report.get("stats") or {}
     n_train, n_val = int(report.get("train_examples") or 0), int(report.get("validation_examples") or 0)
     mean_tokens = min((stats.get("tokens") or {}).get("total", 0) / max(stats.get("examples") or 1, 1), cfg.max_length)
     per_step = cfg.batch_size * cfg.grad_accum
     steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * n_train / per_step)
-    evals = steps // cfg.eval_steps + 1 if n_val else 0
     train_tokens = steps * per_step * mean_tokens
     dev = device()
     info = model_info(cfg.base_model) if is_default(cfg.base_model) or Path(cfg.base_model).is_dir() else {}
     params = int(info.get("parameters") or 0)
     default_params = model_info("default")["parameters"]
-    measured = measured_speed(cfg.base_model)
+    here = measured_here(cfg.base_model)
     reference = (GPU_TOKENS_PER_S if dev == "cuda" else CPU_TOKENS_PER_S) * default_params / max(params, 1)
-    speed = measured or (reference if params else None)
-    seconds = None
+    speed = here["speed"] if here else (reference if params else None)
+    seconds, breakdown = None, None
     if speed:
+        train_s = train_tokens / speed
         # evaluation runs forward only: about a third of a training step's cost per token
-        seconds = 20 + train_tokens / speed + evals * n_val * mean_tokens / (3 * speed)
+        sample = min(n_val, cfg.eval_examples) if cfg.eval_examples else n_val
+        eval_s = 0.0
+        if n_val:
+            start_and_end = (sample + (n_val if n_val > sample else 0)) * mean_tokens / (3 * speed)
+            eval_s = start_and_end + min(cfg.eval_share * train_s, steps // cfg.eval_steps * sample * mean_tokens
+                                         / (3 * speed))
+        startup = (here or {}).get("startup_s") or STARTUP_S
+        breakdown = {"startup_s": round(startup, 1), "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
+                     "save_s": SAVE_S}
+        seconds = sum(breakdown.values())
     memory_mb = None
     if params:
         config = json.loads((Path(info["path"]) / "config.json").read_text())
         hidden, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
         vocab = config.get("vocab_size", 0)
-        # 4-bit NF4 with its scales, else the dtype the run keeps the base in (bf16, or fp32 on older CPUs)
+        # 4-bit NF4 with its scales, else the dtype the run keeps the base in (bf16, or fp32 where it is faster)
         weight_bytes = 0.56 if cfg.uses_nf4() else 2 if cfg.precision_choice(dev) in ("bf16", "fp16") else 4
         seq = min(cfg.max_length, max(mean_tokens, 1) * 2)  # batches group similar lengths; allow the long tail
         activations = cfg.batch_size * seq * (layers * hidden * 20 * 2 + vocab * 4 * 3)
@@ -373,6 +400,17 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
         # `python -m tuner bench --only quick` measured at 4.6 GB); CUDA: the context
         overhead = 2000 * 2**20 if dev == "cpu" else 400 * 2**20
         memory_mb = (params * weight_bytes + activations + overhead) / 2**20
+    if here:
+        uncertainty = ("Measured on this machine by an earlier run of this model: expect within about 25%, "
+                       "more when the machine is busy.")
+    else:
+        uncertainty = ("No run of this model has finished on this machine yet, so this uses reference speeds: "
+                       "it may be off by 2x either way; the first run measures this machine.")
+    precision = None
+    if dev == "cpu":
+        from tuner.precision import describe, for_model
+
+        precision = describe(for_model(cfg.base_model)) if cfg.precision == "auto" else cfg.precision
     return {"steps": steps, "examples": n_train, "tokens": round(train_tokens), "time_s": seconds,
-            "memory_mb": memory_mb, "device": "GPU" if dev == "cuda" else "CPU",
-            "speed": speed, "measured": measured is not None}
+            "breakdown": breakdown, "memory_mb": memory_mb, "device": "GPU" if dev == "cuda" else "CPU",
+            "speed": speed, "measured": here is not None, "uncertainty": uncertainty, "precision": precision}

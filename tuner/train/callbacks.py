@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 from transformers import TrainerCallback
 
 from tuner.errors import TrainingError
@@ -44,8 +45,10 @@ class RunRecorder(TrainerCallback):
         return self.elapsed0 + time.monotonic() - self.started
 
     def on_train_begin(self, args, state, control, **kw):
+        # start-up: from the process's start (the user pressed Train or ran the command) to the first step
+        startup = round(time.time() - psutil.Process().create_time(), 1)
         update_status(self.run_dir, status="running", max_steps=state.max_steps, step=state.global_step,
-                      phase="training", examples_seen=self.examples_seen(args, state))
+                      phase="training", examples_seen=self.examples_seen(args, state), startup_s=startup)
 
     def examples_seen(self, args, state) -> int:
         return int(state.global_step) * args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -94,6 +97,7 @@ class RunRecorder(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = logs or {}
+        self.eval_s += float(logs.get("eval_all_runtime", 0.0))  # the final evaluation on every example
         step = int(state.global_step)
         record: dict[str, Any] = {"step": step, "loss": None, "eval_loss": None, "learning_rate": None,
                                   "tokens_per_s": None, "elapsed_s": round(self.elapsed(), 2), "eta_s": None}

@@ -131,6 +131,7 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
     update_status(run_dir, phase="saving and checking the result")
     save_result(trainer, cfg, run_dir, out_dir, summary, ctx["data_stats"], ctx["precision"]["name"], dev)
     summary["wall_s"] = round(recorder.elapsed(), 1)
+    summary["eval_s"] = round(recorder.eval_s, 1)  # every evaluation, the final one included
     return update_status(run_dir, status="completed", phase="done", error=None, adapter=str(out_dir), pid=None, eta_s=0,
                          peak_memory_mb=_peak_memory_mb(dev),
                          train_runtime_s=round(train_runtime, 1), **summary)
