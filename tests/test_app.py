@@ -178,12 +178,12 @@ def test_two_sessions_never_see_each_others_uploads_or_examples(server, home):
 
 
 def _quick_settings(**overrides) -> list:
-    """The Train tab's settings in app.MAIN_SETTINGS + MORE_SETTINGS order, from the quick preset."""
-    import app
+    """The Train tab's settings in MAIN_SETTINGS + MORE_SETTINGS order, from the quick preset."""
     from tuner.config import TrainConfig
+    from tuner.ui.train_tab import MAIN_SETTINGS, MORE_SETTINGS
 
     values = {**TrainConfig.from_preset("quick").to_dict(), **overrides}
-    return [values[n] for n in app.MAIN_SETTINGS + app.MORE_SETTINGS]
+    return [values[n] for n in MAIN_SETTINGS + MORE_SETTINGS]
 
 
 # -- limits ------------------------------------------------------------------------------------------
@@ -315,8 +315,10 @@ def test_a_finished_run_is_evaluated_described_and_downloaded(client, signoff_ru
     details = client.predict(run_id, api_name="/run_details")
     assert "| status | completed |" in details and "| learning rate |" in details
     metrics, rows = client.predict(run_id, 3, 8, 0.0, 0.9, 0, 1.1, api_name="/evaluate")
-    names = [r[0] for r in metrics["data"]]
-    assert {"chrf", "brand_phrase_rate", "validation_loss", "general_perplexity"} <= set(names)
+    from tuner.evaluate import METRIC_LABELS
+
+    names = [r[0] for r in metrics["data"]]  # named in words on the page
+    assert {METRIC_LABELS[k] for k in ("chrf", "brand_phrase_rate", "validation_loss", "general_perplexity")} <= set(names)
     assert all(r[-1] for r in metrics["data"])  # every metric explains itself in one line
     assert len(rows["data"]) == 3 and all(r[2] and r[3] for r in rows["data"])  # both answered every prompt
     # the evaluation is kept with the run and shown again when the run is picked
@@ -428,7 +430,7 @@ def test_tuner_auth_puts_the_page_and_the_api_behind_a_password(tmp_path):
 
 
 def test_a_space_without_persistent_storage_says_runs_are_temporary(monkeypatch):
-    import app
+    from tuner.ui import page as app
 
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.delenv("TUNER_AUTH", raising=False)

@@ -6,6 +6,7 @@ Screenshots of every stage go to test-artifacts/ (gitignored), to look at when s
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -77,6 +78,76 @@ def open_page(browser, server, request):
 
 def bot_texts(page, elem_id: str) -> list[str]:
     return [t.strip() for t in page.locator(f"#{elem_id} .message.bot").all_inner_texts()]
+
+
+def bar_counts(page, elem_id: str) -> list[int]:
+    """The bars of a gr.BarPlot, read from the chart's own accessible labels ("…; examples: 12")."""
+    labels = page.eval_on_selector_all(f"#{elem_id} [aria-roledescription='bar']",
+                                       "els => els.map(e => e.getAttribute('aria-label') || '')")
+    return [int(m.group(1)) for m in (re.search(r"examples: (\d+)", label) for label in labels) if m]
+
+
+def crew_log(path: Path, n: int = 12) -> Path:
+    """A chat log whose speakers tuner does not know: the page must ask which of them is the team."""
+    lines = []
+    for i in range(n):
+        lines += [f"=== Chat {i} ===", f"Jo: Hello, question {i} about my kettle?", f"Skipper: Ahoy! Answer {i}.", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def small_jsonl(path: Path, n: int = 12) -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"Is the tea tin number {i} back in stock?"},
+                          {"role": "assistant", "content": f"Tin {i} is back on Monday. Cheers, the Tea Crew"}]}
+            for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_replacing_or_clearing_files_leaves_no_stale_view(open_page, tmp_path):
+    page, dialogs = open_page()
+    upload = page.locator("#upload input[type=file]")
+    report, speakers = page.locator("#report"), page.locator("#speakers")
+
+    # 1. a log with unknown speakers: the page asks about them
+    upload.set_input_files(str(crew_log(tmp_path / "crew.txt")))
+    report.get_by_text("Some speakers have no role").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    speakers.wait_for(state="visible", timeout=10_000)
+    assert "Skipper" in speakers.inner_text() and "Jo" in speakers.inner_text()
+    shot(page, "10-views-crew")
+
+    # 2. the box's Clear: every view is empty again, not the crew log's
+    page.locator("#upload").get_by_role("button", name="Clear").click()
+    report.get_by_text("Upload your exports").wait_for(timeout=30_000)
+    speakers.wait_for(state="hidden", timeout=10_000)
+    assert "crew.txt" not in page.locator("#files-table").inner_text() + page.locator("#dropped-table").inner_text()
+    assert bar_counts(page, "histogram") == [] and bot_texts(page, "preview") == []
+    assert page.locator("#to-train").is_disabled()
+    shot(page, "11-views-cleared")
+
+    # 3. the sample: its own report, bars and preview
+    upload.set_input_files(str(SAMPLE))
+    report.get_by_text("Ready to train").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    page.wait_for_function("() => document.querySelectorAll(\"#histogram [aria-roledescription='bar']\").length > 0")
+    assert sum(bar_counts(page, "histogram")) == 96 and not speakers.is_visible()
+    assert bot_texts(page, "preview")[0].startswith("Ahoy there, shipmate!")
+
+    # 4. replaced by another file (added beside it, then the sample's own x): every view is the new file's
+    upload.set_input_files(str(small_jsonl(tmp_path / "tea.jsonl")))
+    report.get_by_text("108 conversations read").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    page.locator("#upload tr:has(td[aria-label='kettle_transcripts.txt'])").get_by_role(
+        "button", name="Remove this file").click()
+    report.get_by_text("12 conversations read").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    page.wait_for_function("() => document.querySelectorAll(\"#histogram [aria-roledescription='bar']\").length > 0")
+    page.wait_for_timeout(500)
+    assert "Ready to train" in report.inner_text() and "96" not in report.inner_text()
+    files = page.locator("#files-table").inner_text()
+    assert "tea.jsonl" in files and "kettle" not in files
+    assert sum(bar_counts(page, "histogram")) == 12
+    assert bot_texts(page, "preview")[0].startswith("Tin 0 is back on Monday")
+    assert not speakers.is_visible() and page.locator("#to-train").is_enabled()
+    shot(page, "12-views-replaced")
+    assert dialogs == []
 
 
 def test_html_in_uploaded_messages_is_shown_as_text_and_never_runs(open_page, server, tmp_path):

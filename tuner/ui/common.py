@@ -1,0 +1,157 @@
+"""What every tab shares: errors in plain words, handlers keyed by component name, run ids, escaping.
+
+A tab's handler returns {name: value}; `keyed(fn, c)` turns that into Gradio's {component: value}
+with `c` the page's components by name, so a handler never depends on the order of an outputs list.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import inspect
+import logging
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from tuner.errors import RunNotFound, TunerError
+from tuner.paths import check_run_id, runs_dir
+
+log = logging.getLogger("tuner.app")
+
+Components = dict[str, Any]  # a page's components by name
+RUN_STATES_ACTIVE = ("queued", "running")
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+
+def plain_error(exc: BaseException, secret: str = "") -> gr.Error:
+    """The message a person sees for `exc`; the traceback goes to the server log only (never with a secret)."""
+    if isinstance(exc, gr.Error):
+        return exc
+    if isinstance(exc, TunerError):
+        return gr.Error(str(exc), print_exception=False)
+    if secret:  # security: a library's message or traceback might quote the token
+        log.error("unexpected %s in a handler that holds a token", type(exc).__name__)
+    else:
+        log.error("unexpected %s in a handler", type(exc).__name__, exc_info=exc)
+    return gr.Error(f"Something went wrong ({type(exc).__name__}). Try again; if it repeats, "
+                    "reload the page and check the server log.", print_exception=False)
+
+
+def friendly(fn: Callable) -> Callable:
+    """Turn tuner's errors (and any other exception) into a gr.Error in plain words, without a traceback."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen_wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:
+                raise plain_error(exc) from None
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            raise plain_error(exc) from None
+
+    return wrapper
+
+
+def keyed(fn: Callable, c: Components) -> Callable:
+    """`fn` returns (or yields) {component name: value}; Gradio gets {component: value}."""
+
+    def by_component(values: Any) -> Any:
+        return {c[name]: value for name, value in values.items()} if isinstance(values, dict) else values
+
+    if inspect.isgeneratorfunction(inspect.unwrap(fn)):
+
+        @functools.wraps(fn)
+        def gen_wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            for values in fn(*args, **kwargs):
+                yield by_component(values)
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return by_component(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def pick(c: Components, *names: str) -> list[Any]:
+    """Components by name, in the order given (an event's inputs or outputs)."""
+    return [c[n] for n in names]
+
+
+# -- text --------------------------------------------------------------------------------------------
+
+
+def md_escape(text: Any) -> str:
+    """User-given text (file names, speakers, reasons) shown literally inside Markdown."""
+    return re.sub(r"([\\`*_{}\[\]()#+!|<>~])", r"\\\1", str(text))
+
+
+def shown(text: str) -> str:
+    """Message text for a gr.Chatbot with render_markdown=False: shown literally, HTML never interpreted."""
+    return html.escape(text, quote=False)
+
+
+def bubbles(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """User/assistant messages as chat bubbles showing their exact text (a system prompt is shown apart)."""
+    return [{"role": m["role"], "content": shown(m["content"])} for m in messages if m["role"] in ("user", "assistant")]
+
+
+# -- runs on disk --------------------------------------------------------------------------------------
+
+
+def run_folder(run_id: str | None) -> Path:
+    """The folder of a run named by id; ids are plain folder names (never paths) under runs_dir()."""
+    if not run_id or not str(run_id).strip():
+        raise TunerError("Pick a run first.")
+    from tuner.runs import Run
+
+    run_id = check_run_id(str(run_id).strip())  # security: rejects '../', '/etc', '%2e%2e' and the like
+    run = Run(runs_dir() / run_id)
+    if not run.exists():
+        raise RunNotFound(f"There is no run named '{run_id}'.")
+    return run.path
+
+
+def list_runs() -> list[dict[str, Any]]:
+    from tuner import jobs
+
+    return jobs.list_runs()
+
+
+def run_choices(only_completed: bool = False) -> list[str]:
+    runs = list_runs()
+    if only_completed:
+        runs = [r for r in runs if r.get("status") == "completed"]
+    return [r["id"] for r in runs]
+
+
+def active_run() -> str | None:
+    """The run training now (or queued), else the newest run, for a page that opens."""
+    runs = list_runs()
+    for r in runs:
+        if r.get("status") in RUN_STATES_ACTIVE:
+            return r["id"]
+    return runs[0]["id"] if runs else None
+
+
+@functools.lru_cache(maxsize=1)
+def playground() -> Any:
+    """The one Playground of this process: model weights are shared by every session, chats are not."""
+    from tuner.playground import Playground
+
+    return Playground()

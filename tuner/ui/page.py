@@ -1,0 +1,82 @@
+"""The page: a header, the four tabs and the page-load event; each tab module builds and wires itself.
+
+Gradio only. Every handler calls the `tuner` package and turns its TunerError into a plain
+gr.Error. What belongs to one browser (uploads, converted examples, chats) lives in gr.State and
+component values, never in module globals; a run is a folder on disk, so a reloaded page finds
+its training again. Run ids from the page or the API are checked before they touch the disk.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import gradio as gr
+
+from tuner.paths import persistent_storage
+from tuner.ui import data_tab, playground_tab, runs_tab, train_tab
+from tuner.ui.common import Components, active_run, friendly, keyed, pick, run_choices
+
+CSS = """
+.run-progress progress { width: 100%; height: 14px; accent-color: var(--color-accent); }
+.run-progress .run-line { margin-bottom: 6px; }
+.run-progress .run-line .busy { display: inline-block; width: 10px; height: 10px; margin-right: 8px;
+  border-radius: 50%; background: var(--color-accent); animation: tuner-pulse 1.2s ease-in-out infinite; }
+@keyframes tuner-pulse { 50% { opacity: 0.25; } }
+.run-progress .run-error { color: var(--error-text-color, #b91c1c); white-space: pre-wrap; }
+#preview .bot, #preview .message.bot { background: #fef3c7 !important; border-color: #f59e0b !important; }
+"""
+
+
+def storage_notice() -> str:
+    """On a Space: runs are shared by its visitors (unless behind TUNER_AUTH), and without persistent
+    storage they vanish on restart."""
+    if not os.environ.get("SPACE_ID"):
+        return ""
+    notes = []
+    if not os.environ.get("TUNER_AUTH"):
+        notes.append("**Runs on this Space are shared**: if it is public, everyone who opens it sees the run list "
+                     "and can chat with, download or delete a run (uploads and chats stay in your browser). For "
+                     "your company's transcripts, duplicate it as a private Space or set `TUNER_AUTH`.")
+    if not persistent_storage():
+        notes.append("**This Space has no persistent storage**: runs are lost when it restarts or sleeps. "
+                     "Download the adapter or push it to the Hub from the **Runs** tab when training ends.")
+    return "\n\n".join(notes)
+
+
+@friendly
+def page_load() -> dict[str, Any]:
+    """A (re)opened page shows the run that is training now, read from disk, not from memory."""
+    current = active_run()
+    choices = run_choices()
+    completed = run_choices(only_completed=True)
+    notice = storage_notice()
+    return {"train_run": gr.update(choices=choices, value=current),
+            "pg_run": gr.update(choices=completed, value=completed[0] if completed else None),
+            "runs_pick": gr.update(choices=choices, value=current), "runs_table": runs_tab.runs_frame(),
+            "notice": gr.update(value=notice, visible=bool(notice))}
+
+
+def build_demo() -> gr.Blocks:
+    """Lay out the four tabs, then wire every event (each with an api_name for gradio_client)."""
+    c: Components = {}
+    with gr.Blocks(title="tuner: fine-tune a chatbot on your support logs", delete_cache=(1800, 3600)) as demo:
+        c["session"] = gr.State(data_tab.new_session, delete_callback=data_tab.end_session)
+        c["chats"] = gr.State(playground_tab.new_chats)
+        gr.Markdown("# tuner\nTurn your support conversations into a chatbot that answers in your voice: "
+                    "**1** check the data, **2** train, **3** compare base and tuned, **4** take the model home.")
+        c["notice"] = gr.Markdown(visible=False, elem_id="storage-notice")
+        with gr.Tabs() as c["tabs"]:
+            with gr.Tab("1. Data", id="data"):
+                c.update(data_tab.build())
+            with gr.Tab("2. Train", id="train"):
+                c.update(train_tab.build())
+            with gr.Tab("3. Playground", id="playground") as c["playground_tab"]:
+                c.update(playground_tab.build())
+            with gr.Tab("4. Runs", id="runs") as c["runs_tab"]:
+                c.update(runs_tab.build())
+        for tab in (data_tab, train_tab, playground_tab, runs_tab):
+            tab.wire(c)
+        demo.load(keyed(page_load, c), outputs=pick(c, "train_run", "pg_run", "runs_pick", "runs_table", "notice"),
+                  api_name="load")
+    return demo

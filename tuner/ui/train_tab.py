@@ -1,0 +1,305 @@
+"""2. Train: pick a preset and the few settings that matter, see the estimate, start, watch it learn.
+
+The run's view (progress line, loss plot, log) is read from its folder on every poll: a reloaded
+page or another browser sees the same run. The clock and the phase come from `tuner.progress`.
+"""
+
+from __future__ import annotations
+
+import html
+from enum import Enum
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from tuner import progress
+from tuner.config import PRESETS, TrainConfig
+from tuner.errors import TunerError
+from tuner.runs import Run
+from tuner.ui.common import RUN_STATES_ACTIVE, Components, friendly, keyed, pick, run_folder
+from tuner.ui.runs_tab import PICKERS, refresh_runs
+
+POLL_SECONDS = 2.0  # how often the Train tab reads status.json / metrics.jsonl
+LOSS_COLORS = {"train loss": "#f97316", "held-out loss": "#2563eb"}  # orange, blue: named in the label too
+
+# Settings the Train tab shows; the rest keep their preset/default values.
+MAIN_SETTINGS = ["max_steps", "num_epochs", "learning_rate", "lora_r", "batch_size", "max_length"]
+MORE_SETTINGS = ["quantization", "method", "lora_alpha", "lora_dropout", "grad_accum", "eval_steps", "save_steps",
+                 "early_stopping_patience", "warmup_ratio", "packing", "assistant_only_loss", "precision",
+                 "gradient_checkpointing", "seed"]
+SETTING_CHOICES = {  # text settings with a closed set of values (validated in TrainConfig.__post_init__)
+    "precision": ["auto", "bf16", "fp16", "fp32"],
+    "gradient_checkpointing": ["auto", "on", "off"],
+}
+SETTING_LABELS = {
+    "max_steps": "Max steps", "num_epochs": "Epochs", "learning_rate": "Learning rate", "lora_r": "LoRA rank",
+    "batch_size": "Batch size", "max_length": "Max length (tokens)", "quantization": "Quantization",
+    "method": "Method", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout", "grad_accum": "Gradient accumulation",
+    "eval_steps": "Evaluate every N steps", "save_steps": "Checkpoint every N steps",
+    "early_stopping_patience": "Early stopping patience", "warmup_ratio": "Warm-up share",
+    "packing": "Pack short examples", "assistant_only_loss": "Learn from replies only", "seed": "Seed",
+    "precision": "Precision", "gradient_checkpointing": "Gradient checkpointing",
+}
+STATUS_VIEWS = ["progress", "loss_plot", "train_log", "cancel_btn", "resume_btn", "timer", "raw_log"]
+
+
+# -- settings ----------------------------------------------------------------------------------------
+
+
+def preset_values(preset: str) -> dict[str, Any]:
+    return TrainConfig.from_preset(preset).to_dict()
+
+
+def setting_component(name: str, value: Any) -> gr.components.Component:
+    """One TrainConfig field as a widget, labelled, with the field's own help text."""
+    help_text = TrainConfig.help()[name]
+    label = SETTING_LABELS.get(name, name.replace("_", " "))
+    default = getattr(TrainConfig(), name)
+    if isinstance(default, bool):
+        return gr.Checkbox(value=value, label=label, info=help_text)
+    if isinstance(default, Enum):
+        return gr.Radio([e.value for e in type(default)], value=value, label=label, info=help_text)
+    if name in SETTING_CHOICES:
+        return gr.Radio(SETTING_CHOICES[name], value=value, label=label, info=help_text)
+    if isinstance(default, str):
+        return gr.Textbox(value=value, label=label, info=help_text)
+    if isinstance(default, int):
+        return gr.Number(value=value, label=label, info=help_text, precision=0)
+    return gr.Number(value=value, label=label, info=help_text)
+
+
+def build_train_config(base_model: str, preset: str, names: list[str], values: tuple[Any, ...]) -> TrainConfig:
+    """The one place the page's settings become a TrainConfig (validated there)."""
+    settings = preset_values(preset or "quick")
+    for name, value in zip(names, values, strict=True):
+        if value is None or value == "":
+            raise TunerError(f"{SETTING_LABELS.get(name, name)} is empty: give it a value.")
+        default = getattr(TrainConfig(), name)
+        if isinstance(default, bool):
+            value = bool(value)
+        elif isinstance(default, int) and not isinstance(default, bool):
+            value = int(value)
+        elif isinstance(default, float):
+            value = float(value)
+        settings[name] = value
+    settings["base_model"] = (base_model or "default").strip()
+    settings["preset"] = preset or "custom"
+    return TrainConfig.from_dict(settings)
+
+
+def apply_preset(preset: str) -> list[Any]:
+    values = preset_values(preset)
+    return [values[n] for n in MAIN_SETTINGS + MORE_SETTINGS]
+
+
+@friendly
+def estimate_run(session: dict[str, Any], base_model: str, preset: str, *values: Any) -> str:
+    """Time and memory the run should take, and how many examples it will see, before it starts."""
+    data_dir = (session or {}).get("data_dir")
+    if not data_dir or not (session or {}).get("ok"):
+        return "Check your data on the **Data** tab first: the estimate needs the examples."
+    from tuner import jobs
+
+    cfg = build_train_config(base_model, preset, MAIN_SETTINGS + MORE_SETTINGS, values)
+    est = jobs.estimate(cfg, data_dir)
+    per_step = cfg.batch_size * cfg.grad_accum
+    seen = est["steps"] * per_step
+    text = (f"**Estimate:** {est['steps']} steps of {per_step} examples: the run sees **{seen:,} examples** "
+            f"({seen / max(est['examples'], 1):.1f}x the {est['examples']:,} training examples, "
+            f"~{est['tokens']:,} tokens)")
+    if est.get("time_s") is not None:
+        text += f", about **{progress.fmt_duration(est['time_s'])}**"
+        parts = est.get("breakdown") or {}
+        named = [(parts.get(k), w) for k, w in (("startup_s", "start-up"), ("train_s", "training steps"),
+                                                ("eval_s", "evaluations"), ("save_s", "saving"))]
+        if any(v for v, _ in named):
+            text += " (" + ", ".join(f"{w} {progress.fmt_duration(v)}" for v, w in named if v) + ")"
+    if est.get("memory_mb") is not None:
+        text += f" and **{est['memory_mb'] / 1024:.1f} GB** of memory"
+    text += f" on this machine's {est.get('device', 'CPU')}."
+    if est.get("precision"):
+        text += f" Precision: {est['precision']}."
+    if est.get("uncertainty"):
+        text += f" {est['uncertainty']}"
+    if est.get("speed"):
+        basis = "measured on an earlier run here" if est.get("measured") else "a reference speed; the first run measures it"
+        text += f" Speed: {est['speed']:,.0f} tokens/s ({basis})."
+    else:
+        text += " (No time estimate for a Hub model that is not downloaded yet.)"
+    return text
+
+
+# -- the run's view ------------------------------------------------------------------------------------
+
+
+def progress_html(status: dict[str, Any], batch_size: int = 1, grad_accum: int = 1) -> str:
+    """A progress bar under one line that says what the run is doing; built from numbers only (no user text)."""
+    state = str(status.get("status", "unknown"))
+    step, total = int(status.get("step") or 0), int(status.get("max_steps") or 0)
+    pct = 100.0 * step / total if total else (100.0 if state == "completed" else 0.0)
+    line = progress.summary(status, batch_size, grad_accum)
+    busy = ' class="busy"' if state in RUN_STATES_ACTIVE else ""
+    error = f'<p class="run-error">{html.escape(str(status["error"]))}</p>' if status.get("error") else ""
+    return (f'<div class="run-progress" data-status="{html.escape(state)}">'
+            f'<div class="run-line"><span{busy}></span>{html.escape(line)}</div>'
+            f'<progress max="100" value="{pct:.1f}"></progress>{error}</div>')
+
+
+def loss_frame(metrics: list[dict[str, Any]]) -> pd.DataFrame:
+    """Train and held-out loss by step, long format for gr.LinePlot's color=series.
+
+    Both series are always in the frame (a NaN row stands in for one with no point yet): the plot
+    fixes its lines and colours from the first frame it draws, so a series missing then would
+    never be drawn.
+    """
+    rows = progress.loss_points(metrics)
+    present = {r["series"] for r in rows}
+    rows += [{"step": 0, "loss": float("nan"), "series": s} for s in LOSS_COLORS if s not in present]
+    return pd.DataFrame({"step": pd.Series([r["step"] for r in rows], dtype="int64"),
+                         "loss": pd.Series([r["loss"] for r in rows], dtype="float64"),
+                         "series": pd.Series([r["series"] for r in rows], dtype="str")})
+
+
+def no_run_views() -> dict[str, Any]:
+    return {"progress": "<p>No run yet. Check your data, then press <b>Start training</b>.</p>",
+            "loss_plot": loss_frame([]), "train_log": "", "raw_log": "", "cancel_btn": gr.update(visible=False),
+            "resume_btn": gr.update(visible=False), "timer": gr.Timer(active=False)}
+
+
+@friendly
+def run_status(run_id: str | None) -> dict[str, Any]:
+    """Everything the Train tab shows about one run, read from its folder."""
+    from tuner import jobs
+
+    if not run_id:
+        return no_run_views()
+    run_dir = run_folder(run_id)
+    status = jobs.read_status(run_dir)
+    metrics = jobs.read_metrics(run_dir)
+    try:
+        cfg = Run(run_dir).config()
+        batch, accum = cfg.batch_size, cfg.grad_accum
+    except (TunerError, OSError, ValueError):
+        batch, accum = 1, 1
+    state = status.get("status")
+    active = state in RUN_STATES_ACTIVE
+    last_step = max([int(status.get("max_steps") or 0)] + [int(m["step"]) for m in metrics])
+    return {
+        "progress": progress_html(status, batch, accum),
+        "loss_plot": gr.LinePlot(value=loss_frame(metrics), x_lim=[0, max(last_step, 1)]),
+        "train_log": "\n".join(progress.sentences(status, metrics)),
+        "raw_log": progress.log_tail(Run(run_dir).log_file),
+        "cancel_btn": gr.update(visible=active),
+        "resume_btn": gr.update(visible=state in ("interrupted", "cancelled", "failed")),
+        "timer": gr.Timer(active=active),
+    }
+
+
+@friendly
+def start_training(session: dict[str, Any], base_model: str, preset: str, *values: Any) -> str:
+    """Prepare a run folder from this session's examples and start training it in a subprocess."""
+    from tuner import jobs, runs
+
+    if not (session or {}).get("ok") or not session.get("data_dir"):
+        raise TunerError("There is nothing valid to train on yet: check your data on the Data tab first.")
+    cfg = build_train_config(base_model, preset, MAIN_SETTINGS + MORE_SETTINGS, values)
+    if (running := jobs.active_job()) is not None:
+        # refuse before creating a run folder that could not start
+        raise TunerError(f"Another training run is in progress on this machine ({running.get('holder')}). One job "
+                         "runs at a time: wait for it to finish or cancel it, then start again.")
+    run_dir = runs.prepare_run(cfg, session["data_dir"])
+    try:
+        jobs.start(run_dir)
+    except TunerError:
+        jobs.delete_run(run_dir.name)  # lost a race for the machine: leave no never-started run behind
+        raise
+    gr.Info(f"Training started: run {run_dir.name}. You can close this tab; it keeps training.")
+    return run_dir.name
+
+
+@friendly
+def cancel_run(run_id: str | None) -> str:
+    from tuner import jobs
+
+    run_dir = run_folder(run_id)
+    jobs.cancel(run_dir)
+    gr.Info(f"Cancelling run {run_dir.name}…")
+    return run_dir.name
+
+
+@friendly
+def resume_run(run_id: str | None) -> str:
+    from tuner import jobs
+
+    run_dir = run_folder(run_id)
+    jobs.start(run_dir, resume=True)
+    gr.Info(f"Resuming run {run_dir.name} from its last checkpoint.")
+    return run_dir.name
+
+
+# -- layout and events ---------------------------------------------------------------------------------
+
+
+def build() -> Components:
+    """The Train tab's components, by name (call inside a gr.Tab)."""
+    defaults = preset_values("quick")
+    c: Components = {}
+    with gr.Row():
+        with gr.Column(scale=2, min_width=320):
+            c["base_model"] = gr.Dropdown(["default"], value="default", allow_custom_value=True, label="Base model",
+                                          info="'default' is the embedded SmolLM2-135M-Instruct; or type a Hub id "
+                                               "like org/name (safetensors only, no remote code).")
+            c["preset"] = gr.Radio(list(PRESETS), value="quick", label="Preset",
+                                   info="quick: a few minutes on a laptop CPU; balanced and thorough: more epochs, "
+                                        "better results, need a GPU for big data.")
+            with gr.Group():
+                for name in MAIN_SETTINGS:
+                    c[f"setting:{name}"] = setting_component(name, defaults[name])
+            with gr.Accordion("More settings", open=False):
+                for name in MORE_SETTINGS:
+                    c[f"setting:{name}"] = setting_component(name, defaults[name])
+            c["estimate"] = gr.Markdown(elem_id="estimate")
+            c["estimate_btn"] = gr.Button("Estimate time and memory")
+            c["start_btn"] = gr.Button("Start training", variant="primary", interactive=False, elem_id="start-training")
+        with gr.Column(scale=3, min_width=420):
+            c["train_run"] = gr.Dropdown(label="Run", allow_custom_value=True, elem_id="train-run",
+                                         info="Training runs in the background: closing this tab does not stop it.")
+            c["progress"] = gr.HTML(elem_id="progress")
+            c["loss_plot"] = gr.LinePlot(x="step", y="loss", color="series", color_map=LOSS_COLORS,
+                                         label="Loss (orange: train, blue: held-out examples)", x_title="step",
+                                         y_title="loss", height=280, elem_id="loss-plot")
+            with gr.Row():
+                c["cancel_btn"] = gr.Button("Cancel training", variant="stop", visible=False, elem_id="cancel")
+                c["resume_btn"] = gr.Button("Resume from the last checkpoint", visible=False, elem_id="resume")
+            c["train_log"] = gr.Textbox(label="What happened (newest first)", lines=6, max_lines=12,
+                                        interactive=False, autoscroll=False, elem_id="train-log")
+            with gr.Accordion("Raw log (train.log)", open=False):
+                c["raw_log"] = gr.Textbox(show_label=False, lines=10, max_lines=progress.LOG_LINES,
+                                          interactive=False, autoscroll=False, elem_id="raw-log")
+    c["timer"] = gr.Timer(POLL_SECONDS, active=False)
+    return c
+
+
+def settings(c: Components) -> list[Any]:
+    """The setting widgets in MAIN_SETTINGS + MORE_SETTINGS order (the API's argument order)."""
+    return [c[f"setting:{n}"] for n in MAIN_SETTINGS + MORE_SETTINGS]
+
+
+def wire(c: Components) -> None:
+    """The Train tab's events; a started run appears in every run picker at once."""
+    status = keyed(run_status, c)
+    outputs = pick(c, *STATUS_VIEWS)
+    run_inputs = [c["session"], c["base_model"], c["preset"], *settings(c)]
+    c["preset"].change(apply_preset, c["preset"], settings(c), api_name="preset")
+    c["estimate_btn"].click(estimate_run, run_inputs, c["estimate"], api_name="estimate")
+    c["start_btn"].click(start_training, run_inputs, c["train_run"], api_name="train", concurrency_limit=1).success(
+        keyed(refresh_runs, c), outputs=pick(c, *PICKERS), api_name="runs_after_train", api_visibility="private")
+    c["train_run"].change(status, c["train_run"], outputs, api_name="status")
+    c["timer"].tick(status, c["train_run"], outputs, api_name="poll", api_visibility="undocumented",
+                    show_progress="hidden")
+    c["cancel_btn"].click(cancel_run, c["train_run"], None, api_name="cancel").then(
+        status, c["train_run"], outputs, api_name="status_after_cancel", api_visibility="private")
+    c["resume_btn"].click(resume_run, c["train_run"], None, api_name="resume").then(
+        status, c["train_run"], outputs, api_name="status_after_resume", api_visibility="private")
+
