@@ -107,6 +107,36 @@ def test_stats_are_measured_with_the_models_chat_template(sample_reports, tokeni
     assert report["elapsed_s"] >= 0
 
 
+_chat_text = st.lists(st.sampled_from(list("ab ZÄ€🙂\n\t.,'-0123456789") + ["<|im_end|>", "<|im_start|>", "  ", "Ahoy"]),
+                     max_size=30).map("".join)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(st.tuples(st.sampled_from(["user", "assistant", "system"]), _chat_text), min_size=1,
+                         max_size=4), min_size=1, max_size=6))
+def test_token_counter_counts_exactly_like_the_tokenizer(tokenizer, chats):
+    # pieces between added tokens are counted once each; the sums must equal whole-text encoding
+    texts = tokenizer.apply_chat_template([[{"role": r, "content": c} for r, c in chat] for chat in chats],
+                                          tokenize=False)
+    texts += [c for chat in chats for _, c in chat]
+    counter = dataset.TokenCounter(tokenizer)
+    expected = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert counter.count(texts) == expected
+    assert counter.count(texts[::-1]) == expected[::-1]  # second call: from the cache
+    assert counter.split is not None
+
+
+def test_token_counter_falls_back_when_pieces_do_not_add_up(tokenizer):
+    import re as regex
+
+    counter = dataset.TokenCounter(tokenizer)
+    counter.split = regex.compile("( )")  # cutting at spaces changes the count: the first call must notice
+    texts = ["Ahoy there, shipmate! Your parcel sails today.", "hello world"]
+    expected = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert counter.count(texts) == expected and counter.split is None
+    assert counter.count(texts) == expected
+
+
 # -- speakers -> roles, merging, trimming -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("label,strict,names,expected", [

@@ -34,7 +34,9 @@ import unicodedata
 from array import array
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,11 @@ def role_of(label: str, strict: bool = False, assistant_names: list[str] | tuple
     return sides.pop() if len(sides) == 1 else None
 
 
+@lru_cache(maxsize=4096)
+def _role_cached(label: str, strict: bool, assistant_names: tuple[str, ...], user_names: tuple[str, ...]) -> str | None:
+    return role_of(label, strict, assistant_names, user_names)  # a file has few labels: map each once
+
+
 # -- cleaning one conversation ---------------------------------------------------------------------------
 
 
@@ -148,8 +155,9 @@ def clean(conv: Conversation, cfg: ConvertConfig, counts: _Counts | None = None,
     counts = counts if counts is not None else _Counts()
     mapped: list[dict[str, Any]] = []
     unknown: list[str] = []
+    names = (tuple(cfg.assistant_names), tuple(cfg.user_names))
     for msg in conv.messages:
-        role = role_of(msg["role"], conv.strict_roles, cfg.assistant_names, cfg.user_names)
+        role = _role_cached(msg["role"], conv.strict_roles, *names)
         if role is None:
             if msg["role"] not in unknown:
                 unknown.append(msg["role"])
@@ -209,6 +217,56 @@ def token_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
     return [len(x) for x in ids]
 
 
+class TokenCounter:
+    """Exact token counts from the model's fast tokenizer, each distinct piece of text encoded once.
+
+    A fast tokenizer cuts its input at added tokens (`<|im_start|>`, `<|im_end|>`) before normalizing and
+    pre-tokenizing, so a rendered chat's count is the number of added tokens plus the counts of the pieces
+    between them. Role headers, the template's default system prompt and canned replies then cost one
+    encoding per distinct text, not one per conversation. The first call checks the sum against whole-text
+    encoding and falls back to that if a tokenizer does not split this way (e.g. Metaspace "first").
+
+    >>> # TokenCounter(tokenizer).count(["<|im_start|>user\\nhi<|im_end|>\\n"])  ->  [6]
+    """
+
+    CACHE_ENTRIES = 50_000  # distinct pieces remembered across batches (then forgotten all at once)
+    CACHE_CHARS = 1_000  # longer pieces are counted but not remembered, so the cache stays a few tens of MB
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.cache: dict[str, int] = {}
+        self.split: re.Pattern[str] | None = None
+        self.checked = False
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or not hasattr(backend, "encode_batch_fast") or backend.truncation is not None:
+            return
+        added = list(backend.get_added_tokens_decoder().values())
+        # tokens that eat neighbouring spaces or match only whole words do not cut text cleanly
+        if added and all(not (t.lstrip or t.rstrip or t.single_word) for t in added):
+            longest_first = sorted({t.content for t in added}, key=len, reverse=True)
+            self.split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+            self.encode = backend.encode_batch_fast
+
+    def count(self, texts: list[str]) -> list[int]:
+        """Token counts of `texts`, as `token_lengths` gives them."""
+        if self.split is None or not texts:
+            return token_lengths(self.tokenizer, texts)
+        parts = [self.split.split(text) for text in texts]
+        cache = self.cache
+        new = list(dict.fromkeys(p for ps in parts for p in ps[::2] if p and p not in cache))
+        found = dict(zip(new, (len(e.ids) for e in self.encode(new, add_special_tokens=False)), strict=True))
+        counts = [len(ps) // 2 + sum(cache[p] if p in cache else found[p] for p in ps[::2] if p) for ps in parts]
+        if not self.checked:
+            self.checked = True
+            if counts != token_lengths(self.tokenizer, texts):
+                self.split = None
+                return token_lengths(self.tokenizer, texts)
+        if len(cache) + len(found) > self.CACHE_ENTRIES:
+            cache.clear()
+        cache.update((p, n) for p, n in found.items() if len(p) <= self.CACHE_CHARS)
+        return counts
+
+
 def _render(tokenizer: Any, conversations: list[list[dict[str, Any]]]) -> list[str]:
     plain = [[{"role": m["role"], "content": m["content"]} for m in conv] for conv in conversations]
     return tokenizer.apply_chat_template(plain, tokenize=False)
@@ -227,13 +285,42 @@ def _summary(values: list[int]) -> dict[str, Any]:
 _SKELETON = re.compile(r"[\W\d_]+")
 
 
-def _keys(messages: list[dict[str, Any]]) -> tuple[int, int]:
-    """(exact, near) 64-bit duplicate keys; near ignores case, digits, punctuation and spacing (ids, dates)."""
-    turns = [m for m in messages if m["role"] != "system"]
-    exact = "\x1e".join(f"{m['role']}\x1f{' '.join(m['content'].casefold().split())}" for m in turns)
-    near = "\x1e".join(f"{m['role']}\x1f{_SKELETON.sub(' ', m['content'].casefold()).strip()}" for m in turns)
-    return (int.from_bytes(hashlib.blake2b(exact.encode(), digest_size=8).digest(), "big"),
-            int.from_bytes(hashlib.blake2b(near.encode(), digest_size=8).digest(), "big"))
+MEMO_ENTRIES = 20_000  # distinct message texts whose PII scan and duplicate forms are remembered
+MEMO_CHARS = 1_000  # longer texts are not remembered (bounds the memos to a few tens of MB)
+
+
+def _remember(memo: dict, key: str, value: Any) -> Any:
+    """Store `value` under `key` in a bounded memo (forgotten all at once when full); returns `value`."""
+    if len(key) <= MEMO_CHARS:
+        if len(memo) >= MEMO_ENTRIES:
+            memo.clear()
+        memo[key] = value
+    return value
+
+
+def _forms(content: str) -> tuple[str, str]:
+    """A message's text as the exact key sees it (case and spacing folded) and as the near key sees it."""
+    folded = content.casefold()
+    return " ".join(folded.split()), _SKELETON.sub(" ", folded).strip()
+
+
+def _keys(messages: list[dict[str, Any]], memo: dict[str, tuple[str, str]] | None = None) -> tuple[int, int]:
+    """(exact, near) 64-bit duplicate keys; near ignores case, digits, punctuation and spacing (ids, dates).
+
+    `memo` remembers each message text's folded forms: canned replies recur in most exports.
+    """
+    exact_parts, near_parts = [], []
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        content = m["content"]
+        forms = memo.get(content) if memo is not None else None
+        if forms is None:
+            forms = _forms(content) if memo is None else _remember(memo, content, _forms(content))
+        exact_parts.append(f"{m['role']}\x1f{forms[0]}")
+        near_parts.append(f"{m['role']}\x1f{forms[1]}")
+    return (int.from_bytes(hashlib.blake2b("\x1e".join(exact_parts).encode(), digest_size=8).digest(), "big"),
+            int.from_bytes(hashlib.blake2b("\x1e".join(near_parts).encode(), digest_size=8).digest(), "big"))
 
 
 # -- the conversion --------------------------------------------------------------------------------------------
@@ -291,6 +378,11 @@ class _Run:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.cfg.seed)
+        self.key_memo: dict[str, tuple[str, str]] = {}
+        self.pii_memo: dict[str, tuple[str, tuple[str, ...]]] = {}  # text -> (text as written out, PII kinds)
+        self.counter = TokenCounter(self.tokenizer)  # used by the measuring thread only
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuner-measure")
+        self.measuring: Future | None = None
         # closed by finish() or close(); convert() guarantees one of them runs
         self.handles = {split: open(self.out_dir / f".{split}.jsonl.tmp", "w", encoding="utf-8")  # noqa: SIM115
                         for split in ("train", "validation")}
@@ -307,13 +399,23 @@ class _Run:
     # -- per batch: measure, truncate, deduplicate, split, write --
 
     def flush(self, batch: list[_Pending]) -> None:
-        if not batch:
-            return
-        tok, max_len = self.tokenizer, self.cfg.max_length
-        texts = _render(tok, [p.messages for p in batch])
+        """Queue `batch` for measuring and place the batch measured before it (the tokenizer, which
+        releases the GIL, counts one batch while this thread reads and cleans the next)."""
+        if self.measuring is not None:
+            self._place_batch(*self.measuring.result())
+            self.measuring = None
+        if batch:
+            self.measuring = self.pool.submit(self._measure, batch)
+
+    def _measure(self, batch: list[_Pending]) -> tuple[list[_Pending], list[int], list[int]]:
+        texts = _render(self.tokenizer, [p.messages for p in batch])
         replies = [m["content"] for p in batch for m in p.messages if m["role"] == "assistant"]
-        lengths = token_lengths(tok, texts + replies)
-        totals, reply_lengths = lengths[: len(batch)], iter(lengths[len(batch):])
+        lengths = self.counter.count(texts + replies)
+        return batch, lengths[: len(batch)], lengths[len(batch):]
+
+    def _place_batch(self, batch: list[_Pending], totals: list[int], reply_list: list[int]) -> None:
+        max_len = self.cfg.max_length
+        reply_lengths = iter(reply_list)
         for pending, total in zip(batch, totals, strict=True):
             messages = pending.messages
             per_reply = [next(reply_lengths) for m in messages if m["role"] == "assistant"]
@@ -345,7 +447,7 @@ class _Run:
 
     def _place(self, messages: list[dict[str, Any]], total: int, per_reply: list[int],
                file_entry: dict[str, Any]) -> None:
-        exact, near = _keys(messages)
+        exact, near = _keys(messages, self.key_memo)
         if exact in self.seen_exact:
             self.exact_duplicates += 1
         elif near in self.seen_near:
@@ -378,6 +480,8 @@ class _Run:
     # -- the end: make both splits non-empty where possible, move files into place --
 
     def finish(self) -> tuple[int, int]:
+        self.flush([])
+        self.pool.shutdown()
         for handle in self.handles.values():
             handle.close()
         move: tuple[str, str, int] | None = None
@@ -417,6 +521,7 @@ class _Run:
                              f"{len(indices)} example(s) were moved there so both splits have data.")
 
     def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
         for handle in self.handles.values():
             handle.close()
         for split in ("train", "validation"):
@@ -535,15 +640,22 @@ def convert(paths: list[str | Path] | str | Path, out_dir: str | Path, cfg: Conv
 def _pii(run: _Run, messages: list[dict[str, Any]]) -> None:
     from tuner import pii
 
-    region = run.cfg.pii_region
+    region, memo = run.cfg.pii_region, run.pii_memo
     for m in messages:
         if m["role"] == "system":
             continue  # the brand brief is the user's own text
-        if run.cfg.redact_pii:
-            m["content"], found = pii.redact(m["content"], region)
-        else:
-            found = pii.count(m["content"], region)
-        run.pii.update(found)
+        content = m["content"]
+        seen = memo.get(content)
+        if seen is None:
+            if not pii.might_hold_pii(content):
+                continue
+            if run.cfg.redact_pii:
+                redacted, found = pii.redact(content, region)
+            else:
+                redacted, found = content, pii.count(content, region)
+            seen = _remember(memo, content, (redacted, tuple(found.elements())))
+        m["content"] = seen[0]
+        run.pii.update(seen[1])
 
 
 def _reply_template_share(replies: list[str]) -> tuple[float, str]:

@@ -27,7 +27,9 @@ _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:
 _MANY_DIGITS = re.compile(r"\d(?:[\s().\-/]*\d){6,}")  # phones, cards and IBANs all have 7+ digits
 _IPV4_HINT = re.compile(r"\d\.\d+\.\d")
 _IPV6_HINT = re.compile(r"::|(?:[0-9A-Fa-f]{1,4}:){3}")
-_ANY_HINT = re.compile(r"@|\d(?:[\s().\-/]*\d){6,}|\d\.\d+\.\d|::|(?:[0-9A-Fa-f]{1,4}:){3}")
+# what any PII needs: an "@", 7+ digits, a dotted number or (with a colon) an IPv6 shape; checked in that order
+# because the hex pattern would be tried at every a-f letter (3x slower as one alternation)
+_DIGITS_HINT = re.compile(r"\d(?:[\s().\-/]*\d){6,}|\d\.\d+\.\d")
 # a bare digit run after these words is an id, not a phone number ("order 2025030210")
 _ID_BEFORE = re.compile(r"(?:#|\b(?:order|ticket|case|ref|reference|invoice|id|no|number|tracking|account|acct|"
                         r"booking|confirmation|customer|sku|serial)\b\.?:?)\s*$", re.IGNORECASE)
@@ -97,14 +99,19 @@ def _phone_spans(text: str, region: str) -> list[tuple[int, int]]:
     return spans
 
 
+def might_hold_pii(text: str) -> bool:
+    """False when `text` cannot hold any PII type found here (no "@", no 7+ digits, no IP shape)."""
+    return "@" in text or _DIGITS_HINT.search(text) is not None or (":" in text and _IPV6_HINT.search(text) is not None)
+
+
 def find(text: str, region: str = "US") -> list[tuple[int, int, str]]:
     """Non-overlapping (start, end, type) spans of PII in `text`, in order.
 
     `region` is the country assumed for phone numbers written without a +country prefix.
     """
     found: list[tuple[int, int, str]] = []
-    if not _ANY_HINT.search(text):
-        return found  # most messages hold no PII: one scan decides
+    if not might_hold_pii(text):
+        return found  # most messages hold no PII: one cheap scan decides
 
     def add(spans: list[tuple[int, int]], kind: str) -> None:
         for start, end in spans:
