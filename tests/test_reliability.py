@@ -371,9 +371,9 @@ def _poison_first_weight(monkeypatch) -> None:
     """Load the real model, then set one weight of its last norm to NaN (a corrupted checkpoint)."""
     import torch
 
-    from tuner import models
+    from tuner.train import trainer
 
-    real = models.load_model
+    real = trainer.load_model
 
     def load_model(*args, **kwargs):
         model = real(*args, **kwargs)
@@ -381,7 +381,7 @@ def _poison_first_weight(monkeypatch) -> None:
             model.model.norm.weight[0] = float("nan")
         return model
 
-    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setattr(trainer, "load_model", load_model)  # where build_trainer looks it up
 
 
 def test_nan_loss_fails_the_run_and_never_completes(tmp_path, monkeypatch):

@@ -298,3 +298,42 @@ def test_the_train_command_has_a_flag_for_every_setting_and_starts_from_the_page
     assert again.learning_rate == 5e-4 and again.lora_r == 8 and again.preset == "balanced"
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--precision", "fp64"])  # closed choices come from the field
+
+
+def test_the_run_ends_with_a_voice_verdict_and_keeps_the_checkpoint_that_speaks_best(signoff_data, tmp_path):
+    cfg = TrainConfig.from_preset("quick", **{**SMALL, "quantization": "none"})
+    run = runs.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
+    status = train.train_run(run)
+    assert status["status"] == "completed", status.get("error")
+    assert status["habit"] == SIGN_OFF and status["best_by"] == "voice"
+    voice = status["voice"]
+    # 8 validation prompts, none of them in the training data; the base never signs off like Lumen Lamps
+    assert voice["tuned"]["prompts"] == 8 and voice["base"]["exact"] == 0
+    assert voice["tuned"]["exact"] >= 6, voice
+    assert voice["sentence"].startswith(f"ends like your agents on {voice['tuned']['exact']} of 8 new questions "
+                                        "(base: 0)")
+    assert "replies looped" in voice["sentence"] or "reply looped" in voice["sentence"]
+    assert "general text perplexity" in voice["sentence"]
+    assert "Voice check" in (run / "adapter" / "README.md").read_text()
+    # the checkpoint kept is the best speaker among the evaluated ones (the loss only breaks ties)
+    checks = {c["step"]: c["exact"] - c["looped"] - c["unended"] for c in status["voice_checks"]}
+    assert sorted(checks) == [0, 3, 6]
+    assert checks[status["best_step"]] == max(checks.values())
+
+
+def test_a_reply_cut_off_at_the_token_limit_is_counted_as_degenerate(signoff_run, tokenizer):
+    from peft import PeftModel
+
+    from tuner.models import load_model
+    from tuner.train.voicecheck import final_verdict, habit_of
+    from tuner.verdict import Marker
+
+    model = PeftModel.from_pretrained(load_model("default", dev="cpu"), str(signoff_run / "adapter"))
+    prompts = [[{"role": "user", "content": "Hi, the cable of my Halo lamp is frayed, what now?"}],
+               [{"role": "user", "content": "Do you sell spare shades for the Nova?"}]]
+    replies = [f"{answer} {SIGN_OFF}" for answer in ("Happy to help.", "It left today.", "Returns are free.",
+                                                     "Unplug it first.")]
+    assert habit_of(replies) == Marker("sign-off", SIGN_OFF)
+    cut = final_verdict(model, tokenizer, tokenizer.chat_template, habit_of(replies), prompts, max_new_tokens=3)
+    assert cut["tuned"]["unended"] == 2 and cut["base"]["unended"] == 2  # three tokens end no reply
+    assert "2 never ended their turn" in cut["sentence"]

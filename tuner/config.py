@@ -140,6 +140,9 @@ class TrainConfig:
                            "1 evaluates every eval_steps.")
     save_every_s: float = _f(120.0, "Write a checkpoint at most every N seconds (a new best and the last step are "
                              "always saved), so short runs do not spend their time saving; 0 saves every save_steps.")
+    voice_prompts: int = _f(24, "Held-out prompts (asked nowhere in training) that the finished run and the base answer "
+                            "for the voice verdict; 8 of them are also asked at each evaluation, so the checkpoint "
+                            "kept is the one that speaks most like your agents. 0 turns the voice check off.")
     early_stopping_patience: int = _f(3, "Stop when eval loss has not improved for N evaluations; 0 disables.")
     assistant_only_loss: bool = _f(True, "Learn from the assistant's replies only, not from the customers' lines.")
     packing: bool = _f(True, "Skip computing padding: pack examples into rows (no attention across them) on GPUs with "
@@ -175,6 +178,7 @@ class TrainConfig:
             (0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}."),
             (self.eval_steps >= 1 and self.save_steps >= 1, "eval_steps and save_steps must be at least 1."),
             (self.save_total_limit >= 1, "save_total_limit must be at least 1."),
+            (self.voice_prompts >= 0, f"voice_prompts must be 0 (off) or more, got {self.voice_prompts}."),
             (self.eval_examples >= 0, f"eval_examples must be 0 (all) or more, got {self.eval_examples}."),
             (0.0 < self.eval_share <= 1.0, f"eval_share must be in (0, 1], got {self.eval_share}."),
             (self.save_every_s >= 0, f"save_every_s must be 0 or more seconds, got {self.save_every_s}."),

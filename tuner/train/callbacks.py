@@ -39,10 +39,17 @@ class RunRecorder(TrainerCallback):
         self.eval_s = 0.0
         self.evals = 0
         self.first_eval_loss = offset.get("first_eval_loss")
+        self.lowest = offset.get("lowest_eval_loss")
         self.last: dict[str, Any] = {}
 
     def elapsed(self) -> float:
         return self.elapsed0 + time.monotonic() - self.started
+
+    def lowest_eval(self, record: dict[str, Any]) -> float | None:
+        """The lowest validation loss so far (shown while training; the result's is the chosen step's)."""
+        if record.get("eval_loss") is not None:
+            self.lowest = record["eval_loss"] if self.lowest is None else min(self.lowest, record["eval_loss"])
+        return self.lowest
 
     def on_train_begin(self, args, state, control, **kw):
         # start-up: from the process's start (the user pressed Train or ran the command) to the first step
@@ -136,7 +143,7 @@ class RunRecorder(TrainerCallback):
         append_metric(self.run_dir, record)
         self.last = record
         update_status(self.run_dir, step=step, max_steps=state.max_steps, first_eval_loss=self.first_eval_loss,
-                      eval_loss=best_eval(state, record), train_loss=record["loss"] or _status_loss(self.run_dir),
+                      eval_loss=self.lowest_eval(record), train_loss=record["loss"] or _status_loss(self.run_dir),
                       tokens_trained=record.get("tokens") or read_status(self.run_dir).get("tokens_trained", 0),
                       wall_s=record["elapsed_s"], eta_s=record["eta_s"], examples_seen=self.examples_seen(args, state))
         if self.progress is not None:
@@ -180,9 +187,10 @@ class OverheadBudget(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         self.last_eval_s = time.monotonic() - self.eval_started
         self.eval_s += self.last_eval_s
-        loss = (metrics or {}).get("eval_loss")
+        value = (metrics or {}).get(args.metric_for_best_model or "eval_loss")
         best = state.best_metric
-        if state.global_step > 0 and loss is not None and (best is None or loss < best):
+        better = best is None or (value > best if args.greater_is_better else value < best) if value is not None else False
+        if state.global_step > 0 and better:
             control.should_save = True  # load_best_model_at_end needs the best on disk
         return control
 
@@ -190,11 +198,6 @@ class OverheadBudget(TrainerCallback):
         self.last_save = time.monotonic()
 
 
-def best_eval(state, record: dict[str, Any]) -> float | None:
-    if record.get("eval_loss") is not None:
-        best = state.best_metric
-        return min(best, record["eval_loss"]) if best is not None else record["eval_loss"]
-    return state.best_metric
 
 
 def _status_loss(run_dir: Path) -> float | None:

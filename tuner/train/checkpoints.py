@@ -41,7 +41,14 @@ def restore_finished(trainer, run_dir: Path, checkpoint: Path, cfg: TrainConfig)
 def offset_from(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {"elapsed_s": records[-1]["elapsed_s"] if records else 0.0,
             "tokens": last(records, "tokens") or 0,
-            "first_eval_loss": first(records, "eval_loss")}
+            "first_eval_loss": first(records, "eval_loss"),
+            "lowest_eval_loss": min((r["eval_loss"] for r in records if r.get("eval_loss") is not None), default=None)}
+
+
+def eval_loss_at(records: list[dict[str, Any]], step: int | None) -> float | None:
+    """The validation loss recorded at `step` (the best checkpoint's), or None."""
+    return next((r["eval_loss"] for r in reversed(records) if r["step"] == step and r.get("eval_loss") is not None),
+                None)
 
 
 def first(records: list[dict[str, Any]], key: str) -> Any:

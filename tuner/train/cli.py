@@ -116,8 +116,10 @@ def cli(args: argparse.Namespace) -> int:
         close()
     if args.json:
         keys = ("status", "error", "adapter", "first_eval_loss", "eval_loss", "train_loss", "step", "max_steps",
-                "tokens_trained", "wall_s", "peak_memory_mb", "device", "precision")
-        print(json.dumps({"run": str(run_dir), **{k: status.get(k) for k in keys}}))
+                "tokens_trained", "wall_s", "peak_memory_mb", "device", "precision", "best_step", "best_by",
+                "examples_seen", "eval_loss_all", "voice")
+        verdict = (status.get("voice") or {}).get("sentence")
+        print(json.dumps({"run": str(run_dir), "verdict": verdict, **{k: status.get(k) for k in keys}}))
     else:
         line = f"{status['status']}: {run_dir}"
         if status.get("error"):
@@ -125,5 +127,7 @@ def cli(args: argparse.Namespace) -> int:
         elif status.get("adapter"):
             line += (f"\nresult: {status['adapter']}\neval loss {status.get('first_eval_loss')} -> "
                      f"{status.get('eval_loss')} in {status.get('step')} steps, {status.get('wall_s')} s")
+            if (status.get("voice") or {}).get("sentence"):
+                line += f"\nvoice: {status['voice']['sentence']}"
         print(line, file=sys.stderr)
     return 0 if status["status"] == "completed" else 1

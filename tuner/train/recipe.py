@@ -93,7 +93,9 @@ def attention(dev: str, longest: int, batching: str) -> str:
 
 
 def sft_config(cfg: TrainConfig, run_dir: Path, dev: str, prec: dict[str, Any], has_eval: bool,
-               gc: bool, resume: bool):
+               gc: bool, resume: bool, by_voice: bool = False):
+    """The SFTConfig; `by_voice`: the best checkpoint (and early stopping) follow the voice check
+    (tuner.train.voicecheck adds eval_voice, higher is better), else the validation loss."""
     mode = packing_mode(cfg, dev)
     keep_best = has_eval
     return SFTConfig(
@@ -124,8 +126,8 @@ def sft_config(cfg: TrainConfig, run_dir: Path, dev: str, prec: dict[str, Any], 
         # the Trainer counts the best checkpoint inside the limit; +1 keeps the last N *and* the best
         save_total_limit=cfg.save_total_limit + (1 if keep_best else 0),
         load_best_model_at_end=keep_best,
-        metric_for_best_model="eval_loss" if keep_best else None,
-        greater_is_better=False if keep_best else None,
+        metric_for_best_model=("eval_voice" if by_voice else "eval_loss") if keep_best else None,
+        greater_is_better=by_voice if keep_best else None,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN loss must reach the recorder as NaN (the filter logs it as 0.0)

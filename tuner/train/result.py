@@ -109,6 +109,8 @@ def model_card(cfg: TrainConfig, summary: dict[str, Any], data_stats: dict[str, 
         f"| steps (best step) | {summary.get('step')} of {summary.get('max_steps')} ({summary.get('best_step')}) |",
         f"| tokens trained | {summary.get('tokens_trained')} |",
         f"| device, precision | {dev}, {prec} |", "",
+        *([f"**Voice check** (held-out prompts that occur nowhere in training, greedy replies): "
+           f"{summary['voice']['sentence'].rstrip('.')}.", ""] if (summary.get("voice") or {}).get("sentence") else []),
         "## Data", "",
         f"- training: {tr['examples']} conversations, {tr['tokens']} tokens, {tr['trained_tokens']} of them in "
         f"assistant replies (the loss is on those{'' if cfg.assistant_only_loss else ' and every other token'})",

@@ -31,9 +31,10 @@ from tuner.runs import (
     update_status,
     world_size,
 )
-from tuner.train.checkpoints import finished, first, last, restore_finished
+from tuner.train.checkpoints import eval_loss_at, finished, first, last, restore_finished
 from tuner.train.result import save_result
 from tuner.train.trainer import build_trainer, training_context
+from tuner.train.voicecheck import final_verdict
 
 OOM_ADVICE = ("Fix: lower batch_size (now {batch_size}), lower max_length (now {max_length}), "
               "use quantization nf4 (now {quantization}), or set gradient_checkpointing to 'on'.")
@@ -110,12 +111,15 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
         update_status(run_dir, phase=f"evaluating the result on all {len(full_eval)} validation examples")
         eval_all = trainer.evaluate(eval_dataset=full_eval, metric_key_prefix="eval_all").get("eval_all_loss")
     metrics = read_metrics(run_dir)
+    best_step = trainer.state.best_global_step
+    best_loss = eval_loss_at(metrics, best_step) if ctx["has_eval"] else None
     summary = {
         "step": int(trainer.state.global_step),
         "max_steps": int(trainer.state.max_steps),
-        "best_step": trainer.state.best_global_step,
+        "best_step": best_step,
+        "best_by": ctx["best_by"],
         "first_eval_loss": recorder.first_eval_loss,
-        "eval_loss": trainer.state.best_metric if ctx["has_eval"] else None,
+        "eval_loss": best_loss,
         "final_eval_loss": last(metrics, "eval_loss"),
         "first_loss": first(metrics, "loss"),
         "train_loss": last(metrics, "loss"),
@@ -124,9 +128,15 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
         "quantization": ctx["quantization"],
         "eval_examples": len(scored) if scored is not None else 0,
         # every validation example, scored on the final weights (the same as eval_loss when the sample is all)
-        "eval_loss_all": eval_all if eval_all is not None else (trainer.state.best_metric if ctx["has_eval"] else None),
+        "eval_loss_all": eval_all if eval_all is not None else best_loss,
         "examples_seen": int(trainer.state.global_step) * cfg.batch_size * cfg.grad_accum * max(world_size(), 1),
     }
+    voice = ctx["voice"]
+    if voice["prompts"] and cfg.voice_prompts:
+        update_status(run_dir, phase=f"asking the result and the base {len(voice['prompts'])} new questions "
+                                     "(the voice check)")
+    summary["voice"] = final_verdict(trainer.model, trainer.processing_class, ctx["chat_template"], voice["marker"],
+                                     voice["prompts"], voice["max_new_tokens"]) if cfg.voice_prompts else None
     out_dir = Run(run_dir).model_dir if cfg.method is Method.FULL else Run(run_dir).adapter_dir
     update_status(run_dir, phase="saving and checking the result")
     save_result(trainer, cfg, run_dir, out_dir, summary, ctx["data_stats"], ctx["precision"]["name"], dev)

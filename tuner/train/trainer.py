@@ -42,6 +42,7 @@ from tuner.train.recipe import (
     quantization,
     sft_config,
 )
+from tuner.train.voicecheck import CHECK_PROMPTS, VoiceCheck, habit_of, held_out_prompts, reply_budget
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, generator=None) -> list[int]:
@@ -143,10 +144,20 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
             shutil.rmtree(Run(run_dir).checkpoints_dir)  # a fresh start must not rotate into old checkpoints
         Run(run_dir).metrics_file.unlink(missing_ok=True)
 
-    args = sft_config(cfg, run_dir, dev, prec, bool(val_rows), gc_on, resume=checkpoint is not None)
+    # the voice: the habit most agent replies share, and prompts asked nowhere in training
+    marker = habit_of([m["content"] for r in train_rows for m in r["messages"] if m["role"] == "assistant"])
+    prompts = held_out_prompts(train_rows, val_rows, cfg.voice_prompts, cfg.seed) if cfg.voice_prompts else []
+    budget = reply_budget(tokenizer, [m["content"] for r in train_rows for m in r["messages"]
+                                      if m["role"] == "assistant"])
+    by_voice = bool(marker and prompts and val_rows)
+    args = sft_config(cfg, run_dir, dev, prec, bool(val_rows), gc_on, resume=checkpoint is not None,
+                      by_voice=by_voice)
     recorder = RunRecorder(run_dir, offset, bool(val_rows), progress, model.config.get_text_config().vocab_size,
-                              eval_share=cfg.eval_share)
-    own = [recorder, OverheadBudget(cfg.eval_share, cfg.save_every_s)]
+                           eval_share=cfg.eval_share)
+    own: list[TrainerCallback] = [recorder]
+    if by_voice:  # before the budget, which saves new bests by the metric this adds
+        own.append(VoiceCheck(run_dir, marker, prompts[:CHECK_PROMPTS], chat_template, budget))
+    own.append(OverheadBudget(cfg.eval_share, cfg.save_every_s))
     if cfg.early_stopping_patience > 0 and val_rows:
         own.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
 
@@ -163,9 +174,13 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
     if trainer.eval_dataset is not None and "input_ids" in trainer.eval_dataset.column_names:
         full_eval = trainer.eval_dataset
         trainer.eval_dataset = eval_sample(full_eval, cfg.eval_examples, cfg.seed)
-    context = {"full_eval": full_eval, "checkpoint": checkpoint, "recorder": recorder, "chat_template": chat_template, "quantization": quant,
-               "data_stats": data_stats, "precision": prec, "has_eval": bool(val_rows)}
-    update_status(run_dir, device=dev, precision=prec["name"], precision_reason=precision_reason(cfg, dev), quantization=quant, gradient_checkpointing=gc_on,
+    context = {"full_eval": full_eval, "checkpoint": checkpoint, "recorder": recorder, "chat_template": chat_template,
+               "quantization": quant, "data_stats": data_stats, "precision": prec, "has_eval": bool(val_rows),
+               "best_by": ("voice" if by_voice else "loss") if val_rows else None,
+               "voice": {"marker": marker, "prompts": prompts,
+                         "max_new_tokens": budget}}
+    update_status(run_dir, device=dev, precision=prec["name"], precision_reason=precision_reason(cfg, dev),
+                  quantization=quant, gradient_checkpointing=gc_on, habit=marker.text if marker else None,
                   attention=attn,
                   batching=packing_mode(cfg, dev), threads=torch.get_num_threads() if dev == "cpu" else None,
                   parameters=n_params, trainable_parameters=sum(p.numel() for p in trainer.model.parameters()

@@ -1,0 +1,175 @@
+"""Does the run speak like the brand? Greedy replies to held-out prompts, graded by tuner.verdict.
+
+The brand's habit is read from its own training replies (a sign-off or an opening that at least
+half of them share, tuner.voice.brand_phrases). During training, each evaluation also asks the
+model a few held-out prompts and scores how many replies carry the habit, so the checkpoint kept
+as "best" (and early stopping) follows the voice, with the validation loss as the tie-break. At
+the end the result and the base answer the same held-out prompts, and the verdict goes into the
+run's status and model card in words with numbers. Held-out prompts occur nowhere in training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import re
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from tuner.config import GenerationConfig
+from tuner.evaluate import general_texts, mean_loss, text_sequences
+from tuner.runs import update_status
+from tuner.verdict import Marker, Tally, tally, verdict_sentence
+from tuner.voice import brand_phrases
+
+HABIT_SHARE = 0.5  # a habit: at least half of the agents' replies share it
+CHECK_PROMPTS = 8  # prompts asked at each evaluation during training (the final verdict asks more)
+METRIC = "voice"  # the metric name in the Trainer (eval_voice): higher is better
+LOSS_WEIGHT = 0.01  # the loss breaks ties between equal voice scores; one prompt (1/8) outweighs it
+
+
+def habit_of(replies: list[str]) -> Marker | None:
+    """The brand habit most replies share, as a Marker (sign-off or greeting), or None when there is none."""
+    for phrase in brand_phrases(replies, min_share=HABIT_SHARE):
+        if len(phrase["phrase"].split()) >= 2:  # one shared word ("Thanks!") is no brand voice
+            return Marker("sign-off" if phrase["position"] == "sign-off" else "greeting", phrase["phrase"])
+    return None
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def held_out_prompts(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]], limit: int,
+                     seed: int) -> list[list[dict[str, Any]]]:
+    """Opening turns of validation conversations (system + first user message) whose user text occurs
+    nowhere in the training data, each once, a seeded sample of at most `limit`."""
+    seen = {_norm(m["content"]) for r in train_rows for m in r["messages"] if m["role"] == "user"}
+    prompts, keys = [], set()
+    for row in val_rows:
+        msgs = row["messages"]
+        first = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
+        if first is None or not any(m["role"] == "assistant" for m in msgs[first:]):
+            continue
+        key = _norm(msgs[first]["content"])
+        if not key or key in seen or key in keys:
+            continue
+        keys.add(key)
+        prompts.append([{"role": m["role"], "content": m["content"]} for m in msgs[:first + 1]])
+    random.Random(seed).shuffle(prompts)
+    return prompts[:limit]
+
+
+def reply_budget(tokenizer, replies: list[str]) -> int:
+    """New tokens a reply may take: the longest typical agent reply (90th percentile) and room to end it."""
+    lengths = sorted(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies[:500]) or [64]
+    p90 = lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))]
+    return max(32, min(int(p90 * 1.5) + 16, GenerationConfig().max_new_tokens))
+
+
+def autocast(model):
+    """The half precision the run trained in, for inference on the same weights (fp32 adapters, half base)."""
+    half = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)), None)
+    return torch.autocast(model.device.type, dtype=half) if half is not None else contextlib.nullcontext()
+
+
+def end_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, chat_template: str, prompts: list[list[dict[str, Any]]], max_new_tokens: int,
+             batch_size: int = 8) -> tuple[list[str], list[bool]]:
+    """Greedy replies (the playground's default: temperature 0) and whether each ended its turn."""
+    was_training = model.training
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    stops = end_ids(model, tokenizer)
+    penalty = GenerationConfig().repetition_penalty
+    replies, ended = [], []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [tokenizer.apply_chat_template(p, chat_template=chat_template, tokenize=False,
+                                                   add_generation_prompt=True) for p in prompts[start:start + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with autocast(model):
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                                     pad_token_id=tokenizer.pad_token_id, repetition_penalty=penalty)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                stop_at = next((i for i, t in enumerate(row) if t in stops), None)
+                ended.append(stop_at is not None)
+                replies.append(tokenizer.decode(row[:stop_at], skip_special_tokens=True).strip())
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return replies, ended
+
+
+def _tally_dict(t: Tally) -> dict[str, int]:
+    return {"prompts": t.prompts, "exact": t.exact, "near": t.near, "looped": t.looped, "unended": t.unended}
+
+
+class VoiceCheck(TrainerCallback):
+    """At each evaluation: a few held-out prompts, greedy, scored for the habit; adds `eval_voice` to the
+    metrics (the share with the habit exactly, less the share that looped or never ended, less a
+    hundredth of the loss), which SFTConfig makes the best-model and early-stopping metric.
+    Comes before OverheadBudget, which saves new bests by this metric, and after RunRecorder."""
+
+    def __init__(self, run_dir, marker: Marker, prompts: list[list[dict[str, Any]]], chat_template: str,
+                 max_new_tokens: int):
+        self.run_dir, self.marker, self.prompts = run_dir, marker, prompts
+        self.chat_template, self.max_new_tokens = chat_template, max_new_tokens
+        self.history: list[dict[str, Any]] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kw):
+        if metrics is None or "eval_loss" not in metrics or model is None:
+            return
+        replies, ended = generate(model, processing_class, self.chat_template, self.prompts, self.max_new_tokens)
+        t = tally(replies, self.marker, ended)
+        score = (t.exact - t.degenerate) / max(t.prompts, 1) - LOSS_WEIGHT * float(metrics["eval_loss"])
+        metrics[f"eval_{METRIC}"] = score
+        self.history.append({"step": state.global_step, **_tally_dict(t)})
+        update_status(self.run_dir, voice_checks=self.history)
+
+
+def general_perplexity(model, tokenizer) -> float | None:
+    with autocast(model):
+        loss = mean_loss(model, text_sequences(tokenizer, general_texts()), tokenizer.pad_token_id or 0)
+    return math.exp(loss) if loss is not None else None
+
+
+def final_verdict(model, tokenizer, chat_template: str, marker: Marker | None,
+                  prompts: list[list[dict[str, Any]]], max_new_tokens: int) -> dict[str, Any]:
+    """The result and the base (adapter off) answer the held-out prompts; the verdict, with the numbers."""
+    if marker is None:
+        return {"sentence": "No phrase recurs in most of your agents' replies, so there is no habit to check "
+                            "automatically: compare replies in the playground.", "marker": None}
+    if not prompts:
+        return {"sentence": "No validation conversation asks something new (every prompt also occurs in the "
+                            "training data), so the voice was not checked.", "marker": marker.text}
+    tuned_replies, tuned_ended = generate(model, tokenizer, chat_template, prompts, max_new_tokens)
+    tuned_ppl = general_perplexity(model, tokenizer)
+    tuned, base, base_ppl, base_replies = tally(tuned_replies, marker, tuned_ended), None, None, []
+    if hasattr(model, "disable_adapter"):  # LoRA: the base is the same weights with the adapter off
+        with model.disable_adapter():
+            base_replies, base_ended = generate(model, tokenizer, chat_template, prompts, max_new_tokens)
+            base_ppl = general_perplexity(model, tokenizer)
+        base = tally(base_replies, marker, base_ended)
+    change = tuned_ppl / base_ppl - 1 if tuned_ppl and base_ppl else None
+    return {
+        "sentence": verdict_sentence(marker, tuned, base, change),
+        "marker": marker.text, "kind": marker.kind, "tuned": _tally_dict(tuned),
+        "base": _tally_dict(base) if base is not None else None,
+        "general_perplexity": {"base": round(base_ppl, 3) if base_ppl else None,
+                               "tuned": round(tuned_ppl, 3) if tuned_ppl else None},
+        "general_perplexity_change": round(change, 4) if change is not None else None,
+        "examples": [{"prompt": p[-1]["content"], "base": base_replies[i] if base_replies else None, "tuned": r}
+                     for i, (p, r) in enumerate(zip(prompts[:5], tuned_replies, strict=False))],
+    }
