@@ -297,3 +297,50 @@ class GenerationConfig:
             raise TunerError(f"temperature must be between 0 and 2, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
             raise TunerError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+
+@dataclass
+class PreferenceConfig:
+    """Preference tuning of a finished run on reviewers' judgements: a new run linked to its parent, on the
+    parent's base and adapter (the same 4-bit base as the parent). Saved in the child run's status."""
+
+    method: str = _f("dpo", "dpo: learn from pairs (a chosen and a rejected reply to one prompt); kto: learn from "
+                     "single replies marked good or bad (thumbs), for when there are no pairs.", choices=("dpo", "kto"))
+    beta: float = _f(0.1, "How far the child may move from its parent: lower lets the preferences pull harder.")
+    learning_rate: float = _f(5e-4, "Peak learning rate of the adapter (LoRA on preferences: 5e-5 to 1e-3).")
+    max_steps: int = _f(30, "Optimizer steps.")
+    batch_size: int = _f(4, "Pairs (or single replies for kto) per step.")
+    max_length: int = _f(512, "Longest prompt plus reply in tokens; longer ones are truncated from the left.")
+    held_out: float = _f(0.2, "Share of the pairs held out (a seeded split) and scored before and after: "
+                         "preference accuracy and reward margin.")
+    seed: int = _f(42, "Seed of the held-out split and of training.")
+    warmup_ratio: float = _f(0.1, "Share of steps spent warming the learning rate up.")
+    save_every_s: float = _f(120.0, "Write a checkpoint at most every N seconds (and at the last step), for resume.")
+
+    def __post_init__(self) -> None:
+        checks = [
+            _choice_check(self, "method"),
+            (self.beta > 0, f"beta must be above 0, got {self.beta}."),
+            (0.0 < self.learning_rate <= 0.1, f"learning_rate must be in (0, 0.1], got {self.learning_rate}."),
+            (self.max_steps >= 1, f"max_steps must be at least 1, got {self.max_steps}."),
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}."),
+            (32 <= self.max_length <= limits.MAX_EXAMPLE_TOKENS,
+             f"max_length must be between 32 and {limits.MAX_EXAMPLE_TOKENS} tokens, got {self.max_length}."),
+            (0.0 <= self.held_out <= 0.5, f"held_out must be between 0 and 0.5, got {self.held_out}."),
+            (0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}."),
+            (self.save_every_s >= 0, f"save_every_s must be 0 or more seconds, got {self.save_every_s}."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TunerError(message)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PreferenceConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TunerError(f"Unknown preference setting(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
