@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import TunerError
-from tuner.runs import read_json_object
+from tuner.runs import Run, read_json_object
 
 APP_TEMPLATE = Path(__file__).with_name("space_app.py")
 CONFIG_FILE = "space_config.json"
@@ -76,7 +76,7 @@ def system_prompt_of(run: Path, data_prompt: str | None = None) -> str:
     a `system_prompt` in the run's config or data report, else none."""
     if data_prompt:
         return data_prompt
-    for source in (_config_dict(run), read_json_object(run / "data" / "report.json").get("config") or {}):
+    for source in (Run(run).config_values(), read_json_object(Run(run).data_file("report.json")).get("config") or {}):
         if isinstance(source, dict) and isinstance(source.get("system_prompt"), str):
             return source["system_prompt"]
     return ""
@@ -86,7 +86,7 @@ def example_prompts(run: Path, n: int = EXAMPLES) -> list[str]:
     """The first user message of the first `n` validation conversations (training ones if none)."""
     out: list[str] = []
     for name in ("validation.jsonl", "train.jsonl"):
-        for row in _read_jsonl(run / "data" / name):
+        for row in _read_jsonl(Run(run).data_file(name)):
             first = next((m for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"), None)
             text = str(first.get("content", "")).strip() if first else ""
             if text and len(text) <= EXAMPLE_CHARS and text not in out:
@@ -96,16 +96,6 @@ def example_prompts(run: Path, n: int = EXAMPLES) -> list[str]:
         if out:
             return out
     return out
-
-
-def _config_dict(run: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        value = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 # -- writing the folder ------------------------------------------------------------------------
@@ -189,9 +179,10 @@ def upload_commands(folder: Path, space_id: str | None) -> str:
 
 def default_folder(run: str | Path) -> Path:
     """Where the app publishes a run when no folder is given: `tuner_home()/spaces/<run id>`."""
-    from tuner.paths import resolve_run, tuner_home
+    from tuner.paths import tuner_home
+    from tuner.runs import resolve
 
-    return tuner_home() / "spaces" / resolve_run(run).name
+    return tuner_home() / "spaces" / resolve(run).id
 
 
 def _prepare_target(to_dir: Path) -> None:
@@ -218,7 +209,7 @@ def publish(
     is ready then) when the push fails. The token is used for the push only and stored nowhere.
     """
     from tuner import export, models
-    from tuner.config import GenerationConfig, TrainConfig
+    from tuner.config import GenerationConfig
     from tuner.limits import MAX_INPUT_TOKENS, MAX_NEW_TOKENS
     from tuner.playground import END_OF_TURN_TOKENS, read_run
 
@@ -226,7 +217,7 @@ def publish(
     run = info.run_dir
     if push_to is not None and not SPACE_ID_RE.match(push_to):
         raise TunerError(f"'{push_to}' is not a Space id; use the form 'your-name/space-name'.")
-    cfg = TrainConfig.load(run / "config.yaml")
+    cfg = Run(run).config()
     target = Path(to_dir).expanduser().resolve() if to_dir is not None else default_folder(run)
     _prepare_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -335,9 +326,9 @@ def _weights_card(folder: Path) -> str:
 
 
 def _data_rows(run: Path) -> list[tuple[str, Any]]:
-    report = read_json_object(run / "data" / "report.json")
-    train = _read_jsonl(run / "data" / "train.jsonl")
-    val = _read_jsonl(run / "data" / "validation.jsonl")
+    report = read_json_object(Run(run).data_file("report.json"))
+    train = _read_jsonl(Run(run).data_file("train.jsonl"))
+    val = _read_jsonl(Run(run).data_file("validation.jsonl"))
     replies = sum(1 for r in train for m in r["messages"] if isinstance(m, dict) and m.get("role") == "assistant")
     rows: list[tuple[str, Any]] = [
         ("Training conversations", len(train)),
