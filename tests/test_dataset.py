@@ -114,10 +114,13 @@ _chat_text = st.lists(st.sampled_from(list("ab ZÄ€🙂\n\t.,'-0123456789") + 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.lists(st.tuples(st.sampled_from(["user", "assistant", "system"]), _chat_text), min_size=1,
                          max_size=4), min_size=1, max_size=6))
-def test_token_counter_counts_exactly_like_the_tokenizer(tokenizer, chats):
+def test_chats_are_rendered_and_counted_exactly_like_the_tokenizer(tokenizer, chats):
     # pieces between added tokens are counted once each; the sums must equal whole-text encoding
-    texts = tokenizer.apply_chat_template([[{"role": r, "content": c} for r, c in chat] for chat in chats],
-                                          tokenize=False)
+    convs = [[{"role": r, "content": c} for r, c in chat] for chat in chats]
+    texts = tokenizer.apply_chat_template(convs, tokenize=False)
+    renderer = dataset.Renderer(tokenizer)
+    assert renderer.render(convs) == texts and renderer.render(convs[::-1]) == texts[::-1]  # checked, then direct
+    assert renderer.direct is not None
     texts += [c for chat in chats for _, c in chat]
     counter = dataset.TokenCounter(tokenizer)
     expected = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
