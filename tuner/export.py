@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from tuner.errors import ModelError, TunerError
-from tuner.train import read_json_object
+from tuner.runs import read_json_object
 
 MARKER = "tuner_export.json"  # provenance of an export folder (also: "safe to overwrite")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -53,12 +53,16 @@ def _merge_dtype(dtype: str, base_location: str):
         raise TunerError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'.")
     if dtype != "auto":
         return getattr(torch, dtype)
+    return torch.float16 if stored_dtype(base_location) == "float16" else torch.bfloat16
+
+
+def stored_dtype(base_location: str) -> str | None:
+    """The dtype a local checkpoint's config says its weights are stored in ('bfloat16', ...), if it says."""
     config = Path(base_location) / "config.json"
-    saved = None
-    if config.is_file():
-        values = json.loads(config.read_text())
-        saved = values.get("dtype") or values.get("torch_dtype")
-    return torch.float16 if saved == "float16" else torch.bfloat16
+    if not config.is_file():
+        return None
+    values = json.loads(config.read_text())
+    return values.get("dtype") or values.get("torch_dtype")
 
 
 def _prepare_target(to_dir: Path) -> None:
@@ -87,9 +91,11 @@ def _write_merged(info, cfg, out: Path, dtype: str) -> str:
 
     location = resolve_model(cfg.base_model)
     target_dtype = _merge_dtype(dtype, location)
-    # merge in fp32 without quantization (a 4-bit base cannot hold the merged weights), then cast
-    base = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, trust_remote_code=False,
-                                                use_safetensors=True)
+    # merge without quantization (a 4-bit base cannot hold the merged weights); a base stored in the target
+    # 16-bit dtype merges in it (peft computes each delta in fp32 on CPU): an 8B model then needs its size in RAM
+    same = stored_dtype(location) == str(target_dtype).removeprefix("torch.")
+    base = AutoModelForCausalLM.from_pretrained(location, dtype=target_dtype if same else torch.float32,
+                                                trust_remote_code=False, use_safetensors=True)
     try:
         model = PeftModel.from_pretrained(base, str(info.adapter_dir), is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -269,8 +275,13 @@ def _cli_gguf(args: argparse.Namespace, token: str | None) -> int:
         raise TunerError("Pushing to the Hub needs a token with write access (--token, or HF_TOKEN in the "
                          "environment).")
 
+    shown: list[str] = []
+
     def progress(fraction: float, message: str) -> None:
-        print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+        line = f"[{fraction:4.0%}] {message}"
+        if not shown or shown[-1] != line:
+            shown.append(line)
+            print(line, file=sys.stderr, flush=True)
 
     result = export_gguf(args.run, args.to, quant=args.quant, adapter_gguf=args.lora_gguf, progress=progress)
     if args.push:
@@ -282,7 +293,8 @@ def _cli_gguf(args: argparse.Namespace, token: str | None) -> int:
     else:
         print(f"exported to {result['gguf']} (Ollama: ollama create NAME -f {result['modelfile']})")
         print(f"check in llama.cpp: {check['identical_replies']}/{check['prompts']} replies identical to "
-              f"transformers, {check['same_leading_token_share']:.0%} identical leading tokens, "
+              f"transformers, next-token agreement {check['next_token_agreement']}, "
+              f"{check['same_leading_token_share']:.0%} identical leading tokens, "
               f"brand markers {'the same' if check['same_brand_markers'] else 'DIFFERENT'}: "
               f"{'passed' if check['passed'] else 'FAILED'}")
     if not check["passed"]:

@@ -41,6 +41,7 @@ CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "LICENSE"
 CONVERTER_DIRS = ("conversion/", "gguf-py/")
 CHECK_PROMPTS = 3
 CHECK_MAX_NEW_TOKENS = 48
+FP32_CHECK_BYTES = 4 * 2**30  # 16-bit weights up to this size are checked in fp32 (about 2B parameters)
 MODELFILE = "Modelfile"
 CHECK_FILE = "check.json"
 Progress = Callable[[float, str], None]
@@ -136,21 +137,32 @@ def _converter_env(converter: Path) -> dict[str, str]:
     return env
 
 
-# runs a converter script and prints its own peak RSS (the export's memory figure), even when it exits early
-_PEAK_WRAPPER = ("import resource, runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n    runpy.run_path(sys.argv[0], "
-                 "run_name='__main__')\nfinally:\n    print('tuner-peak-rss-kb', "
-                 "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n")
+# runs a converter script and prints its own peak RSS (VmHWM: unlike ru_maxrss it does not carry the parent's
+# size over fork + exec), even when the script exits early
+_PEAK_WRAPPER = """import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    try:
+        hwm = [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+    except (OSError, IndexError):
+        import resource
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print("tuner-peak-rss-kb", hwm, flush=True)
+"""
 
 
 def _run_converter(args: list[str], converter: Path, progress: Progress, lo: float, hi: float,
                    layers: int, what: str) -> float:
-    """Run a converter script (args[0]) with its arguments; progress follows the layers it writes.
+    """Run a converter script (args[0]) with its arguments; progress follows the layers it has read.
 
     Returns the script's peak RSS in MB.
     """
     proc = subprocess.Popen([sys.executable, "-c", _PEAK_WRAPPER, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=_converter_env(converter), cwd=converter)
     lines: list[str] = []
+    seen: set[str] = set()
     peak_kb = 0
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -159,8 +171,9 @@ def _run_converter(args: list[str], converter: Path, progress: Progress, lo: flo
             continue
         lines.append(line)
         found = re.search(r"blk\.(\d+)\.", line)
-        if found and layers:
-            progress(lo + (hi - lo) * min(1.0, (int(found.group(1)) + 1) / layers), what)
+        if found and layers and found.group(1) not in seen:  # tensors come in name order: count the layers seen
+            seen.add(found.group(1))
+            progress(lo + (hi - lo) * 0.8 * min(1.0, len(seen) / layers), what)
     proc.wait()
     output = "".join(lines)
     if proc.returncode != 0:
@@ -480,7 +493,10 @@ def transformers_replies(model_dir: Path, prompts: Sequence[list[dict[str, str]]
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eos = _eos_ids(model_dir, tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
+    weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    # fp32 compute where it is cheap; a large model is checked in its own 16-bit dtype (RAM: its size on disk)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if weights < FP32_CHECK_BYTES else "auto",
+                                                 trust_remote_code=False)
     model.eval()
     inputs, replies = [], []
     with torch.inference_mode():
@@ -498,16 +514,24 @@ def transformers_replies(model_dir: Path, prompts: Sequence[list[dict[str, str]]
     return inputs, replies
 
 
-def llama_cpp_replies(gguf_file: Path, texts: Sequence[str], inputs: Sequence[list[int]], eos: set[int],
-                      max_new_tokens: int) -> tuple[list[bool], list[list[int]], str]:
-    """(prompt tokenized the same as transformers?, greedy reply token ids, chat template in the GGUF)."""
-    import llama_cpp
+def llama_cpp_replies(gguf_file: Path, texts: Sequence[str], inputs: Sequence[list[int]],
+                      references: Sequence[list[int]], eos: set[int],
+                      max_new_tokens: int) -> tuple[list[bool], list[list[int]], list[float | None], str]:
+    """llama.cpp's side of the check, per prompt: the prompt text tokenized as transformers did?, the greedy
+    reply's token ids, and the next-token agreement with transformers' reply; plus the GGUF's chat template.
 
-    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=1024, n_threads=os.cpu_count() or 1, seed=0,
-                          verbose=False)
+    Agreement is teacher-forced: the share of transformers' reply tokens that are also llama.cpp's top
+    token after the same prefix. Unlike identical leading tokens, one near-tie does not end the count.
+    """
+    import llama_cpp
+    import numpy as np
+
+    n_ctx = max(len(ids) + len(ref) for ids, ref in zip(inputs, references, strict=True)) + max_new_tokens + 16
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, seed=0,
+                          logits_all=True, verbose=False)
     try:
-        same_tokens, replies = [], []
-        for text, ids in zip(texts, inputs, strict=True):
+        same_tokens, replies, agreement = [], [], []
+        for text, ids, ref in zip(texts, inputs, references, strict=True):
             same_tokens.append(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids)
             reply: list[int] = []
             # the transformers prompt ids: the comparison is about the weights, the tokenizer is checked above
@@ -516,10 +540,17 @@ def llama_cpp_replies(gguf_file: Path, texts: Sequence[str], inputs: Sequence[li
                     break
                 reply.append(token)
             replies.append(reply)
+            if ref:
+                llm.reset()
+                llm.eval(ids + ref)
+                top = np.argmax(llm.scores[len(ids) - 1: len(ids) - 1 + len(ref)], axis=-1)
+                agreement.append(float(np.mean(top == np.array(ref))))
+            else:
+                agreement.append(None)
         template = llm.metadata.get("tokenizer.chat_template", "")
     finally:
         llm.close()
-    return same_tokens, replies, template
+    return same_tokens, replies, agreement, template
 
 
 def check_gguf(gguf_file: Path, model_dir: Path, quant: str, prompts: Sequence[list[dict[str, str]]],
@@ -534,32 +565,34 @@ def check_gguf(gguf_file: Path, model_dir: Path, quant: str, prompts: Sequence[l
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [_render_hf(tokenizer, p, True) for p in prompts]
     inputs, reference = transformers_replies(model_dir, prompts, max_new_tokens)
-    same_prompt, replies, template = llama_cpp_replies(gguf_file, texts, inputs, _eos_ids(model_dir, tokenizer),
-                                                       max_new_tokens)
+    same_prompt, replies, agreement, template = llama_cpp_replies(gguf_file, texts, inputs, reference,
+                                                                  _eos_ids(model_dir, tokenizer), max_new_tokens)
     cases = []
-    for messages, ref, got, same in zip(prompts, reference, replies, same_prompt, strict=True):
+    for messages, ref, got, same, agree in zip(prompts, reference, replies, same_prompt, agreement, strict=True):
         ref_text = tokenizer.decode(ref, skip_special_tokens=True)
         got_text = tokenizer.decode(got, skip_special_tokens=True)
         cases.append({
             "prompt": messages[-1]["content"], "transformers": ref_text, "llama_cpp": got_text,
             "identical": ref == got, "same_prompt_tokens": same,
-            "same_leading_tokens": _leading_same(ref, got), "reply_tokens": len(ref),
+            "same_leading_tokens": _leading_same(ref, got), "reply_tokens": len(ref), "next_token_agreement": agree,
             "markers_transformers": [m for m in markers if m.lower() in ref_text.lower()],
             "markers_llama_cpp": [m for m in markers if m.lower() in got_text.lower()],
         })
     identical = sum(c["identical"] for c in cases)
     leading = [c["same_leading_tokens"] / max(1, c["reply_tokens"]) for c in cases]
+    agreed = [a for a in agreement if a is not None]
     same_markers = all(c["markers_transformers"] == c["markers_llama_cpp"] for c in cases)
     same_template = template == (tokenizer.chat_template or "")
     passed = all(c["same_prompt_tokens"] for c in cases) and same_template and (
         identical == len(cases) if quant == "f16" else same_markers)
     return {"passed": passed, "quant": quant, "prompts": len(cases), "identical_replies": identical,
             "same_leading_token_share": round(sum(leading) / max(1, len(leading)), 3),
+            "next_token_agreement": round(sum(agreed) / len(agreed), 3) if agreed else None,
             "same_brand_markers": same_markers, "brand_markers": list(markers),
             "chat_template_in_gguf": same_template, "max_new_tokens": max_new_tokens,
             "expectation": ("token for token identical replies" if quant == "f16"
-                            else "the same brand markers in every reply; divergence stated as the share of "
-                                 "identical leading tokens"),
+                            else "the same brand markers in every reply; the divergence is stated as the "
+                                 "next-token agreement (teacher-forced) and the share of identical leading tokens"),
             "cases": cases}
 
 
@@ -610,8 +643,9 @@ def _readme(run_id: str, gguf_name: str, modelfile: dict[str, Any], check: dict[
         lines += ["", "## Checked by running it", "",
                   f"llama.cpp loaded `{gguf_name}` and answered {check['prompts']} held-out prompts greedily "
                   f"({check['max_new_tokens']} tokens at most); transformers answered the same prompts with the "
-                  f"merged model. Identical replies: {check['identical_replies']} of {check['prompts']}; share of "
-                  f"identical leading tokens: {check['same_leading_token_share']}; same brand markers: "
+                  f"merged model. Identical replies: {check['identical_replies']} of {check['prompts']}; next-token "
+                  f"agreement: {check['next_token_agreement']}; share of identical leading tokens: "
+                  f"{check['same_leading_token_share']}; same brand markers: "
                   f"{check['same_brand_markers']}. Expected: {check['expectation']}. Result: "
                   f"{'passed' if check['passed'] else 'FAILED'} (details in {CHECK_FILE})."]
     return "\n".join(lines) + "\n"
@@ -628,10 +662,11 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
     Raises TunerError (nothing left under `to_dir`) when a step fails; a failed check is reported, not raised.
     """
     from tuner.config import TrainConfig
-    from tuner.evaluate import brand_phrases, load_cases
+    from tuner.evaluate import load_cases
     from tuner.export import MARKER, _base_name, _prepare_target, export
-    from tuner.playground import _training_replies, read_run
-    from tuner.train import read_json_object
+    from tuner.playground import read_run
+    from tuner.runs import read_json_object
+    from tuner.voice import brand_phrases, training_replies
 
     if quant not in QUANTS:
         raise TunerError(f"quant must be one of {', '.join(QUANTS)}, got '{quant}'.")
@@ -648,9 +683,14 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         report(0.02, "merging the adapter into the base model")
-        # float16: the f16 GGUF then holds exactly the weights transformers checks against
-        merged = export(info.run_dir, tmp / "merged", merge=True, dtype="float16")
-        peak_merge = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process so far
+        # float16: the f16 GGUF holds exactly the weights transformers checks; a bf16 base stays bf16 (merged in
+        # its own dtype: RAM about its size), which the converter turns into f16 without loss in practice
+        from tuner.export import stored_dtype
+        from tuner.models import resolve_model
+
+        bf16 = stored_dtype(resolve_model(cfg.base_model)) == "bfloat16"
+        merged = export(info.run_dir, tmp / "merged", merge=True, dtype="bfloat16" if bf16 else "float16")
+        peak_merge = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak so far
         gguf_name = f"{info.run_id}-{quant}.gguf"
         target = tmp / gguf_name
         metadata = _metadata(info, cfg, read_json_object(info.run_dir / "status.json"))
@@ -665,12 +705,10 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
         adapter_name = None
         if adapter_gguf:
             report(0.6, "converting the adapter alone to a GGUF LoRA")
-            from tuner.models import resolve_model
-
             adapter_name = f"{info.run_id}-lora-f16.gguf"
             convert_adapter(info.adapter_dir, Path(resolve_model(cfg.base_model)), tmp / adapter_name, report)
         report(0.65, "checking: llama.cpp and transformers answer held-out prompts")
-        replies, _ = _training_replies(info.run_dir / "data" / "train.jsonl")
+        replies, _ = training_replies(info.run_dir / "data" / "train.jsonl")
         markers = [p["phrase"] for p in brand_phrases(replies)]
         prompts = [c["messages"] for c in load_cases(info.run_dir, None, CHECK_PROMPTS)]
         check = check_gguf(target, merged, quant, prompts, markers)
@@ -697,5 +735,6 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
             "adapter_gguf": str(out / adapter_name) if adapter_name else None,
             "modelfile": str(out / MODELFILE), "readme": str(out / "README.md"), "check": check,
             "template": modelfile["note"], "sizes_mb": {f.name: round(f.stat().st_size / 2**20, 1) for f in files},
-            "peak_rss_mb": {"merge_process": round(peak_merge), "converter": round(peak_convert)},
+            "peak_rss_mb": {"merge": round(peak_merge), "converter": round(peak_convert),
+                            "merge_and_check": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)},
             "seconds": round(time.monotonic() - started, 1)}
