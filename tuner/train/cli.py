@@ -37,6 +37,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     settings = parser.add_argument_group("training settings (every TrainConfig field; see also --config)")
     steps = settings.add_mutually_exclusive_group()
     add_config_arguments(settings, TrainConfig, skip=("preset",), aliases={"num_epochs": "--epochs"}, group=steps)
+    # preference tuning (issue 15): --method dpo|kto --from RUN [--prefs FILE]; tuner.train.preference
+    method = parser._option_string_actions["--method"]
+    method.choices = (*method.choices, "dpo", "kto")
+    method.help = "lora|full: SFT on --data; dpo|kto: preference tuning of --from RUN. " + method.help
+    parser.add_argument("--from", dest="parent", metavar="RUN", help="dpo/kto: the finished run to start from.")
+    parser.add_argument("--prefs", metavar="FILE", help="dpo: preference pairs as JSONL ({prompt, chosen, "
+                                                       "rejected} a line); default: the --from run's feedback.")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -87,6 +94,10 @@ def _progress_printer(json_mode: bool) -> tuple[Callable[[dict[str, Any]], None]
 
 
 def cli(args: argparse.Namespace) -> int:
+    if args.method in ("dpo", "kto") or args.parent or args.prefs or _is_preference(args.resume or args.run):
+        from tuner.train.preference import cli as preference_cli
+
+        return preference_cli(args)
     if args.resume or args.run:
         run_dir = resolve(args.resume or args.run).path
         resume = bool(args.resume)
@@ -131,3 +142,9 @@ def cli(args: argparse.Namespace) -> int:
                 line += f"\nvoice: {status['voice']['sentence']}"
         print(line, file=sys.stderr)
     return 0 if status["status"] == "completed" else 1
+
+
+def _is_preference(run: str | None) -> bool:
+    from tuner.train.preference import is_preference_run
+
+    return bool(run) and is_preference_run(resolve(run).path)

@@ -1,0 +1,151 @@
+"""Preference tuning end to end on the real model: reviewers' votes and edits on a finished SFT run
+(tuner.feedback, the page's API), then `python -m tuner train --method dpo --from RUN --json`."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuner import feedback
+from tuner.cli import main
+from tuner.config import PreferenceConfig
+from tuner.errors import DataError, TrainingError
+from tuner.runs import Run
+
+ROOT = Path(__file__).resolve().parent.parent
+PHRASE = "Happy to help!"  # what every chosen reply has and no rejected one does
+TOPICS = ["my lamp flickers", "where is my order", "can I return a bulb", "the app will not pair",
+          "how bright is the Halo", "do you ship to Spain", "my warranty card is lost", "the dimmer hums",
+          "what colour is Ember", "is the Nova waterproof", "the cable is too short", "I got the wrong shade"]
+ANSWERS = ["Let's fix that together: unplug it for ten seconds, then try again.",
+           "Of course, returns are free for thirty days.",
+           "Open Settings, then Pair, and hold the button.",
+           "It gives a warm 800 lumens.", "Your parcel left our workshop today."]
+SIGN_OFF = "Stay sunny, the Lumen Lamps team."
+STEPS = 20
+
+
+def reviewers_pairs(n: int, seed: int = 3) -> list[tuple[list[dict], str, str]]:
+    """(prompt, the bot's reply, the reviewer's better reply): the better one opens with PHRASE."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"Hi, {TOPICS[i % len(TOPICS)]} (ticket {500 + i})."}]
+        reply = f"{rng.choice(ANSWERS)} {SIGN_OFF}"
+        out.append((prompt, reply, f"{PHRASE} {reply}"))
+    return out
+
+
+def give_feedback(run: Path, n: int) -> None:
+    """Half the judgements as blind A/B votes for the better reply, half as edits of the bot's reply."""
+    rng = random.Random(0)
+    for i, (prompt, reply, better) in enumerate(reviewers_pairs(n)):
+        if i % 2:
+            pair = feedback.blind_pair(prompt, {"tuned": reply, "reviewer": better}, rng)
+            revealed = pair.vote(run, "A" if pair.a["source"] == "reviewer" else "B", reviewer="QA")
+            assert revealed["winner"] == "reviewer"
+        else:
+            feedback.record_edit(run, prompt, reply, better, reviewer="QA")
+
+
+def has_phrase(text: str) -> bool:
+    return PHRASE.lower() in text.lower()
+
+
+@pytest.fixture(scope="module")
+def dpo_child(signoff_run, tmp_path_factory) -> tuple[Path, dict]:
+    """A DPO child of the signoff run, trained through the CLI on 40 pairs from the feedback API."""
+    give_feedback(signoff_run, 40)
+    out = tmp_path_factory.mktemp("pref") / "child"
+    proc = subprocess.run([sys.executable, "-m", "tuner", "train", "--method", "dpo", "--from", str(signoff_run),
+                           "--out", str(out), "--max-steps", str(STEPS), "--learning-rate", "1e-3",
+                           "--max-length", "128", "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_dpo_child_prefers_what_reviewers_chose_and_says_so(dpo_child, signoff_run):
+    out, printed = dpo_child
+    assert printed["status"] == "completed", printed["error"]
+    assert printed["parent"] == Run(signoff_run).id and printed["lineage"][-2:] == [Run(signoff_run).id, out.name]
+    pm = printed["preference_metrics"]
+    before, after = pm["before"], pm["after"]
+    print(f"\nheld-out pairs {pm['held_out_pairs']}: accuracy {before['accuracy']} -> {after['accuracy']}, "
+          f"margin {before['margin']} -> {after['margin']}")
+    assert pm["held_out_pairs"] == 8
+    assert after["accuracy"] >= before["accuracy"] + 0.25 and after["accuracy"] >= 0.75
+    assert after["margin"] > before["margin"]
+    # the property the chosen replies share: more frequent in the child's greedy replies than the parent's
+    replies = printed["replies"]
+    parent = sum(has_phrase(r["parent"]) for r in replies)
+    child = sum(has_phrase(r["child"]) for r in replies)
+    print(f"'{PHRASE}' in greedy replies to {len(replies)} held-out prompts: parent {parent}, child {child}")
+    assert child > parent
+    # the parent's voice and forgetting check, on the child
+    assert printed["voice"]["marker"] and printed["voice"]["tuned"]["prompts"] > 0
+    assert printed["voice"]["general_perplexity_change"] is not None
+    assert printed["voice_parent"] == Run(signoff_run).status()["voice"]
+
+
+@pytest.mark.slow
+def test_child_run_folder_is_a_run_with_adapter_card_metrics_and_lineage(dpo_child, signoff_run):
+    out, printed = dpo_child
+    child = Run(out)
+    status = child.status()
+    assert status["status"] == "completed" and status["step"] == STEPS and status["method"] == "dpo"
+    assert child.config().to_dict() == Run(signoff_run).config().to_dict()  # same base, LoRA, quantization
+    assert (child.adapter_dir / "adapter_model.safetensors").is_file()
+    assert not (child.adapter_dir / "ref").exists()  # the frozen parent copy is no part of the result
+    card = (child.adapter_dir / "README.md").read_text()
+    assert "DPOTrainer" in card and Run(signoff_run).id in card and "preference accuracy" in card
+    metrics = child.metrics()
+    assert [m["step"] for m in metrics if m.get("loss") is not None][-1] == STEPS
+    assert status["preference_rows"] == 40 and status["train_rows"] == 32
+
+
+def _prefs(tmp_path: Path, rows: list) -> Path:
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _good(i: int) -> dict:
+    prompt, reply, better = reviewers_pairs(i + 1)[i]
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": better}],
+            "rejected": [{"role": "assistant", "content": reply}]}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"prompt": [{"role": "user", "content": "Where?"}], "chosen": "Here."}, "line 3: missing field rejected"),
+    ({"prompt": [{"role": "user", "content": "Where?"}], "chosen": "Here.", "rejected": "Here."},
+     "line 3: chosen and rejected are the same reply"),
+    ({"prompt": [], "chosen": "Here.", "rejected": "There."}, "line 3: empty or malformed prompt"),
+])
+def test_bad_preference_file_names_the_line_and_starts_no_run(signoff_run, tmp_path, bad, message):
+    from tuner.train.preference import prepare_preference_run
+
+    path = _prefs(tmp_path, [_good(0), _good(1), bad, *[_good(i) for i in range(2, 12)]])
+    with pytest.raises(DataError, match=message) as err:
+        prepare_preference_run(signoff_run, PreferenceConfig(), path, tmp_path / "child")
+    assert str(path) in str(err.value) and "Fix:" in str(err.value)
+    assert not (tmp_path / "child").exists()
+
+
+def test_too_few_pairs_says_how_many_more_are_needed(signoff_run, tmp_path, capsys):
+    from tuner.train.preference import prepare_preference_run
+
+    path = _prefs(tmp_path, [_good(i) for i in range(7)])
+    with pytest.raises(TrainingError, match="7 preference pairs so far; preference tuning needs at least 10: 3 more"):
+        prepare_preference_run(signoff_run, PreferenceConfig(), path, tmp_path / "child")
+    # the same through the command line: one plain line, exit code 2, no run folder
+    assert main(["train", "--method", "dpo", "--from", str(signoff_run), "--prefs", str(path),
+                 "--out", str(tmp_path / "child")]) == 2
+    assert "3 more" in capsys.readouterr().err
+    assert not (tmp_path / "child").exists()

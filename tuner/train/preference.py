@@ -1,0 +1,459 @@
+"""Preference tuning: a finished SFT run + reviewers' pairs -> a child run trained with DPO (or KTO on thumbs).
+
+The child is a run folder like any other (tuner.runs): config.yaml is the parent's TrainConfig (same base,
+same 4-bit storage, same LoRA shape), data/ holds the parent's examples plus the preference pairs, and
+status.json names the parent and holds the PreferenceConfig. Training starts from the parent's adapter
+(trainable); trl keeps a frozen copy of it as the reference ("ref" adapter), so the child is pulled only
+as far from its parent as beta allows. Before and after, the held-out pairs (a seeded split) are scored:
+
+    reward(y) = beta * (log p_model(y | prompt) - log p_base(y | prompt))
+    preference accuracy = share of held-out pairs where reward(chosen) > reward(rejected)
+    reward margin       = mean of reward(chosen) - reward(rejected)
+
+with the base (adapter off) as the common reference, so the parent ("before") and the child ("after")
+are measured on one scale. The parent's voice and forgetting check then runs on the child.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import PrinterCallback, TrainerCallback, set_seed
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+from datasets import Dataset, disable_progress_bars
+from tuner import __version__, feedback
+from tuner.config import Method, PreferenceConfig, TrainConfig
+from tuner.errors import DataError, TrainingError, TunerError
+from tuner.messages import read_examples, read_jsonl, write_jsonl
+from tuner.models import DEFAULT_HUB_ID, device, is_default, load_model, load_tokenizer
+from tuner.runs import (
+    Run,
+    check_data,
+    checkpoint_step,
+    complete_checkpoints,
+    is_main_process,
+    machine_lock,
+    prepare_run,
+    read_json,
+    read_status,
+    remove_incomplete_checkpoints,
+    resolve,
+    sha256_file,
+    truncate_metrics,
+    update_status,
+    write_json_atomic,
+)
+from tuner.train.callbacks import OverheadBudget, RunRecorder
+from tuner.train.checkpoints import offset_from
+from tuner.train.recipe import attention, precision, quantization
+from tuner.train.result import verify_result
+from tuner.train.run import _is_oom, _peak_memory_mb, _proc_start, _release_memory
+from tuner.train.trainer import keep_4bit_layout_trainable, training_context
+from tuner.train.voicecheck import autocast, final_verdict, generate, habit_of, held_out_prompts, reply_budget
+
+METHODS = ("dpo", "kto")
+MAX_REPLY_PROMPTS = 16  # held-out prompts whose parent and child replies go into the status
+
+
+def is_preference_run(run_dir: str | Path) -> bool:
+    """Whether a run folder is a preference run (its status names a parent and holds a PreferenceConfig)."""
+    return isinstance(read_status(run_dir).get("preference"), dict)
+
+
+# -- preparing the child run ----------------------------------------------------------------------
+
+
+def preference_rows(parent: Run, pcfg: PreferenceConfig, prefs: str | Path | None) -> list[dict[str, Any]]:
+    """The rows to train on: pairs (dpo) from the file or the parent's feedback, or thumbs (kto)."""
+    if prefs is not None:
+        if pcfg.method == "kto":
+            raise TunerError("--prefs takes pairs, which DPO learns from. Fix: use --method dpo with a pairs file, "
+                             "or --method kto without --prefs (the parent's thumbs).")
+        found = feedback.read_pairs(prefs)
+        found.raise_errors()
+        rows = feedback.strip_lines(found.rows)
+        where = str(prefs)
+    elif pcfg.method == "dpo":
+        rows, where = feedback.pairs(parent), f"the feedback on {parent.id}"
+    else:
+        rows, where = feedback.unpaired(parent), f"the thumbs on {parent.id}"
+    if pcfg.method == "dpo" and len(rows) < feedback.MIN_PAIRS:
+        need = feedback.pairs_needed(len(rows))
+        thumbs = len(feedback.unpaired(parent)) if prefs is None else 0
+        hint = f" Or train on its {thumbs} thumbs with --method kto." if thumbs >= feedback.MIN_PAIRS else ""
+        raise TrainingError(f"In {where}: {need}{hint}")
+    if pcfg.method == "kto" and len(rows) < feedback.MIN_PAIRS:
+        raise TrainingError(f"In {where}: {len(rows)} thumbs so far; KTO needs at least {feedback.MIN_PAIRS}: "
+                            f"{feedback.MIN_PAIRS - len(rows)} more (thumbs up or down on replies).")
+    return rows
+
+
+def prepare_preference_run(parent: str | Path, pcfg: PreferenceConfig, prefs: str | Path | None = None,
+                           run_dir: str | Path | None = None) -> Path:
+    """Create the child run folder (status 'queued'): the parent's config and data, the preference rows
+    hashed with them, and the lineage. Raises TunerError when there is too little to learn from."""
+    parent_run = resolve(parent)
+    state = parent_run.status()
+    if state.get("status") != "completed" or not parent_run.adapter_dir.is_dir():
+        raise TrainingError(f"{parent_run.id} has no finished adapter (status {state.get('status')}). "
+                            "Fix: preference tuning starts from a completed LoRA run.")
+    if is_preference_run(parent_run.path):
+        lineage = list(state.get("lineage") or [parent_run.id])
+    else:
+        lineage = [str((parent_run.sources().get("train.jsonl") or {}).get("source", "data")), parent_run.id]
+    cfg = parent_run.config()
+    if cfg.method is not Method.LORA:
+        raise TrainingError(f"{parent_run.id} is a full fine-tune; preference tuning trains a LoRA adapter on "
+                            "a LoRA run. Fix: pick a LoRA run.")
+    rows = preference_rows(parent_run, pcfg, prefs)
+    child = Run(prepare_run(cfg, parent_run.data_dir, run_dir))
+    if not is_main_process():
+        return child.path
+    path = child.data_file(feedback.PAIRS_FILE)
+    write_jsonl(path, rows)
+    sources = child.sources()
+    sources[feedback.PAIRS_FILE] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "examples": len(rows),
+                                    "source": str(Path(prefs).resolve()) if prefs else str(parent_run.feedback_file)}
+    write_json_atomic(child.sources_file, sources)
+    update_status(child.path, method=pcfg.method, preference=pcfg.to_dict(), parent=parent_run.id,
+                  parent_dir=str(parent_run.path), lineage=[*lineage, child.id], preference_rows=len(rows))
+    return child.path
+
+
+# -- scoring --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def completion_logps(model, tokenizer, rows: list[dict[str, Any]], key: str, max_length: int) -> list[float]:
+    """Sum of log-probabilities of each row's `key` reply given its prompt (the model's own chat template)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for row in rows:
+            prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(row["prompt"] + row[key], tokenize=False)
+            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+            start = next((i for i, (a, b) in enumerate(zip(p_ids, ids, strict=False)) if a != b), len(p_ids))
+            cut = max(len(ids) - max_length, 0)  # keep the reply: truncate the prompt from the left
+            ids, start = ids[cut:], max(start - cut, 1)
+            x = torch.tensor([ids], device=model.device)
+            with autocast(model):
+                logits = model(input_ids=x).logits[0, start - 1:-1].float()
+            target = x[0, start:]
+            out.append(float(torch.log_softmax(logits, -1).gather(1, target[:, None]).sum()))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def preference_scores(policy: dict[str, list[float]], base: dict[str, list[float]], beta: float) -> dict[str, Any]:
+    """Preference accuracy and reward margin from log-probabilities of chosen/rejected under a model and the base."""
+    rewards = [(beta * (pc - bc), beta * (pr - br)) for pc, pr, bc, br in
+               zip(policy["chosen"], policy["rejected"], base["chosen"], base["rejected"], strict=True)]
+    n = len(rewards)
+    if not n:
+        return {"pairs": 0, "accuracy": None, "margin": None}
+    return {"pairs": n, "accuracy": round(sum(c > r for c, r in rewards) / n, 4),
+            "margin": round(sum(c - r for c, r in rewards) / n, 4)}
+
+
+def _logps(model, tokenizer, rows, max_length) -> dict[str, list[float]]:
+    return {k: completion_logps(model, tokenizer, rows, k, max_length) for k in ("chosen", "rejected")}
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def train_preference(run_dir: str | Path, resume: bool = False,
+                     progress: Callable[[dict[str, Any]], None] | None = None,
+                     callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train a prepared preference run in this process; returns its final status (like train_run: a failure
+    becomes status 'failed' with the reason; TunerError only when it cannot start)."""
+    run_dir = resolve(Path(run_dir) if Path(run_dir).is_dir() else run_dir).path
+    status = read_status(run_dir)
+    if not is_preference_run(run_dir):
+        raise TrainingError(f"{run_dir.name} is not a preference run. Fix: create one with "
+                            "`python -m tuner train --method dpo --from RUN`.")
+    if status.get("status") == "completed":
+        raise TrainingError(f"{run_dir.name} is already completed; its result is in {status.get('adapter')}.")
+    if resume and not complete_checkpoints(run_dir):
+        resume = False
+    with machine_lock(run_dir):
+        started = time.monotonic()
+        update_status(run_dir, status="running", error=None, pid=os.getpid(), pid_started=_proc_start(os.getpid()),
+                      started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        dev = "cpu"
+        try:
+            dev = device()
+            return _train(run_dir, resume, progress, dev, callbacks or [])
+        except KeyboardInterrupt:
+            return update_status(run_dir, status="cancelled", error="Stopped from the keyboard. Resume to continue.",
+                                 pid=None, phase=None)
+        except TunerError as exc:
+            return update_status(run_dir, status="failed", error=str(exc), pid=None, phase=None)
+        except Exception as exc:  # the run fails; the caller (app, CLI) keeps going
+            error = ("Out of memory. Fix: lower batch_size or max_length." if _is_oom(exc)
+                     else f"{type(exc).__name__}: {exc}")
+            traceback.print_exc()  # into train.log when run by tuner.jobs
+            remove_incomplete_checkpoints(run_dir)
+            return update_status(run_dir, status="failed", error=error, pid=None, phase=None,
+                                 session_s=round(time.monotonic() - started, 1))
+        finally:
+            _release_memory(dev)
+
+
+def _trainer_args(pcfg: PreferenceConfig, run_dir: Path, dev: str, prec: dict[str, Any]):
+    common = dict(
+        output_dir=str(Run(run_dir).checkpoints_dir), per_device_train_batch_size=pcfg.batch_size,
+        learning_rate=pcfg.learning_rate, max_steps=pcfg.max_steps, warmup_steps=pcfg.warmup_ratio,
+        seed=pcfg.seed, data_seed=pcfg.seed, beta=pcfg.beta, max_length=pcfg.max_length,
+        bf16=prec["bf16"], fp16=prec["fp16"], use_cpu=dev == "cpu", eval_strategy="no",
+        save_strategy="steps", save_steps=max(1, min(10, pcfg.max_steps)), save_total_limit=2,
+        logging_steps=1, logging_first_step=True, logging_nan_inf_filter=False, report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0, gradient_checkpointing=False,
+    )
+    if pcfg.method == "kto":
+        return KTOConfig(**common)
+    return DPOConfig(**common)
+
+
+def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[TrainerCallback]) -> dict[str, Any]:
+    run = Run(run_dir)
+    check_data(run_dir)
+    status = read_status(run_dir)
+    pcfg = PreferenceConfig.from_dict(status["preference"])
+    cfg = run.config()
+    parent = Run(Path(status["parent_dir"]))
+    if not parent.adapter_dir.is_dir():
+        raise TrainingError(f"The parent run's adapter is gone ({parent.adapter_dir}). Fix: restore the parent run.")
+    update_status(run_dir, phase="loading the model, the parent's adapter and the preferences")
+    set_seed(pcfg.seed)
+    tokenizer = load_tokenizer(cfg.base_model)
+    chat_template = tokenizer.chat_template
+    prec, quant = precision(cfg, dev), quantization(cfg, dev)
+    base = load_model(cfg.base_model, quantization=quant, dtype=prec["weights"], dev=dev)
+    if quant == "nf4" and dev == "cpu":
+        keep_4bit_layout_trainable(base)
+    attn = attention(dev, pcfg.max_length, "grouped")
+    if attn != base.config._attn_implementation:
+        base.set_attn_implementation(attn)
+    model = PeftModel.from_pretrained(base, str(parent.adapter_dir), is_trainable=True)  # "default" = the parent
+
+    rows = read_jsonl(run.data_file(feedback.PAIRS_FILE))
+    train_rows, held = feedback.split(rows, pcfg.held_out if pcfg.method == "dpo" else 0.0, pcfg.seed)
+    if not train_rows:
+        raise DataError("holds no rows to train on.", file=str(run.data_file(feedback.PAIRS_FILE)))
+    sft_train = read_examples(run.data_file("train.jsonl"))
+    sft_val = read_examples(run.data_file("validation.jsonl")) if run.data_file("validation.jsonl").is_file() else []
+    agent_replies = [m["content"] for r in sft_train for m in r["messages"] if m["role"] == "assistant"]
+    budget = reply_budget(tokenizer, agent_replies)
+    reply_prompts = _unique_prompts([r["prompt"] for r in held], MAX_REPLY_PROMPTS)
+
+    # before: the parent (the adapter as loaded), and the base as the common reference
+    update_status(run_dir, phase=f"scoring {len(held)} held-out pairs and asking {len(reply_prompts)} prompts "
+                                 "(the parent, before training)")
+    with model.disable_adapter():
+        base_logps = _logps(model, tokenizer, held, pcfg.max_length)
+    before = preference_scores(_logps(model, tokenizer, held, pcfg.max_length), base_logps, pcfg.beta)
+    parent_replies = generate(model, tokenizer, chat_template, reply_prompts, budget)[0] if reply_prompts else []
+
+    checkpoint, offset = None, {}
+    if resume:
+        removed = remove_incomplete_checkpoints(run_dir)
+        found = complete_checkpoints(run_dir)
+        checkpoint = found[-1] if found else None
+        offset = offset_from(truncate_metrics(run_dir, checkpoint_step(checkpoint) if checkpoint else 0))
+        update_status(run_dir, resumed_from=checkpoint.name if checkpoint else None, removed_incomplete=removed)
+    elif is_main_process():
+        shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
+        run.metrics_file.unlink(missing_ok=True)
+
+    recorder = RunRecorder(run_dir, offset, False, progress, model.config.get_text_config().vocab_size)
+    own: list[TrainerCallback] = [recorder, OverheadBudget(1.0, pcfg.save_every_s)]
+    disable_progress_bars()  # trl's map() bars would flood train.log
+    trainer_cls = KTOTrainer if pcfg.method == "kto" else DPOTrainer
+    trainer = trainer_cls(model=model, ref_model=None, args=_trainer_args(pcfg, run_dir, dev, prec),
+                          train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer,
+                          callbacks=own + list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress callback instead
+    update_status(run_dir, device=dev, precision=prec["name"], quantization=quant, attention=attn,
+                  train_rows=len(train_rows), held_out_pairs=len(held),
+                  trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
+    with training_context(trainer.model, prec):
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    model = trainer.model
+    model.set_adapter("default")
+    update_status(run_dir, phase=f"scoring {len(held)} held-out pairs and asking {len(reply_prompts)} prompts "
+                                 "(the child, after training)")
+    after = preference_scores(_logps(model, tokenizer, held, pcfg.max_length), base_logps, pcfg.beta)
+    child_replies = generate(model, tokenizer, chat_template, reply_prompts, budget)[0] if reply_prompts else []
+    voice = None
+    if cfg.voice_prompts:
+        update_status(run_dir, phase="the parent's voice and forgetting check, on the child")
+        voice = final_verdict(model, tokenizer, chat_template, habit_of(agent_replies),
+                              held_out_prompts(sft_train, sft_val, cfg.voice_prompts, cfg.seed), budget)
+    if "ref" in model.peft_config:
+        model.delete_adapter("ref")  # the frozen copy of the parent is no part of the result
+    metrics = run.metrics()
+    summary = {
+        "step": int(trainer.state.global_step), "max_steps": int(trainer.state.max_steps),
+        "first_loss": next((m["loss"] for m in metrics if m.get("loss") is not None), None),
+        "train_loss": next((m["loss"] for m in reversed(metrics) if m.get("loss") is not None), None),
+        "preference_metrics": {"held_out_pairs": len(held), "beta": pcfg.beta, "before": before, "after": after,
+                               "reference": "base model (adapter off)"},
+        "voice": voice, "voice_parent": parent.status().get("voice"),
+        "replies": [{"prompt": p[-1]["content"], "parent": a, "child": b}
+                    for p, a, b in zip(reply_prompts, parent_replies, child_replies, strict=False)],
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+    }
+    update_status(run_dir, phase="saving and checking the result")
+    tokenizer.chat_template = chat_template
+    _save(trainer, cfg, pcfg, run_dir, summary, read_status(run_dir), prec["name"], dev)
+    summary["wall_s"] = round(recorder.elapsed(), 1)
+    return update_status(run_dir, status="completed", phase="done", error=None, adapter=str(run.adapter_dir), pid=None,
+                         eta_s=0, peak_memory_mb=_peak_memory_mb(dev), **summary)
+
+
+def _unique_prompts(prompts: list[list[dict[str, Any]]], limit: int) -> list[list[dict[str, Any]]]:
+    seen, out = set(), []
+    for p in prompts:
+        key = repr(p)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out[:limit]
+
+
+def _save(trainer, cfg: TrainConfig, pcfg: PreferenceConfig, run_dir: Path, summary: dict[str, Any],
+          status: dict[str, Any], prec: str, dev: str) -> None:
+    """Save the child's adapter to a temporary folder, check it reloads equal, then rename it into place."""
+    out_dir = Run(run_dir).adapter_dir
+    tmp = run_dir / f".{out_dir.name}.tmp"
+    if not is_main_process():
+        trainer.save_model(str(tmp))
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        trainer.save_model(str(tmp))
+        # security: safetensors and JSON only; training_args.bin is a pickle nobody needs here
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        (tmp / "README.md").write_text(model_card(cfg, pcfg, summary, status, prec, dev, run_dir), encoding="utf-8")
+        verify_result(trainer.model, tmp, cfg)
+        old = run_dir / f".{out_dir.name}.old"
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_card(cfg: TrainConfig, pcfg: PreferenceConfig, summary: dict[str, Any], status: dict[str, Any], prec: str,
+               dev: str, run_dir: Path) -> str:
+    base_id = DEFAULT_HUB_ID if is_default(cfg.base_model) else cfg.base_model
+    pm = summary["preference_metrics"]
+    b, a = pm["before"], pm["after"]
+
+    def fmt(x: Any) -> str:
+        return f"{x:.4f}" if isinstance(x, float) else ("n/a" if x is None else str(x))
+
+    sources = read_json(Run(run_dir).sources_file, {})
+    trainer_name = "KTOTrainer" if pcfg.method == "kto" else "DPOTrainer"
+    lines = [
+        "---", f"base_model: {base_id}", "library_name: peft", f"tags: [tuner, trl, {pcfg.method}, lora]", "---", "",
+        f"# {run_dir.name}", "",
+        f"A LoRA adapter trained by tuner {__version__} with trl's {trainer_name} on reviewers' preferences, "
+        f"starting from the adapter of run `{status.get('parent')}` on {base_id}"
+        f"{' (base in 4-bit NF4: QLoRA)' if status.get('quantization') == 'nf4' else f' (base in {prec})'}.", "",
+        f"Lineage: {' -> '.join(str(x) for x in status.get('lineage') or [])}", "",
+        "## Results", "",
+        f"Held-out pairs (a seeded {pcfg.held_out:.0%} split, never trained on): {pm['held_out_pairs']}. "
+        "Implicit reward = beta x (log p(reply | prompt) - the base model's), the same reference for both.", "",
+        "| | parent (before) | this run (after) |", "|---|---|---|",
+        f"| preference accuracy (chosen reply's reward above the rejected one's) | {fmt(b['accuracy'])} | "
+        f"{fmt(a['accuracy'])} |",
+        f"| reward margin (mean, chosen - rejected) | {fmt(b['margin'])} | {fmt(a['margin'])} |",
+        f"| training loss, first / last | {fmt(summary.get('first_loss'))} | {fmt(summary.get('train_loss'))} |",
+        f"| steps | | {summary.get('step')} of {summary.get('max_steps')} |",
+        f"| device, precision | | {dev}, {prec} |", "",
+    ]
+    if (summary.get("voice") or {}).get("sentence"):
+        lines += [f"**Voice check** (the parent's held-out prompts, greedy replies): "
+                  f"{summary['voice']['sentence'].rstrip('.')}.", ""]
+    lines += ["## Data", ""]
+    for name, info in sources.items():
+        lines.append(f"- `{name}`: {info.get('examples')} rows, sha256 `{info['sha256']}`")
+    lines += ["", "## Settings", "", "```yaml", *[f"{k}: {v}" for k, v in pcfg.to_dict().items()], "```", "",
+              "Use it with peft:", "", "```python", "from peft import AutoPeftModelForCausalLM",
+              "model = AutoPeftModelForCausalLM.from_pretrained('adapter/')", "```", ""]
+    return "\n".join(lines)
+
+
+def status_keys() -> tuple[str, ...]:
+    """What `train --json` prints for a preference run besides the SFT keys."""
+    return ("parent", "method", "lineage", "preference_metrics", "voice_parent", "replies", "held_out_pairs",
+            "train_rows")
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def cli(args) -> int:
+    """`python -m tuner train --method dpo|kto --from RUN [--prefs FILE] [--out DIR] [--json]`, and
+    `--run/--resume DIR` of a preference run (tuner.jobs starts those like any run)."""
+    import json
+    import sys
+
+    from tuner.config import config_overrides
+    from tuner.train.cli import _progress_printer
+
+    if args.resume or args.run:
+        run_dir, resume = resolve(args.resume or args.run).path, bool(args.resume)
+    else:
+        if not args.parent:
+            raise TunerError("Preference tuning starts from a finished run. Fix: add --from RUN.")
+        if args.data:
+            raise TunerError("--data is for SFT; preference tuning reads pairs. Fix: drop --data, and give "
+                             "--prefs FILE or nothing (the --from run's feedback).")
+        overrides = config_overrides(args, PreferenceConfig)
+        overrides["method"] = args.method if args.method in METHODS else "dpo"
+        run_dir = prepare_preference_run(args.parent, PreferenceConfig.from_dict(overrides), args.prefs, args.out)
+        resume = False
+        if not args.json:
+            print(f"run folder: {run_dir}", file=sys.stderr)
+    update, close = _progress_printer(args.json)
+    try:
+        status = train_preference(run_dir, resume=resume, progress=update)
+    finally:
+        close()
+    if args.json:
+        keys = ("status", "error", "adapter", "train_loss", "step", "max_steps", "wall_s", "peak_memory_mb",
+                "device", "precision", "voice", *status_keys())
+        verdict = (status.get("voice") or {}).get("sentence")
+        print(json.dumps({"run": str(run_dir), "verdict": verdict, **{k: status.get(k) for k in keys}}))
+    else:
+        line = f"{status['status']}: {run_dir}"
+        if status.get("error"):
+            line += f"\n{status['error']}"
+        elif status.get("adapter"):
+            pm = status.get("preference_metrics") or {}
+            b, a = pm.get("before") or {}, pm.get("after") or {}
+            line += (f"\nresult: {status['adapter']}\npreference accuracy on {pm.get('held_out_pairs')} held-out pairs "
+                     f"{b.get('accuracy')} -> {a.get('accuracy')}, reward margin {b.get('margin')} -> "
+                     f"{a.get('margin')}, {status.get('step')} steps, {status.get('wall_s')} s")
+            if (status.get("voice") or {}).get("sentence"):
+                line += f"\nvoice: {status['voice']['sentence']}"
+        print(line, file=sys.stderr)
+    return 0 if status["status"] == "completed" else 1
