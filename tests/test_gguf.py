@@ -80,6 +80,12 @@ def test_unsupported_architecture_is_refused_by_name(default_model_path, tmp_pat
     assert not (tmp_path / "out.gguf").exists()
 
 
+def test_gguf_export_is_available_after_make_setup():
+    from tuner.gguf import unavailable_reason
+
+    assert unavailable_reason() is None  # `make setup` installs llama-cpp-python
+
+
 def _gguf_fields(path) -> dict:
     from gguf import GGUFReader
 

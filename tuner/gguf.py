@@ -66,6 +66,15 @@ def llama_cpp_version() -> str:
                          "cmake are needed, and the first build takes several minutes).") from None
 
 
+def unavailable_reason() -> str | None:
+    """None when GGUF export can run here; else why not, in plain words (for a page to show)."""
+    try:
+        llama_cpp_version()
+    except TunerError as exc:
+        return str(exc)
+    return None
+
+
 def tools_dir() -> Path:
     """Per-machine cache of tools (next to the model cache, so test sessions with their own home share it)."""
     from tuner.paths import models_dir
