@@ -530,6 +530,13 @@ def test_detect_lists_unmapped_speakers_and_honours_names(tmp_path):
     assert info["unmapped"] == [] and info["speaker_roles"] == {"Maya": "user", "Kettle & Co.": "assistant"}
 
 
+def test_detect_offers_only_the_real_speakers_of_a_transcript_with_code():
+    # the page's speaker checklist comes from detect: code lines in replies must not appear there
+    info = dataset.detect(Path(__file__).parent / "data" / "transcript_with_code.txt")
+    assert info["speakers"] == ["Customer", "Agent Maya"] and info["unmapped"] == []
+    assert info["sampled_conversations"] == 24 and info["sampled_dropped"] == 0
+
+
 # -- fuzz: convert never crashes and accounts for every conversation --------------------------------------------------
 
 _text = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=25)

@@ -3,7 +3,9 @@
 `convert(paths, out_dir, cfg)` streams every file through its parser (tuner.formats), cleans each
 conversation, measures it with the base model's own tokenizer and chat template, and writes
 `train.jsonl`, `validation.jsonl` (one {"messages": [...]} a line) and `report.json`, which says what
-was kept, what was dropped (file, 1-based line, category, reason) and why.
+was kept, what was dropped (file, 1-based line, category, reason) and why. Each count has one unit:
+conversations (read = kept + dropped) or the file's own rows (lines, records or CSV rows), and
+`totals` sums the per-file columns for the headline. Advice is worded for the caller (`hints`).
 
 What happens to a conversation, in order:
 1. Speaker labels map to roles: the user's --assistant/--user names, then known labels (Agent,

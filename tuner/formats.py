@@ -4,7 +4,8 @@ Every parser takes a `Source` (the file plus the user's column names) and yields
 `Conversation`s and `Dropped` records. Nothing is read whole when the shape allows streaming:
 JSONL, CSV and transcripts go line by line, JSON arrays element by element, and one-row-per-message
 exports are grouped on disk (sqlite) so rows may arrive in any order. Speaker labels stay as
-written ("Agent Rosa", "gpt"); `tuner.dataset` maps them to roles.
+written ("Agent Rosa", "gpt"); `tuner.dataset` maps them to roles. A transcript's speakers are learned
+from the whole file first (`learn_speakers`), so code or notes inside a reply stay in the reply.
 
 >>> # for item in PARSERS["openai-jsonl"](Source(Path("chats.jsonl"))): ...
 """
