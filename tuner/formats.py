@@ -915,10 +915,10 @@ def learn_speakers(src: Source) -> Speakers:
     counts: dict[str, list[int]] = {}  # label -> [lines, lines with text after the colon, stamped lines]
     scan = Source(src.path, src.name, max_lines=src.max_lines)
     for _lineno, text, problem in lines(scan):
-        if problem is not None or text is None or not text.strip() or is_header(text):
+        if problem is not None or text is None:
             continue
         turn = _turn(text)
-        if turn is None:
+        if turn is None or is_header(text):
             continue
         speaker, said, stamped = turn
         entry = counts.get(speaker)
