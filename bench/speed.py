@@ -442,11 +442,13 @@ def _worker_convert(spec: dict[str, Any]) -> dict[str, Any]:
     from tuner.dataset import convert
 
     rss_before = peak_rss_mb()
-    t = time.perf_counter()
+    load = _load()
+    t, c = time.perf_counter(), time.process_time()
     report = convert([spec["export"]], spec["out"], ConvertConfig())
-    elapsed = time.perf_counter() - t
+    elapsed, cpu = time.perf_counter() - t, time.process_time() - c  # CPU: every thread, independent of load
     n = spec["n"]
     return {"conversations": n, "export_mb": round(spec["export_bytes"] / 2**20, 1), "elapsed_s": round(elapsed, 2),
+            "cpu_s": round(cpu, 2), "load_average": [load, _load()],
             "conversations_per_s": round(n / elapsed, 1), "peak_rss_mb": peak_rss_mb(),
             "peak_rss_before_mb": rss_before, "train_examples": report["train_examples"],
             "validation_examples": report["validation_examples"],
@@ -935,7 +937,8 @@ def markdown(results: dict[str, Any]) -> str:
         c = results["convert"]
         out += ["", f"Converter: {c['conversations']} generated conversations ({c['export_mb']} MB OpenAI JSONL) in "
                 f"{c['elapsed_s']} s = **{c['conversations_per_s']:.0f} conversations/s**, peak RSS "
-                f"{c['peak_rss_mb']:.0f} MB ({c['peak_rss_before_mb']:.0f} MB before converting)."]
+                f"{c['peak_rss_mb']:.0f} MB ({c['peak_rss_before_mb']:.0f} MB before converting); "
+                f"{c.get('cpu_s')} s of CPU time in all threads; load average {c.get('load_average')}."]
     if "quick" in results:
         q = results["quick"]
         out += ["", f"Quick preset ({q['steps']} steps, {q['precision']}): Train pressed -> adapter saved "
