@@ -613,7 +613,8 @@ def _metadata(info, cfg, status: dict[str, Any]) -> dict[str, Any]:
     from tuner.config import GenerationConfig
     from tuner.export import _base_name
 
-    facts = [f"{k}={status[k]}" for k in ("step", "train_loss", "eval_loss", "tokens_trained") if status.get(k) is not None]
+    facts = [f"{k}={status[k]:.4g}" if isinstance(status[k], float) else f"{k}={status[k]}"
+             for k in ("step", "train_loss", "eval_loss", "tokens_trained") if status.get(k) is not None]
     settings = GenerationConfig()
     return {
         "general.name": info.run_id, "general.finetune": info.run_id, "general.basename": _base_name(cfg.base_model),
