@@ -22,6 +22,9 @@ TRAIN_STEPS = 6  # the quick preset, shortened in the page for test time
 TRAIN_TIMEOUT_MS = 300_000
 CHAT_TIMEOUT_MS = 180_000
 MAX_NEW_TOKENS = 40  # replies long enough to compare, short enough for a CPU under load
+LONG_REPLY_TOKENS = 300  # a reply long enough to stop while it streams
+POLL_MS = 2000  # the Train tab's polling interval (tuner.ui.train_tab.POLL_SECONDS)
+TRAIN_COLOR, EVAL_COLOR = "#f97316", "#2563eb"  # the loss curves (tuner.ui.train_tab.LOSS_COLORS)
 
 pytestmark = [
     pytest.mark.browser,
@@ -198,16 +201,29 @@ def test_upload_train_watch_and_chat(open_page):
     steps = page.get_by_label("Max steps")
     steps.fill(str(TRAIN_STEPS))
     steps.press("Tab")
+    page.get_by_text("More settings").click()
+    voice = page.get_by_label("Voice-check questions")  # its own tests ask them; here they would only add minutes
+    voice.fill("0")
+    voice.press("Tab")
     page.get_by_role("button", name="Estimate time and memory").click()
     page.locator("#estimate").get_by_text("Estimate").wait_for(timeout=60_000)
     page.locator("#start-training").click()
     progress = page.locator("#progress .run-progress")
     progress.wait_for(timeout=60_000)
     page.locator('#progress [data-status="running"]').wait_for(timeout=90_000)
-    # the first optimizer steps are logged: the bar moves and the plot has points
-    page.wait_for_function(
-        "() => /step [1-9]\\d* \\//.test(document.querySelector('#progress')?.innerText || '')", timeout=TRAIN_TIMEOUT_MS)
-    page.wait_for_timeout(2500)  # the plot draws on the next poll
+    # before the first step ends, the status says what is happening, and its clock moves between polls
+    line = page.locator("#progress .run-line")
+    first = line.inner_text()
+    page.wait_for_timeout(3 * POLL_MS)
+    second = line.inner_text()
+    assert "running for" in first and second != first, (first, second)
+    assert re.match(r"(Loading|Evaluating|Training|Measuring|Saving|Asking)", second), second
+    shot(page, "02-training-starts")
+    # the first optimizer step is logged: the plot draws it at once (both colours), the log says it in words
+    page.wait_for_function(f"() => document.querySelectorAll(\"#loss-plot circle[fill='{TRAIN_COLOR}']\").length > 0",
+                           timeout=TRAIN_TIMEOUT_MS)
+    assert page.locator(f"#loss-plot circle[fill='{EVAL_COLOR}']").count() > 0  # the starting held-out loss
+    assert "training loss" in page.locator("#train-log textarea").input_value()
     shot(page, "02-training")
 
     # closing the tab does not stop training; a new tab shows the run, read from disk
@@ -219,6 +235,10 @@ def test_upload_train_watch_and_chat(open_page):
     page.locator('#progress [data-status="completed"]').wait_for(timeout=TRAIN_TIMEOUT_MS)
     assert f"step {TRAIN_STEPS} / {TRAIN_STEPS}" in page.locator("#progress").inner_text()
     page.wait_for_timeout(2500)  # one more poll so the plot has the final points
+    for color in (TRAIN_COLOR, EVAL_COLOR):  # both curves, each in its colour
+        assert page.locator(f"#loss-plot path[stroke='{color}']").count() > 0, color
+    page.get_by_text("Raw log (train.log)").click()
+    assert page.locator("#raw-log textarea").input_value().strip()  # the raw lines are a click away
     shot(page, "03-trained")
 
     # 3. Playground: the finished run is picked; one prompt, both columns answer side by side
@@ -233,10 +253,55 @@ def test_upload_train_watch_and_chat(open_page):
     send.click()
     page.locator("#chat-tuned .message.bot").first.wait_for(timeout=CHAT_TIMEOUT_MS)
     shot(page, "04-playground-streaming")
-    page.wait_for_function("() => !document.querySelector('#chat-send').disabled", timeout=CHAT_TIMEOUT_MS)
+    send.wait_for(state="visible", timeout=CHAT_TIMEOUT_MS)
     base, tuned = bot_texts(page, "chat-base"), bot_texts(page, "chat-tuned")
     shot(page, "05-playground")
     assert len(base) == len(tuned) == 1 and base[0] and tuned[0]
     assert base[0] != tuned[0]  # the adapter changed the reply
+
+    # 4. Stop a long reply while it streams, then send another: nothing needs a reload
+    max_new.fill(str(LONG_REPLY_TOKENS))
+    max_new.press("Tab")
+    page.locator("#chat-input textarea").fill("Write a long story about a kettle that sails around the world.")
+    send.click()
+    stop = page.locator("#chat-stop")
+    stop.wait_for(state="visible", timeout=10_000)
+    page.wait_for_function("() => (document.querySelectorAll('#chat-base .message.bot')[1]?.innerText || '')"
+                           ".trim().split(/\\s+/).length >= 3", timeout=CHAT_TIMEOUT_MS)  # a few words written
+    stop.click()  # fails if the reply had already finished: Stop is only shown while replies stream
+    send.wait_for(state="visible", timeout=30_000)
+    cut = bot_texts(page, "chat-base")[1]
+    page.wait_for_timeout(2000)
+    assert bot_texts(page, "chat-base")[1] == cut and 0 < len(cut.split()) < LONG_REPLY_TOKENS  # it stopped there
+    shot(page, "06-playground-stopped")
+    max_new.fill(str(MAX_NEW_TOKENS))
+    max_new.press("Tab")
+    page.locator("#chat-input textarea").fill("Thanks! And where is my order?")
+    send.click()
+    page.wait_for_function("() => document.querySelectorAll('#chat-tuned .message.bot').length === 3",
+                           timeout=CHAT_TIMEOUT_MS)
+    stop.wait_for(state="hidden", timeout=CHAT_TIMEOUT_MS)
+    assert all(bot_texts(page, column)[2] for column in ("chat-base", "chat-tuned"))
+
+    # 5. Evaluate base vs tuned on two held-out prompts: progress says n of N, the metrics are named in words
+    page.get_by_text("Evaluation: did it learn the voice").click()
+    prompts = page.locator("#eval-prompts input[type=number]")
+    prompts.fill("2")
+    prompts.press("Tab")
+    page.locator("#eval-run").click()
+    seen: list[str] = []
+    deadline = time.monotonic() + CHAT_TIMEOUT_MS / 1000
+    while "Wording close to the real reply" not in page.locator("#eval-metrics").inner_text():
+        text = page.locator("#eval-section").inner_text()
+        for found in re.findall(r"Base and tuned answer prompts 1-2 of 2|All 2 prompts answered", text):
+            if found not in seen:
+                seen.append(found)
+        if len(seen) == 1:
+            shot(page, "07-evaluating")
+        assert time.monotonic() < deadline, seen
+        page.wait_for_timeout(150)
+    assert seen == ["Base and tuned answer prompts 1-2 of 2", "All 2 prompts answered"]  # it moved, in order
+    page.wait_for_timeout(500)
+    shot(page, "08-evaluated")
     assert dialogs == []
     print(f"browser flow: {time.monotonic() - started:.0f} s")

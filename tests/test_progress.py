@@ -9,15 +9,17 @@ from tuner import progress
 STAMP = "%Y-%m-%dT%H:%M:%S%z"
 
 
-def _status(**fields) -> dict:
-    now = time.time()
+NOW = float(int(time.time()))  # whole seconds: the status stamps have no fractions
+
+
+def _status(now: float = NOW, **fields) -> dict:
     return {"status": "running", "step": 0, "max_steps": 12, "started_at": time.strftime(STAMP, time.localtime(now - 90)),
             "updated_at": time.strftime(STAMP, time.localtime(now - 30)), **fields}
 
 
 def test_before_the_first_step_it_says_what_it_is_doing_and_the_clock_moves():
     status = _status()
-    now = time.time()
+    now = NOW
     first, later = progress.summary(status, 8, 1, now=now), progress.summary(status, 8, 1, now=now + 5)
     assert first.startswith("Loading the model and measuring the starting loss")
     assert "step 0 / 12" in first and "running for 1 min 30 s" in first
@@ -25,17 +27,20 @@ def test_before_the_first_step_it_says_what_it_is_doing_and_the_clock_moves():
     assert "left" not in first  # no time-left guess before a step was timed
     # a run that writes its phase is described in its own words
     assert progress.summary(_status(phase="evaluating 3 of 10 batches"), now=now).startswith("Evaluating 3 of 10")
+    stepping = progress.summary(_status(step=3, phase="training: step 4 of 12"), now=now)
+    assert stepping.startswith("Training: step 4 of 12 · ") and "step 3 / 12" not in stepping  # said once
 
 
 def test_examples_seen_come_from_the_status_or_the_steps():
     assert progress.examples_seen(_status(step=3), 8, 2) == (48, 192)
     assert progress.examples_seen(_status(step=3, examples_seen=20, examples_total=96), 8, 2) == (20, 96)
+    assert progress.examples_seen(_status(step=3, examples_seen=20), 8, 2) == (20, 192)
     assert "20 of 96 examples seen" in progress.summary(_status(step=3, examples_seen=20, examples_total=96))
 
 
 def test_time_left_counts_down_and_never_says_zero_seconds_left():
     status = _status(step=4, eta_s=40.0)
-    now = time.time()
+    now = NOW
     assert 5 <= progress.time_left(status, now=now) <= 15  # 40 s estimated 30 s ago
     assert progress.time_left(status, now=now + 60) == 0.0
     assert "finishing the last steps" in progress.summary(status, now=now + 60)

@@ -27,7 +27,7 @@ from typing import Any
 
 from tuner.config import GenerationConfig
 from tuner.errors import DataError, TunerError
-from tuner.train import read_json_object
+from tuner.runs import read_json_object
 from tuner.voice import brand_phrases, phrase_rate, training_replies
 
 __all__ = ["METRIC_HELP", "METRIC_LABELS", "Stopped", "brand_phrases", "evaluate", "load_cases", "phrase_rate",
@@ -87,7 +87,7 @@ def length_stats(replies: Sequence[str]) -> dict[str, float] | None:
 # -- losses ----------------------------------------------------------------------------------------
 
 
-def _mean_loss(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int = 0,
+def mean_loss(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int = 0,
                batch_size: int = 8) -> float | None:
     """Token-weighted mean cross-entropy of `labels` (-100 = not scored) given `input_ids`.
 
@@ -145,8 +145,8 @@ def loss_metrics(pg, info, max_length: int, loss_limit: int = LOSS_LIMIT) -> dic
     pad = pg.tokenizer.pad_token_id or 0
     for col in COLUMNS:
         with pg.column_model(col, run_dir) as model:
-            val_loss = _mean_loss(model, val_seqs, pad) if val_seqs else None
-            gen_loss = _mean_loss(model, gen_seqs, pad)
+            val_loss = mean_loss(model, val_seqs, pad) if val_seqs else None
+            gen_loss = mean_loss(model, gen_seqs, pad)
         out["validation_loss"][col] = round(val_loss, 4) if val_loss is not None else None
         out["validation_perplexity"][col] = _ppl(val_loss)
         out["general_perplexity"][col] = _ppl(gen_loss)

@@ -536,7 +536,8 @@ class Playground:
         new = out[:, batch["input_ids"].shape[1]:].tolist()
         for i, ids in zip(indices, new, strict=True):
             end = next((k for k, t in enumerate(ids) if t in self._end_ids), len(ids))
-            text = tok.decode(ids[:end], skip_special_tokens=True)
+            # a reply cut by max_new_tokens can end inside a multi-byte character: drop its half
+            text = tok.decode(ids[:end], skip_special_tokens=True).rstrip("\ufffd")
             job.events.put(_Event("final", i, text, tokens=end))
 
     def _events(self, rows: list[_Row], settings: GenerationConfig,

@@ -79,10 +79,10 @@ def time_left(status: dict[str, Any], now: float | None = None) -> float | None:
 
 def examples_seen(status: dict[str, Any], batch_size: int, grad_accum: int) -> tuple[int, int | None]:
     """(examples the run has trained on, examples it will train on), from the status or its step count."""
-    if status.get("examples_seen") is not None:
-        return int(status["examples_seen"]), status.get("examples_total")
     per_step = max(batch_size, 1) * max(grad_accum, 1)
     total = int(status.get("max_steps") or 0) * per_step or None
+    if status.get("examples_seen") is not None:
+        return int(status["examples_seen"]), status.get("examples_total") or total
     return int(status.get("step") or 0) * per_step, total
 
 
@@ -90,19 +90,26 @@ def summary(status: dict[str, Any], batch_size: int = 1, grad_accum: int = 1, no
     """One line: phase, step n of N, examples seen, clock, time left, speed, losses."""
     state = str(status.get("status", "unknown"))
     step, total = int(status.get("step") or 0), int(status.get("max_steps") or 0)
-    bits = [phase(status).capitalize() if state == "running" else STATE_LABELS.get(state, state)]
-    bits.append(f"step {step} / {total or '?'}")
+    now_doing = phase(status)
+    bits = [now_doing[:1].upper() + now_doing[1:] if state == "running" else STATE_LABELS.get(state, state)]
+    if state != "running" or "step" not in now_doing:  # a phase like "training: step 3 of 12" says it already
+        bits.append(f"step {step} / {total or '?'}")
     seen, planned = examples_seen(status, batch_size, grad_accum)
     if planned:
         bits.append(f"{seen:,} of {planned:,} examples seen")
+    elif seen:
+        bits.append(f"{seen:,} examples seen")
     clock = elapsed(status, now)
     if clock is not None and (clock or state in ACTIVE):
         bits.append(f"{'running for' if state in ACTIVE else 'took'} {fmt_duration(clock)}")
     left = time_left(status, now)
     if left is not None:
         bits.append(f"about {fmt_duration(left)} left" if left >= 1 else "finishing the last steps")
-    if status.get("first_eval_loss") is not None and status.get("eval_loss") is not None:
-        bits.append(f"held-out loss {status['first_eval_loss']:.3f} → {status['eval_loss']:.3f}")
+    first, best = status.get("first_eval_loss"), status.get("eval_loss")
+    if first is not None and best is not None and best != first:
+        bits.append(f"held-out loss {first:.3f} → {best:.3f}")
+    elif first is not None:
+        bits.append(f"held-out loss at the start {first:.3f}")
     return " · ".join(bits)
 
 

@@ -24,6 +24,10 @@ CSS = """
   border-radius: 50%; background: var(--color-accent); animation: tuner-pulse 1.2s ease-in-out infinite; }
 @keyframes tuner-pulse { 50% { opacity: 0.25; } }
 .run-progress .run-error { color: var(--error-text-color, #b91c1c); white-space: pre-wrap; }
+.loss-svg { width: 100%; height: auto; font: 11px var(--font, sans-serif); }
+.loss-svg .grid { stroke: #e5e7eb; stroke-width: 1; }
+.loss-svg text { fill: var(--body-text-color-subdued, #6b7280); }
+.loss-svg text.empty { font-size: 13px; }
 #preview .bot, #preview .message.bot { background: #fef3c7 !important; border-color: #f59e0b !important; }
 """
 

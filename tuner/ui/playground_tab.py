@@ -46,6 +46,15 @@ def drop_flag(request: gr.Request | None, kind: str, flag: threading.Event) -> N
             del _stops[key]
 
 
+def signal_stop(request: gr.Request | None, kind: str) -> None:
+    """Stop this session's reply or evaluation, if one is under way (else nothing: the next one starts fresh)."""
+    key = f"{getattr(request, 'session_hash', None) or 'api'}:{kind}"
+    with _stops_lock:
+        flag = _stops.get(key)
+    if flag is not None:
+        flag.set()
+
+
 def generation_config(max_new_tokens: float, temperature: float, top_p: float, seed: float,
                       repetition_penalty: float) -> GenerationConfig:
     """The Sampling accordion as a GenerationConfig (validated there, server limits included)."""
@@ -106,6 +115,10 @@ def chat(message: str, run_id: str | None, with_prompted: bool, max_new_tokens: 
         for partial in stream:
             if stop.is_set():
                 stream.close()  # ends the generation thread too
+                if not got_text:  # stopped before the first word: take the turn back, the message returns
+                    gr.Info("Stopped before the first word; your message is back in the box.")
+                    yield chat_views(before, msg=message)
+                    return
                 gr.Info("Stopped. The reply so far is kept; send another message when you like.")
                 break
             if partial.get(NOTICE_KEY) and not noticed:
@@ -132,7 +145,7 @@ def arm_stop(request: gr.Request = None) -> dict[str, Any]:
 
 
 def press_stop(request: gr.Request = None) -> None:
-    stop_flag(request, "chat").set()
+    signal_stop(request, "chat")
 
 
 def reply_done() -> dict[str, Any]:
@@ -141,7 +154,7 @@ def reply_done() -> dict[str, Any]:
 
 def clear_chats(request: gr.Request = None) -> dict[str, Any]:
     """Clear: stop a reply that is streaming, then empty every column."""
-    stop_flag(request, "chat").set()
+    signal_stop(request, "chat")
     return {**chat_views(new_chats()), **reply_done()}
 
 
@@ -194,7 +207,7 @@ def evaluate_run(run_id: str | None, prompts: float, max_new_tokens: float, temp
 
 
 def press_eval_stop(request: gr.Request = None) -> None:
-    stop_flag(request, "eval").set()
+    signal_stop(request, "eval")
 
 
 @friendly

@@ -6,15 +6,16 @@ page or another browser sees the same run. The clock and the phase come from `tu
 
 from __future__ import annotations
 
+import dataclasses
 import html
+import math
 from enum import Enum
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 from tuner import progress
-from tuner.config import PRESETS, TrainConfig
+from tuner.config import PRESETS, TrainConfig, choices
 from tuner.errors import TunerError
 from tuner.runs import Run
 from tuner.ui.common import RUN_STATES_ACTIVE, Components, friendly, keyed, pick, run_folder
@@ -25,13 +26,9 @@ LOSS_COLORS = {"train loss": "#f97316", "held-out loss": "#2563eb"}  # orange, b
 
 # Settings the Train tab shows; the rest keep their preset/default values.
 MAIN_SETTINGS = ["max_steps", "num_epochs", "learning_rate", "lora_r", "batch_size", "max_length"]
-MORE_SETTINGS = ["quantization", "method", "lora_alpha", "lora_dropout", "grad_accum", "eval_steps", "save_steps",
-                 "early_stopping_patience", "warmup_ratio", "packing", "assistant_only_loss", "precision",
-                 "gradient_checkpointing", "seed"]
-SETTING_CHOICES = {  # text settings with a closed set of values (validated in TrainConfig.__post_init__)
-    "precision": ["auto", "bf16", "fp16", "fp32"],
-    "gradient_checkpointing": ["auto", "on", "off"],
-}
+# every other TrainConfig field, derived: a new setting appears under "More settings" without an edit here
+MORE_SETTINGS = [f.name for f in dataclasses.fields(TrainConfig)
+                 if f.name not in (*MAIN_SETTINGS, "base_model", "preset")]
 SETTING_LABELS = {
     "max_steps": "Max steps", "num_epochs": "Epochs", "learning_rate": "Learning rate", "lora_r": "LoRA rank",
     "batch_size": "Batch size", "max_length": "Max length (tokens)", "quantization": "Quantization",
@@ -39,7 +36,10 @@ SETTING_LABELS = {
     "eval_steps": "Evaluate every N steps", "save_steps": "Checkpoint every N steps",
     "early_stopping_patience": "Early stopping patience", "warmup_ratio": "Warm-up share",
     "packing": "Pack short examples", "assistant_only_loss": "Learn from replies only", "seed": "Seed",
-    "precision": "Precision", "gradient_checkpointing": "Gradient checkpointing",
+    "precision": "Precision", "gradient_checkpointing": "Gradient checkpointing", "target_modules": "Adapted layers",
+    "weight_decay": "Weight decay", "save_total_limit": "Checkpoints kept", "eval_examples": "Examples per evaluation",
+    "eval_share": "Validation share", "save_every_s": "Checkpoint every N seconds",
+    "voice_prompts": "Voice-check questions", "logging_steps": "Log every N steps",
 }
 STATUS_VIEWS = ["progress", "loss_plot", "train_log", "cancel_btn", "resume_btn", "timer", "raw_log"]
 
@@ -60,8 +60,9 @@ def setting_component(name: str, value: Any) -> gr.components.Component:
         return gr.Checkbox(value=value, label=label, info=help_text)
     if isinstance(default, Enum):
         return gr.Radio([e.value for e in type(default)], value=value, label=label, info=help_text)
-    if name in SETTING_CHOICES:
-        return gr.Radio(SETTING_CHOICES[name], value=value, label=label, info=help_text)
+    allowed = choices(TrainConfig, name)  # text settings with a closed set of values
+    if allowed:
+        return gr.Radio(list(allowed), value=value, label=label, info=help_text)
     if isinstance(default, str):
         return gr.Textbox(value=value, label=label, info=help_text)
     if isinstance(default, int):
@@ -146,24 +147,64 @@ def progress_html(status: dict[str, Any], batch_size: int = 1, grad_accum: int =
             f'<progress max="100" value="{pct:.1f}"></progress>{error}</div>')
 
 
-def loss_frame(metrics: list[dict[str, Any]]) -> pd.DataFrame:
-    """Train and held-out loss by step, long format for gr.LinePlot's color=series.
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About `count` round tick values covering [low, high]."""
+    raw = (high - low) / max(count, 1)
+    magnitude = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(low / step) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
 
-    Both series are always in the frame (a NaN row stands in for one with no point yet): the plot
-    fixes its lines and colours from the first frame it draws, so a series missing then would
-    never be drawn.
-    """
-    rows = progress.loss_points(metrics)
-    present = {r["series"] for r in rows}
-    rows += [{"step": 0, "loss": float("nan"), "series": s} for s in LOSS_COLORS if s not in present]
-    return pd.DataFrame({"step": pd.Series([r["step"] for r in rows], dtype="int64"),
-                         "loss": pd.Series([r["loss"] for r in rows], dtype="float64"),
-                         "series": pd.Series([r["series"] for r in rows], dtype="str")})
+
+def loss_svg(metrics: list[dict[str, Any]], last_step: int) -> str:
+    """The train and held-out loss curves as an SVG: every point drawn as a dot (the first one shows
+    alone), lines between points, each series in its own colour, named in a legend. Numbers only."""
+    points = progress.loss_points(metrics)
+    width, height, left, right, top, bottom = 640, 260, 52, 16, 28, 36
+    if not points:
+        return (f'<svg class="loss-svg" viewBox="0 0 {width} {height}" role="img" aria-label="no loss yet">'
+                f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" class="empty">No loss measured yet: '
+                "the first point appears after the starting evaluation.</text></svg>")
+    losses = [p["loss"] for p in points]
+    low, high = min(losses), max(losses)
+    pad = (high - low) * 0.08 or max(abs(high) * 0.05, 0.05)
+    low, high = low - pad, high + pad
+    x_max = max(last_step, max(p["step"] for p in points), 1)
+
+    def x(step: float) -> float:
+        return left + (width - left - right) * step / x_max
+
+    def y(loss: float) -> float:
+        return top + (height - top - bottom) * (high - loss) / (high - low)
+
+    out = [f'<svg class="loss-svg" viewBox="0 0 {width} {height}" role="img" '
+           f'aria-label="loss by step: {len(points)} points">']
+    for tick in _ticks(low, high):
+        out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" y2="{y(tick):.1f}"/>'
+                   f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.4g}</text>')
+    for tick in _ticks(0, x_max, min(x_max, 10)):
+        out.append(f'<line class="grid" x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top}" y2="{height - bottom}"/>'
+                   f'<text x="{x(tick):.1f}" y="{height - bottom + 16}" text-anchor="middle">{tick:g}</text>')
+    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 4}" text-anchor="middle">step</text>'
+               f'<text x="14" y="{(top + height - bottom) / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 14 {(top + height - bottom) / 2})">loss</text>')
+    for i, (series, color) in enumerate(LOSS_COLORS.items()):
+        mine = sorted((p for p in points if p["series"] == series), key=lambda p: p["step"])
+        if len(mine) > 1:
+            path = " ".join(f"{'M' if k == 0 else 'L'}{x(p['step']):.1f},{y(p['loss']):.1f}" for k, p in enumerate(mine))
+            out.append(f'<path class="curve" d="{path}" stroke="{color}" fill="none" stroke-width="2"/>')
+        out += [f'<circle cx="{x(p["step"]):.1f}" cy="{y(p["loss"]):.1f}" r="3.5" fill="{color}" stroke="{color}">'
+                f'<title>{series} at step {p["step"]}: {p["loss"]:.3f}</title></circle>' for p in mine]
+        lx = width - right - 250 + i * 130
+        out.append(f'<rect x="{lx}" y="8" width="14" height="4" fill="{color}" stroke="{color}"/>'
+                   f'<text x="{lx + 20}" y="14">{series}</text>')
+    out.append("</svg>")
+    return "".join(out)
 
 
 def no_run_views() -> dict[str, Any]:
     return {"progress": "<p>No run yet. Check your data, then press <b>Start training</b>.</p>",
-            "loss_plot": loss_frame([]), "train_log": "", "raw_log": "", "cancel_btn": gr.update(visible=False),
+            "loss_plot": loss_svg([], 0), "train_log": "", "raw_log": "", "cancel_btn": gr.update(visible=False),
             "resume_btn": gr.update(visible=False), "timer": gr.Timer(active=False)}
 
 
@@ -180,6 +221,8 @@ def run_status(run_id: str | None) -> dict[str, Any]:
     try:
         cfg = Run(run_dir).config()
         batch, accum = cfg.batch_size, cfg.grad_accum
+        if not status.get("max_steps") and cfg.max_steps > 0:  # before the trainer has said it
+            status = {**status, "max_steps": cfg.max_steps}
     except (TunerError, OSError, ValueError):
         batch, accum = 1, 1
     state = status.get("status")
@@ -187,7 +230,7 @@ def run_status(run_id: str | None) -> dict[str, Any]:
     last_step = max([int(status.get("max_steps") or 0)] + [int(m["step"]) for m in metrics])
     return {
         "progress": progress_html(status, batch, accum),
-        "loss_plot": gr.LinePlot(value=loss_frame(metrics), x_lim=[0, max(last_step, 1)]),
+        "loss_plot": loss_svg(metrics, last_step),
         "train_log": "\n".join(progress.sentences(status, metrics)),
         "raw_log": progress.log_tail(Run(run_dir).log_file),
         "cancel_btn": gr.update(visible=active),
@@ -266,9 +309,9 @@ def build() -> Components:
             c["train_run"] = gr.Dropdown(label="Run", allow_custom_value=True, elem_id="train-run",
                                          info="Training runs in the background: closing this tab does not stop it.")
             c["progress"] = gr.HTML(elem_id="progress")
-            c["loss_plot"] = gr.LinePlot(x="step", y="loss", color="series", color_map=LOSS_COLORS,
-                                         label="Loss (orange: train, blue: held-out examples)", x_title="step",
-                                         y_title="loss", height=280, elem_id="loss-plot")
+            # an SVG, not gr.LinePlot: its line-only marks leave a series' first point invisible
+            c["loss_plot"] = gr.HTML(loss_svg([], 0), label="Loss (orange: train, blue: held-out examples)",
+                                     show_label=True, elem_id="loss-plot")
             with gr.Row():
                 c["cancel_btn"] = gr.Button("Cancel training", variant="stop", visible=False, elem_id="cancel")
                 c["resume_btn"] = gr.Button("Resume from the last checkpoint", visible=False, elem_id="resume")

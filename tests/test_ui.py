@@ -1,0 +1,58 @@
+"""The page's view functions, without a server: what each view shows for a given state."""
+
+from __future__ import annotations
+
+import re
+
+from tuner.ui import data_tab, train_tab
+from tuner.ui.common import keyed
+
+TRAIN, HELD_OUT = train_tab.LOSS_COLORS["train loss"], train_tab.LOSS_COLORS["held-out loss"]
+
+
+def test_the_loss_plot_draws_the_first_points_and_both_curves_in_colour():
+    empty = train_tab.loss_svg([], 12)
+    assert "No loss measured yet" in empty and "<circle" not in empty
+    first = train_tab.loss_svg([{"step": 0, "eval_loss": 4.3}, {"step": 1, "loss": 3.7}], 12)
+    assert first.count(f'fill="{TRAIN}"') >= 1 and first.count(f'fill="{HELD_OUT}"') >= 1  # lone points show
+    assert "<path" not in first  # no line yet, only dots
+    later = train_tab.loss_svg([{"step": 0, "eval_loss": 4.3}] + [{"step": s, "loss": 4 - s / 10} for s in (1, 2, 3)]
+                               + [{"step": 3, "eval_loss": 3.5}], 12)
+    assert f'stroke="{TRAIN}"' in later and re.search(f'<path[^>]*stroke="{HELD_OUT}"', later)
+    assert ">12</text>" in later  # the step axis spans the whole run from the start
+
+
+def test_headline_and_files_table_count_the_same_conversations():
+    report = {"ok": True, "train_examples": 18, "validation_examples": 2, "dropped_total": 10,
+              "totals": {"conversations_read": 30, "conversations_kept": 20, "conversations_dropped": 10},
+              "files": [{"file": "a.csv", "format": "tickets-csv", "rows_read": 300, "row_unit": "rows",
+                         "conversations_read": 30, "conversations_kept": 20, "conversations_dropped": 10,
+                         "dropped": 12}]}
+    headline = data_tab.report_markdown(report)
+    assert "30 conversations read · 20 kept, 10 dropped" in headline
+    row = data_tab.files_table(report).iloc[0]
+    assert (row["read"], row["kept"], row["dropped"]) == (30, 20, 10)  # conversations, as the headline
+    assert "300 rows in the file" in row["what it is"]
+    # advice that names a command-line flag is for the terminal, not the page
+    cli = {**report, "warnings": ["Map them with --assistant NAME or --user NAME.", "Some rows are long."]}
+    assert "--assistant" not in data_tab.report_markdown(cli) and "Some rows are long" in data_tab.report_markdown(cli)
+
+
+def test_an_empty_session_shows_empty_views():
+    views = data_tab.views(data_tab.new_session())
+    assert views["report"] == data_tab.INTRO
+    assert views["files_table"].empty and views["dropped_table"].empty
+    assert views["preview"] == [] and views["learned"] == [] and views["preview_system"] == ""
+    assert views["speakers"]["visible"] is False and views["to_train"]["interactive"] is False
+    assert list(views) == data_tab.VIEWS  # one function fills every view
+
+
+def test_handlers_return_values_by_component_name():
+    boxes = {"a": object(), "b": object()}
+    assert keyed(lambda: {"a": 1, "b": 2}, boxes)() == {boxes["a"]: 1, boxes["b"]: 2}
+
+    def stream():
+        yield {"a": 1}
+        yield {"b": 2}
+
+    assert list(keyed(stream, boxes)()) == [{boxes["a"]: 1}, {boxes["b"]: 2}]
