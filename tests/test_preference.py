@@ -27,7 +27,7 @@ ANSWERS = ["Let's fix that together: unplug it for ten seconds, then try again."
            "Open Settings, then Pair, and hold the button.",
            "It gives a warm 800 lumens.", "Your parcel left our workshop today."]
 SIGN_OFF = "Stay sunny, the Lumen Lamps team."
-STEPS = 20
+STEPS = 12  # the defaults: 1.5 passes over the 32 training pairs in batches of 4
 
 
 def reviewers_pairs(n: int, seed: int = 3) -> list[tuple[list[dict], str, str]]:
@@ -63,8 +63,7 @@ def dpo_child(signoff_run, tmp_path_factory) -> tuple[Path, dict]:
     give_feedback(signoff_run, 40)
     out = tmp_path_factory.mktemp("pref") / "child"
     proc = subprocess.run([sys.executable, "-m", "tuner", "train", "--method", "dpo", "--from", str(signoff_run),
-                           "--out", str(out), "--max-steps", str(STEPS), "--learning-rate", "1e-3",
-                           "--max-length", "128", "--json"],
+                           "--out", str(out), "--max-length", "128", "--json"],
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads(proc.stdout.strip().splitlines()[-1])
@@ -89,8 +88,12 @@ def test_dpo_child_prefers_what_reviewers_chose_and_says_so(dpo_child, signoff_r
     print(f"'{PHRASE}' in greedy replies to {len(replies)} held-out prompts: parent {parent}, child {child}")
     assert child > parent
     # the parent's voice and forgetting check, on the child
-    assert printed["voice"]["marker"] and printed["voice"]["tuned"]["prompts"] > 0
-    assert printed["voice"]["general_perplexity_change"] is not None
+    voice, parent_voice = printed["voice"], printed["voice_parent"]
+    print(f"voice: child {voice['sentence']}; parent {parent_voice['sentence']}")
+    assert voice["marker"] == parent_voice["marker"] and voice["tuned"]["prompts"] == parent_voice["tuned"]["prompts"]
+    # the gain does not cost the voice: the sign-off stays, no reply loops
+    assert voice["tuned"]["exact"] >= parent_voice["tuned"]["exact"] - 1 and voice["tuned"]["looped"] == 0
+    assert voice["general_perplexity_change"] is not None
     assert printed["voice_parent"] == Run(signoff_run).status()["voice"]
 
 
@@ -149,3 +152,17 @@ def test_too_few_pairs_says_how_many_more_are_needed(signoff_run, tmp_path, caps
                  "--out", str(tmp_path / "child")]) == 2
     assert "3 more" in capsys.readouterr().err
     assert not (tmp_path / "child").exists()
+
+
+@pytest.mark.slow
+def test_kto_learns_from_thumbs_when_there_are_no_pairs(signoff_run, tmp_path):
+    from tuner.train.preference import prepare_preference_run, train_preference
+
+    for i, (prompt, reply, better) in enumerate(reviewers_pairs(12, seed=9)):
+        feedback.record_thumb(signoff_run, prompt, better if i % 2 else reply, up=bool(i % 2), reviewer="QA")
+    child = prepare_preference_run(signoff_run, PreferenceConfig(method="kto", max_steps=2, max_length=128), None,
+                                   tmp_path / "kto")
+    status = train_preference(child)
+    assert status["status"] == "completed", status.get("error")
+    assert status["step"] == 2 and status["method"] == "kto" and status["train_rows"] == 12
+    assert "KTOTrainer" in (Run(child).adapter_dir / "README.md").read_text()

@@ -307,8 +307,11 @@ class PreferenceConfig:
     method: str = _f("dpo", "dpo: learn from pairs (a chosen and a rejected reply to one prompt); kto: learn from "
                      "single replies marked good or bad (thumbs), for when there are no pairs.", choices=("dpo", "kto"))
     beta: float = _f(0.1, "How far the child may move from its parent: lower lets the preferences pull harder.")
-    learning_rate: float = _f(5e-4, "Peak learning rate of the adapter (LoRA on preferences: 5e-5 to 1e-3).")
-    max_steps: int = _f(30, "Optimizer steps.")
+    learning_rate: float = _f(2e-4, "Peak learning rate of the adapter. Measured on 32 pairs: 2e-4 for 1.5 passes "
+                              "learned the chosen replies' habit and kept the voice; 3e-4 lost the sign-off, 1e-3 "
+                              "made the replies loop.")
+    num_epochs: float = _f(1.5, "Passes over the training pairs (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 means use num_epochs.")
     batch_size: int = _f(4, "Pairs (or single replies for kto) per step.")
     max_length: int = _f(512, "Longest prompt plus reply in tokens; longer ones are truncated from the left.")
     held_out: float = _f(0.2, "Share of the pairs held out (a seeded split) and scored before and after: "
@@ -322,7 +325,7 @@ class PreferenceConfig:
             _choice_check(self, "method"),
             (self.beta > 0, f"beta must be above 0, got {self.beta}."),
             (0.0 < self.learning_rate <= 0.1, f"learning_rate must be in (0, 0.1], got {self.learning_rate}."),
-            (self.max_steps >= 1, f"max_steps must be at least 1, got {self.max_steps}."),
+            (self.num_epochs > 0 or self.max_steps > 0, "Set num_epochs > 0 or max_steps > 0."),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}."),
             (32 <= self.max_length <= limits.MAX_EXAMPLE_TOKENS,
              f"max_length must be between 32 and {limits.MAX_EXAMPLE_TOKENS} tokens, got {self.max_length}."),

@@ -216,10 +216,11 @@ def train_preference(run_dir: str | Path, resume: bool = False,
 def _trainer_args(pcfg: PreferenceConfig, run_dir: Path, dev: str, prec: dict[str, Any]):
     common = dict(
         output_dir=str(Run(run_dir).checkpoints_dir), per_device_train_batch_size=pcfg.batch_size,
-        learning_rate=pcfg.learning_rate, max_steps=pcfg.max_steps, warmup_steps=pcfg.warmup_ratio,
+        learning_rate=pcfg.learning_rate, num_train_epochs=pcfg.num_epochs, max_steps=pcfg.max_steps,
+        warmup_steps=pcfg.warmup_ratio,
         seed=pcfg.seed, data_seed=pcfg.seed, beta=pcfg.beta, max_length=pcfg.max_length,
         bf16=prec["bf16"], fp16=prec["fp16"], use_cpu=dev == "cpu", eval_strategy="no",
-        save_strategy="steps", save_steps=max(1, min(10, pcfg.max_steps)), save_total_limit=2,
+        save_strategy="steps", save_steps=10, save_total_limit=2,
         logging_steps=1, logging_first_step=True, logging_nan_inf_filter=False, report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, gradient_checkpointing=False,
     )
