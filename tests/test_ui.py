@@ -56,3 +56,15 @@ def test_handlers_return_values_by_component_name():
         yield {"b": 2}
 
     assert list(keyed(stream, boxes)()) == [{boxes["a"]: 1}, {boxes["b"]: 2}]
+
+
+def test_every_train_setting_is_on_the_page_and_old_api_calls_keep_their_order():
+    import dataclasses
+
+    from tuner.config import TrainConfig
+
+    shown = train_tab.MAIN_SETTINGS + train_tab.MORE_SETTINGS
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"base_model", "preset"}
+    assert sorted(shown) == sorted(fields)  # each once, none missing: derived from the dataclass
+    assert shown[:8] == ["max_steps", "num_epochs", "learning_rate", "lora_r", "batch_size", "max_length",
+                         "quantization", "method"]  # positional /train and /estimate callers are not reordered

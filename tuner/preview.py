@@ -8,10 +8,11 @@ at import time: transformers is loaded by the first call that needs a tokenizer.
 from __future__ import annotations
 
 import functools
-import json
 import math
 from pathlib import Path
 from typing import Any
+
+from tuner.messages import iter_jsonl
 
 PREVIEW_EXAMPLES = 20  # examples the Data tab can preview
 HISTOGRAM_EXAMPLES = 50_000  # examples measured for the length histogram
@@ -37,11 +38,10 @@ def read_examples(data_dir: str | Path | None, limit: int = PREVIEW_EXAMPLES,
         path = Path(data_dir) / name
         if not path.is_file():
             continue
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if len(out) >= limit:
-                    return out
-                out.append([{"role": m["role"], "content": m["content"]} for m in json.loads(line)["messages"]])
+        for _, row in iter_jsonl(path):
+            if len(out) >= limit:
+                return out
+            out.append([{"role": m["role"], "content": m["content"]} for m in row["messages"]])
     return out
 
 

@@ -26,9 +26,12 @@ LOSS_COLORS = {"train loss": "#f97316", "held-out loss": "#2563eb"}  # orange, b
 
 # Settings the Train tab shows; the rest keep their preset/default values.
 MAIN_SETTINGS = ["max_steps", "num_epochs", "learning_rate", "lora_r", "batch_size", "max_length"]
-# every other TrainConfig field, derived: a new setting appears under "More settings" without an edit here
-MORE_SETTINGS = [f.name for f in dataclasses.fields(TrainConfig)
-                 if f.name not in (*MAIN_SETTINGS, "base_model", "preset")]
+_FIRST_MORE = ["quantization", "method", "lora_alpha", "lora_dropout", "grad_accum", "eval_steps", "save_steps",
+               "early_stopping_patience", "warmup_ratio", "packing", "assistant_only_loss", "precision",
+               "gradient_checkpointing", "seed"]  # the API's argument order since the first page: kept first
+# then every other TrainConfig field, derived: a new setting appears under "More settings" without an edit here
+MORE_SETTINGS = _FIRST_MORE + [f.name for f in dataclasses.fields(TrainConfig)
+                               if f.name not in (*MAIN_SETTINGS, *_FIRST_MORE, "base_model", "preset")]
 SETTING_LABELS = {
     "max_steps": "Max steps", "num_epochs": "Epochs", "learning_rate": "Learning rate", "lora_r": "LoRA rank",
     "batch_size": "Batch size", "max_length": "Max length (tokens)", "quantization": "Quantization",
