@@ -971,7 +971,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
                         help="Training-token budget of each run (one pass over a subset of about this many).")
     parser.add_argument("--only", action="append", choices=PARTS,
-                        help="Run only this part (repeatable); default: all of " + ", ".join(PARTS) + ".")
+                        help="Run only this part (repeatable); default: all of " + ", ".join(PARTS) + ". "
+                             "`--only voice` runs the voice benchmark (bench/voice.py) with its own flags.")
     parser.add_argument("--variant", action="append", metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                         help="Also time the project recipe with these TrainConfig overrides (repeatable), "
                              "e.g. fp32:precision=fp32. Levers are measured, not assumed.")

@@ -66,6 +66,10 @@ def cli(args: argparse.Namespace) -> int:  # the `models` command
     return 0
 
 
+def _only_voice(argv: list[str]) -> bool:
+    return any(a == "--only" and argv[i + 1:i + 2] == ["voice"] for i, a in enumerate(argv))
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with `command`, only that command's module is imported (one stage never needs another)."""
     parser = argparse.ArgumentParser(prog="python -m tuner", description=__doc__.splitlines()[0])
@@ -87,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet_threads_env()  # before any command module imports torch
     quiet_library_noise()
     command = next((a for a in argv if a in COMMANDS), None)
+    if command == "bench" and _only_voice(argv):
+        # the voice benchmark has flags of its own: `python -m tuner bench --only voice --help`
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from bench.voice import main as voice_main
+
+        rest = argv[argv.index("bench") + 1:]
+        i = rest.index("--only")
+        return voice_main(rest[:i] + rest[i + 2:])
     args = build_parser(command).parse_args(argv)
     try:
         return int(args._handler(args) or 0)
