@@ -315,6 +315,7 @@ def answer(pg: Any, run_dir: Path, prompts: list[str], columns: tuple[str, ...],
     A reply that re-encodes to (almost) max_new_tokens ran into the limit: the playground does not
     report token counts for batches, and decoding then re-encoding drifts by a token or two at most.
     """
+    pg.load_run(run_dir)
     out: dict[str, list[tuple[str, bool]]] = {c: [] for c in columns}
     for start in range(0, len(prompts), batch):
         convs = [[{"role": "user", "content": p}] for p in prompts[start:start + batch]]
