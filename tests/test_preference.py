@@ -166,3 +166,28 @@ def test_kto_learns_from_thumbs_when_there_are_no_pairs(signoff_run, tmp_path):
     assert status["status"] == "completed", status.get("error")
     assert status["step"] == 2 and status["method"] == "kto" and status["train_rows"] == 12
     assert "KTOTrainer" in (Run(child).adapter_dir / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_stopped_preference_run_resumes_from_its_checkpoint_as_a_job(signoff_run, tmp_path):
+    from transformers import TrainerCallback
+
+    from tuner.train.preference import prepare_preference_run, train_preference
+
+    class StopAfter10(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 10:
+                raise KeyboardInterrupt  # what Ctrl-C does to the CLI
+
+    path = _prefs(tmp_path, [_good(i) for i in range(16)])
+    cfg = PreferenceConfig(max_steps=11, max_length=128, save_every_s=0)
+    child = prepare_preference_run(signoff_run, cfg, path, tmp_path / "child")
+    stopped = train_preference(child, callbacks=[StopAfter10()])
+    assert stopped["status"] == "cancelled" and stopped["step"] == 10
+    # the page resumes it the way it starts any run: `python -m tuner train --resume DIR` in its own process
+    from tuner import jobs
+
+    done = jobs.start(child, resume=True).wait(timeout=900)
+    assert done["status"] == "completed", (done.get("error"), Run(child).log_file.read_text()[-2000:])
+    assert done["resumed_from"] == "checkpoint-10" and done["step"] == 11
+    assert [m["step"] for m in Run(child).metrics() if m.get("loss") is not None] == list(range(1, 12))
