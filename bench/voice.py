@@ -427,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Longest reply (default: the playground's).")
     p.add_argument("--repetition-penalty", default=None,
                    help="Comma-separated values to compare on the same adapter (default: the playground's).")
+    p.add_argument("--serve-quantization", choices=("auto", "none", "nf4"), default="auto",
+                   help="How the playground loads the base for answering (auto: as the page does).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the data sampling.")
     p.add_argument("--out", default=None, help="Work folder for data, runs and results "
                    "(default: a fresh folder under the system's temp folder).")
@@ -456,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tuner.playground import Playground
 
-    pg = Playground()
+    pg = Playground(quantization=args.serve_quantization)
     results: list[dict[str, Any]] = []
     for name in sets:
         bs = build_set(name, args.train_size, args.prompts, args.seed)
@@ -484,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({
                     "set": name, "language": LANGUAGE[name], "corpus": CORPUS[name], "marker_kind": bs.marker.kind,
                     "marker": bs.marker.text, "recipe": recipe.label, "repetition_penalty": rp,
-                    "max_new_tokens": settings.max_new_tokens, "train_examples": report["train_examples"],
+                    "max_new_tokens": settings.max_new_tokens, "served_quantization": args.serve_quantization,
+                    "train_examples": report["train_examples"],
                     "heldout_prompts": len(bs.heldout), "steps": status.get("step"),
                     "first_eval_loss": status.get("first_eval_loss"), "eval_loss": status.get("eval_loss"),
                     "train_wall_s": status["train_wall_s"], "answer_wall_s": round(time.monotonic() - started, 1),
