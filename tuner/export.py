@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from tuner.errors import ModelError, TunerError
-from tuner.runs import read_json_object
+from tuner.runs import Run, read_json_object
 
 MARKER = "tuner_export.json"  # provenance of an export folder (also: "safe to overwrite")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -120,8 +120,8 @@ def _write_full(info, cfg, out: Path) -> None:
 
 def model_card(info, cfg, kind: str, dtype: str | None) -> str:
     """README.md for the export: what it is, how it was trained, how well, and how to load it."""
-    status = read_json_object(info.run_dir / "status.json")
-    evaluation = read_json_object(info.run_dir / "eval.json")
+    status = Run(info.run_dir).status()
+    evaluation = read_json_object(Run(info.run_dir).eval_file)
     hub_id = _hub_id(cfg.base_model)
     base = hub_id or _base_name(cfg.base_model)
     library = "peft" if kind == "adapter" else "transformers"
@@ -181,7 +181,6 @@ def export(run_dir: str | Path, to_dir: str | Path, merge: bool = False, push_to
     Returns the folder. `dtype` applies to merged models ('auto': the base's 16-bit dtype, else
     bfloat16). Raises TunerError with the folder kept when the push fails.
     """
-    from tuner.config import TrainConfig
     from tuner.playground import read_run
 
     if push_to is not None:
@@ -191,7 +190,7 @@ def export(run_dir: str | Path, to_dir: str | Path, merge: bool = False, push_to
             raise TunerError("Pushing to the Hub needs a token with write access (--token, or HF_TOKEN in the "
                              "environment).")
     info = read_run(run_dir)  # completed, safetensors only, adapter inside the run folder
-    cfg = TrainConfig.load(info.run_dir / "config.yaml")
+    cfg = Run(info.run_dir).config()
     out = Path(to_dir).expanduser().resolve()
     _prepare_target(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

@@ -671,11 +671,10 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
     {"folder", "gguf", "adapter_gguf", "modelfile", "readme", "check", "sizes_mb", "peak_rss_mb", "seconds"}.
     Raises TunerError (nothing left under `to_dir`) when a step fails; a failed check is reported, not raised.
     """
-    from tuner.config import TrainConfig
     from tuner.evaluate import load_cases
     from tuner.export import MARKER, _base_name, _prepare_target, export
     from tuner.playground import read_run
-    from tuner.runs import read_json_object
+    from tuner.runs import Run
     from tuner.voice import brand_phrases, training_replies
 
     if quant not in QUANTS:
@@ -684,7 +683,7 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
     started = time.monotonic()
     llama_cpp_version()  # fail before the merge when llama.cpp is missing
     info = read_run(run_dir)
-    cfg = TrainConfig.load(info.run_dir / "config.yaml")
+    cfg = Run(info.run_dir).config()
     if adapter_gguf and info.method != "lora":
         raise TunerError(f"Run {info.run_id} was fully fine-tuned: it has no adapter to export alone.")
     out = Path(to_dir).expanduser().resolve()
@@ -703,7 +702,7 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
         peak_merge = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak so far
         gguf_name = f"{info.run_id}-{quant}.gguf"
         target = tmp / gguf_name
-        metadata = _metadata(info, cfg, read_json_object(info.run_dir / "status.json"))
+        metadata = _metadata(info, cfg, Run(info.run_dir).status())
         if quant == "q4_k_m":
             f16 = tmp / "f16.gguf"
             peak_convert = convert_model(merged, f16, "f16", metadata, report, 0.25, 0.55)
@@ -718,7 +717,7 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
             adapter_name = f"{info.run_id}-lora-f16.gguf"
             convert_adapter(info.adapter_dir, Path(resolve_model(cfg.base_model)), tmp / adapter_name, report)
         report(0.65, "checking: llama.cpp and transformers answer held-out prompts")
-        replies, _ = training_replies(info.run_dir / "data" / "train.jsonl")
+        replies, _ = training_replies(Run(info.run_dir).data_file("train.jsonl"))
         markers = [p["phrase"] for p in brand_phrases(replies)]
         prompts = [c["messages"] for c in load_cases(info.run_dir, None, CHECK_PROMPTS)]
         check = check_gguf(target, merged, quant, prompts, markers)
