@@ -287,7 +287,8 @@ def test_the_train_command_has_a_flag_for_every_setting_and_starts_from_the_page
         return config_from_args(parser.parse_args(["train", "--data", str(tmp_path), *argv]))
 
     plain = config()
-    assert plain.preset == DEFAULT_PRESET and plain.max_steps == PRESETS[DEFAULT_PRESET]["max_steps"]  # as the page
+    assert plain.preset == DEFAULT_PRESET
+    assert plain == TrainConfig.from_preset(DEFAULT_PRESET)  # the page's preset, untouched
     tuned = config("--preset", "balanced", "--lora-r", "8", "--no-packing", "--precision", "fp32", "--epochs", "3")
     assert (tuned.preset, tuned.lora_r, tuned.packing, tuned.precision) == ("balanced", 8, False, "fp32")
     assert tuned.num_epochs == 3.0 and tuned.max_steps == -1  # epochs asked for: no step limit
@@ -337,3 +338,17 @@ def test_a_reply_cut_off_at_the_token_limit_is_counted_as_degenerate(signoff_run
     cut = final_verdict(model, tokenizer, tokenizer.chat_template, habit_of(replies), prompts, max_new_tokens=3)
     assert cut["tuned"]["unended"] == 2 and cut["base"]["unended"] == 2  # three tokens end no reply
     assert "2 never ended their turn" in cut["sentence"]
+
+
+def test_the_default_preset_sizes_its_steps_to_the_data_within_its_bounds():
+    from tuner.config import DEFAULT_PRESET
+
+    cfg = TrainConfig.from_preset(DEFAULT_PRESET)
+    per_step = cfg.batch_size * cfg.grad_accum
+    # few conversations are repeated until ~200 examples are seen; many are cut at the step limit
+    assert [cfg.planned_steps(n) for n in (50, 88, 250, 400, 5000)] == [24, 24, 32, 40, 40]
+    assert cfg.planned_steps(250) == math.ceil(250 / per_step)  # in between: one pass
+    assert TrainConfig.from_preset("quick").planned_steps(5000) == 12  # max_steps is exact
+    assert TrainConfig(num_epochs=2.0, batch_size=4).planned_steps(10) == 5  # no bounds: plain epochs
+    with pytest.raises(TunerError, match="min_steps"):
+        TrainConfig(min_steps=50, step_limit=40)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -364,7 +363,7 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
     n_train, n_val = int(report.get("train_examples") or 0), int(report.get("validation_examples") or 0)
     mean_tokens = min((stats.get("tokens") or {}).get("total", 0) / max(stats.get("examples") or 1, 1), cfg.max_length)
     per_step = cfg.batch_size * cfg.grad_accum
-    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * n_train / per_step)
+    steps = cfg.planned_steps(n_train)
     train_tokens = steps * per_step * mean_tokens
     dev = device()
     info = model_info(cfg.base_model) if is_default(cfg.base_model) or Path(cfg.base_model).is_dir() else {}

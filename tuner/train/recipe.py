@@ -15,7 +15,7 @@ from trl import SFTConfig
 
 from tuner.config import Method, Quantization, TrainConfig
 from tuner.precision import describe, for_model
-from tuner.runs import Run
+from tuner.runs import Run, world_size
 
 EAGER_MAX_TOKENS = 512  # CPU: eager attention up to this example length (see attention())
 
@@ -93,9 +93,10 @@ def attention(dev: str, longest: int, batching: str) -> str:
 
 
 def sft_config(cfg: TrainConfig, run_dir: Path, dev: str, prec: dict[str, Any], has_eval: bool,
-               gc: bool, resume: bool, by_voice: bool = False):
+               gc: bool, resume: bool, by_voice: bool = False, n_train: int = 0):
     """The SFTConfig; `by_voice`: the best checkpoint (and early stopping) follow the voice check
-    (tuner.train.voicecheck adds eval_voice, higher is better), else the validation loss."""
+    (tuner.train.voicecheck adds eval_voice, higher is better), else the validation loss.
+    The number of steps is TrainConfig.planned_steps for `n_train` examples."""
     mode = packing_mode(cfg, dev)
     keep_best = has_eval
     return SFTConfig(
@@ -105,7 +106,7 @@ def sft_config(cfg: TrainConfig, run_dir: Path, dev: str, prec: dict[str, Any], 
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_epochs,
-        max_steps=cfg.max_steps,
+        max_steps=cfg.planned_steps(n_train, world_size()) if n_train else cfg.max_steps,
         warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
         weight_decay=cfg.weight_decay,
         seed=cfg.seed,

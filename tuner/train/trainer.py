@@ -151,7 +151,7 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
                                       if m["role"] == "assistant"])
     by_voice = bool(marker and prompts and val_rows)
     args = sft_config(cfg, run_dir, dev, prec, bool(val_rows), gc_on, resume=checkpoint is not None,
-                      by_voice=by_voice)
+                      by_voice=by_voice, n_train=len(train_rows))
     recorder = RunRecorder(run_dir, offset, bool(val_rows), progress, model.config.get_text_config().vocab_size,
                            eval_share=cfg.eval_share)
     own: list[TrainerCallback] = [recorder]
