@@ -144,8 +144,11 @@ def arm_stop(request: gr.Request = None) -> dict[str, Any]:
     return {"send_btn": gr.update(visible=False), "stop_btn": gr.update(visible=True)}
 
 
-def press_stop(request: gr.Request = None) -> None:
+def press_stop(request: gr.Request = None) -> dict[str, Any]:
+    """Stop: the reply ends at its next token, and Send comes back even if the reply's own event was lost
+    (a dropped connection never leaves the page stuck on Stop)."""
     signal_stop(request, "chat")
+    return reply_done()
 
 
 def reply_done() -> dict[str, Any]:
@@ -292,7 +295,8 @@ def wire(c: Components) -> None:
         replies.append(event)
         event.then(keyed(reply_done, c), outputs=buttons, api_name=f"{name}_done", api_visibility="private",
                    queue=False)
-    c["stop_btn"].click(press_stop, api_name="stop_chat", api_visibility="private", queue=False)
+    c["stop_btn"].click(keyed(press_stop, c), outputs=buttons, api_name="stop_chat", api_visibility="private",
+                        queue=False)
     c["clear_btn"].click(keyed(clear_chats, c), outputs=[*outputs, *buttons], api_name="clear_chat", cancels=replies)
     # a column's own trash icon forgets that column's conversation too
     for column in ("base", "tuned", "prompted"):
