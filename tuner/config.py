@@ -334,9 +334,9 @@ class PreferenceConfig:
     method: str = _f("dpo", "dpo: learn from pairs (a chosen and a rejected reply to one prompt); kto: learn from "
                      "single replies marked good or bad (thumbs), for when there are no pairs.", choices=("dpo", "kto"))
     beta: float = _f(0.1, "How far the child may move from its parent: lower lets the preferences pull harder.")
-    sft_weight: float = _f(0.0, "dpo: weight of a plain fine-tuning loss on the chosen replies added to the "
+    sft_weight: float = _f(1.0, "dpo: weight of a plain fine-tuning loss on the chosen replies added to the "
                            "preference loss (RPO); it keeps the child saying the chosen words, not only ranking them. "
-                           "0 is plain DPO.")
+                           "0 is plain DPO, which made a 4-bit child's replies loop on 32 pairs where 1 kept the voice.")
     learning_rate: float = _f(2e-4, "Peak learning rate of the adapter. Measured on 32 pairs: 2e-4 for 1.5 passes "
                               "learned the chosen replies' habit and kept the voice; 3e-4 lost the sign-off, 1e-3 "
                               "made the replies loop.")

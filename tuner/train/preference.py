@@ -226,6 +226,8 @@ def _trainer_args(pcfg: PreferenceConfig, run_dir: Path, dev: str, prec: dict[st
     )
     if pcfg.method == "kto":
         return KTOConfig(**common)
+    if pcfg.sft_weight > 0:
+        return DPOConfig(**common, loss_type=["sigmoid", "sft"], loss_weights=[1.0, pcfg.sft_weight])
     return DPOConfig(**common)
 
 
@@ -288,6 +290,9 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
                           train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer,
                           callbacks=own + list(callbacks))
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress callback instead
+    for param in trainer.model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # trl makes a 4-bit model's adapter bf16; tuner keeps fp32 masters (exact AdamW)
     update_status(run_dir, device=dev, precision=prec["name"], quantization=quant, attention=attn,
                   train_rows=len(train_rows), held_out_pairs=len(held),
                   trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
