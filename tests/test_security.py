@@ -24,7 +24,8 @@ import pytest
 from tuner import jobs, limits
 from tuner.config import ConvertConfig, GenerationConfig, TrainConfig
 from tuner.errors import ModelError, RunNotFound, TunerError
-from tuner.paths import check_run_id, resolve_run, runs_dir, tuner_home
+from tuner.paths import check_run_id, runs_dir, tuner_home
+from tuner.runs import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,13 +65,13 @@ def test_run_ids_from_strangers_never_leave_runs(probe, decoy):
     with pytest.raises(RunNotFound):
         jobs.delete_run(probe)  # the app's delete takes an id, never a path
     with pytest.raises(RunNotFound):
-        resolve_run(probe)  # also takes a path (the CLI's --run DIR), but only to a folder holding a run
+        resolve(probe)  # also takes a path (the CLI's --run DIR), but only to a folder holding a run
     _untouched(decoy)
 
 
 def test_an_absolute_path_is_a_cli_path_and_never_an_id(decoy):
     # the CLI may name a run folder anywhere; the app's id-only functions never accept one
-    assert resolve_run(str(decoy)) == decoy.resolve()
+    assert resolve(str(decoy)).path == decoy.resolve()
     for id_only in (check_run_id, jobs.delete_run):
         with pytest.raises(RunNotFound):
             id_only(str(decoy))

@@ -283,6 +283,13 @@ def test_the_train_command_has_a_flag_for_every_setting_and_starts_from_the_page
         if f.name != "preset":
             assert f"--{f.name.replace('_', '-')}" in help_text, f.name  # a new setting appears without a second edit
 
+    from tuner.config import GenerationConfig
+
+    for command in ("eval", "chat"):  # the same settings as the playground's, from one dataclass
+        sub = build_parser(command)._subparsers._group_actions[0].choices[command].format_help()
+        for f in dataclasses.fields(GenerationConfig):
+            assert f"--{f.name.replace('_', '-')}" in sub, (command, f.name)
+
     def config(*argv: str) -> TrainConfig:
         return config_from_args(parser.parse_args(["train", "--data", str(tmp_path), *argv]))
 

@@ -25,9 +25,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tuner.config import GenerationConfig
+from tuner.config import GenerationConfig, add_config_arguments, config_overrides
 from tuner.errors import DataError, TunerError
-from tuner.runs import read_json_object
+from tuner.runs import Run, read_json_object, resolve
 from tuner.voice import brand_phrases, phrase_rate, training_replies
 
 __all__ = ["METRIC_HELP", "METRIC_LABELS", "Stopped", "brand_phrases", "evaluate", "load_cases", "phrase_rate",
@@ -129,10 +129,10 @@ def loss_metrics(pg, info, max_length: int, loss_limit: int = LOSS_LIMIT) -> dic
     is reused.
     """
     run_dir = info.run_dir
-    val_file = run_dir / "data" / "validation.jsonl"
+    val_file = Run(run_dir).data_file("validation.jsonl")
     weights = [p for p in info.adapter_dir.iterdir() if p.suffix == ".safetensors"]
     key = _fingerprint(val_file, GENERAL_TEXT, *sorted(weights)) + f":{loss_limit}:{max_length}"
-    previous = read_json_object(run_dir / "eval.json")
+    previous = read_json_object(Run(run_dir).eval_file)
     if previous.get("loss_fingerprint") == key and isinstance(previous.get("losses"), dict):
         return {**previous["losses"], "fingerprint": key}
     validation = [c["messages"] + [{"role": "assistant", "content": c["reference"]}]
@@ -253,7 +253,7 @@ def load_cases(run_dir: Path, prompts_file: str | Path | None, limit: int | None
             if case:
                 cases.append(case)
     else:
-        path = run_dir / "data" / "validation.jsonl"
+        path = Run(run_dir).data_file("validation.jsonl")
         if not path.is_file():
             raise DataError("no validation split in this run. Fix: pass --prompts FILE (a JSON list of prompts).",
                             str(path))
@@ -282,7 +282,7 @@ def distinct(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def saved_result(run_dir: Path) -> dict[str, Any]:
     """The run's last evaluation (eval.json), or {} when it has none."""
-    return read_json_object(Path(run_dir) / "eval.json")
+    return read_json_object(Run(Path(run_dir)).eval_file)
 
 
 # -- evaluate --------------------------------------------------------------------------------------
@@ -298,8 +298,6 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
     ends it with `Stopped` and writes nothing. Returns
     {run, settings, rows: [{prompt, reference, base, tuned}], metrics, phrases, elapsed_s}.
     """
-    from tuner.config import TrainConfig
-    from tuner.paths import resolve_run
     from tuner.playground import Playground
 
     def tell(done: int, text: str) -> None:
@@ -311,7 +309,7 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
     started = time.monotonic()
     settings = settings or GenerationConfig()
     pg = playground or Playground()
-    info = pg.load_run(resolve_run(run_dir))
+    info = pg.load_run(resolve(run_dir).path)
     run_dir = info.run_dir
     cases = load_cases(run_dir, prompts_file, limit)
 
@@ -327,7 +325,7 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
                          "base": reply["base"], "tuned": reply["tuned"]})
     tell(len(cases), f"All {len(cases)} prompts answered; measuring the losses (held-out replies, general English)")
 
-    train_replies, _ = training_replies(run_dir / "data" / "train.jsonl", limit=10_000)
+    train_replies, _ = training_replies(Run(run_dir).data_file("train.jsonl"), limit=10_000)
     phrases = brand_phrases(train_replies)
     refs = [r for r in rows if r["reference"] is not None]
     metrics: dict[str, dict[str, Any]] = {name: {"explain": text} for name, text in METRIC_HELP.items()}
@@ -340,7 +338,7 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
     metrics["length_words"]["reference"] = length_stats([r["reference"] for r in refs])
 
     # losses: the same model, adapter off and on
-    losses = loss_metrics(pg, info, TrainConfig.load(run_dir / "config.yaml").max_length, loss_limit)
+    losses = loss_metrics(pg, info, Run(run_dir).config().max_length, loss_limit)
     fingerprint = losses.pop("fingerprint", None)
     tell(len(cases), "Writing eval.json and eval.md")
     for name, values in losses.items():
@@ -357,8 +355,8 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
         "loss_fingerprint": fingerprint,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
-    (run_dir / "eval.md").write_text(to_markdown(result), encoding="utf-8")
+    Run(run_dir).eval_file.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    Run(run_dir).eval_report.write_text(to_markdown(result), encoding="utf-8")
     return result
 
 
@@ -398,25 +396,19 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    d = GenerationConfig()
     parser.add_argument("--run", required=True, help="Run id, or path to a run folder.")
     parser.add_argument("--prompts", default=None,
                         help="JSON list of prompts (strings or {prompt, reference}) or JSONL; default: the validation split.")
     parser.add_argument("--limit", type=int, default=50, help="Evaluate at most N prompts (0: all).")
     parser.add_argument("--json", action="store_true", help="Print {rows, metrics} as JSON.")
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="Longest reply in tokens.")
-    parser.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy (repeatable).")
-    parser.add_argument("--top-p", type=float, default=d.top_p, help="Nucleus sampling threshold.")
-    parser.add_argument("--seed", type=int, default=d.seed, help="Sampling seed.")
-    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
-                        help="Above 1 discourages repeats.")
+    add_config_arguments(parser.add_argument_group("generation settings (every GenerationConfig field)"),
+                         GenerationConfig)
 
 
 def cli(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise TunerError("--limit must be 0 (all) or more.")
-    settings = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                seed=args.seed, repetition_penalty=args.repetition_penalty)
+    settings = GenerationConfig(**config_overrides(args, GenerationConfig))
     result = evaluate(args.run, args.prompts, settings, limit=args.limit or None)
     if args.json:
         print(json.dumps({"rows": result["rows"], "metrics": result["metrics"], "phrases": result["phrases"]},

@@ -66,23 +66,3 @@ def check_run_id(run_id: str) -> str:
     if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or ".." in run_id:  # fullmatch: no "id\n"
         raise RunNotFound(f"'{run_id}' is not a valid run id (letters, digits, '-', '_' and '.' only).")
     return run_id
-
-
-def resolve_run(run: str | Path) -> Path:
-    """Turn a run id, or a path to a run folder, into the run folder.
-
-    A bare id is looked up under `runs_dir()` only. A path (from the CLI) must exist and hold
-    a `config.yaml`. Raises RunNotFound otherwise.
-    """
-    run_s = str(run)
-    if "\x00" in run_s:  # the OS would refuse it with a ValueError, not as a missing run
-        raise RunNotFound(f"{run_s!r} is not a valid run id or run folder.")
-    if "/" in run_s or os.sep in run_s:
-        path = Path(run_s).expanduser().resolve()
-        if not (path / "config.yaml").is_file():
-            raise RunNotFound(f"{run_s} is not a run folder (no config.yaml in it).")
-        return path
-    path = runs_dir() / check_run_id(run_s)
-    if not path.is_dir():
-        raise RunNotFound(f"No run named '{run_s}' in {runs_dir()}.")
-    return path

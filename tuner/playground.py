@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner.config import GenerationConfig
+from tuner.config import GenerationConfig, add_config_arguments, config_overrides
 from tuner.errors import ModelError, RunNotFound, TunerError
 from tuner.limits import MAX_INPUT_TOKENS
 from tuner.voice import make_brand_brief, training_replies
@@ -77,13 +77,21 @@ def check_safetensors_folder(folder: Path, weights: str = "adapter_model.safeten
         raise ModelError(f"{folder} has no {weights}: only safetensors weights are loaded.")
 
 
+def serving_quantization(run_quantization: str, dev: str, requested: str = "auto") -> str:
+    """How the playground loads a run's base: as trained on a GPU; in 16/32 bits on a CPU, where 4-bit
+    generation measured 2x slower and its load 8x slower (SmolLM2-135M, 2 cores). The run's own voice
+    check (tuner.train.voicecheck) grades the adapter on this same base, so its verdict is what users see."""
+    if requested != "auto":
+        return requested
+    return run_quantization if dev == "cuda" else "none"
+
+
 def read_run(run: str | Path) -> RunInfo:
     """Read a completed run's config and status (no model loading)."""
-    from tuner.config import TrainConfig
-    from tuner.paths import resolve_run
+    from tuner.runs import Run, resolve
 
-    run_dir = resolve_run(run).resolve()
-    status_file = run_dir / "status.json"
+    run_dir = resolve(run).path.resolve()
+    status_file = Run(run_dir).status_file
     try:
         status = json.loads(status_file.read_text())
     except (OSError, ValueError) as exc:
@@ -100,7 +108,7 @@ def read_run(run: str | Path) -> RunInfo:
     # security: a status file must not point the loader outside its own run folder
     if not adapter_dir.is_relative_to(run_dir) or not adapter_dir.is_dir():
         raise ModelError(f"{status_file}: adapter '{status['adapter']}' is not a folder inside the run.")
-    cfg = TrainConfig.load(run_dir / "config.yaml")
+    cfg = Run(run_dir).config()
     method = cfg.method.value
     if method == "lora":
         if not (adapter_dir / "adapter_config.json").is_file():
@@ -109,8 +117,9 @@ def read_run(run: str | Path) -> RunInfo:
     else:
         check_safetensors_folder(adapter_dir, "model.safetensors")
     info = RunInfo(run_dir=run_dir, run_id=run_dir.name, base_model=cfg.base_model,
-                   quantization=cfg.quantization.value, method=method, adapter_dir=adapter_dir)
-    replies, info.system_prompt = training_replies(run_dir / "data" / "train.jsonl")
+                   # the base as trained ('auto' resolved), which serving_quantization serves from
+                   quantization="nf4" if cfg.uses_nf4() else "none", method=method, adapter_dir=adapter_dir)
+    replies, info.system_prompt = training_replies(Run(run_dir).data_file("train.jsonl"))
     info.brand_brief = make_brand_brief(replies, info.system_prompt)
     return info
 
@@ -316,9 +325,7 @@ class Playground:
     # -- loading -----------------------------------------------------------------------------
 
     def _quantization_for(self, run_quantization: str) -> str:
-        if self.quantization != "auto":
-            return self.quantization
-        return run_quantization if self.device == "cuda" else "none"
+        return serving_quantization(run_quantization, self.device, self.quantization)
 
     def load_base(self, base_model: str = "default", quantization: str | None = None) -> None:
         """Load `base_model` unless it is already the loaded base (then nothing happens).
@@ -363,9 +370,9 @@ class Playground:
     def load_run(self, run: str | Path) -> RunInfo:
         """Load a completed run (an id or a run folder). The base is reloaded only if it differs;
         a run that is loaded already costs nothing (the app calls this for every message)."""
-        from tuner.paths import resolve_run
+        from tuner.runs import resolve
 
-        run_dir = resolve_run(run).resolve()
+        run_dir = resolve(run).path.resolve()
         with self._lock:
             info = self._runs.get(run_dir)
             if info is not None and run_dir in self._adapters:
@@ -423,14 +430,14 @@ class Playground:
 
     def _run_info(self, run: str | Path | None) -> RunInfo | None:
         """The loaded run `run` (None: the last one loaded), loading it again if it was dropped."""
-        from tuner.paths import resolve_run
+        from tuner.runs import resolve
 
         if run is None:
             if self.run is None:
                 return None
             run_dir = self.run.run_dir
         else:
-            run_dir = resolve_run(run).resolve()
+            run_dir = resolve(run).path.resolve()
         info = self._runs.get(run_dir)
         if info is not None and (run_dir in self._adapters or run_dir in self._full):
             return info
@@ -702,7 +709,6 @@ class Playground:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    d = GenerationConfig()
     parser.add_argument("--run", required=True, help="Run id, or path to a run folder.")
     parser.add_argument("--prompt", required=True, help="The user message.")
     parser.add_argument("--compare", action="store_true", help="Also answer with the base model (one batched pass).")
@@ -711,16 +717,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Comma-separated columns to answer with (base,tuned,prompted); overrides --compare/--prompted.")
     parser.add_argument("--json", action="store_true", help="Print {prompt, replies, notice, timing} as JSON.")
     parser.add_argument("--system-prompt", default=None, help="System prompt (default: the run's training one).")
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="Longest reply in tokens.")
-    parser.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy (repeatable).")
-    parser.add_argument("--top-p", type=float, default=d.top_p, help="Nucleus sampling threshold.")
-    parser.add_argument("--seed", type=int, default=d.seed, help="Sampling seed.")
-    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="Above 1 discourages repeats.")
+    add_config_arguments(parser.add_argument_group("generation settings (every GenerationConfig field)"),
+                         GenerationConfig)
 
 
 def settings_from_args(args: argparse.Namespace) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed, repetition_penalty=args.repetition_penalty)
+    return GenerationConfig(**config_overrides(args, GenerationConfig))
 
 
 def cli(args: argparse.Namespace) -> int:

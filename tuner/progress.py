@@ -136,6 +136,9 @@ def sentences(status: dict[str, Any], metrics: list[dict[str, Any]]) -> list[str
         out.append(f"Now: {phase(status)}.")
     elif state == "completed":
         out.append("Finished: the adapter is saved and checked; try it on the Playground tab.")
+        verdict = (status.get("voice") or {}).get("sentence")
+        if verdict:
+            out.append(f"Voice check on new questions: {verdict}.")
     elif state in ("failed", "cancelled", "interrupted") and status.get("error"):
         out.append(f"Stopped ({state}): {status['error']}")
     elif state in ("cancelled", "interrupted"):

@@ -95,6 +95,10 @@ class Run:
         return self.path / "eval.json"
 
     @property
+    def eval_report(self) -> Path:
+        return self.path / "eval.md"
+
+    @property
     def feedback_file(self) -> Path:
         return self.path / "feedback.jsonl"
 

@@ -55,7 +55,9 @@ class RunRecorder(TrainerCallback):
         # start-up: from the process's start (the user pressed Train or ran the command) to the first step
         startup = round(time.time() - psutil.Process().create_time(), 1)
         update_status(self.run_dir, status="running", max_steps=state.max_steps, step=state.global_step,
-                      phase="training", examples_seen=self.examples_seen(args, state), startup_s=startup)
+                      phase="training", examples_seen=self.examples_seen(args, state), startup_s=startup,
+                      examples_total=state.max_steps * args.per_device_train_batch_size
+                      * args.gradient_accumulation_steps)
 
     def examples_seen(self, args, state) -> int:
         return int(state.global_step) * args.per_device_train_batch_size * args.gradient_accumulation_steps

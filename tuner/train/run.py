@@ -34,7 +34,7 @@ from tuner.runs import (
 from tuner.train.checkpoints import eval_loss_at, finished, first, last, restore_finished
 from tuner.train.result import save_result
 from tuner.train.trainer import build_trainer, training_context
-from tuner.train.voicecheck import final_verdict
+from tuner.train.voicecheck import final_verdict, served_model
 
 OOM_ADVICE = ("Fix: lower batch_size (now {batch_size}), lower max_length (now {max_length}), "
               "use quantization nf4 (now {quantization}), or set gradient_checkpointing to 'on'.")
@@ -135,8 +135,14 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
     if voice["prompts"] and cfg.voice_prompts:
         update_status(run_dir, phase=f"asking the result and the base {len(voice['prompts'])} new questions "
                                      "(the voice check)")
-    summary["voice"] = final_verdict(trainer.model, trainer.processing_class, ctx["chat_template"], voice["marker"],
-                                     voice["prompts"], voice["max_new_tokens"]) if cfg.voice_prompts else None
+    if cfg.voice_prompts:
+        served = served_model(trainer.model, cfg.base_model, ctx["quantization"], dev)
+        summary["voice"] = final_verdict(served, trainer.processing_class, ctx["chat_template"], voice["marker"],
+                                         voice["prompts"], voice["max_new_tokens"])
+        summary["voice"]["served_quantization"] = ctx["quantization"] if served is trainer.model else "none"
+        del served
+    else:
+        summary["voice"] = None
     out_dir = Run(run_dir).model_dir if cfg.method is Method.FULL else Run(run_dir).adapter_dir
     update_status(run_dir, phase="saving and checking the result")
     save_result(trainer, cfg, run_dir, out_dir, summary, ctx["data_stats"], ctx["precision"]["name"], dev)

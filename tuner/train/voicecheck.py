@@ -139,6 +139,22 @@ class VoiceCheck(TrainerCallback):
         update_status(self.run_dir, voice_checks=self.history)
 
 
+def served_model(model, base_model: str, trained_quantization: str, dev: str):
+    """The tuned model as the playground serves it: the same adapter weights on the base the playground
+    loads (on a CPU a 16/32-bit base for an adapter trained on NF4), so the verdict is what users see."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from tuner.models import load_model
+    from tuner.playground import serving_quantization
+
+    served = serving_quantization(trained_quantization, dev)
+    if served == trained_quantization or not hasattr(model, "peft_config"):
+        return model
+    copy = get_peft_model(load_model(base_model, quantization=served, dev=dev), model.peft_config["default"])
+    set_peft_model_state_dict(copy, get_peft_model_state_dict(model))
+    return copy.eval()
+
+
 def general_perplexity(model, tokenizer) -> float | None:
     with autocast(model):
         loss = mean_loss(model, text_sequences(tokenizer, general_texts()), tokenizer.pad_token_id or 0)

@@ -67,6 +67,7 @@ def run_details(run_id: str | None) -> str:
         "train loss": _round(status.get("train_loss")),
         "eval loss": f"{_round(status.get('first_eval_loss'))} → {_round(status.get('eval_loss'))}"
         if status.get("eval_loss") is not None else None,
+        "voice (new questions)": (status.get("voice") or {}).get("sentence"),
         "tokens trained": f"{status['tokens_trained']:,}" if status.get("tokens_trained") else None,
         "time": fmt_duration(status["wall_s"]) if status.get("wall_s") else None,
         "peak memory": f"{status['peak_memory_mb'] / 1024:.1f} GB" if status.get("peak_memory_mb") else None,
@@ -103,6 +104,31 @@ def download_run(run_id: str | None, merge: bool = False) -> str:
     folder = work / (f"{run_dir.name}-merged" if merge else f"{run_dir.name}-adapter")
     folder = export.export(run_dir, folder, merge=merge)
     return shutil.make_archive(str(folder), "zip", root_dir=work, base_dir=folder.name)
+
+
+@friendly
+def download_gguf(run_id: str | None, quant: str,
+                  progress: gr.Progress = gr.Progress()) -> tuple[str, str]:  # noqa: B008 (gradio injects it)
+    """The merged model as a GGUF for llama.cpp / Ollama, with its Modelfile and README, checked in llama.cpp."""
+    from tuner import gguf
+
+    reason = gguf.unavailable_reason()
+    if reason:
+        raise TunerError(reason)
+    run_dir = run_folder(run_id)
+    work = _export_dir()
+    result = gguf.export_gguf(run_dir, work / f"{run_dir.name}-gguf", quant=quant,
+                              progress=lambda fraction, message: progress(fraction, desc=message))
+    folder = Path(result["folder"])
+    check = result.get("check") or {}
+    said = (f"Checked in llama.cpp on {check.get('prompts')} held-out prompts: "
+            f"{check.get('identical_replies')} identical to the merged model, "
+            f"{(check.get('next_token_agreement') or 0):.0%} of next tokens agree, brand phrases "
+            f"{'kept' if check.get('same_brand_markers') else 'NOT kept'}.")
+    if not check.get("passed"):
+        said = "**The check failed** (the file is still here; see its README). " + said
+    archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
+    return archive, said + " Then: `ollama create NAME -f Modelfile` (see the README in the zip)."
 
 
 @friendly
@@ -211,6 +237,13 @@ def build() -> Components:
                 c["dl_adapter_btn"] = gr.Button("Adapter (.zip)")
                 c["dl_merged_btn"] = gr.Button("Merged model (.zip)")
             c["download"] = gr.File(label="Download", interactive=False, height=90)
+            gr.Markdown("#### For llama.cpp / Ollama / LM Studio")
+            with gr.Row():
+                c["gguf_quant"] = gr.Dropdown(["q8_0", "f16", "q4_k_m"], value="q8_0", label="Precision",
+                                              info="q8_0: half the size of f16, same brand phrases; q4_k_m: "
+                                                   "smallest, can lose the voice on the small default model.")
+                c["dl_gguf_btn"] = gr.Button("GGUF + Ollama Modelfile (.zip)")
+            c["gguf_md"] = gr.Markdown()
             gr.Markdown("#### Push to the Hugging Face Hub")
             c["repo_id"] = gr.Textbox(label="Model repository", placeholder="your-name/my-support-bot")
             c["token"] = gr.Textbox(label="Hugging Face token (write)", type="password",
@@ -254,6 +287,8 @@ def wire(c: Components) -> None:
                               concurrency_limit=1)
     c["dl_merged_btn"].click(download_merged, c["runs_pick"], c["download"], api_name="download_merged",
                              concurrency_limit=1)
+    c["dl_gguf_btn"].click(download_gguf, pick(c, "runs_pick", "gguf_quant"), pick(c, "download", "gguf_md"),
+                           api_name="download_gguf", concurrency_limit=1)
     c["push_btn"].click(push_run, pick(c, "runs_pick", "repo_id", "token", "push_merged", "push_private"),
                         pick(c, "push_md", "token"), api_name="push", concurrency_limit=1)
     c["delete_btn"].click(lambda: gr.Row(visible=True), outputs=c["confirm_row"], api_name="ask_delete",

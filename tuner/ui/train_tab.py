@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 
 from tuner import progress
-from tuner.config import PRESETS, TrainConfig, choices
+from tuner.config import DEFAULT_PRESET, PRESETS, TrainConfig, choices
 from tuner.errors import TunerError
 from tuner.runs import Run
 from tuner.ui.common import RUN_STATES_ACTIVE, Components, friendly, keyed, pick, run_folder
@@ -75,7 +75,7 @@ def setting_component(name: str, value: Any) -> gr.components.Component:
 
 def build_train_config(base_model: str, preset: str, names: list[str], values: tuple[Any, ...]) -> TrainConfig:
     """The one place the page's settings become a TrainConfig (validated there)."""
-    settings = preset_values(preset or "quick")
+    settings = preset_values(preset or DEFAULT_PRESET)
     for name, value in zip(names, values, strict=True):
         if value is None or value == "":
             raise TunerError(f"{SETTING_LABELS.get(name, name)} is empty: give it a value.")
@@ -145,6 +145,10 @@ def progress_html(status: dict[str, Any], batch_size: int = 1, grad_accum: int =
     line = progress.summary(status, batch_size, grad_accum)
     busy = ' class="busy"' if state in RUN_STATES_ACTIVE else ""
     error = f'<p class="run-error">{html.escape(str(status["error"]))}</p>' if status.get("error") else ""
+    verdict = (status.get("voice") or {}).get("sentence")
+    if verdict and state == "completed":  # the answer to "did the voice stick?", unasked
+        error += f'<p class="run-verdict"><b>Voice on new questions:</b> {html.escape(verdict)}.</p>'
+
     return (f'<div class="run-progress" data-status="{html.escape(state)}">'
             f'<div class="run-line"><span{busy}></span>{html.escape(line)}</div>'
             f'<progress max="100" value="{pct:.1f}"></progress>{error}</div>')
@@ -289,16 +293,17 @@ def resume_run(run_id: str | None) -> str:
 
 def build() -> Components:
     """The Train tab's components, by name (call inside a gr.Tab)."""
-    defaults = preset_values("quick")
+    defaults = preset_values(DEFAULT_PRESET)
     c: Components = {}
     with gr.Row():
         with gr.Column(scale=2, min_width=320):
             c["base_model"] = gr.Dropdown(["default"], value="default", allow_custom_value=True, label="Base model",
                                           info="'default' is the embedded SmolLM2-135M-Instruct; or type a Hub id "
                                                "like org/name (safetensors only, no remote code).")
-            c["preset"] = gr.Radio(list(PRESETS), value="quick", label="Preset",
-                                   info="quick: a few minutes on a laptop CPU; balanced and thorough: more epochs, "
-                                        "better results, need a GPU for big data.")
+            c["preset"] = gr.Radio(list(PRESETS), value=DEFAULT_PRESET, label="Preset",
+                                   info="quick: a first look in about a minute; standard: learns your agents' "
+                                        "habits (a few minutes on a laptop CPU); balanced and thorough: more "
+                                        "epochs, for a GPU and big data.")
             with gr.Group():
                 for name in MAIN_SETTINGS:
                     c[f"setting:{name}"] = setting_component(name, defaults[name])
