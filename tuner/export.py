@@ -39,7 +39,8 @@ def _hub_id(base_model: str) -> str | None:
     return base_model if REPO_ID_RE.match(base_model) and not Path(base_model).expanduser().exists() else None
 
 
-def _base_name(base_model: str) -> str:
+def base_name(base_model: str) -> str:
+    """The base model's short name for cards and file names: SmolLM2-135M-Instruct, org/name, or a folder's name."""
     from tuner.models import DEFAULT_MODEL_NAME, is_default
 
     return DEFAULT_MODEL_NAME if is_default(base_model) else (_hub_id(base_model) or Path(base_model).name)
@@ -65,7 +66,8 @@ def stored_dtype(base_location: str) -> str | None:
     return values.get("dtype") or values.get("torch_dtype")
 
 
-def _prepare_target(to_dir: Path) -> None:
+def prepare_target(to_dir: Path) -> None:
+    """Refuse a target that holds anything but an earlier export (marked by MARKER); create its parent."""
     if to_dir.exists() and (not to_dir.is_dir() or (any(to_dir.iterdir()) and not (to_dir / MARKER).is_file())):
         raise TunerError(f"{to_dir} exists and is not an empty folder (nor an earlier export): pick a new folder.")
     to_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,7 @@ def _write_adapter(info, cfg, out: Path) -> None:
     shutil.copy2(info.adapter_dir / "adapter_model.safetensors", out / "adapter_model.safetensors")
     adapter_cfg = json.loads((info.adapter_dir / "adapter_config.json").read_text())
     # a local path means nothing on another machine (and reveals this one's layout): use the Hub id
-    adapter_cfg["base_model_name_or_path"] = _hub_id(cfg.base_model) or _base_name(cfg.base_model)
+    adapter_cfg["base_model_name_or_path"] = _hub_id(cfg.base_model) or base_name(cfg.base_model)
     (out / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
     load_tokenizer(cfg.base_model).save_pretrained(out)
 
@@ -102,7 +104,7 @@ def _write_merged(info, cfg, out: Path, dtype: str) -> str:
         raise ModelError(f"Could not load the adapter in {info.adapter_dir}: {exc}") from exc
     merged = model.merge_and_unload()
     merged.to(target_dtype)
-    merged.config.name_or_path = _base_name(cfg.base_model)
+    merged.config.name_or_path = base_name(cfg.base_model)
     merged.save_pretrained(out)
     load_tokenizer(cfg.base_model).save_pretrained(out)
     return str(target_dtype).removeprefix("torch.")
@@ -123,7 +125,7 @@ def model_card(info, cfg, kind: str, dtype: str | None) -> str:
     status = Run(info.run_dir).status()
     evaluation = read_json_object(Run(info.run_dir).eval_file)
     hub_id = _hub_id(cfg.base_model)
-    base = hub_id or _base_name(cfg.base_model)
+    base = hub_id or base_name(cfg.base_model)
     library = "peft" if kind == "adapter" else "transformers"
     front = ["---", f"library_name: {library}", "pipeline_tag: text-generation", "tags:", "- tuner", "- sft"]
     front += ["- lora"] if cfg.method.value == "lora" else []
@@ -192,7 +194,7 @@ def export(run_dir: str | Path, to_dir: str | Path, merge: bool = False, push_to
     info = read_run(run_dir)  # completed, safetensors only, adapter inside the run folder
     cfg = Run(info.run_dir).config()
     out = Path(to_dir).expanduser().resolve()
-    _prepare_target(out)
+    prepare_target(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         saved_dtype = None
@@ -207,7 +209,7 @@ def export(run_dir: str | Path, to_dir: str | Path, merge: bool = False, push_to
             _write_adapter(info, cfg, tmp)
         (tmp / "README.md").write_text(model_card(info, cfg, kind, saved_dtype), encoding="utf-8")
         (tmp / MARKER).write_text(json.dumps({
-            "run": info.run_id, "kind": kind, "base_model": _hub_id(cfg.base_model) or _base_name(cfg.base_model),
+            "run": info.run_id, "kind": kind, "base_model": _hub_id(cfg.base_model) or base_name(cfg.base_model),
             "dtype": saved_dtype, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, indent=2))
         if out.exists():

@@ -102,14 +102,14 @@ def ensure_converter(progress: Progress | None = None) -> Path:
     pip fetches the source distribution (from its own cache after `make setup` built the wheel);
     only the converter scripts, `conversion/` and `gguf-py/` are kept.
     """
-    from tuner.models import _file_lock
+    from tuner.models import file_lock
 
     version = llama_cpp_version()
     target = tools_dir() / f"llama.cpp-{version}"
     if (target / "convert_hf_to_gguf.py").is_file():
         return target
     (progress or _no_progress)(0.0, f"fetching llama.cpp's converter (llama-cpp-python {version} source)")
-    with _file_lock(target.with_suffix(".lock")):
+    with file_lock(target.with_suffix(".lock")):
         if (target / "convert_hf_to_gguf.py").is_file():
             return target
         with tempfile.TemporaryDirectory(prefix=".llama.cpp-", dir=target.parent) as tmp:
@@ -611,14 +611,14 @@ def check_gguf(gguf_file: Path, model_dir: Path, quant: str, prompts: Sequence[l
 def _metadata(info, cfg, status: dict[str, Any]) -> dict[str, Any]:
     """GGUF metadata overrides (`general.*`): the run's model-card facts and the playground's sampling."""
     from tuner.config import GenerationConfig
-    from tuner.export import _base_name
+    from tuner.export import base_name
 
     facts = [f"{k}={status[k]:.4g}" if isinstance(status[k], float) else f"{k}={status[k]}"
              for k in ("step", "train_loss", "eval_loss", "tokens_trained") if status.get(k) is not None]
     settings = GenerationConfig()
     return {
-        "general.name": info.run_id, "general.finetune": info.run_id, "general.basename": _base_name(cfg.base_model),
-        "general.description": (f"{_base_name(cfg.base_model)} fine-tuned by tuner ({cfg.method.value}, "
+        "general.name": info.run_id, "general.finetune": info.run_id, "general.basename": base_name(cfg.base_model),
+        "general.description": (f"{base_name(cfg.base_model)} fine-tuned by tuner ({cfg.method.value}, "
                                 f"r={cfg.lora_r}, alpha={cfg.lora_alpha}, lr={cfg.learning_rate}, "
                                 f"quantization={cfg.quantization.value}) on a company's support conversations; "
                                 + ", ".join(facts)),
@@ -672,7 +672,7 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
     Raises TunerError (nothing left under `to_dir`) when a step fails; a failed check is reported, not raised.
     """
     from tuner.evaluate import load_cases
-    from tuner.export import MARKER, _base_name, _prepare_target, export
+    from tuner.export import MARKER, base_name, export, prepare_target
     from tuner.playground import read_run
     from tuner.runs import Run
     from tuner.voice import brand_phrases, training_replies
@@ -687,7 +687,7 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
     if adapter_gguf and info.method != "lora":
         raise TunerError(f"Run {info.run_id} was fully fine-tuned: it has no adapter to export alone.")
     out = Path(to_dir).expanduser().resolve()
-    _prepare_target(out)
+    prepare_target(out)
     ensure_converter(report)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -727,10 +727,10 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
 
         modelfile = write_modelfile(tmp, gguf_name, AutoTokenizer.from_pretrained(merged), info.system_prompt)
         (tmp / "README.md").write_text(_readme(info.run_id, gguf_name, modelfile, check, adapter_name,
-                                               _base_name(cfg.base_model)), encoding="utf-8")
+                                               base_name(cfg.base_model)), encoding="utf-8")
         shutil.rmtree(merged)
         (tmp / MARKER).write_text(json.dumps({
-            "run": info.run_id, "kind": "gguf", "quant": quant, "base_model": _base_name(cfg.base_model),
+            "run": info.run_id, "kind": "gguf", "quant": quant, "base_model": base_name(cfg.base_model),
             "llama_cpp_python": llama_cpp_version(), "check_passed": check["passed"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
         if out.exists():

@@ -47,7 +47,7 @@ def embedded_gguf() -> Path | None:
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock so two processes never convert the same model at once."""
     import fcntl
 
@@ -65,7 +65,7 @@ def default_checkpoint() -> Path:
     target = models_dir() / DEFAULT_MODEL_NAME
     if (target / SOURCE_FILE).is_file():
         return target
-    with _file_lock(models_dir() / f".{DEFAULT_MODEL_NAME}.lock"):
+    with file_lock(models_dir() / f".{DEFAULT_MODEL_NAME}.lock"):
         if (target / SOURCE_FILE).is_file():  # another process finished it while we waited
             return target
         gguf = embedded_gguf()

@@ -2,7 +2,7 @@
 
 `publish(run, to_dir)` writes:
 
-    app.py              gr.ChatInterface, streamed with TextIteratorStreamer (a copy of tuner/space_app.py)
+    app.py              gr.ChatInterface, streamed with TextIteratorStreamer (a copy of tuner/resources/space/app.py)
     space_config.json   title, system prompt, sampling defaults, example prompts, where the weights are
     requirements.txt    only what app.py needs
     README.md           Space metadata block + model card (base, data, settings, results, evaluation)
@@ -30,7 +30,7 @@ from typing import Any
 from tuner.errors import TunerError
 from tuner.runs import Run, read_json_object
 
-APP_TEMPLATE = Path(__file__).with_name("space_app.py")
+APP_TEMPLATE = Path(__file__).parent / "resources" / "space" / "app.py"  # a template, not a module
 CONFIG_FILE = "space_config.json"
 EXAMPLES = 5  # example prompts shown under the chat
 EXAMPLE_CHARS = 300  # longer validation prompts are not good buttons
