@@ -390,15 +390,21 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
     if params:
         config = json.loads((Path(info["path"]) / "config.json").read_text())
         hidden, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
-        vocab = config.get("vocab_size", 0)
+        heads = config.get("num_attention_heads", 1)
         # 4-bit NF4 with its scales, else the dtype the run keeps the base in (bf16, or fp32 where it is faster)
         weight_bytes = 0.56 if cfg.uses_nf4() else 2 if cfg.precision_choice(dev) in ("bf16", "fp16") else 4
         seq = min(cfg.max_length, max(mean_tokens, 1) * 2)  # batches group similar lengths; allow the long tail
-        activations = cfg.batch_size * seq * (layers * hidden * 20 * 2 + vocab * 4 * 3)
-        # framework: torch, tokenizer, datasets, the Trainer (CPU: RSS, calibrated on the quick preset, which
-        # `python -m tuner bench --only quick` measured at 4.6 GB); CUDA: the context
+        activations = cfg.batch_size * seq * layers * hidden * 20 * 2
+        # the LM head works in tiles (CPU: 1024 x 8192 fp32, ~8 temporaries); eager attention on a CPU keeps
+        # every layer's scores for the backward pass (~6 bytes each; tuner.train.recipe.attention)
+        head = 1024 * 8192 * 4 * 8
+        longest = min(cfg.max_length, max(mean_tokens, 1) * 2)
+        scores = cfg.batch_size * heads * layers * longest * longest * 6
+        eager = dev == "cpu" and scores <= 512 * 2**20
+        # framework: torch, tokenizer, datasets, the Trainer (CPU: RSS; the quick preset's first step on
+        # 8 x 512-token examples measured 5.1 GB, AMD EPYC, 2 cores); CUDA: the context
         overhead = 2000 * 2**20 if dev == "cpu" else 400 * 2**20
-        memory_mb = (params * weight_bytes + activations + overhead) / 2**20
+        memory_mb = (params * weight_bytes + activations + head + (scores if eager else 0) + overhead) / 2**20
     if here:
         uncertainty = ("Measured on this machine by an earlier run of this model: expect within about 25%, "
                        "more when the machine is busy.")

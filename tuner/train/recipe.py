@@ -17,7 +17,7 @@ from tuner.config import Method, Quantization, TrainConfig
 from tuner.precision import describe, for_model
 from tuner.runs import Run, world_size
 
-EAGER_MAX_TOKENS = 512  # CPU: eager attention up to this example length (see attention())
+EAGER_MAX_SCORE_BYTES = 512 * 2**20  # CPU: eager attention while its saved scores fit this (see attention())
 
 
 def lora_config(cfg: TrainConfig):
@@ -82,14 +82,16 @@ def packing_mode(cfg: TrainConfig, dev: str) -> str:
     return "grouped"
 
 
-def attention(dev: str, longest: int, batching: str) -> str:
+def attention(dev: str, longest: int, batching: str, batch_size: int = 1, heads: int = 1, layers: int = 1) -> str:
     """The attention kernel: flash attention for packed rows (it keeps packed examples apart without a
-    mask), else SDPA, except on CPU for short examples, where eager attention was measured 1.2x faster
-    (SmolLM2, bf16, 80-300 tokens); its memory grows with the square of the length, so long examples
-    keep SDPA."""
+    mask), else SDPA, except on CPU for small batches of short examples, where eager attention was
+    measured 1.2x faster (SmolLM2, bf16, 80-300 tokens). Eager keeps every layer's attention scores for
+    the backward pass (fp32 + a bf16 copy, ~6 bytes each): at 8 x 512 tokens that was 3.6 GB of the
+    quick preset's 11 GB peak, so eager is used only while those scores stay under EAGER_MAX_SCORE_BYTES."""
     if batching == "packed":
         return "flash_attention_2"
-    return "eager" if dev == "cpu" and longest <= EAGER_MAX_TOKENS else "sdpa"
+    scores = batch_size * heads * layers * longest * longest * 6
+    return "eager" if dev == "cpu" and scores <= EAGER_MAX_SCORE_BYTES else "sdpa"
 
 
 def sft_config(cfg: TrainConfig, run_dir: Path, dev: str, prec: dict[str, Any], has_eval: bool,

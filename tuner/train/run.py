@@ -109,7 +109,8 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
     eval_all = None
     if full_eval is not None and scored is not None and len(full_eval) > len(scored):
         update_status(run_dir, phase=f"evaluating the result on all {len(full_eval)} validation examples")
-        eval_all = trainer.evaluate(eval_dataset=full_eval, metric_key_prefix="eval_all").get("eval_all_loss")
+        with training_context(trainer.model, ctx["precision"]):  # loss positions only, as during training
+            eval_all = trainer.evaluate(eval_dataset=full_eval, metric_key_prefix="eval_all").get("eval_all_loss")
     metrics = read_metrics(run_dir)
     best_step = trainer.state.best_global_step
     best_loss = eval_loss_at(metrics, best_step) if ctx["has_eval"] else None
