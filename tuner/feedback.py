@@ -39,7 +39,6 @@ TUNED = "tuned"  # the source name of the run's own replies (the playground's tu
 BASE = "base"
 CHOICES = ("A", "B", "both bad")
 Z95 = 1.959964  # two-sided 95% normal quantile, for the Wilson interval
-PAIRS_FILE = "preferences.jsonl"  # a preference run's pairs, in its data folder (see tuner.train.preference)
 
 
 # -- recording ------------------------------------------------------------------------------------

@@ -102,6 +102,11 @@ class Run:
     def feedback_file(self) -> Path:
         return self.path / "feedback.jsonl"
 
+    @property
+    def preferences_file(self) -> Path:
+        """A preference run's pairs (trl's format), copied into its data folder at prepare time."""
+        return self.data_dir / "preferences.jsonl"
+
     def data_file(self, name: str) -> Path:
         """One of DATA_FILES in the run's copy of its data."""
         return self.data_dir / name

@@ -59,7 +59,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_preset(args.preset or DEFAULT_PRESET, **overrides)
 
 
-def _progress_printer(json_mode: bool) -> tuple[Callable[[dict[str, Any]], None], Callable[[], None]]:
+def progress_printer(json_mode: bool) -> tuple[Callable[[dict[str, Any]], None], Callable[[], None]]:
     """A tqdm bar on a terminal; plain lines into a log file; nothing on stdout in --json mode."""
     from tqdm import tqdm
 
@@ -120,7 +120,7 @@ def cli(args: argparse.Namespace) -> int:
             run_dir = prepare_run(cfg, args.data, args.out)
         if not args.json:
             print(f"run folder: {run_dir}", file=sys.stderr)
-    update, close = _progress_printer(args.json)
+    update, close = progress_printer(args.json)
     try:
         status = train_run(run_dir, resume=resume, progress=update)
     finally:

@@ -56,9 +56,17 @@ from tuner.train.callbacks import OverheadBudget, RunRecorder
 from tuner.train.checkpoints import offset_from
 from tuner.train.recipe import attention, precision, quantization
 from tuner.train.result import verify_result
-from tuner.train.run import _is_oom, _peak_memory_mb, _proc_start, _release_memory
+from tuner.train.run import is_oom, peak_memory_mb, proc_start, release_memory
 from tuner.train.trainer import keep_4bit_layout_trainable, training_context
-from tuner.train.voicecheck import autocast, final_verdict, generate, habit_of, held_out_prompts, reply_budget
+from tuner.train.voicecheck import (
+    autocast,
+    final_verdict,
+    generate,
+    habit_of,
+    held_out_prompts,
+    reply_budget,
+    served_model,
+)
 
 METHODS = ("dpo", "kto")
 MAX_REPLY_PROMPTS = 16  # held-out prompts whose parent and child replies go into the status
@@ -118,10 +126,10 @@ def prepare_preference_run(parent: str | Path, pcfg: PreferenceConfig, prefs: st
     child = Run(prepare_run(cfg, parent_run.data_dir, run_dir))
     if not is_main_process():
         return child.path
-    path = child.data_file(feedback.PAIRS_FILE)
+    path = child.preferences_file
     write_jsonl(path, rows)
     sources = child.sources()
-    sources[feedback.PAIRS_FILE] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "examples": len(rows),
+    sources[child.preferences_file.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "examples": len(rows),
                                     "source": str(Path(prefs).resolve()) if prefs else str(parent_run.feedback_file)}
     write_json_atomic(child.sources_file, sources)
     update_status(child.path, method=pcfg.method, preference=pcfg.to_dict(), parent=parent_run.id,
@@ -191,7 +199,7 @@ def train_preference(run_dir: str | Path, resume: bool = False,
         resume = False
     with machine_lock(run_dir):
         started = time.monotonic()
-        update_status(run_dir, status="running", error=None, pid=os.getpid(), pid_started=_proc_start(os.getpid()),
+        update_status(run_dir, status="running", error=None, pid=os.getpid(), pid_started=proc_start(os.getpid()),
                       started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         dev = "cpu"
         try:
@@ -203,14 +211,14 @@ def train_preference(run_dir: str | Path, resume: bool = False,
         except TunerError as exc:
             return update_status(run_dir, status="failed", error=str(exc), pid=None, phase=None)
         except Exception as exc:  # the run fails; the caller (app, CLI) keeps going
-            error = ("Out of memory. Fix: lower batch_size or max_length." if _is_oom(exc)
+            error = ("Out of memory. Fix: lower batch_size or max_length." if is_oom(exc)
                      else f"{type(exc).__name__}: {exc}")
             traceback.print_exc()  # into train.log when run by tuner.jobs
             remove_incomplete_checkpoints(run_dir)
             return update_status(run_dir, status="failed", error=error, pid=None, phase=None,
                                  session_s=round(time.monotonic() - started, 1))
         finally:
-            _release_memory(dev)
+            release_memory(dev)
 
 
 def _trainer_args(pcfg: PreferenceConfig, run_dir: Path, dev: str, prec: dict[str, Any]):
@@ -248,15 +256,18 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
     base = load_model(cfg.base_model, quantization=quant, dtype=prec["weights"], dev=dev)
     if quant == "nf4" and dev == "cpu":
         keep_4bit_layout_trainable(base)
-    attn = attention(dev, pcfg.max_length, "grouped")
+    text = base.config.get_text_config()
+    # DPO runs chosen and rejected together: twice the batch in one forward
+    attn = attention(dev, pcfg.max_length, "grouped", 2 * pcfg.batch_size, text.num_attention_heads,
+                     text.num_hidden_layers)
     if attn != base.config._attn_implementation:
         base.set_attn_implementation(attn)
     model = PeftModel.from_pretrained(base, str(parent.adapter_dir), is_trainable=True)  # "default" = the parent
 
-    rows = read_jsonl(run.data_file(feedback.PAIRS_FILE))
+    rows = read_jsonl(run.preferences_file)
     train_rows, held = feedback.split(rows, pcfg.held_out if pcfg.method == "dpo" else 0.0, pcfg.seed)
     if not train_rows:
-        raise DataError("holds no rows to train on.", file=str(run.data_file(feedback.PAIRS_FILE)))
+        raise DataError("holds no rows to train on.", file=str(run.preferences_file))
     sft_train = read_examples(run.data_file("train.jsonl"))
     sft_val = read_examples(run.data_file("validation.jsonl")) if run.data_file("validation.jsonl").is_file() else []
     agent_replies = [m["content"] for r in sft_train for m in r["messages"] if m["role"] == "assistant"]
@@ -308,7 +319,8 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
     voice = None
     if cfg.voice_prompts:
         update_status(run_dir, phase="the parent's voice and forgetting check, on the child")
-        voice = final_verdict(model, tokenizer, chat_template, habit_of(agent_replies),
+        voice = final_verdict(served_model(model, cfg.base_model, quant, dev), tokenizer, chat_template,
+                              habit_of(agent_replies),
                               held_out_prompts(sft_train, sft_val, cfg.voice_prompts, cfg.seed), budget)
     if "ref" in model.peft_config:
         model.delete_adapter("ref")  # the frozen copy of the parent is no part of the result
@@ -329,7 +341,7 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
     _save(trainer, cfg, pcfg, run_dir, summary, read_status(run_dir), prec["name"], dev)
     summary["wall_s"] = round(recorder.elapsed(), 1)
     return update_status(run_dir, status="completed", phase="done", error=None, adapter=str(run.adapter_dir), pid=None,
-                         eta_s=0, peak_memory_mb=_peak_memory_mb(dev), **summary)
+                         eta_s=0, peak_memory_mb=peak_memory_mb(dev), **summary)
 
 
 def _unique_prompts(prompts: list[list[dict[str, Any]]], limit: int) -> list[list[dict[str, Any]]]:
@@ -423,7 +435,7 @@ def cli(args) -> int:
     import sys
 
     from tuner.config import config_overrides
-    from tuner.train.cli import _progress_printer
+    from tuner.train.cli import progress_printer
 
     if args.resume or args.run:
         run_dir, resume = resolve(args.resume or args.run).path, bool(args.resume)
@@ -439,7 +451,7 @@ def cli(args) -> int:
         resume = False
         if not args.json:
             print(f"run folder: {run_dir}", file=sys.stderr)
-    update, close = _progress_printer(args.json)
+    update, close = progress_printer(args.json)
     try:
         status = train_preference(run_dir, resume=resume, progress=update)
     finally:

@@ -60,7 +60,7 @@ def train_run(run_dir: str | Path, resume: bool = False,
         resume = False  # nothing to resume from: start it
     with machine_lock(run_dir):
         started = time.monotonic()
-        update_status(run_dir, status="running", error=None, pid=os.getpid(), pid_started=_proc_start(os.getpid()),
+        update_status(run_dir, status="running", error=None, pid=os.getpid(), pid_started=proc_start(os.getpid()),
                       started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         dev = "cpu"
         try:
@@ -72,7 +72,7 @@ def train_run(run_dir: str | Path, resume: bool = False,
         except TunerError as exc:
             return update_status(run_dir, status="failed", error=str(exc), pid=None, phase=None)
         except Exception as exc:  # the run fails; the caller (app, CLI) keeps going
-            if _is_oom(exc):
+            if is_oom(exc):
                 error = "Out of memory. " + OOM_ADVICE.format(batch_size=cfg.batch_size, max_length=cfg.max_length,
                                                               quantization=cfg.quantization.value)
             elif _disk_full(exc, run_dir):
@@ -86,7 +86,7 @@ def train_run(run_dir: str | Path, resume: bool = False,
                                  wall_s=round(read_status(run_dir).get("wall_s") or 0.0, 1),
                                  session_s=round(time.monotonic() - started, 1))
         finally:
-            _release_memory(dev)
+            release_memory(dev)
 
 
 def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
@@ -150,17 +150,17 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
     summary["wall_s"] = round(recorder.elapsed(), 1)
     summary["eval_s"] = round(recorder.eval_s, 1)  # every evaluation, the final one included
     return update_status(run_dir, status="completed", phase="done", error=None, adapter=str(out_dir), pid=None, eta_s=0,
-                         peak_memory_mb=_peak_memory_mb(dev),
+                         peak_memory_mb=peak_memory_mb(dev),
                          train_runtime_s=round(train_runtime, 1), **summary)
 
 
-def _peak_memory_mb(dev: str) -> float:
+def peak_memory_mb(dev: str) -> float:
     if dev == "cuda":
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return True
     text = str(exc).lower()
@@ -181,13 +181,13 @@ def _disk_full(exc: BaseException, run_dir: Path) -> bool:
         return False
 
 
-def _release_memory(dev: str) -> None:
+def release_memory(dev: str) -> None:
     gc.collect()
     if dev == "cuda":
         torch.cuda.empty_cache()
 
 
-def _proc_start(pid: int) -> float | None:
+def proc_start(pid: int) -> float | None:
     """The process start time, so a recycled pid is never mistaken for the training process."""
     try:
         return psutil.Process(pid).create_time()
