@@ -55,7 +55,7 @@ from tuner.runs import (
 from tuner.train.callbacks import OverheadBudget, RunRecorder
 from tuner.train.checkpoints import offset_from
 from tuner.train.recipe import attention, precision, quantization
-from tuner.train.result import verify_result
+from tuner.train.result import save_result
 from tuner.train.run import is_oom, peak_memory_mb, proc_start, release_memory
 from tuner.train.trainer import keep_4bit_layout_trainable, training_context
 from tuner.train.voicecheck import (
@@ -356,26 +356,9 @@ def _unique_prompts(prompts: list[list[dict[str, Any]]], limit: int) -> list[lis
 
 def _save(trainer, cfg: TrainConfig, pcfg: PreferenceConfig, run_dir: Path, summary: dict[str, Any],
           status: dict[str, Any], prec: str, dev: str) -> None:
-    """Save the child's adapter to a temporary folder, check it reloads equal, then rename it into place."""
-    out_dir = Run(run_dir).adapter_dir
-    tmp = run_dir / f".{out_dir.name}.tmp"
-    if not is_main_process():
-        trainer.save_model(str(tmp))
-        return
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        trainer.save_model(str(tmp))
-        # security: safetensors and JSON only; training_args.bin is a pickle nobody needs here
-        (tmp / "training_args.bin").unlink(missing_ok=True)
-        (tmp / "README.md").write_text(model_card(cfg, pcfg, summary, status, prec, dev, run_dir), encoding="utf-8")
-        verify_result(trainer.model, tmp, cfg)
-        old = run_dir / f".{out_dir.name}.old"
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Save the child's adapter as SFT saves its result (whole or not at all, reload-checked), with its card."""
+    save_result(trainer, cfg, run_dir, Run(run_dir).adapter_dir,
+                model_card(cfg, pcfg, summary, status, prec, dev, run_dir))
 
 
 def model_card(cfg: TrainConfig, pcfg: PreferenceConfig, summary: dict[str, Any], status: dict[str, Any], prec: str,

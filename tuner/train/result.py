@@ -18,9 +18,8 @@ from tuner.models import DEFAULT_HUB_ID, is_default
 from tuner.runs import Run, is_main_process, read_json, world_size
 
 
-def save_result(trainer, cfg: TrainConfig, run_dir: Path, out_dir: Path, summary: dict[str, Any],
-                 data_stats: dict[str, Any], prec: str, dev: str) -> None:
-    """Save to a temporary folder, check that it reloads, then rename it into place."""
+def save_result(trainer, cfg: TrainConfig, run_dir: Path, out_dir: Path, card: str) -> None:
+    """Save to a temporary folder with its model card, check that it reloads, then rename it into place."""
     tmp = run_dir / f".{out_dir.name}.tmp"
     if not is_main_process():
         trainer.save_model(str(tmp))  # every process takes part (sharded weights are gathered); rank 0 writes
@@ -30,7 +29,7 @@ def save_result(trainer, cfg: TrainConfig, run_dir: Path, out_dir: Path, summary
         trainer.save_model(str(tmp))
         # security: the result holds safetensors and JSON only; training_args.bin is a pickle nobody needs here
         (tmp / "training_args.bin").unlink(missing_ok=True)
-        (tmp / "README.md").write_text(model_card(cfg, summary, data_stats, prec, dev, run_dir), encoding="utf-8")
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         verify_result(trainer.model, tmp, cfg)
         old = run_dir / f".{out_dir.name}.old"
         if out_dir.exists():

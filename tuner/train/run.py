@@ -32,7 +32,7 @@ from tuner.runs import (
     world_size,
 )
 from tuner.train.checkpoints import eval_loss_at, finished, first, last, restore_finished
-from tuner.train.result import save_result
+from tuner.train.result import model_card, save_result
 from tuner.train.trainer import build_trainer, training_context
 from tuner.train.voicecheck import final_verdict, served_model
 
@@ -146,7 +146,8 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
         summary["voice"] = None
     out_dir = Run(run_dir).model_dir if cfg.method is Method.FULL else Run(run_dir).adapter_dir
     update_status(run_dir, phase="saving and checking the result")
-    save_result(trainer, cfg, run_dir, out_dir, summary, ctx["data_stats"], ctx["precision"]["name"], dev)
+    save_result(trainer, cfg, run_dir, out_dir,
+                model_card(cfg, summary, ctx["data_stats"], ctx["precision"]["name"], dev, run_dir))
     summary["wall_s"] = round(recorder.elapsed(), 1)
     summary["eval_s"] = round(recorder.eval_s, 1)  # every evaluation, the final one included
     return update_status(run_dir, status="completed", phase="done", error=None, adapter=str(out_dir), pid=None, eta_s=0,
