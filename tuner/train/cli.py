@@ -17,6 +17,7 @@ from tuner.config import (
     Quantization,
     TrainConfig,
     add_config_arguments,
+    choices,
     config_overrides,
 )
 from tuner.errors import TunerError
@@ -36,11 +37,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="Print the final status as one JSON object.")
     settings = parser.add_argument_group("training settings (every TrainConfig field; see also --config)")
     steps = settings.add_mutually_exclusive_group()
-    add_config_arguments(settings, TrainConfig, skip=("preset",), aliases={"num_epochs": "--epochs"}, group=steps)
+    add_config_arguments(settings, TrainConfig, skip=("preset", "method"), aliases={"num_epochs": "--epochs"},
+                         group=steps)
     # preference tuning (issue 15): --method dpo|kto --from RUN [--prefs FILE]; tuner.train.preference
-    method = parser._option_string_actions["--method"]
-    method.choices = (*method.choices, "dpo", "kto")
-    method.help = "lora|full: SFT on --data; dpo|kto: preference tuning of --from RUN. " + method.help
+    parser.add_argument("--method", choices=(*choices(TrainConfig, "method"), "dpo", "kto"), default=None,
+                        help="lora|full: SFT on --data; dpo|kto: preference tuning of --from RUN. "
+                             + TrainConfig.help()["method"])
     parser.add_argument("--from", dest="parent", metavar="RUN", help="dpo/kto: the finished run to start from.")
     parser.add_argument("--prefs", metavar="FILE", help="dpo: preference pairs as JSONL ({prompt, chosen, "
                                                        "rejected} a line); default: the --from run's feedback.")
