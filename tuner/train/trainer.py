@@ -87,19 +87,8 @@ class TunerSFTTrainer(SFTTrainer):
         return GroupedSampler(lengths, self.args.train_batch_size)  # each forward's batch is what pads
 
 
-def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = False,
-                  progress: Callable[[dict[str, Any]], None] | None = None,
-                  callbacks: list[TrainerCallback] | None = None):
-    """Everything up to `trainer.train()`: data, model, SFTConfig, callbacks. Returns (trainer, context).
-
-    Also used by the benchmark, so the measured recipe is the one users get.
-    """
-    check_data(run_dir)
-    update_status(run_dir, phase="loading the model and the data")
-    set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.base_model)
-    chat_template = tokenizer.chat_template
-    template = training_template(tokenizer) if cfg.assistant_only_loss else None
+def _load_data(run_dir: Path, cfg: TrainConfig, tokenizer, template: str | None):
+    """Both splits as the trainer sees them; what was dropped and why goes into the status."""
     train_rows, train_stats = load_split(run_dir, "train.jsonl", tokenizer, template, cfg.max_length)
     val_rows, val_stats = load_split(run_dir, "validation.jsonl", tokenizer, template, cfg.max_length)
     warnings = []
@@ -114,6 +103,33 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
     if not train_rows:
         raise DataError("no example is left to train on (see `dropped` in status.json). "
                         "Fix: the examples need assistant replies within max_length.", file="train.jsonl")
+    return train_rows, val_rows, train_stats, val_stats, data_stats
+
+
+def _voice_plan(cfg: TrainConfig, tokenizer, train_rows: list[dict[str, Any]],
+                val_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The voice check's inputs: the habit most agent replies share, prompts asked nowhere in training,
+    and the new tokens a reply may take."""
+    replies = [m["content"] for r in train_rows for m in r["messages"] if m["role"] == "assistant"]
+    return {"marker": habit_of(replies),
+            "prompts": held_out_prompts(train_rows, val_rows, cfg.voice_prompts, cfg.seed) if cfg.voice_prompts else [],
+            "max_new_tokens": reply_budget(tokenizer, replies)}
+
+
+def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = False,
+                  progress: Callable[[dict[str, Any]], None] | None = None,
+                  callbacks: list[TrainerCallback] | None = None):
+    """Everything up to `trainer.train()`: data, model, SFTConfig, callbacks. Returns (trainer, context).
+
+    Also used by the benchmark, so the measured recipe is the one users get.
+    """
+    check_data(run_dir)
+    update_status(run_dir, phase="loading the model and the data")
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.base_model)
+    chat_template = tokenizer.chat_template
+    template = training_template(tokenizer) if cfg.assistant_only_loss else None
+    train_rows, val_rows, train_stats, val_stats, data_stats = _load_data(run_dir, cfg, tokenizer, template)
 
     if template is not None:
         tokenizer.chat_template = template  # trl reads {% generation %} markers from the tokenizer's template
@@ -146,11 +162,8 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
             shutil.rmtree(Run(run_dir).checkpoints_dir)  # a fresh start must not rotate into old checkpoints
         Run(run_dir).metrics_file.unlink(missing_ok=True)
 
-    # the voice: the habit most agent replies share, and prompts asked nowhere in training
-    marker = habit_of([m["content"] for r in train_rows for m in r["messages"] if m["role"] == "assistant"])
-    prompts = held_out_prompts(train_rows, val_rows, cfg.voice_prompts, cfg.seed) if cfg.voice_prompts else []
-    budget = reply_budget(tokenizer, [m["content"] for r in train_rows for m in r["messages"]
-                                      if m["role"] == "assistant"])
+    voice = _voice_plan(cfg, tokenizer, train_rows, val_rows)
+    marker, prompts, budget = voice["marker"], voice["prompts"], voice["max_new_tokens"]
     by_voice = bool(marker and prompts and val_rows)
     args = sft_config(cfg, run_dir, dev, prec, bool(val_rows), gc_on, resume=checkpoint is not None,
                       by_voice=by_voice, n_train=len(train_rows))
@@ -179,8 +192,7 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
     context = {"full_eval": full_eval, "checkpoint": checkpoint, "recorder": recorder, "chat_template": chat_template,
                "quantization": quant, "data_stats": data_stats, "precision": prec, "has_eval": bool(val_rows),
                "best_by": ("voice" if by_voice else "loss") if val_rows else None,
-               "voice": {"marker": marker, "prompts": prompts,
-                         "max_new_tokens": budget}}
+               "voice": voice}
     update_status(run_dir, device=dev, precision=prec["name"], precision_reason=precision_reason(cfg, dev),
                   quantization=quant, gradient_checkpointing=gc_on, habit=marker.text if marker else None,
                   attention=attn,
