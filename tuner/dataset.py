@@ -595,6 +595,8 @@ def convert(paths: list[str | Path] | str | Path, out_dir: str | Path, cfg: Conv
     Problems with single rows or files are reported, not raised; TunerError only for bad settings or
     limits (too many files). `progress(fraction, text)` is called as files are read (gr.Progress fits).
     `hints` words the advice in reasons and warnings: "cli" names flags, "page" names settings in words.
+
+    Long on purpose: reading, cleaning, redaction, counting, splitting and writing stream through one pass here, and splitting it would hand a dozen running totals between functions.
     """
     if hints not in HINTS:
         raise TunerError(f"hints must be one of {', '.join(HINTS)}, got '{hints}'.")
@@ -719,6 +721,7 @@ def _model_name(tokenizer: Any) -> str:
 
 
 def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, started: float) -> dict[str, Any]:
+    """The report.json mapping: every count the page and the CLI show, assembled in one place (long, but one dict)."""
     cfg = run.cfg
     order = {entry["file"]: i for i, entry in enumerate(files)}
     run.dropped.sort(key=lambda d: (order.get(d["file"], 0), d["line"]))  # length drops come in batches: re-order

@@ -321,6 +321,8 @@ def render_go_template(template: str, messages: Sequence[dict[str, str]]) -> str
     >>> render_go_template('{{ if not .System }}hi {{ end }}{{ range .Messages }}[{{ .Content }}]{{ end }}',
     ...                    [{"role": "user", "content": "a"}])
     'hi [a]'
+
+    Long on purpose: one small interpreter loop over the template's tokens; split up, its state would scatter.
     """
     tokens: list[tuple[str, str]] = []  # ("text", s) | ("action", s)
     pos = 0
@@ -670,6 +672,8 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
     llama.cpp and compares its greedy replies to held-out prompts with transformers'. Returns
     {"folder", "gguf", "adapter_gguf", "modelfile", "readme", "check", "sizes_mb", "peak_rss_mb", "seconds"}.
     Raises TunerError (nothing left under `to_dir`) when a step fails; a failed check is reported, not raised.
+
+    Long on purpose: merge, convert, quantize, write and check run in order in one temporary folder that is renamed only at the end.
     """
     from tuner.evaluate import load_cases
     from tuner.export import MARKER, base_name, export, prepare_target

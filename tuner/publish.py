@@ -207,6 +207,8 @@ def publish(
     Returns {folder, files, size_bytes, weights, base, system_prompt, examples, upload_command,
     url, pushed}. Raises TunerError for a run that cannot be published, and PushFailed (the folder
     is ready then) when the push fails. The token is used for the push only and stored nowhere.
+
+    Long on purpose: the Space folder is written whole in one temporary folder and renamed at the end, and its steps share that folder.
     """
     from tuner import export, models
     from tuner.config import GenerationConfig

@@ -240,6 +240,7 @@ def _trainer_args(pcfg: PreferenceConfig, run_dir: Path, dev: str, prec: dict[st
 
 
 def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[TrainerCallback]) -> dict[str, Any]:
+    """Set up, train, score and save a preference run, in order (what build_trainer and train_run do for SFT). Long on purpose: DPO and KTO share every step but the trainer class."""
     run = Run(run_dir)
     check_data(run_dir)
     status = read_status(run_dir)
