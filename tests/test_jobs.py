@@ -161,9 +161,11 @@ def test_a_finished_job_is_reaped_without_anyone_waiting_for_it(signoff_data, st
     wait_for("the finished process to be reaped", gone, timeout=30)  # nobody here called wait()
 
 
-def test_the_estimate_counts_start_up_evaluations_and_saving_and_learns_this_machine(tmp_path):
+def test_the_estimate_counts_start_up_evaluations_and_saving_and_learns_this_machine(tmp_path, monkeypatch):
     from tuner.config import TrainConfig
     from tuner.dataset import convert
+
+    monkeypatch.setenv("TUNER_HOME", str(tmp_path / "home"))  # a machine where no run has finished yet
 
     data = tmp_path / "data"
     convert([ROOT / "datasets" / "kettle_openai.jsonl"], data)
