@@ -1,10 +1,12 @@
-"""4. Runs: every run with its outcome and settings; download, push to the Hub, publish a Space, delete.
+"""4. Runs: every run with its outcome, settings and lineage; teach it with reviewers' feedback (report, pairs
+download/import, preference tuning as a child run); download, push to the Hub, publish a Space, delete.
 
 A Hugging Face token typed here is used for one push and never stored, logged or shown again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import tempfile
@@ -15,6 +17,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from tuner import feedback
+from tuner.config import PreferenceConfig
 from tuner.errors import TunerError
 from tuner.progress import fmt_duration
 from tuner.runs import Run
@@ -31,18 +35,110 @@ from tuner.ui.common import (
 )
 
 EXPORT_TTL_S = 3600  # prepared zips are removed after an hour
-RUNS_COLUMNS = ["run", "status", "base model", "preset", "steps", "train loss", "eval loss"]
+RUNS_COLUMNS = ["run", "status", "came from", "base model", "preset", "steps", "train loss", "eval loss"]
 PICKERS = ["runs_table", "train_run", "pg_run", "runs_pick"]  # every view that lists runs
+# preference settings on the page, in the API's order: the two that matter first, then every other field (derived)
+PREF_MAIN = ["beta", "num_epochs"]
+PREF_SETTINGS = PREF_MAIN + [f.name for f in dataclasses.fields(PreferenceConfig) if f.name not in (*PREF_MAIN, "method")]
+PREF_LABELS = {"beta": "Beta (how far from the parent)", "num_epochs": "Passes over the pairs",
+               "sft_weight": "Weight of the chosen replies' fine-tuning loss", "learning_rate": "Learning rate",
+               "max_steps": "Max steps (-1: use the passes)", "batch_size": "Pairs per step",
+               "max_length": "Max length (tokens)", "held_out": "Held-out share", "seed": "Seed",
+               "warmup_ratio": "Warm-up share", "save_every_s": "Checkpoint every N seconds"}
+FEEDBACK_VIEWS = ["fb_report", "fb_counts", "fb_wins", "fb_lost", "fb_need", "fb_train_btn"]
+COUNT_LABELS = {"thumbs_up": "thumbs up", "thumbs_down": "thumbs down", "edits": "edited replies",
+                "votes": "blind A/B votes", "both_bad": "... of which \"both bad\"", "imported": "imported pairs"}
 
 
 def _round(value: Any, digits: int = 3) -> Any:
     return round(value, digits) if isinstance(value, float) else value
 
 
+# -- lineage and preference results ---------------------------------------------------------------------
+
+
+def _data_label(source: Any) -> str:
+    """Where a run's training data came from, in a few words (a converted folder's name, or an upload)."""
+    path = Path(str(source))
+    if path.name == "train.jsonl":
+        path = path.parent
+    if "uploads" in path.parts:
+        return "uploaded data"
+    return path.name or "data"
+
+
+def method_label(status: dict[str, Any], cfg: dict[str, Any] | None = None) -> str:
+    """"DPO run", "KTO run" or "SFT run" (a full fine-tune says so)."""
+    if isinstance(status.get("preference"), dict):
+        return f"{str(status.get('method') or status['preference'].get('method') or 'dpo').upper()} run"
+    return "SFT run (full fine-tune)" if (cfg or {}).get("method") == "full" else "SFT run"
+
+
+def lineage(run: Run) -> list[tuple[str, str]]:
+    """What a run came from, oldest first: [("data", label), ("SFT run", id), ("DPO run", id), ...]."""
+    status = run.status()
+    chain = [str(x) for x in status.get("lineage") or []]
+    if not chain:  # an SFT run: its data, then itself
+        chain = [str((run.sources().get("train.jsonl") or {}).get("source", "data")), run.id]
+    out = [("data", _data_label(chain[0]))]
+    for run_id in chain[1:]:
+        other = run if run_id == run.id else Run(run.path.parent / run_id)
+        known = other.exists()
+        out.append((method_label(other.status(), other.config_values()) if known else "run (deleted)", run_id))
+    return out
+
+
+def children(run: Run) -> list[tuple[str, str]]:
+    """The runs trained from this one (preference runs naming it as their parent), as (kind, id)."""
+    from tuner.runs import all_runs
+
+    found = []
+    for other in all_runs():
+        status = other.status()
+        if status.get("parent") == run.id and other.id != run.id:
+            found.append((method_label(status), other.id))
+    return sorted(found, key=lambda kv: kv[1])
+
+
+def _pct(x: Any) -> str:
+    return f"{x:.0%}" if isinstance(x, (int, float)) else "n/a"
+
+
+def _num(x: Any) -> str:
+    return f"{x:+.3f}" if isinstance(x, (int, float)) else "n/a"
+
+
+def preference_sentences(status: dict[str, Any]) -> list[str]:
+    """A preference run's results in sentences with numbers (empty for other runs or before they finish)."""
+    pm = status.get("preference_metrics")
+    if not isinstance(status.get("preference"), dict) or not isinstance(pm, dict):
+        return []
+    b, a = pm.get("before") or {}, pm.get("after") or {}
+    method = str(status.get("method") or "dpo").upper()
+    out = [f"On {pm.get('held_out_pairs')} held-out pairs (never trained on), the reviewers' choice got the higher "
+           f"reward {_pct(b.get('accuracy'))} of the time before ({status.get('parent')}) and "
+           f"{_pct(a.get('accuracy'))} after ({method}); the reward margin went from {_num(b.get('margin'))} to "
+           f"{_num(a.get('margin'))}."]
+    if status.get("train_rows") is not None:
+        kind = "pairs" if method == "DPO" else "judged replies"
+        out.append(f"Trained on {status['train_rows']} {kind} of {status.get('preference_rows', '?')} "
+                   f"(beta {(status.get('preference') or {}).get('beta')}), {status.get('step')} steps.")
+    child, parent = (status.get("voice") or {}).get("sentence"), (status.get("voice_parent") or {}).get("sentence")
+    if child or parent:
+        out.append(f"Voice check on new questions: the parent {parent or 'was not checked'}; "
+                   f"this run {child or 'was not checked'}.")
+    return out
+
+
 def runs_frame() -> pd.DataFrame:
     rows = []
     for r in list_runs():
-        rows.append({"run": r.get("id"), "status": r.get("status"), "base model": r.get("base_model"),
+        chain = lineage(Run(Path(r["path"])))
+        # data → SFT run → this run's kind: "signoff-data → signoff-run (SFT) → DPO"
+        came_from = " → ".join([*(v if k == "data" else f"{v} ({k.split(' run')[0]})" for k, v in chain[:-1]),
+                                chain[-1][0].split(" run")[0]])
+        rows.append({"run": r.get("id"), "status": r.get("status"), "came from": came_from,
+                     "base model": r.get("base_model"),
                      "preset": r.get("preset"), "steps": f"{r.get('step') or 0}/{r.get('max_steps') or '?'}",
                      "train loss": _round(r.get("train_loss")),
                      "eval loss": f"{_round(r.get('first_eval_loss'))} → {_round(r.get('eval_loss'))}"
@@ -59,8 +155,10 @@ def run_details(run_id: str | None) -> str:
         return "Pick a run."
     run_dir = run_folder(run_id)
     status = jobs.read_status(run_dir)
-    cfg = Run(run_dir).config().to_dict()
+    run = Run(run_dir)
+    cfg = run.config().to_dict()
     facts = {
+        "kind": method_label(status, cfg),
         "status": status.get("status"),
         "steps": f"{status.get('step') or 0} / {status.get('max_steps') or '?'}",
         "examples seen": f"{status['examples_seen']:,}" if status.get("examples_seen") else None,
@@ -73,8 +171,20 @@ def run_details(run_id: str | None) -> str:
         "peak memory": f"{status['peak_memory_mb'] / 1024:.1f} GB" if status.get("peak_memory_mb") else None,
         "error": status.get("error"),
     }
-    lines = [f"#### {md_escape(run_dir.name)}", "", "| result | |", "|---|---|"]
+    lines = [f"#### {md_escape(run_dir.name)}", ""]
+    chain = " → ".join(f"{kind} `{md_escape(name)}`" for kind, name in lineage(run))
+    lines.append(f"**Lineage:** {chain}")
+    kids = children(run)
+    if kids:
+        lines.append(f"**Trained from it:** {', '.join(f'{k} `{md_escape(v)}`' for k, v in kids)}")
+    said = preference_sentences(status)
+    if said:
+        lines += ["", "**What the feedback changed:** " + md_escape(" ".join(said))]
+    lines += ["", "| result | |", "|---|---|"]
     lines += [f"| {k} | {md_escape(v)} |" for k, v in facts.items() if v is not None]
+    if isinstance(status.get("preference"), dict):
+        lines += ["", "| preference setting | value |", "|---|---|"]
+        lines += [f"| {k.replace('_', ' ')} | {md_escape(v)} |" for k, v in status["preference"].items()]
     pairs = [(k.replace("_", " "), v) for k, v in cfg.items()]
     half = (len(pairs) + 1) // 2  # two columns of settings keep the table short
     lines += ["", "| setting | value | setting | value |", "|---|---|---|---|"]
@@ -92,6 +202,162 @@ def _export_dir() -> Path:
         if now - old.stat().st_mtime > EXPORT_TTL_S:
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(dir=base))
+
+
+# -- teach it with feedback ------------------------------------------------------------------------------
+
+
+def training_plan(report: dict[str, Any]) -> tuple[str | None, str]:
+    """Which preference method the feedback allows ("dpo" on pairs, "kto" on thumbs only, None: too little),
+    and the sentence that says so (with the number still needed)."""
+    pairs, thumbs = report["pairs"], report["unpaired"]
+    if pairs >= feedback.MIN_PAIRS:
+        return "dpo", (f"{pairs} preference pairs: ready to train with DPO (a child run of this one; "
+                       f"{report['unpaired']} thumbs are not used by DPO).")
+    if pairs == 0 and thumbs >= feedback.MIN_PAIRS:
+        return "kto", (f"No pairs yet, but {thumbs} thumbs up/down: ready to train with KTO, which learns from "
+                       "single replies marked good or bad.")
+    need = feedback.pairs_needed(pairs) or ""
+    if pairs == 0 and thumbs:
+        need += (f" Or {feedback.MIN_PAIRS - thumbs} more thumbs up/down for KTO "
+                 f"({thumbs} of {feedback.MIN_PAIRS} so far).")
+    return None, need
+
+
+def _counts_frame(report: dict[str, Any]) -> pd.DataFrame:
+    rows = [{"judgement": label, "count": report["counts"][key]} for key, label in COUNT_LABELS.items()]
+    rows.append({"judgement": "preference pairs (for DPO)", "count": report["pairs"]})
+    return pd.DataFrame(rows, columns=["judgement", "count"])
+
+
+def _wins_frame(report: dict[str, Any]) -> pd.DataFrame:
+    rows = [{"source": source, "wins": w["wins"], "votes": w["votes"], "win rate": _pct(w["rate"]),
+             "95% interval": f"{w['low']:.0%} to {w['high']:.0%}"} for source, w in report["win_rates"].items()]
+    return pd.DataFrame(rows, columns=["source", "wins", "votes", "win rate", "95% interval"])
+
+
+def _lost_frame(report: dict[str, Any]) -> pd.DataFrame:
+    rows = [{"prompt": lost["prompt"], "vote": lost["choice"], "preferred": lost["winner"] or "neither",
+             "reviewer": lost["reviewer"] or "", "when": lost["time"]} for lost in report["lost"]]
+    return pd.DataFrame(rows, columns=["prompt", "vote", "preferred", "reviewer", "when"])
+
+
+def report_words(run_id: str, report: dict[str, Any]) -> str:
+    """The feedback report in plain words: how many judgements, who wins the blind votes, where the bot lost."""
+    counts = report["counts"]
+    if not counts["judgements"]:
+        return (f"No feedback on **{md_escape(run_id)}** yet. Give thumbs, edit replies or vote in blind A/B mode on "
+                "the **Playground** tab, or import pairs your team already has (below).")
+    words = [f"**{counts['judgements']} judgement{'s' if counts['judgements'] != 1 else ''}** on "
+             f"**{md_escape(run_id)}**: {counts['votes']} blind votes, {counts['edits']} edited replies, "
+             f"{counts['thumbs_up'] + counts['thumbs_down']} thumbs ({counts['thumbs_up']} up), "
+             f"{counts['imported']} imported pairs. They make **{report['pairs']} preference pairs**."]
+    for source, w in report["win_rates"].items():
+        words.append(f"In blind votes, **{md_escape(source)}** won {w['wins']} of {w['votes']} "
+                     f"({_pct(w['rate'])}; 95% interval {w['low']:.0%} to {w['high']:.0%}).")
+    if report["lost"]:
+        words.append(f"The tuned bot lost {len(report['lost'])} vote{'s' if len(report['lost']) != 1 else ''}: "
+                     "the prompts are in the table below.")
+    return " ".join(words)
+
+
+@friendly
+def feedback_report(run_id: str | None) -> dict[str, Any]:
+    """The Teach-it-with-feedback views of one run: words, tables, and the Train button (off with the number
+    still needed when there is too little to learn from, or when the run has no finished adapter)."""
+    if not run_id:
+        empty = {"fb_report": "Pick a run to see its feedback.", "fb_counts": None, "fb_wins": None, "fb_lost": None,
+                 "fb_need": "", "fb_train_btn": gr.update(interactive=False)}
+        return empty
+    run = Run(run_folder(run_id))
+    report = feedback.report(run)
+    method, need = training_plan(report)
+    status = run.status()
+    if method and (status.get("status") != "completed" or not run.adapter_dir.is_dir()):
+        method, need = None, (f"{need} But {run.id} has no finished adapter (status {status.get('status')}): "
+                              "preference tuning starts from a completed LoRA run.")
+    elif method and run.config_values().get("method") == "full":
+        method, need = None, f"{need} But {run.id} is a full fine-tune; preference tuning trains a LoRA adapter."
+    label = f"Train on this feedback ({method.upper()})" if method else "Train on this feedback"
+    return {"fb_report": report_words(run.id, report), "fb_counts": _counts_frame(report),
+            "fb_wins": _wins_frame(report), "fb_lost": _lost_frame(report), "fb_need": md_escape(need),
+            "fb_train_btn": gr.update(interactive=method is not None, value=label)}
+
+
+@friendly
+def export_feedback(run_id: str | None) -> str:
+    """The run's preference pairs as a JSONL file in trl's format ({"prompt", "chosen", "rejected"} a line)."""
+    run = Run(run_folder(run_id))
+    path = _export_dir() / f"{run.id}-preferences.jsonl"
+    if not feedback.export_pairs(run, path):
+        raise TunerError(f"{run.id} has no preference pairs yet: an A/B vote for A or B, or an edited reply on the "
+                         "Playground tab, makes one.")
+    return str(path)
+
+
+def import_words(found: feedback.PairFile, name: str, limit: int = 10) -> str:
+    """What an import kept and what it left out, each bad line named with its fix."""
+    kept = len(found.rows)
+    words = [f"Imported **{kept} pair{'s' if kept != 1 else ''}** from {md_escape(name)}."]
+    if found.errors:
+        n = len(found.errors)
+        words.append(f"**{n} line{'s' if n != 1 else ''} left out** (the valid lines were kept):")
+        for err in found.errors[:limit]:
+            where = f"line {err.line}" if err.line else "the file"
+            text = str(err).split(": ", 1)[1] if err.file and str(err).startswith(err.file) else str(err)
+            words.append(f"- {where}: {md_escape(text)}")
+        if n > limit:
+            words.append(f"- and {n - limit} more.")
+    return "\n".join(words)
+
+
+@friendly
+def import_feedback(run_id: str | None, file: Any) -> dict[str, Any]:
+    """Add a preference file's valid pairs to the run's feedback; every bad line is named, none of the good lost."""
+    run = Run(run_folder(run_id))
+    path = getattr(file, "name", None) or (file.get("path") if isinstance(file, dict) else file)
+    if not path:
+        raise TunerError("Choose a preference file (.jsonl, one {\"prompt\", \"chosen\", \"rejected\"} a line).")
+    found = feedback.import_pairs(run, path)
+    return {**feedback_report(run.id), "fb_import_md": import_words(found, Path(path).name)}
+
+
+def preference_config(method: str, values: tuple[Any, ...]) -> PreferenceConfig:
+    """The one place the page's preference settings become a PreferenceConfig (validated there)."""
+    settings: dict[str, Any] = {"method": method}
+    defaults = PreferenceConfig()
+    for name, value in zip(PREF_SETTINGS, values, strict=True):
+        if value is None or value == "":
+            raise TunerError(f"{PREF_LABELS.get(name, name)} is empty: give it a value.")
+        default = getattr(defaults, name)
+        settings[name] = int(value) if isinstance(default, int) else float(value)
+    return PreferenceConfig.from_dict(settings)
+
+
+@friendly
+def train_on_feedback(run_id: str | None, *values: Any) -> dict[str, Any]:
+    """Prepare a preference run (a child of this one) on its feedback and start it as a job; the Train tab
+    then shows it, with the same live progress, cancel and resume as SFT."""
+    from tuner import jobs
+    from tuner.train.preference import prepare_preference_run
+
+    run = Run(run_folder(run_id))
+    method, need = training_plan(feedback.report(run))
+    if method is None:
+        raise TunerError(need)
+    pcfg = preference_config(method, values)
+    if (running := jobs.active_job()) is not None:
+        # refuse before creating a run folder that could not start
+        raise TunerError(f"Another training run is in progress on this machine ({running.get('holder')}). One job "
+                         "runs at a time: wait for it to finish or cancel it, then start again.")
+    child = prepare_preference_run(run.path, pcfg)
+    try:
+        jobs.start(child)
+    except TunerError:
+        jobs.delete_run(child.name)  # lost a race for the machine: leave no never-started run behind
+        raise
+    gr.Info(f"{method.upper()} started: run {child.name}, a child of {run.id}. Its progress is on the Train tab.")
+    return {"train_run": child.name, "tabs": gr.Tabs(selected="train")}
 
 
 @friendly
@@ -221,6 +487,18 @@ def publish_space(run_id: str | None, title: str, merge: bool, space_id: str, to
 # -- layout and events ---------------------------------------------------------------------------------
 
 
+def pref_component(name: str) -> gr.components.Component:
+    """One PreferenceConfig field as a number box, with the field's own help text."""
+    f = next(f for f in dataclasses.fields(PreferenceConfig) if f.name == name)
+    return gr.Number(value=f.default, label=PREF_LABELS.get(name, name.replace("_", " ")),
+                     info=f.metadata.get("help"), precision=0 if isinstance(f.default, int) else None)
+
+
+def pref_settings(c: Components) -> list[Any]:
+    """The preference setting widgets in PREF_SETTINGS order (the API's argument order after the run)."""
+    return [c[f"pref:{n}"] for n in PREF_SETTINGS]
+
+
 def build() -> Components:
     """The Runs tab's components, by name (call inside a gr.Tab)."""
     c: Components = {}
@@ -259,6 +537,32 @@ def build() -> Components:
                 c["confirm_delete"] = gr.Button("Yes, delete it and all its files", variant="stop",
                                                 elem_id="confirm-delete")
                 c["keep_btn"] = gr.Button("Keep it")
+    with gr.Column(elem_id="feedback-section", variant="panel"):
+        gr.Markdown("#### Teach it with feedback\nReviewers' thumbs, edited replies and blind A/B votes on the "
+                    "**Playground** tab (or pairs your team already has) train a child of this run that prefers "
+                    "what they chose: DPO on pairs, KTO on thumbs only.")
+        c["fb_report"] = gr.Markdown(elem_id="feedback-report")
+        with gr.Row():
+            c["fb_counts"] = gr.Dataframe(label="Judgements by kind", interactive=False, elem_id="feedback-counts")
+            c["fb_wins"] = gr.Dataframe(label="Win rate per source in blind votes (95% Wilson interval)",
+                                        interactive=False, elem_id="feedback-wins")
+        c["fb_lost"] = gr.Dataframe(label="Prompts where the tuned bot lost a vote", interactive=False, wrap=True,
+                                    elem_id="feedback-lost")
+        with gr.Row():
+            c["fb_export_btn"] = gr.Button("Download the pairs (.jsonl, trl preference format)")
+            c["fb_upload"] = gr.UploadButton("Import pairs (.jsonl)", file_types=[".jsonl", ".json"],
+                                             elem_id="feedback-import-btn")
+        c["fb_file"] = gr.File(label="Preference pairs", interactive=False, height=90)
+        c["fb_import_md"] = gr.Markdown(elem_id="feedback-import")
+        with gr.Row():
+            for name in PREF_MAIN:
+                c[f"pref:{name}"] = pref_component(name)
+        with gr.Accordion("More preference settings", open=False):
+            for name in PREF_SETTINGS[len(PREF_MAIN):]:
+                c[f"pref:{name}"] = pref_component(name)
+        c["fb_need"] = gr.Markdown(elem_id="feedback-need")
+        c["fb_train_btn"] = gr.Button("Train on this feedback", variant="primary", interactive=False,
+                                      elem_id="train-on-feedback")
     with gr.Column(elem_id="publish-section", variant="panel"):
         gr.Markdown("#### Publish as a Space\nA standalone chat page for this run, as a folder you "
                     "can run anywhere or upload as a Hugging Face Space.")
@@ -283,6 +587,19 @@ def wire(c: Components) -> None:
     c["refresh_btn"].click(refresh, outputs=pickers, api_name="runs")
     c["runs_tab"].select(refresh, outputs=pickers, api_name="runs_on_open", api_visibility="private")
     c["runs_pick"].change(run_details, c["runs_pick"], c["details"], api_name="run_details")
+    # feedback: the report follows the picked run, and is read again when the tab opens (votes come from the
+    # Playground tab meanwhile)
+    report = keyed(feedback_report, c)
+    views = pick(c, *FEEDBACK_VIEWS)
+    c["runs_pick"].change(report, c["runs_pick"], views, api_name="feedback_report")
+    c["runs_tab"].select(report, c["runs_pick"], views, api_name="feedback_on_open", api_visibility="private")
+    c["refresh_btn"].click(report, c["runs_pick"], views, api_name="feedback_on_refresh", api_visibility="private")
+    c["fb_export_btn"].click(export_feedback, c["runs_pick"], c["fb_file"], api_name="export_feedback")
+    c["fb_upload"].upload(keyed(import_feedback, c), pick(c, "runs_pick", "fb_upload"), [*views, c["fb_import_md"]],
+                          api_name="import_feedback")
+    c["fb_train_btn"].click(keyed(train_on_feedback, c), [c["runs_pick"], *pref_settings(c)], pick(c, "train_run", "tabs"),
+                            api_name="train_on_feedback", concurrency_limit=1).success(
+        refresh, outputs=pickers, api_name="runs_after_feedback_train", api_visibility="private")
     c["dl_adapter_btn"].click(download_adapter, c["runs_pick"], c["download"], api_name="download_adapter",
                               concurrency_limit=1)
     c["dl_merged_btn"].click(download_merged, c["runs_pick"], c["download"], api_name="download_merged",

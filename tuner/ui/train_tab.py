@@ -15,11 +15,11 @@ from typing import Any
 import gradio as gr
 
 from tuner import progress
-from tuner.config import DEFAULT_PRESET, PRESETS, TrainConfig, choices
+from tuner.config import DEFAULT_PRESET, PRESETS, PreferenceConfig, TrainConfig, choices
 from tuner.errors import TunerError
 from tuner.runs import Run
 from tuner.ui.common import RUN_STATES_ACTIVE, Components, friendly, keyed, pick, run_folder
-from tuner.ui.runs_tab import PICKERS, refresh_runs
+from tuner.ui.runs_tab import PICKERS, preference_sentences, refresh_runs
 
 POLL_SECONDS = 2.0  # how often the Train tab reads status.json / metrics.jsonl
 LOSS_COLORS = {"train loss": "#f97316", "held-out loss": "#2563eb"}  # orange, blue: named in the label too
@@ -146,10 +146,18 @@ def progress_html(status: dict[str, Any], batch_size: int = 1, grad_accum: int =
     busy = ' class="busy"' if state in RUN_STATES_ACTIVE else ""
     error = f'<p class="run-error">{html.escape(str(status["error"]))}</p>' if status.get("error") else ""
     verdict = (status.get("voice") or {}).get("sentence")
-    if verdict and state == "completed":  # the answer to "did the voice stick?", unasked
+    preference = isinstance(status.get("preference"), dict)
+    if verdict and state == "completed" and not preference:  # the answer to "did the voice stick?", unasked
         error += f'<p class="run-verdict"><b>Voice on new questions:</b> {html.escape(verdict)}.</p>'
+    method = ""
+    if preference:  # a preference run says what it is and, at the end, what the feedback changed
+        kind = str(status.get("method") or "dpo").upper()
+        method = (f'<div class="run-method" data-method="{html.escape(kind.lower())}"><b>{html.escape(kind)}</b> '
+                  f"preference tuning of {html.escape(str(status.get('parent')))} on reviewers' feedback</div>")
+        if state == "completed":
+            error += "".join(f'<p class="run-preference">{html.escape(s)}</p>' for s in preference_sentences(status))
 
-    return (f'<div class="run-progress" data-status="{html.escape(state)}">'
+    return (f'<div class="run-progress" data-status="{html.escape(state)}">{method}'
             f'<div class="run-line"><span{busy}></span>{html.escape(line)}</div>'
             f'<progress max="100" value="{pct:.1f}"></progress>{error}</div>')
 
@@ -227,9 +235,12 @@ def run_status(run_id: str | None) -> dict[str, Any]:
     metrics = jobs.read_metrics(run_dir)
     try:
         cfg = Run(run_dir).config()
-        batch, accum = cfg.batch_size, cfg.grad_accum
-        if not status.get("max_steps") and cfg.max_steps > 0:  # before the trainer has said it
-            status = {**status, "max_steps": cfg.max_steps}
+        batch, accum, max_steps = cfg.batch_size, cfg.grad_accum, cfg.max_steps
+        if isinstance(status.get("preference"), dict):  # the child's own steps and batch, not its parent's
+            pcfg = PreferenceConfig.from_dict(status["preference"])
+            batch, accum, max_steps = pcfg.batch_size, 1, pcfg.max_steps
+        if not status.get("max_steps") and max_steps > 0:  # before the trainer has said it
+            status = {**status, "max_steps": max_steps}
     except (TunerError, OSError, ValueError):
         batch, accum = 1, 1
     state = status.get("status")
@@ -238,7 +249,7 @@ def run_status(run_id: str | None) -> dict[str, Any]:
     return {
         "progress": progress_html(status, batch, accum),
         "loss_plot": loss_svg(metrics, last_step),
-        "train_log": "\n".join(progress.sentences(status, metrics)),
+        "train_log": "\n".join(preference_sentences(status) + progress.sentences(status, metrics)),
         "raw_log": progress.log_tail(Run(run_dir).log_file),
         "cancel_btn": gr.update(visible=active),
         "resume_btn": gr.update(visible=state in ("interrupted", "cancelled", "failed")),

@@ -1,0 +1,212 @@
+"""The Runs tab's "Teach it with feedback", driven through the real app's API (gradio_client), on the real model:
+an SFT run, reviewers' feedback given through the page, the report, pairs out and in, and a DPO child started
+from the page and watched on the Train tab until it says what the feedback changed."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from app_server import running_app
+from test_preference import PHRASE, has_phrase, reviewers_pairs
+
+from tuner.config import PreferenceConfig
+from tuner.runs import Run, update_status
+from tuner.ui.runs_tab import PREF_SETTINGS
+
+N_PAIRS = 40  # as tests/test_preference.py: a seeded 20% (8 pairs) is held out, 32 train
+
+
+def _client(server):
+    from gradio_client import Client
+
+    return Client(server.url, verbose=False, download_files=False)
+
+
+def _fails(client, *args, api_name: str) -> str:
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        client.predict(*args, api_name=api_name)
+    return str(info.value)
+
+
+def _value(output):
+    """A component's value as gradio_client returns it (an update dict carries it under "value")."""
+    return output.get("value") if isinstance(output, dict) and output.get("__type__") == "update" else output
+
+
+def _sft_copy(signoff_run: Path, name: str) -> str:
+    """A finished SFT run of its own (a copy of the session's signoff run, without its feedback), so other
+    test modules' judgements on the shared run do not change the counts here."""
+    target = signoff_run.parent / name
+    shutil.copytree(signoff_run, target, ignore=shutil.ignore_patterns("checkpoints", "feedback.jsonl", "eval.*"))
+    update_status(target, adapter=str(Run(target).adapter_dir))
+    return name
+
+
+def _pairs_file(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _pair(i: int, seed: int = 3) -> dict:
+    prompt, reply, better = reviewers_pairs(i + 1, seed)[i]
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": better}],
+            "rejected": [{"role": "assistant", "content": reply}]}
+
+
+def _settings(**overrides) -> list:
+    """The Runs tab's preference settings in PREF_SETTINGS order (the API's order after the run id)."""
+    values = {**PreferenceConfig().to_dict(), **overrides}
+    return [values[n] for n in PREF_SETTINGS]
+
+
+def _import(client, run_id: str, path: Path) -> tuple:
+    from gradio_client import handle_file
+
+    return client.predict(run_id, handle_file(str(path)), api_name="/import_feedback")
+
+
+def _status(client, run_id: str) -> tuple[str, str]:
+    progress, *_ = client.predict(run_id, api_name="/status")
+    match = re.search(r'data-status="(\w+)"', progress)
+    return (match.group(1) if match else "?"), progress
+
+
+def _wait(client, run_id: str, wanted: tuple[str, ...], timeout: float, until=None) -> tuple[str, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        state, progress = _status(client, run_id)
+        if (state in wanted and (until is None or until(progress))) or time.monotonic() > deadline:
+            return state, progress
+        if state == "failed":
+            return state, progress
+        time.sleep(1.0)
+
+
+def _table(client) -> list[dict]:
+    frame = client.predict(api_name="/runs")[0]
+    return [dict(zip(frame["headers"], row, strict=True)) for row in frame["data"]]
+
+
+@pytest.fixture(scope="module")
+def home() -> Path:
+    import os
+
+    return Path(os.environ["TUNER_HOME"])
+
+
+@pytest.fixture(scope="module")
+def server(home, tmp_path_factory):
+    with running_app(home, tmp_path_factory.mktemp("app") / "app.log") as srv:
+        yield srv
+
+
+def test_too_few_pairs_keep_the_button_off_and_say_how_many_more(server, signoff_run, tmp_path):
+    client = _client(server)
+    run_id = _sft_copy(signoff_run, "fb-few")
+    words, counts, wins, lost, need = client.predict(run_id, api_name="/feedback_report")
+    assert "No feedback" in words and "Playground" in words
+    _import(client, run_id, _pairs_file(tmp_path / "prefs.jsonl", [_pair(i) for i in range(7)]))
+    words, counts, wins, lost, need = client.predict(run_id, api_name="/feedback_report")
+    assert "7 preference pairs" in words
+    assert ["preference pairs (for DPO)", 7] in counts["data"]
+    assert "7 preference pairs so far; preference tuning needs at least 10: 3 more" in need
+    # the button is off in the page ...
+    from tuner.ui.runs_tab import feedback_report
+
+    assert feedback_report(run_id)["fb_train_btn"]["interactive"] is False
+    # ... and the server refuses too, leaving no run folder behind
+    runs_before = {r["run"] for r in _table(client)}
+    message = _fails(client, run_id, *_settings(), api_name="/train_on_feedback")
+    assert "3 more" in message and "Traceback" not in message
+    assert {r["run"] for r in _table(client)} == runs_before
+
+
+def test_an_import_names_each_bad_line_and_keeps_the_good_ones(server, signoff_run, tmp_path):
+    client = _client(server)
+    run_id = _sft_copy(signoff_run, "fb-import")
+    rows = [_pair(0), _pair(1),
+            {"prompt": [{"role": "user", "content": "Where?"}], "chosen": "Here."},
+            "{not json",
+            {"prompt": [{"role": "user", "content": "Where?"}], "chosen": "Here.", "rejected": "Here."},
+            *[_pair(i) for i in range(2, 12)]]
+    *views, said = _import(client, run_id, _pairs_file(tmp_path / "team-ratings.jsonl", rows))
+    print(said)
+    assert "Imported **12 pairs** from team-ratings.jsonl" in said
+    assert "3 lines left out" in said
+    assert re.search(r"line 3: missing field rejected\. Fix:", said)
+    assert re.search(r"line 4: not valid JSON .*Fix:", said)
+    assert re.search(r"line 5: chosen and rejected are the same reply.*Fix:", said)
+    assert "/tmp" not in said  # the file is named as the user knows it, not by the server's upload path
+    words, counts, *_ = views
+    assert "12 preference pairs" in words and ["imported pairs", 12] in counts["data"]
+    from tuner.ui.runs_tab import feedback_report
+
+    assert feedback_report(run_id)["fb_train_btn"]["interactive"] is True
+    # the pairs go out again in trl's preference format, the same 12
+    out = client.predict(run_id, api_name="/export_feedback")
+    lines = [json.loads(line) for line in Path(out["path"]).read_text().splitlines()]
+    assert len(lines) == 12 and lines[0] == _pair(0)
+
+
+@pytest.mark.slow
+def test_feedback_through_the_page_trains_a_dpo_child_that_prefers_what_reviewers_chose(server, home, signoff_run,
+                                                                                        tmp_path):
+    client = _client(server)
+    parent = _sft_copy(signoff_run, "fb-sft")
+    # reviewers' judgements through the page: the better reply opens with PHRASE
+    _import(client, parent, _pairs_file(tmp_path / "reviews.jsonl", [_pair(i) for i in range(N_PAIRS)]))
+    words, counts, *_ = client.predict(parent, api_name="/feedback_report")
+    assert f"{N_PAIRS} preference pairs" in words
+
+    runs_before = {r["run"] for r in _table(client)}
+    child = _value(client.predict(parent, *_settings(max_length=128), api_name="/train_on_feedback"))
+    assert child and child not in runs_before and (home / "runs" / child).is_dir()
+
+    # the Train tab shows it like an SFT run: its method, then step n of N
+    state, progress = _wait(client, child, ("running",), 600, until=lambda p: re.search(r"step \d+ (of|/) 12", p))
+    assert state == "running", progress
+    assert 'data-method="dpo"' in progress and f"preference tuning of {parent}" in progress
+    # cancel and resume from the page, as for SFT
+    client.predict(child, api_name="/cancel")
+    state, _ = _wait(client, child, ("cancelled",), 60)
+    assert state == "cancelled"
+    client.predict(child, api_name="/resume")
+    state, progress = _wait(client, child, ("completed",), 1500)
+    log = (home / "runs" / child / "train.log").read_text()[-3000:]
+    assert state == "completed", (progress, log)
+
+    status = Run(home / "runs" / child).status()
+    pm = status["preference_metrics"]
+    before, after = pm["before"], pm["after"]
+    print(f"\nheld-out pairs {pm['held_out_pairs']}: preference accuracy {before['accuracy']} -> {after['accuracy']}, "
+          f"reward margin {before['margin']} -> {after['margin']}; {status['step']} steps, {status['wall_s']} s")
+    assert status["step"] == 12 and status["method"] == "dpo" and status["parent"] == parent
+    assert pm["held_out_pairs"] == 8
+    assert after["accuracy"] >= before["accuracy"] + 0.25 and after["accuracy"] >= 0.75
+    assert after["margin"] > before["margin"]
+    # the property every chosen reply shares is more frequent in the child's replies than in its parent's
+    replies = status["replies"]
+    n_parent, n_child = sum(has_phrase(r["parent"]) for r in replies), sum(has_phrase(r["child"]) for r in replies)
+    print(f"'{PHRASE}' in greedy replies to {len(replies)} held-out prompts: parent {n_parent}, child {n_child}")
+    assert n_child > n_parent
+
+    # the page says it in sentences with numbers: on the Train tab at the end ...
+    said = f"{before['accuracy']:.0%} of the time before ({parent}) and {after['accuracy']:.0%} after (DPO)"
+    assert said in progress and "Voice check on new questions: the parent" in progress
+    # ... and in the run's details, with its lineage; the parent names its child
+    details = client.predict(child, api_name="/run_details")
+    assert said in details.replace("\\", "") and "| kind | DPO run |" in details
+    assert re.search(rf"data `signoff\\?-run\\?-data` → SFT run `fb\\?-sft` → DPO run `{re.escape(child)}`",
+                     details.replace("\\-", "-").replace("\\_", "_")), details
+    assert f"DPO run `{child}`" in client.predict(parent, api_name="/run_details").replace("\\-", "-")
+    # the runs table: data → SFT run → preference run
+    rows = {r["run"]: r for r in _table(client)}
+    assert rows[child]["came from"] == "signoff-run-data → fb-sft (SFT) → DPO"
+    assert rows[parent]["came from"] == "signoff-run-data → SFT"
