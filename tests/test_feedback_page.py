@@ -210,3 +210,19 @@ def test_feedback_through_the_page_trains_a_dpo_child_that_prefers_what_reviewer
     rows = {r["run"]: r for r in _table(client)}
     assert rows[child]["came from"] == "signoff-run-data → fb-sft (SFT) → DPO"
     assert rows[parent]["came from"] == "signoff-run-data → SFT"
+
+
+@pytest.mark.parametrize("pairs, thumbs, method, words", [
+    (0, 0, None, "needs at least 10: 10 more"),
+    (9, 0, None, "9 preference pairs so far; preference tuning needs at least 10: 1 more"),
+    (10, 0, "dpo", "10 preference pairs: ready to train with DPO"),
+    (12, 30, "dpo", "The 30 thumbs are not used by DPO"),
+    (0, 12, "kto", "12 thumbs up/down: ready to train with KTO"),
+    (3, 12, "kto", "The 3 pairs are not used: DPO needs at least 10 (7 more)"),
+    (2, 4, None, "8 more (an A/B vote for A or B, or an edited reply, makes one). Or 6 more thumbs up/down for KTO"),
+])
+def test_the_button_trains_dpo_on_pairs_kto_on_thumbs_only_or_says_what_is_missing(pairs, thumbs, method, words):
+    from tuner.ui.runs_tab import training_plan
+
+    got, said = training_plan({"pairs": pairs, "unpaired": thumbs})
+    assert got == method and words in said

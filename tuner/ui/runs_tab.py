@@ -212,13 +212,15 @@ def training_plan(report: dict[str, Any]) -> tuple[str | None, str]:
     and the sentence that says so (with the number still needed)."""
     pairs, thumbs = report["pairs"], report["unpaired"]
     if pairs >= feedback.MIN_PAIRS:
-        return "dpo", (f"{pairs} preference pairs: ready to train with DPO (a child run of this one; "
-                       f"{report['unpaired']} thumbs are not used by DPO).")
-    if pairs == 0 and thumbs >= feedback.MIN_PAIRS:
-        return "kto", (f"No pairs yet, but {thumbs} thumbs up/down: ready to train with KTO, which learns from "
-                       "single replies marked good or bad.")
+        unused = f" The {thumbs} thumbs are not used by DPO." if thumbs else ""
+        return "dpo", f"{pairs} preference pairs: ready to train with DPO, as a child run of this one.{unused}"
+    if thumbs >= feedback.MIN_PAIRS:
+        few = (f" The {pairs} pair{' is' if pairs == 1 else 's are'} not used: DPO needs at least {feedback.MIN_PAIRS} "
+               f"({feedback.MIN_PAIRS - pairs} more).") if pairs else ""
+        return "kto", (f"{thumbs} thumbs up/down: ready to train with KTO, which learns from single replies marked "
+                       f"good or bad.{few}")
     need = feedback.pairs_needed(pairs) or ""
-    if pairs == 0 and thumbs:
+    if thumbs:
         need += (f" Or {feedback.MIN_PAIRS - thumbs} more thumbs up/down for KTO "
                  f"({thumbs} of {feedback.MIN_PAIRS} so far).")
     return None, need
