@@ -1,7 +1,10 @@
-"""3. Playground: base | tuned (| prompt-only) answer side by side; the evaluation scores the voice.
+"""3. Playground: base | tuned (| prompt-only) answer side by side; the evaluation scores the voice;
+reviewers' judgements (thumbs, better replies, blind A/B votes) are stored with the run (tuner.feedback).
 
 A reply and an evaluation can be stopped: the Stop buttons set this session's stop flag (keyed by
 Gradio's session hash, never shared between browsers), which the generation checks between tokens.
+The feedback actions are also plain API endpoints (gradio_client): `rate_reply`, `edit_reply`,
+`ab_pair` and `ab_vote`; a blind pair's hidden order lives in the session's gr.State.
 """
 
 from __future__ import annotations
@@ -9,15 +12,28 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from tuner import limits
+from tuner import feedback, limits
 from tuner.config import GenerationConfig
 from tuner.errors import TunerError
-from tuner.ui.common import Components, bubbles, friendly, keyed, pick, plain_error, playground, run_choices, run_folder
+from tuner.runs import Run
+from tuner.ui.common import (
+    Components,
+    bubbles,
+    friendly,
+    keyed,
+    md_escape,
+    pick,
+    plain_error,
+    playground,
+    run_choices,
+    run_folder,
+)
 
 CHAT_CONCURRENCY = 4  # chats handled at once; the model itself generates one batch at a time
 EVAL_PROMPTS = 10  # held-out prompts the page evaluates by default ...
@@ -25,6 +41,10 @@ EVAL_MAX_PROMPTS = 50  # ... and at most (the CLI can do more)
 CHAT_VIEWS = ["msg", "base_chat", "tuned_chat", "prompted_chat", "chats"]
 EVAL_COLUMNS = ["prompt", "reference", "base", "tuned"]
 METRIC_COLUMNS = ["metric", "base", "tuned", "reference", "what it means"]
+COLUMN_NAMES = {"base": "base", "tuned": "tuned", "prompted": "prompt-only"}  # a chat column, in words
+RATE_COLUMNS = ["source", "wins", "votes", "win rate", "95% interval"]
+AB_CHOICES = [("A is better", "A"), ("B is better", "B"), ("Both bad", "both bad")]
+AB_ASK = "Which reply is better? Pick one below; the page says which was which after your vote."
 
 _stops: dict[str, threading.Event] = {}  # "<session hash>:<chat|eval>" -> set when that session pressed Stop
 _stops_lock = threading.Lock()
@@ -161,6 +181,248 @@ def clear_chats(request: gr.Request = None) -> dict[str, Any]:
     return {**chat_views(new_chats()), **reply_done()}
 
 
+# -- feedback --------------------------------------------------------------------------------------
+
+
+def feedback_run(run_id: str | None) -> Path:
+    """The folder of the run a judgement is stored with (the picked tuned run)."""
+    if not run_id or not str(run_id).strip():
+        raise TunerError("Pick a tuned run first: feedback is stored with the run it judges.")
+    return run_folder(run_id)
+
+
+def chat_column(column: str) -> str:
+    """A playground column by its name ("base", "tuned", "prompted"; "prompt-only" is the prompted one)."""
+    name = {"prompt-only": "prompted"}.get(str(column).strip().lower(), str(column).strip().lower())
+    if name not in COLUMN_NAMES:
+        raise TunerError(f"Unknown column {column!r}: choose base, tuned or prompted.")
+    return name
+
+
+def column_source(column: str, run_id: str) -> str:
+    """Which model wrote a column's replies: the run itself (its id) for the tuned column."""
+    return str(run_id).strip() if column == "tuned" else COLUMN_NAMES[column]
+
+
+def source_label(source: str, run_id: str | None, parent: str | None = None) -> str:
+    if source == "base":
+        return "the base model"
+    if source == run_id:
+        return f"{source} (this run)"
+    return f"{source} (its parent)" if source == parent else source
+
+
+def sent_prompt(run_dir: Path, column: str, before: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The conversation up to a reply as the playground sent it to that column: the run's training system
+    prompt (the brand brief for the prompt-only column), then the turns before the reply."""
+    from tuner.playground import PROMPTED, clean_history, read_run
+
+    info = read_run(run_dir)
+    system = info.brand_brief if column == PROMPTED else info.system_prompt
+    return ([{"role": "system", "content": system}] if system else []) + clean_history(before)
+
+
+def reply_at(history: Any, index: Any) -> tuple[list[dict[str, Any]], str]:
+    """(the messages before it, the reply) for the reply at `index` of a column's chat."""
+    from tuner.playground import _text
+
+    if not isinstance(history, list) or not history:
+        raise TunerError("There is no conversation to judge yet. Fix: send a message first.")
+    try:
+        i = int(index[0] if isinstance(index, (list, tuple)) else index)
+    except (TypeError, ValueError):
+        raise TunerError(f"The reply index must be a number, got {index!r}.") from None
+    if not 0 <= i < len(history):
+        raise TunerError(f"There is no message {i} in this chat of {len(history)} messages.")
+    message = history[i]
+    if not isinstance(message, dict) or message.get("role") != "assistant":
+        raise TunerError(f"Message {i} is the customer's, not a reply. Fix: judge one of the bot's replies.")
+    return list(history[:i]), _text(message.get("content"))
+
+
+def saved_note(run_dir: Path, what: str) -> str:
+    n = len(feedback.records(run_dir))
+    return f"Saved: {what}. {n} judgement{'s' if n != 1 else ''} on this run so far."
+
+
+def _rate(run_id: str, column: str, history: Any, index: Any, up: bool, reviewer: str = "") -> str:
+    run_dir, column = feedback_run(run_id), chat_column(column)
+    before, reply = reply_at(history, index)
+    if not reply.strip():
+        raise TunerError("This reply is empty (still being written?). Fix: wait for it, then judge it.")
+    feedback.record_thumb(run_dir, sent_prompt(run_dir, column, before), reply, bool(up),
+                          column_source(column, run_id), reviewer)
+    return saved_note(run_dir, f"thumbs {'up' if up else 'down'} on the {COLUMN_NAMES[column]} reply")
+
+
+def _edit(run_id: str, column: str, history: Any, index: Any, new_text: str,
+          reviewer: str = "") -> tuple[str, list[dict[str, str]]]:
+    run_dir, column = feedback_run(run_id), chat_column(column)
+    before, reply = reply_at(history, index)
+    new_text = new_text if isinstance(new_text, str) else ""
+    feedback.record_edit(run_dir, sent_prompt(run_dir, column, before), reply, new_text,
+                         column_source(column, run_id), reviewer)
+    edited = [{"role": m["role"], "content": m["content"]} for m in history]
+    edited[len(before)] = {"role": "assistant", "content": new_text}
+    return saved_note(run_dir, f"your better reply in place of the {COLUMN_NAMES[column]} one"), edited
+
+
+@friendly
+def rate_reply(run_id: str, column: str, history: list[dict[str, Any]], index: int, up: bool,
+               reviewer: str = "") -> str:
+    """Thumbs up (`up` true) or down on the reply at `index` of a column's chat ([{role, content}], as
+    sent); stored with the run. Returns what was saved, in words."""
+    return _rate(run_id, column, history, index, up, reviewer)
+
+
+@friendly
+def edit_reply(run_id: str, column: str, history: list[dict[str, Any]], index: int, new_text: str,
+               reviewer: str = "") -> tuple[str, list[dict[str, Any]]]:
+    """"Write the better reply": `new_text` replaces the reply at `index` (chosen; the model's is rejected).
+    Returns what was saved, and the chat with the edit in place (the conversation continues from it)."""
+    return _edit(run_id, column, history, index, new_text, reviewer)
+
+
+def on_like(column: str):
+    """The thumbs under a column's replies (gr.Chatbot feedback) -> a thumb stored with the run."""
+
+    def like(run_id: str | None, chats: dict[str, list[dict[str, str]]] | None, reviewer: str,
+             data: gr.LikeData) -> dict[str, Any]:
+        if not isinstance(data.liked, bool):  # a thumb taken back: judgements are kept, nothing new to save
+            return {"feedback_note": "Nothing saved: the thumb was taken back (earlier judgements are kept)."}
+        return {"feedback_note": _rate(run_id, column, (chats or new_chats())[column], data.index, data.liked,
+                                       reviewer)}
+
+    return friendly(like)
+
+
+def on_edit(column: str):
+    """A reply edited in place -> "write the better reply"; the chat continues from the edited text.
+    A refused edit (empty, unchanged, a customer's message) puts the original back and says why."""
+
+    def edit(run_id: str | None, chats: dict[str, list[dict[str, str]]] | None, reviewer: str,
+             data: gr.EditData) -> dict[str, Any]:
+        from tuner.playground import _text
+
+        chats = chats or new_chats()
+        # the edit box starts from the escaped text the bubble shows (tuner.ui.common.shown): undo that
+        text = _text(data.value).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+        try:
+            note, history = _edit(run_id, column, chats[column], data.index, text, reviewer)
+        except TunerError as exc:
+            gr.Warning(str(exc))
+            return {f"{column}_chat": bubbles(chats[column]), "feedback_note": f"Not saved: {md_escape(exc)}"}
+        chats = {**chats, column: history}
+        return {f"{column}_chat": bubbles(history), "chats": chats, "feedback_note": note}
+
+    return friendly(edit)
+
+
+# -- blind A/B -------------------------------------------------------------------------------------
+
+
+def parent_of(run_dir: Path) -> str | None:
+    """The parent run of a preference run (its status names it), else None."""
+    parent = Run(run_dir).status().get("parent")
+    return str(parent) if parent else None
+
+
+def compare_choices(run_id: str | None) -> tuple[list[tuple[str, str]], str]:
+    """What the picked run can be compared with: the base model, its parent (the default for a preference
+    run), any other completed run."""
+    completed = run_choices(only_completed=True)
+    parent = parent_of(run_folder(run_id)) if run_id and run_id in completed else None
+    choices = [("Base model", "base")]
+    if parent in completed:
+        choices.append((f"Its parent run: {parent}", parent))
+    choices += [(rid, rid) for rid in completed if rid not in (run_id, parent)]
+    return choices, parent if parent in completed else "base"
+
+
+def rates_frame(run_dir: Path | None) -> pd.DataFrame:
+    """The running win rate of each source in the run's blind votes, with its 95% (Wilson) interval."""
+    if run_dir is None:
+        return pd.DataFrame(columns=RATE_COLUMNS)
+    run_id, parent = Run(run_dir).id, parent_of(run_dir)
+    rows = [{"source": source_label(source, run_id, parent), "wins": r["wins"], "votes": r["votes"],
+             "win rate": f"{r['rate']:.0%}" if r["rate"] is not None else "—",
+             "95% interval": f"{r['low']:.0%} to {r['high']:.0%}"}
+            for source, r in feedback.report(run_dir)["win_rates"].items()]
+    return pd.DataFrame(rows, columns=RATE_COLUMNS)
+
+
+def ab_views(run_id: str | None, message: str = "") -> dict[str, Any]:
+    """The A/B section for a newly picked run: its comparison choices, no pair, its votes so far."""
+    run_dir = run_folder(run_id) if run_id else None
+    choices, default = compare_choices(run_id)
+    return {"ab_compare": gr.update(choices=choices, value=default), "ab_a": "", "ab_b": "",
+            "ab_reveal": message, "ab_vote": gr.update(value=None, interactive=False), "ab_state": None,
+            "ab_rates": rates_frame(run_dir)}
+
+
+@friendly
+def ab_reset(run_id: str | None) -> dict[str, Any]:
+    return ab_views(run_id)
+
+
+@friendly
+def ab_pair(run_id: str | None, compare_with: str | None, message: str, max_new_tokens: float, temperature: float,
+            top_p: float, seed: float, repetition_penalty: float, reviewer: str) -> dict[str, Any]:
+    """Two replies to one prompt, from the picked run and `compare_with` ("base" or a completed run's id),
+    shown as A and B in random order; which is which stays in this session's state until the vote."""
+    from tuner.playground import BASE, TUNED
+
+    run_dir = feedback_run(run_id)
+    run_id = run_dir.name
+    message = (message or "").strip()
+    if not message:
+        raise TunerError("Type a prompt first: both models answer it.")
+    other = str(compare_with or "base").strip()
+    settings = generation_config(max_new_tokens, temperature, top_p, seed, repetition_penalty)
+    pg = playground()
+    info = pg.load_run(run_dir)
+    if other == "base":
+        out = pg.compare({}, message, [BASE, TUNED], settings, run=run_dir)
+        replies = {run_id: out[TUNED], "base": out[BASE]}
+    else:
+        other_dir = run_folder(other)
+        if other_dir.resolve() == run_dir.resolve():
+            raise TunerError("Compare the run with the base model or another run, not with itself.")
+        replies = {run_id: pg.reply({}, message, TUNED, settings, run=run_dir)}
+        replies[other_dir.name] = pg.reply({}, message, TUNED, settings, run=other_dir)
+    prompt = ([{"role": "system", "content": info.system_prompt}] if info.system_prompt else [])
+    pair = feedback.blind_pair(prompt + [{"role": "user", "content": message}], replies)
+    note = AB_ASK
+    if pair.a["text"].strip() == pair.b["text"].strip():
+        note += ("\n\nThe two replies are the same word for word, so a vote makes no preference pair. "
+                 "Try another prompt, or a temperature above 0 in Sampling.")
+    return {"ab_a": pair.a["text"], "ab_b": pair.b["text"], "ab_reveal": note,
+            "ab_vote": gr.update(value=None, interactive=True),
+            "ab_state": {"run": run_id, "pair": pair.to_dict(), "reviewer": reviewer}}
+
+
+@friendly
+def ab_vote(choice: str | None, reviewer: str, state: dict[str, Any] | None) -> dict[str, Any]:
+    """Record the vote on this session's pair ("A", "B" or "both bad"), then reveal which was which and the
+    running win rate per source."""
+    if not state or not state.get("pair"):
+        raise TunerError("There is no pair to vote on yet. Fix: type a prompt and press Get two replies.")
+    by_word = {"a": "A", "b": "B", "both bad": "both bad", "both": "both bad"}
+    choice = by_word.get(str(choice or "").strip().lower(), str(choice or ""))
+    run_dir = feedback_run(state["run"])
+    pair = feedback.BlindPair(**state["pair"])
+    revealed = pair.vote(run_dir, choice, (reviewer or "").strip() or state.get("reviewer"))
+    parent = parent_of(run_dir)
+    a, b = (source_label(revealed[k], state["run"], parent) for k in ("A", "B"))
+    verdict = {"A": "A is better", "B": "B is better"}.get(choice, "both bad")
+    winner = (f"**{md_escape(source_label(revealed['winner'], state['run'], parent))}** wins this one."
+              if revealed["winner"] else "Neither wins this one.")
+    reveal = f"You voted **{verdict}**. A was **{md_escape(a)}**, B was **{md_escape(b)}**. {winner}"
+    return {"ab_reveal": reveal, "ab_rates": rates_frame(run_dir), "ab_vote": gr.update(interactive=False),
+            "ab_state": {**state, "pair": pair.to_dict()},
+            "feedback_note": saved_note(run_dir, f"your blind vote ({verdict})")}
+
+
 # -- evaluation ------------------------------------------------------------------------------------
 
 
@@ -243,18 +505,23 @@ def build() -> Components:
                                   info="A completed run; without one only the base model answers.")
         c["with_prompted"] = gr.Checkbox(False, label="Also show prompt-only", scale=2,
                                          info="The base model told the brand brief: what prompting alone gets.")
+        c["reviewer"] = gr.Textbox(label="Reviewer (optional)", scale=2, max_length=80, elem_id="reviewer",
+                                   placeholder="Your name, saved with each judgement")
     with gr.Row(equal_height=True):
         for name, label, elem, visible in (("base_chat", "Base model", "chat-base", True),
                                            ("tuned_chat", "Tuned", "chat-tuned", True),
                                            ("prompted_chat", "Prompt-only", "chat-prompted", False)):
-            c[name] = gr.Chatbot(label=label, height=380, elem_id=elem, feedback_options=None, visible=visible,
-                                 render_markdown=False, buttons=["copy_all"])
+            # thumbs under each reply, and a reply edited in place is "the better reply" (tuner.feedback)
+            c[name] = gr.Chatbot(label=label, height=380, elem_id=elem, feedback_options=("Like", "Dislike"),
+                                 editable="all", visible=visible, render_markdown=False, buttons=["copy_all"])
     with gr.Row():
         c["msg"] = gr.Textbox(placeholder="Ask what your customers ask… (Enter sends to every column)",
                               show_label=False, scale=5, elem_id="chat-input", max_length=4000)
         c["send_btn"] = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         c["stop_btn"] = gr.Button("Stop", variant="stop", scale=1, visible=False, elem_id="chat-stop")
         c["clear_btn"] = gr.Button("Clear", scale=1, elem_id="chat-clear")
+    c["feedback_note"] = gr.Markdown("Judge any reply: thumbs up or down under it, or edit it (pencil) to write the "
+                                     "better reply; both are saved with the tuned run.", elem_id="feedback-note")
     with gr.Accordion("Sampling (the same for every column, so the comparison is fair)", open=False), gr.Row():
         c["max_new"] = gr.Slider(1, limits.MAX_NEW_TOKENS, value=gen["max_new_tokens"], step=1, elem_id="max-new",
                                  label="Max new tokens", info=gen_help["max_new_tokens"])
@@ -264,6 +531,25 @@ def build() -> Components:
         c["seed"] = gr.Number(gen["seed"], precision=0, label="Seed", info=gen_help["seed"])
         c["rep"] = gr.Slider(1.0, 2.0, value=gen["repetition_penalty"], step=0.05, label="Repetition penalty",
                              info=gen_help["repetition_penalty"])
+    with gr.Accordion("Blind A/B: which reply is better?", open=False, elem_id="ab-section"):
+        with gr.Row():
+            c["ab_compare"] = gr.Dropdown([("Base model", "base")], value="base", label="Compare the tuned run with",
+                                          allow_custom_value=True, scale=2, elem_id="ab-compare",
+                                          info="The base model, the run's parent (for a preference run), or any "
+                                               "completed run.")
+            c["ab_msg"] = gr.Textbox(label="Prompt", scale=4, max_length=4000, elem_id="ab-input",
+                                     placeholder="A customer's question; both answer it with the Sampling settings")
+            c["ab_go"] = gr.Button("Get two replies", variant="primary", scale=1, elem_id="ab-go")
+        with gr.Row(equal_height=True):
+            c["ab_a"] = gr.Textbox(label="Reply A", lines=5, interactive=False, elem_id="ab-a")
+            c["ab_b"] = gr.Textbox(label="Reply B", lines=5, interactive=False, elem_id="ab-b")
+        c["ab_vote"] = gr.Radio(AB_CHOICES, label="Your vote (saved as soon as you pick)", interactive=False,
+                                elem_id="ab-vote")
+        c["ab_reveal"] = gr.Markdown(elem_id="ab-reveal")
+        c["ab_rates"] = gr.Dataframe(pd.DataFrame(columns=RATE_COLUMNS), label="Win rate per source in this run's "
+                                     "blind votes ('both bad' counts as a loss for both)", interactive=False,
+                                     elem_id="ab-rates")
+        c["ab_state"] = gr.State(None)  # this session's pair, its order hidden until the vote
     with gr.Accordion("Evaluation: did it learn the voice, did it forget anything?", open=False, elem_id="eval-section"):
         with gr.Row():
             c["eval_prompts"] = gr.Slider(1, EVAL_MAX_PROMPTS, value=EVAL_PROMPTS, step=1, label="Held-out prompts",
@@ -314,3 +600,29 @@ def wire(c: Components) -> None:
                         pick(c, "pg_run", "eval_prompts", "max_new", "temperature", "top_p", "seed", "rep"),
                         pick(c, "eval_metrics", "eval_rows"), api_name="evaluate", concurrency_limit=1)
     c["eval_stop"].click(press_eval_stop, api_name="stop_evaluation", api_visibility="private", queue=False)
+    wire_feedback(c)
+
+
+def wire_feedback(c: Components) -> None:
+    """Thumbs and edits in the chats, the blind A/B pair and vote, and the plain API endpoints."""
+    for column in ("base", "tuned", "prompted"):
+        chatbot = c[f"{column}_chat"]
+        chatbot.like(keyed(on_like(column), c), pick(c, "pg_run", "chats", "reviewer"), c["feedback_note"],
+                     api_name=f"like_{column}", api_visibility="private")
+        chatbot.edit(keyed(on_edit(column), c), pick(c, "pg_run", "chats", "reviewer"),
+                     pick(c, f"{column}_chat", "chats", "feedback_note"),
+                     api_name=f"edit_{column}", api_visibility="private")
+    # the same actions with plain arguments, for scripts and tests (gradio_client)
+    gr.api(rate_reply, api_name="rate_reply")
+    gr.api(edit_reply, api_name="edit_reply")
+    ab_outputs = pick(c, "ab_a", "ab_b", "ab_reveal", "ab_vote", "ab_state")
+    for trigger, name, visibility in ((c["ab_go"].click, "ab_pair", "public"),
+                                      (c["ab_msg"].submit, "ab_pair_submit", "private")):
+        trigger(keyed(ab_pair, c), pick(c, "pg_run", "ab_compare", "ab_msg", "max_new", "temperature", "top_p",
+                                        "seed", "rep", "reviewer"),
+                ab_outputs, api_name=name, api_visibility=visibility, concurrency_limit=CHAT_CONCURRENCY,
+                concurrency_id="chat")
+    c["ab_vote"].input(keyed(ab_vote, c), pick(c, "ab_vote", "reviewer", "ab_state"),
+                       pick(c, "ab_reveal", "ab_rates", "ab_vote", "ab_state", "feedback_note"), api_name="ab_vote")
+    c["pg_run"].change(keyed(ab_reset, c), c["pg_run"], pick(c, "ab_compare", "ab_a", "ab_b", "ab_reveal", "ab_vote", "ab_state", "ab_rates"),
+                       api_name="ab_reset")

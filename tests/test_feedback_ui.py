@@ -1,0 +1,172 @@
+"""Feedback in the playground, through the page's API (gradio_client) against the real app.py and a real run:
+thumbs and better replies on chat replies, a blind A/B pair and its vote; each lands in the run's
+feedback.jsonl with the prompt as sent, the replies, their sources and the reviewer."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from app_server import running_app
+
+from tuner import feedback
+from tuner.runs import Run
+
+SETTINGS = (24, 0.0, 0.9, 0, 1.1)  # max new tokens, temperature, top-p, seed, repetition penalty
+QUESTION = "Hi, my lamp flickers since Monday."
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, signoff_run):
+    home = Path(os.environ["TUNER_HOME"])
+    with running_app(home, tmp_path_factory.mktemp("feedback_app") / "app.log") as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server):
+    from gradio_client import Client
+
+    return Client(server.url, verbose=False, download_files=False)
+
+
+def _fails(client, *args, api_name: str) -> str:
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        client.predict(*args, api_name=api_name)
+    return str(info.value)
+
+
+def _raw(bubbles: list[dict]) -> list[dict]:
+    """A chat column as gradio_client returns it (escaped text parts) -> plain {role, content} messages."""
+    out = []
+    for b in bubbles:
+        content = b["content"]
+        text = content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+        out.append({"role": b["role"], "content": html.unescape(text)})
+    return out
+
+
+def _new_records(run: Path, before: int) -> list[dict]:
+    return feedback.records(run)[before:]
+
+
+def test_thumbs_and_a_better_reply_are_stored_with_the_prompt_as_sent(client, signoff_run):
+    run_id = signoff_run.name
+    before = len(feedback.records(signoff_run))
+    _msg, base, tuned, prompted = client.predict(QUESTION, run_id, True, *SETTINGS, api_name="/chat")
+    tuned, prompted = _raw(tuned), _raw(prompted)
+    assert [m["role"] for m in tuned] == ["user", "assistant"] and tuned[1]["content"].strip()
+
+    note = client.predict(run_id, "tuned", tuned, 1, False, "Ana", api_name="/rate_reply")
+    n = before + 1
+    assert note == f"Saved: thumbs down on the tuned reply. {n} judgement{'s' if n > 1 else ''} on this run so far."
+    note = client.predict(run_id, "prompted", prompted, 1, True, "", api_name="/rate_reply")
+    assert note.startswith("Saved: thumbs up on the prompt-only reply.")
+    better = "Unplug it for ten seconds, then plug it back in. Stay sunny, the Lumen Lamps team."
+    note, continued = client.predict(run_id, "tuned", tuned, 1, better, "Ana", api_name="/edit_reply")
+    assert note.startswith("Saved: your better reply in place of the tuned one.")
+    assert continued == [tuned[0], {"role": "assistant", "content": better}]  # the chat goes on from the edit
+
+    thumb_down, thumb_up, edit = _new_records(signoff_run, before)
+    question = {"role": "user", "content": QUESTION}
+    # the tuned column was sent the run's own training prompt (this run has no system prompt): the question
+    assert thumb_down["prompt"] == [question]
+    assert thumb_down["replies"] == [{"source": run_id, "text": tuned[1]["content"]}]
+    assert thumb_down["judgement"] == {"thumb": "down"} and thumb_down["reviewer"] == "Ana"
+    # the prompt-only column was sent the brand brief as its system prompt: the record says so
+    assert thumb_up["prompt"][0]["role"] == "system" and "Stay sunny" in thumb_up["prompt"][0]["content"]
+    assert thumb_up["prompt"][1:] == [question] and thumb_up["reviewer"] is None
+    assert thumb_up["replies"] == [{"source": "prompt-only", "text": prompted[1]["content"]}]
+    assert edit["judgement"] == {"edited": better} and edit["replies"][0]["text"] == tuned[1]["content"]
+    # the edit is a preference pair: chosen = the reviewer's reply, rejected = the model's
+    assert feedback.pairs(signoff_run)[-1] == {"prompt": [question],
+                                               "chosen": [{"role": "assistant", "content": better}],
+                                               "rejected": [{"role": "assistant", "content": tuned[1]["content"]}]}
+
+
+def test_blind_pair_hides_which_is_which_until_the_vote_then_shows_win_rates(client, signoff_run):
+    run_id = signoff_run.name
+    before = len(feedback.records(signoff_run))
+    a, b, note, vote = client.predict(run_id, "base", "Where is my order? It has been a week.", *SETTINGS, "Ben",
+                                      api_name="/ab_pair")
+    assert a.strip() and b.strip() and vote["value"] is None and vote["interactive"]  # the vote opens
+    assert "Which reply is better?" in note
+    shown = json.dumps([a, b, note])
+    assert run_id not in shown and "base model" not in shown  # nothing on the page says which is which yet
+    assert len(feedback.records(signoff_run)) == before  # and nothing is recorded before the vote
+
+    reveal, rates, _vote, saved = client.predict("A", "", api_name="/ab_vote")
+    (record,) = _new_records(signoff_run, before)
+    sources = [r["source"] for r in record["replies"]]
+    assert sorted(sources) == sorted([run_id, "base"])
+    assert [r["text"] for r in record["replies"]] == [a, b]  # what was shown, in the order shown
+    assert record["judgement"] == {"choice": "A", "a": sources[0], "b": sources[1]}
+    assert record["reviewer"] == "Ben"  # the reviewer named when the pair was asked for
+    assert record["prompt"] == [{"role": "user", "content": "Where is my order? It has been a week."}]
+    label = {run_id: f"{run_id} (this run)", "base": "the base model"}
+    # only now the page says which was which, and who won
+    assert f"A was **{label[sources[0]]}**, B was **{label[sources[1]]}**" in reveal.replace("\\", "")
+    assert f"**{label[sources[0]]}** wins this one" in reveal.replace("\\", "")
+    assert saved.startswith("Saved: your blind vote (A is better).")
+    # the running win rate per source, with its 95% interval, as feedback.report counts it
+    table = {row[0]: row for row in rates["data"]}
+    for source, r in feedback.report(signoff_run)["win_rates"].items():
+        _, wins, votes, rate, interval = table[label[source]]
+        assert (wins, votes) == (r["wins"], r["votes"]) and rate == f"{r['rate']:.0%}"
+        assert interval == f"{r['low']:.0%} to {r['high']:.0%}"
+
+    # one vote per pair; the next pair, "both bad", counts as a loss for both
+    assert "already has a vote" in _fails(client, "B", "", api_name="/ab_vote")
+    client.predict(run_id, "base", "Can I return a bulb?", *SETTINGS, "", api_name="/ab_pair")
+    reveal, rates, *_ = client.predict("both bad", "Cy", api_name="/ab_vote")
+    assert "Neither wins this one" in reveal
+    last = feedback.records(signoff_run)[-1]
+    assert last["judgement"]["choice"] == "both bad" and last["reviewer"] == "Cy"
+    assert len(_new_records(signoff_run, before)) == 2
+
+
+def test_a_preference_run_is_compared_with_its_parent_by_default(client, signoff_run):
+    """A child run (here: a copy of the run whose status names it as parent) offers its parent first."""
+    child = signoff_run.parent / "signoff-child"
+    if not child.exists():
+        shutil.copytree(signoff_run, child, ignore=shutil.ignore_patterns("feedback.jsonl", "checkpoints"))
+    Run(child).update_status(parent=signoff_run.name, method="dpo")
+    compare_with, *_ = client.predict(child.name, api_name="/ab_reset")  # what picking the run shows
+    assert compare_with["value"] == signoff_run.name
+    assert [f"Its parent run: {signoff_run.name}", signoff_run.name] in compare_with["choices"]
+    a, b, note, _ = client.predict(child.name, signoff_run.name, "Is the Nova waterproof?", *SETTINGS, "",
+                                   api_name="/ab_pair")
+    assert a == b and "same word for word" in note  # same weights: the page says a vote makes no pair
+    reveal, *_ = client.predict("B", "", api_name="/ab_vote")
+    assert f"{signoff_run.name} (its parent)" in reveal.replace("\\", "")
+    (record,) = feedback.records(child)
+    assert sorted(r["source"] for r in record["replies"]) == sorted([child.name, signoff_run.name])
+
+
+def test_bad_feedback_gets_a_plain_message_and_writes_nothing(client, signoff_run):
+    run_id = signoff_run.name
+    history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "Try again later."}]
+    before = feedback.records(signoff_run)
+    cases = [
+        (("A", ""), "/ab_vote", "There is no pair to vote on yet"),
+        ((run_id, "tuned", history, 1, "   ", ""), "/edit_reply", "The better reply is empty"),
+        ((run_id, "tuned", history, 1, "Try again later.", ""), "/edit_reply", "same as the model's reply"),
+        ((run_id, "tuned", history, 0, True, ""), "/rate_reply", "is the customer's, not a reply"),
+        ((run_id, "tuned", history, 5, True, ""), "/rate_reply", "There is no message 5"),
+        ((run_id, "sideways", history, 1, True, ""), "/rate_reply", "Unknown column 'sideways'"),
+        (("", "tuned", history, 1, True, ""), "/rate_reply", "Pick a tuned run first"),
+        (("../decoy", "tuned", history, 1, True, ""), "/rate_reply", "not a valid run id"),
+        ((run_id, "base", "  ", *SETTINGS, ""), "/ab_pair", "Type a prompt first"),
+        ((run_id, run_id, "Hello?", *SETTINGS, ""), "/ab_pair", "not with itself"),
+    ]
+    for args, endpoint, message in cases:
+        said = _fails(client, *args, api_name=endpoint)
+        assert message.lower() in said.lower(), (endpoint, said)
+        assert "Traceback" not in said
+    assert feedback.records(signoff_run) == before
