@@ -155,6 +155,37 @@ def test_an_import_names_each_bad_line_and_keeps_the_good_ones(server, signoff_r
     assert len(lines) == 12 and lines[0] == _pair(0)
 
 
+def test_the_report_gives_win_rates_with_their_interval_and_the_prompts_where_the_tuned_bot_lost(server,
+                                                                                              signoff_run):
+    from tuner import feedback
+
+    client = _client(server)
+    run_id = _sft_copy(signoff_run, "fb-report")
+    votes = ["tuned", "tuned", "base", "tuned", "both bad", "tuned"]  # who the reviewer picked, prompt by prompt
+    for i, pick in enumerate(votes):
+        prompt = [{"role": "user", "content": f"Question {i}: is the Nova waterproof?"}]
+        a, b = {"source": "tuned", "text": f"Tuned answer {i}."}, {"source": "base", "text": f"Base answer {i}."}
+        choice = {"tuned": "A", "base": "B"}.get(pick, pick)
+        feedback.record_vote(signoff_run.parent / run_id, prompt, a, b, choice, reviewer="Ana")
+    feedback.record_thumb(signoff_run.parent / run_id, [{"role": "user", "content": "Hi"}], "Hello!", up=True)
+    words, counts, wins, lost, need = client.predict(run_id, api_name="/feedback_report")
+    print(words)
+    # tuned won 4 of 6 (Wilson 95%: 30% to 90%), base 1 of 6 (3% to 56%); "both bad" is a loss for both
+    assert ("6 blind votes, 0 edited replies, 1 thumb (1 up), 0 imported pairs. They make **5 preference pairs**"
+            in words)
+    assert ("In blind votes: **tuned** won 4 of 6 (67%; 95% interval 30% to 90%); **base** won 1 of 6 (17%; "
+            "95% interval 3% to 56%).") in words
+    rows = {r[0]: r for r in wins["data"]}
+    assert rows["tuned"][1:] == [4, 6, "67%", "30% to 90%"] and rows["base"][1:] == [1, 6, "17%", "3% to 56%"]
+    assert ["blind A/B votes", 6] in counts["data"] and ['... of which "both bad"', 1] in counts["data"]
+    assert ["thumbs up", 1] in counts["data"] and ["preference pairs (for DPO)", 5] in counts["data"]
+    assert "The tuned bot lost 2 votes" in words
+    assert [(r[0], r[1], r[2], r[3]) for r in lost["data"]] == [
+        ("Question 2: is the Nova waterproof?", "B", "base", "Ana"),
+        ("Question 4: is the Nova waterproof?", "both bad", "neither", "Ana")]
+    assert "5 preference pairs so far" in need and "5 more" in need
+
+
 @pytest.mark.slow
 def test_feedback_through_the_page_trains_a_dpo_child_that_prefers_what_reviewers_chose(server, home, signoff_run,
                                                                                         tmp_path):

@@ -244,19 +244,28 @@ def _lost_frame(report: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["prompt", "vote", "preferred", "reviewer", "when"])
 
 
+def _n(count: int, noun: str) -> str:
+    """'1 edited reply', '3 edited replies'."""
+    plural = noun[:-1] + "ies" if noun.endswith("y") and noun[-2] not in "aeiou" else noun + "s"
+    return f"{count} {noun if count == 1 else plural}"
+
+
 def report_words(run_id: str, report: dict[str, Any]) -> str:
     """The feedback report in plain words: how many judgements, who wins the blind votes, where the bot lost."""
     counts = report["counts"]
     if not counts["judgements"]:
         return (f"No feedback on **{md_escape(run_id)}** yet. Give thumbs, edit replies or vote in blind A/B mode on "
                 "the **Playground** tab, or import pairs your team already has (below).")
+    thumbs = counts["thumbs_up"] + counts["thumbs_down"]
     words = [f"**{counts['judgements']} judgement{'s' if counts['judgements'] != 1 else ''}** on "
-             f"**{md_escape(run_id)}**: {counts['votes']} blind votes, {counts['edits']} edited replies, "
-             f"{counts['thumbs_up'] + counts['thumbs_down']} thumbs ({counts['thumbs_up']} up), "
-             f"{counts['imported']} imported pairs. They make **{report['pairs']} preference pairs**."]
-    for source, w in report["win_rates"].items():
-        words.append(f"In blind votes, **{md_escape(source)}** won {w['wins']} of {w['votes']} "
-                     f"({_pct(w['rate'])}; 95% interval {w['low']:.0%} to {w['high']:.0%}).")
+             f"**{md_escape(run_id)}**: {_n(counts['votes'], 'blind vote')}, {_n(counts['edits'], 'edited reply')}, "
+             f"{_n(thumbs, 'thumb')} ({counts['thumbs_up']} up), {_n(counts['imported'], 'imported pair')}. "
+             f"They make **{_n(report['pairs'], 'preference pair')}**."]
+    ranked = sorted(report["win_rates"].items(), key=lambda kv: -(kv[1]["rate"] or 0))
+    if ranked:
+        words.append("In blind votes: " + "; ".join(
+            f"**{md_escape(source)}** won {w['wins']} of {w['votes']} ({_pct(w['rate'])}; 95% interval "
+            f"{w['low']:.0%} to {w['high']:.0%})" for source, w in ranked) + ".")
     if report["lost"]:
         words.append(f"The tuned bot lost {len(report['lost'])} vote{'s' if len(report['lost']) != 1 else ''}: "
                      "the prompts are in the table below.")
