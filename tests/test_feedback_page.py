@@ -18,7 +18,8 @@ from tuner.config import PreferenceConfig
 from tuner.runs import Run, update_status
 from tuner.ui.runs_tab import PREF_SETTINGS
 
-N_PAIRS = 40  # as tests/test_preference.py: a seeded 20% (8 pairs) is held out, 32 train
+N_PAIRS = 40  # edited replies, as tests/test_preference.py: a seeded 20% (8 pairs) is held out
+AB_SETTINGS = (24, 0.0, 0.9, 0, 1.1)  # the Playground's sampling: max new tokens, temperature, top-p, seed, penalty
 
 
 def _client(server):
@@ -173,15 +174,16 @@ def test_the_report_gives_win_rates_with_their_interval_and_the_prompts_where_th
     # tuned won 4 of 6 (Wilson 95%: 30% to 90%), base 1 of 6 (3% to 56%); "both bad" is a loss for both
     assert ("6 blind votes, 0 edited replies, 1 thumb (1 up), 0 imported pairs. They make **5 preference pairs**"
             in words)
-    assert ("In blind votes: **tuned** won 4 of 6 (67%; 95% interval 30% to 90%); **base** won 1 of 6 (17%; "
-            "95% interval 3% to 56%).") in words
+    assert ("In blind votes: **fb-report (this run)** won 4 of 6 (67%; 95% interval 30% to 90%); **the base model** "
+            "won 1 of 6 (17%; 95% interval 3% to 56%).") in words.replace("\\", "")
     rows = {r[0]: r for r in wins["data"]}
-    assert rows["tuned"][1:] == [4, 6, "67%", "30% to 90%"] and rows["base"][1:] == [1, 6, "17%", "3% to 56%"]
+    assert rows["fb-report (this run)"][1:] == [4, 6, "67%", "30% to 90%"]
+    assert rows["the base model"][1:] == [1, 6, "17%", "3% to 56%"]
     assert ["blind A/B votes", 6] in counts["data"] and ['... of which "both bad"', 1] in counts["data"]
     assert ["thumbs up", 1] in counts["data"] and ["preference pairs (for DPO)", 5] in counts["data"]
     assert "The tuned bot lost 2 votes" in words
     assert [(r[0], r[1], r[2], r[3]) for r in lost["data"]] == [
-        ("Question 2: is the Nova waterproof?", "B", "base", "Ana"),
+        ("Question 2: is the Nova waterproof?", "B", "the base model", "Ana"),
         ("Question 4: is the Nova waterproof?", "both bad", "neither", "Ana")]
     assert "5 preference pairs so far" in need and "5 more" in need
 
@@ -191,17 +193,34 @@ def test_feedback_through_the_page_trains_a_dpo_child_that_prefers_what_reviewer
                                                                                         tmp_path):
     client = _client(server)
     parent = _sft_copy(signoff_run, "fb-sft")
-    # reviewers' judgements through the page: the better reply opens with PHRASE
-    _import(client, parent, _pairs_file(tmp_path / "reviews.jsonl", [_pair(i) for i in range(N_PAIRS)]))
-    words, counts, *_ = client.predict(parent, api_name="/feedback_report")
-    assert f"{N_PAIRS} preference pairs" in words
+    # reviewers' judgements through the Playground tab's API: "write the better reply" on 40 replies (the better
+    # one opens with PHRASE), then three blind A/B votes of this run against the base model
+    for prompt, reply, better in reviewers_pairs(N_PAIRS):
+        history = [*prompt, {"role": "assistant", "content": reply}]
+        note, _ = client.predict(parent, "tuned", history, 1, better, "QA", api_name="/edit_reply")
+        assert note.startswith("Saved: your better reply")
+    lost = 0
+    for question, choice in (("Is the Nova waterproof?", "A"), ("Do you ship to Spain?", "B"),
+                             ("My dimmer hums, why?", "both bad")):
+        client.predict(parent, "base", question, *AB_SETTINGS, "Ana", api_name="/ab_pair")
+        reveal, *_ = client.predict(choice, "", api_name="/ab_vote")
+        lost += f"**{parent} (this run)** wins" not in reveal.replace("\\", "")
+    # the Runs tab's report counts them: pairs from the edits and the decided votes, win rates, lost prompts
+    words, counts, wins, lost_prompts, need = client.predict(parent, api_name="/feedback_report")
+    print(words)
+    assert f"**43 judgements** on **{parent}**: 3 blind votes, 40 edited replies" in words.replace("\\", "")
+    n_pairs = dict(counts["data"])["preference pairs (for DPO)"]
+    assert n_pairs in (N_PAIRS, N_PAIRS + 1, N_PAIRS + 2)  # a vote between two identical replies makes no pair
+    assert f"{n_pairs} preference pairs: ready to train with DPO" in need
+    assert {r[0]: r[2] for r in wins["data"]} == {f"{parent} (this run)": 3, "the base model": 3}
+    assert len(lost_prompts["data"]) == lost
 
     runs_before = {r["run"] for r in _table(client)}
     child = _value(client.predict(parent, *_settings(max_length=128), api_name="/train_on_feedback"))
     assert child and child not in runs_before and (home / "runs" / child).is_dir()
 
     # the Train tab shows it like an SFT run: its method, then step n of N
-    state, progress = _wait(client, child, ("running",), 600, until=lambda p: re.search(r"step \d+ (of|/) 12", p))
+    state, progress = _wait(client, child, ("running",), 600, until=lambda p: re.search(r"step [1-9]\d* (of|/) \d+", p))
     assert state == "running", progress
     assert 'data-method="dpo"' in progress and f"preference tuning of {parent}" in progress
     # cancel and resume from the page, as for SFT
@@ -218,7 +237,8 @@ def test_feedback_through_the_page_trains_a_dpo_child_that_prefers_what_reviewer
     before, after = pm["before"], pm["after"]
     print(f"\nheld-out pairs {pm['held_out_pairs']}: preference accuracy {before['accuracy']} -> {after['accuracy']}, "
           f"reward margin {before['margin']} -> {after['margin']}; {status['step']} steps, {status['wall_s']} s")
-    assert status["step"] == 12 and status["method"] == "dpo" and status["parent"] == parent
+    assert status["step"] == status["max_steps"] and status["method"] == "dpo" and status["parent"] == parent
+    assert status["preference_rows"] == n_pairs and status["train_rows"] == n_pairs - 8
     assert pm["held_out_pairs"] == 8
     assert after["accuracy"] >= before["accuracy"] + 0.25 and after["accuracy"] >= 0.75
     assert after["margin"] > before["margin"]

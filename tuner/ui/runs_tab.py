@@ -232,14 +232,24 @@ def _counts_frame(report: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["judgement", "count"])
 
 
-def _wins_frame(report: dict[str, Any]) -> pd.DataFrame:
-    rows = [{"source": source, "wins": w["wins"], "votes": w["votes"], "win rate": _pct(w["rate"]),
+def source_label(source: str, run: Run) -> str:
+    """Who wrote a reply, as the playground names it: the base model, this run, its parent, another run."""
+    if source == feedback.BASE:
+        return "the base model"
+    if source in (run.id, feedback.TUNED):
+        return f"{run.id} (this run)"
+    return f"{source} (its parent)" if source == run.status().get("parent") else source
+
+
+def _wins_frame(report: dict[str, Any], run: Run) -> pd.DataFrame:
+    rows = [{"source": source_label(source, run), "wins": w["wins"], "votes": w["votes"], "win rate": _pct(w["rate"]),
              "95% interval": f"{w['low']:.0%} to {w['high']:.0%}"} for source, w in report["win_rates"].items()]
     return pd.DataFrame(rows, columns=["source", "wins", "votes", "win rate", "95% interval"])
 
 
-def _lost_frame(report: dict[str, Any]) -> pd.DataFrame:
-    rows = [{"prompt": lost["prompt"], "vote": lost["choice"], "preferred": lost["winner"] or "neither",
+def _lost_frame(report: dict[str, Any], run: Run) -> pd.DataFrame:
+    rows = [{"prompt": lost["prompt"], "vote": lost["choice"],
+             "preferred": source_label(lost["winner"], run) if lost["winner"] else "neither",
              "reviewer": lost["reviewer"] or "", "when": lost["time"]} for lost in report["lost"]]
     return pd.DataFrame(rows, columns=["prompt", "vote", "preferred", "reviewer", "when"])
 
@@ -250,21 +260,21 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun if count == 1 else plural}"
 
 
-def report_words(run_id: str, report: dict[str, Any]) -> str:
+def report_words(run: Run, report: dict[str, Any]) -> str:
     """The feedback report in plain words: how many judgements, who wins the blind votes, where the bot lost."""
     counts = report["counts"]
     if not counts["judgements"]:
-        return (f"No feedback on **{md_escape(run_id)}** yet. Give thumbs, edit replies or vote in blind A/B mode on "
+        return (f"No feedback on **{md_escape(run.id)}** yet. Give thumbs, edit replies or vote in blind A/B mode on "
                 "the **Playground** tab, or import pairs your team already has (below).")
     thumbs = counts["thumbs_up"] + counts["thumbs_down"]
     words = [f"**{counts['judgements']} judgement{'s' if counts['judgements'] != 1 else ''}** on "
-             f"**{md_escape(run_id)}**: {_n(counts['votes'], 'blind vote')}, {_n(counts['edits'], 'edited reply')}, "
+             f"**{md_escape(run.id)}**: {_n(counts['votes'], 'blind vote')}, {_n(counts['edits'], 'edited reply')}, "
              f"{_n(thumbs, 'thumb')} ({counts['thumbs_up']} up), {_n(counts['imported'], 'imported pair')}. "
              f"They make **{_n(report['pairs'], 'preference pair')}**."]
     ranked = sorted(report["win_rates"].items(), key=lambda kv: -(kv[1]["rate"] or 0))
     if ranked:
         words.append("In blind votes: " + "; ".join(
-            f"**{md_escape(source)}** won {w['wins']} of {w['votes']} ({_pct(w['rate'])}; 95% interval "
+            f"**{md_escape(source_label(source, run))}** won {w['wins']} of {w['votes']} ({_pct(w['rate'])}; 95% interval "
             f"{w['low']:.0%} to {w['high']:.0%})" for source, w in ranked) + ".")
     if report["lost"]:
         words.append(f"The tuned bot lost {len(report['lost'])} vote{'s' if len(report['lost']) != 1 else ''}: "
@@ -290,8 +300,8 @@ def feedback_report(run_id: str | None) -> dict[str, Any]:
     elif method and run.config_values().get("method") == "full":
         method, need = None, f"{need} But {run.id} is a full fine-tune; preference tuning trains a LoRA adapter."
     label = f"Train on this feedback ({method.upper()})" if method else "Train on this feedback"
-    return {"fb_report": report_words(run.id, report), "fb_counts": _counts_frame(report),
-            "fb_wins": _wins_frame(report), "fb_lost": _lost_frame(report), "fb_need": md_escape(need),
+    return {"fb_report": report_words(run, report), "fb_counts": _counts_frame(report),
+            "fb_wins": _wins_frame(report, run), "fb_lost": _lost_frame(report, run), "fb_need": md_escape(need),
             "fb_train_btn": gr.update(interactive=method is not None, value=label)}
 
 
