@@ -172,8 +172,8 @@ def test_the_report_gives_win_rates_with_their_interval_and_the_prompts_where_th
     words, counts, wins, lost, need = client.predict(run_id, api_name="/feedback_report")
     print(words)
     # tuned won 4 of 6 (Wilson 95%: 30% to 90%), base 1 of 6 (3% to 56%); "both bad" is a loss for both
-    assert ("6 blind votes, 0 edited replies, 1 thumb (1 up), 0 imported pairs. They make **5 preference pairs**"
-            in words)
+    assert "**7 judgements** on **fb-report**: 6 blind votes (1 both bad), 1 thumb (1 up). They make **5 preference " \
+           "pairs**." in words.replace("\\", "")
     assert ("In blind votes: **fb-report (this run)** won 4 of 6 (67%; 95% interval 30% to 90%); **the base model** "
             "won 1 of 6 (17%; 95% interval 3% to 56%).") in words.replace("\\", "")
     rows = {r[0]: r for r in wins["data"]}
@@ -208,7 +208,7 @@ def test_feedback_through_the_page_trains_a_dpo_child_that_prefers_what_reviewer
     # the Runs tab's report counts them: pairs from the edits and the decided votes, win rates, lost prompts
     words, counts, wins, lost_prompts, need = client.predict(parent, api_name="/feedback_report")
     print(words)
-    assert f"**43 judgements** on **{parent}**: 3 blind votes, 40 edited replies" in words.replace("\\", "")
+    assert f"**43 judgements** on **{parent}**: 3 blind votes (1 both bad), 40 edited replies." in words.replace("\\", "")
     n_pairs = dict(counts["data"])["preference pairs (for DPO)"]
     assert n_pairs in (N_PAIRS, N_PAIRS + 1, N_PAIRS + 2)  # a vote between two identical replies makes no pair
     assert f"{n_pairs} preference pairs: ready to train with DPO" in need
@@ -277,3 +277,22 @@ def test_the_button_trains_dpo_on_pairs_kto_on_thumbs_only_or_says_what_is_missi
 
     got, said = training_plan({"pairs": pairs, "unpaired": thumbs})
     assert got == method and words in said
+
+
+@pytest.mark.slow
+def test_thumbs_only_train_a_kto_child_from_the_page(server, home, signoff_run):
+    client = _client(server)
+    parent = _sft_copy(signoff_run, "fb-thumbs")
+    for i, (prompt, reply, better) in enumerate(reviewers_pairs(12, seed=9)):
+        history = [*prompt, {"role": "assistant", "content": better if i % 2 else reply}]
+        client.predict(parent, "tuned", history, 1, bool(i % 2), "QA", api_name="/rate_reply")
+    words, counts, _wins, _lost, need = client.predict(parent, api_name="/feedback_report")
+    assert "12 thumbs (6 up)" in words and "12 thumbs up/down: ready to train with KTO" in need
+    child = _value(client.predict(parent, *_settings(max_steps=2, max_length=128), api_name="/train_on_feedback"))
+    state, progress = _wait(client, child, ("completed",), 1200)
+    assert state == "completed", (progress, (home / "runs" / child / "train.log").read_text()[-3000:])
+    assert 'data-method="kto"' in progress and "No held-out pairs to score: KTO learned from single replies" in progress
+    status = Run(home / "runs" / child).status()
+    assert status["method"] == "kto" and status["step"] == 2 and status["train_rows"] == 12
+    assert "| kind | KTO run |" in client.predict(child, api_name="/run_details")
+    assert {r["run"]: r for r in _table(client)}[child]["came from"] == "signoff-run-data → fb-thumbs (SFT) → KTO"

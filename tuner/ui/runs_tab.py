@@ -115,10 +115,13 @@ def preference_sentences(status: dict[str, Any]) -> list[str]:
         return []
     b, a = pm.get("before") or {}, pm.get("after") or {}
     method = str(status.get("method") or "dpo").upper()
-    out = [f"On {pm.get('held_out_pairs')} held-out pairs (never trained on), the reviewers' choice got the higher "
-           f"reward {_pct(b.get('accuracy'))} of the time before ({status.get('parent')}) and "
-           f"{_pct(a.get('accuracy'))} after ({method}); the reward margin went from {_num(b.get('margin'))} to "
-           f"{_num(a.get('margin'))}."]
+    if pm.get("held_out_pairs"):
+        out = [f"On {pm.get('held_out_pairs')} held-out pairs (never trained on), the reviewers' choice got the "
+               f"higher reward {_pct(b.get('accuracy'))} of the time before ({status.get('parent')}) and "
+               f"{_pct(a.get('accuracy'))} after ({method}); the reward margin went from {_num(b.get('margin'))} to "
+               f"{_num(a.get('margin'))}."]
+    else:  # KTO learns from thumbs: there are no pairs to hold out and score
+        out = [f"No held-out pairs to score: {method} learned from single replies marked good or bad, not pairs."]
     if status.get("train_rows") is not None:
         kind = "pairs" if method == "DPO" else "judged replies"
         out.append(f"Trained on {status['train_rows']} {kind} of {status.get('preference_rows', '?')} "
@@ -267,9 +270,11 @@ def report_words(run: Run, report: dict[str, Any]) -> str:
         return (f"No feedback on **{md_escape(run.id)}** yet. Give thumbs, edit replies or vote in blind A/B mode on "
                 "the **Playground** tab, or import pairs your team already has (below).")
     thumbs = counts["thumbs_up"] + counts["thumbs_down"]
-    words = [f"**{counts['judgements']} judgement{'s' if counts['judgements'] != 1 else ''}** on "
-             f"**{md_escape(run.id)}**: {_n(counts['votes'], 'blind vote')}, {_n(counts['edits'], 'edited reply')}, "
-             f"{_n(thumbs, 'thumb')} ({counts['thumbs_up']} up), {_n(counts['imported'], 'imported pair')}. "
+    kinds = [_n(n, noun) + extra for n, noun, extra in (
+        (counts["votes"], "blind vote", f" ({counts['both_bad']} both bad)" if counts["both_bad"] else ""),
+        (counts["edits"], "edited reply", ""), (thumbs, "thumb", f" ({counts['thumbs_up']} up)"),
+        (counts["imported"], "imported pair", "")) if n]
+    words = [f"**{_n(counts['judgements'], 'judgement')}** on **{md_escape(run.id)}**: {', '.join(kinds)}. "
              f"They make **{_n(report['pairs'], 'preference pair')}**."]
     ranked = sorted(report["win_rates"].items(), key=lambda kv: -(kv[1]["rate"] or 0))
     if ranked:
