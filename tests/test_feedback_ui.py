@@ -112,7 +112,7 @@ def test_blind_pair_hides_which_is_which_until_the_vote_then_shows_win_rates(cli
     label = {run_id: f"{run_id} (this run)", "base": "the base model"}
     # only now the page says which was which, and who won
     assert f"A was **{label[sources[0]]}**, B was **{label[sources[1]]}**" in reveal.replace("\\", "")
-    assert f"**{label[sources[0]]}** wins this one" in reveal.replace("\\", "")
+    assert f"Winner: **{label[sources[0]]}**." in reveal.replace("\\", "")
     assert saved.startswith("Saved: your blind vote (A is better).")
     # the running win rate per source, with its 95% interval, as feedback.report counts it
     table = {row[0]: row for row in rates["data"]}
@@ -125,7 +125,7 @@ def test_blind_pair_hides_which_is_which_until_the_vote_then_shows_win_rates(cli
     assert "already has a vote" in _fails(client, "B", "", api_name="/ab_vote")
     client.predict(run_id, "base", "Can I return a bulb?", *SETTINGS, "", api_name="/ab_pair")
     reveal, rates, *_ = client.predict("both bad", "Cy", api_name="/ab_vote")
-    assert "Neither wins this one" in reveal
+    assert "Both were judged bad" in reveal
     last = feedback.records(signoff_run)[-1]
     assert last["judgement"]["choice"] == "both bad" and last["reviewer"] == "Cy"
     assert len(_new_records(signoff_run, before)) == 2
@@ -137,15 +137,24 @@ def test_a_preference_run_is_compared_with_its_parent_by_default(client, signoff
     if not child.exists():
         shutil.copytree(signoff_run, child, ignore=shutil.ignore_patterns("feedback.jsonl", "checkpoints"))
     Run(child).update_status(parent=signoff_run.name, method="dpo")
-    compare_with, *_ = client.predict(child.name, api_name="/ab_reset")  # what picking the run shows
-    assert compare_with["value"] == signoff_run.name
+    compare_with, *_, left = client.predict(child.name, api_name="/ab_reset")  # what picking the run shows
+    assert compare_with["value"] == left["value"] == signoff_run.name  # A/B and the chat's left column
     assert [f"Its parent run: {signoff_run.name}", signoff_run.name] in compare_with["choices"]
+
+    # parent and child side by side in the chat; a thumb on the parent's reply names the parent as its source
+    _msg, parent_chat, child_chat, _ = client.predict(QUESTION, child.name, False, *SETTINGS, signoff_run.name,
+                                                      api_name="/chat")
+    assert _raw(parent_chat) == _raw(child_chat)  # a copy: the same adapter answers the same way, greedy
+    note = client.predict(child.name, signoff_run.name, _raw(parent_chat), 1, True, "", api_name="/rate_reply")
+    assert note.startswith(f"Saved: thumbs up on the {signoff_run.name} reply.")
+    (thumb,) = feedback.records(child)
+    assert thumb["replies"][0]["source"] == signoff_run.name and thumb["prompt"][-1]["content"] == QUESTION
     a, b, note, _ = client.predict(child.name, signoff_run.name, "Is the Nova waterproof?", *SETTINGS, "",
                                    api_name="/ab_pair")
     assert a == b and "same word for word" in note  # same weights: the page says a vote makes no pair
     reveal, *_ = client.predict("B", "", api_name="/ab_vote")
     assert f"{signoff_run.name} (its parent)" in reveal.replace("\\", "")
-    (record,) = feedback.records(child)
+    _, record = feedback.records(child)
     assert sorted(r["source"] for r in record["replies"]) == sorted([child.name, signoff_run.name])
 
 
@@ -160,6 +169,7 @@ def test_bad_feedback_gets_a_plain_message_and_writes_nothing(client, signoff_ru
         ((run_id, "tuned", history, 0, True, ""), "/rate_reply", "is the customer's, not a reply"),
         ((run_id, "tuned", history, 5, True, ""), "/rate_reply", "There is no message 5"),
         ((run_id, "sideways", history, 1, True, ""), "/rate_reply", "Unknown column 'sideways'"),
+        (("Hi", run_id, False, *SETTINGS, run_id), "/chat", "not the picked run itself"),
         (("", "tuned", history, 1, True, ""), "/rate_reply", "Pick a tuned run first"),
         (("../decoy", "tuned", history, 1, True, ""), "/rate_reply", "not a valid run id"),
         ((run_id, "base", "  ", *SETTINGS, ""), "/ab_pair", "Type a prompt first"),

@@ -99,11 +99,31 @@ def forget_column(column: str, chats: dict[str, list[dict[str, str]]] | None) ->
     return {**(chats or new_chats()), column: []}
 
 
+def left_run(run_dir: Path | None, left: str | None) -> Path | None:
+    """The run shown in the left column instead of the base model (e.g. a preference run's parent), or None."""
+    left = str(left or "base").strip()
+    if run_dir is None or left == "base":
+        return None
+    left_dir = run_folder(left)
+    if left_dir.resolve() == run_dir.resolve():
+        raise TunerError("The left column shows the base model or another run, not the picked run itself.")
+    return left_dir
+
+
+def left_label(left: str | None, run_id: str | None) -> str:
+    if not left or left == "base" or not run_id:
+        return "Base model"
+    parent = parent_of(run_folder(run_id))
+    return f"Parent run: {left}" if left == parent else f"Run: {left}"
+
+
 @friendly
 def chat(message: str, run_id: str | None, with_prompted: bool, max_new_tokens: float, temperature: float,
          top_p: float, seed: float, repetition_penalty: float, chats: dict[str, list[dict[str, str]]] | None,
-         request: gr.Request = None):
+         left: str | None = "base", request: gr.Request = None):
     """Send one message to every column and stream the replies side by side, until done or stopped.
+    `left` "base" (default) or a completed run's id: what the left column shows (a run's replies come after
+    the picked run's: one model pass serves one run).
 
     Bad input is refused before anything changes; a failure while streaming is said in words, the
     unanswered turn is taken back and the message returns to the text box, so nothing needs a reload.
@@ -114,6 +134,7 @@ def chat(message: str, run_id: str | None, with_prompted: bool, max_new_tokens: 
     if not message:
         raise TunerError("Type a message first.")
     run_dir = run_folder(run_id) if run_id else None
+    left_dir = left_run(run_dir, left)
     settings = generation_config(max_new_tokens, temperature, top_p, seed, repetition_penalty)
     before = {c: list(h) for c, h in (chats or new_chats()).items()}
     stop = stop_flag(request, "chat")
@@ -130,24 +151,32 @@ def chat(message: str, run_id: str | None, with_prompted: bool, max_new_tokens: 
     # without a run, say so explicitly: None would mean "the last run loaded", maybe by another session
     no_run = {"system_prompt": "", "brand_brief": ""} if run_dir is None else {}
     noticed, got_text = False, False
+    # each pass: (run, the playground columns it generates, the chat column each one fills)
+    passes = [(run_dir, [c for c in columns if not (left_dir and c == BASE)], {c: c for c in columns})]
+    if left_dir is not None:
+        passes.append((left_dir, [TUNED], {TUNED: BASE}))
     try:
-        stream = pg.stream_compare({c: before[c] for c in columns}, message, columns, settings, run=run_dir, **no_run)
-        for partial in stream:
+        for pass_run, pass_columns, into in passes:
+            stream = pg.stream_compare({c: before[into[c]] for c in pass_columns}, message, pass_columns, settings,
+                                       run=pass_run, **no_run)
+            for partial in stream:
+                if stop.is_set():
+                    stream.close()  # ends the generation thread too
+                    if not got_text:  # stopped before the first word: take the turn back, the message returns
+                        gr.Info("Stopped before the first word; your message is back in the box.")
+                        yield chat_views(before, msg=message)
+                        return
+                    gr.Info("Stopped. The reply so far is kept; send another message when you like.")
+                    break
+                if partial.get(NOTICE_KEY) and not noticed:
+                    gr.Warning(partial[NOTICE_KEY])
+                    noticed = True
+                for c in pass_columns:
+                    chats[into[c]][-1] = {"role": "assistant", "content": partial.get(c, "")}
+                    got_text = got_text or bool(partial.get(c))
+                yield chat_views(chats)
             if stop.is_set():
-                stream.close()  # ends the generation thread too
-                if not got_text:  # stopped before the first word: take the turn back, the message returns
-                    gr.Info("Stopped before the first word; your message is back in the box.")
-                    yield chat_views(before, msg=message)
-                    return
-                gr.Info("Stopped. The reply so far is kept; send another message when you like.")
                 break
-            if partial.get(NOTICE_KEY) and not noticed:
-                gr.Warning(partial[NOTICE_KEY])
-                noticed = True
-            for c in columns:
-                chats[c][-1] = {"role": "assistant", "content": partial.get(c, "")}
-                got_text = got_text or bool(partial.get(c))
-            yield chat_views(chats)
     except Exception as exc:
         gr.Warning(f"No reply: {plain_error(exc).message}")
         if not got_text:  # take the turn back: the next message starts from a clean conversation
@@ -181,6 +210,12 @@ def clear_chats(request: gr.Request = None) -> dict[str, Any]:
     return {**chat_views(new_chats()), **reply_done()}
 
 
+@friendly
+def left_changed(left: str | None, run_id: str | None, request: gr.Request = None) -> dict[str, Any]:
+    """Another model in the left column: a new conversation, and the column says which model it is."""
+    return {**clear_chats(request), "base_chat": gr.update(value=[], label=left_label(left, run_id))}
+
+
 # -- feedback --------------------------------------------------------------------------------------
 
 
@@ -191,17 +226,27 @@ def feedback_run(run_id: str | None) -> Path:
     return run_folder(run_id)
 
 
-def chat_column(column: str) -> str:
-    """A playground column by its name ("base", "tuned", "prompted"; "prompt-only" is the prompted one)."""
-    name = {"prompt-only": "prompted"}.get(str(column).strip().lower(), str(column).strip().lower())
-    if name not in COLUMN_NAMES:
-        raise TunerError(f"Unknown column {column!r}: choose base, tuned or prompted.")
-    return name
+@dataclasses.dataclass
+class Judged:
+    """Whose reply a judgement is about: its source name, and how the playground prompted it."""
+
+    source: str  # "base", "prompt-only", the run's id (tuned), or another run's id (the left column)
+    words: str  # the column, in the saved note
+    prompt_run: Path  # the run whose system prompt the reply was sent with
+    prompt_column: str  # "base", "tuned" or "prompted"
 
 
-def column_source(column: str, run_id: str) -> str:
-    """Which model wrote a column's replies: the run itself (its id) for the tuned column."""
-    return str(run_id).strip() if column == "tuned" else COLUMN_NAMES[column]
+def judged(run_dir: Path, column: str) -> Judged:
+    """A column by name ("base", "tuned", "prompted" or "prompt-only"), or a completed run's id for the left
+    column when it shows another run (e.g. the parent)."""
+    name = str(column or "").strip()
+    key = {"prompt-only": "prompted"}.get(name.lower(), name.lower())
+    if key in COLUMN_NAMES:
+        return Judged(run_dir.name if key == "tuned" else COLUMN_NAMES[key], COLUMN_NAMES[key], run_dir, key)
+    if name and name != run_dir.name and name in run_choices(only_completed=True):
+        return Judged(name, name, run_folder(name), "tuned")
+    raise TunerError(f"Unknown column {column!r}: choose base, tuned, prompted, or the id of the completed run "
+                     "shown in the left column.")
 
 
 def source_label(source: str, run_id: str | None, parent: str | None = None) -> str:
@@ -246,32 +291,35 @@ def saved_note(run_dir: Path, what: str) -> str:
 
 
 def _rate(run_id: str, column: str, history: Any, index: Any, up: bool, reviewer: str = "") -> str:
-    run_dir, column = feedback_run(run_id), chat_column(column)
+    run_dir = feedback_run(run_id)
+    who = judged(run_dir, column)
     before, reply = reply_at(history, index)
     if not reply.strip():
         raise TunerError("This reply is empty (still being written?). Fix: wait for it, then judge it.")
-    feedback.record_thumb(run_dir, sent_prompt(run_dir, column, before), reply, bool(up),
-                          column_source(column, run_id), reviewer)
-    return saved_note(run_dir, f"thumbs {'up' if up else 'down'} on the {COLUMN_NAMES[column]} reply")
+    feedback.record_thumb(run_dir, sent_prompt(who.prompt_run, who.prompt_column, before), reply, bool(up),
+                          who.source, reviewer)
+    return saved_note(run_dir, f"thumbs {'up' if up else 'down'} on the {who.words} reply")
 
 
 def _edit(run_id: str, column: str, history: Any, index: Any, new_text: str,
           reviewer: str = "") -> tuple[str, list[dict[str, str]]]:
-    run_dir, column = feedback_run(run_id), chat_column(column)
+    run_dir = feedback_run(run_id)
+    who = judged(run_dir, column)
     before, reply = reply_at(history, index)
     new_text = new_text if isinstance(new_text, str) else ""
-    feedback.record_edit(run_dir, sent_prompt(run_dir, column, before), reply, new_text,
-                         column_source(column, run_id), reviewer)
+    feedback.record_edit(run_dir, sent_prompt(who.prompt_run, who.prompt_column, before), reply, new_text,
+                         who.source, reviewer)
     edited = [{"role": m["role"], "content": m["content"]} for m in history]
     edited[len(before)] = {"role": "assistant", "content": new_text}
-    return saved_note(run_dir, f"your better reply in place of the {COLUMN_NAMES[column]} one"), edited
+    return saved_note(run_dir, f"your better reply in place of the {who.words} one"), edited
 
 
 @friendly
 def rate_reply(run_id: str, column: str, history: list[dict[str, Any]], index: int, up: bool,
                reviewer: str = "") -> str:
     """Thumbs up (`up` true) or down on the reply at `index` of a column's chat ([{role, content}], as
-    sent); stored with the run. Returns what was saved, in words."""
+    sent); stored with the run. `column`: base, tuned, prompted, or the id of the run the left column shows.
+    Returns what was saved, in words."""
     return _rate(run_id, column, history, index, up, reviewer)
 
 
@@ -283,15 +331,20 @@ def edit_reply(run_id: str, column: str, history: list[dict[str, Any]], index: i
     return _edit(run_id, column, history, index, new_text, reviewer)
 
 
+def shown_in(column: str, left: str | None) -> str:
+    """The column name judged(): the left column is the base model unless it shows another run."""
+    return str(left) if column == "base" and left and left != "base" else column
+
+
 def on_like(column: str):
     """The thumbs under a column's replies (gr.Chatbot feedback) -> a thumb stored with the run."""
 
-    def like(run_id: str | None, chats: dict[str, list[dict[str, str]]] | None, reviewer: str,
+    def like(run_id: str | None, chats: dict[str, list[dict[str, str]]] | None, reviewer: str, left: str | None,
              data: gr.LikeData) -> dict[str, Any]:
         if not isinstance(data.liked, bool):  # a thumb taken back: judgements are kept, nothing new to save
             return {"feedback_note": "Nothing saved: the thumb was taken back (earlier judgements are kept)."}
-        return {"feedback_note": _rate(run_id, column, (chats or new_chats())[column], data.index, data.liked,
-                                       reviewer)}
+        return {"feedback_note": _rate(run_id, shown_in(column, left), (chats or new_chats())[column], data.index,
+                                       data.liked, reviewer)}
 
     return friendly(like)
 
@@ -300,7 +353,7 @@ def on_edit(column: str):
     """A reply edited in place -> "write the better reply"; the chat continues from the edited text.
     A refused edit (empty, unchanged, a customer's message) puts the original back and says why."""
 
-    def edit(run_id: str | None, chats: dict[str, list[dict[str, str]]] | None, reviewer: str,
+    def edit(run_id: str | None, chats: dict[str, list[dict[str, str]]] | None, reviewer: str, left: str | None,
              data: gr.EditData) -> dict[str, Any]:
         from tuner.playground import _text
 
@@ -308,7 +361,7 @@ def on_edit(column: str):
         # the edit box starts from the escaped text the bubble shows (tuner.ui.common.shown): undo that
         text = _text(data.value).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
         try:
-            note, history = _edit(run_id, column, chats[column], data.index, text, reviewer)
+            note, history = _edit(run_id, shown_in(column, left), chats[column], data.index, text, reviewer)
         except TunerError as exc:
             gr.Warning(str(exc))
             return {f"{column}_chat": bubbles(chats[column]), "feedback_note": f"Not saved: {md_escape(exc)}"}
@@ -331,7 +384,9 @@ def compare_choices(run_id: str | None) -> tuple[list[tuple[str, str]], str]:
     """What the picked run can be compared with: the base model, its parent (the default for a preference
     run), any other completed run."""
     completed = run_choices(only_completed=True)
-    parent = parent_of(run_folder(run_id)) if run_id and run_id in completed else None
+    if not run_id or run_id not in completed:
+        return [("Base model", "base")], "base"
+    parent = parent_of(run_folder(run_id))
     choices = [("Base model", "base")]
     if parent in completed:
         choices.append((f"Its parent run: {parent}", parent))
@@ -352,12 +407,13 @@ def rates_frame(run_dir: Path | None) -> pd.DataFrame:
 
 
 def ab_views(run_id: str | None, message: str = "") -> dict[str, Any]:
-    """The A/B section for a newly picked run: its comparison choices, no pair, its votes so far."""
+    """For a newly picked run: what it can be compared with (A/B and the left column; its parent first for a
+    preference run), no pair, its votes so far."""
     run_dir = run_folder(run_id) if run_id else None
     choices, default = compare_choices(run_id)
     return {"ab_compare": gr.update(choices=choices, value=default), "ab_a": "", "ab_b": "",
             "ab_reveal": message, "ab_vote": gr.update(value=None, interactive=False), "ab_state": None,
-            "ab_rates": rates_frame(run_dir)}
+            "ab_rates": rates_frame(run_dir), "pg_left": gr.update(choices=choices, value=default)}
 
 
 @friendly
@@ -415,9 +471,9 @@ def ab_vote(choice: str | None, reviewer: str, state: dict[str, Any] | None) -> 
     parent = parent_of(run_dir)
     a, b = (source_label(revealed[k], state["run"], parent) for k in ("A", "B"))
     verdict = {"A": "A is better", "B": "B is better"}.get(choice, "both bad")
-    winner = (f"**{md_escape(source_label(revealed['winner'], state['run'], parent))}** wins this one."
-              if revealed["winner"] else "Neither wins this one.")
-    reveal = f"You voted **{verdict}**. A was **{md_escape(a)}**, B was **{md_escape(b)}**. {winner}"
+    winner = (f"Winner: **{md_escape(source_label(revealed['winner'], state['run'], parent))}**."
+              if revealed["winner"] else "Both were judged bad: a loss for both.")
+    reveal = f"You voted **{verdict}**: A was **{md_escape(a)}**, B was **{md_escape(b)}**. {winner}"
     return {"ab_reveal": reveal, "ab_rates": rates_frame(run_dir), "ab_vote": gr.update(interactive=False),
             "ab_state": {**state, "pair": pair.to_dict()},
             "feedback_note": saved_note(run_dir, f"your blind vote ({verdict})")}
@@ -503,6 +559,9 @@ def build() -> Components:
     with gr.Row():
         c["pg_run"] = gr.Dropdown(label="Tuned run", allow_custom_value=True, scale=3, elem_id="pg-run",
                                   info="A completed run; without one only the base model answers.")
+        c["pg_left"] = gr.Dropdown([("Base model", "base")], value="base", label="Left column", scale=2,
+                                   allow_custom_value=True, elem_id="pg-left",
+                                   info="The base model, or another run beside the tuned one (e.g. its parent).")
         c["with_prompted"] = gr.Checkbox(False, label="Also show prompt-only", scale=2,
                                          info="The base model told the brand brief: what prompting alone gets.")
         c["reviewer"] = gr.Textbox(label="Reviewer (optional)", scale=2, max_length=80, elem_id="reviewer",
@@ -568,7 +627,8 @@ def build() -> Components:
 
 def wire(c: Components) -> None:
     """The Playground tab's events (the tab itself is `c["playground_tab"]`)."""
-    inputs = pick(c, "msg", "pg_run", "with_prompted", "max_new", "temperature", "top_p", "seed", "rep", "chats")
+    inputs = pick(c, "msg", "pg_run", "with_prompted", "max_new", "temperature", "top_p", "seed", "rep", "chats",
+                  "pg_left")
     outputs = pick(c, *CHAT_VIEWS)
     buttons = pick(c, "send_btn", "stop_btn")
     replies = []
@@ -607,9 +667,9 @@ def wire_feedback(c: Components) -> None:
     """Thumbs and edits in the chats, the blind A/B pair and vote, and the plain API endpoints."""
     for column in ("base", "tuned", "prompted"):
         chatbot = c[f"{column}_chat"]
-        chatbot.like(keyed(on_like(column), c), pick(c, "pg_run", "chats", "reviewer"), c["feedback_note"],
+        chatbot.like(keyed(on_like(column), c), pick(c, "pg_run", "chats", "reviewer", "pg_left"), c["feedback_note"],
                      api_name=f"like_{column}", api_visibility="private")
-        chatbot.edit(keyed(on_edit(column), c), pick(c, "pg_run", "chats", "reviewer"),
+        chatbot.edit(keyed(on_edit(column), c), pick(c, "pg_run", "chats", "reviewer", "pg_left"),
                      pick(c, f"{column}_chat", "chats", "feedback_note"),
                      api_name=f"edit_{column}", api_visibility="private")
     # the same actions with plain arguments, for scripts and tests (gradio_client)
@@ -624,5 +684,9 @@ def wire_feedback(c: Components) -> None:
                 concurrency_id="chat")
     c["ab_vote"].input(keyed(ab_vote, c), pick(c, "ab_vote", "reviewer", "ab_state"),
                        pick(c, "ab_reveal", "ab_rates", "ab_vote", "ab_state", "feedback_note"), api_name="ab_vote")
-    c["pg_run"].change(keyed(ab_reset, c), c["pg_run"], pick(c, "ab_compare", "ab_a", "ab_b", "ab_reveal", "ab_vote", "ab_state", "ab_rates"),
+    c["pg_run"].change(keyed(ab_reset, c), c["pg_run"],
+                       pick(c, "ab_compare", "ab_a", "ab_b", "ab_reveal", "ab_vote", "ab_state", "ab_rates", "pg_left"),
                        api_name="ab_reset")
+    # the left column shows another model: a new conversation, labelled with that model
+    c["pg_left"].change(keyed(left_changed, c), pick(c, "pg_left", "pg_run"),
+                        pick(c, *CHAT_VIEWS, "send_btn", "stop_btn"), api_name="left_column", api_visibility="private")

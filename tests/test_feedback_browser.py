@@ -1,0 +1,176 @@
+"""Feedback in the real page (headless Chromium) on a real run: a thumb, a reply edited in place that the chat
+continues from, and a blind A/B vote whose sources show only after the vote, with the running win rate.
+
+Screenshots go to the test's tmp dir and to /work/notes/shots/ (when that folder can be made) to look at."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from app_server import running_app
+
+from tuner import feedback
+from tuner.runs import Run
+
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = Path("/work/notes/shots")
+CHAT_TIMEOUT_MS = 180_000
+MAX_NEW_TOKENS = 24
+BETTER = "Unplug it for ten seconds, then plug it back in. Stay sunny, the Lumen Lamps team."
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, signoff_run):
+    home = Path(os.environ["TUNER_HOME"])
+    log = tmp_path_factory.mktemp("feedback_browser") / "app.log"
+    with running_app(home, log, env={"GRADIO_IS_E2E_TEST": "1"}) as srv:
+        yield srv
+
+
+@pytest.fixture
+def page(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM),
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.goto(server.url)
+        pg.get_by_role("tab", name="1. Data").wait_for()
+        yield pg
+        browser.close()
+
+
+def shot(page, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    try:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, SHOTS / path.name)
+    except OSError:  # another machine without the notes folder: the tmp copy is enough
+        pass
+
+
+def bot_texts(page, elem_id: str) -> list[str]:
+    return [t.strip() for t in page.locator(f"#{elem_id} [data-testid=bot]").all_inner_texts()]
+
+
+def send(page, text: str, replies: int) -> None:
+    page.locator("#chat-input textarea").fill(text)
+    page.locator("#chat-send").click()
+    page.wait_for_function(f"() => document.querySelectorAll('#chat-tuned [data-testid=bot]').length === {replies}",
+                           timeout=CHAT_TIMEOUT_MS)
+    page.locator("#chat-stop").wait_for(state="hidden", timeout=CHAT_TIMEOUT_MS)
+
+
+def test_thumb_edit_in_place_and_a_blind_vote_in_the_page(page, signoff_run, tmp_path):
+    run_id = signoff_run.name
+    before = len(feedback.records(signoff_run))
+    page.get_by_role("tab", name="3. Playground").click()
+    run_box = page.locator("#pg-run input")
+    page.wait_for_function("() => document.querySelector('#pg-run input')?.value", timeout=30_000)
+    if run_box.input_value() != run_id:
+        run_box.click()
+        page.get_by_role("option", name=run_id, exact=True).click()
+    page.wait_for_function(f"() => document.querySelector('#pg-run input')?.value === '{run_id}'")
+    page.locator("#reviewer textarea, #reviewer input").first.fill("Dana")
+    page.get_by_text("Sampling (the same for every column").click()
+    max_new = page.locator("#max-new input[type=number]")
+    max_new.fill(str(MAX_NEW_TOKENS))
+    max_new.press("Tab")
+    note = page.locator("#feedback-note")
+
+    # 1. a thumb down under the base model's reply
+    send(page, "Hi, my lamp flickers since Monday.", 1)
+    page.locator("#chat-base").get_by_role("button", name="Dislike").click()
+    page.wait_for_function("() => document.querySelector('#feedback-note').innerText.includes('thumbs down on the "
+                           "base reply')", timeout=30_000)
+    assert "judgement" in note.inner_text()
+
+    # 2. the tuned reply edited in place: the better reply stays in the chat
+    model_reply = bot_texts(page, "chat-tuned")[0]
+    page.locator("#chat-tuned [data-testid=bot]").first.hover()
+    page.locator("#chat-tuned").get_by_role("button", name="Edit").nth(1).click()  # [0] is the customer's message
+    editor = page.locator("#chat-tuned textarea")
+    assert editor.input_value().strip() == model_reply  # the editor starts from the reply as shown
+    editor.fill(BETTER)
+    page.locator("#chat-tuned").get_by_role("button", name="Submit").click()
+    page.wait_for_function("() => document.querySelector('#feedback-note').innerText.includes('your better reply')",
+                           timeout=30_000)
+    assert bot_texts(page, "chat-tuned") == [BETTER]
+    shot(page, tmp_path, "fb-01-edited-reply")
+
+    # the conversation continues from the edited reply: the next turn's record holds it as history
+    send(page, "Thanks! It still hums a little.", 2)
+    assert bot_texts(page, "chat-tuned")[0] == BETTER
+    page.locator("#chat-tuned").get_by_role("button", name="Like").last.click()  # under the newest reply
+    page.wait_for_function("() => document.querySelector('#feedback-note').innerText.includes('thumbs up on the "
+                           "tuned reply')", timeout=30_000)
+    thumb_down, edit, thumb_up = feedback.records(signoff_run)[before:]
+    assert thumb_down["judgement"] == {"thumb": "down"} and thumb_down["replies"][0]["source"] == "base"
+    assert edit["judgement"] == {"edited": BETTER} and edit["replies"][0] == {"source": run_id, "text": model_reply}
+    assert thumb_up["prompt"][-2:] == [{"role": "assistant", "content": BETTER},
+                                       {"role": "user", "content": "Thanks! It still hums a little."}]
+    assert {r["reviewer"] for r in (thumb_down, edit, thumb_up)} == {"Dana"}
+    shot(page, tmp_path, "fb-02-continued-from-edit")
+
+    # 3. blind A/B: two replies labelled A and B, no source named until the vote
+    page.get_by_text("Blind A/B: which reply is better?").click()
+    page.locator("#ab-input textarea").fill("Where is my order? It has been a week.")
+    page.locator("#ab-go").click()
+    page.wait_for_function("() => document.querySelector('#ab-a textarea')?.value && "
+                           "document.querySelector('#ab-b textarea')?.value", timeout=CHAT_TIMEOUT_MS)
+    section = page.locator("#ab-section")
+    assert section.get_by_text("Reply A", exact=True).is_visible() and section.get_by_text("Reply B").is_visible()
+    reveal = page.locator("#ab-reveal")
+    assert "Which reply is better?" in reveal.inner_text()
+    shown = "\n".join([reveal.inner_text(), page.locator("#ab-a textarea").input_value(),
+                       page.locator("#ab-b textarea").input_value()])
+    assert run_id not in shown and "base model" not in shown
+    shot(page, tmp_path, "fb-03-blind-pair")
+
+    page.locator("#ab-vote").get_by_text("B is better").click()
+    page.wait_for_function("() => document.querySelector('#ab-reveal').innerText.includes('B was')", timeout=30_000)
+    said = reveal.inner_text()
+    assert f"{run_id} (this run)" in said and "the base model" in said
+    vote = feedback.records(signoff_run)[-1]
+    assert vote["kind"] == "vote" and vote["judgement"]["choice"] == "B" and vote["reviewer"] == "Dana"
+    label = {run_id: f"{run_id} (this run)", "base": "the base model"}
+    assert f"B was {label[vote['judgement']['b']]}. Winner: {label[vote['judgement']['b']]}." in said
+    rates = page.locator("#ab-rates").inner_text()
+    assert all(label[s] in rates for s in (run_id, "base")) and "%" in rates and " to " in rates
+    assert page.locator("#ab-vote input").first.is_disabled()  # one vote per pair
+    shot(page, tmp_path, "fb-04-vote-revealed")
+
+
+def test_a_preference_run_shows_its_parent_beside_it(page, signoff_run, tmp_path):
+    """A child run (a copy of the run whose status names it as parent): the left column becomes the parent."""
+    child = signoff_run.parent / "signoff-child"
+    if not child.exists():
+        shutil.copytree(signoff_run, child, ignore=shutil.ignore_patterns("feedback.jsonl", "checkpoints"))
+    Run(child).update_status(parent=signoff_run.name, method="dpo")
+    page.get_by_role("tab", name="3. Playground").click()  # opening the tab lists the runs finished since
+    page.locator("#pg-run input").click()
+    page.get_by_role("option", name=child.name, exact=True).click()
+    page.wait_for_function(f"() => document.querySelector('#pg-left input')?.value === "
+                           f"'Its parent run: {signoff_run.name}'", timeout=30_000)
+    page.locator("#chat-base").get_by_text(f"Parent run: {signoff_run.name}").wait_for(timeout=30_000)
+    page.get_by_text("Sampling (the same for every column").click()
+    max_new = page.locator("#max-new input[type=number]")
+    max_new.fill(str(MAX_NEW_TOKENS))
+    max_new.press("Tab")
+    send(page, "Is the Nova waterproof?", 1)
+    page.wait_for_function("() => document.querySelectorAll('#chat-base [data-testid=bot]').length === 1 && "
+                           "document.querySelector('#chat-base [data-testid=bot]').innerText.trim()",
+                           timeout=CHAT_TIMEOUT_MS)
+    # the same adapter in both columns (a copy): the same reply, greedy
+    assert bot_texts(page, "chat-base") == bot_texts(page, "chat-tuned")
+    shot(page, tmp_path, "fb-05-parent-beside-child")
