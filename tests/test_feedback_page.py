@@ -263,6 +263,24 @@ def test_feedback_through_the_page_trains_a_dpo_child_that_prefers_what_reviewer
     assert rows[parent]["came from"] == "signoff-run-data → SFT"
 
 
+def test_run_ids_that_are_not_runs_are_refused_by_the_feedback_endpoints(server, home, tmp_path):
+    decoy = home / "decoy-feedback"
+    (decoy / "adapter").mkdir(parents=True, exist_ok=True)
+    (decoy / "status.json").write_text(json.dumps({"status": "completed"}))
+    prefs = _pairs_file(tmp_path / "p.jsonl", [_pair(i) for i in range(12)])
+    from gradio_client import handle_file
+
+    client = _client(server)
+    for probe in ("../decoy-feedback", str(decoy), "..%2Fdecoy-feedback", "signoff-run/../../decoy-feedback", ".."):
+        for args, endpoint in (((probe,), "/feedback_report"), ((probe,), "/export_feedback"),
+                               ((probe, handle_file(str(prefs))), "/import_feedback"),
+                               ((probe, *_settings()), "/train_on_feedback")):
+            message = _fails(client, *args, api_name=endpoint)
+            assert "not a valid run id" in message or "no run named" in message.lower(), (endpoint, probe, message)
+    assert not (decoy / "feedback.jsonl").exists() and sorted(p.name for p in decoy.iterdir()) == ["adapter",
+                                                                                                  "status.json"]
+
+
 @pytest.mark.parametrize("pairs, thumbs, method, words", [
     (0, 0, None, "needs at least 10: 10 more"),
     (9, 0, None, "9 preference pairs so far; preference tuning needs at least 10: 1 more"),

@@ -574,18 +574,23 @@ def build() -> Components:
                                         interactive=False, elem_id="feedback-wins")
         c["fb_lost"] = gr.Dataframe(label="Prompts where the tuned bot lost a vote", interactive=False, wrap=True,
                                     elem_id="feedback-lost")
-        with gr.Row():
-            c["fb_export_btn"] = gr.Button("Download the pairs (.jsonl, trl preference format)")
-            c["fb_upload"] = gr.UploadButton("Import pairs (.jsonl)", file_types=[".jsonl", ".json"],
-                                             elem_id="feedback-import-btn")
-        c["fb_file"] = gr.File(label="Preference pairs", interactive=False, height=90)
+        with gr.Row(equal_height=True):
+            with gr.Column():
+                c["fb_export_btn"] = gr.Button("Download the pairs (.jsonl, trl preference format)",
+                                               elem_id="feedback-export-btn")
+                c["fb_upload"] = gr.UploadButton("Import pairs (.jsonl)", file_types=[".jsonl", ".json"],
+                                                 elem_id="feedback-import-btn")
+            c["fb_file"] = gr.File(label="Preference pairs", interactive=False, height=90, elem_id="feedback-file")
         c["fb_import_md"] = gr.Markdown(elem_id="feedback-import")
         with gr.Row():
             for name in PREF_MAIN:
                 c[f"pref:{name}"] = pref_component(name)
         with gr.Accordion("More preference settings", open=False):
-            for name in PREF_SETTINGS[len(PREF_MAIN):]:
-                c[f"pref:{name}"] = pref_component(name)
+            more = PREF_SETTINGS[len(PREF_MAIN):]
+            for start in range(0, len(more), 3):  # three a row keeps the section short
+                with gr.Row():
+                    for name in more[start:start + 3]:
+                        c[f"pref:{name}"] = pref_component(name)
         c["fb_need"] = gr.Markdown(elem_id="feedback-need")
         c["fb_train_btn"] = gr.Button("Train on this feedback", variant="primary", interactive=False,
                                       elem_id="train-on-feedback")
