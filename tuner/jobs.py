@@ -331,8 +331,10 @@ def measured_here(base_model: str) -> dict[str, Any] | None:
         if not speeds:
             continue
         status = read_status(Path(r["path"]))
+        asked = ((status.get("voice") or {}).get("tuned") or {}).get("prompts")
         return {"speed": sorted(speeds)[len(speeds) // 2], "startup_s": status.get("startup_s"),
-                "eval_s": status.get("eval_s")}
+                "eval_s": status.get("eval_s"),
+                "voice_s_per_prompt": status["voice_s"] / asked if asked and status.get("voice_s") else None}
     return None
 
 
@@ -344,19 +346,22 @@ def measured_speed(base_model: str) -> float | None:
 
 STARTUP_S = 20.0  # process start, model load, tokenization: a first run's reference (then measured)
 SAVE_S = 3.0  # save the adapter, reload it and compare (small for LoRA)
+# the final voice check per held-out prompt, result and base both answering (greedy, batches of 8), with the
+# perplexity check spread over them: a first run's reference (then measured); AMD EPYC 2 cores, SmolLM2-135M
+VOICE_S_PER_PROMPT = {"cpu": 2.0, "cuda": 0.3}
 
 
 def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
     """Steps, time and peak memory of a run before it starts, counting what the user waits for.
 
-    Time = start-up + training steps + evaluations + saving. Speed and start-up come from this
+    Time = start-up + training steps + evaluations + the final voice check + saving. Speed and start-up come from this
     machine's newest finished run of the same model when there is one, else from reference figures
     (the converter's speeds for the default model, scaled by model size); the uncertainty says which.
     Evaluations: a seeded sample before training, at most eval_share of the training time during
     it, and every validation example once at the end (OverheadBudget in tuner.train.callbacks).
     """
     from tuner.dataset import CPU_TOKENS_PER_S, GPU_TOKENS_PER_S
-    from tuner.models import device, is_default, model_info
+    from tuner.models import EAGER_MAX_SCORE_BYTES, attention_score_bytes, device, is_default, model_info
 
     report = read_json_object(Path(data_dir) / "report.json")
     stats = report.get("stats") or {}
@@ -383,8 +388,10 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
             eval_s = start_and_end + min(cfg.eval_share * train_s, steps // cfg.eval_steps * sample * mean_tokens
                                          / (3 * speed))
         startup = (here or {}).get("startup_s") or STARTUP_S
+        asked = min(cfg.voice_prompts, n_val)  # held-out prompts: at most one per validation conversation
+        per_prompt = (here or {}).get("voice_s_per_prompt") or VOICE_S_PER_PROMPT.get(dev, VOICE_S_PER_PROMPT["cpu"]) * default_params / max(params, 1)
         breakdown = {"startup_s": round(startup, 1), "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
-                     "save_s": SAVE_S}
+                     "voice_s": round(asked * per_prompt, 1), "save_s": SAVE_S}
         seconds = sum(breakdown.values())
     memory_mb = None
     if params:
@@ -399,8 +406,8 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
         # every layer's scores for the backward pass (~6 bytes each; tuner.train.recipe.attention)
         head = 1024 * 8192 * 4 * 8
         longest = min(cfg.max_length, max(mean_tokens, 1) * 2)
-        scores = cfg.batch_size * heads * layers * longest * longest * 6
-        eager = dev == "cpu" and scores <= 512 * 2**20
+        scores = attention_score_bytes(cfg.batch_size, heads, layers, longest)
+        eager = dev == "cpu" and scores <= EAGER_MAX_SCORE_BYTES
         # framework: torch, tokenizer, datasets, the Trainer (CPU: RSS; the quick preset's first step on
         # 8 x 512-token examples measured 5.1 GB, AMD EPYC, 2 cores); CUDA: the context
         overhead = 2000 * 2**20 if dev == "cpu" else 400 * 2**20

@@ -186,6 +186,15 @@ def compute_dtype(dev: str | None = None):
     return torch.float32
 
 
+# CPU: eager attention while the scores it keeps for the backward pass fit this (tuner.train.recipe.attention)
+EAGER_MAX_SCORE_BYTES = 512 * 2**20
+
+
+def attention_score_bytes(batch_size: int, heads: int, layers: int, longest: int) -> int:
+    """Bytes eager attention keeps for the backward pass: every layer's scores, fp32 and a bf16 copy."""
+    return batch_size * heads * layers * longest * longest * 6
+
+
 def bnb_config(quantization: str, dtype: Any):
     """BitsAndBytesConfig for QLoRA (NF4 + double quantization), or None for `none`."""
     if quantization == "none":

@@ -86,6 +86,17 @@ def serving_quantization(run_quantization: str, dev: str, requested: str = "auto
     return run_quantization if dev == "cuda" else "none"
 
 
+def serving_dtype(dev: str):
+    """The base's weights dtype for chat: the GPU's compute dtype, fp32 on a CPU. In bf16 a reply depends
+    on the padding of the batch it was generated in (rounding), so the same prompt could answer
+    differently alone and beside other columns; and one reply at a time is no faster in bf16 there
+    (decode reads the weights once per token; AMD EPYC, AVX512-BF16). The run's voice check serves the
+    adapter the same way (tuner.train.voicecheck.served_model)."""
+    from tuner.models import compute_dtype
+
+    return compute_dtype(dev)
+
+
 def read_run(run: str | Path) -> RunInfo:
     """Read a completed run's config and status (no model loading)."""
     from tuner.runs import Run, resolve
@@ -346,7 +357,8 @@ class Playground:
             self._runs = {p: r for p, r in self._runs.items() if p in self._full}
             tokenizer = load_tokenizer(base_model)
             tokenizer.padding_side = "left"  # batched generation appends after the prompt
-            self.model = load_model(base_model, quantization=quantization, dev=self.device)
+            self.model = load_model(base_model, quantization=quantization, dev=self.device,
+                                    dtype=serving_dtype(self.device))
             self.tokenizer = tokenizer
             self._end_ids = self._end_of_turn_ids(self.model)
             self.base_key = key
@@ -422,7 +434,8 @@ class Playground:
         if self.model is None:
             self.load_base(info.base_model, self._quantization_for(info.quantization))
         if info.run_dir not in self._full:
-            self._full[info.run_dir] = load_model(str(info.adapter_dir), quantization="none", dev=self.device)
+            self._full[info.run_dir] = load_model(str(info.adapter_dir), quantization="none", dev=self.device,
+                                                  dtype=serving_dtype(self.device))
             while len(self._full) > 1:  # a fully fine-tuned model is a second copy: keep one only
                 old, _ = self._full.popitem(last=False)
                 self._runs.pop(old, None)

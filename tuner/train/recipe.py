@@ -14,10 +14,9 @@ from peft import LoraConfig
 from trl import SFTConfig
 
 from tuner.config import Method, Quantization, TrainConfig
+from tuner.models import EAGER_MAX_SCORE_BYTES, attention_score_bytes
 from tuner.precision import describe, for_model
 from tuner.runs import Run, world_size
-
-EAGER_MAX_SCORE_BYTES = 512 * 2**20  # CPU: eager attention while its saved scores fit this (see attention())
 
 
 def lora_config(cfg: TrainConfig):
@@ -90,7 +89,7 @@ def attention(dev: str, longest: int, batching: str, batch_size: int = 1, heads:
     quick preset's 11 GB peak, so eager is used only while those scores stay under EAGER_MAX_SCORE_BYTES."""
     if batching == "packed":
         return "flash_attention_2"
-    scores = batch_size * heads * layers * longest * longest * 6
+    scores = attention_score_bytes(batch_size, heads, layers, longest)
     return "eager" if dev == "cpu" and scores <= EAGER_MAX_SCORE_BYTES else "sdpa"
 
 

@@ -137,11 +137,16 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
         update_status(run_dir, phase=f"asking the result and the base {len(voice['prompts'])} new questions "
                                      "(the voice check)")
     if cfg.voice_prompts:
+        voice_started = time.monotonic()
         served = served_model(trainer.model, cfg.base_model, ctx["quantization"], dev)
         summary["voice"] = final_verdict(served, trainer.processing_class, ctx["chat_template"], voice["marker"],
-                                         voice["prompts"], voice["max_new_tokens"])
+                                         voice["prompts"], voice["max_new_tokens"],
+                                         fast_perplexity=ctx["precision"]["bf16"])
         summary["voice"]["served_quantization"] = ctx["quantization"] if served is trainer.model else "none"
+        summary["voice"]["served_dtype"] = str(served.get_input_embeddings().weight.dtype).removeprefix("torch.")
         del served
+        # what the estimate learns from: seconds per held-out prompt asked of both the result and the base
+        summary["voice_s"] = round(time.monotonic() - voice_started, 1)
     else:
         summary["voice"] = None
     out_dir = Run(run_dir).model_dir if cfg.method is Method.FULL else Run(run_dir).adapter_dir

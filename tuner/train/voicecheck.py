@@ -14,6 +14,7 @@ import contextlib
 import math
 import random
 import re
+import time
 from typing import Any
 
 import torch
@@ -131,11 +132,17 @@ class VoiceCheck(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kw):
         if metrics is None or "eval_loss" not in metrics or model is None:
             return
+        # nothing to choose between, so no replies to generate: at step 0 (the base, never a checkpoint;
+        # the final verdict asks the base) and at the last step when no evaluation came before it
+        if state.global_step == 0 or (state.best_metric is None and state.global_step >= state.max_steps):
+            metrics[f"eval_{METRIC}"] = -LOSS_WEIGHT * float(metrics["eval_loss"])
+            return
+        started = time.monotonic()
         replies, ended = generate(model, processing_class, self.chat_template, self.prompts, self.max_new_tokens)
         t = tally(replies, self.marker, ended)
         score = (t.exact - t.degenerate) / max(t.prompts, 1) - LOSS_WEIGHT * float(metrics["eval_loss"])
         metrics[f"eval_{METRIC}"] = score
-        self.history.append({"step": state.global_step, **_tally_dict(t)})
+        self.history.append({"step": state.global_step, **_tally_dict(t), "seconds": round(time.monotonic() - started, 1)})
         update_status(self.run_dir, voice_checks=self.history)
 
 
@@ -145,25 +152,31 @@ def served_model(model, base_model: str, trained_quantization: str, dev: str):
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     from tuner.models import load_model
-    from tuner.playground import serving_quantization
+    from tuner.playground import serving_dtype, serving_quantization
 
-    served = serving_quantization(trained_quantization, dev)
-    if served == trained_quantization or not hasattr(model, "peft_config"):
+    served, dtype = serving_quantization(trained_quantization, dev), serving_dtype(dev)
+    if not hasattr(model, "peft_config") or (
+            served == trained_quantization and (served != "none" or model.get_input_embeddings().weight.dtype == dtype)):
         return model
-    copy = get_peft_model(load_model(base_model, quantization=served, dev=dev), model.peft_config["default"])
+    copy = get_peft_model(load_model(base_model, quantization=served, dtype=dtype, dev=dev),
+                          model.peft_config["default"])
     set_peft_model_state_dict(copy, get_peft_model_state_dict(model))
     return copy.eval()
 
 
-def general_perplexity(model, tokenizer) -> float | None:
-    with autocast(model):
+def general_perplexity(model, tokenizer, fast: bool = False) -> float | None:
+    """Perplexity of the shipped general paragraphs; `fast`: in bf16 (on a CPU whose probe measured bf16
+    faster) even for 16/32-bit weights, since only the ratio of tuned to base, both scored alike, is reported."""
+    half = fast and model.device.type == "cpu" and not any(p.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16) if half else autocast(model):
         loss = mean_loss(model, text_sequences(tokenizer, general_texts()), tokenizer.pad_token_id or 0)
     return math.exp(loss) if loss is not None else None
 
 
 def final_verdict(model, tokenizer, chat_template: str, marker: Marker | None,
-                  prompts: list[list[dict[str, Any]]], max_new_tokens: int) -> dict[str, Any]:
-    """The result and the base (adapter off) answer the held-out prompts; the verdict, with the numbers."""
+                  prompts: list[list[dict[str, Any]]], max_new_tokens: int, fast_perplexity: bool = False) -> dict[str, Any]:
+    """The result and the base (adapter off) answer the held-out prompts; the verdict, with the numbers.
+    `fast_perplexity`: score general text in bf16 (see general_perplexity)."""
     if marker is None:
         return {"sentence": "No phrase recurs in most of your agents' replies, so there is no habit to check "
                             "automatically: compare replies in the playground.", "marker": None}
@@ -171,12 +184,12 @@ def final_verdict(model, tokenizer, chat_template: str, marker: Marker | None,
         return {"sentence": "No validation conversation asks something new (every prompt also occurs in the "
                             "training data), so the voice was not checked.", "marker": marker.text}
     tuned_replies, tuned_ended = generate(model, tokenizer, chat_template, prompts, max_new_tokens)
-    tuned_ppl = general_perplexity(model, tokenizer)
+    tuned_ppl = general_perplexity(model, tokenizer, fast_perplexity)
     tuned, base, base_ppl, base_replies = tally(tuned_replies, marker, tuned_ended), None, None, []
     if hasattr(model, "disable_adapter"):  # LoRA: the base is the same weights with the adapter off
         with model.disable_adapter():
             base_replies, base_ended = generate(model, tokenizer, chat_template, prompts, max_new_tokens)
-            base_ppl = general_perplexity(model, tokenizer)
+            base_ppl = general_perplexity(model, tokenizer, fast_perplexity)
         base = tally(base_replies, marker, base_ended)
     change = tuned_ppl / base_ppl - 1 if tuned_ppl and base_ppl else None
     return {
