@@ -90,7 +90,7 @@ def test_thumb_edit_in_place_and_a_blind_vote_in_the_page(page, signoff_run, tmp
 
     # 1. a thumb down under the base model's reply
     send(page, "Hi, my lamp flickers since Monday.", 1)
-    page.locator("#chat-base").get_by_role("button", name="Dislike").click()
+    page.locator("#chat-base").get_by_role("button", name="Dislike", exact=True).click()
     page.wait_for_function("() => document.querySelector('#feedback-note').innerText.includes('thumbs down on the "
                            "base reply')", timeout=30_000)
     assert "judgement" in note.inner_text()
@@ -111,9 +111,12 @@ def test_thumb_edit_in_place_and_a_blind_vote_in_the_page(page, signoff_run, tmp
     # the conversation continues from the edited reply: the next turn's record holds it as history
     send(page, "Thanks! It still hums a little.", 2)
     assert bot_texts(page, "chat-tuned")[0] == BETTER
-    page.locator("#chat-tuned").get_by_role("button", name="Like").last.click()  # under the newest reply
+    page.locator("#chat-tuned").get_by_role("button", name="Like", exact=True).last.click()  # the newest reply
     page.wait_for_function("() => document.querySelector('#feedback-note').innerText.includes('thumbs up on the "
                            "tuned reply')", timeout=30_000)
+    # the thumbs stay lit when the chat redraws for the next turn
+    assert page.locator("#chat-base").get_by_role("button", name="Disliked", exact=True).count() == 1
+    assert page.locator("#chat-tuned").get_by_role("button", name="Liked", exact=True).count() == 1
     thumb_down, edit, thumb_up = feedback.records(signoff_run)[before:]
     assert thumb_down["judgement"] == {"thumb": "down"} and thumb_down["replies"][0]["source"] == "base"
     assert edit["judgement"] == {"edited": BETTER} and edit["replies"][0] == {"source": run_id, "text": model_reply}

@@ -336,15 +336,36 @@ def shown_in(column: str, left: str | None) -> str:
     return str(left) if column == "base" and left and left != "base" else column
 
 
+def thumbs_shown(column: str, thumbs: dict[str, dict[str, str]], chats: dict[str, list[dict[str, str]]]) -> Any:
+    """The chatbot's feedback_value (one entry per reply), so a thumb stays lit when the chat redraws."""
+    marks = thumbs.get(column, {})
+    return gr.update(feedback_value=[marks.get(str(i)) for i, m in enumerate(chats[column]) if m["role"] == "assistant"])
+
+
+def forget_thumbs(columns: tuple[str, ...] = tuple(COLUMN_NAMES)):
+    """A new conversation in `columns`: no thumb lit there."""
+
+    def forget(thumbs: dict[str, dict[str, str]] | None) -> dict[str, Any]:
+        kept = {col: marks for col, marks in (thumbs or {}).items() if col not in columns}
+        return {"thumbs": kept, **{f"{col}_chat": gr.update(feedback_value=[]) for col in columns}}
+
+    return forget
+
+
 def on_like(column: str):
     """The thumbs under a column's replies (gr.Chatbot feedback) -> a thumb stored with the run."""
 
     def like(run_id: str | None, chats: dict[str, list[dict[str, str]]] | None, reviewer: str, left: str | None,
-             data: gr.LikeData) -> dict[str, Any]:
+             thumbs: dict[str, dict[str, str]] | None, data: gr.LikeData) -> dict[str, Any]:
+        chats, thumbs = chats or new_chats(), {col: dict(marks) for col, marks in (thumbs or {}).items()}
+        key = str(data.index[0] if isinstance(data.index, (list, tuple)) else data.index)
         if not isinstance(data.liked, bool):  # a thumb taken back: judgements are kept, nothing new to save
-            return {"feedback_note": "Nothing saved: the thumb was taken back (earlier judgements are kept)."}
-        return {"feedback_note": _rate(run_id, shown_in(column, left), (chats or new_chats())[column], data.index,
-                                       data.liked, reviewer)}
+            thumbs.get(column, {}).pop(key, None)
+            note = "Nothing saved: the thumb was taken back (earlier judgements are kept)."
+        else:
+            note = _rate(run_id, shown_in(column, left), chats[column], data.index, data.liked, reviewer)
+            thumbs.setdefault(column, {})[key] = "Like" if data.liked else "Dislike"
+        return {"feedback_note": note, "thumbs": thumbs, f"{column}_chat": thumbs_shown(column, thumbs, chats)}
 
     return friendly(like)
 
@@ -609,6 +630,7 @@ def build() -> Components:
                                      "blind votes ('both bad' counts as a loss for both)", interactive=False,
                                      elem_id="ab-rates")
         c["ab_state"] = gr.State(None)  # this session's pair, its order hidden until the vote
+    c["thumbs"] = gr.State(dict)  # {column: {reply index: "Like"|"Dislike"}}: the thumbs lit in this session
     with gr.Accordion("Evaluation: did it learn the voice, did it forget anything?", open=False, elem_id="eval-section"):
         with gr.Row():
             c["eval_prompts"] = gr.Slider(1, EVAL_MAX_PROMPTS, value=EVAL_PROMPTS, step=1, label="Held-out prompts",
@@ -667,11 +689,18 @@ def wire_feedback(c: Components) -> None:
     """Thumbs and edits in the chats, the blind A/B pair and vote, and the plain API endpoints."""
     for column in ("base", "tuned", "prompted"):
         chatbot = c[f"{column}_chat"]
-        chatbot.like(keyed(on_like(column), c), pick(c, "pg_run", "chats", "reviewer", "pg_left"), c["feedback_note"],
-                     api_name=f"like_{column}", api_visibility="private")
+        chatbot.like(keyed(on_like(column), c), pick(c, "pg_run", "chats", "reviewer", "pg_left", "thumbs"),
+                     pick(c, "feedback_note", "thumbs", f"{column}_chat"), api_name=f"like_{column}",
+                     api_visibility="private")
+        chatbot.clear(keyed(forget_thumbs((column,)), c), c["thumbs"], pick(c, "thumbs", f"{column}_chat"),
+                      api_name=f"forget_thumbs_{column}", api_visibility="private")
         chatbot.edit(keyed(on_edit(column), c), pick(c, "pg_run", "chats", "reviewer", "pg_left"),
                      pick(c, f"{column}_chat", "chats", "feedback_note"),
                      api_name=f"edit_{column}", api_visibility="private")
+    every_chat = pick(c, "thumbs", "base_chat", "tuned_chat", "prompted_chat")
+    for name, trigger in (("clear", c["clear_btn"].click), ("run", c["pg_run"].change), ("left", c["pg_left"].change)):
+        trigger(keyed(forget_thumbs(), c), c["thumbs"], every_chat, api_name=f"forget_thumbs_{name}",
+                api_visibility="private")
     # the same actions with plain arguments, for scripts and tests (gradio_client)
     gr.api(rate_reply, api_name="rate_reply")
     gr.api(edit_reply, api_name="edit_reply")
