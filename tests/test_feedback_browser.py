@@ -95,6 +95,18 @@ def test_thumb_edit_in_place_and_a_blind_vote_in_the_page(page, signoff_run, tmp
                            "base reply')", timeout=30_000)
     assert "judgement" in note.inner_text()
 
+    # a customer's message is not a reply to judge: the edit is refused, and the message is put back
+    question = page.locator("#chat-tuned [data-testid=user]").first
+    question.hover()
+    page.locator("#chat-tuned").get_by_role("button", name="Edit").first.click()
+    page.locator("#chat-tuned textarea").fill("Something else entirely.")
+    page.locator("#chat-tuned").get_by_role("button", name="Submit").click()
+    page.wait_for_function("() => document.querySelector('#feedback-note').innerText.includes('Not saved')",
+                           timeout=30_000)
+    assert "customer's, not a reply" in note.inner_text()
+    page.wait_for_function("() => document.querySelector('#chat-tuned [data-testid=user]').innerText.trim() === "
+                           "'Hi, my lamp flickers since Monday.'", timeout=10_000)
+
     # 2. the tuned reply edited in place: the better reply stays in the chat
     model_reply = bot_texts(page, "chat-tuned")[0]
     page.locator("#chat-tuned [data-testid=bot]").first.hover()
