@@ -333,7 +333,7 @@ def test_a_reply_cut_off_at_the_token_limit_is_counted_as_degenerate(signoff_run
     from peft import PeftModel
 
     from tuner.models import load_model
-    from tuner.train.voicecheck import final_verdict, habit_of
+    from tuner.train.voicecheck import final_verdict, generate, habit_of
     from tuner.verdict import Marker
 
     model = PeftModel.from_pretrained(load_model("default", dev="cpu"), str(signoff_run / "adapter"))
@@ -345,6 +345,14 @@ def test_a_reply_cut_off_at_the_token_limit_is_counted_as_degenerate(signoff_run
     cut = final_verdict(model, tokenizer, tokenizer.chat_template, habit_of(replies), prompts, max_new_tokens=3)
     assert cut["tuned"]["unended"] == 2 and cut["base"]["unended"] == 2  # three tokens end no reply
     assert "2 never ended their turn" in cut["sentence"]
+    # result and base answer in one mixed batch: the same replies as each asked alone
+    full = final_verdict(model, tokenizer, tokenizer.chat_template, habit_of(replies), prompts, max_new_tokens=48)
+    alone, _ = generate(model, tokenizer, tokenizer.chat_template, prompts, 48)
+    with model.disable_adapter():
+        base_alone, _ = generate(model, tokenizer, tokenizer.chat_template, prompts, 48)
+    assert [e["tuned"] for e in full["examples"]] == alone
+    assert [e["base"] for e in full["examples"]] == base_alone
+    assert alone != base_alone  # the adapter was on for one and off for the other
 
 
 def test_the_default_preset_sizes_its_steps_to_the_data_within_its_bounds():

@@ -87,8 +87,9 @@ def end_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, chat_template: str, prompts: list[list[dict[str, Any]]], max_new_tokens: int,
-             batch_size: int = 8) -> tuple[list[str], list[bool]]:
-    """Greedy replies (the playground's default: temperature 0) and whether each ended its turn."""
+             batch_size: int = 8, adapter_names: list[str] | None = None) -> tuple[list[str], list[bool]]:
+    """Greedy replies (the playground's default: temperature 0) and whether each ended its turn.
+    `adapter_names`, one per prompt: peft's mixed batches ("__base__" = adapter off for that row)."""
     was_training = model.training
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -100,9 +101,10 @@ def generate(model, tokenizer, chat_template: str, prompts: list[list[dict[str, 
             texts = [tokenizer.apply_chat_template(p, chat_template=chat_template, tokenize=False,
                                                    add_generation_prompt=True) for p in prompts[start:start + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            mixed = {"adapter_names": adapter_names[start:start + batch_size]} if adapter_names else {}
             with autocast(model):
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                                     pad_token_id=tokenizer.pad_token_id, repetition_penalty=penalty)
+                                     pad_token_id=tokenizer.pad_token_id, repetition_penalty=penalty, **mixed)
             for row in out[:, enc["input_ids"].shape[1]:].tolist():
                 stop_at = next((i for i, t in enumerate(row) if t in stops), None)
                 ended.append(stop_at is not None)
@@ -183,14 +185,21 @@ def final_verdict(model, tokenizer, chat_template: str, marker: Marker | None,
     if not prompts:
         return {"sentence": "No validation conversation asks something new (every prompt also occurs in the "
                             "training data), so the voice was not checked.", "marker": marker.text}
-    tuned_replies, tuned_ended = generate(model, tokenizer, chat_template, prompts, max_new_tokens)
-    tuned_ppl = general_perplexity(model, tokenizer, fast_perplexity)
-    tuned, base, base_ppl, base_replies = tally(tuned_replies, marker, tuned_ended), None, None, []
-    if hasattr(model, "disable_adapter"):  # LoRA: the base is the same weights with the adapter off
+    base, base_ppl, base_replies = None, None, []
+    if hasattr(model, "disable_adapter"):
+        # LoRA: the base is the same weights with the adapter off, so each prompt is asked of both in one
+        # batch (a row per model): one decoding pass instead of two, the same greedy replies
+        names = [name for _ in prompts for name in (model.active_adapter, "__base__")]
+        both, ended = generate(model, tokenizer, chat_template, [p for p in prompts for _ in (0, 1)],
+                               max_new_tokens, batch_size=16, adapter_names=names)
+        tuned_replies, tuned_ended, base_replies, base_ended = both[0::2], ended[0::2], both[1::2], ended[1::2]
         with model.disable_adapter():
-            base_replies, base_ended = generate(model, tokenizer, chat_template, prompts, max_new_tokens)
             base_ppl = general_perplexity(model, tokenizer, fast_perplexity)
         base = tally(base_replies, marker, base_ended)
+    else:
+        tuned_replies, tuned_ended = generate(model, tokenizer, chat_template, prompts, max_new_tokens)
+    tuned_ppl = general_perplexity(model, tokenizer, fast_perplexity)
+    tuned = tally(tuned_replies, marker, tuned_ended)
     change = tuned_ppl / base_ppl - 1 if tuned_ppl and base_ppl else None
     return {
         "sentence": verdict_sentence(marker, tuned, base, change),
