@@ -177,6 +177,12 @@ def test_the_estimate_counts_start_up_evaluations_and_saving_and_learns_this_mac
     assert parts["startup_s"] > 0 and parts["eval_s"] > 0 and parts["save_s"] > 0 and parts["train_s"] > 0
     assert abs(sum(parts.values()) - before["time_s"]) < 0.01  # the total is what the user waits for
     assert before["precision"] and before["precision"].split()[0] in ("bf16", "fp32")  # the CPU's measured choice
+    assert parts["voice_s"] > 0  # the held-out questions asked of the result and the base at the end
+    # 2 steps x 8 examples: the page says beforehand that this is too short for the voice
+    assert before["reach"].startswith(f"It sees 16 examples: {16 / before['examples']:.0%} of your ")
+    assert "too short to expect your agents' habits" in before["reach"]
+    standard = jobs.estimate(TrainConfig.from_preset("standard"), data)
+    assert "too short" not in standard["reach"]
 
     run = runs.prepare_run(cfg, data, run_dir=runs_dir() / "estimate-learns")
     status = train.train_run(run)
@@ -185,3 +191,7 @@ def test_the_estimate_counts_start_up_evaluations_and_saving_and_learns_this_mac
     after = jobs.estimate(cfg, data)
     assert after["measured"] is True and "this machine" in after["uncertainty"]
     assert after["breakdown"]["startup_s"] == status["startup_s"]  # learned from the run that finished here
+    asked = status["voice"]["tuned"]["prompts"]  # the voice check's seconds per question, learned too
+    n_val = json.loads((data / "report.json").read_text())["validation_examples"]
+    assert after["breakdown"]["voice_s"] == pytest.approx(status["voice_s"] / asked * min(cfg.voice_prompts, n_val),
+                                                          abs=0.1)

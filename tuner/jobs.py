@@ -349,6 +349,24 @@ SAVE_S = 3.0  # save the adapter, reload it and compare (small for LoRA)
 # the final voice check per held-out prompt, result and base both answering (greedy, batches of 8), with the
 # perplexity check spread over them: a first run's reference (then measured); AMD EPYC 2 cores, SmolLM2-135M
 VOICE_S_PER_PROMPT = {"cpu": 2.0, "cuda": 0.3}
+# the voice benchmark (bench/VOICE.md: 400 public chats whose replies end with one sign-off, 24 new questions,
+# as the CPU playground serves it): 96 examples seen (quick) carried the habit to 0 of 24, 192 to 24 of 24
+VOICE_MIN_EXAMPLES, VOICE_SHORT, VOICE_ENOUGH = 192, (96, 0), (192, 24)
+
+
+def reach(examples_seen: int, n_train: int) -> str:
+    """What a run of this length can be expected to reach, in a sentence, before it starts."""
+    if not n_train:
+        return ""
+    share = examples_seen / n_train
+    text = (f"It sees {examples_seen:,} examples: "
+            + (f"{share:.0%} of your {n_train:,} once" if share < 1 else f"your {n_train:,} {share:.1f} times") + ".")
+    if examples_seen < VOICE_MIN_EXAMPLES:
+        text += (f" That is too short to expect your agents' habits on new questions: on the voice benchmark "
+                 f"(400 public chats with a sign-off) {VOICE_SHORT[0]} examples carried it to {VOICE_SHORT[1]} of 24 "
+                 f"new questions, {VOICE_ENOUGH[0]} to {VOICE_ENOUGH[1]} of 24. Good for a first look at the "
+                 f"pipeline; the *standard* preset learns the voice.")
+    return text
 
 
 def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
@@ -424,5 +442,6 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
 
         precision = describe(for_model(cfg.base_model)) if cfg.precision == "auto" else cfg.precision
     return {"steps": steps, "examples": n_train, "tokens": round(train_tokens), "time_s": seconds,
+            "reach": reach(steps * per_step, n_train),
             "breakdown": breakdown, "memory_mb": memory_mb, "device": "GPU" if dev == "cuda" else "CPU",
             "speed": speed, "measured": here is not None, "uncertainty": uncertainty, "precision": precision}
