@@ -14,6 +14,7 @@ import pytest
 from app_server import running_app
 from test_preference import PHRASE, has_phrase, reviewers_pairs
 
+from tuner import feedback
 from tuner.config import PreferenceConfig
 from tuner.runs import Run, update_status
 from tuner.ui.runs_tab import PREF_SETTINGS
@@ -199,12 +200,14 @@ def test_feedback_through_the_page_trains_a_dpo_child_that_prefers_what_reviewer
         history = [*prompt, {"role": "assistant", "content": reply}]
         note, _ = client.predict(parent, "tuned", history, 1, better, "QA", api_name="/edit_reply")
         assert note.startswith("Saved: your better reply")
-    lost = 0
     for question, choice in (("Is the Nova waterproof?", "A"), ("Do you ship to Spain?", "B"),
                              ("My dimmer hums, why?", "both bad")):
         client.predict(parent, "base", question, *AB_SETTINGS, "Ana", api_name="/ab_pair")
         reveal, *_ = client.predict(choice, "", api_name="/ab_vote")
-        lost += f"**{parent} (this run)** wins" not in reveal.replace("\\", "")
+        assert "this run" in reveal  # the page says which was which only now
+    # the votes this run lost, as stored with it (A and B were shuffled, so the winner is known only from the vote)
+    votes = [r["judgement"] for r in feedback.records(signoff_run.parent / parent) if r["kind"] == "vote"]
+    lost = sum({"A": j["a"], "B": j["b"]}.get(j["choice"]) != parent for j in votes)
     # the Runs tab's report counts them: pairs from the edits and the decided votes, win rates, lost prompts
     words, counts, wins, lost_prompts, need = client.predict(parent, api_name="/feedback_report")
     print(words)
@@ -213,7 +216,7 @@ def test_feedback_through_the_page_trains_a_dpo_child_that_prefers_what_reviewer
     assert n_pairs in (N_PAIRS, N_PAIRS + 1, N_PAIRS + 2)  # a vote between two identical replies makes no pair
     assert f"{n_pairs} preference pairs: ready to train with DPO" in need
     assert {r[0]: r[2] for r in wins["data"]} == {f"{parent} (this run)": 3, "the base model": 3}
-    assert len(lost_prompts["data"]) == lost
+    assert len(votes) == 3 and len(lost_prompts["data"]) == lost and lost >= 1  # "both bad" is a loss
 
     runs_before = {r["run"] for r in _table(client)}
     child = _value(client.predict(parent, *_settings(max_length=128), api_name="/train_on_feedback"))
@@ -239,6 +242,10 @@ def test_feedback_through_the_page_trains_a_dpo_child_that_prefers_what_reviewer
           f"reward margin {before['margin']} -> {after['margin']}; {status['step']} steps, {status['wall_s']} s")
     assert status["step"] == status["max_steps"] and status["method"] == "dpo" and status["parent"] == parent
     assert status["preference_rows"] == n_pairs and status["train_rows"] == n_pairs - 8
+    from tuner.ui.train_tab import preference_steps
+
+    # what the Train tab said before the trainer started is what the trainer did
+    assert preference_steps(PreferenceConfig(max_length=128), n_pairs) == status["max_steps"]
     assert pm["held_out_pairs"] == 8
     assert after["accuracy"] >= before["accuracy"] + 0.25 and after["accuracy"] >= 0.75
     assert after["margin"] > before["margin"]

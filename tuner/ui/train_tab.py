@@ -223,6 +223,17 @@ def no_run_views() -> dict[str, Any]:
             "resume_btn": gr.update(visible=False), "timer": gr.Timer(active=False)}
 
 
+def preference_steps(pcfg: PreferenceConfig, rows: int | None) -> int:
+    """A preference run's steps before its trainer says them: max_steps, else passes x batches of the rows left
+    after the held-out split (as the Trainer counts them); 0 when unknown."""
+    from tuner import feedback
+
+    if pcfg.max_steps > 0 or not rows:
+        return max(pcfg.max_steps, 0)
+    train, _held = feedback.split(list(range(int(rows))), pcfg.held_out if pcfg.method == "dpo" else 0.0, pcfg.seed)
+    return math.ceil(pcfg.num_epochs * math.ceil(len(train) / pcfg.batch_size))
+
+
 @friendly
 def run_status(run_id: str | None) -> dict[str, Any]:
     """Everything the Train tab shows about one run, read from its folder."""
@@ -238,7 +249,7 @@ def run_status(run_id: str | None) -> dict[str, Any]:
         batch, accum, max_steps = cfg.batch_size, cfg.grad_accum, cfg.max_steps
         if isinstance(status.get("preference"), dict):  # the child's own steps and batch, not its parent's
             pcfg = PreferenceConfig.from_dict(status["preference"])
-            batch, accum, max_steps = pcfg.batch_size, 1, pcfg.max_steps
+            batch, accum, max_steps = pcfg.batch_size, 1, preference_steps(pcfg, status.get("preference_rows"))
         if not status.get("max_steps") and max_steps > 0:  # before the trainer has said it
             status = {**status, "max_steps": max_steps}
     except (TunerError, OSError, ValueError):
