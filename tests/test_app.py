@@ -166,6 +166,11 @@ def test_two_sessions_never_see_each_others_uploads_or_examples(server, home):
     _convert(alice, system_prompt="ALICE-ONLY brief")
     system, bubbles, _ = alice.predict(1, "default", api_name="/example")
     assert system == "ALICE-ONLY brief" and bubbles
+    # before any run, the page says what the quick preset cannot reach, and the standard one can
+    quick = alice.predict("default", "quick", *_quick_settings(), api_name="/estimate")
+    assert "96 examples are too few to expect your agents' habits on new questions" in quick
+    standard = alice.predict("default", "standard", *_quick_settings(preset="standard"), api_name="/estimate")
+    assert "Estimate" in standard and "too few" not in standard
     # Bob's session has no data: no preview, no estimate, no training on Alice's examples
     assert bob.predict(1, "default", api_name="/example") == ("", [], [])
     assert "tab first" in bob.predict("default", "quick", *_quick_settings(), api_name="/estimate")
@@ -177,12 +182,12 @@ def test_two_sessions_never_see_each_others_uploads_or_examples(server, home):
     assert len(with_alice) == 1
 
 
-def _quick_settings(**overrides) -> list:
-    """The Train tab's settings in MAIN_SETTINGS + MORE_SETTINGS order, from the quick preset."""
+def _quick_settings(preset: str = "quick", **overrides) -> list:
+    """The Train tab's settings in MAIN_SETTINGS + MORE_SETTINGS order, from the quick preset (or `preset`)."""
     from tuner.config import TrainConfig
     from tuner.ui.train_tab import MAIN_SETTINGS, MORE_SETTINGS
 
-    values = {**TrainConfig.from_preset("quick").to_dict(), **overrides}
+    values = {**TrainConfig.from_preset(preset).to_dict(), **overrides}
     return [values[n] for n in MAIN_SETTINGS + MORE_SETTINGS]
 
 

@@ -22,13 +22,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tuner.cli import quiet_threads_env
 from tuner.config import TrainConfig
-from tuner.errors import RunNotFound, TrainingError
+from tuner.errors import RunNotFound, TrainingError, TunerError
 from tuner.paths import check_run_id, runs_dir, tuner_home
 from tuner.runs import (
     ACTIVE,
@@ -197,6 +198,21 @@ def start(run_dir: str | Path, resume: bool = False) -> Job:
     return Job(run_dir=run_dir, pid=proc.pid, process=proc)
 
 
+def start_new(prepare: Callable[[], Path]) -> Path:
+    """Prepare a new run folder with `prepare()` and start it; refused, with nothing created, while another
+    job trains, and the folder removed again if another job took the machine in between."""
+    if (running := active_job()) is not None:
+        raise TrainingError(f"Another training run is in progress on this machine ({running.get('holder')}). One "
+                            "job runs at a time: wait for it to finish or cancel it, then start again.")
+    run_dir = prepare()
+    try:
+        start(run_dir)
+    except TunerError:
+        delete_run(Path(run_dir).name)  # lost a race for the machine: leave no never-started run behind
+        raise
+    return Path(run_dir)
+
+
 def _create_time(pid: int) -> float | None:
     import psutil
 
@@ -354,19 +370,14 @@ VOICE_S_PER_PROMPT = {"cpu": 2.0, "cuda": 0.3}
 VOICE_MIN_EXAMPLES, VOICE_SHORT, VOICE_ENOUGH = 192, (96, 0), (192, 24)
 
 
-def reach(examples_seen: int, n_train: int) -> str:
-    """What a run of this length can be expected to reach, in a sentence, before it starts."""
-    if not n_train:
+def reach(examples_seen: int) -> str:
+    """What a run that sees this many examples can be expected to reach, before it starts ("" when enough)."""
+    if examples_seen >= VOICE_MIN_EXAMPLES:
         return ""
-    share = examples_seen / n_train
-    text = (f"It sees {examples_seen:,} examples: "
-            + (f"{share:.0%} of your {n_train:,} once" if share < 1 else f"your {n_train:,} {share:.1f} times") + ".")
-    if examples_seen < VOICE_MIN_EXAMPLES:
-        text += (f" That is too short to expect your agents' habits on new questions: on the voice benchmark "
-                 f"(400 public chats with a sign-off) {VOICE_SHORT[0]} examples carried it to {VOICE_SHORT[1]} of 24 "
-                 f"new questions, {VOICE_ENOUGH[0]} to {VOICE_ENOUGH[1]} of 24. Good for a first look at the "
-                 f"pipeline; the *standard* preset learns the voice.")
-    return text
+    return (f"{examples_seen:,} examples are too few to expect your agents' habits on new questions: on the voice "
+            f"benchmark (400 public chats whose replies end with one sign-off) {VOICE_SHORT[0]} examples carried it to "
+            f"{VOICE_SHORT[1]} of 24 new questions, {VOICE_ENOUGH[0]} to {VOICE_ENOUGH[1]} of 24. Good for a first "
+            f"look at the pipeline; the *standard* preset learns the voice.")
 
 
 def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
@@ -442,6 +453,6 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
 
         precision = describe(for_model(cfg.base_model)) if cfg.precision == "auto" else cfg.precision
     return {"steps": steps, "examples": n_train, "tokens": round(train_tokens), "time_s": seconds,
-            "reach": reach(steps * per_step, n_train),
+            "reach": reach(steps * per_step),
             "breakdown": breakdown, "memory_mb": memory_mb, "device": "GPU" if dev == "cuda" else "CPU",
             "speed": speed, "measured": here is not None, "uncertainty": uncertainty, "precision": precision}

@@ -68,7 +68,8 @@ def build_demo() -> gr.Blocks:
         c["session"] = gr.State(data_tab.new_session, delete_callback=data_tab.end_session)
         c["chats"] = gr.State(playground_tab.new_chats)
         gr.Markdown("# tuner\nTurn your support conversations into a chatbot that answers in your voice: "
-                    "**1** check the data, **2** train, **3** compare base and tuned, **4** take the model home.")
+                    "**1** check the data, **2** train, **3** compare base and tuned and judge the replies, "
+                    "**4** teach it with the feedback and take the model home.")
         c["notice"] = gr.Markdown(visible=False, elem_id="storage-notice")
         with gr.Tabs() as c["tabs"]:
             with gr.Tab("1. Data", id="data"):

@@ -372,16 +372,7 @@ def train_on_feedback(run_id: str | None, *values: Any) -> dict[str, Any]:
     if method is None:
         raise TunerError(need)
     pcfg = preference_config(method, values)
-    if (running := jobs.active_job()) is not None:
-        # refuse before creating a run folder that could not start
-        raise TunerError(f"Another training run is in progress on this machine ({running.get('holder')}). One job "
-                         "runs at a time: wait for it to finish or cancel it, then start again.")
-    child = prepare_preference_run(run.path, pcfg)
-    try:
-        jobs.start(child)
-    except TunerError:
-        jobs.delete_run(child.name)  # lost a race for the machine: leave no never-started run behind
-        raise
+    child = jobs.start_new(lambda: prepare_preference_run(run.path, pcfg))
     gr.Info(f"{method.upper()} started: run {child.name}, a child of {run.id}. Its progress is on the Train tab.")
     return {"train_run": child.name, "tabs": gr.Tabs(selected="train")}
 

@@ -116,7 +116,8 @@ def estimate_run(session: dict[str, Any], base_model: str, preset: str, *values:
         text += f", about **{progress.fmt_duration(est['time_s'])}**"
         parts = est.get("breakdown") or {}
         named = [(parts.get(k), w) for k, w in (("startup_s", "start-up"), ("train_s", "training steps"),
-                                                ("eval_s", "evaluations"), ("save_s", "saving"))]
+                                                ("eval_s", "evaluations"), ("voice_s", "the voice check"),
+                                                ("save_s", "saving"))]
         if any(v for v, _ in named):
             text += " (" + ", ".join(f"{w} {progress.fmt_duration(v)}" for v, w in named if v) + ")"
     if est.get("memory_mb") is not None:
@@ -131,6 +132,8 @@ def estimate_run(session: dict[str, Any], base_model: str, preset: str, *values:
         text += f" Speed: {est['speed']:,.0f} tokens/s ({basis})."
     else:
         text += " (No time estimate for a Hub model that is not downloaded yet.)"
+    if est.get("reach"):  # said before the run, not only by its verdict
+        text += f"\n\n**{est['reach']}**"
     return text
 
 
@@ -276,16 +279,7 @@ def start_training(session: dict[str, Any], base_model: str, preset: str, *value
     if not (session or {}).get("ok") or not session.get("data_dir"):
         raise TunerError("There is nothing valid to train on yet: check your data on the Data tab first.")
     cfg = build_train_config(base_model, preset, MAIN_SETTINGS + MORE_SETTINGS, values)
-    if (running := jobs.active_job()) is not None:
-        # refuse before creating a run folder that could not start
-        raise TunerError(f"Another training run is in progress on this machine ({running.get('holder')}). One job "
-                         "runs at a time: wait for it to finish or cancel it, then start again.")
-    run_dir = runs.prepare_run(cfg, session["data_dir"])
-    try:
-        jobs.start(run_dir)
-    except TunerError:
-        jobs.delete_run(run_dir.name)  # lost a race for the machine: leave no never-started run behind
-        raise
+    run_dir = jobs.start_new(lambda: runs.prepare_run(cfg, session["data_dir"]))
     gr.Info(f"Training started: run {run_dir.name}. You can close this tab; it keeps training.")
     return run_dir.name
 
