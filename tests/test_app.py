@@ -431,6 +431,7 @@ def test_tuner_auth_puts_the_page_and_the_api_behind_a_password(tmp_path):
             Client(srv.url, verbose=False, auth=("crew", "wrong"))
         client = Client(srv.url, verbose=False, auth=("crew", "s3cret-pass"), download_files=False)
         assert client.predict(api_name="/runs")[0]["data"] == []
+        assert client.predict(api_name="/load")[-1] == "crew"  # judgements are signed with the login's name
         assert "s3cret-pass" not in srv.log()
 
 

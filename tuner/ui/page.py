@@ -49,8 +49,9 @@ def storage_notice() -> str:
 
 
 @friendly
-def page_load() -> dict[str, Any]:
-    """A (re)opened page shows the run that is training now, read from disk, not from memory."""
+def page_load(request: gr.Request = None) -> dict[str, Any]:
+    """A (re)opened page shows the run that is training now, read from disk, not from memory; behind a
+    login (TUNER_AUTH, or a Space's), the reviewer's name is the one signed in."""
     current = active_run()
     choices = run_choices()
     completed = run_choices(only_completed=True)
@@ -58,7 +59,8 @@ def page_load() -> dict[str, Any]:
     return {"train_run": gr.update(choices=choices, value=current),
             "pg_run": gr.update(choices=completed, value=completed[0] if completed else None),
             "runs_pick": gr.update(choices=choices, value=current), "runs_table": runs_tab.runs_frame(),
-            "notice": gr.update(value=notice, visible=bool(notice))}
+            "notice": gr.update(value=notice, visible=bool(notice)),
+            "reviewer": getattr(request, "username", None) or ""}
 
 
 def build_demo() -> gr.Blocks:
@@ -82,6 +84,7 @@ def build_demo() -> gr.Blocks:
                 c.update(runs_tab.build())
         for tab in (data_tab, train_tab, playground_tab, runs_tab):
             tab.wire(c)
-        demo.load(keyed(page_load, c), outputs=pick(c, "train_run", "pg_run", "runs_pick", "runs_table", "notice"),
+        demo.load(keyed(page_load, c), outputs=pick(c, "train_run", "pg_run", "runs_pick", "runs_table", "notice",
+                                                   "reviewer"),
                   api_name="load")
     return demo
