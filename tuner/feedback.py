@@ -79,6 +79,15 @@ def _append(run: Run | str | Path, kind: str, prompt: Any, replies: list[dict[st
     return record
 
 
+def source_label(source: str, run_id: str | None, parent: str | None = None) -> str:
+    """Who wrote a reply, in words, as the page names it: the base model, this run, its parent, another run."""
+    if source == BASE:
+        return "the base model"
+    if source == run_id or (source == TUNED and run_id):
+        return f"{run_id} (this run)"
+    return f"{source} (its parent)" if parent and source == parent else source
+
+
 def record_thumb(run: Run | str | Path, prompt: list[Message], reply: str, up: bool, source: str = TUNED,
                  reviewer: str | None = None) -> dict[str, Any]:
     """A thumbs up (`up=True`) or down on one reply (Gradio's chatbot `.like`)."""

@@ -249,14 +249,6 @@ def judged(run_dir: Path, column: str) -> Judged:
                      "shown in the left column.")
 
 
-def source_label(source: str, run_id: str | None, parent: str | None = None) -> str:
-    if source == "base":
-        return "the base model"
-    if source == run_id:
-        return f"{source} (this run)"
-    return f"{source} (its parent)" if source == parent else source
-
-
 def sent_prompt(run_dir: Path, column: str, before: list[dict[str, Any]]) -> list[dict[str, str]]:
     """The conversation up to a reply as the playground sent it to that column: the run's training system
     prompt (the brand brief for the prompt-only column), then the turns before the reply."""
@@ -420,7 +412,7 @@ def rates_frame(run_dir: Path | None) -> pd.DataFrame:
     if run_dir is None:
         return pd.DataFrame(columns=RATE_COLUMNS)
     run_id, parent = Run(run_dir).id, parent_of(run_dir)
-    rows = [{"source": source_label(source, run_id, parent), "wins": r["wins"], "votes": r["votes"],
+    rows = [{"source": feedback.source_label(source, run_id, parent), "wins": r["wins"], "votes": r["votes"],
              "win rate": f"{r['rate']:.0%}" if r["rate"] is not None else "—",
              "95% interval": f"{r['low']:.0%} to {r['high']:.0%}"}
             for source, r in feedback.report(run_dir)["win_rates"].items()]
@@ -490,9 +482,9 @@ def ab_vote(choice: str | None, reviewer: str, state: dict[str, Any] | None) -> 
     pair = feedback.BlindPair(**state["pair"])
     revealed = pair.vote(run_dir, choice, (reviewer or "").strip() or state.get("reviewer"))
     parent = parent_of(run_dir)
-    a, b = (source_label(revealed[k], state["run"], parent) for k in ("A", "B"))
+    a, b = (feedback.source_label(revealed[k], state["run"], parent) for k in ("A", "B"))
     verdict = {"A": "A is better", "B": "B is better"}.get(choice, "both bad")
-    winner = (f"Winner: **{md_escape(source_label(revealed['winner'], state['run'], parent))}**."
+    winner = (f"Winner: **{md_escape(feedback.source_label(revealed['winner'], state['run'], parent))}**."
               if revealed["winner"] else "Both were judged bad: a loss for both.")
     reveal = f"You voted **{verdict}**: A was **{md_escape(a)}**, B was **{md_escape(b)}**. {winner}"
     return {"ab_reveal": reveal, "ab_rates": rates_frame(run_dir), "ab_vote": gr.update(interactive=False),

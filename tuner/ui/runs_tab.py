@@ -236,12 +236,8 @@ def _counts_frame(report: dict[str, Any]) -> pd.DataFrame:
 
 
 def source_label(source: str, run: Run) -> str:
-    """Who wrote a reply, as the playground names it: the base model, this run, its parent, another run."""
-    if source == feedback.BASE:
-        return "the base model"
-    if source in (run.id, feedback.TUNED):
-        return f"{run.id} (this run)"
-    return f"{source} (its parent)" if source == run.status().get("parent") else source
+    """Who wrote a reply, as the playground names it (tuner.feedback.source_label)."""
+    return feedback.source_label(source, run.id, run.status().get("parent"))
 
 
 def _wins_frame(report: dict[str, Any], run: Run) -> pd.DataFrame:
