@@ -131,11 +131,25 @@ def test_blind_pair_hides_which_is_which_until_the_vote_then_shows_win_rates(cli
     assert len(_new_records(signoff_run, before)) == 2
 
 
-def test_a_preference_run_is_compared_with_its_parent_by_default(client, signoff_run):
-    """A child run (here: a copy of the run whose status names it as parent) offers its parent first."""
-    child = signoff_run.parent / "signoff-child"
-    if not child.exists():
-        shutil.copytree(signoff_run, child, ignore=shutil.ignore_patterns("feedback.jsonl", "checkpoints"))
+def _silenced_copy(run: Path, name: str) -> Path:
+    """A copy of `run` whose adapter does nothing (LoRA B zeroed): it answers like the base model."""
+    from safetensors.torch import load_file, save_file
+
+    copy = run.parent / name
+    if not copy.exists():
+        shutil.copytree(run, copy, ignore=shutil.ignore_patterns("feedback.jsonl", "checkpoints"))
+        weights = copy / "adapter" / "adapter_model.safetensors"
+        tensors = load_file(str(weights))
+        save_file({k: v * 0 if "lora_B" in k else v for k, v in tensors.items()}, str(weights))
+    return copy
+
+
+def test_a_preference_run_is_compared_with_its_parent_by_default(client, server, signoff_run):
+    """A child run (here: a copy of the run whose status names it as parent, its adapter silenced so that
+    it answers unlike its parent) offers its parent first, and the parent answers beside it."""
+    from gradio_client import Client
+
+    child = _silenced_copy(signoff_run, "signoff-child")
     Run(child).update_status(parent=signoff_run.name, method="dpo")
     compare_with, *_, left = client.predict(child.name, api_name="/ab_reset")  # what picking the run shows
     assert compare_with["value"] == left["value"] == signoff_run.name  # A/B and the chat's left column
@@ -144,18 +158,43 @@ def test_a_preference_run_is_compared_with_its_parent_by_default(client, signoff
     # parent and child side by side in the chat; a thumb on the parent's reply names the parent as its source
     _msg, parent_chat, child_chat, _ = client.predict(QUESTION, child.name, False, *SETTINGS, signoff_run.name,
                                                       api_name="/chat")
-    assert _raw(parent_chat) == _raw(child_chat)  # a copy: the same adapter answers the same way, greedy
+    alone = Client(server.url, verbose=False, download_files=False)  # another browser: a chat of its own
+    _msg, base_chat, parent_alone, _ = alone.predict(QUESTION, signoff_run.name, False, *SETTINGS, api_name="/chat")
+    # the left column is the parent's own model (as when the parent is picked), the right the child's
+    assert _raw(parent_chat) == _raw(parent_alone) and _raw(child_chat) == _raw(base_chat)
+    assert _raw(parent_chat) != _raw(child_chat)
     note = client.predict(child.name, signoff_run.name, _raw(parent_chat), 1, True, "", api_name="/rate_reply")
     assert note.startswith(f"Saved: thumbs up on the {signoff_run.name} reply.")
     (thumb,) = feedback.records(child)
     assert thumb["replies"][0]["source"] == signoff_run.name and thumb["prompt"][-1]["content"] == QUESTION
     a, b, note, _ = client.predict(child.name, signoff_run.name, "Is the Nova waterproof?", *SETTINGS, "",
                                    api_name="/ab_pair")
-    assert a == b and "same word for word" in note  # same weights: the page says a vote makes no pair
-    reveal, *_ = client.predict("B", "", api_name="/ab_vote")
-    assert f"{signoff_run.name} (its parent)" in reveal.replace("\\", "")
+    assert a != b and "same word for word" not in note
+    fresh = Client(server.url, verbose=False, download_files=False)
+    parent_said = _raw(fresh.predict("Is the Nova waterproof?", signoff_run.name, False, *SETTINGS,
+                                     api_name="/chat")[2])[-1]["content"]
+    assert parent_said in (a, b)
+    parent_is = "A" if a == parent_said else "B"
+    reveal, *_ = client.predict(parent_is, "", api_name="/ab_vote")
+    assert f"Winner: **{signoff_run.name} (its parent)**" in reveal.replace("\\", "")
     _, record = feedback.records(child)
     assert sorted(r["source"] for r in record["replies"]) == sorted([child.name, signoff_run.name])
+    # identical replies make no preference pair, and the page says so before the vote
+    twin = _silenced_copy(signoff_run, "signoff-twin")
+    a, b, note, _ = client.predict(child.name, twin.name, "Is the Nova waterproof?", *SETTINGS, "",
+                                   api_name="/ab_pair")
+    assert a == b and "same word for word" in note
+
+
+def _other_base(run: Path) -> str:
+    """A copy of `run` that says it was trained on another base model (it cannot answer beside `run`)."""
+    copy = run.parent / "signoff-other-base"
+    if not copy.exists():
+        shutil.copytree(run, copy, ignore=shutil.ignore_patterns("feedback.jsonl", "checkpoints"))
+        config = copy / "config.yaml"
+        config.write_text("\n".join("base_model: SomeOrg/another-model" if line.startswith("base_model:") else line
+                                     for line in config.read_text().splitlines()) + "\n")
+    return copy.name
 
 
 def test_bad_feedback_gets_a_plain_message_and_writes_nothing(client, signoff_run):
@@ -169,11 +208,15 @@ def test_bad_feedback_gets_a_plain_message_and_writes_nothing(client, signoff_ru
         ((run_id, "tuned", history, 0, True, ""), "/rate_reply", "is the customer's, not a reply"),
         ((run_id, "tuned", history, 5, True, ""), "/rate_reply", "There is no message 5"),
         ((run_id, "sideways", history, 1, True, ""), "/rate_reply", "Unknown column 'sideways'"),
-        (("Hi", run_id, False, *SETTINGS, run_id), "/chat", "not the picked run itself"),
+        (("Hi", run_id, False, *SETTINGS, run_id), "/chat", "not with itself"),
         (("", "tuned", history, 1, True, ""), "/rate_reply", "Pick a tuned run first"),
         (("../decoy", "tuned", history, 1, True, ""), "/rate_reply", "not a valid run id"),
         ((run_id, "base", "  ", *SETTINGS, ""), "/ab_pair", "Type a prompt first"),
         ((run_id, run_id, "Hello?", *SETTINGS, ""), "/ab_pair", "not with itself"),
+        ((run_id, _other_base(signoff_run), "Hello?", *SETTINGS, ""), "/ab_pair", "only a completed LoRA run on "
+                                                                                "the same base model"),
+        ((run_id, "tuned", [{"role": "user"}, {"role": "assistant", "content": "Hi"}], 1, "Better.", ""),
+         "/edit_reply", "is not a {role, content} message"),
     ]
     for args, endpoint, message in cases:
         said = _fails(client, *args, api_name=endpoint)

@@ -418,7 +418,9 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
                                          / (3 * speed))
         startup = (here or {}).get("startup_s") or STARTUP_S
         asked = min(cfg.voice_prompts, n_val)  # held-out prompts: at most one per validation conversation
-        per_prompt = (here or {}).get("voice_s_per_prompt") or VOICE_S_PER_PROMPT.get(dev, VOICE_S_PER_PROMPT["cpu"]) * default_params / max(params, 1)
+        # decoding time grows with the model's size (the reference is the default model's)
+        per_prompt = ((here or {}).get("voice_s_per_prompt")
+                      or VOICE_S_PER_PROMPT.get(dev, VOICE_S_PER_PROMPT["cpu"]) * max(params, 1) / default_params)
         breakdown = {"startup_s": round(startup, 1), "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
                      "voice_s": round(asked * per_prompt, 1), "save_s": SAVE_S}
         seconds = sum(breakdown.values())

@@ -138,7 +138,7 @@ def read_run(run: str | Path) -> RunInfo:
 # -- messages and trimming -------------------------------------------------------------------------
 
 
-def _text(content: Any) -> str:
+def message_text(content: Any) -> str:
     """Message content as text: gr.Chatbot may hand over a list of {type, text} parts."""
     if isinstance(content, str):
         return content
@@ -155,7 +155,7 @@ def clean_history(history: Sequence[Mapping[str, Any]] | None) -> list[dict[str,
     for m in history or []:
         role = m.get("role")
         if role in ("user", "assistant"):
-            out.append({"role": role, "content": _text(m.get("content"))})
+            out.append({"role": role, "content": message_text(m.get("content"))})
     return out
 
 
@@ -468,7 +468,7 @@ class Playground:
 
     def _messages(self, history, message: str, system: str | None, settings: GenerationConfig):
         msgs = ([{"role": "system", "content": system}] if system else []) + clean_history(history)
-        msgs.append({"role": "user", "content": _text(message)})
+        msgs.append({"role": "user", "content": message_text(message)})
         return fit_messages(self.tokenizer, msgs, self.input_limit(settings))
 
     def _rows(self, history_by_column, message, columns, system_prompt, brand_brief, settings, run):
@@ -653,7 +653,7 @@ class Playground:
         with self._lock:
             rows: list[_Row] = []
             for conv in conversations:
-                conv = [{"role": m["role"], "content": _text(m.get("content"))} for m in conv]
+                conv = [{"role": m["role"], "content": message_text(m.get("content"))} for m in conv]
                 system = [m["content"] for m in conv[:1] if m["role"] == "system"]
                 history, message = conv[len(system):-1], conv[-1]["content"]
                 sys_prompt = system[0] if system else ""

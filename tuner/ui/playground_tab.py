@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import html
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pandas as pd
 from tuner import feedback, limits
 from tuner.config import GenerationConfig
 from tuner.errors import TunerError
+from tuner.playground import message_text
 from tuner.runs import Run
 from tuner.ui.common import (
     Components,
@@ -99,15 +101,34 @@ def forget_column(column: str, chats: dict[str, list[dict[str, str]]] | None) ->
     return {**(chats or new_chats()), column: []}
 
 
+def comparable(run_id: str) -> list[str]:
+    """Completed LoRA runs on the picked run's base model, newest first: what can answer beside it. The one
+    playground serves every session, so another base (or a second full model) would reload on every turn."""
+    from tuner import jobs
+
+    found = jobs.list_runs()
+    base = next((r["base_model"] for r in found if r["id"] == run_id), None)
+    return [r["id"] for r in found if r["id"] != run_id and r.get("status") == "completed"
+            and r.get("base_model") == base and r.get("method") != "full"]
+
+
+def other_run(run_dir: Path, other: str) -> Path:
+    """The run answering beside the picked one (left column, blind A/B), checked to be comparable."""
+    other_dir = run_folder(other)
+    if other_dir.resolve() == run_dir.resolve():
+        raise TunerError("Compare the run with the base model or another run, not with itself.")
+    if other_dir.name not in comparable(run_dir.name):
+        raise TunerError(f"Run {other_dir.name} cannot answer beside {run_dir.name}: only a completed LoRA run on "
+                         "the same base model can. Fix: pick one from the list, or the base model.")
+    return other_dir
+
+
 def left_run(run_dir: Path | None, left: str | None) -> Path | None:
     """The run shown in the left column instead of the base model (e.g. a preference run's parent), or None."""
     left = str(left or "base").strip()
     if run_dir is None or left == "base":
         return None
-    left_dir = run_folder(left)
-    if left_dir.resolve() == run_dir.resolve():
-        raise TunerError("The left column shows the base model or another run, not the picked run itself.")
-    return left_dir
+    return other_run(run_dir, left)
 
 
 def left_label(left: str | None, run_id: str | None) -> str:
@@ -261,8 +282,6 @@ def sent_prompt(run_dir: Path, column: str, before: list[dict[str, Any]]) -> lis
 
 def reply_at(history: Any, index: Any) -> tuple[list[dict[str, Any]], str]:
     """(the messages before it, the reply) for the reply at `index` of a column's chat."""
-    from tuner.playground import _text
-
     if not isinstance(history, list) or not history:
         raise TunerError("There is no conversation to judge yet. Fix: send a message first.")
     try:
@@ -271,15 +290,26 @@ def reply_at(history: Any, index: Any) -> tuple[list[dict[str, Any]], str]:
         raise TunerError(f"The reply index must be a number, got {index!r}.") from None
     if not 0 <= i < len(history):
         raise TunerError(f"There is no message {i} in this chat of {len(history)} messages.")
+    bad = next((n for n, m in enumerate(history) if not isinstance(m, dict) or m.get("role") not in
+                ("user", "assistant", "system") or not isinstance(m.get("content"), (str, list))), None)
+    if bad is not None:
+        raise TunerError(f"Message {bad} of the chat is not a {{role, content}} message. Fix: send the chat as the "
+                         "playground shows it (role user/assistant, content text).")
     message = history[i]
-    if not isinstance(message, dict) or message.get("role") != "assistant":
+    if message["role"] != "assistant":
         raise TunerError(f"Message {i} is the customer's, not a reply. Fix: judge one of the bot's replies.")
-    return list(history[:i]), _text(message.get("content"))
+    before = [{"role": m["role"], "content": message_text(m["content"])} for m in history[:i]]
+    return before, message_text(message["content"])
 
 
 def saved_note(run_dir: Path, what: str) -> str:
     n = len(feedback.records(run_dir))
     return f"Saved: {what}. {n} judgement{'s' if n != 1 else ''} on this run so far."
+
+
+def signed(reviewer: str | None, request: gr.Request | None) -> str:
+    """Who judged: the name signed in (TUNER_AUTH, or a Space's login) when there is one, else the name typed."""
+    return getattr(request, "username", None) or str(reviewer or "").strip()
 
 
 def _rate(run_id: str, column: str, history: Any, index: Any, up: bool, reviewer: str = "") -> str:
@@ -301,26 +331,26 @@ def _edit(run_id: str, column: str, history: Any, index: Any, new_text: str,
     new_text = new_text if isinstance(new_text, str) else ""
     feedback.record_edit(run_dir, sent_prompt(who.prompt_run, who.prompt_column, before), reply, new_text,
                          who.source, reviewer)
-    edited = [{"role": m["role"], "content": m["content"]} for m in history]
-    edited[len(before)] = {"role": "assistant", "content": new_text}
+    edited = [*before, {"role": "assistant", "content": new_text},
+              *({"role": m["role"], "content": message_text(m["content"])} for m in history[len(before) + 1:])]
     return saved_note(run_dir, f"your better reply in place of the {who.words} one"), edited
 
 
 @friendly
 def rate_reply(run_id: str, column: str, history: list[dict[str, Any]], index: int, up: bool,
-               reviewer: str = "") -> str:
+               reviewer: str = "", request: gr.Request = None) -> str:
     """Thumbs up (`up` true) or down on the reply at `index` of a column's chat ([{role, content}], as
     sent); stored with the run. `column`: base, tuned, prompted, or the id of the run the left column shows.
     Returns what was saved, in words."""
-    return _rate(run_id, column, history, index, up, reviewer)
+    return _rate(run_id, column, history, index, up, signed(reviewer, request))
 
 
 @friendly
 def edit_reply(run_id: str, column: str, history: list[dict[str, Any]], index: int, new_text: str,
-               reviewer: str = "") -> tuple[str, list[dict[str, Any]]]:
+               reviewer: str = "", request: gr.Request = None) -> tuple[str, list[dict[str, Any]]]:
     """"Write the better reply": `new_text` replaces the reply at `index` (chosen; the model's is rejected).
     Returns what was saved, and the chat with the edit in place (the conversation continues from it)."""
-    return _edit(run_id, column, history, index, new_text, reviewer)
+    return _edit(run_id, column, history, index, new_text, signed(reviewer, request))
 
 
 def shown_in(column: str, left: str | None) -> str:
@@ -348,14 +378,16 @@ def on_like(column: str):
     """The thumbs under a column's replies (gr.Chatbot feedback) -> a thumb stored with the run."""
 
     def like(run_id: str | None, chats: dict[str, list[dict[str, str]]] | None, reviewer: str, left: str | None,
-             thumbs: dict[str, dict[str, str]] | None, data: gr.LikeData) -> dict[str, Any]:
+             thumbs: dict[str, dict[str, str]] | None, data: gr.LikeData,
+             request: gr.Request = None) -> dict[str, Any]:
         chats, thumbs = chats or new_chats(), {col: dict(marks) for col, marks in (thumbs or {}).items()}
         key = str(data.index[0] if isinstance(data.index, (list, tuple)) else data.index)
         if not isinstance(data.liked, bool):  # a thumb taken back: judgements are kept, nothing new to save
             thumbs.get(column, {}).pop(key, None)
             note = "Nothing saved: the thumb was taken back (earlier judgements are kept)."
         else:
-            note = _rate(run_id, shown_in(column, left), chats[column], data.index, data.liked, reviewer)
+            note = _rate(run_id, shown_in(column, left), chats[column], data.index, data.liked,
+                         signed(reviewer, request))
             thumbs.setdefault(column, {})[key] = "Like" if data.liked else "Dislike"
         return {"feedback_note": note, "thumbs": thumbs, f"{column}_chat": thumbs_shown(column, thumbs, chats)}
 
@@ -367,14 +399,13 @@ def on_edit(column: str):
     A refused edit (empty, unchanged, a customer's message) puts the original back and says why."""
 
     def edit(run_id: str | None, chats: dict[str, list[dict[str, str]]] | None, reviewer: str, left: str | None,
-             data: gr.EditData) -> dict[str, Any]:
-        from tuner.playground import _text
-
+             data: gr.EditData, request: gr.Request = None) -> dict[str, Any]:
         chats = chats or new_chats()
         # the edit box starts from the escaped text the bubble shows (tuner.ui.common.shown): undo that
-        text = _text(data.value).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+        text = html.unescape(message_text(data.value))
         try:
-            note, history = _edit(run_id, shown_in(column, left), chats[column], data.index, text, reviewer)
+            note, history = _edit(run_id, shown_in(column, left), chats[column], data.index, text,
+                                  signed(reviewer, request))
         except TunerError as exc:
             gr.Warning(str(exc))
             return {f"{column}_chat": bubbles(chats[column]), "feedback_note": f"Not saved: {md_escape(exc)}"}
@@ -396,9 +427,9 @@ def parent_of(run_dir: Path) -> str | None:
 def compare_choices(run_id: str | None) -> tuple[list[tuple[str, str]], str]:
     """What the picked run can be compared with: the base model, its parent (the default for a preference
     run), any other completed run."""
-    completed = run_choices(only_completed=True)
-    if not run_id or run_id not in completed:
+    if not run_id or run_id not in run_choices(only_completed=True):
         return [("Base model", "base")], "base"
+    completed = comparable(run_id)
     parent = parent_of(run_folder(run_id))
     choices = [("Base model", "base")]
     if parent in completed:
@@ -436,7 +467,8 @@ def ab_reset(run_id: str | None) -> dict[str, Any]:
 
 @friendly
 def ab_pair(run_id: str | None, compare_with: str | None, message: str, max_new_tokens: float, temperature: float,
-            top_p: float, seed: float, repetition_penalty: float, reviewer: str) -> dict[str, Any]:
+            top_p: float, seed: float, repetition_penalty: float, reviewer: str,
+            request: gr.Request = None) -> dict[str, Any]:
     """Two replies to one prompt, from the picked run and `compare_with` ("base" or a completed run's id),
     shown as A and B in random order; which is which stays in this session's state until the vote."""
     from tuner.playground import BASE, TUNED
@@ -454,9 +486,7 @@ def ab_pair(run_id: str | None, compare_with: str | None, message: str, max_new_
         out = pg.compare({}, message, [BASE, TUNED], settings, run=run_dir)
         replies = {run_id: out[TUNED], "base": out[BASE]}
     else:
-        other_dir = run_folder(other)
-        if other_dir.resolve() == run_dir.resolve():
-            raise TunerError("Compare the run with the base model or another run, not with itself.")
+        other_dir = other_run(run_dir, other)
         replies = {run_id: pg.reply({}, message, TUNED, settings, run=run_dir)}
         replies[other_dir.name] = pg.reply({}, message, TUNED, settings, run=other_dir)
     prompt = ([{"role": "system", "content": info.system_prompt}] if info.system_prompt else [])
@@ -467,11 +497,12 @@ def ab_pair(run_id: str | None, compare_with: str | None, message: str, max_new_
                  "Try another prompt, or a temperature above 0 in Sampling.")
     return {"ab_a": pair.a["text"], "ab_b": pair.b["text"], "ab_reveal": note,
             "ab_vote": gr.update(value=None, interactive=True),
-            "ab_state": {"run": run_id, "pair": pair.to_dict(), "reviewer": reviewer}}
+            "ab_state": {"run": run_id, "pair": pair.to_dict(), "reviewer": signed(reviewer, request)}}
 
 
 @friendly
-def ab_vote(choice: str | None, reviewer: str, state: dict[str, Any] | None) -> dict[str, Any]:
+def ab_vote(choice: str | None, reviewer: str, state: dict[str, Any] | None,
+            request: gr.Request = None) -> dict[str, Any]:
     """Record the vote on this session's pair ("A", "B" or "both bad"), then reveal which was which and the
     running win rate per source."""
     if not state or not state.get("pair"):
@@ -480,7 +511,7 @@ def ab_vote(choice: str | None, reviewer: str, state: dict[str, Any] | None) -> 
     choice = by_word.get(str(choice or "").strip().lower(), str(choice or ""))
     run_dir = feedback_run(state["run"])
     pair = feedback.BlindPair(**state["pair"])
-    revealed = pair.vote(run_dir, choice, (reviewer or "").strip() or state.get("reviewer"))
+    revealed = pair.vote(run_dir, choice, signed(reviewer, request) or state.get("reviewer"))
     parent = parent_of(run_dir)
     a, b = (feedback.source_label(revealed[k], state["run"], parent) for k in ("A", "B"))
     verdict = {"A": "A is better", "B": "B is better"}.get(choice, "both bad")

@@ -19,7 +19,8 @@ import pandas as pd
 
 from tuner import feedback
 from tuner.config import PreferenceConfig
-from tuner.errors import TunerError
+from tuner.errors import RunNotFound, TunerError
+from tuner.paths import check_run_id
 from tuner.progress import fmt_duration
 from tuner.runs import Run
 from tuner.ui.common import (
@@ -82,7 +83,11 @@ def lineage(run: Run) -> list[tuple[str, str]]:
         chain = [str((run.sources().get("train.jsonl") or {}).get("source", "data")), run.id]
     out = [("data", _data_label(chain[0]))]
     for run_id in chain[1:]:
-        other = run if run_id == run.id else Run(run.path.parent / run_id)
+        try:  # a copied or edited status.json must not send the page outside the runs folder
+            other = run if run_id == run.id else Run(run.path.parent / check_run_id(run_id))
+        except RunNotFound:
+            out.append(("run (not a valid id)", run_id.replace("`", "'")))
+            continue
         known = other.exists()
         out.append((method_label(other.status(), other.config_values()) if known else "run (deleted)", run_id))
     return out
@@ -175,11 +180,12 @@ def run_details(run_id: str | None) -> str:
         "error": status.get("error"),
     }
     lines = [f"#### {md_escape(run_dir.name)}", ""]
-    chain = " → ".join(f"{kind} `{md_escape(name)}`" for kind, name in lineage(run))
+    # inside a code span markdown shows backslashes as they are: no escaping there, only no backtick
+    chain = " → ".join(f"{kind} `{name.replace('`', chr(39))}`" for kind, name in lineage(run))
     lines.append(f"**Lineage:** {chain}")
     kids = children(run)
     if kids:
-        lines.append(f"**Trained from it:** {', '.join(f'{k} `{md_escape(v)}`' for k, v in kids)}")
+        lines.append(f"**Trained from it:** {', '.join(f'{k} `{v}`' for k, v in kids)}")  # ids: check_run_id-safe
     said = preference_sentences(status)
     if said:
         lines += ["", "**What the feedback changed:** " + md_escape(" ".join(said))]
