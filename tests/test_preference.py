@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,16 @@ def give_feedback(run: Path, n: int) -> None:
 
 def has_phrase(text: str) -> bool:
     return PHRASE.lower() in text.lower()
+
+
+@pytest.fixture(scope="module")
+def signoff_run(signoff_run) -> Path:
+    """This module's own copy of the session's SFT run, without the judgements other modules gave it: the
+    counts below (pairs, held-out pairs, steps, thumbs) are this module's alone, in any test order."""
+    copy = signoff_run.parent / "signoff-run-preference"
+    if not copy.exists():
+        shutil.copytree(signoff_run, copy, ignore=shutil.ignore_patterns("feedback.jsonl", "checkpoints"))
+    return copy
 
 
 @pytest.fixture(scope="module")
