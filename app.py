@@ -13,9 +13,12 @@ import os
 import shutil
 
 from tuner import limits
+from tuner.cli import quiet_threads_env
 from tuner.paths import uploads_dir
 from tuner.ui.data_tab import SAMPLES_DIR
 from tuner.ui.page import CSS, build_demo
+
+quiet_threads_env()  # before the playground imports torch (nothing above does)
 
 
 def auth_from_env() -> tuple[str, str] | None:

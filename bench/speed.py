@@ -461,7 +461,7 @@ def _worker_quick(spec: dict[str, Any]) -> dict[str, Any]:
     from tuner.config import GenerationConfig, TrainConfig
     from tuner.dataset import convert
     from tuner.playground import TUNED, Playground
-    from tuner.train import prepare_run
+    from tuner.runs import prepare_run
 
     convert([SAMPLE], Path(spec["out"]) / "data")  # the Data tab's work, done before Train is pressed
     overrides = {"max_steps": spec["max_steps"]} if spec.get("max_steps") else {}
