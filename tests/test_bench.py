@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny(tmp_path_factory, default_model_path) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     cmd = [sys.executable, "-m", "tuner", "bench", "--tokens", "300", "--repeats", "1", "--val-examples", "1",
-           "--only", "train", "--only", "convert", "--convert-n", "300",
+           "--only", "train", "--only", "convert", "--convert-n", "300", "--only", "quick", "--quick-steps", "2",
            "--out", str(out), "--quiet"]
     proc = subprocess.run(cmd, cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -40,7 +40,7 @@ def test_results_describe_machine_and_command(tiny):
     machine = results["machine"]
     assert machine["cpu"] and machine["cores"] >= 1 and machine["versions"]["torch"]
     assert machine["device"] == "cpu" or machine["cuda"]
-    assert len(results["load_average_start"]) == 3 and results["parts"] == ["train", "convert"]
+    assert len(results["load_average_start"]) == 3 and results["parts"] == ["train", "convert", "quick"]
 
 
 def test_train_runs_alternate_on_equal_tokens_with_positive_figures(tiny):
@@ -85,6 +85,17 @@ def test_convert_figures(tiny):
     assert conv["conversations"] == 300 and conv["ok"]
     assert conv["train_examples"] + conv["validation_examples"] + conv["dropped"] >= 1
     assert conv["conversations_per_s"] > 0 and conv["peak_rss_mb"] >= conv["peak_rss_before_mb"] > 0
+
+
+def test_quick_figures_count_from_train_pressed_to_the_first_tuned_token(tiny):
+    results, _ = tiny
+    quick = results["quick"]
+    assert quick["steps"] == 2 and quick["reply_tokens"] > 0 and quick["reply"].strip()
+    # the parts add up: Train pressed -> adapter saved -> playground loaded -> first token
+    assert 0 < quick["press_to_adapter_s"] < quick["press_to_first_token_s"] <= quick["press_to_full_reply_s"]
+    assert quick["press_to_first_token_s"] == pytest.approx(
+        quick["press_to_adapter_s"] + quick["playground_load_s"] + quick["first_token_s"], abs=0.05)
+    assert quick["estimated_s"] > 0 and quick["target_s"] == 60
 
 
 def test_benchmark_data_is_mixed_length_and_validation_is_held_out(tmp_path, default_model_path):
