@@ -149,7 +149,7 @@ def test_a_preference_run_is_compared_with_its_parent_by_default(client, server,
     it answers unlike its parent) offers its parent first, and the parent answers beside it."""
     from gradio_client import Client
 
-    child = _silenced_copy(signoff_run, "signoff-child")
+    child = _silenced_copy(signoff_run, "signoff-ui-child")  # its own name: the browser test has a copy too
     Run(child).update_status(parent=signoff_run.name, method="dpo")
     compare_with, *_, left = client.predict(child.name, api_name="/ab_reset")  # what picking the run shows
     assert compare_with["value"] == left["value"] == signoff_run.name  # A/B and the chat's left column
@@ -180,7 +180,7 @@ def test_a_preference_run_is_compared_with_its_parent_by_default(client, server,
     _, record = feedback.records(child)
     assert sorted(r["source"] for r in record["replies"]) == sorted([child.name, signoff_run.name])
     # identical replies make no preference pair, and the page says so before the vote
-    twin = _silenced_copy(signoff_run, "signoff-twin")
+    twin = _silenced_copy(signoff_run, "signoff-ui-twin")
     a, b, note, _ = client.predict(child.name, twin.name, "Is the Nova waterproof?", *SETTINGS, "",
                                    api_name="/ab_pair")
     assert a == b and "same word for word" in note
