@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -311,8 +313,27 @@ def test_the_train_command_has_a_flag_for_every_setting_and_starts_from_the_page
 def test_the_run_ends_with_a_voice_verdict_and_keeps_the_checkpoint_that_speaks_best(signoff_data, tmp_path):
     cfg = TrainConfig.from_preset("quick", **{**SMALL, "quantization": "none"})
     run = runs.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
-    status = train.train_run(run)
+    seen: dict[str, bool] = {}  # what a user listing the run folder finds while the voice check runs
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            phase = runs.read_status(run).get("phase") or ""
+            if "voice check" in phase:
+                seen["adapter on disk during the check"] = (run / "adapter" / "adapter_model.safetensors").is_file()
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        status = train.train_run(run)
+    finally:
+        done.set()
+        watcher.join()
     assert status["status"] == "completed", status.get("error")
+    # the result is saved (and checked) first, so it is usable while the verdict is worked out
+    assert seen == {"adapter on disk during the check": True}
+    assert 0 < status["saved_s"] < status["wall_s"] and status["saved_at"] > 0
     assert status["habit"] == SIGN_OFF and status["best_by"] == "voice"
     voice = status["voice"]
     # 8 validation prompts, none of them in the training data; the base never signs off like Lumen Lamps

@@ -40,6 +40,13 @@ def save_result(trainer, cfg: TrainConfig, run_dir: Path, out_dir: Path, card: s
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_card(out_dir: Path, card: str) -> None:
+    """Replace a saved result's model card whole (the voice check's verdict comes after the weights)."""
+    tmp = out_dir / ".README.md.tmp"
+    tmp.write_text(card, encoding="utf-8")
+    os.replace(tmp, out_dir / "README.md")
+
+
 def verify_result(model, folder: Path, cfg: TrainConfig) -> None:
     """Reload what was saved and compare it with the trained weights; raise if it does not match.
 

@@ -23,6 +23,7 @@ from tuner.models import device
 from tuner.runs import (
     Run,
     complete_checkpoints,
+    is_main_process,
     machine_lock,
     read_metrics,
     read_status,
@@ -32,7 +33,7 @@ from tuner.runs import (
     world_size,
 )
 from tuner.train.checkpoints import eval_loss_at, finished, first, last, restore_finished
-from tuner.train.result import model_card, save_result
+from tuner.train.result import model_card, save_result, write_card
 from tuner.train.trainer import build_trainer, training_context
 from tuner.train.voicecheck import final_verdict, served_model
 
@@ -132,11 +133,20 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
         "eval_loss_all": eval_all if eval_all is not None else best_loss,
         "examples_seen": int(trainer.state.global_step) * cfg.batch_size * cfg.grad_accum * max(world_size(), 1),
     }
+    # the result first: saved, reloaded and compared before the voice check, so it is on disk (and the
+    # playground can serve it) while the check runs, and a check that fails or is stopped loses nothing
+    out_dir = Run(run_dir).model_dir if cfg.method is Method.FULL else Run(run_dir).adapter_dir
+    update_status(run_dir, phase="saving and checking the result")
+    save_result(trainer, cfg, run_dir, out_dir,
+                model_card(cfg, summary, ctx["data_stats"], ctx["precision"]["name"], dev, run_dir))
+    summary["saved_s"] = round(recorder.elapsed(), 1)
+    update_status(run_dir, adapter=str(out_dir), saved_at=time.time(), saved_s=summary["saved_s"])
     voice = ctx["voice"]
-    if voice["prompts"] and cfg.voice_prompts:
-        update_status(run_dir, phase=f"asking the result and the base {len(voice['prompts'])} new questions "
-                                     "(the voice check)")
+    summary["voice"] = None
     if cfg.voice_prompts:
+        if voice["prompts"]:
+            update_status(run_dir, phase=f"the result is saved; asking it and the base {len(voice['prompts'])} "
+                                         "new questions (the voice check)")
         voice_started = time.monotonic()
         served = served_model(trainer.model, cfg.base_model, ctx["quantization"], dev)
         summary["voice"] = final_verdict(served, trainer.processing_class, ctx["chat_template"], voice["marker"],
@@ -147,12 +157,8 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
         del served
         # what the estimate learns from: seconds per held-out prompt asked of both the result and the base
         summary["voice_s"] = round(time.monotonic() - voice_started, 1)
-    else:
-        summary["voice"] = None
-    out_dir = Run(run_dir).model_dir if cfg.method is Method.FULL else Run(run_dir).adapter_dir
-    update_status(run_dir, phase="saving and checking the result")
-    save_result(trainer, cfg, run_dir, out_dir,
-                model_card(cfg, summary, ctx["data_stats"], ctx["precision"]["name"], dev, run_dir))
+        if is_main_process():
+            write_card(out_dir, model_card(cfg, summary, ctx["data_stats"], ctx["precision"]["name"], dev, run_dir))
     summary["wall_s"] = round(recorder.elapsed(), 1)
     summary["eval_s"] = round(recorder.eval_s, 1)  # every evaluation, the final one included
     return update_status(run_dir, status="completed", phase="done", error=None, adapter=str(out_dir), pid=None, eta_s=0,
