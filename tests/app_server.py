@@ -81,3 +81,20 @@ def running_app(home: Path, log_path: Path, env: dict[str, str] | None = None, t
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def api_client(server: AppServer):
+    """A gradio_client for the running app, as a script calling the page's API would make one."""
+    from gradio_client import Client
+
+    return Client(server.url, verbose=False, download_files=False)
+
+
+def refused(client, *args, api_name: str) -> str:
+    """Call an endpoint that must refuse; return the message the user sees."""
+    import pytest
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        client.predict(*args, api_name=api_name)
+    return str(info.value)

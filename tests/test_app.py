@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from app_server import running_app
+from app_server import api_client, refused, running_app
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "datasets" / "kettle_transcripts.txt"
@@ -31,19 +31,6 @@ USER_TOKEN = "hf_USERtokenTUNERtest111111111111111111"
 PASSWD_MARKERS = ("root:x:", "root:*:", "/bin/bash", "/usr/sbin/nologin")
 
 
-def _client(server):
-    from gradio_client import Client
-
-    return Client(server.url, verbose=False, download_files=False)
-
-
-def _fails(client, *args, api_name: str) -> str:
-    """Call an endpoint that must refuse; return the message the user sees."""
-    from gradio_client.exceptions import AppError
-
-    with pytest.raises(AppError) as info:
-        client.predict(*args, api_name=api_name)
-    return str(info.value)
 
 
 def _convert(client, path: Path = SAMPLE, system_prompt: str = "", redact: bool = False, team=()):
@@ -105,7 +92,7 @@ def server(home, decoy, tmp_path_factory):
 
 @pytest.fixture
 def client(server):
-    return _client(server)
+    return api_client(server)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -162,7 +149,7 @@ def test_bad_file_gets_a_plain_message_without_traceback(client, tmp_path):
 
 
 def test_two_sessions_never_see_each_others_uploads_or_examples(server, home):
-    alice, bob = _client(server), _client(server)
+    alice, bob = api_client(server), api_client(server)
     _convert(alice, system_prompt="ALICE-ONLY brief")
     system, bubbles, _ = alice.predict(1, "default", api_name="/example")
     assert system == "ALICE-ONLY brief" and bubbles
@@ -174,7 +161,7 @@ def test_two_sessions_never_see_each_others_uploads_or_examples(server, home):
     # Bob's session has no data: no preview, no estimate, no training on Alice's examples
     assert bob.predict(1, "default", api_name="/example") == ("", [], [])
     assert "tab first" in bob.predict("default", "quick", *_quick_settings(), api_name="/estimate")
-    assert "nothing valid to train on" in _fails(bob, "default", "quick", *_quick_settings(), api_name="/train")
+    assert "nothing valid to train on" in refused(bob, "default", "quick", *_quick_settings(), api_name="/train")
     # on disk, each session has its own upload folder, named by a random id
     folders = [p for p in (home / "uploads").iterdir() if p.is_dir()]
     with_alice = [p for p in folders if "ALICE-ONLY" in (p / "data" / "train.jsonl").read_text(errors="ignore")
@@ -202,7 +189,7 @@ def test_limits_hold_on_the_server_not_only_in_the_page(client, server, tmp_path
         f = tmp_path / f"part{i}.txt"
         f.write_text(SAMPLE.read_text())
         files.append(handle_file(str(f)))
-    message = _fails(client, files, "", False, [], "default", api_name="/convert")
+    message = refused(client, files, "", False, [], "default", api_name="/convert")
     assert f"limit of {MAX_FILES}" in message or f"at most {MAX_FILES}" in message
 
     # the upload route itself refuses a file over max_file_size
@@ -218,7 +205,7 @@ def test_limits_hold_on_the_server_not_only_in_the_page(client, server, tmp_path
     assert info.value.code == 413
 
     # generation length is bounded server-side too (the slider's maximum is only a hint to a browser)
-    message = _fails(client, "hi", "", False, MAX_NEW_TOKENS + 1, 0.0, 0.9, 0, 1.1, api_name="/chat")
+    message = refused(client, "hi", "", False, MAX_NEW_TOKENS + 1, 0.0, 0.9, 0, 1.1, api_name="/chat")
     assert str(MAX_NEW_TOKENS) in message
 
 
@@ -263,7 +250,7 @@ RUN_ID_ENDPOINTS = {
 def test_run_id_traversal_probes_are_refused_by_every_endpoint(client, server, home, decoy, endpoint):
     for probe in PROBES + [str(decoy), str(home / "runs" / ".." / "decoy")]:
         args = [probe if a is None else a for a in RUN_ID_ENDPOINTS[endpoint]]
-        message = _fails(client, *args, api_name=endpoint)
+        message = refused(client, *args, api_name=endpoint)
         assert "not a valid run id" in message or "no run named" in message.lower(), (endpoint, probe, message)
         assert not any(m in message for m in PASSWD_MARKERS)
         assert "DECOY-SECRET" not in message and "Traceback" not in message
@@ -299,10 +286,10 @@ def test_file_route_serves_nothing_outside_gradio_and_the_samples(server, home):
 def test_push_needs_the_visitors_token_and_never_echoes_it(client, server, home, signoff_run):
     run_id = signoff_run.name
     # no token given: refused, even though the server has HF_TOKEN in its environment
-    message = _fails(client, run_id, "someone/model", "", False, True, api_name="/push")
+    message = refused(client, run_id, "someone/model", "", False, True, api_name="/push")
     assert "token" in message.lower() and ENV_TOKEN not in message
     # a token given: the push fails offline, and the message does not contain the token
-    message = _fails(client, run_id, "someone/model", USER_TOKEN, False, True, api_name="/push")
+    message = refused(client, run_id, "someone/model", USER_TOKEN, False, True, api_name="/push")
     assert "Could not push to someone/model" in message  # it got as far as the Hub call
     assert USER_TOKEN not in message and "Traceback" not in message
     # ... nor does anything on disk or in the server's log
@@ -361,7 +348,7 @@ def _wait_status(client, run_id: str, wanted: tuple[str, ...], timeout: float) -
 
 
 def test_one_job_per_machine_and_twenty_chats_while_it_trains(server, home, signoff_run):
-    alice, bob = _client(server), _client(server)
+    alice, bob = api_client(server), api_client(server)
     _convert(alice)
     _convert(bob)
     run_id = alice.predict("default", "quick", *_quick_settings(max_steps=500, quantization="none"), api_name="/train")
@@ -370,7 +357,7 @@ def test_one_job_per_machine_and_twenty_chats_while_it_trains(server, home, sign
         assert _wait_status(alice, run_id, ("running",), timeout=180) == "running"
         # a second job is refused with a message naming the running one (no run folder is left behind)
         runs_before = alice.predict(api_name="/runs")[0]["data"]
-        message = _fails(bob, "default", "quick", *_quick_settings(), api_name="/train")
+        message = refused(bob, "default", "quick", *_quick_settings(), api_name="/train")
         assert "Another training run is in progress" in message and run_id in message
         assert alice.predict(api_name="/runs")[0]["data"] == runs_before
 
@@ -381,7 +368,7 @@ def test_one_job_per_machine_and_twenty_chats_while_it_trains(server, home, sign
         def chat(i: int) -> None:
             try:
                 started = time.monotonic()
-                out = _client(server).predict(f"Question number {i}: is my kettle on its way?", signoff_run.name,
+                out = api_client(server).predict(f"Question number {i}: is my kettle on its way?", signoff_run.name,
                                               False, 8, 0.0, 0.9, 0, 1.1, api_name="/chat")
                 results[i] = (time.monotonic() - started, out[1], out[2])
             except BaseException as exc:  # collected, re-raised below

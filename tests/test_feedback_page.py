@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from app_server import running_app
+from app_server import api_client, refused, running_app
 from test_preference import PHRASE, has_phrase, reviewers_pairs
 
 from tuner import feedback
@@ -23,18 +23,6 @@ N_PAIRS = 40  # edited replies, as tests/test_preference.py: a seeded 20% (8 pai
 AB_SETTINGS = (24, 0.0, 0.9, 0, 1.1)  # the Playground's sampling: max new tokens, temperature, top-p, seed, penalty
 
 
-def _client(server):
-    from gradio_client import Client
-
-    return Client(server.url, verbose=False, download_files=False)
-
-
-def _fails(client, *args, api_name: str) -> str:
-    from gradio_client.exceptions import AppError
-
-    with pytest.raises(AppError) as info:
-        client.predict(*args, api_name=api_name)
-    return str(info.value)
 
 
 def _value(output):
@@ -110,7 +98,7 @@ def server(home, tmp_path_factory):
 
 
 def test_too_few_pairs_keep_the_button_off_and_say_how_many_more(server, signoff_run, tmp_path):
-    client = _client(server)
+    client = api_client(server)
     run_id = _sft_copy(signoff_run, "fb-few")
     words, counts, wins, lost, need = client.predict(run_id, api_name="/feedback_report")
     assert "No feedback" in words and "Playground" in words
@@ -125,13 +113,13 @@ def test_too_few_pairs_keep_the_button_off_and_say_how_many_more(server, signoff
     assert feedback_report(run_id)["fb_train_btn"]["interactive"] is False
     # ... and the server refuses too, leaving no run folder behind
     runs_before = {r["run"] for r in _table(client)}
-    message = _fails(client, run_id, *_settings(), api_name="/train_on_feedback")
+    message = refused(client, run_id, *_settings(), api_name="/train_on_feedback")
     assert "3 more" in message and "Traceback" not in message
     assert {r["run"] for r in _table(client)} == runs_before
 
 
 def test_an_import_names_each_bad_line_and_keeps_the_good_ones(server, signoff_run, tmp_path):
-    client = _client(server)
+    client = api_client(server)
     run_id = _sft_copy(signoff_run, "fb-import")
     rows = [_pair(0), _pair(1),
             {"prompt": [{"role": "user", "content": "Where?"}], "chosen": "Here."},
@@ -161,7 +149,7 @@ def test_the_report_gives_win_rates_with_their_interval_and_the_prompts_where_th
                                                                                               signoff_run):
     from tuner import feedback
 
-    client = _client(server)
+    client = api_client(server)
     run_id = _sft_copy(signoff_run, "fb-report")
     votes = ["tuned", "tuned", "base", "tuned", "both bad", "tuned"]  # who the reviewer picked, prompt by prompt
     for i, pick in enumerate(votes):
@@ -192,7 +180,7 @@ def test_the_report_gives_win_rates_with_their_interval_and_the_prompts_where_th
 @pytest.mark.slow
 def test_feedback_through_the_page_trains_a_dpo_child_that_prefers_what_reviewers_chose(server, home, signoff_run,
                                                                                         tmp_path):
-    client = _client(server)
+    client = api_client(server)
     parent = _sft_copy(signoff_run, "fb-sft")
     # reviewers' judgements through the Playground tab's API: "write the better reply" on 40 replies (the better
     # one opens with PHRASE), then three blind A/B votes of this run against the base model
@@ -276,12 +264,12 @@ def test_run_ids_that_are_not_runs_are_refused_by_the_feedback_endpoints(server,
     prefs = _pairs_file(tmp_path / "p.jsonl", [_pair(i) for i in range(12)])
     from gradio_client import handle_file
 
-    client = _client(server)
+    client = api_client(server)
     for probe in ("../decoy-feedback", str(decoy), "..%2Fdecoy-feedback", "signoff-run/../../decoy-feedback", ".."):
         for args, endpoint in (((probe,), "/feedback_report"), ((probe,), "/export_feedback"),
                                ((probe, handle_file(str(prefs))), "/import_feedback"),
                                ((probe, *_settings()), "/train_on_feedback")):
-            message = _fails(client, *args, api_name=endpoint)
+            message = refused(client, *args, api_name=endpoint)
             assert "not a valid run id" in message or "no run named" in message.lower(), (endpoint, probe, message)
     assert not (decoy / "feedback.jsonl").exists() and sorted(p.name for p in decoy.iterdir()) == ["adapter",
                                                                                                   "status.json"]
@@ -305,7 +293,7 @@ def test_the_button_trains_dpo_on_pairs_kto_on_thumbs_only_or_says_what_is_missi
 
 @pytest.mark.slow
 def test_thumbs_only_train_a_kto_child_from_the_page(server, home, signoff_run):
-    client = _client(server)
+    client = api_client(server)
     parent = _sft_copy(signoff_run, "fb-thumbs")
     for i, (prompt, reply, better) in enumerate(reviewers_pairs(12, seed=9)):
         history = [*prompt, {"role": "assistant", "content": better if i % 2 else reply}]

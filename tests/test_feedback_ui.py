@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from app_server import running_app
+from app_server import api_client, refused, running_app
 
 from tuner import feedback
 from tuner.runs import Run
@@ -29,17 +29,8 @@ def server(tmp_path_factory, signoff_run):
 
 @pytest.fixture
 def client(server):
-    from gradio_client import Client
+    return api_client(server)
 
-    return Client(server.url, verbose=False, download_files=False)
-
-
-def _fails(client, *args, api_name: str) -> str:
-    from gradio_client.exceptions import AppError
-
-    with pytest.raises(AppError) as info:
-        client.predict(*args, api_name=api_name)
-    return str(info.value)
 
 
 def _raw(bubbles: list[dict]) -> list[dict]:
@@ -122,7 +113,7 @@ def test_blind_pair_hides_which_is_which_until_the_vote_then_shows_win_rates(cli
         assert interval == f"{r['low']:.0%} to {r['high']:.0%}"
 
     # one vote per pair; the next pair, "both bad", counts as a loss for both
-    assert "already has a vote" in _fails(client, "B", "", api_name="/ab_vote")
+    assert "already has a vote" in refused(client, "B", "", api_name="/ab_vote")
     client.predict(run_id, "base", "Can I return a bulb?", *SETTINGS, "", api_name="/ab_pair")
     reveal, rates, *_ = client.predict("both bad", "Cy", api_name="/ab_vote")
     assert "Both were judged bad" in reveal
@@ -219,7 +210,7 @@ def test_bad_feedback_gets_a_plain_message_and_writes_nothing(client, signoff_ru
          "/edit_reply", "is not a {role, content} message"),
     ]
     for args, endpoint, message in cases:
-        said = _fails(client, *args, api_name=endpoint)
+        said = refused(client, *args, api_name=endpoint)
         assert message.lower() in said.lower(), (endpoint, said)
         assert "Traceback" not in said
     assert feedback.records(signoff_run) == before

@@ -383,7 +383,7 @@ def reach(examples_seen: int) -> str:
 def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
     """Steps, time and peak memory of a run before it starts, counting what the user waits for.
 
-    Time = start-up + training steps + evaluations + the final voice check + saving. Speed and start-up come from this
+    Time = start-up + training steps + evaluations + saving + the voice check (after the save). Speed and start-up come from this
     machine's newest finished run of the same model when there is one, else from reference figures
     (the converter's speeds for the default model, scaled by model size); the uncertainty says which.
     Evaluations: a seeded sample before training, at most eval_share of the training time during

@@ -155,3 +155,21 @@ def playground() -> Any:
     from tuner.playground import Playground
 
     return Playground()
+
+
+# -- feedback ----------------------------------------------------------------------------------------
+
+RATE_COLUMNS = ["source", "wins", "votes", "win rate", "95% interval"]
+
+
+def win_rates_frame(win_rates: dict[str, dict[str, Any]], run_id: str, parent: str | None):
+    """Blind-vote win rate of each source (tuner.feedback.report's `win_rates`) with its 95% (Wilson)
+    interval, the sources named as the playground names them; the same table on both tabs."""
+    import pandas as pd
+
+    from tuner.feedback import source_label
+
+    rows = [{"source": source_label(source, run_id, parent), "wins": r["wins"], "votes": r["votes"],
+             "win rate": f"{r['rate']:.0%}" if r["rate"] is not None else "—",
+             "95% interval": f"{r['low']:.0%} to {r['high']:.0%}"} for source, r in win_rates.items()]
+    return pd.DataFrame(rows, columns=RATE_COLUMNS)

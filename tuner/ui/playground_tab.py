@@ -25,6 +25,7 @@ from tuner.errors import TunerError
 from tuner.playground import message_text
 from tuner.runs import Run
 from tuner.ui.common import (
+    RATE_COLUMNS,
     Components,
     bubbles,
     friendly,
@@ -35,6 +36,7 @@ from tuner.ui.common import (
     playground,
     run_choices,
     run_folder,
+    win_rates_frame,
 )
 
 CHAT_CONCURRENCY = 4  # chats handled at once; the model itself generates one batch at a time
@@ -44,7 +46,6 @@ CHAT_VIEWS = ["msg", "base_chat", "tuned_chat", "prompted_chat", "chats"]
 EVAL_COLUMNS = ["prompt", "reference", "base", "tuned"]
 METRIC_COLUMNS = ["metric", "base", "tuned", "reference", "what it means"]
 COLUMN_NAMES = {"base": "base", "tuned": "tuned", "prompted": "prompt-only"}  # a chat column, in words
-RATE_COLUMNS = ["source", "wins", "votes", "win rate", "95% interval"]
 AB_CHOICES = [("A is better", "A"), ("B is better", "B"), ("Both bad", "both bad")]
 AB_ASK = "Which reply is better? Pick one below; the page says which was which after your vote."
 
@@ -442,12 +443,7 @@ def rates_frame(run_dir: Path | None) -> pd.DataFrame:
     """The running win rate of each source in the run's blind votes, with its 95% (Wilson) interval."""
     if run_dir is None:
         return pd.DataFrame(columns=RATE_COLUMNS)
-    run_id, parent = Run(run_dir).id, parent_of(run_dir)
-    rows = [{"source": feedback.source_label(source, run_id, parent), "wins": r["wins"], "votes": r["votes"],
-             "win rate": f"{r['rate']:.0%}" if r["rate"] is not None else "—",
-             "95% interval": f"{r['low']:.0%} to {r['high']:.0%}"}
-            for source, r in feedback.report(run_dir)["win_rates"].items()]
-    return pd.DataFrame(rows, columns=RATE_COLUMNS)
+    return win_rates_frame(feedback.report(run_dir)["win_rates"], Run(run_dir).id, parent_of(run_dir))
 
 
 def ab_views(run_id: str | None, message: str = "") -> dict[str, Any]:

@@ -33,6 +33,7 @@ from tuner.ui.common import (
     plain_error,
     run_choices,
     run_folder,
+    win_rates_frame,
 )
 
 EXPORT_TTL_S = 3600  # prepared zips are removed after an hour
@@ -246,12 +247,6 @@ def source_label(source: str, run: Run) -> str:
     return feedback.source_label(source, run.id, run.status().get("parent"))
 
 
-def _wins_frame(report: dict[str, Any], run: Run) -> pd.DataFrame:
-    rows = [{"source": source_label(source, run), "wins": w["wins"], "votes": w["votes"], "win rate": _pct(w["rate"]),
-             "95% interval": f"{w['low']:.0%} to {w['high']:.0%}"} for source, w in report["win_rates"].items()]
-    return pd.DataFrame(rows, columns=["source", "wins", "votes", "win rate", "95% interval"])
-
-
 def _lost_frame(report: dict[str, Any], run: Run) -> pd.DataFrame:
     rows = [{"prompt": lost["prompt"], "vote": lost["choice"],
              "preferred": source_label(lost["winner"], run) if lost["winner"] else "neither",
@@ -308,7 +303,7 @@ def feedback_report(run_id: str | None) -> dict[str, Any]:
         method, need = None, f"{need} But {run.id} is a full fine-tune; preference tuning trains a LoRA adapter."
     label = f"Train on this feedback ({method.upper()})" if method else "Train on this feedback"
     return {"fb_report": report_words(run, report), "fb_counts": _counts_frame(report),
-            "fb_wins": _wins_frame(report, run), "fb_lost": _lost_frame(report, run), "fb_need": md_escape(need),
+            "fb_wins": win_rates_frame(report["win_rates"], run.id, run.status().get("parent")), "fb_lost": _lost_frame(report, run), "fb_need": md_escape(need),
             "fb_train_btn": gr.update(interactive=method is not None, value=label)}
 
 

@@ -116,8 +116,8 @@ def estimate_run(session: dict[str, Any], base_model: str, preset: str, *values:
         text += f", about **{progress.fmt_duration(est['time_s'])}**"
         parts = est.get("breakdown") or {}
         named = [(parts.get(k), w) for k, w in (("startup_s", "start-up"), ("train_s", "training steps"),
-                                                ("eval_s", "evaluations"), ("voice_s", "the voice check"),
-                                                ("save_s", "saving"))]
+                                                ("eval_s", "evaluations"), ("save_s", "saving"),
+                                                ("voice_s", "then, with the adapter saved, the voice check"))]
         if any(v for v, _ in named):
             text += " (" + ", ".join(f"{w} {progress.fmt_duration(v)}" for v, w in named if v) + ")"
     if est.get("memory_mb") is not None:
