@@ -99,11 +99,12 @@ def test_quick_figures_count_from_train_pressed_to_the_first_tuned_token(tiny):
     results, _ = tiny
     quick = results["quick"]
     assert quick["steps"] == 2 and quick["reply_tokens"] > 0 and quick["reply"].strip()
-    # the parts add up: Train pressed -> adapter saved -> playground loaded -> first token
-    assert 0 < quick["press_to_saved_s"] < quick["press_to_adapter_s"] < quick["press_to_first_token_s"] \
-        <= quick["press_to_full_reply_s"]
+    # the parts add up: Train pressed -> adapter saved -> playground loaded -> first token, while the run's
+    # voice check goes on beside, so the run completes after the adapter was saved
+    assert 0 < quick["press_to_saved_s"] < quick["press_to_first_token_s"] <= quick["press_to_full_reply_s"]
     assert quick["press_to_first_token_s"] == pytest.approx(
-        quick["press_to_adapter_s"] + quick["playground_load_s"] + quick["first_token_s"], abs=0.05)
+        quick["press_to_saved_s"] + quick["playground_load_s"] + quick["first_token_s"], abs=0.05)
+    assert quick["press_to_saved_s"] < quick["press_to_complete_s"]
     assert quick["estimated_s"] > 0 and quick["target_s"] == 60
 
 

@@ -213,8 +213,8 @@ def test_load_run_refuses_unsafe_or_unfinished_runs(signoff_run, tmp_path, break
     assert adapter.parent == run  # a copied run uses its own adapter, whatever status.json says
     if breakage == "pickle":
         (adapter / "adapter_model.bin").write_bytes(b"not really a pickle")
-    elif breakage == "running":
-        status["status"] = "running"
+    elif breakage == "running":  # training again: a (re)started run has saved nothing yet
+        status["status"], status["saved_at"] = "running", None
     elif breakage == "outside":
         status["adapter"] = str(tmp_path)
     else:

@@ -16,6 +16,7 @@ from conftest import SIGN_OFF, signoff_conversations
 from tuner import runs, train
 from tuner.config import TrainConfig
 from tuner.errors import DataError, TrainingError, TunerError
+from tuner.playground import read_run
 
 # small and quick: a sign-off is learned in a few large steps on short examples
 SMALL = {"max_steps": 6, "batch_size": 4, "learning_rate": 2e-3, "max_length": 128, "eval_steps": 3,
@@ -319,8 +320,12 @@ def test_the_run_ends_with_a_voice_verdict_and_keeps_the_checkpoint_that_speaks_
     def watch() -> None:
         while not done.is_set():
             phase = runs.read_status(run).get("phase") or ""
-            if "voice check" in phase:
+            if "voice check" in phase and len(seen) < 2:
                 seen["adapter on disk during the check"] = (run / "adapter" / "adapter_model.safetensors").is_file()
+                try:  # what the Playground tab asks before it loads a run
+                    seen["the playground takes it"] = read_run(run).adapter_dir == run / "adapter"
+                except TunerError as exc:
+                    seen["the playground takes it"] = str(exc)
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -332,7 +337,7 @@ def test_the_run_ends_with_a_voice_verdict_and_keeps_the_checkpoint_that_speaks_
         watcher.join()
     assert status["status"] == "completed", status.get("error")
     # the result is saved (and checked) first, so it is usable while the verdict is worked out
-    assert seen == {"adapter on disk during the check": True}
+    assert seen == {"adapter on disk during the check": True, "the playground takes it": True}
     assert 0 < status["saved_s"] < status["wall_s"] and status["saved_at"] > 0
     assert status["habit"] == SIGN_OFF and status["best_by"] == "voice"
     voice = status["voice"]

@@ -68,3 +68,16 @@ def test_every_train_setting_is_on_the_page_and_old_api_calls_keep_their_order()
     assert sorted(shown) == sorted(fields)  # each once, none missing: derived from the dataclass
     assert shown[:8] == ["max_steps", "num_epochs", "learning_rate", "lora_r", "batch_size", "max_length",
                          "quantization", "method"]  # positional /train and /estimate callers are not reordered
+
+
+def test_a_run_whose_result_is_saved_says_it_can_be_chatted_with_before_its_voice_check_ends():
+    saved = {"status": "running", "phase": "the result is saved; asking it and the base 8 new questions (the voice "
+             "check)", "step": 12, "max_steps": 12, "adapter": "/runs/r/adapter", "saved_at": 1.0}
+    html = train_tab.progress_html(saved)
+    assert "chat with it on the <b>Playground</b> tab while the voice check finishes" in html
+    training = {**saved, "phase": "training: step 3 of 12", "step": 3, "saved_at": None}
+    assert "Playground" not in train_tab.progress_html(training)  # nothing saved by this attempt yet
+    stopped = {**saved, "status": "cancelled", "phase": None}
+    assert "resume to finish the voice check" in train_tab.progress_html(stopped)
+    done = {**saved, "status": "completed", "voice": {"sentence": "ends like your agents on 7 of 8 new questions"}}
+    assert "Playground" not in train_tab.progress_html(done) and "7 of 8 new questions" in train_tab.progress_html(done)

@@ -98,8 +98,9 @@ def serving_dtype(dev: str):
 
 
 def read_run(run: str | Path) -> RunInfo:
-    """Read a completed run's config and status (no model loading)."""
-    from tuner.runs import Run, resolve
+    """Read the config and status of a run with a result (no model loading): completed, or saved and
+    still running its voice check (tuner.runs.has_result)."""
+    from tuner.runs import Run, has_result, resolve
 
     run_dir = resolve(run).path.resolve()
     status_file = Run(run_dir).status_file
@@ -107,9 +108,9 @@ def read_run(run: str | Path) -> RunInfo:
         status = json.loads(status_file.read_text())
     except (OSError, ValueError) as exc:
         raise RunNotFound(f"{status_file}: cannot read the run status ({exc}).") from None
-    if status.get("status") != "completed":
+    if not has_result(status):
         raise TunerError(f"Run {run_dir.name} is '{status.get('status')}', not completed: "
-                         "only a completed run has an adapter to chat with.")
+                         "only a run that has saved its result has an adapter to chat with.")
     if not status.get("adapter"):
         raise ModelError(f"{status_file} names no adapter; the run did not save one.")
     adapter_dir = Path(status["adapter"])

@@ -218,6 +218,13 @@ def read_status(run_dir: str | Path) -> dict[str, Any]:
     return status if isinstance(status, dict) else {"status": "unknown", "error": "status.json is missing or damaged"}
 
 
+def has_result(status: dict[str, Any]) -> bool:
+    """Whether the run's result can be served: completed, or saved and checked, which comes before the run's
+    voice check (tuner.train.run); so a run can be chatted with while its verdict is worked out, and one
+    stopped or failed during that check keeps a usable result."""
+    return status.get("status") == "completed" or bool(status.get("saved_at") and status.get("adapter"))
+
+
 def update_status(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
     """Merge `fields` into status.json (atomically) and return the new status."""
     status = read_status(run_dir)

@@ -62,7 +62,7 @@ def train_run(run_dir: str | Path, resume: bool = False,
     with machine_lock(run_dir):
         started = time.monotonic()
         update_status(run_dir, status="running", error=None, pid=os.getpid(), pid_started=proc_start(os.getpid()),
-                      started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                      started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), saved_at=None)
         dev = "cpu"
         try:
             dev = device()

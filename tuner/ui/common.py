@@ -133,10 +133,11 @@ def list_runs() -> list[dict[str, Any]]:
     return jobs.list_runs()
 
 
-def run_choices(only_completed: bool = False) -> list[str]:
+def run_choices(with_result: bool = False) -> list[str]:
+    """Run ids, newest first; `with_result`: only runs whose result can be served (tuner.runs.has_result)."""
     runs = list_runs()
-    if only_completed:
-        runs = [r for r in runs if r.get("status") == "completed"]
+    if with_result:
+        runs = [r for r in runs if r.get("has_result")]
     return [r["id"] for r in runs]
 
 

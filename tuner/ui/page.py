@@ -54,7 +54,7 @@ def page_load(request: gr.Request = None) -> dict[str, Any]:
     login (TUNER_AUTH, or a Space's), the reviewer's name is the one signed in."""
     current = active_run()
     choices = run_choices()
-    completed = run_choices(only_completed=True)
+    completed = run_choices(with_result=True)
     notice = storage_notice()
     return {"train_run": gr.update(choices=choices, value=current),
             "pg_run": gr.update(choices=completed, value=completed[0] if completed else None),

@@ -265,7 +265,7 @@ def judged(run_dir: Path, column: str) -> Judged:
     key = {"prompt-only": "prompted"}.get(name.lower(), name.lower())
     if key in COLUMN_NAMES:
         return Judged(run_dir.name if key == "tuned" else COLUMN_NAMES[key], COLUMN_NAMES[key], run_dir, key)
-    if name and name != run_dir.name and name in run_choices(only_completed=True):
+    if name and name != run_dir.name and name in run_choices(with_result=True):
         return Judged(name, name, run_folder(name), "tuned")
     raise TunerError(f"Unknown column {column!r}: choose base, tuned, prompted, or the id of the completed run "
                      "shown in the left column.")
@@ -428,7 +428,7 @@ def parent_of(run_dir: Path) -> str | None:
 def compare_choices(run_id: str | None) -> tuple[list[tuple[str, str]], str]:
     """What the picked run can be compared with: the base model, its parent (the default for a preference
     run), any other completed run."""
-    if not run_id or run_id not in run_choices(only_completed=True):
+    if not run_id or run_id not in run_choices(with_result=True):
         return [("Base model", "base")], "base"
     completed = comparable(run_id)
     parent = parent_of(run_folder(run_id))
@@ -582,7 +582,7 @@ def saved_evaluation(run_id: str | None) -> dict[str, Any]:
 @friendly
 def playground_runs(current: str | None):
     """Completed runs for the playground picker, keeping the current pick while it is still there."""
-    completed = run_choices(only_completed=True)
+    completed = run_choices(with_result=True)
     return gr.update(choices=completed, value=current if current in completed else (completed[0] if completed else None))
 
 

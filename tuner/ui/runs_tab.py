@@ -454,7 +454,7 @@ def push_run(run_id: str | None, repo_id: str, token: str, merge: bool, private:
 def refresh_runs() -> dict[str, Any]:
     """The runs table and every run picker, from the disk."""
     choices = run_choices()
-    completed = run_choices(only_completed=True)
+    completed = run_choices(with_result=True)
     return {"runs_table": runs_frame(), "train_run": gr.update(choices=choices), "pg_run": gr.update(choices=completed),
             "runs_pick": gr.update(choices=choices)}
 

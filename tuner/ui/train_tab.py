@@ -17,7 +17,7 @@ import gradio as gr
 from tuner import progress
 from tuner.config import DEFAULT_PRESET, PRESETS, PreferenceConfig, TrainConfig, choices
 from tuner.errors import TunerError
-from tuner.runs import Run
+from tuner.runs import Run, has_result
 from tuner.ui.common import RUN_STATES_ACTIVE, Components, friendly, keyed, pick, run_folder
 from tuner.ui.runs_tab import PICKERS, preference_sentences, refresh_runs
 
@@ -152,6 +152,10 @@ def progress_html(status: dict[str, Any], batch_size: int = 1, grad_accum: int =
     preference = isinstance(status.get("preference"), dict)
     if verdict and state == "completed" and not preference:  # the answer to "did the voice stick?", unasked
         error += f'<p class="run-verdict"><b>Voice on new questions:</b> {html.escape(verdict)}.</p>'
+    if state != "completed" and has_result(status):  # saved and checked before the voice check
+        error += ('<p class="run-ready">The result is saved: chat with it on the <b>Playground</b> tab'
+                  + (" while the voice check finishes.</p>" if state in RUN_STATES_ACTIVE
+                     else "; resume to finish the voice check.</p>"))
     method = ""
     if preference:  # a preference run says what it is and, at the end, what the feedback changed
         kind = str(status.get("method") or "dpo").upper()
