@@ -103,13 +103,14 @@ def forget_column(column: str, chats: dict[str, list[dict[str, str]]] | None) ->
 
 
 def comparable(run_id: str) -> list[str]:
-    """Completed LoRA runs on the picked run's base model, newest first: what can answer beside it. The one
-    playground serves every session, so another base (or a second full model) would reload on every turn."""
+    """LoRA runs with a result (tuner.runs.has_result) on the picked run's base model, newest first: what can
+    answer beside it. The one playground serves every session, so another base (or a second full model)
+    would reload on every turn."""
     from tuner import jobs
 
     found = jobs.list_runs()
     base = next((r["base_model"] for r in found if r["id"] == run_id), None)
-    return [r["id"] for r in found if r["id"] != run_id and r.get("status") == "completed"
+    return [r["id"] for r in found if r["id"] != run_id and r.get("has_result")
             and r.get("base_model") == base and r.get("method") != "full"]
 
 
@@ -581,7 +582,7 @@ def saved_evaluation(run_id: str | None) -> dict[str, Any]:
 
 @friendly
 def playground_runs(current: str | None):
-    """Completed runs for the playground picker, keeping the current pick while it is still there."""
+    """Runs with a result for the playground picker, keeping the current pick while it is still there."""
     completed = run_choices(with_result=True)
     return gr.update(choices=completed, value=current if current in completed else (completed[0] if completed else None))
 
