@@ -319,9 +319,10 @@ def test_the_run_ends_with_a_voice_verdict_and_keeps_the_checkpoint_that_speaks_
 
     def watch() -> None:
         while not done.is_set():
-            phase = runs.read_status(run).get("phase") or ""
-            if "voice check" in phase and len(seen) < 2:
+            now = runs.read_status(run)
+            if "voice check" in (now.get("phase") or "") and len(seen) < 3:
                 seen["adapter on disk during the check"] = (run / "adapter" / "adapter_model.safetensors").is_file()
+                seen["the page counts its time down"] = (now.get("eta_s") or 0) > 0  # from the reference or last run
                 try:  # what the Playground tab asks before it loads a run
                     seen["the playground takes it"] = read_run(run).adapter_dir == run / "adapter"
                 except TunerError as exc:
@@ -337,7 +338,8 @@ def test_the_run_ends_with_a_voice_verdict_and_keeps_the_checkpoint_that_speaks_
         watcher.join()
     assert status["status"] == "completed", status.get("error")
     # the result is saved (and checked) first, so it is usable while the verdict is worked out
-    assert seen == {"adapter on disk during the check": True, "the playground takes it": True}
+    assert seen == {"adapter on disk during the check": True, "the page counts its time down": True,
+                    "the playground takes it": True}
     assert 0 < status["saved_s"] < status["wall_s"] and status["saved_at"] > 0
     assert status["habit"] == SIGN_OFF and status["best_by"] == "voice"
     voice = status["voice"]

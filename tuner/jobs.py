@@ -356,6 +356,19 @@ def measured_here(base_model: str) -> dict[str, Any] | None:
     return None
 
 
+def voice_s_per_prompt(base_model: str, dev: str, here: dict[str, Any] | None = None) -> float:
+    """Seconds the final voice check takes per held-out prompt (the result and the base both answering):
+    this machine's newest run of the model (`here`, from measured_here), else the reference, which grows
+    with the model's size (the reference is the default model's)."""
+    if (here or {}).get("voice_s_per_prompt"):
+        return here["voice_s_per_prompt"]
+    from tuner.models import is_default, model_info
+
+    info = model_info(base_model) if is_default(base_model) or Path(base_model).is_dir() else {}
+    scale = int(info["parameters"]) / model_info("default")["parameters"] if info.get("parameters") else 1.0
+    return VOICE_S_PER_PROMPT.get(dev, VOICE_S_PER_PROMPT["cpu"]) * scale
+
+
 def measured_speed(base_model: str) -> float | None:
     """Training tokens/s of the newest finished run of this base model on this machine (a real measurement)."""
     found = measured_here(base_model)
@@ -420,11 +433,8 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
                                          / (3 * speed))
         startup = (here or {}).get("startup_s") or STARTUP_S
         asked = min(cfg.voice_prompts, n_val)  # held-out prompts: at most one per validation conversation
-        # decoding time grows with the model's size (the reference is the default model's)
-        per_prompt = ((here or {}).get("voice_s_per_prompt")
-                      or VOICE_S_PER_PROMPT.get(dev, VOICE_S_PER_PROMPT["cpu"]) * max(params, 1) / default_params)
         breakdown = {"startup_s": round(startup, 1), "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
-                     "voice_s": round(asked * per_prompt, 1), "save_s": SAVE_S}
+                     "voice_s": round(asked * voice_s_per_prompt(cfg.base_model, dev, here), 1), "save_s": SAVE_S}
         seconds = sum(breakdown.values())
     memory_mb = None
     if params:

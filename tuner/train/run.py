@@ -144,9 +144,12 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
     voice = ctx["voice"]
     summary["voice"] = None
     if cfg.voice_prompts:
-        if voice["prompts"]:
+        if voice["prompts"]:  # the time left counts down from what the check took here last time
+            from tuner.jobs import measured_here, voice_s_per_prompt
+
+            expected = len(voice["prompts"]) * voice_s_per_prompt(cfg.base_model, dev, measured_here(cfg.base_model))
             update_status(run_dir, phase=f"the result is saved; asking it and the base {len(voice['prompts'])} "
-                                         "new questions (the voice check)")
+                                         "new questions (the voice check)", eta_s=round(expected, 1))
         voice_started = time.monotonic()
         served = served_model(trainer.model, cfg.base_model, ctx["quantization"], dev)
         summary["voice"] = final_verdict(served, trainer.processing_class, ctx["chat_template"], voice["marker"],
