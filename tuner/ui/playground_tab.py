@@ -599,7 +599,7 @@ def build() -> Components:
     c: Components = {}
     with gr.Row():
         c["pg_run"] = gr.Dropdown(label="Tuned run", allow_custom_value=True, scale=3, elem_id="pg-run",
-                                  info="A completed run; without one only the base model answers.")
+                                  info="A run with its result saved; without one only the base model answers.")
         c["pg_left"] = gr.Dropdown([("Base model", "base")], value="base", label="Left column", scale=2,
                                    allow_custom_value=True, elem_id="pg-left",
                                    info="The base model, or another run beside the tuned one (e.g. its parent).")
