@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,6 +65,26 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("-", "this machine")
     for line in _machine_lines():
         terminalreporter.write_line(line)
+
+
+def train_watched(run: Path, look: Callable[[], bool], every: float = 0.05) -> dict[str, Any]:
+    """Train `run` in this process while `look()` runs every `every` seconds in a thread, as someone watching
+    the run folder would, until it returns True or training ends; the run's final status."""
+    from tuner import train
+
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set() and not look():
+            time.sleep(every)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        return train.train_run(run)
+    finally:
+        done.set()
+        watcher.join()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import SIGN_OFF, signoff_conversations
+from conftest import SIGN_OFF, signoff_conversations, train_watched
 
 from tuner import jobs, runs, train
 from tuner.config import GenerationConfig, TrainConfig
@@ -449,26 +449,17 @@ def test_disk_full_while_saving_keeps_the_last_good_state(tmp_path, small_disk):
     run = runs.prepare_run(cfg, write_data(tmp_path / "data", 12), run_dir=small_disk / "run")
     filler = small_disk / "filler"
     kept: dict[str, str] = {}
-    stop = threading.Event()
 
-    def fill_the_disk_after_the_first_checkpoint() -> None:
-        while not stop.is_set():
-            done = runs.complete_checkpoints(run)
-            if done:
-                kept.update(_sha256_tree(done[0]))
-                stat = os.statvfs(small_disk)
-                with open(filler, "wb") as fh:  # leave 256 KB: status and metrics still fit, a checkpoint does not
-                    os.posix_fallocate(fh.fileno(), 0, stat.f_bavail * stat.f_frsize - 256 * 1024)
-                return
-            time.sleep(0.01)
+    def fill_the_disk_after_the_first_checkpoint() -> bool:
+        done = runs.complete_checkpoints(run)
+        if done:
+            kept.update(_sha256_tree(done[0]))
+            stat = os.statvfs(small_disk)
+            with open(filler, "wb") as fh:  # leave 256 KB: status and metrics still fit, a checkpoint does not
+                os.posix_fallocate(fh.fileno(), 0, stat.f_bavail * stat.f_frsize - 256 * 1024)
+        return bool(done)
 
-    watcher = threading.Thread(target=fill_the_disk_after_the_first_checkpoint, daemon=True)
-    watcher.start()
-    try:
-        status = train.train_run(run)
-    finally:
-        stop.set()
-        watcher.join()
+    status = train_watched(run, fill_the_disk_after_the_first_checkpoint, every=0.01)
     assert filler.exists(), "the disk was never filled"
     assert status["status"] == "failed"
     error = status["error"]

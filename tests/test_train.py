@@ -5,13 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import threading
-import time
 import warnings
 from pathlib import Path
 
 import pytest
-from conftest import SIGN_OFF, signoff_conversations
+from conftest import SIGN_OFF, signoff_conversations, train_watched
 
 from tuner import runs, train
 from tuner.config import TrainConfig
@@ -315,27 +313,19 @@ def test_the_run_ends_with_a_voice_verdict_and_keeps_the_checkpoint_that_speaks_
     cfg = TrainConfig.from_preset("quick", **{**SMALL, "quantization": "none"})
     run = runs.prepare_run(cfg, signoff_data, run_dir=tmp_path / "run")
     seen: dict[str, bool] = {}  # what a user listing the run folder finds while the voice check runs
-    done = threading.Event()
 
-    def watch() -> None:
-        while not done.is_set():
-            now = runs.read_status(run)
-            if "voice check" in (now.get("phase") or "") and len(seen) < 3:
-                seen["adapter on disk during the check"] = (run / "adapter" / "adapter_model.safetensors").is_file()
-                seen["the page counts its time down"] = (now.get("eta_s") or 0) > 0  # from the reference or last run
-                try:  # what the Playground tab asks before it loads a run
-                    seen["the playground takes it"] = read_run(run).adapter_dir == run / "adapter"
-                except TunerError as exc:
-                    seen["the playground takes it"] = str(exc)
-            time.sleep(0.05)
+    def look() -> bool:
+        now = runs.read_status(run)
+        if "voice check" in (now.get("phase") or ""):
+            seen["adapter on disk during the check"] = (run / "adapter" / "adapter_model.safetensors").is_file()
+            seen["the page counts its time down"] = (now.get("eta_s") or 0) > 0  # from the reference or last run
+            try:  # what the Playground tab asks before it loads a run
+                seen["the playground takes it"] = read_run(run).adapter_dir == run / "adapter"
+            except TunerError as exc:
+                seen["the playground takes it"] = str(exc)
+        return bool(seen)
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        status = train.train_run(run)
-    finally:
-        done.set()
-        watcher.join()
+    status = train_watched(run, look)
     assert status["status"] == "completed", status.get("error")
     # the result is saved (and checked) first, so it is usable while the verdict is worked out
     assert seen == {"adapter on disk during the check": True, "the page counts its time down": True,
