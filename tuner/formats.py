@@ -28,6 +28,7 @@ from typing import Any
 
 from tuner import limits
 from tuner.errors import DataError
+from tuner.words import agree, plural
 
 # -- drop categories (after OpenAI's published fine-tuning data checks) ---------------------------
 UNPARSEABLE = "unparseable"
@@ -822,8 +823,8 @@ def _group_rows(src: Source, records: Iterator[tuple[int, Any, str | None]], col
             yield conv
         db.close()
     if unordered:
-        src.notes.append(f"{unordered} conversation(s) had missing or unreadable timestamps in '{ts_col}' "
-                         "and were kept in file order")
+        src.notes.append(f"{plural(unordered, 'conversation')} had missing or unreadable timestamps in '{ts_col}' "
+                         f"and {agree(unordered, 'was')} kept in file order")
 
 
 def _row_conversation(src: Source, ids: list[str], rows: list[tuple], ts_col: str | None) -> tuple[Conversation, bool]:
