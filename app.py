@@ -16,7 +16,7 @@ from tuner import limits
 from tuner.cli import quiet_threads_env
 from tuner.paths import uploads_dir
 from tuner.ui.data_tab import SAMPLES_DIR
-from tuner.ui.page import CSS, build_demo
+from tuner.ui.page import CSS, I18N, build_demo
 
 quiet_threads_env()  # before the playground imports torch (nothing above does)
 
@@ -48,6 +48,7 @@ def main() -> None:
         run_history=False,  # security: the run history page would keep tokens and transcripts in the browser
         footer_links=["api", "gradio"],
         css=CSS,
+        i18n=I18N,  # the strings gradio's own translations lack
     )
 
 

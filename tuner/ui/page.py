@@ -31,6 +31,13 @@ CSS = """
 #preview .bot, #preview .message.bot { background: #fef3c7 !important; border-color: #f59e0b !important; }
 """
 
+# gradio 6.31's frontend asks for these keys, which its own English strings lack, so the page showed the key
+# itself: "common.upload" on the file box's upload button, "common.complete" read out when an event ends.
+# Every other locale falls back to English for them. tests/test_app_browser.py checks every tab for raw keys.
+MISSING_TRANSLATIONS = {"common.upload": "Upload", "common.complete": "Done", "common.video": "Video",
+                        "common.webcam": "Webcam"}
+I18N = gr.I18n(en=MISSING_TRANSLATIONS)
+
 
 def storage_notice() -> str:
     """On a Space: runs are shared by its visitors (unless behind TUNER_AUTH), and without persistent
