@@ -102,7 +102,7 @@ def test_convert_through_the_api_reports_the_sample(client):
     report, files, dropped, hist, _slider, system, preview, learned, _speakers = _convert(
         client, system_prompt="You are the crew of Kettle & Co.", redact=True)
     assert "Ready to train" in report
-    assert "96 conversations read" in report
+    assert "96 conversations kept, none dropped" in report
     assert "Personal data replaced" in report and "3 email" in report and "1 phone" in report
     assert files["data"][0][:2] == ["kettle_transcripts.txt", "transcript-txt"]
     assert dropped["data"] == []

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from app_server import running_app
 
+from tuner.ui import data_tab
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "datasets" / "kettle_transcripts.txt"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -107,49 +109,139 @@ def small_jsonl(path: Path, n: int = 12) -> Path:
     return path
 
 
+def wait_for_bars(page, total: int) -> None:
+    """Wait until the length histogram's bars count `total` examples."""
+    page.wait_for_function("n => [...document.querySelectorAll(\"#histogram [aria-roledescription='bar']\")]"
+                           ".map(e => +((e.getAttribute('aria-label') || '').match(/examples: (\\d+)/) || [0, 0])[1])"
+                           ".reduce((a, b) => a + b, 0) === n", arg=total, timeout=30_000)
+
+
+def remove_file(page, name: str) -> None:
+    page.locator(f"#upload tr:has(td[aria-label='{name}'])").get_by_role("button", name="Remove this file").click()
+
+
 def test_replacing_or_clearing_files_leaves_no_stale_view(open_page, tmp_path):
     page, dialogs = open_page()
     upload = page.locator("#upload input[type=file]")
     report, speakers = page.locator("#report"), page.locator("#speakers")
 
-    # 1. a log with unknown speakers: the page asks about them
+    # 1. the sample: its report, bars and preview
+    upload.set_input_files(str(SAMPLE))
+    report.get_by_text("Ready to train").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    wait_for_bars(page, 96)
+    assert "96 conversations kept, none dropped" in report.inner_text() and not speakers.is_visible()
+    assert bot_texts(page, "preview")[0].startswith("Ahoy there, shipmate!")
+    shot(page, "10-views-sample")
+
+    # 2. the box's Clear: every view is empty again, the histogram's bars included
+    page.locator("#upload").get_by_role("button", name="Clear").click()
+    report.get_by_text("Upload your exports").wait_for(timeout=30_000)
+    page.wait_for_timeout(1500)  # time for a stale redraw to show, if there were one
+    assert bar_counts(page, "histogram") == [] and bot_texts(page, "preview") == []
+    assert "kettle" not in page.locator("#files-table").inner_text() + page.locator("#dropped-table").inner_text()
+    assert page.locator("#to-train").is_disabled()
+    shot(page, "11-views-cleared")
+
+    # 3. a log with unknown speakers: the page asks about them
     upload.set_input_files(str(crew_log(tmp_path / "crew.txt")))
     report.get_by_text("Some speakers have no role").wait_for(timeout=CONVERT_TIMEOUT_MS)
     speakers.wait_for(state="visible", timeout=10_000)
     assert "Skipper" in speakers.inner_text() and "Jo" in speakers.inner_text()
-    shot(page, "10-views-crew")
+    assert bar_counts(page, "histogram") == []  # nothing kept, nothing to plot
+    shot(page, "12-views-crew")
 
-    # 2. the box's Clear: every view is empty again, not the crew log's
-    page.locator("#upload").get_by_role("button", name="Clear").click()
-    report.get_by_text("Upload your exports").wait_for(timeout=30_000)
-    speakers.wait_for(state="hidden", timeout=10_000)
-    assert "crew.txt" not in page.locator("#files-table").inner_text() + page.locator("#dropped-table").inner_text()
-    assert bar_counts(page, "histogram") == [] and bot_texts(page, "preview") == []
-    assert page.locator("#to-train").is_disabled()
-    shot(page, "11-views-cleared")
-
-    # 3. the sample: its own report, bars and preview
-    upload.set_input_files(str(SAMPLE))
-    report.get_by_text("Ready to train").wait_for(timeout=CONVERT_TIMEOUT_MS)
-    page.wait_for_function("() => document.querySelectorAll(\"#histogram [aria-roledescription='bar']\").length > 0")
-    assert sum(bar_counts(page, "histogram")) == 96 and not speakers.is_visible()
-    assert bot_texts(page, "preview")[0].startswith("Ahoy there, shipmate!")
-
-    # 4. replaced by another file (added beside it, then the sample's own x): every view is the new file's
+    # 4. replaced by another file (added beside it, then the crew log's own x): every view is the new file's
     upload.set_input_files(str(small_jsonl(tmp_path / "tea.jsonl")))
-    report.get_by_text("108 conversations read").wait_for(timeout=CONVERT_TIMEOUT_MS)
-    page.locator("#upload tr:has(td[aria-label='kettle_transcripts.txt'])").get_by_role(
-        "button", name="Remove this file").click()
-    report.get_by_text("12 conversations read").wait_for(timeout=CONVERT_TIMEOUT_MS)
-    page.wait_for_function("() => document.querySelectorAll(\"#histogram [aria-roledescription='bar']\").length > 0")
-    page.wait_for_timeout(500)
-    assert "Ready to train" in report.inner_text() and "96" not in report.inner_text()
+    report.get_by_text("12 conversations kept, 12 dropped").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    remove_file(page, "crew.txt")
+    report.get_by_text("12 conversations kept, none dropped").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    wait_for_bars(page, 12)
     files = page.locator("#files-table").inner_text()
-    assert "tea.jsonl" in files and "kettle" not in files
-    assert sum(bar_counts(page, "histogram")) == 12
+    assert "Ready to train" in report.inner_text() and "tea.jsonl" in files and "crew" not in files
     assert bot_texts(page, "preview")[0].startswith("Tin 0 is back on Monday")
     assert not speakers.is_visible() and page.locator("#to-train").is_enabled()
-    shot(page, "12-views-replaced")
+    shot(page, "13-views-replaced")
+    assert dialogs == []
+
+
+def test_ticked_team_speakers_stay_ticked_when_files_are_added_or_removed(open_page, tmp_path):
+    page, dialogs = open_page()
+    upload = page.locator("#upload input[type=file]")
+    report, speakers = page.locator("#report"), page.locator("#speakers")
+    upload.set_input_files(str(crew_log(tmp_path / "crew.txt")))
+    speakers.wait_for(state="visible", timeout=CONVERT_TIMEOUT_MS)
+    speakers.get_by_label("Skipper").check()
+    page.locator("#check-data").click()
+    report.get_by_text("12 conversations kept, none dropped").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    assert "Ready to train" in report.inner_text()
+
+    # another file added: the crew log's speakers are still listed, Skipper still ticked, both files kept
+    upload.set_input_files(str(small_jsonl(tmp_path / "tea.jsonl")))
+    report.get_by_text("24 conversations kept, none dropped").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    assert speakers.get_by_label("Skipper").is_checked() and not speakers.get_by_label("Jo").is_checked()
+    wait_for_bars(page, 24)
+    shot(page, "14-speakers-file-added")
+
+    # the other file removed: the same
+    remove_file(page, "tea.jsonl")
+    report.get_by_text("12 conversations kept, none dropped").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    assert speakers.get_by_label("Skipper").is_checked() and "Ready to train" in report.inner_text()
+    assert bot_texts(page, "preview")[0].startswith("Ahoy! Answer 0.")  # Skipper speaks for the team
+
+    # a file without those speakers: the list goes; adding the crew log back asks again (nothing guessed)
+    upload.set_input_files(str(small_jsonl(tmp_path / "tea.jsonl")))
+    report.get_by_text("24 conversations kept").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    remove_file(page, "crew.txt")
+    report.get_by_text("12 conversations kept, none dropped").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    speakers.wait_for(state="hidden", timeout=10_000)
+    shot(page, "15-speakers-file-removed")
+    assert dialogs == []
+
+
+# gradio's translation namespaces (gradio/templates/frontend/assets/en-*.js): "common.upload" on a page is a key
+# that was never translated
+RAW_KEY = re.compile(r"\b(?:_name|annotated_image|audio|blocks|chat_interface|chatbot|checkbox|code|color_picker|common|"
+                     r"dataframe|dropdown|errors|file|highlighted_text|image|image_editor|label|login|number|plot|radio|"
+                     r"slider|status|upload_text|video)\.[a-z_]+\b")
+# every text and label the page ever showed, also those shown for a moment (the screen-reader line that
+# announces an event's end is cleared after a second)
+RECORD_TEXTS = """
+window.__texts = [];
+new MutationObserver(changes => { for (const m of changes) {
+  if (m.type === 'characterData') window.__texts.push(m.target.data);
+  else if (m.type === 'attributes') window.__texts.push(m.target.getAttribute(m.attributeName) || '');
+  else for (const n of m.addedNodes) {  // what is shown: the body's text, not the page's scripts and styles
+    if (!document.body?.contains(n) || ['SCRIPT', 'STYLE'].includes(n.nodeName)) continue;
+    if (n.nodeType === 1) window.__texts.push(n.innerText || '');
+    else if (n.nodeType === 3 && !['SCRIPT', 'STYLE'].includes(n.parentNode?.nodeName)) window.__texts.push(n.data);
+  }
+}}).observe(document, {subtree: true, childList: true, characterData: true, attributes: true,
+                       attributeFilter: ['aria-label', 'title', 'placeholder', 'alt']});
+"""
+
+
+def test_no_tab_shows_an_untranslated_key_or_a_table_without_its_headers(open_page, tmp_path):
+    page, dialogs = open_page()
+    page.add_init_script(RECORD_TEXTS)
+    page.reload()
+    page.get_by_role("tab", name="1. Data").wait_for()
+    assert page.locator("#histogram").count() == 0  # no examples yet: no empty plot either
+    for table, columns in (("files-table", data_tab.FILES_COLUMNS), ("dropped-table", data_tab.DROPPED_COLUMNS)):
+        headers = [h.strip(" ⋮\n\t") for h in page.locator(f"#{table} thead th").all_inner_texts()]
+        assert [h for h in headers if h] == columns, (table, headers)
+    page.locator("#upload input[type=file]").set_input_files(str(small_jsonl(tmp_path / "tea.jsonl")))
+    page.locator("#report").get_by_text("Ready to train").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    page.wait_for_timeout(500)
+    shot(page, "16-no-raw-keys-data")
+    for tab in ("2. Train", "3. Playground", "4. Runs", "1. Data"):
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_timeout(1000)
+        texts = page.evaluate("() => document.body.innerText + '\\n' + window.__texts.join('\\n') + '\\n' + "
+                              "[...document.querySelectorAll('[aria-label],[title],[placeholder]')].map(e => "
+                              "[e.getAttribute('aria-label'), e.getAttribute('title'), e.getAttribute('placeholder')]"
+                              ".join(' ')).join('\\n')")
+        assert sorted(set(RAW_KEY.findall(texts))) == [], tab
+    assert "Done" in "\n".join(page.evaluate("() => window.__texts"))  # the end of an event, announced in words
     assert dialogs == []
 
 
@@ -190,7 +282,7 @@ def test_upload_train_watch_and_chat(open_page):
     page.locator("#upload input[type=file]").set_input_files(str(SAMPLE))
     report = page.locator("#report")
     report.get_by_text("Ready to train").wait_for(timeout=CONVERT_TIMEOUT_MS)
-    assert "96 conversations read" in report.inner_text()
+    assert "96 conversations kept, none dropped" in report.inner_text()
     assert "transcript-txt" in page.locator("#files-table").inner_text()
     page.locator("#preview .message.bot").first.wait_for()
     assert bot_texts(page, "preview")[0].startswith("Ahoy there, shipmate!")

@@ -201,6 +201,23 @@ def test_clean_drops_with_category_and_line(conv, category):
     assert list(unmapped) == (["Wizard"] if category == formats.UNMAPPED_SPEAKER else [])
 
 
+def test_drop_reasons_name_one_or_several_speakers_in_agreeing_words():
+    one = dataset.clean(_conv(("Customer", "q"), ("Wizard", "a")), ConvertConfig(), hints="page")
+    assert one.reason.startswith("speaker 'Wizard' is not a known agent or customer label; tick your team's")
+    two = dataset.clean(_conv(("Priya", "q"), ("Dave", "a")), ConvertConfig())
+    assert two.reason.startswith("speakers 'Priya' and 'Dave' are not known agent or customer labels; map each")
+    roles = dataset.clean(_conv(("user", "q"), ("tool", "a"), ("function", "b"), strict=True), ConvertConfig())
+    assert roles.reason.startswith("roles 'tool' and 'function' are not system, user or assistant")
+
+
+def test_report_names_the_given_speakers_the_files_have(tmp_path, tokenizer):
+    log = tmp_path / "log.txt"
+    log.write_text("".join(f"Priya: question {_tag(i)}?\nDave: answer {_tag(i)}.\n\n" for i in range(3)))
+    report = _convert([log], tmp_path / "out", tokenizer, assistant_names=["dave", "Rosa"], user_names=["Ian"])
+    assert report["named_speakers"] == ["dave"]  # as given (matched ignoring case); Rosa and Ian are not in it
+    assert report["unmapped_speakers"] == ["Priya"]
+
+
 def test_weights_survive_into_the_output(tmp_path, tokenizer):
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "old", "weight": 0},
                           {"role": "user", "content": "again"}, {"role": "assistant", "content": f"new {i}", "weight": 1}]}
@@ -267,10 +284,12 @@ def test_report_counts_one_unit_per_column_and_the_headline_sums_the_table(tmp_p
     assert units == {"chats.jsonl": (31, "lines", 1, 30, 30, 0), "tickets.csv": (40, "rows", 0, 20, 20, 0),
                      "log.txt": (23, "lines", 1, 11, 10, 1)}
     totals = report["totals"]
-    assert totals == {"conversations_read": 61, "conversations_kept": 60, "conversations_dropped": 1, "rows_dropped": 2}
+    assert totals == {"conversations_read": 61, "conversations_kept": 60, "conversations_dropped": 1, "rows_dropped": 2,
+                      "dropped": 3, "dropped_by_unit": {"lines": 2, "conversations": 1}}
     assert totals["conversations_read"] == report["stats"]["conversations_read"]
     assert totals["conversations_kept"] == report["train_examples"] + report["validation_examples"]
     assert totals["conversations_dropped"] + totals["rows_dropped"] == report["dropped_total"] == len(report["dropped"])
+    assert totals["dropped"] == sum(totals["dropped_by_unit"].values()) == len(report["dropped"])
     summary = dataset.format_report(report)
     assert "from 61 conversations read" in summary.splitlines()[0]
     assert "tickets.csv [messages-csv]: 20 conversations read, 20 kept, 0 dropped; 40 rows read, 0 skipped" in summary
@@ -377,7 +396,7 @@ def test_too_few_examples_blocks_training_with_a_reason(tmp_path, tokenizer):
     path = _jsonl(tmp_path / "few.jsonl", [_chat(i) for i in range(4)] + ["oops"] * 3)
     report = _convert([path], tmp_path / "out", tokenizer, min_examples=10)
     assert report["ok"] is False
-    assert "only 4 usable example(s)" in report["reason"] and "at least 10" in report["reason"]
+    assert "only 4 usable examples; at least 10 are needed" in report["reason"]
     assert "unparseable" in report["reason"] and "few.jsonl line 5" in report["reason"]
     assert report["warnings"][0].startswith("Training is blocked")
 
@@ -612,7 +631,7 @@ def test_cli_fails_with_a_one_line_reason(tmp_path, default_model_path):
     log.write_text("".join(f"Maya: question {i}\nKettle & Co.: Ahoy {i}!\n\n" for i in range(12)))
     out = _cli(str(log), "--out", str(tmp_path / "out"))
     assert out.returncode == 1
-    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: only 0 usable example(s)")
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: no usable examples yet; ")
     assert "NOT trainable" in out.stdout and "'Maya' (12)" in out.stdout and "--assistant" in out.stdout
     # mapping the speakers fixes it, and the summary says so
     fixed = _cli(str(log), "--out", str(tmp_path / "out"), "--user", "Maya", "--assistant", "Kettle & Co.")

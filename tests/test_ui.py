@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
+from tuner import dataset, formats
+from tuner.config import ConvertConfig
 from tuner.ui import data_tab, train_tab
 from tuner.ui.common import keyed
 
@@ -22,19 +26,59 @@ def test_the_loss_plot_draws_the_first_points_and_both_curves_in_colour():
     assert ">12</text>" in later  # the step axis spans the whole run from the start
 
 
-def test_headline_and_files_table_count_the_same_conversations():
-    report = {"ok": True, "train_examples": 18, "validation_examples": 2, "dropped_total": 10,
-              "totals": {"conversations_read": 30, "conversations_kept": 20, "conversations_dropped": 10},
-              "files": [{"file": "a.csv", "format": "tickets-csv", "rows_read": 300, "row_unit": "rows",
-                         "conversations_read": 30, "conversations_kept": 20, "conversations_dropped": 10,
-                         "dropped": 12}]}
+def faulty_jsonl(path: Path) -> Path:
+    """30 lines as a first-time user's export might be: 20 good chats, 8 lines that are not a conversation
+    (6 broken JSON, 2 without content), 1 question with no reply and 1 reply too long to train on."""
+    lines = []
+    for i in range(30):
+        if i in (3, 7, 11, 15, 19, 23):
+            lines.append('{"messages": [{"role": "user", "content": "cut off')
+        elif i in (26, 28):
+            lines.append(json.dumps({"messages": [{"role": "user"}]}))
+        elif i == 5:
+            lines.append(json.dumps({"messages": [{"role": "user", "content": "anyone there?"}]}))
+        elif i == 9:
+            lines.append(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": "long " * 600}]}))
+        else:
+            lines.append(json.dumps({"messages": [{"role": "user", "content": f"Where is order {i}?"},
+                                                  {"role": "assistant", "content": f"Order {i} ships Monday."}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_faulty_file_counts_the_same_things_in_headline_files_table_and_dropped_table(tmp_path, tokenizer):
+    report = dataset.convert([faulty_jsonl(tmp_path / "faulty.jsonl")], tmp_path / "out",
+                             ConvertConfig(min_examples=1, max_length=256), tokenizer=tokenizer, hints="page")
     headline = data_tab.report_markdown(report)
-    assert "30 conversations read · 20 kept, 10 dropped" in headline
-    row = data_tab.files_table(report).iloc[0]
-    assert (row["read"], row["kept"], row["dropped"]) == (30, 20, 10)  # conversations, as the headline
-    assert "300 rows in the file" in row["what it is"]
+    files, dropped = data_tab.files_table(report), data_tab.dropped_table(report)
+    assert "20 conversations kept, 10 dropped (8 lines and 2 conversations; each listed below)" in headline
+    assert [tuple(r) for r in files[["file", "in the file", "kept", "dropped"]].itertuples(index=False)] == [
+        ("faulty.jsonl", "30 lines", 20, 10)]
+    assert "dropped: 8 lines and 2 conversations" in files.iloc[0]["what it is"]
+    assert len(dropped) == 10 and set(dropped["file"]) == {"faulty.jsonl"}
+    conversation_kinds = {formats.NO_ASSISTANT, formats.TOO_LONG, formats.UNMAPPED_SPEAKER}
+    assert sum(kind in conversation_kinds for kind in dropped["kind"]) == 2  # the rest are the 8 lines
+    assert sorted(dropped["line"]) == [4, 6, 8, 10, 12, 16, 20, 24, 27, 29]  # 1-based: every line not kept, once
+    assert report["train_examples"] + report["validation_examples"] == 20  # "kept" is what training gets
+    assert "22" not in headline  # no third count (conversations read) beside kept and dropped
+
+
+def test_the_headline_says_none_dropped_and_warns_when_the_list_is_cut():
+    clean = {"ok": True, "train_examples": 1, "validation_examples": 1, "dropped": [],
+             "totals": {"conversations_kept": 2, "dropped": 0, "dropped_by_unit": {}}, "files": []}
+    assert "**2 conversations kept, none dropped**" in data_tab.report_markdown(clean)
+    assert "1 training example and 1 validation example" in data_tab.report_markdown(clean)
+    cut = {**clean, "dropped": [{"file": "a.csv", "line": i} for i in range(3)],
+           "totals": {"conversations_kept": 2, "dropped": 12_001,
+                      "dropped_by_unit": {"rows": 12_000, "files": 1}}}
+    assert "12,001 dropped (12,000 rows and 1 unreadable file; the first 3 listed below)" in \
+        data_tab.report_markdown(cut)
+    nothing = {**clean, "ok": False, "dropped": [{"file": "a.jsonl", "line": i} for i in (1, 2, 3)],
+               "totals": {"conversations_kept": 0, "dropped": 3, "dropped_by_unit": {"lines": 3}}}
+    assert "**No conversations kept, 3 dropped (3 lines; each listed below)**" in data_tab.report_markdown(nothing)
     # advice that names a command-line flag is for the terminal, not the page
-    cli = {**report, "warnings": ["Map them with --assistant NAME or --user NAME.", "Some rows are long."]}
+    cli = {**clean, "warnings": ["Map them with --assistant NAME or --user NAME.", "Some rows are long."]}
     assert "--assistant" not in data_tab.report_markdown(cli) and "Some rows are long" in data_tab.report_markdown(cli)
 
 
@@ -44,6 +88,7 @@ def test_an_empty_session_shows_empty_views():
     assert views["files_table"].empty and views["dropped_table"].empty
     assert views["preview"] == [] and views["learned"] == [] and views["preview_system"] == ""
     assert views["speakers"]["visible"] is False and views["to_train"]["interactive"] is False
+    assert views["histogram"].visible is False  # hidden, not emptied: see data_tab.histogram
     assert list(views) == data_tab.VIEWS  # one function fills every view
 
 

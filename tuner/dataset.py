@@ -62,6 +62,7 @@ from tuner.formats import (
     parse,
     resolve_format,
 )
+from tuner.words import agree, and_list, plural
 
 # -- speakers -> roles ---------------------------------------------------------------------------------
 
@@ -82,7 +83,7 @@ SCHEMA_ROLES = {"system": "system", "developer": "system", "user": "user", "huma
 # advice in reports names the fix as the caller's user meets it: command-line flags, or settings in words
 HINTS: dict[str, dict[str, str]] = {
     "cli": {
-        "map_speaker": "map it with --assistant NAME or --user NAME",
+        "map_speaker": "map each with --assistant NAME or --user NAME",
         "map_speakers": "Map them with --assistant NAME or --user NAME.",
         "map_role": "remove those messages or map the role with --assistant/--user",
         "overlong_drop": "overlong examples are dropped (--overlong drop)",
@@ -91,7 +92,7 @@ HINTS: dict[str, dict[str, str]] = {
         "redact": "convert with redact_pii (--redact-pii) to replace it",
     },
     "page": {
-        "map_speaker": "say whether it is your team or your customers",
+        "map_speaker": "tick your team's speakers in the list on the left",
         "map_speakers": "Say which of them are your team to keep those conversations.",
         "map_role": "remove those messages or rename the role to system, user or assistant",
         "overlong_drop": "overlong examples are set to be dropped, not shortened",
@@ -137,6 +138,13 @@ def _role_cached(label: str, strict: bool, assistant_names: tuple[str, ...], use
     return role_of(label, strict, assistant_names, user_names)  # a file has few labels: map each once
 
 
+@lru_cache(maxsize=4096)
+def _given_name(label: str, names: tuple[str, ...]) -> str | None:
+    """The name the user gave (--assistant/--user, the page's speaker list) that `label` is, if any."""
+    key = _label(label)
+    return next((n for n in names if _label(n) == key), None)
+
+
 # -- cleaning one conversation ---------------------------------------------------------------------------
 
 
@@ -146,6 +154,7 @@ class _Counts:
     trimmed_greetings: int = 0
     trimmed_unanswered: int = 0
     system_prompt_added: int = 0
+    named: set[str] = field(default_factory=set)  # names the user gave that some message's speaker matched
 
 
 def clean(conv: Conversation, cfg: ConvertConfig, counts: _Counts | None = None,
@@ -158,8 +167,11 @@ def clean(conv: Conversation, cfg: ConvertConfig, counts: _Counts | None = None,
     mapped: list[dict[str, Any]] = []
     unknown: list[str] = []
     names = (tuple(cfg.assistant_names), tuple(cfg.user_names))
+    given = names[0] + names[1]
     for msg in conv.messages:
         role = _role_cached(msg["role"], conv.strict_roles, *names)
+        if given and (name := _given_name(msg["role"], given)) is not None:
+            counts.named.add(name)
         if role is None:
             if msg["role"] not in unknown:
                 unknown.append(msg["role"])
@@ -177,14 +189,16 @@ def clean(conv: Conversation, cfg: ConvertConfig, counts: _Counts | None = None,
         else:
             mapped.append(item)
     if unknown:
-        names = ", ".join(f"'{u}'" for u in unknown)
+        names, n = and_list(unknown, "'"), len(unknown)
         if conv.strict_roles:
             return Dropped(conv.file, conv.line, UNRECOGNIZED_ROLE,
-                           f"role {names} is not system, user or assistant; {HINTS[hints]['map_role']}")
+                           f"{agree(n, 'role')} {names} {agree(n, 'is')} not system, user or assistant; "
+                           f"{HINTS[hints]['map_role']}")
         if unmapped is not None:
             unmapped.update(unknown)
+        labels = "a known agent or customer label" if n == 1 else "known agent or customer labels"
         return Dropped(conv.file, conv.line, UNMAPPED_SPEAKER,
-                       f"speaker {names} is neither a known agent nor customer label; {HINTS[hints]['map_speaker']}")
+                       f"{agree(n, 'speaker')} {names} {agree(n, 'is')} not {labels}; {HINTS[hints]['map_speaker']}")
     head = 0
     while head < len(mapped) and mapped[head]["role"] == "system":
         head += 1
@@ -560,7 +574,8 @@ class _Run:
         self.split_counts[source] -= len(indices)
         self.split_counts[target] += len(indices)
         self.warnings.append(f"The seeded split put no example in {source if source == 'validation' else target}; "
-                             f"{len(indices)} example(s) were moved there so both splits have data.")
+                             f"{plural(len(indices), 'example')} {agree(len(indices), 'was')} moved there so both "
+                             "splits have data.")
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
@@ -581,7 +596,8 @@ def _check_config(cfg: ConvertConfig) -> None:
         raise TunerError(f"max_length {cfg.max_length} is over the server limit of {limits.MAX_EXAMPLE_TOKENS} tokens.")
     unknown = sorted(set(cfg.column_map) - set(COLUMN_GUESSES))
     if unknown:
-        raise TunerError(f"Unknown column role(s) {', '.join(unknown)}; use {', '.join(COLUMN_GUESSES)}.")
+        raise TunerError(f"Unknown column {agree(len(unknown), 'role')} {and_list(unknown)}; "
+                         f"use {', '.join(COLUMN_GUESSES)}.")
     both = {_label(n) for n in cfg.assistant_names} & {_label(n) for n in cfg.user_names}
     if both:
         raise TunerError(f"{', '.join(sorted(both))} is named as both assistant and user; pick one side.")
@@ -715,6 +731,21 @@ def _reply_template_share(replies: list[str]) -> tuple[float, str]:
     return float(neighbours[best]) / len(replies), replies[best]
 
 
+def dropped_by_unit(files: list[dict[str, Any]]) -> dict[str, int]:
+    """What was dropped, counted in the thing it was: {"lines": 8, "conversations": 2} (sums to the drops listed).
+
+    A line, row or record that never became a conversation counts in its file's row unit; a whole
+    file that could not be read counts as one file.
+    """
+    units: Counter = Counter()
+    for entry in files:
+        unreadable = 1 if entry["error"] else 0
+        units["files"] += unreadable
+        units[entry["row_unit"] or "lines"] += entry["rows_dropped"] - unreadable
+        units["conversations"] += entry["conversations_dropped"]
+    return {unit: n for unit, n in units.items() if n}
+
+
 def _model_name(tokenizer: Any) -> str:
     name = str(getattr(tokenizer, "name_or_path", "") or "")
     return Path(name).name if name and Path(name).is_dir() else name  # a folder's name, or the Hub id
@@ -733,8 +764,10 @@ def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, st
     hint = HINTS[run.hints]
     if run.unmapped:
         labels = ", ".join(f"'{k}' ({v})" for k, v in run.unmapped.most_common(10))
-        warnings.append(f"{run.dropped_by_category[UNMAPPED_SPEAKER]} conversation(s) dropped because these speakers "
-                        f"have no role: {labels}. {hint['map_speakers']}")
+        n = run.dropped_by_category[UNMAPPED_SPEAKER]
+        warnings.append(f"{plural(n, 'conversation')} dropped because {agree(len(run.unmapped), 'this')} "
+                        f"{agree(len(run.unmapped), 'speaker')} {agree(len(run.unmapped), 'has')} no role: {labels}. "
+                        f"{hint['map_speakers']}")
     dup = run.exact_duplicates + run.near_duplicates
     if examples and dup / examples >= 0.2:
         warnings.append(f"{dup} of {examples} examples ({dup / examples:.0%}) are duplicates or near-duplicates; "
@@ -748,24 +781,27 @@ def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, st
         warnings.append(f"Reply lengths are very uneven (median {replies['median']} tokens, 95th percentile "
                         f"{replies['p95']}): a few long replies dominate training. {hint['lower_max_length']}")
     if run.truncated:
-        warnings.append(f"{run.truncated} example(s) were over {cfg.max_length} tokens and lost their last turns.")
+        warnings.append(f"{plural(run.truncated, 'example')} {agree(run.truncated, 'was')} over {cfg.max_length} "
+                        f"tokens and lost {agree(run.truncated, 'its')} last turns.")
     if run.dropped_by_category[TOO_LONG]:
-        warnings.append(f"{run.dropped_by_category[TOO_LONG]} example(s) over {cfg.max_length} tokens were dropped.")
+        n = run.dropped_by_category[TOO_LONG]
+        warnings.append(f"{plural(n, 'example')} over {cfg.max_length} tokens {agree(n, 'was')} dropped.")
     if sum(run.pii.values()) and not cfg.redact_pii:
         found = ", ".join(f"{n} {k}" for k, n in run.pii.most_common())
         warnings.append(f"Personal data found ({found}) and kept; {hint['redact']}.")
     dropped_total = sum(run.dropped_by_category.values())
     if dropped_total > len(run.dropped):
-        warnings.append(f"{dropped_total} records were dropped; report.json lists the first {len(run.dropped)} "
-                        "(counts per category are complete).")
+        warnings.append(f"{dropped_total:,} lines, rows and conversations were dropped; the report lists the first "
+                        f"{len(run.dropped):,} (counts per category are complete).")
     ok = examples >= cfg.min_examples and train_n > 0
     reason = None
     if not ok:
-        reason = f"only {examples} usable example(s); at least {cfg.min_examples} are needed to train"
+        have = "no usable examples yet" if not examples else f"only {plural(examples, 'usable example')}"
+        reason = f"{have}; at least {cfg.min_examples} are needed to train"
         if run.dropped_by_category:
             category, n = run.dropped_by_category.most_common(1)[0]
             first = next((d for d in run.dropped if d["category"] == category), None)
-            reason += f" ({n} dropped as '{category}'"
+            reason += f" ({n:,} dropped as '{category}'"
             reason += f", e.g. {first['file']} line {first['line']}: {first['reason']})" if first else ")"
         warnings.insert(0, f"Training is blocked: {reason}.")
     train_tokens = sum(run.tokens)  # all examples; the split share is what one epoch sees
@@ -798,7 +834,8 @@ def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, st
         },
     }
     totals = {key: sum(entry[key] for entry in files)
-              for key in ("conversations_read", "conversations_kept", "conversations_dropped", "rows_dropped")}
+              for key in ("conversations_read", "conversations_kept", "conversations_dropped", "rows_dropped", "dropped")}
+    totals["dropped_by_unit"] = dropped_by_unit(files)
     return {
         "ok": ok,
         "reason": reason,
@@ -812,6 +849,8 @@ def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, st
         "pii": {kind: run.pii.get(kind, 0) for kind in ("email", "phone", "card", "iban", "ip")},
         "pii_redacted": cfg.redact_pii,
         "unmapped_speakers": [label for label, _ in run.unmapped.most_common()],
+        # the names given (assistant_names, user_names) that speakers in these files matched
+        "named_speakers": sorted(run.counts.named),
         # label -> conversations dropped for it; the caller words the fix (CLI flags, or the page's checklist)
         "unmapped_speaker_conversations": dict(run.unmapped.most_common()),
         "train_examples": train_n,

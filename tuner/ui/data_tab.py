@@ -8,7 +8,6 @@ view can show a previous file's numbers.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 import shutil
 import uuid
@@ -23,12 +22,14 @@ from tuner.config import ConvertConfig
 from tuner.errors import DataError, TunerError
 from tuner.paths import uploads_dir
 from tuner.ui.common import Components, bubbles, friendly, keyed, md_escape, pick
+from tuner.words import and_list, plural
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES_DIR = ROOT / "datasets"
 SAMPLE_FILES = ["kettle_transcripts.txt"]  # "Try the sample": a raw chat log (datasets/README.md)
 UPLOAD_TYPES = [".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt"]  # what tuner.formats reads
-FILES_COLUMNS = ["file", "format", "read", "kept", "dropped", "what it is"]
+# one unit a column: the file's own lines/rows/records, conversations kept, drops as listed in the dropped table
+FILES_COLUMNS = ["file", "format", "in the file", "kept", "dropped", "what it is"]
 DROPPED_COLUMNS = ["file", "line", "reason", "kind"]
 INTRO = "Upload your exports (or try the sample) to see what tuner makes of them."
 # what `views` fills; the API's output order (gradio_client callers unpack it)
@@ -41,7 +42,7 @@ VIEWS = ["report", "files_table", "dropped_table", "histogram", "example", "prev
 
 def new_session() -> dict[str, Any]:
     """What one browser session owns: its upload folder (by a random id) and its converted data."""
-    return {"id": uuid.uuid4().hex, "data_dir": None, "ok": False, "speakers": [], "files_key": None}
+    return {"id": uuid.uuid4().hex, "data_dir": None, "ok": False, "speakers": [], "team": []}
 
 
 def session_folder(session: dict[str, Any]) -> Path:
@@ -55,12 +56,6 @@ def end_session(session: dict[str, Any] | None) -> None:
     """Gradio calls this when a session's state expires: its uploads and converted data go."""
     with contextlib.suppress(TunerError):
         shutil.rmtree(session_folder(session or {}), ignore_errors=True)
-
-
-def files_key(files: list[str]) -> str:
-    """Names and sizes of the uploads: when it changes, the speakers asked about belong to other files."""
-    parts = sorted(f"{Path(f).name}:{Path(f).stat().st_size if Path(f).is_file() else -1}" for f in files)
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def take_uploads(files: list[str] | None, session: dict[str, Any]) -> list[Path]:
@@ -102,21 +97,30 @@ def sample_files() -> list[str]:
 # -- the report --------------------------------------------------------------------------------------
 
 
-def _counts(report: dict[str, Any]) -> dict[str, int]:
-    """Conversations read, kept and dropped: the headline and the files table show these same numbers."""
-    files = report.get("files") or []
+UNIT_WORDS = {"lines": "line", "rows": "row", "records": "record", "conversations": "conversation",
+              "files": "unreadable file"}  # report["totals"]["dropped_by_unit"] keys, in the order they are told
+
+
+def _dropped_parts(by_unit: dict[str, int]) -> str:
+    """{"lines": 8, "conversations": 2} -> "8 lines and 2 conversations"."""
+    return and_list(plural(by_unit[unit], UNIT_WORDS.get(unit, unit)) for unit in sorted(
+        by_unit, key=lambda u: list(UNIT_WORDS).index(u) if u in UNIT_WORDS else len(UNIT_WORDS)) if by_unit[unit])
+
+
+def counts(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers the headline, the files table and the dropped table show, from the report's `totals`.
+
+    One unit each: conversations kept; drops as listed in the dropped table (a line, row or record that
+    never became a conversation, a conversation that cannot be trained on, or a whole unreadable file).
+    """
     totals = report.get("totals") or {}
-    read = totals.get("conversations_read", sum(int(f.get("conversations_read") or 0) for f in files))
-    kept = totals.get("conversations_kept", sum(int(f.get("conversations_kept") or 0) for f in files))
-    dropped = totals.get("conversations_dropped", sum(int(_dropped(f) or 0) for f in files))
-    if not files:
-        read = int((report.get("stats") or {}).get("conversations_read") or 0)
-    return {"read": int(read), "kept": int(kept), "dropped": int(dropped)}
+    return {"kept": int(totals.get("conversations_kept") or 0), "dropped": int(totals.get("dropped") or 0),
+            "dropped_by_unit": dict(totals.get("dropped_by_unit") or {}),
+            "listed": len(report.get("dropped") or [])}
 
 
-def _dropped(entry: dict[str, Any]) -> Any:
-    """A file's dropped conversations (older reports mixed rows and conversations in one "dropped")."""
-    return entry.get("conversations_dropped", entry.get("dropped"))
+def _minutes(value: float) -> str:
+    return "under a minute" if value < 1 else f"about {value:,.0f} min"
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -124,40 +128,45 @@ def report_markdown(report: dict[str, Any]) -> str:
     stats = report.get("stats") or {}
     lines = []
     if report.get("ok"):
-        lines.append(f"### Ready to train: {report.get('train_examples', 0)} training and "
-                     f"{report.get('validation_examples', 0)} validation examples")
+        lines.append(f"### Ready to train: {plural(report.get('train_examples', 0), 'training example')} and "
+                     f"{plural(report.get('validation_examples', 0), 'validation example')}")
     else:
         lines.append("### Not enough to train on yet")
         if report.get("reason"):
             reason = md_escape(report["reason"])
             lines.append(reason[:1].upper() + reason[1:] + ".")
-    counts = _counts(report)
-    facts = [f"{counts['read']:,} conversations read"]
-    if report.get("files"):
-        facts.append(f"{counts['kept']:,} kept, {counts['dropped']:,} dropped")
+    n = counts(report)
+    dropped = "none dropped"
+    if n["dropped"]:
+        where = "each listed below" if n["listed"] >= n["dropped"] else f"the first {n['listed']:,} listed below"
+        dropped = f"{n['dropped']:,} dropped ({_dropped_parts(n['dropped_by_unit'])}; {where})"
+    kept = plural(n["kept"], "conversation", zero="no")
+    facts = [f"**{kept[:1].upper() + kept[1:]} kept, {dropped}**"]
     tokens = stats.get("tokens") or {}
     if tokens.get("total"):
-        facts.append(f"{tokens['total']:,} tokens (median {tokens['median']:g} per example, "
+        facts.append(f"{plural(tokens['total'], 'token')} (median {tokens['median']:g} per example, "
                      f"longest {tokens['max']:,}; limit {stats.get('max_length')})")
     learned = (stats.get("assistant_tokens") or {}).get("total")
     if learned:
         facts.append(f"{learned:,} of them in replies the model learns from")
     if report.get("elapsed_s") is not None:
-        facts.append(f"checked in {report['elapsed_s']:.1f} s")
+        facts.append(f"checked in {report['elapsed_s']:.1f} s" if report["elapsed_s"] >= 0.1 else "checked in under 0.1 s")
     lines.append(" · ".join(facts))
     estimate = stats.get("train_time_estimate") or {}
     if estimate.get("tokens_per_epoch"):
-        lines.append(f"One epoch is about {estimate['tokens_per_epoch']:,} tokens: roughly "
-                     f"{estimate['cpu_minutes_per_epoch']} min on a CPU, {estimate['gpu_minutes_per_epoch']} min "
-                     "on a GPU with the default model.")
+        lines.append(f"One epoch is about {plural(estimate['tokens_per_epoch'], 'token')}: "
+                     f"{_minutes(estimate['cpu_minutes_per_epoch'])} on a CPU, "
+                     f"{_minutes(estimate['gpu_minutes_per_epoch'])} on a GPU with the default model (a rough "
+                     "estimate from a reference speed).")
     pii = {k: v for k, v in (report.get("pii") or {}).items() if v}
     if pii:
         found = ", ".join(f"{v} {md_escape(k)}" for k, v in pii.items())
         lines.append(f"**Personal data {'replaced with placeholders' if report.get('pii_redacted') else 'found'}:** "
                      f"{found}" + ("" if report.get("pii_redacted") else " (tick *Redact personal data* to replace it)"))
-    # the page maps speakers with its own checklist: advice naming a CLI flag is for the terminal
-    warnings = [w for w in report.get("warnings") or []
-                if not w.startswith("Personal data found") and "--assistant" not in w and "--user" not in w]
+    # the page maps speakers with its own checklist: advice naming a CLI flag is for the terminal; the
+    # blocked verdict and personal data have their own lines above
+    warnings = [w for w in report.get("warnings") or [] if not w.startswith(("Personal data found", "Training is blocked"))
+                and "--assistant" not in w and "--user" not in w]
     if warnings:
         lines.append("**Warnings**\n\n" + "\n".join(f"- {md_escape(w)}" for w in warnings))
     if report.get("unmapped_speakers"):
@@ -167,18 +176,19 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 
 def files_table(report: dict[str, Any]) -> pd.DataFrame:
+    """A row a file: what it holds (in its own unit), the conversations kept, the drops listed for it."""
+    from tuner.dataset import dropped_by_unit
     from tuner.formats import FORMAT_HELP
 
     def what(f: dict[str, Any]) -> str:
         text = f.get("error") or FORMAT_HELP.get(f.get("format") or "", "")
-        if f.get("row_unit") and f.get("rows_read") is not None:
-            skipped = f" ({f['rows_dropped']:,} skipped)" if f.get("rows_dropped") else ""
-            text += f" · {f['rows_read']:,} {f['row_unit']} in the file{skipped}"
+        if f.get("dropped"):
+            text += f" · dropped: {_dropped_parts(dropped_by_unit([f]))}"
         return text
 
     rows = [{"file": f.get("file"), "format": f.get("format") or "not recognised",
-             "read": f.get("conversations_read"), "kept": f.get("conversations_kept"),
-             "dropped": _dropped(f), "what it is": what(f)}
+             "in the file": plural(f.get("rows_read") or 0, UNIT_WORDS[f["row_unit"]]) if f.get("row_unit") else "—",
+             "kept": f.get("conversations_kept"), "dropped": f.get("dropped"), "what it is": what(f)}
             for f in report.get("files") or []]
     return pd.DataFrame(rows, columns=FILES_COLUMNS)
 
@@ -190,13 +200,19 @@ def dropped_table(report: dict[str, Any]) -> pd.DataFrame:
 
 
 def histogram(data_dir: str | Path | None, base_model: str) -> gr.BarPlot:
-    """The length bar plot, bins in numeric order (a nominal axis would sort '128-159' before '32-63')."""
+    """The length bar plot, bins in numeric order (a nominal axis would sort '128-159' before '32-63').
+
+    With no examples the plot is hidden, not emptied: gradio 6.31's plot rebuilds itself when its axes
+    change and draws the data it had before the update, so an emptied plot kept the previous file's bars.
+    Hidden, it is removed from the page and drawn afresh from the new data when it shows again.
+    """
     bins = preview.length_histogram(data_dir, base_model)
     frame = pd.DataFrame({"tokens": pd.Series([b for b, _ in bins], dtype="str"),
                           "examples": pd.Series([n for _, n in bins], dtype="int64")})
     top = max((n for _, n in bins), default=0)
     # the count axis starts at 0: with one bin, a [min, max] axis would draw the only bar with no height
-    return gr.BarPlot(value=frame, sort=[b for b, _ in bins] or None, y_lim=[0, max(top * 1.1, 1)])
+    return gr.BarPlot(value=frame, sort=[b for b, _ in bins] or None, y_lim=[0, max(top * 1.1, 1)],
+                      visible=bool(bins))
 
 
 def views(session: dict[str, Any], report: dict[str, Any] | None = None, base_model: str = "default",
@@ -240,15 +256,14 @@ def convert_data(files: list[str] | None, system_prompt: str, redact_pii: bool, 
 
     session = dict(session or new_session())
     files = [f for f in (files or []) if f]
-    key = files_key(files)
-    if key != session.get("files_key"):  # other files: their speakers, not the previous ones
-        session.update(files_key=key, speakers=[], team=[])
-        team_speakers = []
-    session.update(data_dir=None, ok=False)
+    # the speakers listed keep their ticks whatever files are added or removed; the conversion says which
+    # of them the files still have (report["named_speakers"]) and which new ones need asking about
+    listed = list(session.get("speakers") or [])
+    team = [s for s in (team_speakers or []) if s in listed]
+    others = [s for s in listed if s not in team]
+    session.update(data_dir=None, ok=False, team=team)
     yield views(session, message="Checking your files…")
     paths = take_uploads(files, session)
-    team = [s for s in (team_speakers or []) if s in session["speakers"]]
-    others = [s for s in session["speakers"] if s not in team]
     cfg = ConvertConfig(system_prompt=(system_prompt or "").strip(), redact_pii=bool(redact_pii),
                         assistant_names=team, user_names=others)
     out_dir = session_folder(session) / "data"
@@ -256,8 +271,8 @@ def convert_data(files: list[str] | None, system_prompt: str, redact_pii: bool, 
     progress(0, desc="Loading the tokenizer…")
     report = dataset.convert(paths, out_dir, cfg, tokenizer=preview.tokenizer_for(base_model or "default"),
                              progress=lambda fraction, text: progress(fraction, desc=text), hints="page")
-    unmapped = list(report.get("unmapped_speakers") or [])
-    session.update(speakers=sorted(set(session["speakers"]) | set(unmapped)), team=team,
+    present = set(report.get("unmapped_speakers") or []) | (set(listed) & set(report.get("named_speakers") or []))
+    session.update(speakers=sorted(present), team=[s for s in team if s in present],
                    data_dir=str(out_dir), ok=bool(report.get("ok")))
     yield views(session, report, base_model or "default")
 
@@ -276,7 +291,7 @@ def clear_data(session: dict[str, Any] | None) -> dict[str, Any]:
     session = dict(session or new_session())
     with contextlib.suppress(TunerError):
         shutil.rmtree(session_folder(session), ignore_errors=True)
-    session.update(data_dir=None, ok=False, speakers=[], team=[], files_key=None)
+    session.update(data_dir=None, ok=False, speakers=[], team=[])
     return views(session)
 
 
@@ -320,12 +335,13 @@ def build() -> Components:
             c["check_btn"] = gr.Button("Check data", variant="secondary", elem_id="check-data")
         with gr.Column(scale=3, min_width=420):
             c["report"] = gr.Markdown(INTRO, elem_id="report")
-            c["files_table"] = gr.Dataframe(headers=FILES_COLUMNS, label="Files: conversations read, kept and dropped",
+            c["files_table"] = gr.Dataframe(headers=FILES_COLUMNS, label="Files: what each holds, the conversations "
+                                                  "kept and the drops listed below",
                                             interactive=False, elem_id="files-table", wrap=True,
-                                            column_widths=["20%", "13%", "9%", "8%", "11%", "39%"])
+                                            column_widths=["18%", "12%", "12%", "8%", "12%", "38%"])
             c["histogram"] = gr.BarPlot(x="tokens", y="examples", label="Examples by length (tokens)", sort=None,
-                                        height=220, elem_id="histogram")
-            c["dropped_table"] = gr.Dataframe(headers=DROPPED_COLUMNS, label="Dropped (file, line, why)",
+                                        height=220, elem_id="histogram", visible=False)
+            c["dropped_table"] = gr.Dataframe(headers=DROPPED_COLUMNS, label="Dropped: the lines and conversations not kept, and why",
                                               interactive=False, max_height=520, elem_id="dropped-table", wrap=True,
                                               column_widths=["20%", "8%", "56%", "16%"])
     with gr.Row():
