@@ -18,6 +18,7 @@ from tuner import dataset, formats, limits
 from tuner.config import ConvertConfig
 from tuner.errors import DataError, TunerError
 from tuner.formats import Conversation
+from tuner.words import plural
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "datasets"
@@ -336,6 +337,7 @@ def test_overlong_policy(tmp_path, tokenizer, policy):
     if policy == "drop":
         assert len(examples) == 5 and report["stats"]["truncated"] == 0
         assert [d["category"] for d in report["dropped"]] == [formats.TOO_LONG]
+        assert "1 example over 160 tokens was dropped." in report["warnings"]
     else:
         cut = next(e["messages"] for e in examples if len(e["messages"]) > 2)
         assert cut == long_chat["messages"][: len(cut)] and cut[-1]["role"] == "assistant"
@@ -361,7 +363,7 @@ def test_duplicates_are_counted_and_kept_on_one_side(tmp_path, tokenizer):
     assert report["stats"]["exact_duplicates"] == 10
     assert report["stats"]["near_duplicates"] == 10
     assert report["train_examples"] + report["validation_examples"] == 60  # kept: counted and warned, not dropped
-    assert any("duplicates" in w for w in report["warnings"])
+    assert any(w.startswith("20 of 60 examples (33%) are duplicates or near-duplicates") for w in report["warnings"])
     val = {json.dumps(e) for e in _examples(tmp_path / "out", "validation")}
     for i in range(20):
         copy = exact[i] if i < 10 else near[i - 10]
@@ -384,9 +386,13 @@ def test_split_is_seeded_and_stable_when_data_grows(tmp_path, tokenizer):
 
 def test_small_datasets_still_get_a_validation_example(tmp_path, tokenizer):
     report = _convert([_jsonl(tmp_path / "s.jsonl", [_chat(i) for i in range(12)])], tmp_path / "out", tokenizer,
-                      val_fraction=0.01)
+                      val_fraction=0.0001)  # the seeded split alone would put none there
     assert report["validation_examples"] >= 1 and report["train_examples"] >= 1
     assert report["validation_examples"] + report["train_examples"] == 12
+    n = report["validation_examples"]
+    moved = [w for w in report["warnings"] if w.startswith("The seeded split put no example in validation; ")]
+    assert moved == [f"The seeded split put no example in validation; {plural(n, 'example')} "
+                     f"{'was' if n == 1 else 'were'} moved there so both splits have data."]
 
 
 # -- warnings and the trainable verdict -----------------------------------------------------------------------------
@@ -503,6 +509,11 @@ def test_hostile_uploads_are_reported_and_good_files_still_convert(tmp_path, tok
     assert any(m["content"] == "<script>alert('x')</script><img src=x onerror=alert(1)>"
                for e in _examples(tmp_path / "out") for m in e["messages"])
     assert report["ok"] and all(w for w in report["warnings"])
+    # every drop is counted once, in what it was: whole files that could not be read, lines, rows, conversations
+    unreadable = [f["file"] for f in report["files"] if f["error"]]
+    assert report["totals"]["dropped_by_unit"]["files"] == len(unreadable) >= 3
+    assert sum(report["totals"]["dropped_by_unit"].values()) == report["totals"]["dropped"] == len(report["dropped"])
+    assert all(any(w.startswith(f"{name} was skipped: ") for w in report["warnings"]) for name in unreadable)
 
 
 # -- detect --------------------------------------------------------------------------------------------------------
