@@ -38,6 +38,7 @@ MIN_PAIRS = 10  # below this many pairs DPO has too little to learn from: the bu
 TUNED = "tuned"  # the source name of the run's own replies (the playground's tuned column)
 BASE = "base"
 CHOICES = ("A", "B", "both bad")
+FEW_HELD_OUT = 20  # fewer held-out pairs than this prove little about preference accuracy
 Z95 = 1.959964  # two-sided 95% normal quantile, for the Wilson interval
 
 
@@ -392,3 +393,21 @@ def split(rows: list[dict[str, Any]], held_out: float, seed: int) -> tuple[list[
 def strip_lines(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows without the bookkeeping `_line` key (as trl and files want them)."""
     return [{k: v for k, v in r.items() if k != "_line"} for r in rows]
+
+
+def pairs_sentence(pm: dict[str, Any], parent: str | None = None, method: str = "DPO") -> str:
+    """Held-out preference accuracy before (the parent) -> after (the child), with its 95% interval, and what so
+    few pairs prove. `pm` is a preference run's status["preference_metrics"]."""
+    b, a, n = pm.get("before") or {}, pm.get("after") or {}, pm.get("held_out_pairs") or 0
+    if not n:
+        return "No held-out pairs to score."
+    interval = a.get("interval")
+    before = f" ({parent})" if parent else ""
+    text = (f"on {n} held-out pairs (never trained on), the reviewers' choice got the higher reward "
+            f"{b.get('accuracy', 0):.0%} of the time before{before} and {a.get('accuracy', 0):.0%} after ({method})")
+    if interval:
+        text += f" (95% interval {interval[0]:.0%}-{interval[1]:.0%})"
+    text += f"; the reward margin went from {b.get('margin', 0):+.3f} to {a.get('margin', 0):+.3f}"
+    if n < FEW_HELD_OUT:
+        text += f"; {n} held-out pairs prove little (fewer than {FEW_HELD_OUT})"
+    return text[0].upper() + text[1:] + "."

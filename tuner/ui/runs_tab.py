@@ -110,24 +110,18 @@ def _pct(x: Any) -> str:
     return f"{x:.0%}" if isinstance(x, (int, float)) else "n/a"
 
 
-def _num(x: Any) -> str:
-    return f"{x:+.3f}" if isinstance(x, (int, float)) else "n/a"
-
-
 def preference_sentences(status: dict[str, Any]) -> list[str]:
     """A preference run's results in sentences with numbers (empty for other runs or before they finish)."""
     pm = status.get("preference_metrics")
     if not isinstance(status.get("preference"), dict) or not isinstance(pm, dict):
         return []
-    b, a = pm.get("before") or {}, pm.get("after") or {}
     method = str(status.get("method") or "dpo").upper()
+    # what the run changed in new replies leads; how it ranks held-out pairs follows
+    out = [status["behaviour"]["sentence"]] if (status.get("behaviour") or {}).get("sentence") else []
     if pm.get("held_out_pairs"):
-        out = [f"On {pm.get('held_out_pairs')} held-out pairs (never trained on), the reviewers' choice got the "
-               f"higher reward {_pct(b.get('accuracy'))} of the time before ({status.get('parent')}) and "
-               f"{_pct(a.get('accuracy'))} after ({method}); the reward margin went from {_num(b.get('margin'))} to "
-               f"{_num(a.get('margin'))}."]
+        out.append(feedback.pairs_sentence(pm, status.get("parent"), method))
     else:  # KTO learns from thumbs: there are no pairs to hold out and score
-        out = [f"No held-out pairs to score: {method} learned from single replies marked good or bad, not pairs."]
+        out.append(f"No held-out pairs to score: {method} learned from single replies marked good or bad, not pairs.")
     if status.get("train_rows") is not None:
         kind = "pairs" if method == "DPO" else "judged replies"
         out.append(f"Trained on {status['train_rows']} {kind} of {status.get('preference_rows', '?')} "
