@@ -191,8 +191,8 @@ def test_feedback_through_the_page_trains_a_dpo_child_that_prefers_what_reviewer
         assert note.startswith("Saved: your better reply")
     for question, choice in (("Is the Nova waterproof?", "A"), ("Do you ship to Spain?", "B"),
                              ("My dimmer hums, why?", "both bad")):
-        client.predict(parent, "base", question, *AB_SETTINGS, "Ana", api_name="/ab_pair")
-        reveal, *_ = client.predict(choice, "", api_name="/ab_vote")
+        *_, pair = client.predict(parent, "base", question, *AB_SETTINGS, "Ana", api_name="/ab_pair")
+        reveal, *_ = client.predict(choice, "", pair, api_name="/ab_vote")
         assert "this run" in reveal  # the page says which was which only now
     # the votes this run lost, as stored with it (A and B were shuffled, so the winner is known only from the vote)
     votes = [r["judgement"] for r in feedback.records(signoff_run.parent / parent) if r["kind"] == "vote"]

@@ -107,25 +107,27 @@ def record_edit(run: Run | str | Path, prompt: list[Message], reply: str, edited
 
 
 def record_vote(run: Run | str | Path, prompt: list[Message], a: dict[str, str], b: dict[str, str], choice: str,
-                reviewer: str | None = None) -> dict[str, Any]:
-    """An A/B vote: `a` and `b` are {"source", "text"} as shown; `choice` is "A", "B" or "both bad"."""
+                reviewer: str | None = None, pair: str | None = None) -> dict[str, Any]:
+    """An A/B vote: `a` and `b` are {"source", "text"} as shown; `choice` is "A", "B" or "both bad"; `pair` the
+    id the pair was shown with."""
     if choice not in CHOICES:
         raise TunerError(f"The vote is {', '.join(CHOICES[:-1])} or {CHOICES[-1]}, got {choice!r}.")
     shown = [{"source": str(r["source"]), "text": str(r["text"])} for r in (a, b)]
-    return _append(run, "vote", prompt, shown, {"choice": choice, "a": shown[0]["source"], "b": shown[1]["source"]},
-                   reviewer)
+    judgement = {"choice": choice, "a": shown[0]["source"], "b": shown[1]["source"], **({"pair": pair} if pair else {})}
+    return _append(run, "vote", prompt, shown, judgement, reviewer)
 
 
 @dataclass
 class BlindPair:
     """Two sources' replies to one prompt, shown as A and B in random order; the sources stay hidden until
-    `vote`. Plain data, so the page can keep it in gr.State."""
+    `vote`. Plain data, so the page can keep it in gr.State. `id` is shown with the pair: a vote names it."""
 
     prompt: list[Message]
     a: dict[str, str]
     b: dict[str, str]
     voted: str | None = None
     revealed: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: secrets.token_hex(3))
 
     @property
     def shown(self) -> tuple[str, str]:
@@ -136,7 +138,7 @@ class BlindPair:
         """Record the vote once, then reveal: {"A": source, "B": source, "winner": source or None, "choice"}."""
         if self.voted is not None:
             raise TunerError("This pair already has a vote. Fix: ask a new prompt for the next vote.")
-        record_vote(run, self.prompt, self.a, self.b, choice, reviewer)
+        record_vote(run, self.prompt, self.a, self.b, choice, reviewer, self.id)
         self.voted = choice
         winner = {"A": self.a["source"], "B": self.b["source"]}.get(choice)
         self.revealed = {"A": self.a["source"], "B": self.b["source"], "winner": winner, "choice": choice}
