@@ -273,8 +273,8 @@ def _trainer_args(pcfg: PreferenceConfig, run_dir: Path, dev: str, prec: dict[st
     if pcfg.method == "kto":
         return KTOConfig(**common)
     if pcfg.sft_weight > 0:
-        return DPOConfig(**common, loss_type=["sigmoid", "sft"], loss_weights=[1.0, pcfg.sft_weight])
-    return DPOConfig(**common)
+        return DPOConfig(**common, loss_type=[pcfg.loss, "sft"], loss_weights=[1.0, pcfg.sft_weight])
+    return DPOConfig(**common, loss_type=[pcfg.loss])
 
 
 def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[TrainerCallback]) -> dict[str, Any]:

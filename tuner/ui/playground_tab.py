@@ -781,8 +781,8 @@ def wire_feedback(c: Components) -> None:
     c["ab_vote"].input(keyed(ab_vote, c), pick(c, "ab_vote", "reviewer", "ab_pair_id", "ab_state"),
                        pick(c, "ab_reveal", "ab_rates", "ab_vote", "ab_state", "feedback_note"), api_name="ab_vote")
     c["pg_run"].change(keyed(ab_reset, c), c["pg_run"],
-                       pick(c, "ab_compare", "ab_a", "ab_b", "ab_reveal", "ab_vote", "ab_state", "ab_rates", "pg_left",
-                            "ab_pair_id"),
+                       pick(c, "ab_compare", "ab_a", "ab_b", "ab_reveal", "ab_vote", "ab_state", "ab_pair_id", "ab_rates",
+                            "pg_left"),
                        api_name="ab_reset")
     # the left column shows another model: a new conversation, labelled with that model
     c["pg_left"].change(keyed(left_changed, c), pick(c, "pg_left", "pg_run"),
