@@ -137,6 +137,17 @@ def test_thumb_edit_in_place_and_a_blind_vote_in_the_page(page, signoff_run, tmp
     assert {r["reviewer"] for r in (thumb_down, edit, thumb_up)} == {"Dana"}
     shot(page, tmp_path, "fb-02-continued-from-edit")
 
+    # the liked reply edited: it is the reviewer's reply now, so the model's thumb goes out
+    page.locator("#chat-tuned [data-testid=bot]").last.hover()
+    page.locator("#chat-tuned").get_by_role("button", name="Edit").last.click()
+    page.locator("#chat-tuned textarea").fill("Try another socket first, then write to us. " + BETTER)
+    page.locator("#chat-tuned").get_by_role("button", name="Submit").click()
+    page.wait_for_function("() => document.querySelectorAll('#chat-tuned [data-testid=bot]')[1]?.innerText"
+                           ".includes('Try another socket first')", timeout=30_000)
+    page.wait_for_function("() => !document.querySelector('#chat-tuned [aria-label=Liked]')", timeout=10_000)
+    assert page.locator("#chat-base").get_by_role("button", name="Disliked", exact=True).count() == 1
+    assert feedback.records(signoff_run)[-1]["kind"] == "edit"
+
     # 3. blind A/B: two replies labelled A and B, no source named until the vote
     page.get_by_text("Blind A/B: which reply is better?").click()
     page.locator("#ab-input textarea").fill("Where is my order? It has been a week.")
@@ -164,6 +175,34 @@ def test_thumb_edit_in_place_and_a_blind_vote_in_the_page(page, signoff_run, tmp
     assert all(label[s] in rates for s in (run_id, "base")) and "%" in rates and " to " in rates
     assert page.locator("#ab-vote input").first.is_disabled()  # one vote per pair
     shot(page, tmp_path, "fb-04-vote-revealed")
+
+    # 4. a vote is for the pair on screen: with a pair open, ask for the next one and vote at once (a fast double
+    # action); nothing may be stored for the pair the reviewer has not seen yet
+    pair_id = page.locator("#ab-pair-id textarea, #ab-pair-id input").first
+    page.locator("#ab-input textarea").fill("Can I return a bulb I opened?")
+    page.locator("#ab-go").click()
+    page.wait_for_function("() => document.querySelector('#ab-pair-id textarea, #ab-pair-id input')?.value",
+                           timeout=CHAT_TIMEOUT_MS)
+    seen = {"id": pair_id.input_value(), "a": page.locator("#ab-a textarea").input_value(),
+            "b": page.locator("#ab-b textarea").input_value()}
+    before = len(feedback.records(signoff_run))
+    page.locator("#ab-input textarea").fill("Do you ship to Spain?")
+    page.locator("#ab-go").click()
+    page.locator("#ab-vote").get_by_text("A is better").click(force=True, no_wait_after=True)
+    page.wait_for_function(f"() => {{ const v = document.querySelector('#ab-pair-id textarea, #ab-pair-id input')"
+                           f"?.value; return v && v !== '{seen['id']}'; }}", timeout=CHAT_TIMEOUT_MS)
+    new_id = pair_id.input_value()
+    stored = feedback.records(signoff_run)[before:]
+    # the quick vote was taken for the pair on screen when it was cast, or refused: never for the new pair
+    assert all(r["judgement"]["pair"] == seen["id"] and [x["text"] for x in r["replies"]] == [seen["a"], seen["b"]]
+               for r in stored), stored
+    assert new_id not in {r["judgement"].get("pair") for r in feedback.records(signoff_run)}
+    assert not page.locator("#ab-vote input").first.is_disabled()  # the new pair is open for its own vote
+    page.locator("#ab-vote").get_by_text("A is better").click()
+    page.wait_for_function("() => document.querySelector('#ab-reveal').innerText.includes('A was')", timeout=30_000)
+    vote = feedback.records(signoff_run)[-1]
+    assert vote["judgement"]["pair"] == new_id and vote["replies"][0]["text"] == page.locator("#ab-a textarea").input_value()
+    shot(page, tmp_path, "fb-04b-vote-bound-to-pair")
 
 
 def test_a_preference_run_shows_its_parent_beside_it(page, signoff_run, tmp_path):

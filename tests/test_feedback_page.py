@@ -4,6 +4,7 @@ from the page and watched on the Train tab until it says what the feedback chang
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -190,8 +191,8 @@ def test_feedback_through_the_page_trains_a_dpo_child_that_prefers_what_reviewer
         assert note.startswith("Saved: your better reply")
     for question, choice in (("Is the Nova waterproof?", "A"), ("Do you ship to Spain?", "B"),
                              ("My dimmer hums, why?", "both bad")):
-        client.predict(parent, "base", question, *AB_SETTINGS, "Ana", api_name="/ab_pair")
-        reveal, *_ = client.predict(choice, "", api_name="/ab_vote")
+        *_, pair = client.predict(parent, "base", question, *AB_SETTINGS, "Ana", api_name="/ab_pair")
+        reveal, *_ = client.predict(choice, "", pair, api_name="/ab_vote")
         assert "this run" in reveal  # the page says which was which only now
     # the votes this run lost, as stored with it (A and B were shuffled, so the winner is known only from the vote)
     votes = [r["judgement"] for r in feedback.records(signoff_run.parent / parent) if r["kind"] == "vote"]
@@ -243,9 +244,12 @@ def test_feedback_through_the_page_trains_a_dpo_child_that_prefers_what_reviewer
     print(f"'{PHRASE}' in greedy replies to {len(replies)} held-out prompts: parent {n_parent}, child {n_child}")
     assert n_child > n_parent
 
-    # the page says it in sentences with numbers: on the Train tab at the end ...
+    # the page says it in sentences with numbers, what the reviewers changed first: on the Train tab at the end ...
     said = f"{before['accuracy']:.0%} of the time before ({parent}) and {after['accuracy']:.0%} after (DPO)"
     assert said in progress and "Voice check on new questions: the parent" in progress
+    behaviour = status["behaviour"]["sentence"]
+    assert behaviour.startswith("The reviewers' edit") and progress.index(html.escape(behaviour)) < progress.index(said)
+    assert "8 held-out pairs prove little" in progress
     # ... and in the run's details, with its lineage; the parent names its child
     details = client.predict(child, api_name="/run_details")
     assert said in details.replace("\\", "") and "| kind | DPO run |" in details

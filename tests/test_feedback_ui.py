@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -84,20 +85,23 @@ def test_thumbs_and_a_better_reply_are_stored_with_the_prompt_as_sent(client, si
 def test_blind_pair_hides_which_is_which_until_the_vote_then_shows_win_rates(client, signoff_run):
     run_id = signoff_run.name
     before = len(feedback.records(signoff_run))
-    a, b, note, vote = client.predict(run_id, "base", "Where is my order? It has been a week.", *SETTINGS, "Ben",
-                                      api_name="/ab_pair")
+    a, b, note, vote, pair = client.predict(run_id, "base", "Where is my order? It has been a week.", *SETTINGS,
+                                            "Ben", api_name="/ab_pair")
     assert a.strip() and b.strip() and vote["value"] is None and vote["interactive"]  # the vote opens
-    assert "Which reply is better?" in note
+    assert "Which reply is better?" in note and re.fullmatch(r"[0-9a-f]{6}", pair)  # the pair's id, shown with it
     shown = json.dumps([a, b, note])
     assert run_id not in shown and "base model" not in shown  # nothing on the page says which is which yet
     assert len(feedback.records(signoff_run)) == before  # and nothing is recorded before the vote
 
-    reveal, rates, _vote, saved = client.predict("A", "", api_name="/ab_vote")
+    # a vote names the pair it is for: one for another pair is refused and stored nowhere
+    assert f"pair {pair} is the one on screen" in refused(client, "A", "", "0badid", api_name="/ab_vote")
+    assert len(feedback.records(signoff_run)) == before
+    reveal, rates, _vote, saved = client.predict("A", "", pair, api_name="/ab_vote")
     (record,) = _new_records(signoff_run, before)
     sources = [r["source"] for r in record["replies"]]
     assert sorted(sources) == sorted([run_id, "base"])
     assert [r["text"] for r in record["replies"]] == [a, b]  # what was shown, in the order shown
-    assert record["judgement"] == {"choice": "A", "a": sources[0], "b": sources[1]}
+    assert record["judgement"] == {"choice": "A", "a": sources[0], "b": sources[1], "pair": pair}
     assert record["reviewer"] == "Ben"  # the reviewer named when the pair was asked for
     assert record["prompt"] == [{"role": "user", "content": "Where is my order? It has been a week."}]
     label = {run_id: f"{run_id} (this run)", "base": "the base model"}
@@ -113,9 +117,11 @@ def test_blind_pair_hides_which_is_which_until_the_vote_then_shows_win_rates(cli
         assert interval == f"{r['low']:.0%} to {r['high']:.0%}"
 
     # one vote per pair; the next pair, "both bad", counts as a loss for both
-    assert "already has a vote" in refused(client, "B", "", api_name="/ab_vote")
-    client.predict(run_id, "base", "Can I return a bulb?", *SETTINGS, "", api_name="/ab_pair")
-    reveal, rates, *_ = client.predict("both bad", "Cy", api_name="/ab_vote")
+    assert "already has a vote" in refused(client, "B", "", pair, api_name="/ab_vote")
+    *_, second = client.predict(run_id, "base", "Can I return a bulb?", *SETTINGS, "", api_name="/ab_pair")
+    # the first pair's id no longer counts once the second is on screen
+    assert f"the vote was for pair {pair}" in refused(client, "both bad", "Cy", pair, api_name="/ab_vote")
+    reveal, rates, *_ = client.predict("both bad", "Cy", second, api_name="/ab_vote")
     assert "Both were judged bad" in reveal
     last = feedback.records(signoff_run)[-1]
     assert last["judgement"]["choice"] == "both bad" and last["reviewer"] == "Cy"
@@ -158,22 +164,22 @@ def test_a_preference_run_is_compared_with_its_parent_by_default(client, server,
     assert note.startswith(f"Saved: thumbs up on the {signoff_run.name} reply.")
     (thumb,) = feedback.records(child)
     assert thumb["replies"][0]["source"] == signoff_run.name and thumb["prompt"][-1]["content"] == QUESTION
-    a, b, note, _ = client.predict(child.name, signoff_run.name, "Is the Nova waterproof?", *SETTINGS, "",
-                                   api_name="/ab_pair")
+    a, b, note, _, pair = client.predict(child.name, signoff_run.name, "Is the Nova waterproof?", *SETTINGS, "",
+                                         api_name="/ab_pair")
     assert a != b and "same word for word" not in note
     fresh = Client(server.url, verbose=False, download_files=False)
     parent_said = _raw(fresh.predict("Is the Nova waterproof?", signoff_run.name, False, *SETTINGS,
                                      api_name="/chat")[2])[-1]["content"]
     assert parent_said in (a, b)
     parent_is = "A" if a == parent_said else "B"
-    reveal, *_ = client.predict(parent_is, "", api_name="/ab_vote")
+    reveal, *_ = client.predict(parent_is, "", pair, api_name="/ab_vote")
     assert f"Winner: **{signoff_run.name} (its parent)**" in reveal.replace("\\", "")
     _, record = feedback.records(child)
     assert sorted(r["source"] for r in record["replies"]) == sorted([child.name, signoff_run.name])
     # identical replies make no preference pair, and the page says so before the vote
     twin = _silenced_copy(signoff_run, "signoff-ui-twin")
-    a, b, note, _ = client.predict(child.name, twin.name, "Is the Nova waterproof?", *SETTINGS, "",
-                                   api_name="/ab_pair")
+    a, b, note, *_ = client.predict(child.name, twin.name, "Is the Nova waterproof?", *SETTINGS, "",
+                                    api_name="/ab_pair")
     assert a == b and "same word for word" in note
 
 
@@ -193,7 +199,7 @@ def test_bad_feedback_gets_a_plain_message_and_writes_nothing(client, signoff_ru
     history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "Try again later."}]
     before = feedback.records(signoff_run)
     cases = [
-        (("A", ""), "/ab_vote", "There is no pair to vote on yet"),
+        (("A", "", ""), "/ab_vote", "There is no pair to vote on yet"),
         ((run_id, "tuned", history, 1, "   ", ""), "/edit_reply", "The better reply is empty"),
         ((run_id, "tuned", history, 1, "Try again later.", ""), "/edit_reply", "same as the model's reply"),
         ((run_id, "tuned", history, 0, True, ""), "/rate_reply", "is the customer's, not a reply"),
@@ -214,3 +220,17 @@ def test_bad_feedback_gets_a_plain_message_and_writes_nothing(client, signoff_ru
         assert message.lower() in said.lower(), (endpoint, said)
         assert "Traceback" not in said
     assert feedback.records(signoff_run) == before
+
+
+def test_a_judgement_of_a_reply_the_chat_no_longer_holds_is_refused():
+    """A thumb or edit names the reply it was clicked on (its index and text, from the page); when the chat moved
+    on between the click and its handling (cleared, a new turn, another run), nothing is stored."""
+    from tuner.errors import TunerError
+    from tuner.ui.playground_tab import still_shown
+
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello & welcome!"}]
+    still_shown(chat, 1, "Hello &amp; welcome!")  # the bubble shows the escaped text: the same reply
+    still_shown(chat, [1, None], [{"type": "text", "text": "Hello  &amp; welcome!"}])
+    for index, seen in ((1, "Hello!"), (3, "Hello & welcome!"), (1, "")):
+        with pytest.raises(TunerError, match="the chat changed after you clicked"):
+            still_shown(chat, index, seen)

@@ -92,11 +92,19 @@ def test_dpo_child_prefers_what_reviewers_chose_and_says_so(dpo_child, signoff_r
     assert pm["held_out_pairs"] == 8
     assert after["accuracy"] >= before["accuracy"] + 0.25 and after["accuracy"] >= 0.75
     assert after["margin"] > before["margin"]
-    # the property the chosen replies share: more frequent in the child's greedy replies than the parent's
+    # the result leads with what the reviewers changed, measured on new questions (in no pair, not in training)
     replies = printed["replies"]
-    parent = sum(has_phrase(r["parent"]) for r in replies)
-    child = sum(has_phrase(r["child"]) for r in replies)
-    print(f"'{PHRASE}' in greedy replies to {len(replies)} held-out prompts: parent {parent}, child {child}")
+    asked = {r["prompt"] for r in replies}
+    assert replies and not asked & {p[-1]["content"] for p, _, _ in reviewers_pairs(40)}
+    parent = sum(r["parent"].startswith(PHRASE) for r in replies)
+    child = sum(r["child"].startswith(PHRASE) for r in replies)
+    print(f"'{PHRASE}' opens greedy replies to {len(replies)} new questions: parent {parent}, child {child}")
+    lead = printed["behaviour"]["changes"][0]
+    assert lead["change"] == f"adds '{PHRASE}' at the start" and lead["pairs_with_change"] == 40
+    assert (lead["child"]["shown"], lead["parent"]["shown"]) == (child, parent)  # the counts are the replies'
+    took = child >= 0.9 * len(replies) and lead["child"]["looped"] + lead["child"]["unended"] <= 0.02 * len(replies)
+    assert printed["result"].startswith("The reviewers' edit took:" if took else "The reviewers' edit did not take:")
+    assert f"on {child} of {len(replies)} new questions (parent: {parent})" in printed["result"]
     assert child > parent
     # the parent's voice and forgetting check, on the child
     voice, parent_voice = printed["voice"], printed["voice_parent"]
@@ -119,6 +127,10 @@ def test_child_run_folder_is_a_run_with_adapter_card_metrics_and_lineage(dpo_chi
     assert not (child.adapter_dir / "ref").exists()  # the frozen parent copy is no part of the result
     card = (child.adapter_dir / "README.md").read_text()
     assert "DPOTrainer" in card and Run(signoff_run).id in card and "preference accuracy" in card
+    # the card leads its results with the behaviour, then the pairs with their interval and what 8 of them prove
+    results = card.split("## Results")[1]
+    assert results.index(status["behaviour"]["sentence"]) < results.index("held-out pairs (never trained on)")
+    assert "95% interval" in results and "8 held-out pairs prove little (fewer than 20)" in results
     metrics = child.metrics()
     assert [m["step"] for m in metrics if m.get("loss") is not None][-1] == STEPS
     assert status["preference_rows"] == 40 and status["train_rows"] == 32

@@ -334,6 +334,8 @@ class PreferenceConfig:
     method: str = _f("dpo", "dpo: learn from pairs (a chosen and a rejected reply to one prompt); kto: learn from "
                      "single replies marked good or bad (thumbs), for when there are no pairs.", choices=("dpo", "kto"))
     beta: float = _f(0.1, "How far the child may move from its parent: lower lets the preferences pull harder.")
+    loss: str = _f("sigmoid", "dpo: the preference loss (trl's DPOConfig loss_type): sigmoid (DPO), ipo, apo_zero, "
+                   "robust or hinge.", choices=("sigmoid", "ipo", "apo_zero", "robust", "hinge"))
     sft_weight: float = _f(1.0, "dpo: weight of a plain fine-tuning loss on the chosen replies added to the "
                            "preference loss (RPO); it keeps the child saying the chosen words, not only ranking them. "
                            "0 is plain DPO, which made a 4-bit child's replies loop on 32 pairs where 1 kept the voice.")
@@ -353,6 +355,7 @@ class PreferenceConfig:
     def __post_init__(self) -> None:
         checks = [
             _choice_check(self, "method"),
+            _choice_check(self, "loss"),
             (self.beta > 0, f"beta must be above 0, got {self.beta}."),
             (self.sft_weight >= 0, f"sft_weight must be 0 (plain DPO) or more, got {self.sft_weight}."),
             (0.0 < self.learning_rate <= 0.1, f"learning_rate must be in (0, 0.1], got {self.learning_rate}."),

@@ -38,6 +38,7 @@ MIN_PAIRS = 10  # below this many pairs DPO has too little to learn from: the bu
 TUNED = "tuned"  # the source name of the run's own replies (the playground's tuned column)
 BASE = "base"
 CHOICES = ("A", "B", "both bad")
+FEW_HELD_OUT = 20  # fewer held-out pairs than this prove little about preference accuracy
 Z95 = 1.959964  # two-sided 95% normal quantile, for the Wilson interval
 
 
@@ -106,25 +107,27 @@ def record_edit(run: Run | str | Path, prompt: list[Message], reply: str, edited
 
 
 def record_vote(run: Run | str | Path, prompt: list[Message], a: dict[str, str], b: dict[str, str], choice: str,
-                reviewer: str | None = None) -> dict[str, Any]:
-    """An A/B vote: `a` and `b` are {"source", "text"} as shown; `choice` is "A", "B" or "both bad"."""
+                reviewer: str | None = None, pair: str | None = None) -> dict[str, Any]:
+    """An A/B vote: `a` and `b` are {"source", "text"} as shown; `choice` is "A", "B" or "both bad"; `pair` the
+    id the pair was shown with."""
     if choice not in CHOICES:
         raise TunerError(f"The vote is {', '.join(CHOICES[:-1])} or {CHOICES[-1]}, got {choice!r}.")
     shown = [{"source": str(r["source"]), "text": str(r["text"])} for r in (a, b)]
-    return _append(run, "vote", prompt, shown, {"choice": choice, "a": shown[0]["source"], "b": shown[1]["source"]},
-                   reviewer)
+    judgement = {"choice": choice, "a": shown[0]["source"], "b": shown[1]["source"], **({"pair": pair} if pair else {})}
+    return _append(run, "vote", prompt, shown, judgement, reviewer)
 
 
 @dataclass
 class BlindPair:
     """Two sources' replies to one prompt, shown as A and B in random order; the sources stay hidden until
-    `vote`. Plain data, so the page can keep it in gr.State."""
+    `vote`. Plain data, so the page can keep it in gr.State. `id` is shown with the pair: a vote names it."""
 
     prompt: list[Message]
     a: dict[str, str]
     b: dict[str, str]
     voted: str | None = None
     revealed: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: secrets.token_hex(3))
 
     @property
     def shown(self) -> tuple[str, str]:
@@ -135,7 +138,7 @@ class BlindPair:
         """Record the vote once, then reveal: {"A": source, "B": source, "winner": source or None, "choice"}."""
         if self.voted is not None:
             raise TunerError("This pair already has a vote. Fix: ask a new prompt for the next vote.")
-        record_vote(run, self.prompt, self.a, self.b, choice, reviewer)
+        record_vote(run, self.prompt, self.a, self.b, choice, reviewer, self.id)
         self.voted = choice
         winner = {"A": self.a["source"], "B": self.b["source"]}.get(choice)
         self.revealed = {"A": self.a["source"], "B": self.b["source"], "winner": winner, "choice": choice}
@@ -392,3 +395,21 @@ def split(rows: list[dict[str, Any]], held_out: float, seed: int) -> tuple[list[
 def strip_lines(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows without the bookkeeping `_line` key (as trl and files want them)."""
     return [{k: v for k, v in r.items() if k != "_line"} for r in rows]
+
+
+def pairs_sentence(pm: dict[str, Any], parent: str | None = None, method: str = "DPO") -> str:
+    """Held-out preference accuracy before (the parent) -> after (the child), with its 95% interval, and what so
+    few pairs prove. `pm` is a preference run's status["preference_metrics"]."""
+    b, a, n = pm.get("before") or {}, pm.get("after") or {}, pm.get("held_out_pairs") or 0
+    if not n:
+        return "No held-out pairs to score."
+    interval = a.get("interval")
+    before = f" ({parent})" if parent else ""
+    text = (f"on {n} held-out pairs (never trained on), the reviewers' choice got the higher reward "
+            f"{b.get('accuracy', 0):.0%} of the time before{before} and {a.get('accuracy', 0):.0%} after ({method})")
+    if interval:
+        text += f" (95% interval {interval[0]:.0%}-{interval[1]:.0%})"
+    text += f"; the reward margin went from {b.get('margin', 0):+.3f} to {a.get('margin', 0):+.3f}"
+    if n < FEW_HELD_OUT:
+        text += f"; {n} held-out pairs prove little (fewer than {FEW_HELD_OUT})"
+    return text[0].upper() + text[1:] + "."

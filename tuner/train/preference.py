@@ -30,7 +30,7 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from datasets import Dataset, disable_progress_bars
-from tuner import __version__, feedback
+from tuner import __version__, edits, feedback
 from tuner.config import Method, PreferenceConfig, TrainConfig
 from tuner.errors import DataError, TrainingError, TunerError
 from tuner.messages import read_examples, read_jsonl, write_jsonl
@@ -69,7 +69,7 @@ from tuner.train.voicecheck import (
 )
 
 METHODS = ("dpo", "kto")
-MAX_REPLY_PROMPTS = 16  # held-out prompts whose parent and child replies go into the status
+BEHAVIOUR_PROMPTS = 24  # new prompts (outside the pairs and the training data) asked of parent and child
 
 
 def is_preference_run(run_dir: str | Path) -> bool:
@@ -171,9 +171,47 @@ def preference_scores(policy: dict[str, list[float]], base: dict[str, list[float
                zip(policy["chosen"], policy["rejected"], base["chosen"], base["rejected"], strict=True)]
     n = len(rewards)
     if not n:
-        return {"pairs": 0, "accuracy": None, "margin": None}
-    return {"pairs": n, "accuracy": round(sum(c > r for c, r in rewards) / n, 4),
-            "margin": round(sum(c - r for c, r in rewards) / n, 4)}
+        return {"pairs": 0, "accuracy": None, "margin": None, "interval": None}
+    wins = sum(c > r for c, r in rewards)
+    return {"pairs": n, "accuracy": round(wins / n, 4), "margin": round(sum(c - r for c, r in rewards) / n, 4),
+            "interval": [round(x, 4) for x in feedback.wilson(wins, n)]}
+
+
+def behaviour_prompts(sft_train: list[dict[str, Any]], sft_val: list[dict[str, Any]], pairs: list[dict[str, Any]],
+                      limit: int, seed: int) -> list[list[dict[str, Any]]]:
+    """Opening turns of validation conversations whose question is in no pair and nowhere in training."""
+    in_pairs = [m["content"] for p in pairs for m in p["prompt"] if m["role"] == "user"]
+    return held_out_prompts(sft_train, sft_val, limit, seed, also_seen=in_pairs)
+
+
+def behaviour_check(rows: list[dict[str, Any]], method: str, parent: tuple[list[str], list[bool]],
+                    child: tuple[list[str], list[bool]]) -> dict[str, Any]:
+    """What the reviewers changed (tuner.edits) and how often parent and child show it on new questions; the
+    sentence the result leads with, which says when the run did not learn it."""
+    found = edits.changes(rows) if method == "dpo" else []
+    if not parent[0]:
+        return {"sentence": "No validation question is outside the pairs and the training data, so the change "
+                            "was not measured on new questions: compare parent and child in the playground.",
+                "changes": [], "learned": None}
+    if not found:
+        why = ("KTO learns from thumbs, which show no edit to look for" if method == "kto" else
+               f"no edit is shared by {edits.MIN_SHARE:.0%} of the pairs")
+        return {"sentence": f"{why.capitalize()}, so no change was measured on new questions: compare parent and "
+                            "child in the playground.", "changes": [], "learned": None}
+    measured = [edits.behaviour(c, parent[0], child[0], parent[1], child[1]) for c in found]
+    lead = measured[0]
+    n, shown = lead["child"]["prompts"], lead["child"]["shown"]
+    bad = lead["child"]["looped"] + lead["child"]["unended"]
+    learned = shown >= edits.LEARNED_SHARE * n and bad <= edits.DEGENERATE_SHARE * n
+    if learned:
+        sentence = f"The reviewers' edit took: {lead['sentence']}"
+    else:
+        sentence = (f"The reviewers' edit did not take: {lead['sentence']} (learned means at least "
+                    f"{edits.LEARNED_SHARE:.0%} of new questions, at most {edits.DEGENERATE_SHARE:.0%} degenerate)")
+    if n < feedback.FEW_HELD_OUT:
+        sentence += f"; {n} new questions are a rough measure (fewer than {feedback.FEW_HELD_OUT})"
+    sentence += "."
+    return {"sentence": sentence, "changes": measured, "learned": learned}
 
 
 def _logps(model, tokenizer, rows, max_length) -> dict[str, list[float]]:
@@ -235,8 +273,8 @@ def _trainer_args(pcfg: PreferenceConfig, run_dir: Path, dev: str, prec: dict[st
     if pcfg.method == "kto":
         return KTOConfig(**common)
     if pcfg.sft_weight > 0:
-        return DPOConfig(**common, loss_type=["sigmoid", "sft"], loss_weights=[1.0, pcfg.sft_weight])
-    return DPOConfig(**common)
+        return DPOConfig(**common, loss_type=[pcfg.loss, "sft"], loss_weights=[1.0, pcfg.sft_weight])
+    return DPOConfig(**common, loss_type=[pcfg.loss])
 
 
 def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[TrainerCallback]) -> dict[str, Any]:
@@ -273,7 +311,8 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
     sft_val = read_examples(run.data_file("validation.jsonl")) if run.data_file("validation.jsonl").is_file() else []
     agent_replies = [m["content"] for r in sft_train for m in r["messages"] if m["role"] == "assistant"]
     budget = reply_budget(tokenizer, agent_replies)
-    reply_prompts = _unique_prompts([r["prompt"] for r in held], MAX_REPLY_PROMPTS)
+    reply_prompts = behaviour_prompts(sft_train, sft_val, rows if pcfg.method == "dpo" else [], BEHAVIOUR_PROMPTS,
+                                      cfg.seed)
 
     # before: the parent (the adapter as loaded), and the base as the common reference
     update_status(run_dir, phase=f"scoring {len(held)} held-out pairs and asking {len(reply_prompts)} prompts "
@@ -281,7 +320,7 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
     with model.disable_adapter():
         base_logps = _logps(model, tokenizer, held, pcfg.max_length)
     before = preference_scores(_logps(model, tokenizer, held, pcfg.max_length), base_logps, pcfg.beta)
-    parent_replies = generate(model, tokenizer, chat_template, reply_prompts, budget)[0] if reply_prompts else []
+    parent_replies = generate(model, tokenizer, chat_template, reply_prompts, budget) if reply_prompts else ([], [])
 
     checkpoint, offset = None, {}
     if resume:
@@ -316,7 +355,8 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
     update_status(run_dir, phase=f"scoring {len(held)} held-out pairs and asking {len(reply_prompts)} prompts "
                                  "(the child, after training)")
     after = preference_scores(_logps(model, tokenizer, held, pcfg.max_length), base_logps, pcfg.beta)
-    child_replies = generate(model, tokenizer, chat_template, reply_prompts, budget)[0] if reply_prompts else []
+    child_replies = generate(model, tokenizer, chat_template, reply_prompts, budget) if reply_prompts else ([], [])
+    checked = behaviour_check(rows, pcfg.method, parent_replies, child_replies)
     voice = None
     if cfg.voice_prompts:
         update_status(run_dir, phase="the parent's voice and forgetting check, on the child")
@@ -330,11 +370,12 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
         "step": int(trainer.state.global_step), "max_steps": int(trainer.state.max_steps),
         "first_loss": next((m["loss"] for m in metrics if m.get("loss") is not None), None),
         "train_loss": next((m["loss"] for m in reversed(metrics) if m.get("loss") is not None), None),
+        "behaviour": checked,
         "preference_metrics": {"held_out_pairs": len(held), "beta": pcfg.beta, "before": before, "after": after,
                                "reference": "base model (adapter off)"},
         "voice": voice, "voice_parent": parent.status().get("voice"),
         "replies": [{"prompt": p[-1]["content"], "parent": a, "child": b}
-                    for p, a, b in zip(reply_prompts, parent_replies, child_replies, strict=False)],
+                    for p, a, b in zip(reply_prompts, parent_replies[0], child_replies[0], strict=False)],
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
     }
     update_status(run_dir, phase="saving and checking the result")
@@ -343,16 +384,6 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
     summary["wall_s"] = round(recorder.elapsed(), 1)
     return update_status(run_dir, status="completed", phase="done", error=None, adapter=str(run.adapter_dir), pid=None,
                          eta_s=0, peak_memory_mb=peak_memory_mb(dev), **summary)
-
-
-def _unique_prompts(prompts: list[list[dict[str, Any]]], limit: int) -> list[list[dict[str, Any]]]:
-    seen, out = set(), []
-    for p in prompts:
-        key = repr(p)
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-    return out[:limit]
 
 
 def _save(trainer, cfg: TrainConfig, pcfg: PreferenceConfig, run_dir: Path, summary: dict[str, Any],
@@ -381,6 +412,12 @@ def model_card(cfg: TrainConfig, pcfg: PreferenceConfig, summary: dict[str, Any]
         f"{' (base in 4-bit NF4: QLoRA)' if status.get('quantization') == 'nf4' else f' (base in {prec})'}.", "",
         f"Lineage: {' -> '.join(str(x) for x in status.get('lineage') or [])}", "",
         "## Results", "",
+        f"**What the reviewers' edits changed** (greedy replies to new questions, outside the pairs and the "
+        f"training data): {(summary.get('behaviour') or {}).get('sentence', 'not measured.')}", "",
+        *[f"- {c['change']} (in {c['pairs_with_change']} of {c['pairs']} pairs): child {c['child']['shown']} of "
+          f"{c['child']['prompts']}, parent {c['parent']['shown']} of {c['parent']['prompts']}"
+          for c in (summary.get("behaviour") or {}).get("changes") or []], "",
+        f"**Held-out pairs**: {feedback.pairs_sentence(pm)}", "",
         f"Held-out pairs (a seeded {pcfg.held_out:.0%} split, never trained on): {pm['held_out_pairs']}. "
         "Implicit reward = beta x (log p(reply | prompt) - the base model's), the same reference for both.", "",
         "| | parent (before) | this run (after) |", "|---|---|---|",
@@ -405,7 +442,7 @@ def model_card(cfg: TrainConfig, pcfg: PreferenceConfig, summary: dict[str, Any]
 
 def status_keys() -> tuple[str, ...]:
     """What `train --json` prints for a preference run besides the SFT keys."""
-    return ("parent", "method", "lineage", "preference_metrics", "voice_parent", "replies", "held_out_pairs",
+    return ("parent", "method", "lineage", "behaviour", "preference_metrics", "voice_parent", "replies", "held_out_pairs",
             "train_rows")
 
 
@@ -444,17 +481,17 @@ def cli(args) -> int:
         keys = ("status", "error", "adapter", "train_loss", "step", "max_steps", "wall_s", "peak_memory_mb",
                 "device", "precision", "voice", *status_keys())
         verdict = (status.get("voice") or {}).get("sentence")
-        print(json.dumps({"run": str(run_dir), "verdict": verdict, **{k: status.get(k) for k in keys}}))
+        behaviour = (status.get("behaviour") or {}).get("sentence")  # what the run changed leads, then the rest
+        print(json.dumps({"run": str(run_dir), "result": behaviour, "verdict": verdict,
+                          **{k: status.get(k) for k in keys}}))
     else:
         line = f"{status['status']}: {run_dir}"
         if status.get("error"):
             line += f"\n{status['error']}"
         elif status.get("adapter"):
-            pm = status.get("preference_metrics") or {}
-            b, a = pm.get("before") or {}, pm.get("after") or {}
-            line += (f"\nresult: {status['adapter']}\npreference accuracy on {pm.get('held_out_pairs')} held-out pairs "
-                     f"{b.get('accuracy')} -> {a.get('accuracy')}, reward margin {b.get('margin')} -> "
-                     f"{a.get('margin')}, {status.get('step')} steps, {status.get('wall_s')} s")
+            line += (f"\n{(status.get('behaviour') or {}).get('sentence', '')}\n"
+                     f"{feedback.pairs_sentence(status.get('preference_metrics') or {})}\n"
+                     f"result: {status['adapter']} ({status.get('step')} steps, {status.get('wall_s')} s)")
             if (status.get("voice") or {}).get("sentence"):
                 line += f"\nvoice: {status['voice']['sentence']}"
         print(line, file=sys.stderr)

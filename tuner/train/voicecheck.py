@@ -45,10 +45,11 @@ def _norm(text: str) -> str:
 
 
 def held_out_prompts(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]], limit: int,
-                     seed: int) -> list[list[dict[str, Any]]]:
+                     seed: int, also_seen: list[str] = ()) -> list[list[dict[str, Any]]]:
     """Opening turns of validation conversations (system + first user message) whose user text occurs
-    nowhere in the training data, each once, a seeded sample of at most `limit`."""
+    nowhere in the training data (nor in `also_seen`), each once, a seeded sample of at most `limit`."""
     seen = {_norm(m["content"]) for r in train_rows for m in r["messages"] if m["role"] == "user"}
+    seen |= {_norm(text) for text in also_seen}
     prompts, keys = [], set()
     for row in val_rows:
         msgs = row["messages"]

@@ -360,10 +360,14 @@ def shown_in(column: str, left: str | None) -> str:
     return str(left) if column == "base" and left and left != "base" else column
 
 
+def _lit(column: str, thumbs: dict[str, dict[str, str]], chats: dict[str, list[dict[str, str]]]) -> dict[str, Any]:
+    marks = thumbs.get(column, {})
+    return {"feedback_value": [marks.get(str(i)) for i, m in enumerate(chats[column]) if m["role"] == "assistant"]}
+
+
 def thumbs_shown(column: str, thumbs: dict[str, dict[str, str]], chats: dict[str, list[dict[str, str]]]) -> Any:
     """The chatbot's feedback_value (one entry per reply), so a thumb stays lit when the chat redraws."""
-    marks = thumbs.get(column, {})
-    return gr.update(feedback_value=[marks.get(str(i)) for i, m in enumerate(chats[column]) if m["role"] == "assistant"])
+    return gr.update(**_lit(column, thumbs, chats))
 
 
 def forget_thumbs(columns: tuple[str, ...] = tuple(COLUMN_NAMES)):
@@ -374,6 +378,17 @@ def forget_thumbs(columns: tuple[str, ...] = tuple(COLUMN_NAMES)):
         return {"thumbs": kept, **{f"{col}_chat": gr.update(feedback_value=[]) for col in columns}}
 
     return forget
+
+
+def still_shown(history: list[dict[str, Any]], index: Any, seen: Any) -> None:
+    """Refuse a judgement of a reply the chat no longer holds where it was clicked (the conversation moved on,
+    was cleared or redrawn between the click and its handling): what was judged must be what is stored."""
+    i = index[0] if isinstance(index, (list, tuple)) else index
+    seen_text = " ".join(html.unescape(message_text(seen)).split())
+    held = history[i] if isinstance(i, int) and 0 <= i < len(history) else None
+    if held is None or " ".join(message_text(held["content"]).split()) != seen_text:
+        raise TunerError("Not saved: the chat changed after you clicked, so that reply is no longer the one shown "
+                         "there. Fix: judge a reply that is on screen now.")
 
 
 def on_like(column: str):
@@ -388,6 +403,11 @@ def on_like(column: str):
             thumbs.get(column, {}).pop(key, None)
             note = "Nothing saved: the thumb was taken back (earlier judgements are kept)."
         else:
+            try:
+                still_shown(chats[column], data.index, data.value)
+            except TunerError as exc:  # the thumb goes out again, and the page says why
+                gr.Warning(str(exc))
+                return {"feedback_note": md_escape(exc), f"{column}_chat": thumbs_shown(column, thumbs, chats)}
             note = _rate(run_id, shown_in(column, left), chats[column], data.index, data.liked,
                          signed(reviewer, request))
             thumbs.setdefault(column, {})[key] = "Like" if data.liked else "Dislike"
@@ -401,18 +421,23 @@ def on_edit(column: str):
     A refused edit (empty, unchanged, a customer's message) puts the original back and says why."""
 
     def edit(run_id: str | None, chats: dict[str, list[dict[str, str]]] | None, reviewer: str, left: str | None,
-             data: gr.EditData, request: gr.Request = None) -> dict[str, Any]:
-        chats = chats or new_chats()
+             thumbs: dict[str, dict[str, str]] | None, data: gr.EditData, request: gr.Request = None) -> dict[str, Any]:
+        chats, thumbs = chats or new_chats(), {col: dict(marks) for col, marks in (thumbs or {}).items()}
         # the edit box starts from the escaped text the bubble shows (tuner.ui.common.shown): undo that
         text = html.unescape(message_text(data.value))
         try:
+            still_shown(chats[column], data.index, data.previous_value)
             note, history = _edit(run_id, shown_in(column, left), chats[column], data.index, text,
                                   signed(reviewer, request))
         except TunerError as exc:
             gr.Warning(str(exc))
-            return {f"{column}_chat": bubbles(chats[column]), "feedback_note": f"Not saved: {md_escape(exc)}"}
+            return {f"{column}_chat": gr.update(value=bubbles(chats[column]), **_lit(column, thumbs, chats)),
+                    "feedback_note": f"Not saved: {md_escape(exc)}"}
         chats = {**chats, column: history}
-        return {f"{column}_chat": bubbles(history), "chats": chats, "feedback_note": note}
+        # the reply is the reviewer's now: the thumb the model's reply had is no longer lit on it
+        thumbs.get(column, {}).pop(str(data.index[0] if isinstance(data.index, (list, tuple)) else data.index), None)
+        return {f"{column}_chat": gr.update(value=bubbles(history), **_lit(column, thumbs, chats)), "chats": chats,
+                "thumbs": thumbs, "feedback_note": note}
 
     return friendly(edit)
 
@@ -454,12 +479,20 @@ def ab_views(run_id: str | None, message: str = "") -> dict[str, Any]:
     choices, default = compare_choices(run_id)
     return {"ab_compare": gr.update(choices=choices, value=default), "ab_a": "", "ab_b": "",
             "ab_reveal": message, "ab_vote": gr.update(value=None, interactive=False), "ab_state": None,
+            "ab_pair_id": "",
             "ab_rates": rates_frame(run_dir), "pg_left": gr.update(choices=choices, value=default)}
 
 
 @friendly
 def ab_reset(run_id: str | None) -> dict[str, Any]:
     return ab_views(run_id)
+
+
+def ab_begin(run_id: str | None) -> dict[str, Any]:
+    """The moment a new pair is asked for: the old one leaves the screen and no vote is taken until the new one
+    is on it (the state says so at once, before the replies are generated)."""
+    return {"ab_a": "", "ab_b": "", "ab_pair_id": "", "ab_reveal": "Asking both models...",
+            "ab_vote": gr.update(value=None, interactive=False), "ab_state": {"run": run_id, "generating": True}}
 
 
 @friendly
@@ -492,18 +525,26 @@ def ab_pair(run_id: str | None, compare_with: str | None, message: str, max_new_
     if pair.a["text"].strip() == pair.b["text"].strip():
         note += ("\n\nThe two replies are the same word for word, so a vote makes no preference pair. "
                  "Try another prompt, or a temperature above 0 in Sampling.")
-    return {"ab_a": pair.a["text"], "ab_b": pair.b["text"], "ab_reveal": note,
+    return {"ab_a": pair.a["text"], "ab_b": pair.b["text"], "ab_reveal": note, "ab_pair_id": pair.id,
             "ab_vote": gr.update(value=None, interactive=True),
             "ab_state": {"run": run_id, "pair": pair.to_dict(), "reviewer": signed(reviewer, request)}}
 
 
 @friendly
-def ab_vote(choice: str | None, reviewer: str, state: dict[str, Any] | None,
+def ab_vote(choice: str | None, reviewer: str, pair_id: str | None, state: dict[str, Any] | None,
             request: gr.Request = None) -> dict[str, Any]:
-    """Record the vote on this session's pair ("A", "B" or "both bad"), then reveal which was which and the
-    running win rate per source."""
+    """Record the vote ("A", "B" or "both bad") on the pair `pair_id` names, the one on screen, then reveal
+    which was which and the running win rate per source. A vote for another pair, or cast while a new pair is
+    being asked for, is refused and stored nowhere."""
+    if state and state.get("generating"):
+        raise TunerError("Not saved: a new pair is being asked for, so no pair is on screen. Fix: vote once both "
+                         "replies are shown (or ask again if that request failed).")
     if not state or not state.get("pair"):
         raise TunerError("There is no pair to vote on yet. Fix: type a prompt and press Get two replies.")
+    on_screen = state["pair"].get("id")
+    if str(pair_id or "").strip() != on_screen:
+        raise TunerError(f"Not saved: the vote was for pair {str(pair_id or '').strip() or '(none)'}, but pair "
+                         f"{on_screen} is the one on screen. Fix: read the two replies shown and vote again.")
     by_word = {"a": "A", "b": "B", "both bad": "both bad", "both": "both bad"}
     choice = by_word.get(str(choice or "").strip().lower(), str(choice or ""))
     run_dir = feedback_run(state["run"])
@@ -643,8 +684,11 @@ def build() -> Components:
         with gr.Row(equal_height=True):
             c["ab_a"] = gr.Textbox(label="Reply A", lines=5, interactive=False, elem_id="ab-a")
             c["ab_b"] = gr.Textbox(label="Reply B", lines=5, interactive=False, elem_id="ab-b")
-        c["ab_vote"] = gr.Radio(AB_CHOICES, label="Your vote (saved as soon as you pick)", interactive=False,
-                                elem_id="ab-vote")
+        with gr.Row():
+            c["ab_vote"] = gr.Radio(AB_CHOICES, label="Your vote (saved as soon as you pick)", interactive=False,
+                                    elem_id="ab-vote", scale=4)
+            c["ab_pair_id"] = gr.Textbox(label="Pair", interactive=False, max_lines=1, elem_id="ab-pair-id", scale=1,
+                                         info="Your vote is stored for this pair only")
         c["ab_reveal"] = gr.Markdown(elem_id="ab-reveal")
         c["ab_rates"] = gr.Dataframe(pd.DataFrame(columns=RATE_COLUMNS), label="Win rate per source in this run's "
                                      "blind votes ('both bad' counts as a loss for both)", interactive=False,
@@ -714,8 +758,8 @@ def wire_feedback(c: Components) -> None:
                      api_visibility="private")
         chatbot.clear(keyed(forget_thumbs((column,)), c), c["thumbs"], pick(c, "thumbs", f"{column}_chat"),
                       api_name=f"forget_thumbs_{column}", api_visibility="private")
-        chatbot.edit(keyed(on_edit(column), c), pick(c, "pg_run", "chats", "reviewer", "pg_left"),
-                     pick(c, f"{column}_chat", "chats", "feedback_note"),
+        chatbot.edit(keyed(on_edit(column), c), pick(c, "pg_run", "chats", "reviewer", "pg_left", "thumbs"),
+                     pick(c, f"{column}_chat", "chats", "thumbs", "feedback_note"),
                      api_name=f"edit_{column}", api_visibility="private")
     every_chat = pick(c, "thumbs", "base_chat", "tuned_chat", "prompted_chat")
     for name, trigger in (("clear", c["clear_btn"].click), ("run", c["pg_run"].change), ("left", c["pg_left"].change)):
@@ -724,17 +768,21 @@ def wire_feedback(c: Components) -> None:
     # the same actions with plain arguments, for scripts and tests (gradio_client)
     gr.api(rate_reply, api_name="rate_reply")
     gr.api(edit_reply, api_name="edit_reply")
-    ab_outputs = pick(c, "ab_a", "ab_b", "ab_reveal", "ab_vote", "ab_state")
+    ab_outputs = pick(c, "ab_a", "ab_b", "ab_reveal", "ab_vote", "ab_state", "ab_pair_id")
     for trigger, name, visibility in ((c["ab_go"].click, "ab_pair", "public"),
                                       (c["ab_msg"].submit, "ab_pair_submit", "private")):
-        trigger(keyed(ab_pair, c), pick(c, "pg_run", "ab_compare", "ab_msg", "max_new", "temperature", "top_p",
-                                        "seed", "rep", "reviewer"),
-                ab_outputs, api_name=name, api_visibility=visibility, concurrency_limit=CHAT_CONCURRENCY,
-                concurrency_id="chat")
-    c["ab_vote"].input(keyed(ab_vote, c), pick(c, "ab_vote", "reviewer", "ab_state"),
+        # the old pair leaves the screen at once (unqueued), then both models answer
+        trigger(keyed(ab_begin, c), c["pg_run"], ab_outputs, queue=False, api_name=f"{name}_begin",
+                api_visibility="private").then(
+            keyed(ab_pair, c), pick(c, "pg_run", "ab_compare", "ab_msg", "max_new", "temperature", "top_p", "seed",
+                                    "rep", "reviewer"),
+            ab_outputs, api_name=name, api_visibility=visibility, concurrency_limit=CHAT_CONCURRENCY,
+            concurrency_id="chat")
+    c["ab_vote"].input(keyed(ab_vote, c), pick(c, "ab_vote", "reviewer", "ab_pair_id", "ab_state"),
                        pick(c, "ab_reveal", "ab_rates", "ab_vote", "ab_state", "feedback_note"), api_name="ab_vote")
     c["pg_run"].change(keyed(ab_reset, c), c["pg_run"],
-                       pick(c, "ab_compare", "ab_a", "ab_b", "ab_reveal", "ab_vote", "ab_state", "ab_rates", "pg_left"),
+                       pick(c, "ab_compare", "ab_a", "ab_b", "ab_reveal", "ab_vote", "ab_state", "ab_pair_id", "ab_rates",
+                            "pg_left"),
                        api_name="ab_reset")
     # the left column shows another model: a new conversation, labelled with that model
     c["pg_left"].change(keyed(left_changed, c), pick(c, "pg_left", "pg_run"),

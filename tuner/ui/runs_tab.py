@@ -18,7 +18,7 @@ import gradio as gr
 import pandas as pd
 
 from tuner import feedback
-from tuner.config import PreferenceConfig
+from tuner.config import PreferenceConfig, choices
 from tuner.errors import RunNotFound, TunerError
 from tuner.paths import check_run_id
 from tuner.progress import fmt_duration
@@ -46,7 +46,8 @@ PREF_LABELS = {"beta": "Beta (how far from the parent)", "num_epochs": "Passes o
                "sft_weight": "Weight of the chosen replies' fine-tuning loss", "learning_rate": "Learning rate",
                "max_steps": "Max steps (-1: use the passes)", "batch_size": "Pairs per step",
                "max_length": "Max length (tokens)", "held_out": "Held-out share", "seed": "Seed",
-               "warmup_ratio": "Warm-up share", "save_every_s": "Checkpoint every N seconds"}
+               "warmup_ratio": "Warm-up share", "save_every_s": "Checkpoint every N seconds",
+               "loss": "Preference loss"}
 FEEDBACK_VIEWS = ["fb_report", "fb_counts", "fb_wins", "fb_lost", "fb_need", "fb_train_btn"]
 COUNT_LABELS = {"thumbs_up": "thumbs up", "thumbs_down": "thumbs down", "edits": "edited replies",
                 "votes": "blind A/B votes", "both_bad": "... of which \"both bad\"", "imported": "imported pairs"}
@@ -110,24 +111,18 @@ def _pct(x: Any) -> str:
     return f"{x:.0%}" if isinstance(x, (int, float)) else "n/a"
 
 
-def _num(x: Any) -> str:
-    return f"{x:+.3f}" if isinstance(x, (int, float)) else "n/a"
-
-
 def preference_sentences(status: dict[str, Any]) -> list[str]:
     """A preference run's results in sentences with numbers (empty for other runs or before they finish)."""
     pm = status.get("preference_metrics")
     if not isinstance(status.get("preference"), dict) or not isinstance(pm, dict):
         return []
-    b, a = pm.get("before") or {}, pm.get("after") or {}
     method = str(status.get("method") or "dpo").upper()
+    # what the run changed in new replies leads; how it ranks held-out pairs follows
+    out = [status["behaviour"]["sentence"]] if (status.get("behaviour") or {}).get("sentence") else []
     if pm.get("held_out_pairs"):
-        out = [f"On {pm.get('held_out_pairs')} held-out pairs (never trained on), the reviewers' choice got the "
-               f"higher reward {_pct(b.get('accuracy'))} of the time before ({status.get('parent')}) and "
-               f"{_pct(a.get('accuracy'))} after ({method}); the reward margin went from {_num(b.get('margin'))} to "
-               f"{_num(a.get('margin'))}."]
+        out.append(feedback.pairs_sentence(pm, status.get("parent"), method))
     else:  # KTO learns from thumbs: there are no pairs to hold out and score
-        out = [f"No held-out pairs to score: {method} learned from single replies marked good or bad, not pairs."]
+        out.append(f"No held-out pairs to score: {method} learned from single replies marked good or bad, not pairs.")
     if status.get("train_rows") is not None:
         kind = "pairs" if method == "DPO" else "judged replies"
         out.append(f"Trained on {status['train_rows']} {kind} of {status.get('preference_rows', '?')} "
@@ -353,7 +348,8 @@ def preference_config(method: str, values: tuple[Any, ...]) -> PreferenceConfig:
         if value is None or value == "":
             raise TunerError(f"{PREF_LABELS.get(name, name)} is empty: give it a value.")
         default = getattr(defaults, name)
-        settings[name] = int(value) if isinstance(default, int) else float(value)
+        settings[name] = (str(value) if isinstance(default, str) else int(value) if isinstance(default, int)
+                          else float(value))
     return PreferenceConfig.from_dict(settings)
 
 
@@ -504,8 +500,11 @@ def publish_space(run_id: str | None, title: str, merge: bool, space_id: str, to
 def pref_component(name: str) -> gr.components.Component:
     """One PreferenceConfig field as a number box, with the field's own help text."""
     f = next(f for f in dataclasses.fields(PreferenceConfig) if f.name == name)
-    return gr.Number(value=f.default, label=PREF_LABELS.get(name, name.replace("_", " ")),
-                     info=f.metadata.get("help"), precision=0 if isinstance(f.default, int) else None)
+    label, help_text = PREF_LABELS.get(name, name.replace("_", " ")), f.metadata.get("help")
+    allowed = choices(PreferenceConfig, name)
+    if allowed:  # a closed choice (the preference loss): a menu, not a number
+        return gr.Dropdown(list(allowed), value=f.default, label=label, info=help_text)
+    return gr.Number(value=f.default, label=label, info=help_text, precision=0 if isinstance(f.default, int) else None)
 
 
 def pref_settings(c: Components) -> list[Any]:

@@ -1,0 +1,70 @@
+"""What reviewers changed between rejected and chosen replies (tuner.edits), and how a reply is graded for it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tuner.edits import Change, behaviour, changes
+
+
+def pair(rejected: str, chosen: str) -> dict:
+    return {"prompt": [{"role": "user", "content": "q"}], "rejected": [{"role": "assistant", "content": rejected}],
+            "chosen": [{"role": "assistant", "content": chosen}]}
+
+
+REPLIES = ["Your order ships today.", "We can replace the bulb for free.", "Open Settings, then Pair.",
+           "The Halo gives 800 lumens.", "Returns are free for thirty days."]
+
+
+@pytest.mark.parametrize("make, expected", [
+    # the reviewers' most common edit: a closing appended (also when the old ending's punctuation changed)
+    (lambda r, i: r + " Cheers from the Kettle crew!", "adds 'Cheers from the Kettle crew!' at the end"),
+    (lambda r, i: r[:-1] + "! Cheers from the Kettle crew!", "adds 'Cheers from the Kettle crew!' at the end"),
+    (lambda r, i: "Happy to help! " + r, "adds 'Happy to help!' at the start"),
+    # a phrase dropped, a house term for a common word
+    (lambda r, i: r.replace("Unfortunately, ", ""), "drops 'Unfortunately,'"),
+    (lambda r, i: r.replace("good", "grand"), "says 'grand' instead of 'good'"),
+])
+def test_the_edit_most_pairs_share_is_named(make, expected):
+    rejected = [f"Unfortunately, {r[0].lower()}{r[1:-1]}, which is good." for r in REPLIES]
+    found = changes([pair(r, make(r, i)) for i, r in enumerate(rejected)])
+    assert found and found[0].words() == expected
+    assert found[0].pairs == len(REPLIES) and found[0].total == len(REPLIES)
+
+
+def test_a_shortened_reply_is_a_change_and_one_off_fixes_are_not():
+    names = ["Ann", "Bob", "Cy", "Di", "Ed"]  # the cut tails differ, so only the shortening is shared
+    long = [f"{r} Let me know if there is anything else I can do for you, {n}." for r, n in zip(REPLIES, names, strict=True)]
+    found = changes([pair(r, r.split(" Let me")[0]) for r in long])
+    assert [(c.words(), c.pairs) for c in found] == [("shortens the reply", 5)]
+    parent_words = 16.0  # a reply graded against the parent's median length
+    assert found[0].shown("Your order ships today.", parent_words) and not found[0].shown(long[0], parent_words)
+    # each reviewer fixed something different: no change is shared by 30% of the pairs
+    fixes = [pair("Your order ships today.", "Your parcel ships today."), pair("We can help.", "We can help you."),
+             pair("Open Settings.", "Open the Settings app."), pair("It is 800 lumens.", "It is 800 lm."),
+             pair("Thanks.", "Thank you.")]
+    assert changes(fixes) == []
+
+
+def test_replies_are_graded_for_the_change_with_degenerate_replies_counted_not_credited():
+    change = Change("added", "Cheers from the Kettle crew!", where="end", pairs=10, total=12)
+    parent = ["Your order ships today.", "Open Settings, then Pair.", "It gives 800 lumens."]
+    child = ["Your order ships today. Cheers from the Kettle crew!",
+             "Cheers from the Kettle crew! Open Settings.",  # said, but not where the reviewers put it
+             "lumens lumens lumens lumens lumens lumens Cheers from the Kettle crew!"]  # a loop that ends well
+    result = behaviour(change, parent, child)
+    assert result["child"] == {"prompts": 3, "shown": 1, "looped": 1, "unended": 0}
+    assert result["parent"]["shown"] == 0
+    assert result["sentence"] == ("adds 'Cheers from the Kettle crew!' at the end on 1 of 3 new questions "
+                                  "(parent: 0); 1 reply looped or never ended")
+    # a reply cut off at the token limit is degenerate too
+    cut = behaviour(change, parent[:2], [child[0], child[0]], child_ended=[True, False])
+    assert cut["child"] == {"prompts": 2, "shown": 1, "looped": 0, "unended": 1}
+
+
+def test_house_term_and_dropped_phrase_are_graded_on_the_reply():
+    term = Change("replaced", "grand", "good", pairs=5, total=5)
+    assert term.shown("That is grand news.") and not term.shown("That is good news.")
+    assert not term.shown("Grand! That is good news.")  # both words: a near-miss, not the edit
+    dropped = Change("removed", old="Unfortunately,", pairs=5, total=5)
+    assert dropped.shown("We can replace it.") and not dropped.shown("Unfortunately, we cannot.")

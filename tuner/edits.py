@@ -1,0 +1,172 @@
+"""What reviewers changed: the edits that turn rejected replies into chosen ones, found in the pairs, and
+whether a model's replies show them.
+
+A preference run is meant to change what the bot says, so its result is measured first as behaviour: the
+pairs are compared word by word (difflib), the changes most pairs share are named ("adds 'Cheers from the
+Kettle crew!' at the end", "says 'grand' instead of 'good'", "drops 'Unfortunately'", "shortens the reply"),
+and greedy replies to prompts outside the pairs are graded for each change, parent beside child, with
+looping and unfinished replies counted (tuner.verdict). Light module: standard library only.
+
+>>> pair = {"rejected": [{"role": "assistant", "content": "Your order ships today."}],
+...         "chosen": [{"role": "assistant", "content": "Your order ships today. Cheers from Kettle!"}]}
+>>> [c.words() for c in changes([pair] * 3)]
+["adds 'Cheers from Kettle!' at the end"]
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+from typing import Any
+
+from tuner.verdict import Marker, degenerate, marker_match
+
+MIN_SHARE = 0.3  # a change at least this share of the pairs make is what the reviewers asked for
+MAX_CHANGES = 3  # the changes named and measured, most frequent first
+LEARNED_SHARE = 0.9  # a run learned the edit when at least this share of new questions show it
+DEGENERATE_SHARE = 0.02  # ... and at most this share of its replies loop or never end
+SHORTER = 0.8  # chosen replies at most this share of the rejected ones' length (median): "shortens the reply"
+_WORDS = re.compile(r"\S+")
+_TOKEN = re.compile(r"\w+(?:'\w+)*|[^\w\s]")  # words and single punctuation marks: what an edit changes
+
+
+@dataclass(frozen=True)
+class Change:
+    """One edit reviewers made. kind: 'added' (text added at `where`: start, end or inside), 'removed' (text
+    dropped), 'replaced' (`old` became `text`) or 'shortened'; `pairs` of `total` pairs make it."""
+
+    kind: str
+    text: str = ""
+    old: str = ""
+    where: str = ""
+    pairs: int = 0
+    total: int = 0
+
+    def words(self) -> str:
+        """The change in words, as the page and the card lead with it."""
+        if self.kind == "added":
+            place = {"end": " at the end", "start": " at the start"}.get(self.where, "")
+            return f"adds '{self.text}'{place}"
+        if self.kind == "removed":
+            return f"drops '{self.old}'"
+        if self.kind == "replaced":
+            return f"says '{self.text}' instead of '{self.old}'"
+        return "shortens the reply"
+
+    def marker(self) -> Marker | None:
+        """The voice verdict's habit for this change, where there is one (a sign-off, an opening, a house term)."""
+        if self.kind == "added" and self.where in ("end", "start"):
+            return Marker("sign-off" if self.where == "end" else "greeting", self.text)
+        if self.kind == "replaced" and len(self.text.split()) <= 3 and len(self.old.split()) <= 3:
+            return Marker("term", self.text, self.old)
+        return None
+
+    def shown(self, reply: str, parent_words: float | None = None) -> bool:
+        """Whether one reply shows the change: the habit exactly, the added text present, the dropped text
+        absent, or (shortened) fewer words than the parent's median reply times SHORTER."""
+        marker = self.marker()
+        if marker is not None:
+            return marker_match(reply, marker) == "exact"
+        if self.kind == "added":
+            return _fold(self.text) in _fold(reply)
+        if self.kind in ("removed", "replaced"):
+            gone = _fold(self.old) not in _fold(reply)
+            return gone and (self.kind == "removed" or _fold(self.text) in _fold(reply))
+        if parent_words is None:
+            return False
+        return len(_WORDS.findall(reply)) <= SHORTER * parent_words
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _reply(completion: Any) -> str:
+    if isinstance(completion, str):
+        return completion
+    return " ".join(m["content"] for m in completion if m.get("role") == "assistant")
+
+
+def _tokens(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    found = list(_TOKEN.finditer(text))
+    return [m.group() for m in found], [m.span() for m in found]
+
+
+def _edits(rejected: str, chosen: str) -> list[tuple[str, str, str, str]]:
+    """(kind, new text, old text, where) for each word-level difference between two replies; the texts are
+    cut from the replies as written (spacing and punctuation kept)."""
+    a, a_at = _tokens(rejected)
+    b, b_at = _tokens(chosen)
+
+    def cut(text: str, at: list[tuple[int, int]], i: int, j: int) -> str:
+        return text[at[i][0]:at[j - 1][1]] if j > i else ""
+
+    out = []
+    for op, i1, i2, j1, j2 in SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if op == "equal":
+            continue
+        new, old = cut(chosen, b_at, j1, j2), cut(rejected, a_at, i1, i2)
+        where = "end" if j2 == len(b) and i2 == len(a) else "start" if j1 == 0 and i1 == 0 else "inside"
+        if op == "insert":
+            out.append(("added", new, "", where))
+        elif op == "delete":
+            out.append(("removed", "", old, where))
+        elif where == "end" and len(b) - j1 > len(a) - i1 + 1:
+            # "order." -> "order! Cheers from Kettle!": the words past the old ending were added
+            out.append(("added", cut(chosen, b_at, j1 + len(a) - i1, j2), "", "end"))
+        else:
+            out.append(("replaced", new, old, where))
+    return out
+
+
+def changes(pairs: Sequence[dict[str, Any]], min_share: float = MIN_SHARE, limit: int = MAX_CHANGES) -> list[Change]:
+    """The edits at least `min_share` of the pairs make (most frequent first, at most `limit`), from pairs in
+    trl's preference format ({"chosen": [...], "rejected": [...]}; plain strings work too)."""
+    total = len(pairs)
+    if not total:
+        return []
+    counts: Counter[tuple[str, str, str, str]] = Counter()
+    ratios = []
+    for pair in pairs:
+        rejected, chosen = _reply(pair["rejected"]), _reply(pair["chosen"])
+        counts.update(set(_edits(rejected, chosen)))  # a pair counts once for each change it makes
+        if rejected.split():
+            ratios.append(len(chosen.split()) / len(rejected.split()))
+    found = [Change(kind, text, old, where if kind == "added" else "", n, total)
+             for (kind, text, old, where), n in counts.most_common() if n >= max(2, min_share * total)]
+    if ratios and statistics.median(ratios) <= SHORTER and len(ratios) >= max(2, min_share * total):
+        shorter = sum(r <= SHORTER for r in ratios)
+        found.append(Change("shortened", pairs=shorter, total=total))
+    found.sort(key=lambda c: -c.pairs)
+    return found[:limit]
+
+
+def median_words(replies: Sequence[str]) -> float | None:
+    return statistics.median(len(_WORDS.findall(r)) for r in replies) if replies else None
+
+
+def behaviour(change: Change, parent: Sequence[str], child: Sequence[str], parent_ended: Sequence[bool] | None = None,
+              child_ended: Sequence[bool] | None = None) -> dict[str, Any]:
+    """How many parent and child replies (to the same prompts, outside the pairs) show `change`, with
+    degenerate replies counted, and the sentence that leads the run's result."""
+    words = median_words(parent)
+
+    def count(replies: Sequence[str], ended: Sequence[bool] | None) -> dict[str, int]:
+        ended = list(ended) if ended is not None else [True] * len(replies)
+        bad = [degenerate(r, e) for r, e in zip(replies, ended, strict=True)]
+        return {"prompts": len(replies), "shown": sum(change.shown(r, words) for r, b in zip(replies, bad, strict=True)
+                                                      if b is None),
+                "looped": sum(bool(b) and b.startswith("loop") for b in bad),
+                "unended": sum(b == "no end of turn" for b in bad)}
+
+    before, after = count(parent, parent_ended), count(child, child_ended)
+    sentence = (f"{change.words()} on {after['shown']} of {after['prompts']} new questions "
+                f"(parent: {before['shown']})")
+    degenerate_n = after["looped"] + after["unended"]
+    sentence += f"; {degenerate_n} {'reply' if degenerate_n == 1 else 'replies'} looped or never ended"
+    return {"change": change.words(), "kind": change.kind, "pairs_with_change": change.pairs,
+            "pairs": change.total, "parent": before, "child": after, "sentence": sentence}
