@@ -239,20 +239,18 @@ def eval_losses(model_path: str, adapter_dir: str, val_file: str, dev: str) -> d
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuner.chat_template import training_template
+    from tuner.templates import assistant_mask
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    template = training_template(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(dev)
     model = PeftModel.from_pretrained(model, adapter_dir).eval()
     sums = {"assistant": 0.0, "all": 0.0}
     counts = {"assistant": 0, "all": 0}
     with torch.no_grad():
         for row in _read_jsonl(Path(val_file)):
-            enc = tokenizer.apply_chat_template(row["messages"], chat_template=template, tokenize=True,
-                                                return_dict=True, return_assistant_tokens_mask=True)
-            ids = torch.tensor([enc["input_ids"][:1024]], device=dev)
-            mask = torch.tensor(enc["assistant_masks"][:1024], device=dev)[1:].bool()
+            input_ids, assistant_masks = assistant_mask(tokenizer, row["messages"])
+            ids = torch.tensor([input_ids[:1024]], device=dev)
+            mask = torch.tensor(assistant_masks[:1024], device=dev)[1:].bool()
             logits = model(input_ids=ids).logits[0, :-1].float()
             losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
             sums["all"] += losses.sum().item()

@@ -116,14 +116,13 @@ def test_pickle_checkpoints_are_refused(tmp_path):
         resolve_model(str(tmp_path))
 
 
-def test_training_template_renders_like_the_model_template_and_masks_only_replies(tokenizer):
-    from tuner.chat_template import training_template
+def test_the_loss_mask_is_derived_from_the_model_template_and_covers_only_replies(tokenizer):
+    from tuner.templates import assistant_mask
 
     msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
-            {"role": "user", "content": "Price?"}, {"role": "assistant", "content": "It's 5 EUR."}]
-    tpl = training_template(tokenizer)
-    assert tokenizer.apply_chat_template(msgs, tokenize=False) == tokenizer.apply_chat_template(
-        msgs, tokenize=False, chat_template=tpl)
-    out = tokenizer.apply_chat_template(msgs, chat_template=tpl, return_assistant_tokens_mask=True, return_dict=True)
-    trained = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+            {"role": "user", "content": "Price?"}, {"role": "assistant", "content": "It's 5 EUR."},
+            {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Bye", "weight": 0}]
+    ids, mask = assistant_mask(tokenizer, msgs)
+    assert ids == list(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+    trained = [t for t, m in zip(ids, mask, strict=True) if m]
     assert tokenizer.decode(trained) == "Hello! How can I help?<|im_end|>It's 5 EUR.<|im_end|>"

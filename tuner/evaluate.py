@@ -156,15 +156,12 @@ def loss_metrics(pg, info, max_length: int, loss_limit: int = LOSS_LIMIT) -> dic
 
 def assistant_sequences(tokenizer, conversations: Sequence[list[dict]], max_length: int) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) with labels only on assistant tokens, as in training."""
-    from tuner.chat_template import training_template
+    from tuner.templates import assistant_mask
 
-    template = training_template(tokenizer)
     out = []
     for conv in conversations:
-        enc = tokenizer.apply_chat_template(conv, chat_template=template, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        ids = list(enc["input_ids"])[:max_length]
-        mask = list(enc["assistant_masks"])[:max_length]
+        ids, mask = assistant_mask(tokenizer, conv)
+        ids, mask = ids[:max_length], mask[:max_length]
         out.append((ids, [t if m else -100 for t, m in zip(ids, mask, strict=True)]))
     return out
 

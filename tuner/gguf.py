@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import ModelError, TunerError
+from tuner.ollama_template import modelfile_template, render_go_template  # noqa: F401 (part of this module's API)
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
 CONVERTER_OUTTYPE = {"f16": "f16", "q8_0": "q8_0", "q4_k_m": "f16"}  # q4_k_m: f16 first, then llama.cpp quantizes
@@ -191,6 +192,11 @@ def _run_converter(args: list[str], converter: Path, progress: Progress, lo: flo
             raise TunerError(f"llama.cpp cannot convert the architecture {unsupported.group(1)}: its converter "
                              "has no support for it, so this run cannot be exported to GGUF. The merged model "
                              "export (--merge) still works.")
+        if "pre-tokenizer was not recognized" in output or "Missing" in output and "tokenizer.model" in output:
+            raise TunerError("llama.cpp's converter does not know this model's tokenizer (it recognises tokenizers "
+                             "by their pre-tokenizer, or needs a sentencepiece tokenizer.model beside it), so "
+                             "this run cannot be exported to GGUF. The merged model export (--merge) still works; "
+                             "a newer llama.cpp may know the tokenizer.")
         raise TunerError(f"llama.cpp's converter failed (exit {proc.returncode}): {output.strip()[-600:]}")
     return peak_kb / 1024
 
@@ -249,196 +255,11 @@ def quantize(src: Path, dst: Path, quant: str) -> Path:
     return dst
 
 
-# -- the chat template, as Ollama's Go template -----------------------------------------------------
-
-_PROBE = {"system": "@@tuner-system@@", "user": "@@tuner-user-1@@", "assistant": "@@tuner-assistant-1@@",
-          "user2": "@@tuner-user-2@@"}
+# the chat template as Ollama's TEMPLATE: tuner.ollama_template
 
 
 def _render_hf(tokenizer, messages: list[dict[str, str]], generation: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-
-
-def _split_once(text: str, marker: str) -> tuple[str, str]:
-    if text.count(marker) != 1:
-        raise ValueError(f"the template does not place {marker} once")
-    before, after = text.split(marker)
-    return before, after
-
-
-def template_parts(tokenizer) -> dict[str, str]:
-    """The text the chat template puts around each role's message, found by rendering probe conversations.
-
-    Raises ValueError for templates that are not a plain per-message wrapping (those get no TEMPLATE).
-    """
-    s, u, a, u2 = (_PROBE[k] for k in ("system", "user", "assistant", "user2"))
-    sys_msg, user, reply, user2 = ({"role": "system", "content": s}, {"role": "user", "content": u},
-                                   {"role": "assistant", "content": a}, {"role": "user", "content": u2})
-    r_u = _render_hf(tokenizer, [user], False)
-    r_ug = _render_hf(tokenizer, [user], True)
-    r_su = _render_hf(tokenizer, [sys_msg, user], False)
-    r_sua = _render_hf(tokenizer, [sys_msg, user, reply], False)
-    r_suau = _render_hf(tokenizer, [sys_msg, user, reply, user2], False)
-    if not (r_ug.startswith(r_u) and r_sua.startswith(r_su) and r_suau.startswith(r_sua)):
-        raise ValueError("later turns change the text of earlier ones")
-    head, user_post = _split_once(r_su, u)
-    asst_pre, asst_post = _split_once(r_sua[len(r_su):], a)
-    user_pre, user_post2 = _split_once(r_suau[len(r_sua):], u2)
-    if user_post2 != user_post or not head.endswith(user_pre):
-        raise ValueError("user turns are not wrapped the same way each time")
-    sys_pre, sys_post = _split_once(head[: len(head) - len(user_pre)], s)
-    no_system, _ = _split_once(r_u, u)
-    if not no_system.endswith(user_pre):
-        raise ValueError("the first user turn is wrapped differently without a system message")
-    return {"default_system": no_system[: len(no_system) - len(user_pre)], "system_pre": sys_pre,
-            "system_post": sys_post, "user_pre": user_pre, "user_post": user_post, "assistant_pre": asst_pre,
-            "assistant_post": asst_post, "generation": r_ug[len(r_u):]}
-
-
-def ollama_template(parts: dict[str, str]) -> str:
-    """Ollama's TEMPLATE for the parts `template_parts` found (Go text/template over `.Messages`)."""
-    if any("{{" in v or '"""' in v for v in parts.values()):
-        raise ValueError("the template's text contains '{{' or '\"\"\"'")
-    role = '{{{{ {kw} eq .Role "{role}" }}}}{pre}{{{{ .Content }}}}{post}'
-    return ("{{ if not .System }}" + parts["default_system"] + "{{ end }}{{ range .Messages }}"
-            + role.format(kw="if", role="system", pre=parts["system_pre"], post=parts["system_post"])
-            + role.format(kw="else if", role="user", pre=parts["user_pre"], post=parts["user_post"])
-            + role.format(kw="else if", role="assistant", pre=parts["assistant_pre"], post=parts["assistant_post"])
-            + "{{ end }}{{ end }}" + parts["generation"])
-
-
-_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
-
-
-def render_go_template(template: str, messages: Sequence[dict[str, str]]) -> str:
-    """Render the Go-template subset `ollama_template` emits, as Ollama would for a chat.
-
-    Supports text, `{{- -}}` trimming, `.System`/`.Content`/`.Role`, `if`/`else if`/`else`/`end`
-    (conditions: a field, `not X`, `eq X "literal"`) and `range .Messages`. Ollama passes every
-    message (system ones too) in `.Messages`, and all system messages joined by a blank line as
-    `.System`.
-
-    >>> render_go_template('{{ if not .System }}hi {{ end }}{{ range .Messages }}[{{ .Content }}]{{ end }}',
-    ...                    [{"role": "user", "content": "a"}])
-    'hi [a]'
-
-    Long on purpose: one small interpreter loop over the template's tokens; split up, its state would scatter.
-    """
-    tokens: list[tuple[str, str]] = []  # ("text", s) | ("action", s)
-    pos = 0
-    for m in _ACTION.finditer(template):
-        text = template[pos:m.start()]
-        if m.group(1):
-            text = text.rstrip()
-        tokens.append(("text", text))
-        tokens.append(("action", m.group(2)))
-        pos = m.end()
-        if m.group(3):
-            rest = template[pos:]
-            pos += len(rest) - len(rest.lstrip())
-    tokens.append(("text", template[pos:]))
-
-    def parse(i: int, stop: tuple[str, ...]) -> tuple[list, int, str]:
-        nodes: list = []
-        while i < len(tokens):
-            kind, value = tokens[i]
-            if kind == "text":
-                nodes.append(("text", value))
-                i += 1
-                continue
-            word = value.split(" ", 1)[0]
-            if value.startswith("else") or word == "end":
-                if word not in stop and not value.startswith("else"):
-                    raise ValueError(f"unexpected {{{{ {value} }}}}")
-                return nodes, i, value
-            if word == "if":
-                branches = []
-                cond = value[3:].strip()
-                while True:
-                    body, i, closer = parse(i + 1, ("end",))
-                    branches.append((cond, body))
-                    if closer == "end":
-                        break
-                    cond = closer[len("else"):].strip()
-                    cond = cond[3:].strip() if cond.startswith("if ") else "true"
-                nodes.append(("if", branches))
-                i += 1
-            elif word == "range":
-                if value.split(None, 1)[1] != ".Messages":
-                    raise ValueError(f"unsupported {{{{ {value} }}}}")
-                body, i, closer = parse(i + 1, ("end",))
-                nodes.append(("range", body))
-                i += 1
-            else:
-                nodes.append(("field", value))
-                i += 1
-        if stop:
-            raise ValueError("missing {{ end }}")
-        return nodes, i, ""
-
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-
-    def value_of(expr: str, dot: dict[str, str]) -> Any:
-        if expr == "true":
-            return True
-        if expr.startswith('"') and expr.endswith('"'):
-            return json.loads(expr)
-        if expr == ".System":
-            return system
-        if expr in (".Content", ".Role"):
-            return dot[expr[1:].lower()]
-        if expr.startswith("not "):
-            return not value_of(expr[4:].strip(), dot)
-        if expr.startswith("eq "):
-            left, right = re.findall(r'"[^"]*"|\S+', expr[3:])
-            return value_of(left, dot) == value_of(right, dot)
-        raise ValueError(f"unsupported expression {expr!r}")
-
-    def run(nodes: list, dot: dict[str, str]) -> str:
-        out = []
-        for kind, value in nodes:
-            if kind == "text":
-                out.append(value)
-            elif kind == "field":
-                out.append(str(value_of(value, dot)))
-            elif kind == "if":
-                for cond, body in value:
-                    if value_of(cond, dot):
-                        out.append(run(body, dot))
-                        break
-            else:
-                out.extend(run(value, m) for m in messages)
-        return "".join(out)
-
-    nodes, _, _ = parse(0, ())
-    return run(nodes, {})
-
-
-def _probe_conversations(system_prompt: str | None) -> list[list[dict[str, str]]]:
-    system = system_prompt or "You are the support crew."
-    turns = [{"role": "user", "content": "Hi, my kettle leaks."},
-             {"role": "assistant", "content": "Sorry to hear that!\nWhich model is it?"},
-             {"role": "user", "content": "The Dome 2."}]
-    return [turns, [{"role": "system", "content": system}] + turns, turns[:1]]
-
-
-def modelfile_template(tokenizer, system_prompt: str | None = None) -> tuple[str | None, list[str], str]:
-    """(Ollama TEMPLATE or None, stop strings, a note). The TEMPLATE is kept only when it renders
-    exactly the tokenizer's own chat template text for probe conversations (with and without a system message)."""
-    eos = tokenizer.eos_token
-    try:
-        parts = template_parts(tokenizer)
-        template = ollama_template(parts)
-        for conv in _probe_conversations(system_prompt):
-            if render_go_template(template, conv) != _render_hf(tokenizer, conv, True):
-                raise ValueError("the translated template renders a different prompt")
-    except (ValueError, TypeError) as exc:
-        return None, [eos] if eos else [], (f"no TEMPLATE: the chat template could not be translated ({exc}); "
-                                            "Ollama then uses the template stored in the GGUF if it knows it")
-    # end of a reply, end of sequence, and the start of a next turn (a model that runs on starts one)
-    starts = [t for t in tokenizer.get_added_vocab() if parts["user_pre"].startswith(t)]
-    stops = [t for t in dict.fromkeys([parts["assistant_post"].strip(), eos, *starts]) if t]
-    return template, stops, "TEMPLATE translated from the model's chat template (checked by rendering)"
 
 
 def _quote(text: str) -> str:

@@ -373,8 +373,10 @@ class Playground:
         if tok.eos_token_id is not None:
             ids.add(tok.eos_token_id)
         template = tok.chat_template if isinstance(tok.chat_template, str) else str(tok.chat_template)
-        for marker in END_OF_TURN_TOKENS:
-            if marker in template:
+        from tuner.templates import end_of_turn_token
+
+        for marker in (*END_OF_TURN_TOKENS, end_of_turn_token(tok)):  # known ones, and the one this template uses
+            if marker and marker in template:
                 tid = tok.convert_tokens_to_ids(marker)
                 if isinstance(tid, int) and tid != tok.unk_token_id:
                     ids.add(tid)

@@ -72,12 +72,10 @@ def system_of(messages: list[Message]) -> str:
 
 def trained_tokens(messages: list[Message], base_model: str) -> list[tuple[str, str | None]]:
     """The example as the model reads it, in spans; the tokens it learns from are marked "learned"."""
-    from tuner.chat_template import training_template
+    from tuner.templates import assistant_mask
 
     tok = tokenizer_for(base_model)
-    enc = tok.apply_chat_template(messages, chat_template=training_template(tok), tokenize=True,
-                                  return_dict=True, return_assistant_tokens_mask=True)
-    ids, mask = enc["input_ids"], enc["assistant_masks"]
+    ids, mask = assistant_mask(tok, messages)
     spans: list[tuple[str, str | None]] = []
     start = 0
     for i in range(1, len(ids) + 1):

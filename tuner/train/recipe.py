@@ -113,7 +113,9 @@ def sft_config(cfg: TrainConfig, run_dir: Path, dev: str, prec: dict[str, Any], 
         seed=cfg.seed,
         data_seed=cfg.seed,
         max_length=cfg.max_length,
-        assistant_only_loss=cfg.assistant_only_loss,
+        # tuner hands trl tokenized examples whose `assistant_masks` (tuner.templates) become the labels;
+        # trl's own option would need {% generation %} markers in the template
+        assistant_only_loss=False,
         packing=mode == "packed",
         train_sampling_strategy="group_by_length" if mode == "grouped" else "random",
         gradient_checkpointing=gc,

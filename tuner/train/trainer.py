@@ -15,7 +15,6 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from trl import SFTTrainer
 
 from datasets import Dataset, disable_progress_bars
-from tuner.chat_template import training_template
 from tuner.config import Method, Quantization, TrainConfig
 from tuner.errors import DataError
 from tuner.models import load_model, load_tokenizer
@@ -87,10 +86,10 @@ class TunerSFTTrainer(SFTTrainer):
         return GroupedSampler(lengths, self.args.train_batch_size)  # each forward's batch is what pads
 
 
-def _load_data(run_dir: Path, cfg: TrainConfig, tokenizer, template: str | None):
+def _load_data(run_dir: Path, cfg: TrainConfig, tokenizer):
     """Both splits as the trainer sees them; what was dropped and why goes into the status."""
-    train_rows, train_stats = load_split(run_dir, "train.jsonl", tokenizer, template, cfg.max_length)
-    val_rows, val_stats = load_split(run_dir, "validation.jsonl", tokenizer, template, cfg.max_length)
+    train_rows, train_stats = load_split(run_dir, "train.jsonl", tokenizer, cfg.assistant_only_loss, cfg.max_length)
+    val_rows, val_stats = load_split(run_dir, "validation.jsonl", tokenizer, cfg.assistant_only_loss, cfg.max_length)
     warnings = []
     if not val_rows:
         warnings.append("No validation examples: no eval loss, no best-checkpoint selection, no early stopping.")
@@ -128,11 +127,7 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.base_model)
     chat_template = tokenizer.chat_template
-    template = training_template(tokenizer) if cfg.assistant_only_loss else None
-    train_rows, val_rows, train_stats, val_stats, data_stats = _load_data(run_dir, cfg, tokenizer, template)
-
-    if template is not None:
-        tokenizer.chat_template = template  # trl reads {% generation %} markers from the tokenizer's template
+    train_rows, val_rows, train_stats, val_stats, data_stats = _load_data(run_dir, cfg, tokenizer)
     prec = precision(cfg, dev)
     quant = quantization(cfg, dev)
     model = load_model(cfg.base_model, quantization=quant, dtype=prec["weights"], dev=dev)
@@ -176,8 +171,9 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
     if cfg.early_stopping_patience > 0 and val_rows:
         own.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
 
-    def as_dataset(rows):
-        return Dataset.from_list([{"messages": r["messages"]} for r in rows]) if rows else None
+    def as_dataset(rows):  # tokenized here, with the loss mask derived from the model's template (tuner.templates)
+        return Dataset.from_list([{"input_ids": r["input_ids"], "assistant_masks": r["assistant_masks"]}
+                                  for r in rows]) if rows else None
 
     disable_progress_bars()  # trl's map() bars would flood train.log; tuner reports progress itself
     trainer = TunerSFTTrainer(model=model, args=args, train_dataset=as_dataset(train_rows),

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from tuner.config import GenerationConfig
 from tuner.evaluate import general_texts, mean_loss, text_sequences
 from tuner.runs import update_status
+from tuner.templates import end_of_turn_token
 from tuner.verdict import Marker, Tally, tally, verdict_sentence
 from tuner.voice import brand_phrases
 
@@ -83,6 +84,9 @@ def end_ids(model, tokenizer) -> list[int]:
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    eot = end_of_turn_token(tokenizer)  # the template's own end of a reply, if generation_config misses it
+    if eot is not None and isinstance(tokenizer.convert_tokens_to_ids(eot), int):
+        ids.add(tokenizer.convert_tokens_to_ids(eot))
     return sorted(ids)
 
 
