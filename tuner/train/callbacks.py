@@ -15,6 +15,11 @@ from tuner.errors import TrainingError
 from tuner.runs import append_metric, read_status, update_status
 
 
+def effective_batch(args) -> int:
+    """Examples per optimizer step: per device x accumulation x processes (each process takes its own batches)."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+
+
 class RunRecorder(TrainerCallback):
     """Writes metrics.jsonl and status.json as training goes, and stops a run whose loss is broken."""
 
@@ -56,11 +61,10 @@ class RunRecorder(TrainerCallback):
         startup = round(time.time() - psutil.Process().create_time(), 1)
         update_status(self.run_dir, status="running", max_steps=state.max_steps, step=state.global_step,
                       phase="training", examples_seen=self.examples_seen(args, state), startup_s=startup,
-                      examples_total=state.max_steps * args.per_device_train_batch_size
-                      * args.gradient_accumulation_steps)
+                      examples_total=state.max_steps * effective_batch(args))
 
     def examples_seen(self, args, state) -> int:
-        return int(state.global_step) * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        return int(state.global_step) * effective_batch(args)
 
     def phase(self, text: str, force: bool = False, **fields: Any) -> None:
         """Say what the run is doing now (status.json `phase`), at most twice a second unless forced."""
