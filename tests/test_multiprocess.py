@@ -89,7 +89,8 @@ def test_killed_launch_resumes_from_its_checkpoint(small_data, tmp_path, default
     assert complete_checkpoints(run), proc.communicate()[1][-3000:] if proc.poll() is not None else "no checkpoint"
     workers = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGTERM)  # `kill` of the launcher: it stops its processes (they run in sessions of their own)
-    proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
+    assert f"effective batch: {2 * BATCH} examples a step ({BATCH} per process x 1 accumulation x 2 processes)" in err
     gone, alive = psutil.wait_procs(workers, timeout=60)
     for p in alive:
         p.kill()

@@ -8,7 +8,6 @@ here (from each model's config.json on the Hub), so the list and its figures wor
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,7 +294,3 @@ def describe(need: dict[str, Any]) -> str:
     gc = "on" if need["gradient_checkpointing"] else "off"
     return (f"{'QLoRA' if need['quantization'] == 'nf4' else 'no quantization'}, max_length {need['max_length']}, "
             f"batch_size {need['batch_size']}, gradient checkpointing {gc}")
-
-
-def round_up(gib: float) -> float:
-    return math.ceil(gib * 10) / 10
