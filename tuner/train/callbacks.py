@@ -15,6 +15,18 @@ from tuner.errors import TrainingError
 from tuner.runs import append_metric, read_status, update_status
 
 
+def from_rank0(value: Any) -> Any:
+    """Rank 0's value in every process of a multi-process launch (the value itself in one process). Every
+    process must call it at the same point: it is a collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def effective_batch(args) -> int:
     """Examples per optimizer step: per device x accumulation x processes (each process takes its own batches)."""
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
@@ -188,6 +200,8 @@ class OverheadBudget(TrainerCallback):
             self.eval_started = now
         if control.should_save and not last and now - self.last_save < self.save_every_s:
             control.should_save = False
+        # decisions by the clock differ between processes: all follow rank 0, or one evaluates while another saves
+        control.should_evaluate, control.should_save = from_rank0((control.should_evaluate, control.should_save))
         return control
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
