@@ -168,6 +168,7 @@ def test_gpu_is_detected_and_a_run_that_cannot_fit_is_refused_before_loading(sig
     # far past any GPU: activations of 8192 x 8192 tokens a step without checkpointing
     cfg = TrainConfig.from_preset("quick", batch_size=8192, max_length=8192, gradient_checkpointing="off")
     run = runs.prepare_run(cfg, signoff_data, tmp_path / "run")
+    torch.cuda.reset_peak_memory_stats()
     status = train.train_run(run)
     assert status["status"] == "failed" and "will not fit" in status["error"] and "batch_size" in status["error"]
     assert torch.cuda.max_memory_allocated() < 2**30  # refused before the model was loaded
