@@ -19,7 +19,7 @@ from tuner.errors import TunerError
 ROOT = Path(__file__).resolve().parent.parent
 # command -> (module, one-line help); modules import heavy libraries inside their functions only
 COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("tuner.cli", "Show the default base model: local checkpoint, size, chat template source."),
+    "models": ("tuner.cli", "Show the base model, the memory it needs, and the chat models that fit a GPU."),
     "convert": ("tuner.dataset", "Turn transcript exports into train/validation chat examples and a report."),
     "train": ("tuner.train.cli", "Fine-tune a base model (QLoRA by default) on converted examples."),
     "chat": ("tuner.playground", "Ask a trained run (and the base model) one prompt."),
@@ -57,19 +57,75 @@ def quiet_library_noise() -> None:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:  # the `models` command
+    from tuner.config import DEFAULT_PRESET, PRESETS
+
     parser.add_argument("--model", default="default", help="Model id or folder (default: the embedded model).")
     parser.add_argument("--json", action="store_true", help="Print JSON.")
+    parser.add_argument("--gpu-memory", type=float, metavar="GIB",
+                        help="Plan for a GPU with this much memory (e.g. 24) instead of this machine's.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                        help=f"Settings the memory is computed for (default: {DEFAULT_PRESET}).")
+    for flag in ("max-length", "batch-size", "lora-r"):
+        parser.add_argument(f"--{flag}", type=int, help=f"Override the preset's {flag.replace('-', '_')}.")
+    parser.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), help="Override the preset's.")
+
+
+def models_report(args: argparse.Namespace) -> dict:
+    """The model's facts, the GPU planned for, and the recommended models with the memory each needs."""
+    from tuner import memory
+    from tuner.config import TrainConfig
+    from tuner.models import DEFAULT_MODEL_NAME, gpu_memory, is_default, is_hub_id, model_info
+
+    overrides = {k: getattr(args, k) for k in ("max_length", "batch_size", "lora_r", "gradient_checkpointing")
+                 if getattr(args, k) is not None}
+    if "lora_r" in overrides:
+        overrides["lora_alpha"] = 2 * overrides["lora_r"]
+    cfg = TrainConfig.from_preset(args.preset, base_model=args.model, **overrides)
+    gpu = None if args.gpu_memory else gpu_memory()
+    gib = args.gpu_memory or (gpu[1] if gpu else None)
+    if is_hub_id(args.model) and memory.recommended_shape(args.model) is not None:
+        info = {"name": args.model, "path": None, "from": "hub"}  # planned from the stored config: works offline
+    elif is_default(args.model) or not is_hub_id(args.model):
+        info = model_info(args.model)
+    else:
+        info = {"name": args.model, "path": None, "from": "hub"}
+    shape = memory.shape_of(args.model, download=True)
+    report = {**info, "settings": {k: getattr(cfg, k) for k in ("max_length", "batch_size", "lora_r")},
+              "gpu": (gpu[0] if gpu else f"planned: {gib:g} GiB") if gib else None, "gpu_memory_gib": gib}
+    if shape is not None:
+        need = memory.plan(shape, cfg)
+        report.update(needs_gib=need["total_gib"], needs_parts_gib=need["parts_gib"], planned_for=memory.describe(need))
+        if gib:
+            report["fits"] = need["total_gib"] <= gib
+            try:
+                memory.check_fits(cfg, gib, report["gpu"])
+            except TunerError as exc:
+                report["advice"] = str(exc)
+    if gib:
+        report["recommended"] = memory.recommended(cfg, gib)
+    else:
+        report["recommended"] = []
+        report["note"] = (f"No GPU here: the embedded default ({DEFAULT_MODEL_NAME}) is the model to train on this "
+                          "CPU. Plan for a GPU with --gpu-memory GIB (T4 15, L4/A10G 22.5, A100 40 or 80).")
+    return report
 
 
 def cli(args: argparse.Namespace) -> int:  # the `models` command
-    from tuner.models import model_info
-
-    info = model_info(args.model)
+    report = models_report(args)
     if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        for key, value in info.items():
+        print(json.dumps(report, indent=2))
+        return 0
+    rows = report.pop("recommended")
+    for key, value in report.items():
+        if key not in ("needs_parts_gib",):
             print(f"{key:>22}: {value}")
+    if rows:
+        print(f"\nRecommended chat models at max_length {report['settings']['max_length']}, batch_size "
+              f"{report['settings']['batch_size']} (QLoRA; memory by formula, docs/memory.md):")
+        for row in rows:
+            verdict = "fits" if row["fits"] else "does not fit"
+            print(f"  {row['model']:<40} {row['parameters'] / 1e9:5.2f}B  needs {row['needs_gib']:5.1f} GiB  "
+                  f"{verdict}  (smallest GPU: {row['smallest_gpu'] or 'none listed'})")
     return 0
 
 

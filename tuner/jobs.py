@@ -455,6 +455,11 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
         # 8 x 512-token examples measured 5.1 GB, AMD EPYC, 2 cores); CUDA: the context
         overhead = 2000 * 2**20 if dev == "cpu" else 400 * 2**20
         memory_mb = (params * weight_bytes + activations + head + (scores if eager else 0) + overhead) / 2**20
+    if dev == "cuda":  # a GPU: the formula the run is refused by (docs/memory.md), so the page shows one number
+        from tuner import memory
+
+        shape = memory.shape_of(cfg.base_model)
+        memory_mb = memory.plan(shape, cfg)["total_gib"] * 1024 if shape is not None else memory_mb
     if here:
         uncertainty = ("Measured on this machine by an earlier run of this model: expect within about 25%, "
                        "more when the machine is busy.")

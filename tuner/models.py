@@ -143,9 +143,55 @@ def resolve_model(name: str | None) -> str:
             # security: .bin/.pt checkpoints are pickles that can run code when loaded
             raise ModelError(f"{path} has no .safetensors weights; only safetensors models are loaded.")
         return str(path.resolve())
-    if name.count("/") == 1 and not name.startswith((".", "/")):
+    if is_hub_id(name):
+        check_reachable(name)
         return name  # a Hub id; from_pretrained fetches it (trust_remote_code stays False)
     raise ModelError(f"Model '{name}' is neither a local folder nor a Hub id like 'org/name'.")
+
+
+def is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
+
+
+def hub_offline() -> str | None:
+    """The variable that keeps this process off the Hub (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE), if one is set."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return var
+    return None
+
+
+def in_hub_cache(repo_id: str, filename: str = "config.json") -> str | None:
+    """The cached copy of one file of a Hub model, if this machine has downloaded it before."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, filename)
+    except ValueError:  # not a valid repo id
+        return None
+    return found if isinstance(found, str) else None
+
+
+def check_reachable(repo_id: str) -> None:
+    """Offline, a Hub id must already be in the local cache; say so before anything tries to download it."""
+    var = hub_offline()
+    if var and in_hub_cache(repo_id) is None:
+        raise ModelError(f"'{repo_id}' is not in the local cache and this machine is offline ({var}=1). Fix: "
+                         f"download it once where there is internet (`hf download {repo_id}`) and copy the Hub "
+                         "cache here, point at a local folder with the model, or use the embedded default.")
+
+
+def gpu_memory() -> tuple[str, float] | None:
+    """This process's GPU (LOCAL_RANK under a multi-GPU launch): its name and free memory in GiB; None on a CPU."""
+    if not any(Path(p).exists() for p in ("/proc/driver/nvidia", "/dev/kfd")):
+        return None  # no GPU driver loaded: torch would find no GPU either (and is not imported for nothing)
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    free, _total = torch.cuda.mem_get_info(index)
+    return torch.cuda.get_device_name(index), free / 2**30
 
 
 def load_tokenizer(name: str | None):

@@ -15,6 +15,23 @@ from tuner.errors import TrainingError
 from tuner.runs import append_metric, read_status, update_status
 
 
+def from_rank0(value: Any) -> Any:
+    """Rank 0's value in every process of a multi-process launch (the value itself in one process). Every
+    process must call it at the same point: it is a collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def effective_batch(args) -> int:
+    """Examples per optimizer step: per device x accumulation x processes (each process takes its own batches)."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+
+
 class RunRecorder(TrainerCallback):
     """Writes metrics.jsonl and status.json as training goes, and stops a run whose loss is broken."""
 
@@ -56,11 +73,10 @@ class RunRecorder(TrainerCallback):
         startup = round(time.time() - psutil.Process().create_time(), 1)
         update_status(self.run_dir, status="running", max_steps=state.max_steps, step=state.global_step,
                       phase="training", examples_seen=self.examples_seen(args, state), startup_s=startup,
-                      examples_total=state.max_steps * args.per_device_train_batch_size
-                      * args.gradient_accumulation_steps)
+                      examples_total=state.max_steps * effective_batch(args))
 
     def examples_seen(self, args, state) -> int:
-        return int(state.global_step) * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        return int(state.global_step) * effective_batch(args)
 
     def phase(self, text: str, force: bool = False, **fields: Any) -> None:
         """Say what the run is doing now (status.json `phase`), at most twice a second unless forced."""
@@ -184,6 +200,8 @@ class OverheadBudget(TrainerCallback):
             self.eval_started = now
         if control.should_save and not last and now - self.last_save < self.save_every_s:
             control.should_save = False
+        # decisions by the clock differ between processes: all follow rank 0, or one evaluates while another saves
+        control.should_evaluate, control.should_save = from_rank0((control.should_evaluate, control.should_save))
         return control
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):

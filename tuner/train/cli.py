@@ -122,6 +122,11 @@ def cli(args: argparse.Namespace) -> int:
             run_dir = prepare_run(cfg, args.data, args.out)
         if not args.json:
             print(f"run folder: {run_dir}", file=sys.stderr)
+    if not is_main_process():  # rank 0 reports; the other processes of a launch train quietly beside it
+        status = train_run(run_dir, resume=resume)
+        return 0 if status["status"] == "completed" else 1
+    if not args.json:
+        print(batch_line(Run(run_dir).config()), file=sys.stderr)
     update, close = progress_printer(args.json)
     try:
         status = train_run(run_dir, resume=resume, progress=update)
@@ -130,7 +135,7 @@ def cli(args: argparse.Namespace) -> int:
     if args.json:
         keys = ("status", "error", "adapter", "first_eval_loss", "eval_loss", "train_loss", "step", "max_steps",
                 "tokens_trained", "wall_s", "peak_memory_mb", "device", "precision", "best_step", "best_by",
-                "examples_seen", "eval_loss_all", "voice")
+                "examples_seen", "eval_loss_all", "voice", "processes", "effective_batch")
         verdict = (status.get("voice") or {}).get("sentence")
         print(json.dumps({"run": str(run_dir), "verdict": verdict, **{k: status.get(k) for k in keys}}))
     else:
@@ -144,6 +149,14 @@ def cli(args: argparse.Namespace) -> int:
                 line += f"\nvoice: {status['voice']['sentence']}"
         print(line, file=sys.stderr)
     return 0 if status["status"] == "completed" else 1
+
+
+def batch_line(cfg: TrainConfig) -> str:
+    """The examples each optimizer step learns from, said once at the start (several processes multiply it)."""
+    processes = max(world_size(), 1)
+    effective = cfg.batch_size * cfg.grad_accum * processes
+    return (f"effective batch: {effective} examples a step ({cfg.batch_size} per process x {cfg.grad_accum} "
+            f"accumulation x {processes} process{'es' if processes > 1 else ''})")
 
 
 def _is_preference(run: str | None) -> bool:

@@ -138,5 +138,7 @@ def sft_config(cfg: TrainConfig, run_dir: Path, dev: str, prec: dict[str, Any], 
         report_to="none",
         disable_tqdm=True,  # tuner draws its own bar (with eval loss and ETA) from the same records
         dataloader_num_workers=0,
+        # several processes (DDP): every LoRA weight takes part in each step, so skip DDP's search for unused ones
+        ddp_find_unused_parameters=False if cfg.method is Method.LORA else None,
         remove_unused_columns=True,
     )

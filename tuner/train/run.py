@@ -30,8 +30,8 @@ from tuner.runs import (
     remove_incomplete_checkpoints,
     resolve,
     update_status,
-    world_size,
 )
+from tuner.train.callbacks import effective_batch
 from tuner.train.checkpoints import eval_loss_at, finished, first, last, restore_finished
 from tuner.train.result import model_card, save_result, write_card
 from tuner.train.trainer import build_trainer, training_context
@@ -131,7 +131,7 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
         "eval_examples": len(scored) if scored is not None else 0,
         # every validation example, scored on the final weights (the same as eval_loss when the sample is all)
         "eval_loss_all": eval_all if eval_all is not None else best_loss,
-        "examples_seen": int(trainer.state.global_step) * cfg.batch_size * cfg.grad_accum * max(world_size(), 1),
+        "examples_seen": int(trainer.state.global_step) * effective_batch(trainer.args),
     }
     # the result first: saved, reloaded and compared before the voice check, so it is on disk (and the
     # playground can serve it) while the check runs, and a check that fails or is stopped loses nothing
@@ -143,7 +143,7 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
     update_status(run_dir, adapter=str(out_dir), saved_at=time.time(), saved_s=summary["saved_s"])
     voice = ctx["voice"]
     summary["voice"] = None
-    if cfg.voice_prompts:
+    if cfg.voice_prompts and is_main_process():  # a launch's other processes would only repeat rank 0's check
         if voice["prompts"]:  # the time left counts down from what the check took here last time
             from tuner.jobs import measured_here, voice_s_per_prompt
 
@@ -160,8 +160,7 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
         del served
         # what the estimate learns from: seconds per held-out prompt asked of both the result and the base
         summary["voice_s"] = round(time.monotonic() - voice_started, 1)
-        if is_main_process():
-            write_card(out_dir, model_card(cfg, summary, ctx["data_stats"], ctx["precision"]["name"], dev, run_dir))
+        write_card(out_dir, model_card(cfg, summary, ctx["data_stats"], ctx["precision"]["name"], dev, run_dir))
     summary["wall_s"] = round(recorder.elapsed(), 1)
     summary["eval_s"] = round(recorder.eval_s, 1)  # every evaluation, the final one included
     return update_status(run_dir, status="completed", phase="done", error=None, adapter=str(out_dir), pid=None, eta_s=0,

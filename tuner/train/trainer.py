@@ -15,9 +15,10 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from trl import SFTTrainer
 
 from datasets import Dataset, disable_progress_bars
+from tuner import memory
 from tuner.config import Method, Quantization, TrainConfig
 from tuner.errors import DataError
-from tuner.models import load_model, load_tokenizer
+from tuner.models import gpu_memory, load_model, load_tokenizer
 from tuner.runs import (
     Run,
     check_data,
@@ -27,6 +28,7 @@ from tuner.runs import (
     remove_incomplete_checkpoints,
     truncate_metrics,
     update_status,
+    world_size,
 )
 from tuner.train.callbacks import OverheadBudget, RunRecorder
 from tuner.train.checkpoints import offset_from
@@ -130,6 +132,9 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
     train_rows, val_rows, train_stats, val_stats, data_stats = _load_data(run_dir, cfg, tokenizer)
     prec = precision(cfg, dev)
     quant = quantization(cfg, dev)
+    gpu = gpu_memory() if dev == "cuda" else None
+    if gpu is not None:  # refuse a run that will not fit before loading it, naming the setting to change
+        memory.check_fits(cfg, gpu[1], gpu[0])
     model = load_model(cfg.base_model, quantization=quant, dtype=prec["weights"], dev=dev)
     if cfg.method is Method.FULL:
         model.requires_grad_(True)
@@ -189,7 +194,9 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
                "quantization": quant, "data_stats": data_stats, "precision": prec, "has_eval": bool(val_rows),
                "best_by": ("voice" if by_voice else "loss") if val_rows else None,
                "voice": voice}
+    processes = max(world_size(), 1)
     update_status(run_dir, device=dev, precision=prec["name"], precision_reason=precision_reason(cfg, dev),
+                  processes=processes, effective_batch=cfg.batch_size * cfg.grad_accum * processes,
                   quantization=quant, gradient_checkpointing=gc_on, habit=marker.text if marker else None,
                   attention=attn,
                   batching=packing_mode(cfg, dev), threads=torch.get_num_threads() if dev == "cpu" else None,

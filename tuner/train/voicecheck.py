@@ -22,8 +22,9 @@ from transformers import TrainerCallback
 
 from tuner.config import GenerationConfig
 from tuner.evaluate import general_texts, mean_loss, text_sequences
-from tuner.runs import update_status
+from tuner.runs import is_main_process, update_status
 from tuner.templates import end_of_turn_token
+from tuner.train.callbacks import from_rank0
 from tuner.verdict import Marker, Tally, tally, verdict_sentence
 from tuner.voice import brand_phrases
 
@@ -144,13 +145,16 @@ class VoiceCheck(TrainerCallback):
         if state.global_step == 0 or (state.best_metric is None and state.global_step >= state.max_steps):
             metrics[f"eval_{METRIC}"] = -LOSS_WEIGHT * float(metrics["eval_loss"])
             return
-        started = time.monotonic()
-        replies, ended = generate(model, processing_class, self.chat_template, self.prompts, self.max_new_tokens)
-        t = tally(replies, self.marker, ended)
-        score = (t.exact - t.degenerate) / max(t.prompts, 1) - LOSS_WEIGHT * float(metrics["eval_loss"])
-        metrics[f"eval_{METRIC}"] = score
-        self.history.append({"step": state.global_step, **_tally_dict(t), "seconds": round(time.monotonic() - started, 1)})
-        update_status(self.run_dir, voice_checks=self.history)
+        score = None
+        if is_main_process():  # rank 0 asks; a launch's other processes take its score (the same best checkpoint)
+            started = time.monotonic()
+            replies, ended = generate(model, processing_class, self.chat_template, self.prompts, self.max_new_tokens)
+            t = tally(replies, self.marker, ended)
+            score = (t.exact - t.degenerate) / max(t.prompts, 1) - LOSS_WEIGHT * float(metrics["eval_loss"])
+            self.history.append({"step": state.global_step, **_tally_dict(t),
+                                 "seconds": round(time.monotonic() - started, 1)})
+            update_status(self.run_dir, voice_checks=self.history)
+        metrics[f"eval_{METRIC}"] = from_rank0(score)
 
 
 def served_model(model, base_model: str, trained_quantization: str, dev: str):

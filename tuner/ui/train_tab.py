@@ -137,6 +137,62 @@ def estimate_run(session: dict[str, Any], base_model: str, preset: str, *values:
     return text
 
 
+# -- the model picker ------------------------------------------------------------------------------------
+
+MEMORY_SETTINGS = ["max_length", "batch_size", "lora_r", "quantization", "method", "gradient_checkpointing"]
+
+
+def model_choices() -> list[str]:
+    """The base-model list: the embedded default on a CPU; on a GPU also the recommended chat models that fit
+    it at the default preset's length and batch (any Hub id or local folder can still be typed)."""
+    from tuner import memory
+    from tuner.models import gpu_memory
+
+    gpu = gpu_memory()
+    if gpu is None:
+        return ["default"]
+    rows = memory.recommended(TrainConfig.from_preset(DEFAULT_PRESET), gpu[1])
+    return ["default"] + [r["model"] for r in rows if r["fits"]]
+
+
+@friendly
+def memory_line(base_model: str, preset: str, *values: Any) -> str:
+    """The memory the picked model needs at these settings (a formula, docs/memory.md) beside this GPU's."""
+    from tuner import memory
+    from tuner.memory import DEFAULT_SHAPE
+    from tuner.models import DEFAULT_MODEL_NAME, check_reachable, gpu_memory, is_default, is_hub_id
+
+    cfg = build_train_config(base_model, preset, MAIN_SETTINGS + MORE_SETTINGS, values)
+    gpu = gpu_memory()
+    if gpu is None and is_default(cfg.base_model):
+        return (f"No GPU here: the embedded {DEFAULT_MODEL_NAME} trains on this CPU (the estimate below gives "
+                "its time and memory).")
+    warning = ""
+    if is_hub_id(cfg.base_model):
+        try:
+            check_reachable(cfg.base_model)  # offline and not downloaded: said here, before Start
+        except TunerError as exc:
+            warning = f" **Not here yet:** {exc}"
+    shape = memory.shape_of(cfg.base_model)
+    if shape is None:
+        return warning.strip() or (f"Memory of {cfg.base_model}: unknown until its config.json is on this machine "
+                                   "(a Hub model's comes when the run starts).")
+    need = memory.plan(shape, cfg)
+    text = f"Needs about **{need['total_gib']} GiB** of GPU memory ({memory.describe(need)})"
+    if gpu is None:
+        ratio = shape.params() / DEFAULT_SHAPE.params()
+        return (text + f". No GPU here: it would train on this CPU, {ratio:.0f}x the size of the embedded "
+                f"{DEFAULT_MODEL_NAME} that tuner's CPU speeds are measured with." + warning)
+    name, free = gpu
+    if need["total_gib"] <= free:
+        return text + f": fits this {name} ({free:.1f} GiB free)." + warning
+    try:
+        memory.check_fits(cfg, free, name)
+    except TunerError as exc:
+        return f"**Will not fit.** {exc}" + warning
+    return text + "." + warning
+
+
 # -- the run's view ------------------------------------------------------------------------------------
 
 
@@ -317,9 +373,13 @@ def build() -> Components:
     c: Components = {}
     with gr.Row():
         with gr.Column(scale=2, min_width=320):
-            c["base_model"] = gr.Dropdown(["default"], value="default", allow_custom_value=True, label="Base model",
-                                          info="'default' is the embedded SmolLM2-135M-Instruct; or type a Hub id "
-                                               "like org/name (safetensors only, no remote code).")
+            c["base_model"] = gr.Dropdown(model_choices(), value="default", allow_custom_value=True, label="Base model",
+                                          info="'default' is the embedded SmolLM2-135M-Instruct; on a GPU, chat models "
+                                               "that fit it; or type a Hub id like org/name or a local folder "
+                                               "(safetensors only, no remote code).", elem_id="base-model")
+            c["model_memory"] = gr.Markdown(memory_line("default", DEFAULT_PRESET,
+                                                        *[defaults[n] for n in MAIN_SETTINGS + MORE_SETTINGS]),
+                                            elem_id="model-memory")
             c["preset"] = gr.Radio(list(PRESETS), value=DEFAULT_PRESET, label="Preset",
                                    info="quick: a first look in about a minute; standard: learns your agents' "
                                         "habits (a few minutes on a laptop CPU); balanced and thorough: more "
@@ -364,6 +424,8 @@ def wire(c: Components) -> None:
     run_inputs = [c["session"], c["base_model"], c["preset"], *settings(c)]
     c["preset"].change(apply_preset, c["preset"], settings(c), api_name="preset")
     c["estimate_btn"].click(estimate_run, run_inputs, c["estimate"], api_name="estimate")
+    gr.on([c["base_model"].change] + [c[f"setting:{n}"].change for n in MEMORY_SETTINGS], memory_line,
+          run_inputs[1:], c["model_memory"], api_name="model_memory", show_progress="hidden")
     c["start_btn"].click(start_training, run_inputs, c["train_run"], api_name="train", concurrency_limit=1).success(
         keyed(refresh_runs, c), outputs=pick(c, *PICKERS), api_name="runs_after_train", api_visibility="private")
     c["train_run"].change(status, c["train_run"], outputs, api_name="status")
