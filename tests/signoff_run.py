@@ -52,15 +52,18 @@ ADDRESS = "ana.ruiz@example.com"
 def with_converted_pii(run: Path, dest: Path, conversations: list[dict], redact: bool) -> Path:
     """A copy of `run` whose data went through tuner's converter (redaction on or off) and holds one
     customer's e-mail address: its data folder is what `python -m tuner convert` writes."""
+    import tempfile
+
     from tuner.config import ConvertConfig
     from tuner.dataset import convert
 
     copy = copy_run(run, dest)
-    raw = dest.parent / f"{dest.name}-export.jsonl"
     rows = [*conversations, {"messages": [
         {"role": "user", "content": f"Hi, please send the invoice to {ADDRESS}."},
         {"role": "assistant", "content": "Done, it is on its way. Stay sunny, the Lumen Lamps team."}]}]
-    raw.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    report = convert([raw], copy / "data", ConvertConfig(redact_pii=redact))
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "export.jsonl"
+        raw.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        report = convert([raw], copy / "data", ConvertConfig(redact_pii=redact))
     assert report["ok"] and report["pii"]["email"] == 1 and report["pii_redacted"] is redact, report
     return copy

@@ -128,6 +128,7 @@ def test_card_says_personal_data_was_redacted_only_when_it_was(space, signoff_ru
     assert said in card and said in result["personal_data"]  # ... and the card says so, as the page does
     assert "redacted:" not in card.replace("NOT redacted:", "") and "PII" not in card
     assert card.count("Personal data") == 1  # said once, by the model card's Data section
+    assert not [p for p in Path(result["folder"]).rglob("*.jsonl")]  # "not part of this folder": the data is not
     n_train = len(_rows(kept / "data" / "train.jsonl"))
     assert f"Trained on {n_train} conversations" in card and f"| Training conversations | {n_train} |" in card
 

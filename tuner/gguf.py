@@ -638,6 +638,11 @@ def _clip(text: str, chars: int = 400) -> str:
     return text if len(text) <= chars else f"{text[:chars // 3]} … {text[-(2 * chars) // 3:]}"
 
 
+def _share(x: float) -> str:
+    """A share as a percentage that says 100% only when it is all (0.996 is 99.6%)."""
+    return "100%" if x == 1 else f"{min(x, 0.999):.1%}"
+
+
 def voice_slack(prompts: int) -> int:
     """Held-out prompts a quantized file may do worse on than the merged model (a near-tie can flip)."""
     return max(1, round(VOICE_SLACK * prompts))
@@ -746,7 +751,7 @@ def check_gguf(gguf_file: Path, model_dir: Path, quant: str, ship: Shipped, prom
              f"The merged model (transformers, the playground's settings): {_voice_words(marker, m_tally)}.",
              f"Graded on {n} held-out prompts for {habit}" + ("" if habit.rstrip('"').endswith((".", "!", "?")) else ".")]
     words.append(f"Weights: {identical} of {len(weights_cases)} greedy replies without repetition penalty are token "
-                 f"for token identical" + (f", {sum(agreed) / len(agreed):.0%} of next tokens agree." if agreed else "."))
+                 f"for token identical" + (f", {_share(sum(agreed) / len(agreed))} of next tokens agree." if agreed else "."))
     if not tokens_ok:
         words.append("llama.cpp tokenizes the prompt differently from the model's own tokenizer.")
     if not same_template:
