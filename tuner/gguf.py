@@ -815,8 +815,8 @@ def _readme(run_dir: Path, gguf_name: str, ship: Shipped, check: dict[str, Any] 
              f"`{gguf_name}` is the tuned model ({what}), converted by llama.cpp's own converter. Its metadata "
              "carries the chat template and the run's facts.", "",
              "## Ollama", "", "```bash", f"ollama create {name} -f Modelfile", f"ollama run {name}", "```", "",
-             "The Modelfile sets the chat template, the end-of-turn stop tokens, "
-             + ("the brand's system prompt " if ship.system else "")
+             "The Modelfile sets " + ("the chat template, " if ship.template is not None else "")
+             + "the end-of-turn stop tokens, " + ("the brand's system prompt " if ship.system else "")
              + f"and tuner's playground settings: temperature {ship.temperature} "
              f"({'greedy; raise it for livelier replies' if ship.temperature == 0 else 'sampled'}), top-p {ship.top_p}, "
              f"repeat penalty {ship.repeat_penalty} over the last {ship.repeat_last_n} tokens, up to "
