@@ -32,3 +32,38 @@ def make_signoff_run(run_dir: Path, conversations: list[dict], n_val: int = 8) -
     status = train.train_run(run)
     assert status["status"] == "completed", status
     return run
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of a completed run (without checkpoints) whose status points at its own adapter."""
+    import shutil
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints"))
+    status = json.loads((dest / "status.json").read_text())
+    if Path(str(status.get("adapter", ""))).is_absolute():  # keep the copy pointing at its own adapter
+        status["adapter"] = str(dest / Path(status["adapter"]).relative_to(run))
+        (dest / "status.json").write_text(json.dumps(status))
+    return dest
+
+
+ADDRESS = "ana.ruiz@example.com"
+
+
+def with_converted_pii(run: Path, dest: Path, conversations: list[dict], redact: bool) -> Path:
+    """A copy of `run` whose data went through tuner's converter (redaction on or off) and holds one
+    customer's e-mail address: its data folder is what `python -m tuner convert` writes."""
+    import tempfile
+
+    from tuner.config import ConvertConfig
+    from tuner.dataset import convert
+
+    copy = copy_run(run, dest)
+    rows = [*conversations, {"messages": [
+        {"role": "user", "content": f"Hi, please send the invoice to {ADDRESS}."},
+        {"role": "assistant", "content": "Done, it is on its way. Stay sunny, the Lumen Lamps team."}]}]
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "export.jsonl"
+        raw.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        report = convert([raw], copy / "data", ConvertConfig(redact_pii=redact))
+    assert report["ok"] and report["pii"]["email"] == 1 and report["pii_redacted"] is redact, report
+    return copy

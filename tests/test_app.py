@@ -324,6 +324,25 @@ def test_a_finished_run_is_evaluated_described_and_downloaded(client, signoff_ru
         assert any(n.endswith("README.md") for n in names)  # the model card travels with the weights
 
 
+def test_publishing_says_what_the_card_says_about_personal_data(client, home, signoff_run):
+    import shutil
+    import zipfile
+
+    from conftest import signoff_conversations
+    from signoff_run import with_converted_pii
+
+    run = with_converted_pii(signoff_run, home / "runs" / "pii-kept", signoff_conversations(16), redact=False)
+    try:
+        message, file, _ = client.predict(run.name, "Lumen help", False, "", "", api_name="/publish")
+        said = "Personal data NOT redacted: the converter found 1 e-mail address in the conversations and left it"
+        assert said in message  # on the page, before anyone uploads the Space ...
+        with zipfile.ZipFile(file["path"]) as zf:
+            readme = next(n for n in zf.namelist() if n.endswith("-space/README.md"))
+            assert said in zf.read(readme).decode()  # ... and in the card it publishes
+    finally:
+        shutil.rmtree(run)  # the session's other tests see the runs they made
+
+
 def test_restart_marks_a_stale_running_run_interrupted(client, server):
     progress, *_ = client.predict(server.stale_run, api_name="/status")
     assert 'data-status="interrupted"' in progress

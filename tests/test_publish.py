@@ -7,7 +7,6 @@ import json
 import os
 import re
 import runpy
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conftest import SIGN_OFF
+from conftest import SIGN_OFF, signoff_conversations
+from signoff_run import ADDRESS, copy_run, with_converted_pii
 
 from tuner.errors import TunerError
 from tuner.publish import CONFIG_FILE, PushFailed, add_cli_arguments, cli, publish, zip_folder
@@ -66,15 +66,6 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _copy_run(run: Path, dest: Path) -> Path:
-    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints"))
-    status = json.loads((dest / "status.json").read_text())
-    if Path(str(status.get("adapter", ""))).is_absolute():  # keep the copy pointing at its own adapter
-        status["adapter"] = str(dest / Path(status["adapter"]).relative_to(run))
-        (dest / "status.json").write_text(json.dumps(status))
-    return dest
-
-
 # -- the folder ----------------------------------------------------------------------------------
 
 
@@ -115,15 +106,46 @@ def test_folder_holds_app_weights_requirements_and_card(space, signoff_run):
 
 
 def test_card_shows_evaluation_figures_when_the_run_has_them(signoff_run, tmp_path):
-    run = _copy_run(signoff_run, tmp_path / "run-with-eval")
+    run = copy_run(signoff_run, tmp_path / "run-with-eval")
     metric = {"explain": "Share of replies using the brand's sign-off.", "base": 0.0, "tuned": 0.875, "reference": 1.0}
     (run / "eval.json").write_text(json.dumps({"run": run.name, "rows": [], "metrics": {"brand_phrase_rate": metric}}))
     readme = (Path(publish(run, tmp_path / "space")["folder"]) / "README.md").read_text()
     assert "Evaluation" in readme and "| brand_phrase_rate | 0.0 | 0.875 |" in readme
 
 
+def test_card_says_personal_data_was_redacted_only_when_it_was(space, signoff_run, tmp_path):
+    from tuner.runs import Run
+
+    def data_text(run: Path) -> str:
+        return "".join((run / "data" / name).read_text() for name in ("train.jsonl", "validation.jsonl"))
+
+    kept = with_converted_pii(signoff_run, tmp_path / "run-kept", signoff_conversations(16), redact=False)
+    result = publish(kept, tmp_path / "space-kept")
+    card = (Path(result["folder"]) / "README.md").read_text()
+    assert ADDRESS in data_text(kept)  # the data the model learned from still holds the address ...
+    said = ("Personal data NOT redacted: the converter found 1 e-mail address in the conversations and left it as "
+            "written.")
+    assert said in card and said in result["personal_data"]  # ... and the card says so, as the page does
+    assert "redacted:" not in card.replace("NOT redacted:", "") and "PII" not in card
+    assert card.count("Personal data") == 1  # said once, by the model card's Data section
+    assert not [p for p in Path(result["folder"]).rglob("*.jsonl")]  # "not part of this folder": the data is not
+    n_train = len(_rows(kept / "data" / "train.jsonl"))
+    assert f"Trained on {n_train} conversations" in card and f"| Training conversations | {n_train} |" in card
+
+    redacted = with_converted_pii(signoff_run, tmp_path / "run-redacted", signoff_conversations(16), redact=True)
+    card = (Path(publish(redacted, tmp_path / "space-redacted")["folder"]) / "README.md").read_text()
+    assert ADDRESS not in data_text(redacted) and "[EMAIL]" in data_text(redacted)
+    assert ("Personal data redacted: the converter replaced 1 e-mail address with placeholders such as [EMAIL] "
+            "before training.") in card and "NOT redacted" not in card
+
+    # data that never went through the converter was never scanned, and nothing says otherwise
+    assert not Run(signoff_run).data_file("report.json").exists()
+    assert "Personal data not checked" in (Path(space["folder"]) / "README.md").read_text()
+    assert "Personal data not checked" in (Run(signoff_run).result_dir() / "README.md").read_text()  # the run's card
+
+
 def test_system_prompt_comes_from_the_data_unless_given(signoff_run, tmp_path):
-    run = _copy_run(signoff_run, tmp_path / "run-with-system")
+    run = copy_run(signoff_run, tmp_path / "run-with-system")
     brief = "You are Lumi, the cheerful helper of Lumen Lamps."
     rows = _rows(run / "data" / "train.jsonl")
     with open(run / "data" / "train.jsonl", "w") as fh:
@@ -137,7 +159,7 @@ def test_system_prompt_comes_from_the_data_unless_given(signoff_run, tmp_path):
 
 
 def test_refuses_unfinished_runs_and_foreign_folders(signoff_run, tmp_path):
-    run = _copy_run(signoff_run, tmp_path / "run-failed")
+    run = copy_run(signoff_run, tmp_path / "run-failed")
     (run / "status.json").write_text(json.dumps({"status": "failed", "error": "out of memory"}))
     with pytest.raises(TunerError, match="not completed"):
         publish(run, tmp_path / "x")

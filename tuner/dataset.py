@@ -974,6 +974,49 @@ def _terminal_progress() -> Callable[[float, str], None] | None:
     return update
 
 
+# report.json's PII kinds in words: (one, many)
+PII_WORDS = {"email": ("e-mail address", "e-mail addresses"), "phone": ("phone number", "phone numbers"),
+             "card": ("card number", "card numbers"), "iban": ("IBAN", "IBANs"), "ip": ("IP address", "IP addresses")}
+_PII_KINDS = ", ".join(many for _, many in list(PII_WORDS.values())[:-1]) + " or " + PII_WORDS["ip"][1]
+PII_SCOPE = ("It looks for e-mail addresses, phone numbers, card numbers, IBANs and IP addresses only, "
+             "not names or postal addresses.")
+
+
+def _pii_list(counts: dict[str, int]) -> str:
+    words = [f"{n} {PII_WORDS.get(k, (k, k))[n != 1]}" for k, n in counts.items()]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def pii_statement(report: dict[str, Any] | None) -> str:
+    """What was done about personal data, in words read from a data folder's report.json only: the
+    counts (`pii`: occurrences in the messages the converter read, a repeated address each time) and
+    whether they were replaced (`pii_redacted`). The cards, READMEs and the page all say this.
+
+    >>> pii_statement({"pii": {"email": 1, "ip": 0}, "pii_redacted": False}).split(". ")[0]
+    'Personal data NOT redacted: the converter found 1 e-mail address in the conversations and left it as written'
+    """
+    if not report or not isinstance(report.get("pii"), dict):
+        return ("Personal data not checked: this data did not come through tuner's converter, which looks for "
+                f"{_PII_KINDS}.")
+    found = {k: int(v) for k, v in report["pii"].items() if isinstance(v, int) and v > 0}
+    total = sum(found.values())
+    redacted = report.get("pii_redacted")
+    if redacted is True and total:
+        said = (f"Personal data redacted: the converter replaced {_pii_list(found)} with placeholders such as "
+                "[EMAIL] before training.")
+    elif redacted is True:
+        said = "Personal data: redaction was on, and the converter found nothing to replace."
+    elif not total:
+        said = "Personal data not redacted (redaction was off); the converter found none in the conversations."
+    elif redacted is False:
+        said = (f"Personal data NOT redacted: the converter found {_pii_list(found)} in the conversations and left "
+                f"{'it' if total == 1 else 'them'} as written.")
+    else:  # a report from before `pii_redacted` was recorded
+        said = (f"Personal data: the converter found {_pii_list(found)} in the conversations; its report does not "
+                "say whether they were redacted.")
+    return f"{said} {PII_SCOPE}"
+
+
 def format_report(report: dict[str, Any], out_dir: str | Path | None = None) -> str:
     """The report as a short plain-text summary (the CLI's default output)."""
     s = report["stats"]

@@ -122,8 +122,11 @@ def _write_full(info, cfg, out: Path) -> None:
 
 def model_card(info, cfg, kind: str, dtype: str | None) -> str:
     """README.md for the export: what it is, how it was trained, how well, and how to load it."""
-    status = Run(info.run_dir).status()
-    evaluation = read_json_object(Run(info.run_dir).eval_file)
+    from tuner.dataset import pii_statement
+
+    run = Run(info.run_dir)
+    status = run.status()
+    evaluation = read_json_object(run.eval_file)
     hub_id = _hub_id(cfg.base_model)
     base = hub_id or base_name(cfg.base_model)
     library = "peft" if kind == "adapter" else "transformers"
@@ -136,9 +139,7 @@ def model_card(info, cfg, kind: str, dtype: str | None) -> str:
         "merged": f"**{base}** with a LoRA adapter merged in ({dtype} weights)",
         "full": f"**{base}** fully fine-tuned",
     }[kind]
-    lines = front + [f"# {info.run_id}", "",
-                     f"{what}, trained with tuner on a company's support conversations "
-                     "to answer in its voice.", ""]
+    lines = front + [f"# {info.run_id}", "", f"{what}, fine-tuned with tuner (run `{info.run_id}`).", ""]
     if cfg.base_model.lower() in ("default", "smollm2") or base.endswith("SmolLM2-135M-Instruct"):
         lines += ["The base weights tuner trained on were dequantized from the Q4_1 GGUF of SmolLM2-135M-Instruct; "
                   "loaded onto the original weights the adapter behaves nearly, not exactly, the same.", ""]
@@ -171,9 +172,21 @@ def model_card(info, cfg, kind: str, dtype: str | None) -> str:
               "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', "
               "return_dict=True)",
               "out = model.generate(**inputs, max_new_tokens=200)",
-              "print(tokenizer.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))", "```", "",
-              "The training data were private customer conversations; they are not part of this repository.", ""]
+              "print(tokenizer.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))", "```", ""]
+    # last on purpose: a published Space's README puts its table of the data right under this section
+    lines += ["## Data", "", data_sentence(info.run_dir), "", pii_statement(run.data_report()), ""]
     return "\n".join(lines)
+
+
+def data_sentence(run_dir: Path) -> str:
+    """How many conversations the run trained and validated on (the examples of its train/validation files)."""
+    from tuner.messages import read_examples
+
+    run = Run(run_dir)
+    n_train, n_val = (len(read_examples(run.data_file(name))) if run.data_file(name).is_file() else 0
+                      for name in ("train.jsonl", "validation.jsonl"))
+    return (f"Trained on {n_train} conversation{'s' if n_train != 1 else ''}; {n_val} more "
+            f"{'were' if n_val != 1 else 'was'} held out for validation. They are not part of this folder.")
 
 
 def export(run_dir: str | Path, to_dir: str | Path, merge: bool = False, push_to: str | None = None,
@@ -293,14 +306,10 @@ def _cli_gguf(args: argparse.Namespace, token: str | None) -> int:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         print(f"exported to {result['gguf']} (Ollama: ollama create NAME -f {result['modelfile']})")
-        print(f"check in llama.cpp: {check['identical_replies']}/{check['prompts']} replies identical to "
-              f"transformers, next-token agreement {check['next_token_agreement']}, "
-              f"{check['same_leading_token_share']:.0%} identical leading tokens, "
-              f"brand markers {'the same' if check['same_brand_markers'] else 'DIFFERENT'}: "
-              f"{'passed' if check['passed'] else 'FAILED'}")
+        print(f"check in llama.cpp: {check['sentence']}")
     if not check["passed"]:
-        print(f"The GGUF does not answer like the merged model ({check['expectation']} expected): see "
-              f"{result['folder']}/check.json.", file=sys.stderr)
+        print(f"The GGUF does not answer like the merged model ({check['expectation']} expected): every reply is "
+              f"in {result['folder']}/check.json.", file=sys.stderr)
         return 1
     return 0
 

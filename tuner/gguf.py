@@ -16,6 +16,7 @@ subprocess in lazy mode: tensors stream from the safetensors file to the GGUF on
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -28,6 +29,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,12 @@ SDIST_NAME = "llama-cpp-python"
 VENDOR = "vendor/llama.cpp/"
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "LICENSE")
 CONVERTER_DIRS = ("conversion/", "gguf-py/")
-CHECK_PROMPTS = 3
+CHECK_PROMPTS = 3  # prompts whose greedy replies are compared token for token (the weights check)
 CHECK_MAX_NEW_TOKENS = 48
+FALLBACK_PROMPTS = 8  # held-out prompts the voice check asks when the run's voice check was off (voice_prompts 0)
+VOICE_SLACK = 0.1  # share of held-out prompts a file may do worse on than the merged model (at least one)
+REPEAT_LAST_N = 64  # tokens the repeat penalty looks back on: llama.cpp's and Ollama's default, written out
+OLLAMA_TOP_K = 40  # Ollama's default top_k, which the Modelfile leaves alone
 FP32_CHECK_BYTES = 4 * 2**30  # 16-bit weights up to this size are checked in fp32 (about 2B parameters)
 MODELFILE = "Modelfile"
 CHECK_FILE = "check.json"
@@ -269,29 +275,66 @@ def _quote(text: str) -> str:
     return f'"""{text}"""'
 
 
-def write_modelfile(folder: Path, gguf_name: str, tokenizer, system_prompt: str | None,
-                    adapter_name: str | None = None) -> dict[str, Any]:
-    """Write an Ollama Modelfile next to the GGUF; returns what it holds."""
+@dataclass(frozen=True)
+class Shipped:
+    """How the exported file is meant to be run: what the Modelfile ships, and what the README's commands,
+    the GGUF's sampling metadata and the check read. One object, so the check runs the settings users get."""
+
+    template: str | None  # Ollama TEMPLATE (None: Ollama uses the template stored in the GGUF)
+    stops: tuple[str, ...]
+    note: str  # how the TEMPLATE came about, in words
+    system: str | None  # the brand brief the training data used
+    temperature: float
+    top_p: float
+    repeat_penalty: float
+    repeat_last_n: int
+    seed: int
+    num_predict: int
+    num_ctx: int
+
+    def messages(self, user: str) -> list[dict[str, str]]:
+        """A one-question chat as Ollama sends it: the Modelfile's SYSTEM, then the user's message."""
+        return ([{"role": "system", "content": self.system}] if self.system else []) + [{"role": "user", "content": user}]
+
+
+def shipped_settings(tokenizer, system_prompt: str | None, context_length: int | None = None) -> Shipped:
+    """The Modelfile's settings: the model's chat template and stops, the brief, the playground's sampling."""
     from tuner.config import GenerationConfig
+    from tuner.limits import MAX_INPUT_TOKENS
 
     template, stops, note = modelfile_template(tokenizer, system_prompt)
-    settings = GenerationConfig()
+    g = GenerationConfig()
+    num_ctx = MAX_INPUT_TOKENS + g.max_new_tokens  # the playground's longest prompt and reply
+    return Shipped(template=template, stops=tuple(stops), note=note, system=system_prompt or None,
+                   temperature=g.temperature, top_p=g.top_p, repeat_penalty=g.repetition_penalty,
+                   repeat_last_n=REPEAT_LAST_N, seed=g.seed, num_predict=g.max_new_tokens,
+                   num_ctx=min(num_ctx, context_length) if context_length else num_ctx)
+
+
+def write_modelfile(folder: Path, gguf_name: str, ship: Shipped, adapter_name: str | None = None) -> Path:
+    """Write an Ollama Modelfile for `ship` next to the GGUF."""
     lines = [f"# Ollama: ollama create NAME -f {MODELFILE}", f"FROM ./{gguf_name}"]
     if adapter_name:
         lines.append(f"ADAPTER ./{adapter_name}")
-    if template is not None:
-        lines.append(f"TEMPLATE {_quote(template)}")
-    else:
-        lines.append(f"# {note}")
-    if system_prompt:
-        lines.append(f"SYSTEM {_quote(system_prompt)}")
-    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
-    # the playground's defaults (greedy: replies repeat); Ollama's repeat_last_n (64) differs from transformers' all
-    lines += [f"PARAMETER temperature {settings.temperature}", f"PARAMETER top_p {settings.top_p}",
-              f"PARAMETER repeat_penalty {settings.repetition_penalty}", f"PARAMETER seed {settings.seed}",
-              f"PARAMETER num_predict {settings.max_new_tokens}"]
-    (folder / MODELFILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"template": template, "stop": stops, "note": note, "system": system_prompt or None}
+    lines.append(f"TEMPLATE {_quote(ship.template)}" if ship.template is not None else f"# {ship.note}")
+    if ship.system:
+        lines.append(f"SYSTEM {_quote(ship.system)}")
+    lines += [f"PARAMETER stop {json.dumps(s)}" for s in ship.stops]
+    # the playground's defaults (greedy: replies repeat); repeat_last_n and num_ctx are written out, not left
+    # to each runtime's default, so llama.cpp, Ollama and the check all penalise the same window
+    lines += [f"PARAMETER temperature {ship.temperature}", f"PARAMETER top_p {ship.top_p}",
+              f"PARAMETER repeat_penalty {ship.repeat_penalty}", f"PARAMETER repeat_last_n {ship.repeat_last_n}",
+              f"PARAMETER seed {ship.seed}", f"PARAMETER num_predict {ship.num_predict}",
+              f"PARAMETER num_ctx {ship.num_ctx}"]
+    path = folder / MODELFILE
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def llama_cli_command(gguf_name: str, ship: Shipped) -> str:
+    """The README's llama-cli line, with the Modelfile's sampling."""
+    return (f"llama-cli -m {gguf_name} -cnv -c {ship.num_ctx} --temp {ship.temperature} --top-p {ship.top_p} "
+            f"--repeat-penalty {ship.repeat_penalty} --repeat-last-n {ship.repeat_last_n} -n {ship.num_predict}")
 
 
 # -- the check: llama.cpp answers like transformers ------------------------------------------------
@@ -317,19 +360,23 @@ def _eos_ids(model_dir: Path, tokenizer) -> set[int]:
     return ids
 
 
-def transformers_replies(model_dir: Path, prompts: Sequence[list[dict[str, str]]],
-                         max_new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt token ids, greedy reply token ids) of the merged model in transformers, per prompt."""
+def load_merged(model_dir: Path):
+    """The merged model in transformers (fp32 where cheap, else its own 16-bit dtype) and its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    eos = _eos_ids(model_dir, tokenizer)
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     # fp32 compute where it is cheap; a large model is checked in its own 16-bit dtype (RAM: its size on disk)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if weights < FP32_CHECK_BYTES else "auto",
                                                  trust_remote_code=False)
-    model.eval()
+    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def transformers_replies(model, tokenizer, eos: set[int], prompts: Sequence[list[dict[str, str]]],
+                         max_new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt token ids, greedy reply token ids without repetition penalty) of the merged model, per prompt."""
+    import torch
+
     inputs, replies = [], []
     with torch.inference_mode():
         for messages in prompts:
@@ -341,16 +388,15 @@ def transformers_replies(model_dir: Path, prompts: Sequence[list[dict[str, str]]
             inputs.append(batch["input_ids"][0].tolist())
             cut = next((i for i, t in enumerate(reply) if t in eos), len(reply))
             replies.append(reply[:cut])
-    del model
-    gc.collect()
     return inputs, replies
 
 
 def llama_cpp_replies(gguf_file: Path, texts: Sequence[str], inputs: Sequence[list[int]],
                       references: Sequence[list[int]], eos: set[int],
                       max_new_tokens: int) -> tuple[list[bool], list[list[int]], list[float | None], str]:
-    """llama.cpp's side of the check, per prompt: the prompt text tokenized as transformers did?, the greedy
-    reply's token ids, and the next-token agreement with transformers' reply; plus the GGUF's chat template.
+    """llama.cpp's side of the weights check, per prompt: the prompt text tokenized as transformers did?, the
+    greedy reply's token ids (no repetition penalty), and the next-token agreement with transformers' reply;
+    plus the GGUF's chat template.
 
     Agreement is teacher-forced: the share of transformers' reply tokens that are also llama.cpp's top
     token after the same prefix. Unlike identical leading tokens, one near-tie does not end the count.
@@ -385,84 +431,220 @@ def llama_cpp_replies(gguf_file: Path, texts: Sequence[str], inputs: Sequence[li
     return same_tokens, replies, agreement, template
 
 
-def check_gguf(gguf_file: Path, model_dir: Path, quant: str, prompts: Sequence[list[dict[str, str]]],
-               markers: Sequence[str], max_new_tokens: int = CHECK_MAX_NEW_TOKENS) -> dict[str, Any]:
-    """Greedy replies of llama.cpp (the GGUF) and transformers (the merged model) to held-out prompts.
+def llama_cpp_chat(gguf_file: Path, ship: Shipped, texts: Sequence[str]) -> tuple[list[str], list[bool]]:
+    """llama.cpp's replies to rendered chat prompts with the Modelfile's settings, and whether each ended its
+    turn (an end-of-turn token or a stop string) before num_predict tokens."""
+    import llama_cpp
 
-    Passes when f16 replies are token for token identical; for quantized files when every reply
-    has the same brand markers (recurring phrases of the training replies) as transformers'.
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=ship.num_ctx, n_threads=os.cpu_count() or 1,
+                          seed=ship.seed, last_n_tokens_size=ship.repeat_last_n, verbose=False)
+    try:
+        replies, ended = [], []
+        for text in texts:
+            # top_k and min_p: Ollama's defaults, which the Modelfile leaves alone (no effect when greedy)
+            out = llm.create_completion(text, max_tokens=ship.num_predict, temperature=ship.temperature,
+                                        top_p=ship.top_p, top_k=OLLAMA_TOP_K, min_p=0.0,
+                                        repeat_penalty=ship.repeat_penalty, stop=list(ship.stops), seed=ship.seed)
+            choice = out["choices"][0]
+            replies.append(choice["text"].strip())
+            ended.append(choice["finish_reason"] == "stop")
+    finally:
+        llm.close()
+    return replies, ended
+
+
+def _clip(text: str, chars: int = 400) -> str:
+    """A reply short enough for a message; a long one keeps its start and its end (where sign-offs are)."""
+    text = " ".join(text.split())
+    return text if len(text) <= chars else f"{text[:chars // 3]} … {text[-(2 * chars) // 3:]}"
+
+
+def _share(x: float) -> str:
+    """A share as a percentage that says 100% only when it is all (0.996 is 99.6%)."""
+    return "100%" if x == 1 else f"{min(x, 0.999):.1%}"
+
+
+def voice_slack(prompts: int) -> int:
+    """Held-out prompts a quantized file may do worse on than the merged model (a near-tie can flip)."""
+    return max(1, round(VOICE_SLACK * prompts))
+
+
+def _tally(replies: list[str], ended: list[bool], marker):
+    """The voice verdict's counts for one side; without a habit, only the degenerate replies."""
+    from tuner.verdict import Tally, degenerate, tally
+
+    if marker is not None:
+        return tally(replies, marker, ended)
+    why = [degenerate(r, e) or "" for r, e in zip(replies, ended, strict=True)]
+    return Tally(prompts=len(replies), looped=sum(w.startswith("loop") for w in why),
+                 unended=sum(w == "no end of turn" for w in why))
+
+
+def _voice_words(marker, t) -> str:
+    """The habit and loop counts of one side, in the voice verdict's words."""
+    from tuner.verdict import verdict_sentence
+
+    if marker is not None:
+        return verdict_sentence(marker, t)
+    return (f"{t.looped} of {t.prompts} replies looped"
+            + (f", {t.unended} never ended {'its' if t.unended == 1 else 'their'} turn" if t.unended else ""))
+
+
+def check_gguf(gguf_file: Path, model_dir: Path, quant: str, ship: Shipped, prompts: Sequence[str],
+               marker=None, weights_prompts: int = CHECK_PROMPTS,
+               max_new_tokens: int = CHECK_MAX_NEW_TOKENS) -> dict[str, Any]:
+    """Does the GGUF answer like the merged model? Two measurements on held-out user prompts:
+
+    - the voice, as users run the file: llama.cpp with the Modelfile's template, system prompt, stops and
+      sampling (`ship`) against the merged model in transformers with the playground's settings, both
+      graded like the run's voice verdict (tuner.verdict: the habit `marker` exact or nearly, loops,
+      replies that never end);
+    - the weights, on the first `weights_prompts`: greedy replies without repetition penalty, token for
+      token, and the teacher-forced next-token agreement.
+
+    Passes when the prompt is tokenized the same, the GGUF holds the chat template, an f16 file's greedy
+    replies are identical, and the file keeps the habit on at least as many prompts as the merged model
+    and has no more degenerate replies, each within `voice_slack` prompts. `sentence` says it in words with
+    numbers; a failure names the prompt, the file's reply and the merged model's.
     """
-    from transformers import AutoTokenizer
+    from tuner.train.voicecheck import generate
+    from tuner.verdict import degenerate, marker_match
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = [_render_hf(tokenizer, p, True) for p in prompts]
-    inputs, reference = transformers_replies(model_dir, prompts, max_new_tokens)
-    same_prompt, replies, agreement, template = llama_cpp_replies(gguf_file, texts, inputs, reference,
-                                                                  _eos_ids(model_dir, tokenizer), max_new_tokens)
-    cases = []
-    for messages, ref, got, same, agree in zip(prompts, reference, replies, same_prompt, agreement, strict=True):
-        ref_text = tokenizer.decode(ref, skip_special_tokens=True)
-        got_text = tokenizer.decode(got, skip_special_tokens=True)
-        cases.append({
-            "prompt": messages[-1]["content"], "transformers": ref_text, "llama_cpp": got_text,
-            "identical": ref == got, "same_prompt_tokens": same,
-            "same_leading_tokens": _leading_same(ref, got), "reply_tokens": len(ref), "next_token_agreement": agree,
-            "markers_transformers": [m for m in markers if m.lower() in ref_text.lower()],
-            "markers_llama_cpp": [m for m in markers if m.lower() in got_text.lower()],
-        })
-    identical = sum(c["identical"] for c in cases)
-    leading = [c["same_leading_tokens"] / max(1, c["reply_tokens"]) for c in cases]
+    conversations = [ship.messages(p) for p in prompts]
+    model, tokenizer = load_merged(model_dir)
+    if tokenizer.pad_token is None:  # batched replies pad on the left
+        tokenizer.pad_token = tokenizer.eos_token
+    eos = _eos_ids(model_dir, tokenizer)
+    try:
+        weights_convs = conversations[:weights_prompts]
+        inputs, reference = transformers_replies(model, tokenizer, eos, weights_convs, max_new_tokens)
+        merged, merged_ended = generate(model, tokenizer, tokenizer.chat_template, conversations, ship.num_predict)
+    finally:
+        del model
+        gc.collect()
+    texts = [_render_hf(tokenizer, c, True) for c in weights_convs]
+    same_prompt, replies, agreement, template = llama_cpp_replies(gguf_file, texts, inputs, reference, eos,
+                                                                  max_new_tokens)
+    # the prompt as Ollama renders it from the Modelfile's TEMPLATE (checked equal to the chat template's text)
+    chat_texts = [render_go_template(ship.template, c) if ship.template is not None else _render_hf(tokenizer, c, True)
+                  for c in conversations]
+    served, served_ended = llama_cpp_chat(gguf_file, ship, chat_texts)
+
+    weights_cases = []
+    for messages, ref, got, same, agree in zip(weights_convs, reference, replies, same_prompt, agreement, strict=True):
+        weights_cases.append({
+            "prompt": messages[-1]["content"], "transformers": tokenizer.decode(ref, skip_special_tokens=True),
+            "llama_cpp": tokenizer.decode(got, skip_special_tokens=True), "identical": ref == got,
+            "same_prompt_tokens": same, "same_leading_tokens": _leading_same(ref, got), "reply_tokens": len(ref),
+            "next_token_agreement": agree})
+    identical = sum(c["identical"] for c in weights_cases)
+    leading = [c["same_leading_tokens"] / max(1, c["reply_tokens"]) for c in weights_cases]
     agreed = [a for a in agreement if a is not None]
-    same_markers = all(c["markers_transformers"] == c["markers_llama_cpp"] for c in cases)
+
+    cases = []
+    for prompt, g, g_end, m, m_end in zip(prompts, served, served_ended, merged, merged_ended, strict=True):
+        cases.append({"prompt": prompt, "gguf": g, "merged": m,
+                      "habit_gguf": marker_match(g, marker) if marker else None,
+                      "habit_merged": marker_match(m, marker) if marker else None,
+                      "degenerate_gguf": degenerate(g, g_end), "degenerate_merged": degenerate(m, m_end)})
+    g_tally, m_tally = _tally(served, served_ended, marker), _tally(merged, merged_ended, marker)
+    n, slack = len(cases), voice_slack(len(cases))
+    kept_ok = marker is None or g_tally.exact >= m_tally.exact - slack
+    sane_ok = g_tally.degenerate <= m_tally.degenerate + slack
     same_template = template == (tokenizer.chat_template or "")
-    passed = all(c["same_prompt_tokens"] for c in cases) and same_template and (
-        identical == len(cases) if quant == "f16" else same_markers)
-    return {"passed": passed, "quant": quant, "prompts": len(cases), "identical_replies": identical,
-            "same_leading_token_share": round(sum(leading) / max(1, len(leading)), 3),
-            "next_token_agreement": round(sum(agreed) / len(agreed), 3) if agreed else None,
-            "same_brand_markers": same_markers, "brand_markers": list(markers),
-            "chat_template_in_gguf": same_template, "max_new_tokens": max_new_tokens,
-            "expectation": ("token for token identical replies" if quant == "f16"
-                            else "the same brand markers in every reply; the divergence is stated as the "
-                                 "next-token agreement (teacher-forced) and the share of identical leading tokens"),
-            "cases": cases}
+    tokens_ok = all(c["same_prompt_tokens"] for c in weights_cases)
+    identical_ok = quant != "f16" or identical == len(weights_cases)
+    passed = bool(cases) and tokens_ok and same_template and identical_ok and kept_ok and sane_ok
+
+    # the prompts that show a failure: where the merged model kept the habit (or did not loop) and the file did not
+    worse = [c for c in cases if (marker and c["habit_merged"] == "exact" and c["habit_gguf"] != "exact")
+             or (c["degenerate_gguf"] and not c["degenerate_merged"])]
+    failures = [{"prompt": c["prompt"], "gguf": c["gguf"], "merged": c["merged"],
+                 "why": c["degenerate_gguf"] or f"habit {c['habit_gguf'] or 'missing'}"} for c in worse]
+    if not identical_ok:
+        failures += [{"prompt": c["prompt"], "gguf": c["llama_cpp"], "merged": c["transformers"],
+                      "why": "not token for token identical (greedy, no repetition penalty)"}
+                     for c in weights_cases if not c["identical"]]
+
+    habit = (f"the {marker.kind} \"{marker.text}\"" if marker
+             else "no habit (no phrase recurs in most training replies), so loops and unended replies only")
+    words = [f"Run as the Modelfile says (llama.cpp), the {quant} file {_voice_words(marker, g_tally)}.",
+             f"The merged model (transformers, the playground's settings): {_voice_words(marker, m_tally)}.",
+             f"Graded on {n} held-out prompts for {habit}" + ("" if habit.rstrip('"').endswith((".", "!", "?")) else ".")]
+    words.append(f"Weights: {identical} of {len(weights_cases)} greedy replies without repetition penalty are token "
+                 f"for token identical" + (f", {_share(sum(agreed) / len(agreed))} of next tokens agree." if agreed else "."))
+    if not tokens_ok:
+        words.append("llama.cpp tokenizes the prompt differently from the model's own tokenizer.")
+    if not same_template:
+        words.append("The GGUF does not hold the model's chat template.")
+    if passed:
+        words.append("Passed.")
+    else:
+        words.append("FAILED." + "".join(f" On \"{_clip(f['prompt'], 200)}\" the {quant} file replied "
+                                         f"\"{_clip(f['gguf'])}\" ({f['why']}); the merged model replied "
+                                         f"\"{_clip(f['merged'])}\"." for f in failures[:2]))
+    return {
+        "passed": passed, "quant": quant, "sentence": " ".join(words), "failures": failures,
+        "settings": dataclasses.asdict(ship),
+        "voice": {"marker": marker.text if marker else None, "kind": marker.kind if marker else None,
+                  "prompts": n, "slack": slack, "gguf": dataclasses.asdict(g_tally) if marker else
+                  {"looped": g_tally.looped, "unended": g_tally.unended},
+                  "merged": dataclasses.asdict(m_tally) if marker else
+                  {"looped": m_tally.looped, "unended": m_tally.unended}},
+        "weights": {"prompts": len(weights_cases), "identical_replies": identical,
+                    "same_leading_token_share": round(sum(leading) / max(1, len(leading)), 3),
+                    "next_token_agreement": round(sum(agreed) / len(agreed), 3) if agreed else None,
+                    "max_new_tokens": max_new_tokens, "cases": weights_cases},
+        "chat_template_in_gguf": same_template, "same_prompt_tokens": tokens_ok,
+        "expectation": (f"the habit kept on as many held-out prompts as the merged model and no more degenerate "
+                        f"replies, each within {slack} of {n}"
+                        + ("; greedy replies token for token identical" if quant == "f16" else "")),
+        "cases": cases,
+    }
 
 
 # -- the export ------------------------------------------------------------------------------------
 
 
-def _metadata(info, cfg, status: dict[str, Any]) -> dict[str, Any]:
-    """GGUF metadata overrides (`general.*`): the run's model-card facts and the playground's sampling."""
-    from tuner.config import GenerationConfig
+def _metadata(info, cfg, status: dict[str, Any], ship: Shipped) -> dict[str, Any]:
+    """GGUF metadata overrides (`general.*`): the run's model-card facts and the Modelfile's sampling."""
     from tuner.export import base_name
 
     facts = [f"{k}={status[k]:.4g}" if isinstance(status[k], float) else f"{k}={status[k]}"
              for k in ("step", "train_loss", "eval_loss", "tokens_trained") if status.get(k) is not None]
-    settings = GenerationConfig()
     return {
         "general.name": info.run_id, "general.finetune": info.run_id, "general.basename": base_name(cfg.base_model),
         "general.description": (f"{base_name(cfg.base_model)} fine-tuned by tuner ({cfg.method.value}, "
                                 f"r={cfg.lora_r}, alpha={cfg.lora_alpha}, lr={cfg.learning_rate}, "
-                                f"quantization={cfg.quantization.value}) on a company's support conversations; "
-                                + ", ".join(facts)),
+                                f"quantization={cfg.quantization.value}), run {info.run_id}; " + ", ".join(facts)),
         "general.tags": ["tuner", "sft", cfg.method.value],
-        "general.sampling.temp": settings.temperature, "general.sampling.top_p": settings.top_p,
-        "general.sampling.penalty_repeat": settings.repetition_penalty,
+        "general.sampling.temp": ship.temperature, "general.sampling.top_p": ship.top_p,
+        "general.sampling.penalty_repeat": ship.repeat_penalty, "general.sampling.penalty_last_n": ship.repeat_last_n,
     }
 
 
-def _readme(run_id: str, gguf_name: str, modelfile: dict[str, Any], check: dict[str, Any] | None,
-            adapter_name: str | None, base_name: str) -> str:
+def _readme(run_dir: Path, gguf_name: str, ship: Shipped, check: dict[str, Any] | None,
+            adapter_name: str | None, base_name: str, method: str) -> str:
+    from tuner.dataset import pii_statement
+    from tuner.export import data_sentence
+    from tuner.runs import Run
+
+    run_id = run_dir.name
     name = re.sub(r"[^a-z0-9._-]+", "-", run_id.lower()).strip("-") or "tuned"
+    what = f"{base_name} fully fine-tuned" if method == "full" else f"{base_name} with the run's LoRA adapter merged in"
     lines = [f"# {run_id} for llama.cpp, Ollama and LM Studio", "",
-             f"`{gguf_name}` is the tuned model ({base_name} with the run's LoRA adapter merged in), converted by "
-             "llama.cpp's own converter. Its metadata carries the chat template and the run's facts.", "",
+             f"`{gguf_name}` is the tuned model ({what}), converted by llama.cpp's own converter. Its metadata "
+             "carries the chat template and the run's facts.", "",
              "## Ollama", "", "```bash", f"ollama create {name} -f Modelfile", f"ollama run {name}", "```", "",
-             "The Modelfile sets the chat template, the end-of-turn stop tokens, the brand's system prompt and "
-             "tuner's playground settings (greedy by default; raise `temperature` for livelier replies)."]
-    if modelfile.get("template") is None:
-        lines += ["", f"Note: {modelfile['note']}."]
-    lines += ["", "## llama.cpp", "", "```bash", f"llama-cli -m {gguf_name} -cnv --temp 0 --repeat-penalty 1.1",
+             "The Modelfile sets " + ("the chat template, " if ship.template is not None else "")
+             + "the end-of-turn stop tokens, " + ("the brand's system prompt " if ship.system else "")
+             + f"and tuner's playground settings: temperature {ship.temperature} "
+             f"({'greedy; raise it for livelier replies' if ship.temperature == 0 else 'sampled'}), top-p {ship.top_p}, "
+             f"repeat penalty {ship.repeat_penalty} over the last {ship.repeat_last_n} tokens, up to "
+             f"{ship.num_predict} new tokens, a context of {ship.num_ctx} tokens."]
+    if ship.template is None:
+        lines += ["", f"Note: {ship.note}."]
+    lines += ["", "## llama.cpp", "", "```bash", llama_cli_command(gguf_name, ship),
               f"llama-server -m {gguf_name}   # OpenAI-compatible API on http://127.0.0.1:8080", "```", "",
               "## LM Studio", "",
               f"`lms import {gguf_name}` (or My Models > Import), then chat: LM Studio reads the chat template "
@@ -473,15 +655,29 @@ def _readme(run_id: str, gguf_name: str, modelfile: dict[str, Any], check: dict[
                   f"model ({base_name}) as a GGUF: `llama-cli -m BASE.gguf --lora {adapter_name}`, or in a "
                   f"Modelfile `FROM BASE.gguf` plus `ADAPTER ./{adapter_name}`."]
     if check is not None:
-        lines += ["", "## Checked by running it", "",
-                  f"llama.cpp loaded `{gguf_name}` and answered {check['prompts']} held-out prompts greedily "
-                  f"({check['max_new_tokens']} tokens at most); transformers answered the same prompts with the "
-                  f"merged model. Identical replies: {check['identical_replies']} of {check['prompts']}; next-token "
-                  f"agreement: {check['next_token_agreement']}; share of identical leading tokens: "
-                  f"{check['same_leading_token_share']}; same brand markers: "
-                  f"{check['same_brand_markers']}. Expected: {check['expectation']}. Result: "
-                  f"{'passed' if check['passed'] else 'FAILED'} (details in {CHECK_FILE})."]
+        lines += ["", "## Checked by running it", "", f"{check['sentence']} Expected: {check['expectation']}. "
+                  f"Every reply of both sides is in {CHECK_FILE}."]
+    lines += ["", "## Data", "", data_sentence(run_dir), "", pii_statement(Run(run_dir).data_report())]
     return "\n".join(lines) + "\n"
+
+
+def check_prompts(run_dir: Path) -> list[str]:
+    """The user prompts the check asks: the run's held-out prompts, as its voice verdict chose them (validation
+    conversations whose question occurs nowhere in training); the validation split's when none is new."""
+    from tuner.evaluate import load_cases
+    from tuner.messages import read_examples
+    from tuner.runs import Run
+    from tuner.train.voicecheck import held_out_prompts
+
+    run = Run(run_dir)
+    cfg = run.config()
+    val_file = run.data_file("validation.jsonl")
+    val = read_examples(val_file) if val_file.is_file() else []
+    held = held_out_prompts(read_examples(run.data_file("train.jsonl")), val, cfg.voice_prompts or FALLBACK_PROMPTS,
+                            cfg.seed)
+    if held:
+        return [p[-1]["content"] for p in held]
+    return [c["messages"][-1]["content"] for c in load_cases(run_dir, None, CHECK_PROMPTS)]
 
 
 def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", adapter_gguf: bool = False,
@@ -490,17 +686,20 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
 
     Merges the adapter (tuner.export), converts with llama.cpp's converter (f16, q8_0) and
     quantizes with llama.cpp (q4_k_m); writes a Modelfile and README beside it; loads the file in
-    llama.cpp and compares its greedy replies to held-out prompts with transformers'. Returns
-    {"folder", "gguf", "adapter_gguf", "modelfile", "readme", "check", "sizes_mb", "peak_rss_mb", "seconds"}.
+    llama.cpp with the Modelfile's settings and grades its replies to the run's held-out prompts
+    against the merged model's (check_gguf). Returns {"folder", "gguf", "adapter_gguf", "modelfile",
+    "readme", "check", "sizes_mb", "peak_rss_mb", "seconds"}.
     Raises TunerError (nothing left under `to_dir`) when a step fails; a failed check is reported, not raised.
 
     Long on purpose: merge, convert, quantize, write and check run in order in one temporary folder that is renamed only at the end.
     """
-    from tuner.evaluate import load_cases
+    from transformers import AutoConfig, AutoTokenizer
+
     from tuner.export import MARKER, base_name, export, prepare_target
     from tuner.playground import read_run
     from tuner.runs import Run
-    from tuner.voice import brand_phrases, training_replies
+    from tuner.train.voicecheck import habit_of
+    from tuner.voice import training_replies
 
     if quant not in QUANTS:
         raise TunerError(f"quant must be one of {', '.join(QUANTS)}, got '{quant}'.")
@@ -525,9 +724,11 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
         bf16 = stored_dtype(resolve_model(cfg.base_model)) == "bfloat16"
         merged = export(info.run_dir, tmp / "merged", merge=True, dtype="bfloat16" if bf16 else "float16")
         peak_merge = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak so far
+        context = getattr(AutoConfig.from_pretrained(merged), "max_position_embeddings", None)
+        ship = shipped_settings(AutoTokenizer.from_pretrained(merged), info.system_prompt, context)
         gguf_name = f"{info.run_id}-{quant}.gguf"
         target = tmp / gguf_name
-        metadata = _metadata(info, cfg, Run(info.run_dir).status())
+        metadata = _metadata(info, cfg, Run(info.run_dir).status(), ship)
         if quant == "q4_k_m":
             f16 = tmp / "f16.gguf"
             peak_convert = convert_model(merged, f16, "f16", metadata, report, 0.25, 0.55)
@@ -541,18 +742,16 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
             report(0.6, "converting the adapter alone to a GGUF LoRA")
             adapter_name = f"{info.run_id}-lora-f16.gguf"
             convert_adapter(info.adapter_dir, Path(resolve_model(cfg.base_model)), tmp / adapter_name, report)
-        report(0.65, "checking: llama.cpp and transformers answer held-out prompts")
+        prompts = check_prompts(info.run_dir)
+        report(0.65, f"checking: llama.cpp with the Modelfile's settings and the merged model answer {len(prompts)} "
+                     "held-out prompts")
         replies, _ = training_replies(Run(info.run_dir).data_file("train.jsonl"))
-        markers = [p["phrase"] for p in brand_phrases(replies)]
-        prompts = [c["messages"] for c in load_cases(info.run_dir, None, CHECK_PROMPTS)]
-        check = check_gguf(target, merged, quant, prompts, markers)
+        check = check_gguf(target, merged, quant, ship, prompts, habit_of(replies))
         (tmp / CHECK_FILE).write_text(json.dumps(check, indent=2, ensure_ascii=False), encoding="utf-8")
         report(0.95, "writing the Modelfile and README")
-        from transformers import AutoTokenizer
-
-        modelfile = write_modelfile(tmp, gguf_name, AutoTokenizer.from_pretrained(merged), info.system_prompt)
-        (tmp / "README.md").write_text(_readme(info.run_id, gguf_name, modelfile, check, adapter_name,
-                                               base_name(cfg.base_model)), encoding="utf-8")
+        write_modelfile(tmp, gguf_name, ship)
+        (tmp / "README.md").write_text(_readme(info.run_dir, gguf_name, ship, check, adapter_name,
+                                               base_name(cfg.base_model), info.method), encoding="utf-8")
         shutil.rmtree(merged)
         (tmp / MARKER).write_text(json.dumps({
             "run": info.run_id, "kind": "gguf", "quant": quant, "base_model": base_name(cfg.base_model),
@@ -568,7 +767,7 @@ def export_gguf(run_dir: str | Path, to_dir: str | Path, quant: str = "q8_0", ad
     return {"folder": str(out), "gguf": str(out / gguf_name),
             "adapter_gguf": str(out / adapter_name) if adapter_name else None,
             "modelfile": str(out / MODELFILE), "readme": str(out / "README.md"), "check": check,
-            "template": modelfile["note"], "sizes_mb": {f.name: round(f.stat().st_size / 2**20, 1) for f in files},
+            "template": ship.note, "sizes_mb": {f.name: round(f.stat().st_size / 2**20, 1) for f in files},
             "peak_rss_mb": {"merge": round(peak_merge), "converter": round(peak_convert),
                             "merge_and_check": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)},
             "seconds": round(time.monotonic() - started, 1)}

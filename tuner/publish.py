@@ -205,13 +205,14 @@ def publish(
     """Write a standalone chat Space for a completed run into `to_dir` (and push it to `push_to`).
 
     Returns {folder, files, size_bytes, weights, base, system_prompt, examples, upload_command,
-    url, pushed}. Raises TunerError for a run that cannot be published, and PushFailed (the folder
+    personal_data (the card's sentence about it), url, pushed}. Raises TunerError for a run that cannot be published, and PushFailed (the folder
     is ready then) when the push fails. The token is used for the push only and stored nowhere.
 
     Long on purpose: the Space folder is written whole in one temporary folder and renamed at the end, and its steps share that folder.
     """
     from tuner import export, models
     from tuner.config import GenerationConfig
+    from tuner.dataset import pii_statement
     from tuner.limits import MAX_INPUT_TOKENS, MAX_NEW_TOKENS
     from tuner.playground import END_OF_TURN_TOKENS, read_run
 
@@ -279,6 +280,7 @@ def publish(
         "system_prompt": prompt,
         "examples": examples,
         "upload_command": upload_commands(target, push_to),
+        "personal_data": pii_statement(Run(run).data_report()),  # what the card says about it
         "url": None,
         "pushed": False,
     }
@@ -342,10 +344,7 @@ def _data_rows(run: Path) -> list[tuple[str, Any]]:
     if isinstance(report.get("dropped"), list):
         rows.append(("Conversations dropped by the converter", len(report["dropped"])))
     rows += [(k, v) for k, v in _numbers(report.get("stats", {}))][:20]
-    pii = report.get("pii") or {}
-    if pii:
-        rows.append(("PII redacted", ", ".join(f"{k}: {v}" for k, v in sorted(pii.items()))))
-    return rows
+    return rows  # personal data: the model card's Data section says it, from the same report
 
 
 def _readme(run: Path, space: dict[str, Any], base: dict[str, Any], weights: str, weights_dir: Path,
@@ -398,8 +397,7 @@ def _readme(run: Path, space: dict[str, Any], base: dict[str, Any], weights: str
            "full": "the fully fine-tuned model (`model/`)"}[weights] + ".\n",
         shipped + "\n",
         "## Model card\n",
-        _weights_card(weights_dir),
-        "### Data\n",
+        _weights_card(weights_dir),  # ends with its Data section, which this table continues
         _table(_data_rows(run)),
         "## Chat settings\n",
         ("System prompt: `" + system[:500].replace("`", "'") + "`\n") if system

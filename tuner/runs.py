@@ -143,6 +143,10 @@ class Run:
     def sources(self) -> dict[str, Any]:
         return read_json_object(self.sources_file)
 
+    def data_report(self) -> dict[str, Any]:
+        """The converter's report.json of the run's data; {} when the data did not come through the converter."""
+        return read_json_object(self.data_file("report.json"))
+
 
 def resolve(run: str | Path) -> Run:
     """Turn a run id, or a path to a run folder, into its Run.

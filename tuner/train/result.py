@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from tuner import __version__
 from tuner.config import Method, TrainConfig
+from tuner.dataset import pii_statement
 from tuner.errors import TrainingError
 from tuner.models import DEFAULT_HUB_ID, is_default
 from tuner.runs import Run, is_main_process, read_json, world_size
@@ -125,6 +126,7 @@ def model_card(cfg: TrainConfig, summary: dict[str, Any], data_stats: dict[str, 
     ]
     for name, info in sources.items():
         lines.append(f"- `{name}` sha256 `{info['sha256']}`")
+    lines += ["", pii_statement(Run(run_dir).data_report())]
     lines += ["", "## Settings", "", "```yaml"]
     lines += [f"{k}: {v}" for k, v in cfg.to_dict().items()]
     lines += ["```", "", "Use it with peft:" if cfg.method is Method.LORA else "Use it with transformers:", "",

@@ -396,13 +396,10 @@ def download_gguf(run_id: str | None, quant: str,
     result = gguf.export_gguf(run_dir, work / f"{run_dir.name}-gguf", quant=quant,
                               progress=lambda fraction, message: progress(fraction, desc=message))
     folder = Path(result["folder"])
-    check = result.get("check") or {}
-    said = (f"Checked in llama.cpp on {check.get('prompts')} held-out prompts: "
-            f"{check.get('identical_replies')} identical to the merged model, "
-            f"{(check.get('next_token_agreement') or 0):.0%} of next tokens agree, brand phrases "
-            f"{'kept' if check.get('same_brand_markers') else 'NOT kept'}.")
-    if not check.get("passed"):
-        said = "**The check failed** (the file is still here; see its README). " + said
+    check = result["check"]
+    said = "Checked in llama.cpp: " + md_escape(check["sentence"])
+    if not check["passed"]:
+        said = "**The check failed** (the file is still here; every reply is in its check.json). " + said
     archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
     return archive, said + " Then: `ollama create NAME -f Modelfile` (see the README in the zip)."
 
@@ -468,6 +465,7 @@ def delete_run(run_id: str | None) -> dict[str, Any]:
 def publish_space(run_id: str | None, title: str, merge: bool, space_id: str, token: str) -> tuple[str, str, str]:
     """Write a standalone chat Space folder for the run, hand it out as a zip, and push it if asked."""
     from tuner import publish
+    from tuner.dataset import pii_statement
 
     token, space_id = (token or "").strip(), (space_id or "").strip()
     try:
@@ -491,7 +489,9 @@ def publish_space(run_id: str | None, title: str, merge: bool, space_id: str, to
     size = zipped.stat().st_size / 1e6
     text = (f"Wrote the Space folder ({size:.0f} MB zipped). Unzip it and run "
             "`pip install -r requirements.txt && python app.py`, or upload it as a Space.")
-    return (text + ("\n\n" + note if note else "")), str(zipped), ""
+    # the card's own sentence about personal data, from the same report, so nobody publishes unaware
+    said = "\n\nIts card says: " + md_escape(pii_statement(Run(run_dir).data_report()))
+    return (text + said + ("\n\n" + note if note else "")), str(zipped), ""
 
 
 # -- layout and events ---------------------------------------------------------------------------------
