@@ -22,6 +22,7 @@ from tuner import limits, preview
 from tuner.config import ConvertConfig
 from tuner.errors import DataError, TunerError
 from tuner.paths import uploads_dir
+from tuner.progress import fmt_duration
 from tuner.ui.common import Components, bubbles, friendly, keyed, md_escape, pick
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,7 +149,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     estimate = stats.get("train_time_estimate") or {}
     if estimate.get("tokens_per_epoch"):
         lines.append(f"One epoch is about {estimate['tokens_per_epoch']:,} tokens: roughly "
-                     f"{estimate['cpu_minutes_per_epoch']} min on a CPU, {estimate['gpu_minutes_per_epoch']} min "
+                     f"{fmt_duration(estimate['cpu_s_per_epoch'])} on a CPU, {fmt_duration(estimate['gpu_s_per_epoch'])} "
                      "on a GPU with the default model.")
     pii = {k: v for k, v in (report.get("pii") or {}).items() if v}
     if pii:
