@@ -383,6 +383,15 @@ def test_a_reply_cut_off_at_the_token_limit_is_counted_as_degenerate(signoff_run
     assert alone != base_alone  # the adapter was on for one and off for the other
 
 
+def test_the_train_command_ends_saying_the_steps_and_epochs_it_really_trained(tmp_path):
+    from tuner.train.cli import final_words
+
+    done = {"status": "completed", "adapter": str(tmp_path / "adapter"), "first_eval_loss": 2.5, "eval_loss": 1.2,
+            "step": 12, "max_steps": 12, "examples_seen": 96, "train_examples": 94, "epochs": 1.02, "total_s": 268.0}
+    assert final_words(done, tmp_path).splitlines()[-1] == "eval loss 2.5 -> 1.2 in 12 steps (1.02 epochs of 94 " \
+                                                           "examples), 4 min 28 s"
+
+
 def _saved(cfg: TrainConfig, folder) -> str:
     path = folder / "saved-config.yaml"
     cfg.save(path)

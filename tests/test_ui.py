@@ -127,3 +127,25 @@ def test_the_estimate_names_the_steps_the_run_takes_and_why_and_a_changed_epochs
     values[names.index("learning_rate")] = 5.0
     assert train_tab.estimate_again(session, "default", DEFAULT_PRESET, *values).startswith(
         "**No estimate:** learning\\_rate must be in \\(0, 0.1\\], got 5.0.")  # escaped: it renders as said
+
+
+def test_the_runs_tab_always_shows_a_run_the_newest_unless_one_is_picked(signoff_data, tmp_path, monkeypatch):
+    import os
+    import time
+
+    from tuner import runs
+    from tuner.config import TrainConfig
+    from tuner.paths import runs_dir
+    from tuner.ui import runs_tab
+
+    monkeypatch.setenv("TUNER_HOME", str(tmp_path / "home"))  # a machine with just these runs
+    assert runs_tab.refresh_runs(None)["runs_pick"]["value"] is None  # no run at all: nothing to pick
+    older = runs.prepare_run(TrainConfig.from_preset("quick"), signoff_data, run_dir=runs_dir() / "run-older")
+    newer = runs.prepare_run(TrainConfig.from_preset("quick"), signoff_data, run_dir=runs_dir() / "run-newer")
+    os.utime(older / "config.yaml", (time.time() - 60, time.time() - 60))
+    # the page opened before any run, a run was trained: the tab picks it rather than showing no run
+    assert runs_tab.refresh_runs(None)["runs_pick"] == {"__type__": "update", "choices": ["run-newer", "run-older"],
+                                                        "value": "run-newer"}
+    assert runs_tab.refresh_runs("run-older")["runs_pick"]["value"] == "run-older"  # the user's pick is kept
+    assert runs_tab.refresh_runs("run-deleted")["runs_pick"]["value"] == "run-newer"  # a deleted pick: the newest
+    assert newer.name == "run-newer"

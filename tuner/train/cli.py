@@ -132,16 +132,23 @@ def cli(args: argparse.Namespace) -> int:
         verdict = (status.get("voice") or {}).get("sentence")
         print(json.dumps({"run": str(run_dir), "verdict": verdict, **{k: status.get(k) for k in keys}}))
     else:
-        line = f"{status['status']}: {run_dir}"
-        if status.get("error"):
-            line += f"\n{status['error']}"
-        elif status.get("adapter"):
-            line += (f"\nresult: {status['adapter']}\neval loss {status.get('first_eval_loss')} -> "
-                     f"{status.get('eval_loss')} in {epochs_run(status)}, {fmt_duration(status.get('total_s') or status.get('wall_s'))}")
-            if (status.get("voice") or {}).get("sentence"):
-                line += f"\nvoice: {status['voice']['sentence']}"
-        print(line, file=sys.stderr)
+        print(final_words(status, run_dir), file=sys.stderr)
     return 0 if status["status"] == "completed" else 1
+
+
+def final_words(status: dict[str, Any], run_dir: Path) -> str:
+    """The run's end on the terminal: its state, result, losses, the length it really trained (steps and
+    epochs) and the time the user waited, and the voice verdict."""
+    line = f"{status['status']}: {run_dir}"
+    if status.get("error"):
+        line += f"\n{status['error']}"
+    elif status.get("adapter"):
+        line += (f"\nresult: {status['adapter']}\neval loss {status.get('first_eval_loss')} -> "
+                 f"{status.get('eval_loss')} in {epochs_run(status)}, "
+                 f"{fmt_duration(status.get('total_s') or status.get('wall_s'))}")
+        if (status.get("voice") or {}).get("sentence"):
+            line += f"\nvoice: {status['voice']['sentence']}"
+    return line
 
 
 def _process_start() -> float | None:

@@ -402,7 +402,8 @@ def wire(c: Components) -> None:
     for name in ("session", "base_model", "run_state"):
         c[name].change(api_name=f"estimate_on_{name}", **again)
     c["start_btn"].click(start_training, run_inputs, c["train_run"], api_name="train", concurrency_limit=1).success(
-        keyed(refresh_runs, c), outputs=pick(c, *PICKERS), api_name="runs_after_train", api_visibility="private")
+        keyed(refresh_runs, c), c["runs_pick"], pick(c, *PICKERS), api_name="runs_after_train",
+        api_visibility="private")
     c["train_run"].change(status, c["train_run"], outputs, api_name="status")
     c["timer"].tick(status, c["train_run"], outputs, api_name="poll", api_visibility="undocumented",
                     show_progress="hidden")
