@@ -95,6 +95,9 @@ def test_the_line_says_the_epochs_the_run_really_makes():
     assert progress.epochs_run(done) == "12 steps (1.02 epochs of 94 examples)"
     assert progress.epochs_run({"status": "completed", "step": 5}) == "5 steps"  # an older run: steps only
     assert progress.fmt_duration(0.3) == "under 1 s" and progress.fmt_duration(0) == "0 s"
+    # one time per run on every view: what the user waited (start-up included), not the training clock alone
+    assert "took 2 min 28 s" in progress.summary({**done, "wall_s": 123.0, "total_s": 148.0})
+    assert progress.took({"wall_s": 300.0, "total_s": 100.0}) == 300.0  # resumed: earlier sessions count
 
 
 def test_log_tail_keeps_the_last_state_of_redrawn_lines(tmp_path):

@@ -60,12 +60,21 @@ def phase(status: dict[str, Any]) -> str:
     return "training"
 
 
+def took(status: dict[str, Any]) -> float | None:
+    """The run's time, the one figure every view shows: what the user waited (total_s, start-up included),
+    or the training clock (wall_s) where that is longer (a resumed run counts its earlier sessions)."""
+    times = [float(t) for t in (status.get("total_s"), status.get("wall_s")) if isinstance(t, (int, float))]
+    return max(times) if times else None
+
+
 def elapsed(status: dict[str, Any], now: float | None = None) -> float | None:
-    """Seconds the run has been going: from its start while active (a moving clock), else its recorded time."""
-    started = _epoch(status.get("started_at"))
+    """Seconds the run has been going: from when the user's wait began while active (a moving clock), else
+    its recorded time (took)."""
+    began = status.get("wait_from")
+    started = float(began) if isinstance(began, (int, float)) else _epoch(status.get("started_at"))
     if status.get("status") in ACTIVE and started is not None:
         return max((now or time.time()) - started, 0.0)
-    return status.get("wall_s")
+    return took(status)
 
 
 def _eta_written(status: dict[str, Any]) -> float | None:

@@ -22,7 +22,7 @@ from tuner.config import (
     explicit_length,
 )
 from tuner.errors import TunerError
-from tuner.progress import epochs_run, fmt_duration
+from tuner.progress import epochs_run, fmt_duration, took
 from tuner.runs import Run, is_main_process, prepare_run, resolve, world_size
 from tuner.train.run import train_run
 
@@ -145,7 +145,7 @@ def final_words(status: dict[str, Any], run_dir: Path) -> str:
     elif status.get("adapter"):
         line += (f"\nresult: {status['adapter']}\neval loss {status.get('first_eval_loss')} -> "
                  f"{status.get('eval_loss')} in {epochs_run(status)}, "
-                 f"{fmt_duration(status.get('total_s') or status.get('wall_s'))}")
+                 f"{fmt_duration(took(status))}")
         if (status.get("voice") or {}).get("sentence"):
             line += f"\nvoice: {status['voice']['sentence']}"
     return line

@@ -21,7 +21,7 @@ from tuner import feedback
 from tuner.config import PreferenceConfig
 from tuner.errors import RunNotFound, TunerError
 from tuner.paths import check_run_id
-from tuner.progress import epochs_run, fmt_duration
+from tuner.progress import epochs_run, fmt_duration, took
 from tuner.runs import Run
 from tuner.ui.common import (
     RATE_WIDTHS,
@@ -179,7 +179,7 @@ def run_details(run_id: str | None) -> str:
         if status.get("eval_loss") is not None else None,
         "voice (new questions)": (status.get("voice") or {}).get("sentence"),
         "tokens trained": f"{status['tokens_trained']:,}" if status.get("tokens_trained") else None,
-        "time": fmt_duration(status["wall_s"]) if status.get("wall_s") else None,
+        "time": fmt_duration(took(status)) if took(status) else None,
         "peak memory": f"{status['peak_memory_mb'] / 1024:.1f} GB" if status.get("peak_memory_mb") else None,
         "error": status.get("error"),
     }
