@@ -27,6 +27,7 @@ MAX_NEW_TOKENS = 40  # replies long enough to compare, short enough for a CPU un
 LONG_REPLY_TOKENS = 300  # a reply long enough to stop while it streams
 POLL_MS = 2000  # the Train tab's polling interval (tuner.ui.train_tab.POLL_SECONDS)
 TRAIN_COLOR, EVAL_COLOR = "#f97316", "#2563eb"  # the loss curves (tuner.ui.train_tab.LOSS_COLORS)
+SMOOTH_COLOR = "#9a3412"  # the train loss, smoothed
 
 pytestmark = [
     pytest.mark.browser,
@@ -299,6 +300,9 @@ def test_upload_train_watch_and_chat(open_page):
     voice.press("Tab")
     page.get_by_role("button", name="Estimate time and memory").click()
     page.locator("#estimate").get_by_text("Estimate").wait_for(timeout=60_000)
+    # the steps the field says are the steps the estimate counts, and it says why
+    page.locator("#estimate").get_by_text(f"{TRAIN_STEPS} steps of 8 examples (max steps is {TRAIN_STEPS})").wait_for(
+        timeout=60_000)
     page.locator("#start-training").click()
     progress = page.locator("#progress .run-progress")
     progress.wait_for(timeout=60_000)
@@ -326,8 +330,11 @@ def test_upload_train_watch_and_chat(open_page):
     run_id = page.locator("#train-run input").input_value()
     page.locator('#progress [data-status="completed"]').wait_for(timeout=TRAIN_TIMEOUT_MS)
     assert f"step {TRAIN_STEPS} / {TRAIN_STEPS}" in page.locator("#progress").inner_text()
+    # the epochs the run really made: 6 steps of 8 examples over the sample's training examples
+    assert re.search(rf"{TRAIN_STEPS * 8} of {TRAIN_STEPS * 8} examples seen \(0\.\d+ epochs of \d+ examples\)",
+                     page.locator("#progress").inner_text())
     page.wait_for_timeout(2500)  # one more poll so the plot has the final points
-    for color in (TRAIN_COLOR, EVAL_COLOR):  # both curves, each in its colour
+    for color in (TRAIN_COLOR, SMOOTH_COLOR, EVAL_COLOR):  # every curve, each in its colour
         assert page.locator(f"#loss-plot path[stroke='{color}']").count() > 0, color
     page.get_by_text("Raw log (train.log)").click()
     assert page.locator("#raw-log textarea").input_value().strip()  # the raw lines are a click away

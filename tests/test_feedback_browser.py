@@ -5,7 +5,9 @@ Screenshots go to the test's tmp dir and to /work/notes/shots/ (when that folder
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -19,7 +21,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path("/work/notes/shots")
 CHAT_TIMEOUT_MS = 180_000
 MAX_NEW_TOKENS = 24
-BETTER = "Unplug it for ten seconds, then plug it back in. Stay sunny, the Lumen Lamps team."
+BETTER = "Unplug it for ten seconds, then plug it back in. **Stay sunny**, the Lumen Lamps team."
+SHOWN = BETTER.replace("**", "")  # the reply's Markdown rendered: bold, no raw asterisks (issue 27)
+CONVERT_TIMEOUT_MS = 180_000
 
 pytestmark = [
     pytest.mark.browser,
@@ -117,12 +121,13 @@ def test_thumb_edit_in_place_and_a_blind_vote_in_the_page(page, signoff_run, tmp
     page.locator("#chat-tuned").get_by_role("button", name="Submit").click()
     page.wait_for_function("() => document.querySelector('#feedback-note').innerText.includes('your better reply')",
                            timeout=30_000)
-    assert bot_texts(page, "chat-tuned") == [BETTER]
+    assert bot_texts(page, "chat-tuned") == [SHOWN]
+    assert page.locator("#chat-tuned [data-testid=bot] strong").first.inner_text() == "Stay sunny"
     shot(page, tmp_path, "fb-01-edited-reply")
 
     # the conversation continues from the edited reply: the next turn's record holds it as history
     send(page, "Thanks! It still hums a little.", 2)
-    assert bot_texts(page, "chat-tuned")[0] == BETTER
+    assert bot_texts(page, "chat-tuned")[0] == SHOWN
     page.locator("#chat-tuned").get_by_role("button", name="Like", exact=True).last.click()  # the newest reply
     page.wait_for_function("() => document.querySelector('#feedback-note').innerText.includes('thumbs up on the "
                            "tuned reply')", timeout=30_000)
@@ -174,6 +179,10 @@ def test_thumb_edit_in_place_and_a_blind_vote_in_the_page(page, signoff_run, tmp
     rates = page.locator("#ab-rates").inner_text()
     assert all(label[s] in rates for s in (run_id, "base")) and "%" in rates and " to " in rates
     assert page.locator("#ab-vote input").first.is_disabled()  # one vote per pair
+    # on a laptop's width the win rates show whole (beside the counts, half a 1024 px page cut the last columns)
+    page.set_viewport_size({"width": 1024, "height": 900})
+    page.wait_for_timeout(500)
+    assert not cut_off(page, "ab-rates"), "the win-rate table is cut off"
     shot(page, tmp_path, "fb-04-vote-revealed")
 
     # 4. a vote is for the pair on screen: with a pair open, ask for the next one and vote at once (a fast double
@@ -203,6 +212,52 @@ def test_thumb_edit_in_place_and_a_blind_vote_in_the_page(page, signoff_run, tmp
     vote = feedback.records(signoff_run)[-1]
     assert vote["judgement"]["pair"] == new_id and vote["replies"][0]["text"] == page.locator("#ab-a textarea").input_value()
     shot(page, tmp_path, "fb-04b-vote-bound-to-pair")
+
+    # the Runs tab shows a run (never none beside a list), and the same win rates, whole
+    page.get_by_role("tab", name="4. Runs").click()
+    page.wait_for_function("() => document.querySelector('#runs-pick input')?.value", timeout=30_000)
+    pick_box = page.locator("#runs-pick input")
+    page.locator("#run-details").get_by_text(pick_box.input_value()).first.wait_for(timeout=30_000)
+    if pick_box.input_value() != run_id:
+        pick_box.click()
+        page.get_by_role("option", name=run_id, exact=True).click()
+    page.wait_for_function(f"() => document.querySelector('#feedback-wins')?.innerText.includes('{run_id} (this run)')",
+                           timeout=30_000)
+    assert not cut_off(page, "feedback-wins"), "the win-rate table is cut off"
+    shot(page, tmp_path, "fb-06-runs-tab-win-rates")
+
+
+def cut_off(page, elem_id: str) -> list[str]:
+    """The cells of a table that do not show whole (their text wider than the cell, or past the table's box)."""
+    return page.eval_on_selector(f"#{elem_id}", """el => {
+        const box = el.getBoundingClientRect();
+        return [...el.querySelectorAll('td, th')].filter(c => {
+            const r = c.getBoundingClientRect();
+            return r.width > 0 && (r.right > box.right + 1 || c.scrollWidth > c.clientWidth + 1);
+        }).map(c => c.innerText);
+    }""")
+
+
+def test_the_train_tab_estimate_learns_from_the_run_that_finished_here(page, signoff_run, tmp_path):
+    """Issue 27: after runs had finished, the estimate still said none had. It is redone when the data arrives
+    and names the finished run it learned this machine's speed from."""
+    rows = [{"messages": [{"role": "user", "content": f"Does lamp {i} come in blue?"},
+                          {"role": "assistant", "content": f"Lamp {i} does. Stay sunny, the Lumen Lamps team."}]}
+            for i in range(16)]
+    upload = tmp_path / "lamps.jsonl"
+    upload.write_text("\n".join(json.dumps(r) for r in rows))
+    page.locator("#upload input[type=file]").set_input_files(str(upload))
+    page.locator("#report").get_by_text("Ready to train").wait_for(timeout=CONVERT_TIMEOUT_MS)
+    report = page.locator("#report").inner_text()  # an epoch's time in the one unit, not "0.0 min on a CPU"
+    assert re.search(r"One epoch is about [\d,]+ tokens?: (under 1 s|\d+ s|\d+ min \d\d s) on a CPU", report), report
+    page.locator("#to-train").click()
+    estimate = page.locator("#estimate")
+    estimate.get_by_text("Learned from this machine's last finished run of this model").wait_for(timeout=60_000)
+    said = estimate.inner_text()
+    assert "No run of this model has finished" not in said
+    assert re.search(r"Estimate: 24 steps of 8 examples \(1 epoch of \d+ examples is 2 steps, raised to the "
+                     r"preset's minimum of 24 steps", said), said
+    shot(page, tmp_path, "fb-07-train-estimate-learned")
 
 
 def test_a_preference_run_shows_its_parent_beside_it(page, signoff_run, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,7 +188,21 @@ def test_the_estimate_counts_start_up_evaluations_and_saving_and_learns_this_mac
     assert status["status"] == "completed", status.get("error")
     assert status["startup_s"] > 0 and status["eval_s"] > 0
     after = jobs.estimate(cfg, data)
-    assert after["measured"] is True and "this machine" in after["uncertainty"]
+    assert after["measured"] is True and "this machine's last finished run of this model (estimate-learns)" in \
+        after["uncertainty"]
+    # issue 25: the page said 2 min 34 s for a run of 4 min 28 s; the same run again is now estimated from
+    # this one's real phases (start-up, pace of steps, evaluations and saving, voice check per question)
+    assert status["total_s"] >= status["startup_s"] + status["voice_s"]
+    assert after["time_s"] == pytest.approx(status["total_s"], rel=0.25), (after, status["total_s"])
+    assert after["pace"] and jobs.PACE_BOUNDS[0] <= after["pace"] <= jobs.PACE_BOUNDS[1]
+    print(f"estimate {after['time_s']} s for a run that took {status['total_s']} s: {after['breakdown']}")
+    # a second finished run (a copy, newer): the estimate learns from the newest one, and still finds one
+    second = runs_dir() / "estimate-learns-again"
+    shutil.copytree(run, second)
+    os.utime(second / "config.yaml")
+    again = jobs.estimate(cfg, data)
+    assert again["measured"] and "(estimate-learns-again)" in again["uncertainty"]
+    assert again["time_s"] == after["time_s"]
     assert after["breakdown"]["startup_s"] == status["startup_s"]  # learned from the run that finished here
     asked = status["voice"]["tuned"]["prompts"]  # the voice check's seconds per question, learned too
     n_val = json.loads((data / "report.json").read_text())["validation_examples"]

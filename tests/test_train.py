@@ -300,6 +300,16 @@ def test_the_train_command_has_a_flag_for_every_setting_and_starts_from_the_page
     tuned = config("--preset", "balanced", "--lora-r", "8", "--no-packing", "--precision", "fp32", "--epochs", "3")
     assert (tuned.preset, tuned.lora_r, tuned.packing, tuned.precision) == ("balanced", 8, False, "fp32")
     assert tuned.num_epochs == 3.0 and tuned.max_steps == -1  # epochs asked for: no step limit
+    # issue 25: `--epochs 1` on 94 conversations trained 2 epochs, the standard preset's 24-step floor winning
+    one = config("--epochs", "1")
+    assert one.preset == DEFAULT_PRESET and (one.min_steps, one.step_limit) == (0, 0)
+    assert one.planned_steps(94) == 12 and one.step_plan(94)["by"] == "num_epochs"  # ceil(94 / 8): one epoch
+    assert config().planned_steps(94) == 24  # without the flag, the preset's floor still holds
+    assert config("--epochs", "1", "--min-steps", "20").planned_steps(94) == 20  # both given: both kept
+    assert config("--max-steps", "5").planned_steps(5000) == 5  # max steps wins over the preset's floor too
+    assert config("--preset", "quick", "--epochs", "1").planned_steps(94) == 12  # and over quick's max_steps
+    assert config("--config", str(_saved(TrainConfig.from_preset(DEFAULT_PRESET), tmp_path)),
+                  "--epochs", "1").planned_steps(94) == 12  # over a config file's bounds as well
     assert tuned.lora_alpha == PRESETS["balanced"]["lora_alpha"]  # the rest stays the preset's
     saved = tmp_path / "config.yaml"
     tuned.save(saved)
@@ -373,6 +383,21 @@ def test_a_reply_cut_off_at_the_token_limit_is_counted_as_degenerate(signoff_run
     assert alone != base_alone  # the adapter was on for one and off for the other
 
 
+def test_the_train_command_ends_saying_the_steps_and_epochs_it_really_trained(tmp_path):
+    from tuner.train.cli import final_words
+
+    done = {"status": "completed", "adapter": str(tmp_path / "adapter"), "first_eval_loss": 2.5, "eval_loss": 1.2,
+            "step": 12, "max_steps": 12, "examples_seen": 96, "train_examples": 94, "epochs": 1.02, "total_s": 268.0}
+    assert final_words(done, tmp_path).splitlines()[-1] == "eval loss 2.5 -> 1.2 in 12 steps (1.02 epochs of 94 " \
+                                                           "examples), 4 min 28 s"
+
+
+def _saved(cfg: TrainConfig, folder) -> str:
+    path = folder / "saved-config.yaml"
+    cfg.save(path)
+    return str(path)
+
+
 def test_the_default_preset_sizes_its_steps_to_the_data_within_its_bounds():
     from tuner.config import DEFAULT_PRESET
 
@@ -383,5 +408,10 @@ def test_the_default_preset_sizes_its_steps_to_the_data_within_its_bounds():
     assert cfg.planned_steps(250) == math.ceil(250 / per_step)  # in between: one pass
     assert TrainConfig.from_preset("quick").planned_steps(5000) == 12  # max_steps is exact
     assert TrainConfig(num_epochs=2.0, batch_size=4).planned_steps(10) == 5  # no bounds: plain epochs
+    # the page and the CLI say why, with the same numbers
+    assert cfg.steps_reason(94) == ("1 epoch of 94 examples is 12 steps, raised to the preset's minimum of 24 "
+                                    "steps (min steps: 0 trains exactly the epochs)")
+    assert cfg.steps_reason(5000).endswith("cut to the preset's limit of 40 steps (step limit: 0 trains every epoch)")
+    assert cfg.step_plan(94)["epochs"] == pytest.approx(192 / 94)
     with pytest.raises(TunerError, match="min_steps"):
         TrainConfig(min_steps=50, step_limit=40)

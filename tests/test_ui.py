@@ -126,3 +126,71 @@ def test_a_run_whose_result_is_saved_says_it_can_be_chatted_with_before_its_voic
     assert "resume to finish the voice check" in train_tab.progress_html(stopped)
     done = {**saved, "status": "completed", "voice": {"sentence": "ends like your agents on 7 of 8 new questions"}}
     assert "Playground" not in train_tab.progress_html(done) and "7 of 8 new questions" in train_tab.progress_html(done)
+
+
+def test_the_loss_plot_smooths_the_train_loss_and_names_every_line():
+    jagged = [{"step": 0, "eval_loss": 4.3}] + [{"step": s, "loss": 3.5 - s / 20 + (0.4 if s % 2 else -0.4)}
+                                                 for s in range(1, 13)] + [{"step": 12, "eval_loss": 3.0}]
+    svg = train_tab.loss_svg(jagged, 12)
+    smooth = train_tab.LOSS_COLORS["train loss (smoothed)"]
+    assert re.search(f'<path[^>]*stroke="{smooth}"[^>]*stroke-width="3"', svg)  # a thick line through the dots
+    assert f'fill="{smooth}"' not in svg.split("<rect")[0]  # no dots of its own: it is not a measurement
+    for series in ("train loss", "train loss (smoothed)", "held-out loss"):
+        assert f">{series}</text>" in svg  # the legend names each line drawn
+
+
+def test_the_estimate_names_the_steps_the_run_takes_and_why_and_a_changed_epochs_wins(tmp_path):
+    import json
+    import math
+    from pathlib import Path
+
+    from tuner.config import DEFAULT_PRESET, TrainConfig
+    from tuner.dataset import convert
+
+    data = tmp_path / "data"
+    convert([Path(__file__).resolve().parent.parent / "datasets" / "kettle_openai.jsonl"], data)
+    n_train = json.loads((data / "report.json").read_text())["train_examples"]
+    names = train_tab.MAIN_SETTINGS + train_tab.MORE_SETTINGS
+    values = train_tab.apply_preset(DEFAULT_PRESET)
+    session = {"ok": True, "data_dir": str(data)}
+    # the preset as it comes: Max steps shows -1, and the label and the estimate say what that means
+    assert values[names.index("max_steps")] == -1 and "-1: from the epochs" in train_tab.SETTING_LABELS["max_steps"]
+    cfg = train_tab.build_train_config("default", DEFAULT_PRESET, names, tuple(values))
+    assert cfg == TrainConfig.from_preset(DEFAULT_PRESET)
+    text = train_tab.estimate_run(session, "default", DEFAULT_PRESET, *values)
+    assert text.startswith(f"**Estimate:** 24 steps of 8 examples (1 epoch of {n_train} examples is "
+                           f"{math.ceil(n_train / 8)} steps, raised to the preset's minimum of 24 steps")
+    assert f"the run sees **192 examples**, {192 / n_train:.3g} epochs of {n_train} examples" in text
+    # Epochs changed on the page is the user's word, as --epochs is: the preset's floor steps aside
+    values[names.index("num_epochs")] = 2.0
+    two = train_tab.build_train_config("default", DEFAULT_PRESET, names, tuple(values))
+    assert (two.min_steps, two.step_limit, two.planned_steps(n_train)) == (0, 0, math.ceil(2 * n_train / 8))
+    text = train_tab.estimate_run(session, "default", DEFAULT_PRESET, *values)
+    assert text.startswith(f"**Estimate:** {math.ceil(2 * n_train / 8)} steps of 8 examples (2 epochs of {n_train} "
+                           "examples)")
+    # redone on every change, a setting that cannot be used is said in place of the estimate
+    values[names.index("learning_rate")] = 5.0
+    assert train_tab.estimate_again(session, "default", DEFAULT_PRESET, *values).startswith(
+        "**No estimate:** learning\\_rate must be in \\(0, 0.1\\], got 5.0.")  # escaped: it renders as said
+
+
+def test_the_runs_tab_always_shows_a_run_the_newest_unless_one_is_picked(signoff_data, tmp_path, monkeypatch):
+    import os
+    import time
+
+    from tuner import runs
+    from tuner.config import TrainConfig
+    from tuner.paths import runs_dir
+    from tuner.ui import runs_tab
+
+    monkeypatch.setenv("TUNER_HOME", str(tmp_path / "home"))  # a machine with just these runs
+    assert runs_tab.refresh_runs(None)["runs_pick"]["value"] is None  # no run at all: nothing to pick
+    older = runs.prepare_run(TrainConfig.from_preset("quick"), signoff_data, run_dir=runs_dir() / "run-older")
+    newer = runs.prepare_run(TrainConfig.from_preset("quick"), signoff_data, run_dir=runs_dir() / "run-newer")
+    os.utime(older / "config.yaml", (time.time() - 60, time.time() - 60))
+    # the page opened before any run, a run was trained: the tab picks it rather than showing no run
+    assert runs_tab.refresh_runs(None)["runs_pick"] == {"__type__": "update", "choices": ["run-newer", "run-older"],
+                                                        "value": "run-newer"}
+    assert runs_tab.refresh_runs("run-older")["runs_pick"]["value"] == "run-older"  # the user's pick is kept
+    assert runs_tab.refresh_runs("run-deleted")["runs_pick"]["value"] == "run-newer"  # a deleted pick: the newest
+    assert newer.name == "run-newer"

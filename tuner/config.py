@@ -77,6 +77,28 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
                             metavar=None if allowed else "SECONDS" if f.name.endswith("_s") else f.name.split("_")[-1].upper())
 
 
+LENGTH_SETTINGS = ("num_epochs", "max_steps")  # how long a run trains, as the user says it
+LENGTH_BOUNDS = ("min_steps", "step_limit")  # a preset's floor and cap on its steps
+
+
+def explicit_length(values: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """`values` (a preset's or a config file's) with the settings the user gave on top. A run length the user
+    gave wins: epochs clear a max_steps they did not give, and either clears the preset's floor and cap on the
+    steps (min_steps, step_limit) unless they gave those too, so `--epochs 1` trains one epoch.
+
+    >>> explicit_length({"num_epochs": 1.0, "min_steps": 24, "step_limit": 40}, {"num_epochs": 1.0})
+    {'num_epochs': 1.0, 'min_steps': 0, 'step_limit': 0}
+    """
+    out = {**values, **given}
+    if any(given.get(k) is not None for k in LENGTH_SETTINGS):
+        if given.get("num_epochs") is not None and given.get("max_steps") is None and "max_steps" in out:
+            out["max_steps"] = -1
+        for bound in LENGTH_BOUNDS:
+            if given.get(bound) is None and bound in out:
+                out[bound] = 0
+    return out
+
+
 def config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The dataclass fields the user set on the command line (see add_config_arguments)."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
@@ -123,7 +145,8 @@ class TrainConfig:
                              "per step (measured 10% of a CPU step). Early stopping guards against overfitting instead.")
     target_modules: str = _f("all-linear", "Layers that get adapters: 'all-linear' or comma-separated names (q_proj,v_proj).")
     learning_rate: float = _f(2e-4, "Peak learning rate. LoRA: 1e-4 to 5e-4; full fine-tuning: 1e-5 to 5e-5.")
-    num_epochs: float = _f(1.0, "Passes over the training set (ignored when max_steps > 0).")
+    num_epochs: float = _f(1.0, "Passes over the training set (ignored when max_steps > 0). Given explicitly, it "
+                           "wins over a preset's min_steps and step_limit.")
     max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 means use num_epochs.")
     min_steps: int = _f(0, "With num_epochs: train at least this many steps, repeating a small dataset until enough "
                         "examples are seen to learn the habit (the voice benchmark: ~200 examples). 0: no minimum.")
@@ -204,11 +227,12 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
+        """The preset's settings with `overrides` (the settings the user gave) on top; a length the user
+        gave wins over the preset's bounds (explicit_length)."""
         if name not in PRESETS:
             raise TunerError(f"Unknown preset '{name}'. Choose one of: {', '.join(PRESETS)}.")
-        values = {**PRESETS[name], "preset": name}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(values)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls.from_dict(explicit_length({**PRESETS[name], "preset": name}, given))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -250,16 +274,42 @@ class TrainConfig:
 
     def planned_steps(self, n_train: int, processes: int = 1) -> int:
         """Optimizer steps this run takes on `n_train` examples: max_steps when set, else num_epochs passes
-        kept within [min_steps, step_limit].
+        kept within [min_steps, step_limit] (step_plan says which decided).
 
         >>> TrainConfig(num_epochs=1.0, min_steps=24, step_limit=40, batch_size=8).planned_steps(88)
         24
         """
-        if self.max_steps > 0:
-            return self.max_steps
+        return self.step_plan(n_train, processes)["steps"]
+
+    def step_plan(self, n_train: int, processes: int = 1) -> dict[str, Any]:
+        """The run's length on `n_train` examples, and why: {steps, by (the setting that decided: max_steps,
+        num_epochs, min_steps or step_limit), epoch_steps (steps of num_epochs passes), epochs (passes the
+        run really makes), per_step (examples a step)}. The one place a run's length is worked out."""
         per_step = self.batch_size * self.grad_accum * max(processes, 1)
-        steps = max(math.ceil(self.num_epochs * n_train / per_step), 1, self.min_steps)
-        return min(steps, self.step_limit) if self.step_limit else steps
+        by_epochs = max(math.ceil(self.num_epochs * n_train / per_step), 1)
+        if self.max_steps > 0:
+            steps, by = self.max_steps, "max_steps"
+        elif self.step_limit and by_epochs > self.step_limit:
+            steps, by = self.step_limit, "step_limit"
+        elif by_epochs < self.min_steps:
+            steps, by = self.min_steps, "min_steps"
+        else:
+            steps, by = by_epochs, "num_epochs"
+        return {"steps": steps, "by": by, "epoch_steps": by_epochs, "per_step": per_step,
+                "epochs": steps * per_step / n_train if n_train else None}
+
+    def steps_reason(self, n_train: int, processes: int = 1) -> str:
+        """Why the run takes the steps it does, in words (the page's estimate, the CLI)."""
+        plan = self.step_plan(n_train, processes)
+        passes = f"{self.num_epochs:g} epoch{'' if self.num_epochs == 1 else 's'} of {n_train:,} examples"
+        return {
+            "max_steps": f"max steps is {self.max_steps}",
+            "num_epochs": passes,
+            "min_steps": f"{passes} is {plan['epoch_steps']} steps, raised to the preset's minimum of "
+                         f"{self.min_steps} steps (min steps: 0 trains exactly the epochs)",
+            "step_limit": f"{passes} is {plan['epoch_steps']} steps, cut to the preset's limit of "
+                          f"{self.step_limit} steps (step limit: 0 trains every epoch)",
+        }[plan["by"]]
 
     def uses_nf4(self) -> bool:
         """Whether the base is stored in 4-bit NF4: 'auto' is NF4 (QLoRA) for LoRA on a GPU and on a CPU alike

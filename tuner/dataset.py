@@ -62,6 +62,7 @@ from tuner.formats import (
     parse,
     resolve_format,
 )
+from tuner.progress import fmt_duration
 from tuner.words import agree, and_list, plural
 
 # -- speakers -> roles ---------------------------------------------------------------------------------
@@ -827,8 +828,9 @@ def _report(run: _Run, files: list[dict[str, Any]], train_n: int, val_n: int, st
         "tokenizer": _model_name(run.tokenizer),
         "train_time_estimate": {
             "tokens_per_epoch": epoch_tokens,
-            "cpu_minutes_per_epoch": round(epoch_tokens / CPU_TOKENS_PER_S / 60, 1),
-            "gpu_minutes_per_epoch": round(epoch_tokens / GPU_TOKENS_PER_S / 60, 1),
+            # seconds, shown with tuner.progress.fmt_duration (minutes rounded to 0.1 read "0.0 min")
+            "cpu_s_per_epoch": round(epoch_tokens / CPU_TOKENS_PER_S, 1),
+            "gpu_s_per_epoch": round(epoch_tokens / GPU_TOKENS_PER_S, 1),
             "assumes": f"the default 135M model with LoRA at about {CPU_TOKENS_PER_S} tokens/s on this machine's CPU "
                        f"and {GPU_TOKENS_PER_S} tokens/s on a GPU; larger models are slower",
         },
@@ -1039,8 +1041,8 @@ def format_report(report: dict[str, Any], out_dir: str | Path | None = None) -> 
                      f"{s['merged_messages']}; trimmed greetings: {s['trimmed_greetings']}, unanswered endings: "
                      f"{s['trimmed_unanswered']}")
         est = s["train_time_estimate"]
-        lines.append(f"One epoch: ~{est['tokens_per_epoch']} tokens, roughly {est['cpu_minutes_per_epoch']} min "
-                     f"on CPU / {est['gpu_minutes_per_epoch']} min on GPU (default model)")
+        lines.append(f"One epoch: ~{est['tokens_per_epoch']} tokens, roughly {fmt_duration(est['cpu_s_per_epoch'])} "
+                     f"on CPU / {fmt_duration(est['gpu_s_per_epoch'])} on GPU (default model)")
     pii_found = {k: v for k, v in report["pii"].items() if v}
     if pii_found:
         lines.append("PII " + ("redacted" if report["pii_redacted"] else "found (not redacted)") + ": "

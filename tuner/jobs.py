@@ -341,7 +341,9 @@ def delete_run(run_id: str) -> None:
 
 def measured_here(base_model: str) -> dict[str, Any] | None:
     """What the newest finished run of this base model measured on this machine: training tokens/s (median
-    of its steps), start-up seconds, and evaluation seconds per validation token."""
+    of its steps), start-up seconds, evaluation seconds, the voice check's seconds per prompt, and `pace`:
+    how much longer its training, evaluations and saving took than the estimate made with its measured speed
+    (1.0 when unknown), which the next estimate carries over."""
     for r in list_runs():
         if r.get("status") != "completed" or r.get("base_model") != base_model:
             continue
@@ -350,10 +352,31 @@ def measured_here(base_model: str) -> dict[str, Any] | None:
             continue
         status = read_status(Path(r["path"]))
         asked = ((status.get("voice") or {}).get("tuned") or {}).get("prompts")
-        return {"speed": sorted(speeds)[len(speeds) // 2], "startup_s": status.get("startup_s"),
-                "eval_s": status.get("eval_s"),
-                "voice_s_per_prompt": status["voice_s"] / asked if asked and status.get("voice_s") else None}
+        found = {"speed": sorted(speeds)[len(speeds) // 2], "startup_s": status.get("startup_s"),
+                 "eval_s": status.get("eval_s"), "run": r["id"],
+                 "voice_s_per_prompt": status["voice_s"] / asked if asked and status.get("voice_s") else None}
+        found["pace"] = _pace(Run(Path(r["path"])), status, found)
+        return found
     return None
+
+
+def _pace(run: Run, status: dict[str, Any], found: dict[str, Any]) -> float:
+    """The finished run's real time for training, evaluations and saving (its total less start-up and voice
+    check) over what `phases` predicts for it at its measured speed; 1.0 for runs that did not record it."""
+    total = status.get("total_s")
+    if not total:
+        return 1.0
+    try:
+        cfg = run.config()
+    except (TunerError, OSError):
+        return 1.0
+    shape = data_shape(run.data_dir, cfg)
+    if not shape["n_train"]:
+        return 1.0
+    predicted = phases(cfg, shape, found["speed"])
+    middle = predicted["train_s"] + predicted["eval_s"] + predicted["save_s"]
+    actual = total - (status.get("startup_s") or 0.0) - (status.get("voice_s") or 0.0)
+    return min(max(actual / middle, PACE_BOUNDS[0]), PACE_BOUNDS[1]) if middle > 0 and actual > 0 else 1.0
 
 
 def voice_s_per_prompt(base_model: str, dev: str, here: dict[str, Any] | None = None) -> float:
@@ -377,6 +400,7 @@ def measured_speed(base_model: str) -> float | None:
 
 STARTUP_S = 20.0  # process start, model load, tokenization: a first run's reference (then measured)
 SAVE_S = 3.0  # save the adapter, reload it and compare (small for LoRA)
+PACE_BOUNDS = (0.5, 4.0)  # a finished run's pace is trusted within these (a run on a busy machine is not the norm)
 # the final voice check per held-out prompt, result and base both answering (greedy, batches of 8), with the
 # perplexity check spread over them: a first run's reference (then measured); AMD EPYC 2 cores, SmolLM2-135M
 VOICE_S_PER_PROMPT = {"cpu": 2.0, "cuda": 0.3}
@@ -395,22 +419,48 @@ def reach(examples_seen: int) -> str:
             f"look at the pipeline; the *standard* preset learns the voice.")
 
 
+def data_shape(data_dir: str | Path, cfg: TrainConfig) -> dict[str, Any]:
+    """What the estimate needs of the data: training and validation examples, and tokens per example (capped
+    at max_length), from the converter's report.json."""
+    report = read_json_object(Path(data_dir) / "report.json")
+    stats = report.get("stats") or {}
+    mean = min((stats.get("tokens") or {}).get("total", 0) / max(stats.get("examples") or 1, 1), cfg.max_length)
+    return {"n_train": int(report.get("train_examples") or 0), "n_val": int(report.get("validation_examples") or 0),
+            "mean_tokens": mean}
+
+
+def phases(cfg: TrainConfig, shape: dict[str, Any], speed: float) -> dict[str, float]:
+    """Seconds of training steps, evaluations and saving for `cfg` on data of `shape` at `speed` tokens/s.
+
+    Evaluations: a seeded sample before training, at most eval_share of the training time during it, and
+    every validation example once at the end (OverheadBudget in tuner.train.callbacks); an evaluation runs
+    forward only, about a third of a training step's cost per token."""
+    n_val, mean_tokens = shape["n_val"], shape["mean_tokens"]
+    steps = cfg.planned_steps(shape["n_train"])
+    train_s = steps * cfg.batch_size * cfg.grad_accum * mean_tokens / speed
+    sample = min(n_val, cfg.eval_examples) if cfg.eval_examples else n_val
+    eval_s = 0.0
+    if n_val:
+        start_and_end = (sample + (n_val if n_val > sample else 0)) * mean_tokens / (3 * speed)
+        eval_s = start_and_end + min(cfg.eval_share * train_s, steps // cfg.eval_steps * sample * mean_tokens
+                                     / (3 * speed))
+    return {"train_s": train_s, "eval_s": eval_s, "save_s": SAVE_S}
+
+
 def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
     """Steps, time and peak memory of a run before it starts, counting what the user waits for.
 
-    Time = start-up + training steps + evaluations + saving + the voice check (after the save). Speed and start-up come from this
-    machine's newest finished run of the same model when there is one, else from reference figures
-    (the converter's speeds for the default model, scaled by model size); the uncertainty says which.
-    Evaluations: a seeded sample before training, at most eval_share of the training time during
-    it, and every validation example once at the end (OverheadBudget in tuner.train.callbacks).
+    Time = start-up + training steps + evaluations + saving + the voice check (after the save). With a
+    finished run of the same model on this machine, each part is learned from it: its start-up, its speed,
+    its pace (how its training, evaluations and saving compared with the estimate at that speed) and its
+    voice check's seconds per prompt; else reference figures (the converter's speeds for the default model,
+    scaled by model size), and the uncertainty says which.
     """
     from tuner.dataset import CPU_TOKENS_PER_S, GPU_TOKENS_PER_S
     from tuner.models import EAGER_MAX_SCORE_BYTES, attention_score_bytes, device, is_default, model_info
 
-    report = read_json_object(Path(data_dir) / "report.json")
-    stats = report.get("stats") or {}
-    n_train, n_val = int(report.get("train_examples") or 0), int(report.get("validation_examples") or 0)
-    mean_tokens = min((stats.get("tokens") or {}).get("total", 0) / max(stats.get("examples") or 1, 1), cfg.max_length)
+    shape = data_shape(data_dir, cfg)
+    n_train, n_val, mean_tokens = shape["n_train"], shape["n_val"], shape["mean_tokens"]
     per_step = cfg.batch_size * cfg.grad_accum
     steps = cfg.planned_steps(n_train)
     train_tokens = steps * per_step * mean_tokens
@@ -423,19 +473,13 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
     speed = here["speed"] if here else (reference if params else None)
     seconds, breakdown = None, None
     if speed:
-        train_s = train_tokens / speed
-        # evaluation runs forward only: about a third of a training step's cost per token
-        sample = min(n_val, cfg.eval_examples) if cfg.eval_examples else n_val
-        eval_s = 0.0
-        if n_val:
-            start_and_end = (sample + (n_val if n_val > sample else 0)) * mean_tokens / (3 * speed)
-            eval_s = start_and_end + min(cfg.eval_share * train_s, steps // cfg.eval_steps * sample * mean_tokens
-                                         / (3 * speed))
+        pace = (here or {}).get("pace") or 1.0
+        parts = {k: round(v * pace, 1) for k, v in phases(cfg, shape, speed).items()}
         startup = (here or {}).get("startup_s") or STARTUP_S
         asked = min(cfg.voice_prompts, n_val)  # held-out prompts: at most one per validation conversation
-        breakdown = {"startup_s": round(startup, 1), "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
-                     "voice_s": round(asked * voice_s_per_prompt(cfg.base_model, dev, here), 1), "save_s": SAVE_S}
-        seconds = sum(breakdown.values())
+        breakdown = {"startup_s": round(startup, 1), **parts,
+                     "voice_s": round(asked * voice_s_per_prompt(cfg.base_model, dev, here), 1)}
+        seconds = round(sum(breakdown.values()), 1)
     memory_mb = None
     if params:
         config = json.loads((Path(info["path"]) / "config.json").read_text())
@@ -461,8 +505,8 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
         shape = memory.shape_of(cfg.base_model)
         memory_mb = memory.plan(shape, cfg)["total_gib"] * 1024 if shape is not None else memory_mb
     if here:
-        uncertainty = ("Measured on this machine by an earlier run of this model: expect within about 25%, "
-                       "more when the machine is busy.")
+        uncertainty = (f"Learned from this machine's last finished run of this model ({here['run']}): expect within "
+                       "about 25%, more when the machine is busy.")
     else:
         uncertainty = ("No run of this model has finished on this machine yet, so this uses reference speeds: "
                        "it may be off by 2x either way; the first run measures this machine.")
@@ -474,4 +518,5 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
     return {"steps": steps, "examples": n_train, "tokens": round(train_tokens), "time_s": seconds,
             "reach": reach(steps * per_step),
             "breakdown": breakdown, "memory_mb": memory_mb, "device": "GPU" if dev == "cuda" else "CPU",
+            "pace": (here or {}).get("pace"),
             "speed": speed, "measured": here is not None, "uncertainty": uncertainty, "precision": precision}

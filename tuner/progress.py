@@ -22,9 +22,11 @@ STATE_LABELS = {"queued": "Queued", "running": "Training", "completed": "Complet
 
 
 def fmt_duration(seconds: float | None) -> str:
-    """12 s, 3 min 05 s, 1 h 02 min."""
+    """12 s, 3 min 05 s, 1 h 02 min; "under 1 s" (never "0.0 min")."""
     if seconds is None:
         return "—"
+    if 0 < seconds < 0.5:
+        return "under 1 s"
     seconds = int(round(max(seconds, 0)))
     if seconds < 60:
         return f"{seconds} s"
@@ -58,23 +60,60 @@ def phase(status: dict[str, Any]) -> str:
     return "training"
 
 
+def took(status: dict[str, Any]) -> float | None:
+    """The run's time, the one figure every view shows: what the user waited (total_s, start-up included),
+    or the training clock (wall_s) where that is longer (a resumed run counts its earlier sessions)."""
+    times = [float(t) for t in (status.get("total_s"), status.get("wall_s")) if isinstance(t, (int, float))]
+    return max(times) if times else None
+
+
 def elapsed(status: dict[str, Any], now: float | None = None) -> float | None:
-    """Seconds the run has been going: from its start while active (a moving clock), else its recorded time."""
-    started = _epoch(status.get("started_at"))
+    """Seconds the run has been going: from when the user's wait began while active (a moving clock), else
+    its recorded time (took)."""
+    began = status.get("wait_from")
+    started = float(began) if isinstance(began, (int, float)) else _epoch(status.get("started_at"))
     if status.get("status") in ACTIVE and started is not None:
         return max((now or time.time()) - started, 0.0)
-    return status.get("wall_s")
+    return took(status)
+
+
+def _eta_written(status: dict[str, Any]) -> float | None:
+    """When the status's eta_s was written (eta_at; older runs: the status's last write)."""
+    at = status.get("eta_at")
+    return float(at) if isinstance(at, (int, float)) else _epoch(status.get("updated_at"))
+
+
+def overrun(status: dict[str, Any], now: float | None = None) -> float | None:
+    """Seconds the running phase has gone past its estimate (negative: time still left); None when unknown."""
+    eta = status.get("eta_s")
+    if status.get("status") != "running" or eta is None or not int(status.get("step") or 0):
+        return None
+    written = _eta_written(status)
+    return ((now or time.time()) - written if written is not None else 0.0) - float(eta)
 
 
 def time_left(status: dict[str, Any], now: float | None = None) -> float | None:
-    """The trainer's last estimate of the time left, counted down since it was written; None when unknown."""
-    eta = status.get("eta_s")
-    written = _epoch(status.get("updated_at"))
-    if status.get("status") != "running" or eta is None or not int(status.get("step") or 0):
-        return None
-    if written is not None:
-        eta -= (now or time.time()) - written
-    return max(eta, 0.0)
+    """The run's last estimate of the time left, counted down since it was written; None when unknown."""
+    over = overrun(status, now)
+    return None if over is None else max(-over, 0.0)
+
+
+def passes(examples: float, n_train: Any) -> str:
+    """"2.04 epochs of 94 examples": how many times `examples` seen go over the training set."""
+    epochs = examples / int(n_train)
+    return f"{epochs:.3g} epoch{'' if f'{epochs:.3g}' == '1' else 's'} of {int(n_train):,} examples"
+
+
+def epochs_run(status: dict[str, Any]) -> str:
+    """The run's length as it really is (a finished run) or will be (an active one): "24 steps (2.04 epochs
+    of 94 examples)"; the steps alone when the number of training examples is unknown (older runs)."""
+    active = status.get("status") in ACTIVE
+    steps = int(status.get("max_steps" if active else "step") or 0)
+    seen = status.get("examples_total" if active else "examples_seen")
+    words = f"{steps} step{'' if steps == 1 else 's'}"
+    if status.get("train_examples") and seen:
+        words += f" ({passes(seen, status['train_examples'])})"
+    return words
 
 
 def examples_seen(status: dict[str, Any], batch_size: int, grad_accum: int) -> tuple[int, int | None]:
@@ -96,15 +135,19 @@ def summary(status: dict[str, Any], batch_size: int = 1, grad_accum: int = 1, no
         bits.append(f"step {step} / {total or '?'}")
     seen, planned = examples_seen(status, batch_size, grad_accum)
     if planned:
-        bits.append(f"{seen:,} of {planned:,} examples seen")
+        over_data = f" ({passes(planned, status['train_examples'])})" if status.get("train_examples") else ""
+        bits.append(f"{seen:,} of {planned:,} examples seen{over_data}")
     elif seen:
         bits.append(f"{seen:,} examples seen")
     clock = elapsed(status, now)
     if clock is not None and (clock or state in ACTIVE):
         bits.append(f"{'running for' if state in ACTIVE else 'took'} {fmt_duration(clock)}")
-    left = time_left(status, now)
-    if left is not None:
-        bits.append(f"about {fmt_duration(left)} left" if left >= 1 else "finishing the last steps")
+    over = overrun(status, now)
+    if over is not None and over < -0.5:
+        bits.append(f"about {fmt_duration(-over)} left")
+    elif over is not None:  # the estimate ran out while work remains: a clock that moves, never "0 s left"
+        bits.append(f"{fmt_duration(over + float(status['eta_s']))} in this part, "
+                    f"{fmt_duration(over)} longer than estimated")
     first, best = status.get("first_eval_loss"), status.get("eval_loss")
     if first is not None and best is not None and best != first:
         bits.append(f"held-out loss {first:.3f} → {best:.3f}")
@@ -158,12 +201,34 @@ def log_tail(path: str | Path, lines: int = LOG_LINES) -> str:
     return "\n".join(reversed([line for line in kept if line.strip()][-lines:]))
 
 
+SMOOTHING = 0.6  # weight of the past in the smoothed train loss (an EMA, debiased like TensorBoard's)
+SMOOTHED = "train loss (smoothed)"
+
+
+def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """An exponential moving average of `values`, debiased so it starts at the first value, not at 0.
+
+    >>> [round(v, 2) for v in smoothed([4.0, 2.0, 3.0], 0.5)]
+    [4.0, 2.67, 2.86]
+    """
+    out, ema = [], 0.0
+    for i, v in enumerate(values, start=1):
+        ema = weight * ema + (1 - weight) * v
+        out.append(ema / (1 - weight**i))
+    return out
+
+
 def loss_points(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Train and held-out loss by step: [{step, loss, series}], for a plot coloured by series."""
+    """Train loss (per step and smoothed) and held-out loss by step: [{step, loss, series}], for a plot
+    coloured by series. A step logged twice (a resumed run) counts once, its last record."""
+    train = {int(m["step"]): float(m["loss"]) for m in metrics if m.get("loss") is not None}
     rows = []
     for m in metrics:
         if m.get("loss") is not None:
             rows.append({"step": int(m["step"]), "loss": float(m["loss"]), "series": "train loss"})
         if m.get("eval_loss") is not None:
             rows.append({"step": int(m["step"]), "loss": float(m["eval_loss"]), "series": "held-out loss"})
+    steps = sorted(train)
+    rows += [{"step": step, "loss": round(value, 4), "series": SMOOTHED}
+             for step, value in zip(steps, smoothed([train[s] for s in steps]), strict=True)]
     return rows

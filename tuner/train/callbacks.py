@@ -36,8 +36,10 @@ class RunRecorder(TrainerCallback):
     """Writes metrics.jsonl and status.json as training goes, and stops a run whose loss is broken."""
 
     def __init__(self, run_dir: Path, offset: dict[str, float], has_eval: bool,
-                 progress: Callable[[dict[str, Any]], None] | None, vocab_size: int, eval_share: float = 1.0):
+                 progress: Callable[[dict[str, Any]], None] | None, vocab_size: int, eval_share: float = 1.0,
+                 train_examples: int = 0):
         self.run_dir = run_dir
+        self.train_examples = train_examples  # epochs run = examples seen / this
         self.eval_share = eval_share
         self.phase_written = 0.0
         self.eval_batches = 0
@@ -69,11 +71,19 @@ class RunRecorder(TrainerCallback):
         return self.lowest
 
     def on_train_begin(self, args, state, control, **kw):
-        # start-up: from the process's start (the user pressed Train or ran the command) to the first step
-        startup = round(time.time() - psutil.Process().create_time(), 1)
+        # start-up: from when the user's wait began (the job process's start, or train_run's call in-process)
+        # to the first step
+        began = read_status(self.run_dir).get("wait_from") or psutil.Process().create_time()
+        total = state.max_steps * effective_batch(args)  # the examples of every process
         update_status(self.run_dir, status="running", max_steps=state.max_steps, step=state.global_step,
-                      phase="training", examples_seen=self.examples_seen(args, state), startup_s=startup,
-                      examples_total=state.max_steps * effective_batch(args))
+                      phase="training", examples_seen=self.examples_seen(args, state),
+                      startup_s=round(time.time() - began, 1), examples_total=total,
+                      train_examples=self.train_examples or None, epochs=self.epochs(total))
+
+    def epochs(self, examples: int) -> float | None:
+        """Passes over the training examples that `examples`, seen by all processes of a launch together, make;
+        None when their number is unknown."""
+        return round(examples / self.train_examples, 2) if self.train_examples else None
 
     def examples_seen(self, args, state) -> int:
         return int(state.global_step) * effective_batch(args)
@@ -163,7 +173,8 @@ class RunRecorder(TrainerCallback):
         update_status(self.run_dir, step=step, max_steps=state.max_steps, first_eval_loss=self.first_eval_loss,
                       eval_loss=self.lowest_eval(record), train_loss=record["loss"] or _status_loss(self.run_dir),
                       tokens_trained=record.get("tokens") or read_status(self.run_dir).get("tokens_trained", 0),
-                      wall_s=record["elapsed_s"], eta_s=record["eta_s"], examples_seen=self.examples_seen(args, state))
+                      wall_s=record["elapsed_s"], eta_s=record["eta_s"], eta_at=time.time(),
+                      examples_seen=self.examples_seen(args, state))
         if self.progress is not None:
             self.progress({**record, "max_steps": state.max_steps})
 

@@ -19,8 +19,10 @@ from tuner.config import (
     add_config_arguments,
     choices,
     config_overrides,
+    explicit_length,
 )
 from tuner.errors import TunerError
+from tuner.progress import epochs_run, fmt_duration, took
 from tuner.runs import Run, is_main_process, prepare_run, resolve, world_size
 from tuner.train.run import train_run
 
@@ -49,13 +51,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = config_overrides(args, TrainConfig)
-    if args.num_epochs is not None:
-        overrides["max_steps"] = -1  # epochs asked for: no step limit from the preset or file
-    if args.config:
-        values = TrainConfig.load(args.config).to_dict()
-        values.update(overrides)
-        return TrainConfig.from_dict(values)
+    overrides = config_overrides(args, TrainConfig)  # only the flags the user typed
+    if args.config:  # a length given on the command line wins over the file's bounds too
+        return TrainConfig.from_dict(explicit_length(TrainConfig.load(args.config).to_dict(), overrides))
     if args.method == Method.FULL.value and args.quantization is None:
         overrides["quantization"] = Quantization.NONE.value  # full fine-tuning cannot train 4-bit weights
     return TrainConfig.from_preset(args.preset or DEFAULT_PRESET, **overrides)
@@ -129,25 +127,18 @@ def cli(args: argparse.Namespace) -> int:
         print(batch_line(Run(run_dir).config()), file=sys.stderr)
     update, close = progress_printer(args.json)
     try:
-        status = train_run(run_dir, resume=resume, progress=update)
+        status = train_run(run_dir, resume=resume, progress=update, waited_from=_process_start())
     finally:
         close()
     if args.json:
         keys = ("status", "error", "adapter", "first_eval_loss", "eval_loss", "train_loss", "step", "max_steps",
                 "tokens_trained", "wall_s", "peak_memory_mb", "device", "precision", "best_step", "best_by",
-                "examples_seen", "eval_loss_all", "voice", "processes", "effective_batch")
+                "examples_seen", "epochs", "train_examples", "total_s", "eval_loss_all", "voice", "processes",
+                "effective_batch")
         verdict = (status.get("voice") or {}).get("sentence")
         print(json.dumps({"run": str(run_dir), "verdict": verdict, **{k: status.get(k) for k in keys}}))
     else:
-        line = f"{status['status']}: {run_dir}"
-        if status.get("error"):
-            line += f"\n{status['error']}"
-        elif status.get("adapter"):
-            line += (f"\nresult: {status['adapter']}\neval loss {status.get('first_eval_loss')} -> "
-                     f"{status.get('eval_loss')} in {status.get('step')} steps, {status.get('wall_s')} s")
-            if (status.get("voice") or {}).get("sentence"):
-                line += f"\nvoice: {status['voice']['sentence']}"
-        print(line, file=sys.stderr)
+        print(final_words(status, run_dir), file=sys.stderr)
     return 0 if status["status"] == "completed" else 1
 
 
@@ -157,6 +148,31 @@ def batch_line(cfg: TrainConfig) -> str:
     effective = cfg.batch_size * cfg.grad_accum * processes
     return (f"effective batch: {effective} examples a step ({cfg.batch_size} per process x {cfg.grad_accum} "
             f"accumulation x {processes} process{'es' if processes > 1 else ''})")
+
+
+def final_words(status: dict[str, Any], run_dir: Path) -> str:
+    """The run's end on the terminal: its state, result, losses, the length it really trained (steps and
+    epochs) and the time the user waited, and the voice verdict."""
+    line = f"{status['status']}: {run_dir}"
+    if status.get("error"):
+        line += f"\n{status['error']}"
+    elif status.get("adapter"):
+        line += (f"\nresult: {status['adapter']}\neval loss {status.get('first_eval_loss')} -> "
+                 f"{status.get('eval_loss')} in {epochs_run(status)}, "
+                 f"{fmt_duration(took(status))}")
+        if (status.get("voice") or {}).get("sentence"):
+            line += f"\nvoice: {status['voice']['sentence']}"
+    return line
+
+
+def _process_start() -> float | None:
+    """When this process started: for a job the app starts, when the user pressed Train."""
+    import psutil
+
+    try:
+        return psutil.Process().create_time()
+    except psutil.Error:
+        return None
 
 
 def _is_preference(run: str | None) -> bool:

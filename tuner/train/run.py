@@ -43,8 +43,11 @@ OOM_ADVICE = ("Fix: lower batch_size (now {batch_size}), lower max_length (now {
 
 def train_run(run_dir: str | Path, resume: bool = False,
               progress: Callable[[dict[str, Any]], None] | None = None,
-              callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+              callbacks: list[TrainerCallback] | None = None, waited_from: float | None = None) -> dict[str, Any]:
     """Train the run in this process and return its final status.
+
+    `waited_from`: when the user's wait began (the job process's start; default: now), from which the
+    run's start-up and total time (`startup_s`, `total_s`, what the estimate learns from) are counted.
 
     `resume=True` continues an interrupted/failed/cancelled run from its last complete checkpoint.
     `progress`, if given, is called with every metrics record; `callbacks` are added to the Trainer
@@ -62,7 +65,8 @@ def train_run(run_dir: str | Path, resume: bool = False,
     with machine_lock(run_dir):
         started = time.monotonic()
         update_status(run_dir, status="running", error=None, pid=os.getpid(), pid_started=proc_start(os.getpid()),
-                      started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), saved_at=None)
+                      started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), saved_at=None,
+                      wait_from=waited_from or time.time())
         dev = "cpu"
         try:
             dev = device()
@@ -132,6 +136,7 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
         # every validation example, scored on the final weights (the same as eval_loss when the sample is all)
         "eval_loss_all": eval_all if eval_all is not None else best_loss,
         "examples_seen": int(trainer.state.global_step) * effective_batch(trainer.args),
+        "epochs": recorder.epochs(int(trainer.state.global_step) * effective_batch(trainer.args)),
     }
     # the result first: saved, reloaded and compared before the voice check, so it is on disk (and the
     # playground can serve it) while the check runs, and a check that fails or is stopped loses nothing
@@ -149,7 +154,8 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
 
             expected = len(voice["prompts"]) * voice_s_per_prompt(cfg.base_model, dev, measured_here(cfg.base_model))
             update_status(run_dir, phase=f"the result is saved; asking it and the base {len(voice['prompts'])} "
-                                         "new questions (the voice check)", eta_s=round(expected, 1))
+                                         "new questions (the voice check)", eta_s=round(expected, 1),
+                          eta_at=time.time())
         voice_started = time.monotonic()
         served = served_model(trainer.model, cfg.base_model, ctx["quantization"], dev)
         summary["voice"] = final_verdict(served, trainer.processing_class, ctx["chat_template"], voice["marker"],
@@ -163,6 +169,8 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
         write_card(out_dir, model_card(cfg, summary, ctx["data_stats"], ctx["precision"]["name"], dev, run_dir))
     summary["wall_s"] = round(recorder.elapsed(), 1)
     summary["eval_s"] = round(recorder.eval_s, 1)  # every evaluation, the final one included
+    # what the user waited, start-up included (a resumed run: this session only): what the estimate learns from
+    summary["total_s"] = round(time.time() - (read_status(run_dir).get("wait_from") or time.time()), 1)
     return update_status(run_dir, status="completed", phase="done", error=None, adapter=str(out_dir), pid=None, eta_s=0,
                          peak_memory_mb=peak_memory_mb(dev),
                          train_runtime_s=round(train_runtime, 1), **summary)

@@ -168,7 +168,7 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, dev: str, resume: bool = Fals
     args = sft_config(cfg, run_dir, dev, prec, bool(val_rows), gc_on, resume=checkpoint is not None,
                       by_voice=by_voice, n_train=len(train_rows))
     recorder = RunRecorder(run_dir, offset, bool(val_rows), progress, model.config.get_text_config().vocab_size,
-                           eval_share=cfg.eval_share)
+                           eval_share=cfg.eval_share, train_examples=len(train_rows))
     own: list[TrainerCallback] = [recorder]
     if by_voice:  # before the budget, which saves new bests by the metric this adds
         own.append(VoiceCheck(run_dir, marker, prompts[:CHECK_PROMPTS], chat_template, budget))

@@ -102,7 +102,7 @@ def md_escape(text: Any) -> str:
 
 
 def shown(text: str) -> str:
-    """Message text for a gr.Chatbot with render_markdown=False: shown literally, HTML never interpreted."""
+    """Message text for a gr.Chatbot: its Markdown rendered, its HTML shown as text, never interpreted."""
     return html.escape(text, quote=False)
 
 
@@ -161,6 +161,7 @@ def playground() -> Any:
 # -- feedback ----------------------------------------------------------------------------------------
 
 RATE_COLUMNS = ["source", "wins", "votes", "win rate", "95% interval"]
+RATE_WIDTHS = ["40%", "12%", "12%", "14%", "22%"]  # the source (a run's id) wide enough to read whole
 
 
 def win_rates_frame(win_rates: dict[str, dict[str, Any]], run_id: str, parent: str | None):

@@ -21,6 +21,7 @@ from tuner import limits, preview
 from tuner.config import ConvertConfig
 from tuner.errors import DataError, TunerError
 from tuner.paths import uploads_dir
+from tuner.progress import fmt_duration
 from tuner.ui.common import Components, bubbles, friendly, keyed, md_escape, pick
 from tuner.words import and_list, plural
 
@@ -119,10 +120,6 @@ def counts(report: dict[str, Any]) -> dict[str, Any]:
             "listed": len(report.get("dropped") or [])}
 
 
-def _minutes(value: float) -> str:
-    return "under a minute" if value < 1 else f"about {value:,.0f} min"
-
-
 def report_markdown(report: dict[str, Any]) -> str:
     """The validation report's headline: verdict, counts, PII, warnings (user text escaped)."""
     stats = report.get("stats") or {}
@@ -155,9 +152,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     estimate = stats.get("train_time_estimate") or {}
     if estimate.get("tokens_per_epoch"):
         lines.append(f"One epoch is about {plural(estimate['tokens_per_epoch'], 'token')}: "
-                     f"{_minutes(estimate['cpu_minutes_per_epoch'])} on a CPU, "
-                     f"{_minutes(estimate['gpu_minutes_per_epoch'])} on a GPU with the default model (a rough "
-                     "estimate from a reference speed).")
+                     f"{fmt_duration(estimate['cpu_s_per_epoch'])} on a CPU, {fmt_duration(estimate['gpu_s_per_epoch'])} "
+                     "on a GPU with the default model (a rough estimate from a reference speed).")
     pii = {k: v for k, v in (report.get("pii") or {}).items() if v}
     if pii:
         found = ", ".join(f"{v} {md_escape(k)}" for k, v in pii.items())

@@ -26,6 +26,7 @@ from tuner.playground import message_text
 from tuner.runs import Run
 from tuner.ui.common import (
     RATE_COLUMNS,
+    RATE_WIDTHS,
     Components,
     bubbles,
     friendly,
@@ -653,8 +654,10 @@ def build() -> Components:
                                            ("tuned_chat", "Tuned", "chat-tuned", True),
                                            ("prompted_chat", "Prompt-only", "chat-prompted", False)):
             # thumbs under each reply, and a reply edited in place is "the better reply" (tuner.feedback)
+            # replies are Markdown (agents write **bold** and lists): rendered, with HTML shown as text (bubbles)
             c[name] = gr.Chatbot(label=label, height=380, elem_id=elem, feedback_options=("Like", "Dislike"),
-                                 editable="all", visible=visible, render_markdown=False, buttons=["copy_all"])
+                                 editable="all", visible=visible, render_markdown=True, sanitize_html=True,
+                                 buttons=["copy_all"])
     with gr.Row():
         c["msg"] = gr.Textbox(placeholder="Ask what your customers ask… (Enter sends to every column)",
                               show_label=False, scale=5, elem_id="chat-input", max_length=4000)
@@ -692,7 +695,7 @@ def build() -> Components:
         c["ab_reveal"] = gr.Markdown(elem_id="ab-reveal")
         c["ab_rates"] = gr.Dataframe(pd.DataFrame(columns=RATE_COLUMNS), label="Win rate per source in this run's "
                                      "blind votes ('both bad' counts as a loss for both)", interactive=False,
-                                     elem_id="ab-rates")
+                                     elem_id="ab-rates", wrap=True, column_widths=RATE_WIDTHS)
         c["ab_state"] = gr.State(None)  # this session's pair, its order hidden until the vote
     c["thumbs"] = gr.State(dict)  # {column: {reply index: "Like"|"Dislike"}}: the thumbs lit in this session
     with gr.Accordion("Evaluation: did it learn the voice, did it forget anything?", open=False, elem_id="eval-section"):

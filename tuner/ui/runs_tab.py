@@ -21,10 +21,12 @@ from tuner import feedback
 from tuner.config import PreferenceConfig, choices
 from tuner.errors import RunNotFound, TunerError
 from tuner.paths import check_run_id
-from tuner.progress import fmt_duration
+from tuner.progress import epochs_run, fmt_duration, took
 from tuner.runs import Run
 from tuner.ui.common import (
+    RATE_WIDTHS,
     Components,
+    active_run,
     friendly,
     keyed,
     list_runs,
@@ -165,13 +167,14 @@ def run_details(run_id: str | None) -> str:
         "kind": method_label(status, cfg),
         "status": status.get("status"),
         "steps": f"{status.get('step') or 0} / {status.get('max_steps') or '?'}",
+        "length": epochs_run(status) if status.get("train_examples") else None,  # the epochs really run
         "examples seen": f"{status['examples_seen']:,}" if status.get("examples_seen") else None,
         "train loss": _round(status.get("train_loss")),
         "eval loss": f"{_round(status.get('first_eval_loss'))} → {_round(status.get('eval_loss'))}"
         if status.get("eval_loss") is not None else None,
         "voice (new questions)": (status.get("voice") or {}).get("sentence"),
         "tokens trained": f"{status['tokens_trained']:,}" if status.get("tokens_trained") else None,
-        "time": fmt_duration(status["wall_s"]) if status.get("wall_s") else None,
+        "time": fmt_duration(took(status)) if took(status) else None,
         "peak memory": f"{status['peak_memory_mb'] / 1024:.1f} GB" if status.get("peak_memory_mb") else None,
         "error": status.get("error"),
     }
@@ -444,12 +447,14 @@ def push_run(run_id: str | None, repo_id: str, token: str, merge: bool, private:
 
 
 @friendly
-def refresh_runs() -> dict[str, Any]:
-    """The runs table and every run picker, from the disk."""
+def refresh_runs(current: str | None = None) -> dict[str, Any]:
+    """The runs table and every run picker, from the disk. The Runs tab keeps the run picked (`current`)
+    while it is there, else picks the one training now or the newest, so it never shows no run beside a list."""
     choices = run_choices()
     completed = run_choices(with_result=True)
+    picked = current if current in choices else active_run()
     return {"runs_table": runs_frame(), "train_run": gr.update(choices=choices), "pg_run": gr.update(choices=completed),
-            "runs_pick": gr.update(choices=choices)}
+            "runs_pick": gr.update(choices=choices, value=picked)}
 
 
 @friendly
@@ -555,10 +560,11 @@ def build() -> Components:
                     "**Playground** tab (or pairs your team already has) train a child of this run that prefers "
                     "what they chose: DPO on pairs, KTO on thumbs only.")
         c["fb_report"] = gr.Markdown(elem_id="feedback-report")
-        with gr.Row():
-            c["fb_counts"] = gr.Dataframe(label="Judgements by kind", interactive=False, elem_id="feedback-counts")
-            c["fb_wins"] = gr.Dataframe(label="Win rate per source in blind votes (95% Wilson interval)",
-                                        interactive=False, elem_id="feedback-wins")
+        c["fb_counts"] = gr.Dataframe(label="Judgements by kind", interactive=False, elem_id="feedback-counts")
+        # its own row, columns sized for a run's id and the interval: shown whole, never cut off at the side
+        c["fb_wins"] = gr.Dataframe(label="Win rate per source in blind votes (95% Wilson interval)",
+                                    interactive=False, elem_id="feedback-wins", wrap=True,
+                                    column_widths=RATE_WIDTHS)
         c["fb_lost"] = gr.Dataframe(label="Prompts where the tuned bot lost a vote", interactive=False, wrap=True,
                                     elem_id="feedback-lost")
         with gr.Row(equal_height=True):
@@ -602,8 +608,8 @@ def wire(c: Components) -> None:
     """The Runs tab's events (the tab itself is `c["runs_tab"]`)."""
     pickers = pick(c, *PICKERS)
     refresh = keyed(refresh_runs, c)
-    c["refresh_btn"].click(refresh, outputs=pickers, api_name="runs")
-    c["runs_tab"].select(refresh, outputs=pickers, api_name="runs_on_open", api_visibility="private")
+    c["refresh_btn"].click(refresh, c["runs_pick"], pickers, api_name="runs")
+    c["runs_tab"].select(refresh, c["runs_pick"], pickers, api_name="runs_on_open", api_visibility="private")
     c["runs_pick"].change(run_details, c["runs_pick"], c["details"], api_name="run_details")
     # feedback: the report follows the picked run, and is read again when the tab opens (votes come from the
     # Playground tab meanwhile)
@@ -617,7 +623,7 @@ def wire(c: Components) -> None:
                           api_name="import_feedback")
     c["fb_train_btn"].click(keyed(train_on_feedback, c), [c["runs_pick"], *pref_settings(c)], pick(c, "train_run", "tabs"),
                             api_name="train_on_feedback", concurrency_limit=1).success(
-        refresh, outputs=pickers, api_name="runs_after_feedback_train", api_visibility="private")
+        refresh, c["runs_pick"], pickers, api_name="runs_after_feedback_train", api_visibility="private")
     c["dl_adapter_btn"].click(download_adapter, c["runs_pick"], c["download"], api_name="download_adapter",
                               concurrency_limit=1)
     c["dl_merged_btn"].click(download_merged, c["runs_pick"], c["download"], api_name="download_merged",

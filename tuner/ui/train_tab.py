@@ -18,11 +18,12 @@ from tuner import progress
 from tuner.config import DEFAULT_PRESET, PRESETS, PreferenceConfig, TrainConfig, choices
 from tuner.errors import TunerError
 from tuner.runs import Run, has_result
-from tuner.ui.common import RUN_STATES_ACTIVE, Components, friendly, keyed, pick, run_folder
+from tuner.ui.common import RUN_STATES_ACTIVE, Components, friendly, keyed, md_escape, pick, run_folder
 from tuner.ui.runs_tab import PICKERS, preference_sentences, refresh_runs
 
 POLL_SECONDS = 2.0  # how often the Train tab reads status.json / metrics.jsonl
-LOSS_COLORS = {"train loss": "#f97316", "held-out loss": "#2563eb"}  # orange, blue: named in the label too
+# orange dots (each step), dark orange line (smoothed), blue (held-out): named in the legend too
+LOSS_COLORS = {"train loss": "#f97316", progress.SMOOTHED: "#9a3412", "held-out loss": "#2563eb"}
 
 # Settings the Train tab shows; the rest keep their preset/default values.
 MAIN_SETTINGS = ["max_steps", "num_epochs", "learning_rate", "lora_r", "batch_size", "max_length"]
@@ -33,7 +34,8 @@ _FIRST_MORE = ["quantization", "method", "lora_alpha", "lora_dropout", "grad_acc
 MORE_SETTINGS = _FIRST_MORE + [f.name for f in dataclasses.fields(TrainConfig)
                                if f.name not in (*MAIN_SETTINGS, *_FIRST_MORE, "base_model", "preset")]
 SETTING_LABELS = {
-    "max_steps": "Max steps", "num_epochs": "Epochs", "learning_rate": "Learning rate", "lora_r": "LoRA rank",
+    "max_steps": "Max steps (-1: from the epochs)", "num_epochs": "Epochs", "min_steps": "Min steps (the preset's floor)",
+    "step_limit": "Step limit (the preset's cap)", "learning_rate": "Learning rate", "lora_r": "LoRA rank",
     "batch_size": "Batch size", "max_length": "Max length (tokens)", "quantization": "Quantization",
     "method": "Method", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout", "grad_accum": "Gradient accumulation",
     "eval_steps": "Evaluate every N steps", "save_steps": "Checkpoint every N steps",
@@ -44,7 +46,7 @@ SETTING_LABELS = {
     "eval_share": "Validation share", "save_every_s": "Checkpoint every N seconds",
     "voice_prompts": "Voice-check questions", "logging_steps": "Log every N steps",
 }
-STATUS_VIEWS = ["progress", "loss_plot", "train_log", "cancel_btn", "resume_btn", "timer", "raw_log"]
+STATUS_VIEWS = ["progress", "loss_plot", "train_log", "cancel_btn", "resume_btn", "timer", "raw_log", "run_state"]
 
 
 # -- settings ----------------------------------------------------------------------------------------
@@ -74,8 +76,11 @@ def setting_component(name: str, value: Any) -> gr.components.Component:
 
 
 def build_train_config(base_model: str, preset: str, names: list[str], values: tuple[Any, ...]) -> TrainConfig:
-    """The one place the page's settings become a TrainConfig (validated there)."""
+    """The one place the page's settings become a TrainConfig (validated there). A setting that differs from
+    the preset's is the user's, given explicitly (as a CLI flag is): epochs changed here win over the preset's
+    min/max steps (tuner.config.explicit_length)."""
     settings = preset_values(preset or DEFAULT_PRESET)
+    given: dict[str, Any] = {}
     for name, value in zip(names, values, strict=True):
         if value is None or value == "":
             raise TunerError(f"{SETTING_LABELS.get(name, name)} is empty: give it a value.")
@@ -86,10 +91,10 @@ def build_train_config(base_model: str, preset: str, names: list[str], values: t
             value = int(value)
         elif isinstance(default, float):
             value = float(value)
-        settings[name] = value
-    settings["base_model"] = (base_model or "default").strip()
-    settings["preset"] = preset or "custom"
-    return TrainConfig.from_dict(settings)
+        if value != settings[name]:
+            given[name] = value
+    given["base_model"] = (base_model or "default").strip()
+    return TrainConfig.from_preset(preset or DEFAULT_PRESET, **given)
 
 
 def apply_preset(preset: str) -> list[Any]:
@@ -109,9 +114,11 @@ def estimate_run(session: dict[str, Any], base_model: str, preset: str, *values:
     est = jobs.estimate(cfg, data_dir)
     per_step = cfg.batch_size * cfg.grad_accum
     seen = est["steps"] * per_step
-    text = (f"**Estimate:** {est['steps']} steps of {per_step} examples: the run sees **{seen:,} examples** "
-            f"({seen / max(est['examples'], 1):.1f}x the {est['examples']:,} training examples, "
-            f"~{est['tokens']:,} tokens)")
+    # the steps, why (the setting that decided, so a Max steps of -1 is explained), and the passes they make
+    text = (f"**Estimate:** {est['steps']} steps of {per_step} examples ({cfg.steps_reason(est['examples'])}): "
+            f"the run sees **{seen:,} examples**, "
+            f"{progress.passes(seen, est['examples']) if est['examples'] else 'no training examples'} "
+            f"(~{est['tokens']:,} tokens)")
     if est.get("time_s") is not None:
         text += f", about **{progress.fmt_duration(est['time_s'])}**"
         parts = est.get("breakdown") or {}
@@ -193,6 +200,18 @@ def memory_line(base_model: str, preset: str, *values: Any) -> str:
     return text + "." + warning
 
 
+@friendly
+def estimate_again(session: dict[str, Any], base_model: str, preset: str, *values: Any) -> str:
+    """The estimate, redone when a setting changes or a run ends (so it never speaks of an older state of
+    the machine); a setting that cannot be used is said in its place rather than in a pop-up."""
+    if not (session or {}).get("ok"):
+        return ""
+    try:
+        return estimate_run.__wrapped__(session, base_model, preset, *values)
+    except TunerError as exc:
+        return f"**No estimate:** {md_escape(exc)}"
+
+
 # -- the run's view ------------------------------------------------------------------------------------
 
 
@@ -235,8 +254,9 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 
 def loss_svg(metrics: list[dict[str, Any]], last_step: int) -> str:
-    """The train and held-out loss curves as an SVG: every point drawn as a dot (the first one shows
-    alone), lines between points, each series in its own colour, named in a legend. Numbers only."""
+    """The train and held-out loss curves as an SVG: every measured point drawn as a dot (the first one shows
+    alone), lines between points, the train loss also smoothed (a thick line through the jagged per-step
+    one), each series in its own colour, named in a legend. Numbers only."""
     points = progress.loss_points(metrics)
     width, height, left, right, top, bottom = 640, 260, 52, 16, 28, 36
     if not points:
@@ -266,16 +286,22 @@ def loss_svg(metrics: list[dict[str, Any]], last_step: int) -> str:
     out.append(f'<text x="{(left + width - right) / 2}" y="{height - 4}" text-anchor="middle">step</text>'
                f'<text x="14" y="{(top + height - bottom) / 2}" text-anchor="middle" '
                f'transform="rotate(-90 14 {(top + height - bottom) / 2})">loss</text>')
-    for i, (series, color) in enumerate(LOSS_COLORS.items()):
+    lx = left + 8
+    for series, color in LOSS_COLORS.items():
         mine = sorted((p for p in points if p["series"] == series), key=lambda p: p["step"])
+        line_only = series == progress.SMOOTHED  # a curve through the measured dots, not a measurement
         if len(mine) > 1:
             path = " ".join(f"{'M' if k == 0 else 'L'}{x(p['step']):.1f},{y(p['loss']):.1f}" for k, p in enumerate(mine))
-            out.append(f'<path class="curve" d="{path}" stroke="{color}" fill="none" stroke-width="2"/>')
-        out += [f'<circle cx="{x(p["step"]):.1f}" cy="{y(p["loss"]):.1f}" r="3.5" fill="{color}" stroke="{color}">'
-                f'<title>{series} at step {p["step"]}: {p["loss"]:.3f}</title></circle>' for p in mine]
-        lx = width - right - 250 + i * 130
-        out.append(f'<rect x="{lx}" y="8" width="14" height="4" fill="{color}" stroke="{color}"/>'
-                   f'<text x="{lx + 20}" y="14">{series}</text>')
+            look = ('stroke-width="3"' if line_only else
+                    'stroke-width="1" stroke-opacity="0.5"' if series == "train loss" else 'stroke-width="2"')
+            out.append(f'<path class="curve" d="{path}" stroke="{color}" fill="none" {look}/>')
+        if not line_only:
+            out += [f'<circle cx="{x(p["step"]):.1f}" cy="{y(p["loss"]):.1f}" r="3" fill="{color}" stroke="{color}">'
+                    f'<title>{series} at step {p["step"]}: {p["loss"]:.3f}</title></circle>' for p in mine]
+        if mine:  # the legend names what is drawn
+            out.append(f'<rect x="{lx}" y="8" width="14" height="4" fill="{color}" stroke="{color}"/>'
+                       f'<text x="{lx + 20}" y="14">{series}</text>')
+            lx += 20 + 7 * len(series) + 24
     out.append("</svg>")
     return "".join(out)
 
@@ -283,7 +309,7 @@ def loss_svg(metrics: list[dict[str, Any]], last_step: int) -> str:
 def no_run_views() -> dict[str, Any]:
     return {"progress": "<p>No run yet. Check your data, then press <b>Start training</b>.</p>",
             "loss_plot": loss_svg([], 0), "train_log": "", "raw_log": "", "cancel_btn": gr.update(visible=False),
-            "resume_btn": gr.update(visible=False), "timer": gr.Timer(active=False)}
+            "resume_btn": gr.update(visible=False), "timer": gr.Timer(active=False), "run_state": None}
 
 
 def preference_steps(pcfg: PreferenceConfig, rows: int | None) -> int:
@@ -328,6 +354,7 @@ def run_status(run_id: str | None) -> dict[str, Any]:
         "cancel_btn": gr.update(visible=active),
         "resume_btn": gr.update(visible=state in ("interrupted", "cancelled", "failed")),
         "timer": gr.Timer(active=active),
+        "run_state": f"{run_dir.name}:{state}",  # a change (a run ended) redoes the estimate: it learned from it
     }
 
 
@@ -398,7 +425,8 @@ def build() -> Components:
                                          info="Training runs in the background: closing this tab does not stop it.")
             c["progress"] = gr.HTML(elem_id="progress")
             # an SVG, not gr.LinePlot: its line-only marks leave a series' first point invisible
-            c["loss_plot"] = gr.HTML(loss_svg([], 0), label="Loss (orange: train, blue: held-out examples)",
+            c["loss_plot"] = gr.HTML(loss_svg([], 0), label="Loss (orange: train, each step and smoothed; blue: "
+                                                           "held-out examples)",
                                      show_label=True, elem_id="loss-plot")
             with gr.Row():
                 c["cancel_btn"] = gr.Button("Cancel training", variant="stop", visible=False, elem_id="cancel")
@@ -409,6 +437,7 @@ def build() -> Components:
                 c["raw_log"] = gr.Textbox(show_label=False, lines=10, max_lines=progress.LOG_LINES,
                                           interactive=False, autoscroll=False, elem_id="raw-log")
     c["timer"] = gr.Timer(POLL_SECONDS, active=False)
+    c["run_state"] = gr.State(None)  # "<run id>:<status>" of the run shown
     return c
 
 
@@ -422,12 +451,21 @@ def wire(c: Components) -> None:
     status = keyed(run_status, c)
     outputs = pick(c, *STATUS_VIEWS)
     run_inputs = [c["session"], c["base_model"], c["preset"], *settings(c)]
-    c["preset"].change(apply_preset, c["preset"], settings(c), api_name="preset")
     c["estimate_btn"].click(estimate_run, run_inputs, c["estimate"], api_name="estimate")
     gr.on([c["base_model"].change] + [c[f"setting:{n}"].change for n in MEMORY_SETTINGS], memory_line,
           run_inputs[1:], c["model_memory"], api_name="model_memory", show_progress="hidden")
+    # the estimate follows what it depends on: the settings, the data, the model, and runs that end here
+    again = {"fn": estimate_again, "inputs": run_inputs, "outputs": c["estimate"], "show_progress": "hidden",
+             "api_visibility": "private"}
+    c["preset"].change(apply_preset, c["preset"], settings(c), api_name="preset").then(
+        api_name="estimate_on_preset", **again)
+    for name in MAIN_SETTINGS + MORE_SETTINGS:
+        c[f"setting:{name}"].input(api_name=f"estimate_on_{name}", trigger_mode="always_last", **again)
+    for name in ("session", "base_model", "run_state"):
+        c[name].change(api_name=f"estimate_on_{name}", **again)
     c["start_btn"].click(start_training, run_inputs, c["train_run"], api_name="train", concurrency_limit=1).success(
-        keyed(refresh_runs, c), outputs=pick(c, *PICKERS), api_name="runs_after_train", api_visibility="private")
+        keyed(refresh_runs, c), c["runs_pick"], pick(c, *PICKERS), api_name="runs_after_train",
+        api_visibility="private")
     c["train_run"].change(status, c["train_run"], outputs, api_name="status")
     c["timer"].tick(status, c["train_run"], outputs, api_name="poll", api_visibility="undocumented",
                     show_progress="hidden")
