@@ -242,6 +242,11 @@ def test_no_tab_shows_an_untranslated_key_or_a_table_without_its_headers(open_pa
                               "[e.getAttribute('aria-label'), e.getAttribute('title'), e.getAttribute('placeholder')]"
                               ".join(' ')).join('\\n')")
         assert sorted(set(RAW_KEY.findall(texts))) == [], tab
+        # every table on the tab, open or folded away, is headed by its columns' names, never "1 2 3"
+        numbered = page.evaluate("() => [...document.querySelectorAll('table thead')].map(t => [...t.querySelectorAll("
+                                 "'th')].map(h => h.textContent.replace(/[⋮\\s]/g, '')).filter(Boolean))"
+                                 ".filter(h => h.length && h.every(x => /^\\d+$/.test(x)))")
+        assert numbered == [], (tab, numbered)
     assert "Done" in "\n".join(page.evaluate("() => window.__texts"))  # the end of an event, announced in words
     assert dialogs == []
 

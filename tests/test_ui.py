@@ -194,3 +194,22 @@ def test_the_runs_tab_always_shows_a_run_the_newest_unless_one_is_picked(signoff
     assert runs_tab.refresh_runs("run-older")["runs_pick"]["value"] == "run-older"  # the user's pick is kept
     assert runs_tab.refresh_runs("run-deleted")["runs_pick"]["value"] == "run-newer"  # a deleted pick: the newest
     assert newer.name == "run-newer"
+
+
+def test_every_table_is_headed_by_its_column_names_before_it_has_rows():
+    """Issue 27: empty tables were headed "1 2 3" (gradio's placeholder when a Dataframe has no value)."""
+    import gradio as gr
+
+    from tuner.ui import data_tab, playground_tab, runs_tab, train_tab
+
+    with gr.Blocks():
+        built = {**data_tab.build(), **train_tab.build(), **playground_tab.build(), **runs_tab.build()}
+    tables = {name: c for name, c in built.items() if isinstance(c, gr.Dataframe)}
+    assert len(tables) >= 8
+    for name, table in tables.items():
+        headers = [str(h) for h in (table.value or {}).get("headers") or []]
+        assert headers and not all(h.isdigit() for h in headers), (name, headers)
+    # and a run's feedback views before any run is picked
+    empty = runs_tab.feedback_report(None)
+    for name in ("fb_counts", "fb_wins", "fb_lost"):
+        assert list(empty[name].columns), name

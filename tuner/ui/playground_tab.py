@@ -706,9 +706,10 @@ def build() -> Components:
                                                "both models answer each.")
             c["eval_btn"] = gr.Button("Evaluate base vs tuned", scale=1, elem_id="eval-run")
             c["eval_stop"] = gr.Button("Stop the evaluation", variant="stop", scale=1, elem_id="eval-stop")
-        c["eval_metrics"] = gr.Dataframe(label="Voice metrics", interactive=False, wrap=True, elem_id="eval-metrics",
+        c["eval_metrics"] = gr.Dataframe(pd.DataFrame(columns=METRIC_COLUMNS), label="Voice metrics", interactive=False, wrap=True, elem_id="eval-metrics",
                                          column_widths=["22%", "10%", "10%", "10%", "48%"])
-        c["eval_rows"] = gr.Dataframe(label="Replies: the real one, then base and tuned, side by side",
+        c["eval_rows"] = gr.Dataframe(pd.DataFrame(columns=EVAL_COLUMNS),
+                                      label="Replies: the real one, then base and tuned, side by side",
                                       interactive=False, wrap=True, max_height=600, elem_id="eval-rows",
                                       column_widths=["22%", "26%", "26%", "26%"])
     return c

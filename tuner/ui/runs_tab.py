@@ -24,6 +24,7 @@ from tuner.paths import check_run_id
 from tuner.progress import epochs_run, fmt_duration, took
 from tuner.runs import Run
 from tuner.ui.common import (
+    RATE_COLUMNS,
     RATE_WIDTHS,
     Components,
     active_run,
@@ -50,6 +51,8 @@ PREF_LABELS = {"beta": "Beta (how far from the parent)", "num_epochs": "Passes o
                "max_length": "Max length (tokens)", "held_out": "Held-out share", "seed": "Seed",
                "warmup_ratio": "Warm-up share", "save_every_s": "Checkpoint every N seconds",
                "loss": "Preference loss"}
+COUNT_COLUMNS = ["judgement", "count"]
+LOST_COLUMNS = ["prompt", "vote", "preferred", "reviewer", "when"]
 FEEDBACK_VIEWS = ["fb_report", "fb_counts", "fb_wins", "fb_lost", "fb_need", "fb_train_btn"]
 COUNT_LABELS = {"thumbs_up": "thumbs up", "thumbs_down": "thumbs down", "edits": "edited replies",
                 "votes": "blind A/B votes", "both_bad": "... of which \"both bad\"", "imported": "imported pairs"}
@@ -237,7 +240,7 @@ def training_plan(report: dict[str, Any]) -> tuple[str | None, str]:
 def _counts_frame(report: dict[str, Any]) -> pd.DataFrame:
     rows = [{"judgement": label, "count": report["counts"][key]} for key, label in COUNT_LABELS.items()]
     rows.append({"judgement": "preference pairs (for DPO)", "count": report["pairs"]})
-    return pd.DataFrame(rows, columns=["judgement", "count"])
+    return pd.DataFrame(rows, columns=COUNT_COLUMNS)
 
 
 def source_label(source: str, run: Run) -> str:
@@ -249,7 +252,7 @@ def _lost_frame(report: dict[str, Any], run: Run) -> pd.DataFrame:
     rows = [{"prompt": lost["prompt"], "vote": lost["choice"],
              "preferred": source_label(lost["winner"], run) if lost["winner"] else "neither",
              "reviewer": lost["reviewer"] or "", "when": lost["time"]} for lost in report["lost"]]
-    return pd.DataFrame(rows, columns=["prompt", "vote", "preferred", "reviewer", "when"])
+    return pd.DataFrame(rows, columns=LOST_COLUMNS)
 
 
 def _n(count: int, noun: str) -> str:
@@ -287,7 +290,8 @@ def feedback_report(run_id: str | None) -> dict[str, Any]:
     """The Teach-it-with-feedback views of one run: words, tables, and the Train button (off with the number
     still needed when there is too little to learn from, or when the run has no finished adapter)."""
     if not run_id:
-        empty = {"fb_report": "Pick a run to see its feedback.", "fb_counts": None, "fb_wins": None, "fb_lost": None,
+        empty = {"fb_report": "Pick a run to see its feedback.", "fb_counts": pd.DataFrame(columns=COUNT_COLUMNS),
+                 "fb_wins": pd.DataFrame(columns=RATE_COLUMNS), "fb_lost": pd.DataFrame(columns=LOST_COLUMNS),
                  "fb_need": "", "fb_train_btn": gr.update(interactive=False)}
         return empty
     run = Run(run_folder(run_id))
@@ -520,7 +524,8 @@ def pref_settings(c: Components) -> list[Any]:
 def build() -> Components:
     """The Runs tab's components, by name (call inside a gr.Tab)."""
     c: Components = {}
-    c["runs_table"] = gr.Dataframe(label="Runs", interactive=False, elem_id="runs-table", wrap=True)
+    c["runs_table"] = gr.Dataframe(pd.DataFrame(columns=RUNS_COLUMNS), label="Runs", interactive=False,
+                                   elem_id="runs-table", wrap=True)
     with gr.Row():
         c["runs_pick"] = gr.Dropdown(label="Run", allow_custom_value=True, scale=3, elem_id="runs-pick")
         c["refresh_btn"] = gr.Button("Refresh", scale=1)
@@ -560,12 +565,15 @@ def build() -> Components:
                     "**Playground** tab (or pairs your team already has) train a child of this run that prefers "
                     "what they chose: DPO on pairs, KTO on thumbs only.")
         c["fb_report"] = gr.Markdown(elem_id="feedback-report")
-        c["fb_counts"] = gr.Dataframe(label="Judgements by kind", interactive=False, elem_id="feedback-counts")
+        c["fb_counts"] = gr.Dataframe(pd.DataFrame(columns=COUNT_COLUMNS), label="Judgements by kind",
+                                      interactive=False, elem_id="feedback-counts")
         # its own row, columns sized for a run's id and the interval: shown whole, never cut off at the side
-        c["fb_wins"] = gr.Dataframe(label="Win rate per source in blind votes (95% Wilson interval)",
+        c["fb_wins"] = gr.Dataframe(pd.DataFrame(columns=RATE_COLUMNS),
+                                    label="Win rate per source in blind votes (95% Wilson interval)",
                                     interactive=False, elem_id="feedback-wins", wrap=True,
                                     column_widths=RATE_WIDTHS)
-        c["fb_lost"] = gr.Dataframe(label="Prompts where the tuned bot lost a vote", interactive=False, wrap=True,
+        c["fb_lost"] = gr.Dataframe(pd.DataFrame(columns=LOST_COLUMNS), label="Prompts where the tuned bot lost a "
+                                    "vote", interactive=False, wrap=True,
                                     elem_id="feedback-lost")
         with gr.Row(equal_height=True):
             with gr.Column():
