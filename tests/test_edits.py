@@ -68,3 +68,12 @@ def test_house_term_and_dropped_phrase_are_graded_on_the_reply():
     assert not term.shown("Grand! That is good news.")  # both words: a near-miss, not the edit
     dropped = Change("removed", old="Unfortunately,", pairs=5, total=5)
     assert dropped.shown("We can replace it.") and not dropped.shown("Unfortunately, we cannot.")
+
+
+def test_a_closing_after_replies_with_and_without_a_full_stop_is_one_edit():
+    """Chat replies often end without punctuation; the reviewer adds '. ' before the closing. That full stop is
+    how the closing is joined, not part of what was added: all pairs make the same edit."""
+    rejected = ["sounds fun", "I love that show.", "me too", "Not sure yet.", "ok then"]
+    chosen = [f"{r}{'' if r.endswith('.') else '.'} Cheers from the Kettle crew!" for r in rejected]
+    found = changes([pair(r, c) for r, c in zip(rejected, chosen, strict=True)])
+    assert [(c.words(), c.pairs) for c in found] == [("adds 'Cheers from the Kettle crew!' at the end", 5)]

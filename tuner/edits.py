@@ -112,7 +112,8 @@ def _edits(rejected: str, chosen: str) -> list[tuple[str, str, str, str]]:
         new, old = cut(chosen, b_at, j1, j2), cut(rejected, a_at, i1, i2)
         where = "end" if j2 == len(b) and i2 == len(a) else "start" if j1 == 0 and i1 == 0 else "inside"
         if op == "insert":
-            out.append(("added", new, "", where))
+            # "fun" -> "fun. Cheers!": the closing is the words added, not the full stop that joins them
+            out.append(("added", new.lstrip(".,;:!? ") if where == "end" else new, "", where))
         elif op == "delete":
             out.append(("removed", "", old, where))
         elif where == "end" and len(b) - j1 > len(a) - i1 + 1:
