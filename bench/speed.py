@@ -533,7 +533,7 @@ def _worker_decode(spec: dict[str, Any]) -> dict[str, Any]:
     run_dir = spec["run_dir"]
     from tuner.runs import Run
 
-    prompts = decode_prompts(Run(run_dir).data_file("validation.jsonl"), spec["prompts"])
+    prompts = decode_prompts(Run(Path(run_dir)).data_file("validation.jsonl"), spec["prompts"])
     settings = GenerationConfig(max_new_tokens=spec["max_new_tokens"], temperature=0.0)
     import torch
 

@@ -165,4 +165,5 @@ def test_decode_sets_tuner_beside_llama_cpp_on_the_same_prompts_and_run(tiny):
     assert d["batched_equals_one_at_a_time"] == d["prompts"]  # no padding dependence in the served dtype
     assert "| llama.cpp | llama.cpp, one prompt at a time |" in stdout
     project = results["train"]["runs"][1]
-    assert project["voice_s"] > 0 and project["voice_base_replies"] in ("decoded", "cached")
+    # the voice check's seconds, and whether the base's replies were decoded or cached (None: nothing to check)
+    assert project["voice_s"] > 0 and project["voice_base_replies"] in ("decoded", "cached", None)
