@@ -1063,7 +1063,8 @@ def markdown(results: dict[str, Any]) -> str:
             out.append(f"| {'llama.cpp' if name.startswith('llama') else 'tuner'} | {how} | {_fmt(r['seconds'], 1)} | "
                        f"{r['tokens']} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['x_llama_cpp_time_per_token'])}x |")
         out += ["", f"Batched replies equal to one-at-a-time replies: {d['batched_equals_one_at_a_time']} of "
-                f"{d['prompts']}; identical to llama.cpp's: {d['same_replies_as_llama_cpp']} (bf16/f16 rounding)."]
+                f"{d['prompts']}; identical to llama.cpp's: {d['same_replies_as_llama_cpp']} (for information only: llama.cpp "
+                "runs f16 weights and without tuner's repetition penalty, so its words differ; the lengths are the same)."]
     if "convert" in results:
         c = results["convert"]
         out += ["", f"Converter: {c['conversations']} generated conversations ({c['export_mb']} MB OpenAI JSONL) in "
