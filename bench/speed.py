@@ -17,7 +17,8 @@ and on all tokens). Utilisation is ~4 x base parameters x tokens (LoRA: forward 
 no weight gradients of the frozen base) over the train-step time, against a torch.matmul
 microbenchmark in the run's compute dtype, measured in the same process right after training.
 
-Also: `chat` (playground time to first token and tokens/s, one column vs a batched compare),
+Also: `chat` (playground time to first token and tokens/s, one column vs a batched compare), `decode`
+(tuner's playground, voice check and eval decoding vs llama.cpp on the run's own f16 GGUF, same prompts),
 `convert` (converter conversations/s and peak memory on a generated export), `quick` (the quick
 preset from pressing Train to the first tuned reply, model load included) and `profile`
 (torch.profiler over a few train steps of the default recipe: where the time goes).
@@ -46,7 +47,8 @@ from tuner.errors import TunerError
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "datasets" / "kettle_openai.jsonl"
 DEFAULT_OUT = ROOT / "bench" / "results.json"
-PARTS = ("train", "chat", "convert", "quick", "profile")
+PARTS = ("train", "chat", "decode", "convert", "quick", "profile")
+DECODE_PROMPTS = 24  # the issue's eval size: tuner's replies vs llama.cpp's, side by side
 DEFAULT_TOKENS = 8000  # one pass over about 8k tokens: ~2 min per baseline run on a 2-core CPU
 DEFAULT_VAL_EXAMPLES = 12
 DEFAULT_CONVERT_N = 100_000
@@ -400,7 +402,10 @@ def _worker_project(spec: dict[str, Any]) -> dict[str, Any]:
               "quantization": status.get("quantization") or cfg.quantization.value,
               "learning_rate": cfg.learning_rate, "adapter": status["adapter"], "run_dir": str(run_dir),
               "trainer_eval_loss": status.get("eval_loss"), "adapter_saved_at": status.get("saved_at") or verdict_at,
-              "verdict_at": verdict_at if status.get("voice") else None}
+              "verdict_at": verdict_at if status.get("voice") else None, "voice_s": status.get("voice_s"),
+              # the base's replies: decoded (first run of this base, prompts and settings) or from the cache
+              "voice_base_replies": ((status.get("voice") or {}).get("timing") or {}).get("base_replies"),
+              "voice_served_dtype": (status.get("voice") or {}).get("served_dtype")}
     return _finish_train_result(spec, result, dev)
 
 
@@ -502,6 +507,90 @@ def _worker_quick(spec: dict[str, Any]) -> dict[str, Any]:
             "reply": timed["replies"].get(TUNED, "")[:300]}
 
 
+def decode_prompts(val_file: Path, n: int) -> list[list[dict[str, str]]]:
+    """Up to `n` held-out prompts: each validation conversation cut before each of its agent replies."""
+    prompts = []
+    for row in _read_jsonl(val_file):
+        msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        prompts += [msgs[:i] for i, m in enumerate(msgs) if m["role"] == "assistant" and i and msgs[i - 1]["role"] == "user"]
+    return prompts[:n]
+
+
+def _worker_decode(spec: dict[str, Any]) -> dict[str, Any]:
+    """Decoding speed, side by side on the same prompts and the same run: tuner's playground (one prompt at a
+    time, as a user chats), tuner's batched way (all tuned rows in one batch: the voice check; base+tuned in
+    batches of EVAL_BATCH prompts: `tuner eval`), and llama.cpp on the run's own f16 GGUF (one prompt at a
+    time, each reply as long as tuner's, so both write the same number of tokens)."""
+    import llama_cpp
+
+    from tuner.config import GenerationConfig
+    from tuner.evaluate import EVAL_BATCH
+    from tuner.gguf import export_gguf
+    from tuner.playground import BASE, TUNED, Playground
+
+    run_dir = spec["run_dir"]
+    from tuner.runs import Run
+
+    prompts = decode_prompts(Run(Path(run_dir)).data_file("validation.jsonl"), spec["prompts"])
+    settings = GenerationConfig(max_new_tokens=spec["max_new_tokens"], temperature=0.0)
+    import torch
+
+    t = time.perf_counter()
+    pg = Playground(dtype=getattr(torch, spec["dtype"]) if spec.get("dtype") else None)
+    pg.load_run(run_dir)
+    load_s = time.perf_counter() - t
+    pg.answers(prompts[:2], [TUNED], settings)  # warm-up: first-call allocations
+    t = time.perf_counter()
+    single = [pg.generate_many([p], [TUNED], settings)[0][TUNED] for p in prompts]
+    single_s = time.perf_counter() - t
+    t = time.perf_counter()
+    batched, _ = pg.answers(prompts, [TUNED], settings)[TUNED]
+    batched_s = time.perf_counter() - t
+    t = time.perf_counter()
+    evaluated = []
+    for start in range(0, len(prompts), EVAL_BATCH):
+        evaluated += pg.generate_many(prompts[start:start + EVAL_BATCH], [BASE, TUNED], settings)
+    eval_s = time.perf_counter() - t
+    tok = pg.tokenizer
+    lengths = [len(tok(r, add_special_tokens=False)["input_ids"]) for r in single]
+    eval_tokens = sum(len(tok(r[c], add_special_tokens=False)["input_ids"]) for r in evaluated for c in (BASE, TUNED))
+    inputs = [tok(text, add_special_tokens=False)["input_ids"] for text in pg.prompt_texts(prompts, TUNED, settings)]
+    dtype = str(pg.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    del pg
+
+    t = time.perf_counter()
+    gguf = export_gguf(run_dir, Path(spec["out"]) / "gguf", quant="f16")
+    export_s = time.perf_counter() - t
+    llm = llama_cpp.Llama(model_path=gguf["gguf"], n_ctx=4096, n_threads=os.cpu_count() or 1, seed=0, verbose=False)
+    same = 0
+    t = time.perf_counter()
+    for ids, reply, n in zip(inputs, single, lengths, strict=True):
+        out: list[int] = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            out.append(token)
+            if len(out) >= max(n, 1):
+                break
+        same += tok.decode(out, skip_special_tokens=True).strip() == reply.strip()
+    llama_s = time.perf_counter() - t
+    llm.close()
+    tokens = sum(max(n, 1) for n in lengths)
+
+    def side(seconds: float, n_tokens: int) -> dict[str, float]:
+        return {"seconds": round(seconds, 2), "tokens": n_tokens, "tokens_per_s": round(n_tokens / seconds, 1),
+                "x_llama_cpp_time_per_token": round((seconds / n_tokens) / (llama_s / tokens), 2)}
+
+    return {"prompts": len(prompts), "max_new_tokens": spec["max_new_tokens"], "dtype": dtype,
+            "playground_load_s": round(load_s, 2), "gguf_export_s": round(export_s, 1),
+            "tuner_playground_one_at_a_time": side(single_s, sum(lengths)),
+            "tuner_voice_check_one_batch": side(batched_s, sum(len(tok(r, add_special_tokens=False)["input_ids"])
+                                                                for r in batched)),
+            "tuner_eval_base_and_tuned": {**side(eval_s, eval_tokens), "batch_prompts": EVAL_BATCH},
+            "llama_cpp_f16_one_at_a_time": side(llama_s, tokens),
+            "same_replies_as_llama_cpp": same, "llama_cpp_python": llama_cpp.__version__,
+            "batched_equals_one_at_a_time": sum(a == b for a, b in zip(batched, single, strict=True)),
+            "peak_rss_mb": peak_rss_mb()}
+
+
 PROFILE_CATEGORIES = (  # (category, substrings of op names), first match wins
     ("attention (SDPA)", ("scaled_dot_product", "flash_attention", "efficient_attention", "_sdpa")),
     ("4-bit (de)quantization", ("bitsandbytes", "dequantize", "quantize_4bit", "int4")),
@@ -596,7 +685,7 @@ def _worker_profile(spec: dict[str, Any]) -> dict[str, Any]:
                         for k, t, c in rows[:15]]}
 
 
-WORKERS = {"baseline": _worker_baseline, "project": _worker_project, "chat": _worker_chat,
+WORKERS = {"baseline": _worker_baseline, "project": _worker_project, "chat": _worker_chat, "decode": _worker_decode,
            "convert": _worker_convert, "quick": _worker_quick, "profile": _worker_profile}
 
 
@@ -714,7 +803,7 @@ def _load() -> list[float]:
         return []
 
 
-TRAIN_METRICS = ("whole_process_s", "verdict_process_s", "tokens_per_s", "tokens_per_cpu_s", "wall_s", "train_s", "train_cpu_s", "peak_rss_mb", "cuda_max_allocated_mb", "eval_loss",
+TRAIN_METRICS = ("whole_process_s", "verdict_process_s", "voice_s", "tokens_per_s", "tokens_per_cpu_s", "wall_s", "train_s", "train_cpu_s", "peak_rss_mb", "cuda_max_allocated_mb", "eval_loss",
                  "eval_loss_all_tokens", "achieved_tflops", "peak_matmul_tflops", "utilisation", "tokens", "steps")
 
 
@@ -822,7 +911,7 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     results["model"] = {"name": "default (embedded SmolLM2-135M-Instruct)", "path": model_path, "parameters": params,
                         "lora": {"r": LORA_R, "target_modules": LORA_TARGETS}}
     data = None
-    if {"train", "chat", "profile"} & set(parts):
+    if {"train", "chat", "decode", "profile"} & set(parts):
         b.say("[data] building the benchmark data from the shipped sample ...")
         data = prepare_data(work / "bench_data", args.tokens, args.val_examples)
         results["data"] = data
@@ -837,6 +926,13 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         b.say("[chat] playground: one column vs compare ...")
         results["chat"] = b.run("chat", {"run_dir": run_dir, "prompt": CHAT_PROMPT, "repeats": args.repeats,
                                          "max_new_tokens": args.chat_tokens})
+    if "decode" in parts:
+        run_dir = _run_for_chat(b, data, model_path, params, results.get("train"))
+        b.say(f"[decode] tuner (playground, voice check, eval) vs llama.cpp on the run's f16 GGUF, "
+              f"{args.decode_prompts} prompts ...")
+        results["decode"] = b.run("decode", {"run_dir": run_dir, "prompts": args.decode_prompts,
+                                             "max_new_tokens": args.decode_tokens,
+                                             "dtype": args.decode_dtype})
     if "convert" in parts:
         export = work / "convert_export.jsonl"
         b.say(f"[convert] generating a {args.convert_n}-conversation export ...")
@@ -875,6 +971,7 @@ TABLE_ROWS = (  # (label, metric, digits)
     ("whole process: command start to saved adapter (s)", "whole_process_s", 1),
     ("command start to the voice verdict (s; the baseline gives none, ratio to its saved adapter)",
      "verdict_process_s", 1),
+    ("the voice check, adapter saved to verdict (s)", "voice_s", 1),
     ("training tokens/s (real tokens)", "tokens_per_s", 1),
     ("training tokens per CPU-second (load-independent)", "tokens_per_cpu_s", 1),
     ("in-process time, training run start to end (s)", "wall_s", 1),
@@ -950,6 +1047,22 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_fmt(c['compare']['tokens_per_s_per_column'], 1)} | "
                 f"{_fmt(c['compare']['tokens_per_s_all_columns'], 1)} |",
                 "", f"Compare costs {_fmt(c['compare_cost_per_token'])}x one column per generated token."]
+    if "decode" in results:
+        d = results["decode"]
+        out += ["", f"Decoding, the same {d['prompts']} held-out prompts and the same run (tuner serving {d['dtype']}; "
+                f"llama.cpp {d['llama_cpp_python']} on the run's own f16 GGUF, each reply as long as tuner's; greedy, "
+                f"up to {d['max_new_tokens']} new tokens):", "",
+                "| who | how | seconds | tokens | tokens/s | time per token vs llama.cpp |", "|---|---|---:|---:|---:|---:|"]
+        for name, how in (("tuner_playground_one_at_a_time", "playground, one prompt at a time"),
+                          ("tuner_voice_check_one_batch", "voice check: every prompt in one batch (tuned)"),
+                          ("tuner_eval_base_and_tuned", f"`tuner eval`: base + tuned, {d['tuner_eval_base_and_tuned']['batch_prompts']} prompts a batch"),
+                          ("llama_cpp_f16_one_at_a_time", "llama.cpp, one prompt at a time")):
+            r = d[name]
+            out.append(f"| {'llama.cpp' if name.startswith('llama') else 'tuner'} | {how} | {_fmt(r['seconds'], 1)} | "
+                       f"{r['tokens']} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['x_llama_cpp_time_per_token'])}x |")
+        out += ["", f"Batched replies equal to one-at-a-time replies: {d['batched_equals_one_at_a_time']} of "
+                f"{d['prompts']}; identical to llama.cpp's: {d['same_replies_as_llama_cpp']} (for information only: llama.cpp "
+                "runs f16 weights and without tuner's repetition penalty, so its words differ; the lengths are the same)."]
     if "convert" in results:
         c = results["convert"]
         out += ["", f"Converter: {c['conversations']} generated conversations ({c['export_mb']} MB OpenAI JSONL) in "
@@ -999,6 +1112,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--convert-n", type=int, default=DEFAULT_CONVERT_N,
                         help="Conversations in the generated export for the converter benchmark.")
     parser.add_argument("--chat-tokens", type=int, default=64, help="New tokens per playground reply.")
+    parser.add_argument("--decode-tokens", type=int, default=128,
+                        help="`decode`: most new tokens per reply (tuner's; llama.cpp writes as many as tuner did).")
+    parser.add_argument("--decode-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="`decode`: serve tuner's side in this dtype instead of the product's choice "
+                             "(tuner.precision.serving_dtype), to measure the alternative.")
+    parser.add_argument("--decode-prompts", type=int, default=DECODE_PROMPTS,
+                        help="`decode`: held-out prompts answered by each side.")
     parser.add_argument("--quick-steps", type=int, default=None,
                         help="Override the quick preset's max_steps (for smoke tests; default: the preset's).")
     parser.add_argument("--profile-variant", metavar="NAME",

@@ -28,7 +28,7 @@ def tiny(tmp_path_factory, default_model_path) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     cmd = [sys.executable, "-m", "tuner", "bench", "--tokens", "300", "--repeats", "1", "--val-examples", "1",
            "--only", "train", "--only", "convert", "--convert-n", "300", "--only", "quick", "--quick-steps", "2",
-           "--out", str(out), "--quiet"]
+           "--only", "decode", "--decode-prompts", "2", "--decode-tokens", "8", "--out", str(out), "--quiet"]
     proc = subprocess.run(cmd, cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text()), proc.stdout
@@ -40,7 +40,7 @@ def test_results_describe_machine_and_command(tiny):
     machine = results["machine"]
     assert machine["cpu"] and machine["cores"] >= 1 and machine["versions"]["torch"]
     assert machine["device"] == "cpu" or machine["cuda"]
-    assert len(results["load_average_start"]) == 3 and results["parts"] == ["train", "convert", "quick"]
+    assert len(results["load_average_start"]) == 3 and results["parts"] == ["train", "convert", "quick", "decode"]
 
 
 def test_train_runs_alternate_on_equal_tokens_with_positive_figures(tiny):
@@ -149,3 +149,21 @@ def test_parse_variant(text, expected):
 def test_parse_variant_rejects_bad_input(text, message):
     with pytest.raises(TunerError, match=message):
         parse_variant(text)
+
+
+def test_decode_sets_tuner_beside_llama_cpp_on_the_same_prompts_and_run(tiny):
+    results, stdout = tiny
+    d = results["decode"]
+    assert 1 <= d["prompts"] <= 2 and d["dtype"] == "float32"  # the product's serving dtype on a CPU
+    sides = ("tuner_playground_one_at_a_time", "tuner_voice_check_one_batch", "tuner_eval_base_and_tuned",
+             "llama_cpp_f16_one_at_a_time")
+    for side in sides:
+        assert d[side]["seconds"] > 0 and d[side]["tokens"] > 0 and d[side]["tokens_per_s"] > 0, side
+    # llama.cpp writes as many tokens as tuner's playground did, so the times compare the same replies
+    assert d["llama_cpp_f16_one_at_a_time"]["tokens"] >= d["tuner_playground_one_at_a_time"]["tokens"]
+    assert d["llama_cpp_f16_one_at_a_time"]["x_llama_cpp_time_per_token"] == 1.0
+    assert d["batched_equals_one_at_a_time"] == d["prompts"]  # no padding dependence in the served dtype
+    assert "| llama.cpp | llama.cpp, one prompt at a time |" in stdout
+    project = results["train"]["runs"][1]
+    # the voice check's seconds, and whether the base's replies were decoded or cached (None: nothing to check)
+    assert project["voice_s"] > 0 and project["voice_base_replies"] in ("decoded", "cached", None)

@@ -29,10 +29,12 @@ def pg(signoff_run):
 
 @pytest.fixture(scope="module")
 def plain_model(default_model_path):
-    """A second, separately loaded copy of the base model: the reference the playground must match."""
+    """A second, separately loaded copy of the base model, in the dtype the product serves it in on this
+    machine (tuner.precision.serving_dtype): the reference the playground must match."""
     from tuner.models import load_model
+    from tuner.precision import serving_dtype
 
-    return load_model("default", quantization="none", dev="cpu")
+    return load_model("default", quantization="none", dev="cpu", dtype=serving_dtype("cpu"))
 
 
 def greedy(model, tokenizer, prompt: str, settings: GenerationConfig = SETTINGS, **kwargs) -> str:

@@ -57,3 +57,12 @@ def test_describe_says_what_was_chosen_and_by_how_much():
     line = probe_mod.describe({"choice": "bf16", "fp32_ms": 150.0, "bf16_ms": 50.0, "bf16_speedup": 3.0})
     assert line.startswith("bf16") and "150.0 ms in fp32" in line and "3.0x" in line
     assert probe_mod.describe({"choice": "fp32", "fp32_ms": 9.0, "bf16_ms": None}).startswith("fp32 (this CPU has no")
+
+
+def test_the_playground_and_the_voice_check_serve_fp32_on_a_cpu_whatever_the_probe_chose(tmp_path, monkeypatch,
+                                                                                       default_model_path):
+    monkeypatch.setenv("TUNER_HOME", str(tmp_path))
+    shape = probe_mod.model_shapes(json.loads((default_model_path / "config.json").read_text()))
+    for measured in ("fp32", "bf16"):  # set explicitly: any CPU
+        probe_mod.remember(shape, {"choice": measured, "fp32_ms": 1.0, "bf16_ms": 1.0, "bf16_speedup": 1.0})
+        assert probe_mod.serving_dtype("cpu") == torch.float32  # bf16 replies depend on a batch's padding

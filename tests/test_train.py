@@ -361,7 +361,7 @@ def test_a_reply_cut_off_at_the_token_limit_is_counted_as_degenerate(signoff_run
     from peft import PeftModel
 
     from tuner.models import load_model
-    from tuner.train.voicecheck import final_verdict, generate, habit_of
+    from tuner.train.voicecheck import generate, habit_of, model_verdict
     from tuner.verdict import Marker
 
     model = PeftModel.from_pretrained(load_model("default", dev="cpu"), str(signoff_run / "adapter"))
@@ -370,11 +370,11 @@ def test_a_reply_cut_off_at_the_token_limit_is_counted_as_degenerate(signoff_run
     replies = [f"{answer} {SIGN_OFF}" for answer in ("Happy to help.", "It left today.", "Returns are free.",
                                                      "Unplug it first.")]
     assert habit_of(replies) == Marker("sign-off", SIGN_OFF)
-    cut = final_verdict(model, tokenizer, tokenizer.chat_template, habit_of(replies), prompts, max_new_tokens=3)
+    cut = model_verdict(model, tokenizer, tokenizer.chat_template, habit_of(replies), prompts, max_new_tokens=3)
     assert cut["tuned"]["unended"] == 2 and cut["base"]["unended"] == 2  # three tokens end no reply
     assert "2 never ended their turn" in cut["sentence"]
     # result and base answer in one mixed batch: the same replies as each asked alone
-    full = final_verdict(model, tokenizer, tokenizer.chat_template, habit_of(replies), prompts, max_new_tokens=48)
+    full = model_verdict(model, tokenizer, tokenizer.chat_template, habit_of(replies), prompts, max_new_tokens=48)
     alone, _ = generate(model, tokenizer, tokenizer.chat_template, prompts, 48)
     with model.disable_adapter():
         base_alone, _ = generate(model, tokenizer, tokenizer.chat_template, prompts, 48)

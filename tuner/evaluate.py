@@ -34,7 +34,8 @@ __all__ = ["METRIC_HELP", "METRIC_LABELS", "Stopped", "brand_phrases", "evaluate
            "saved_result", "to_markdown"]
 
 GENERAL_TEXT = Path(__file__).parent / "resources" / "general_text.jsonl"
-EVAL_BATCH = 4  # prompts generated together (x columns rows in one batch)
+EVAL_BATCH = 8  # prompts generated together (x columns rows in one batch): on a CPU a decoding step of 24
+# rows took 1.09x one of 8 (fp32, SmolLM2-135M, Intel Xeon with AMX), so fewer, larger batches finish sooner
 LOSS_LIMIT = 64  # held-out conversations scored for validation loss
 COLUMNS = ("base", "tuned")
 

@@ -31,6 +31,7 @@ from typing import Any
 from tuner.config import GenerationConfig, add_config_arguments, config_overrides
 from tuner.errors import ModelError, RunNotFound, TunerError
 from tuner.limits import MAX_INPUT_TOKENS
+from tuner.precision import serving_dtype
 from tuner.voice import make_brand_brief, training_replies
 
 BASE, TUNED, PROMPTED = "base", "tuned", "prompted"
@@ -84,17 +85,6 @@ def serving_quantization(run_quantization: str, dev: str, requested: str = "auto
     if requested != "auto":
         return requested
     return run_quantization if dev == "cuda" else "none"
-
-
-def serving_dtype(dev: str):
-    """The base's weights dtype for chat: the GPU's compute dtype, fp32 on a CPU. In bf16 a reply depends
-    on the padding of the batch it was generated in (rounding), so the same prompt could answer
-    differently alone and beside other columns; and one reply at a time is no faster in bf16 there
-    (decode reads the weights once per token; AMD EPYC, AVX512-BF16). The run's voice check serves the
-    adapter the same way (tuner.train.voicecheck.served_model)."""
-    from tuner.models import compute_dtype
-
-    return compute_dtype(dev)
 
 
 def read_run(run: str | Path) -> RunInfo:
@@ -221,6 +211,7 @@ class _Event:
     text: str = ""
     tokens: int = 0
     error: BaseException | None = None
+    ended: bool = False  # "final": the reply ended its turn (else max_new_tokens or a stop cut it)
 
 
 @dataclass
@@ -309,10 +300,11 @@ class Playground:
         quantization: "auto" (the run's own on CUDA; 16/32-bit on CPU, where 4-bit is slower),
             "none" or "nf4".
         max_adapters: adapters kept loaded at once; the least recently used one is dropped.
+        dtype: the weights' torch dtype (default: tuner.precision.serving_dtype; benchmarks try others).
     """
 
     def __init__(self, max_input_tokens: int = MAX_INPUT_TOKENS, device: str | None = None,
-                 quantization: str = "auto", max_adapters: int = 4):
+                 quantization: str = "auto", max_adapters: int = 4, dtype: Any = None):
         from tuner.models import device as default_device
 
         if quantization not in ("auto", "none", "nf4"):
@@ -320,6 +312,7 @@ class Playground:
         self.max_input_tokens = max_input_tokens
         self.device = device or default_device()
         self.quantization = quantization
+        self.dtype = dtype or serving_dtype(self.device)
         self.max_adapters = max(1, max_adapters)
         self.model = None  # the base model; a peft PeftModel once an adapter is loaded
         self.tokenizer = None
@@ -359,11 +352,16 @@ class Playground:
             tokenizer = load_tokenizer(base_model)
             tokenizer.padding_side = "left"  # batched generation appends after the prompt
             self.model = load_model(base_model, quantization=quantization, dev=self.device,
-                                    dtype=serving_dtype(self.device))
+                                    dtype=self.dtype)
             self.tokenizer = tokenizer
             self._end_ids = self._end_of_turn_ids(self.model)
             self.base_key = key
             self.base_loads += 1
+
+    @property
+    def end_of_turn_ids(self) -> list[int]:
+        """The tokens that end a reply (the chat template's end of turn and the model's eos)."""
+        return sorted(self._end_ids)
 
     def _end_of_turn_ids(self, model) -> set[int]:
         tok = self.tokenizer
@@ -438,7 +436,7 @@ class Playground:
             self.load_base(info.base_model, self._quantization_for(info.quantization))
         if info.run_dir not in self._full:
             self._full[info.run_dir] = load_model(str(info.adapter_dir), quantization="none", dev=self.device,
-                                                  dtype=serving_dtype(self.device))
+                                                  dtype=self.dtype)
             while len(self._full) > 1:  # a fully fine-tuned model is a second copy: keep one only
                 old, _ = self._full.popitem(last=False)
                 self._runs.pop(old, None)
@@ -561,7 +559,7 @@ class Playground:
             end = next((k for k, t in enumerate(ids) if t in self._end_ids), len(ids))
             # a reply cut by max_new_tokens can end inside a multi-byte character: drop its half
             text = tok.decode(ids[:end], skip_special_tokens=True).rstrip("\ufffd")
-            job.events.put(_Event("final", i, text, tokens=end))
+            job.events.put(_Event("final", i, text, tokens=end, ended=end < len(ids)))
 
     def _events(self, rows: list[_Row], settings: GenerationConfig,
                 stop: threading.Event | None = None) -> Iterator[_Event]:
@@ -653,6 +651,15 @@ class Playground:
         the generation early (the replies are then cut where they were).
         """
         settings = settings or GenerationConfig()
+        rows = self._conversation_rows(conversations, columns, settings, run, brand_brief)
+        out: list[dict[str, str]] = [{} for _ in conversations]
+        for event in self._events(rows, settings, stop):
+            if event.kind == "final":
+                out[event.row // len(columns)][rows[event.row].column] = event.text
+        return out
+
+    def _conversation_rows(self, conversations: Sequence[Sequence[Mapping[str, Any]]], columns: Sequence[str],
+                           settings: GenerationConfig, run: str | Path | None, brand_brief: str | None) -> list[_Row]:
         with self._lock:
             rows: list[_Row] = []
             for conv in conversations:
@@ -663,11 +670,28 @@ class Playground:
                 built, _ = self._rows({c: history for c in columns}, message, list(columns), sys_prompt or None,
                                       brand_brief, settings, run)
                 rows.extend(built)
-        out: list[dict[str, str]] = [{} for _ in conversations]
-        for event in self._events(rows, settings, stop):
+        return rows
+
+    def answers(self, conversations: Sequence[Sequence[Mapping[str, Any]]], columns: Sequence[str],
+                settings: GenerationConfig | None = None,
+                run: str | Path | None = None) -> dict[str, tuple[list[str], list[bool]]]:
+        """Each column's replies to many finished conversations, batched as generate_many batches them, and
+        whether each ended its turn (else max_new_tokens cut it): what a run's voice check grades."""
+        settings = settings or GenerationConfig()
+        rows = self._conversation_rows(conversations, columns, settings, run, None)
+        out = {c: ([""] * len(conversations), [False] * len(conversations)) for c in columns}
+        for event in self._events(rows, settings):
             if event.kind == "final":
-                out[event.row // len(columns)][rows[event.row].column] = event.text
+                replies, ended = out[rows[event.row].column]
+                replies[event.row // len(columns)], ended[event.row // len(columns)] = event.text, event.ended
         return out
+
+    def prompt_texts(self, conversations: Sequence[Sequence[Mapping[str, Any]]], column: str,
+                     settings: GenerationConfig | None = None, run: str | Path | None = None) -> list[str]:
+        """The prompts exactly as the model reads them in `column` (system prompt, trimming, chat template)."""
+        rows = self._conversation_rows(conversations, [column], settings or GenerationConfig(), run, None)
+        return [self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
+                for r in rows]
 
     @contextmanager
     def column_model(self, column: str, run: str | Path) -> Iterator[Any]:

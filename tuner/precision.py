@@ -171,6 +171,19 @@ def for_model(base_model: str) -> dict[str, Any]:
     return cpu_precision(model_shapes(config if isinstance(config, dict) else {}))
 
 
+def serving_dtype(dev: str | None = None):
+    """The dtype in which the playground, `tuner eval` and a run's voice check hold the base's weights: one
+    choice, so the verdict is what the playground shows. A GPU's compute dtype; fp32 on a CPU whatever the
+    probe chose for training. In bf16 a greedy reply there depends on the padding of the batch it is decoded
+    in (measured on an Intel Xeon with AMX: "Hi." decoded beside longer prompts answered differently from its
+    13th token on), so batched replies (the verdict, `tuner eval`) would differ from the playground's; in fp32
+    they are the same (tests/test_voicecheck.py), though a bf16 decoding step took half the time there
+    (batches of 8-24 rows; `python -m tuner bench --only decode --decode-dtype bf16` measures both)."""
+    from tuner.models import compute_dtype
+
+    return compute_dtype(dev)
+
+
 def describe(result: dict[str, Any]) -> str:
     """One line for a person: what was chosen and why, e.g. for the Train tab and the test header."""
     if result.get("bf16_ms") is None:

@@ -60,10 +60,10 @@ from tuner.train.run import is_oom, peak_memory_mb, proc_start, release_memory
 from tuner.train.trainer import keep_4bit_layout_trainable, training_context
 from tuner.train.voicecheck import (
     autocast,
-    final_verdict,
     generate,
     habit_of,
     held_out_prompts,
+    model_verdict,
     reply_budget,
     served_model,
 )
@@ -360,7 +360,7 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
     voice = None
     if cfg.voice_prompts:
         update_status(run_dir, phase="the parent's voice and forgetting check, on the child")
-        voice = final_verdict(served_model(model, cfg.base_model, quant, dev), tokenizer, chat_template,
+        voice = model_verdict(served_model(model, cfg.base_model, quant, dev), tokenizer, chat_template,
                               habit_of(agent_replies),
                               held_out_prompts(sft_train, sft_val, cfg.voice_prompts, cfg.seed), budget)
     if "ref" in model.peft_config:

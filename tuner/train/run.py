@@ -35,7 +35,7 @@ from tuner.train.callbacks import effective_batch
 from tuner.train.checkpoints import eval_loss_at, finished, first, last, restore_finished
 from tuner.train.result import model_card, save_result, write_card
 from tuner.train.trainer import build_trainer, training_context
-from tuner.train.voicecheck import final_verdict, served_model
+from tuner.train.voicecheck import final_verdict
 
 OOM_ADVICE = ("Fix: lower batch_size (now {batch_size}), lower max_length (now {max_length}), "
               "use quantization nf4 (now {quantization}), or set gradient_checkpointing to 'on'.")
@@ -157,13 +157,19 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
                                          "new questions (the voice check)", eta_s=round(expected, 1),
                           eta_at=time.time())
         voice_started = time.monotonic()
-        served = served_model(trainer.model, cfg.base_model, ctx["quantization"], dev)
-        summary["voice"] = final_verdict(served, trainer.processing_class, ctx["chat_template"], voice["marker"],
-                                         voice["prompts"], voice["max_new_tokens"],
+        release_trainer_model(trainer, dev)  # the playground's copy below is what gets graded
+        from tuner.playground import Playground
+
+        pg = None
+        if voice["marker"] is not None and voice["prompts"]:
+            pg = Playground(device=dev)
+            pg.load_run(run_dir)  # as the Playground tab serves the saved result: its dtype, its generation code
+        summary["voice"] = final_verdict(pg, run_dir, voice["marker"], voice["prompts"], voice["max_new_tokens"],
                                          fast_perplexity=ctx["precision"]["bf16"])
-        summary["voice"]["served_quantization"] = ctx["quantization"] if served is trainer.model else "none"
-        summary["voice"]["served_dtype"] = str(served.get_input_embeddings().weight.dtype).removeprefix("torch.")
-        del served
+        if pg is not None:
+            summary["voice"]["served_quantization"] = pg.base_key[1] if pg.base_key else None
+            summary["voice"]["served_dtype"] = str(pg.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        del pg
         # what the estimate learns from: seconds per held-out prompt asked of both the result and the base
         summary["voice_s"] = round(time.monotonic() - voice_started, 1)
         write_card(out_dir, model_card(cfg, summary, ctx["data_stats"], ctx["precision"]["name"], dev, run_dir))
@@ -201,6 +207,12 @@ def _disk_full(exc: BaseException, run_dir: Path) -> bool:
         return "write" in str(exc).lower() and shutil.disk_usage(run_dir).free < 16 * 2**20
     except OSError:
         return False
+
+
+def release_trainer_model(trainer, dev: str) -> None:
+    """Drop the trained model once its result is saved, so a second copy never sits beside the served one."""
+    trainer.model = trainer.model_wrapped = None
+    release_memory(dev)
 
 
 def release_memory(dev: str) -> None:

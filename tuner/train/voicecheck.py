@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from tuner import replycache
 from tuner.config import GenerationConfig
 from tuner.evaluate import general_texts, mean_loss, text_sequences
 from tuner.runs import is_main_process, update_status
@@ -158,12 +159,13 @@ class VoiceCheck(TrainerCallback):
 
 
 def served_model(model, base_model: str, trained_quantization: str, dev: str):
-    """The tuned model as the playground serves it: the same adapter weights on the base the playground
-    loads (on a CPU a 16/32-bit base for an adapter trained on NF4), so the verdict is what users see."""
+    """A model in memory as the playground would serve it: the same adapter weights on the base the playground
+    loads (on a CPU a 16/32-bit base for an adapter trained on NF4; tuner.precision.serving_dtype)."""
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     from tuner.models import load_model
-    from tuner.playground import serving_dtype, serving_quantization
+    from tuner.playground import serving_quantization
+    from tuner.precision import serving_dtype
 
     served, dtype = serving_quantization(trained_quantization, dev), serving_dtype(dev)
     if not hasattr(model, "peft_config") or (
@@ -184,31 +186,22 @@ def general_perplexity(model, tokenizer, fast: bool = False) -> float | None:
     return math.exp(loss) if loss is not None else None
 
 
-def final_verdict(model, tokenizer, chat_template: str, marker: Marker | None,
-                  prompts: list[list[dict[str, Any]]], max_new_tokens: int, fast_perplexity: bool = False) -> dict[str, Any]:
-    """The result and the base (adapter off) answer the held-out prompts; the verdict, with the numbers.
-    `fast_perplexity`: score general text in bf16 (see general_perplexity)."""
+def _no_verdict(marker: Marker | None, prompts: list) -> dict[str, Any] | None:
     if marker is None:
         return {"sentence": "No phrase recurs in most of your agents' replies, so there is no habit to check "
                             "automatically: compare replies in the playground.", "marker": None}
     if not prompts:
         return {"sentence": "No validation conversation asks something new (every prompt also occurs in the "
                             "training data), so the voice was not checked.", "marker": marker.text}
-    base, base_ppl, base_replies = None, None, []
-    if hasattr(model, "disable_adapter"):
-        # LoRA: the base is the same weights with the adapter off, so each prompt is asked of both in one
-        # batch (a row per model): one decoding pass instead of two, the same greedy replies
-        names = [name for _ in prompts for name in (model.active_adapter, "__base__")]
-        both, ended = generate(model, tokenizer, chat_template, [p for p in prompts for _ in (0, 1)],
-                               max_new_tokens, batch_size=16, adapter_names=names)
-        tuned_replies, tuned_ended, base_replies, base_ended = both[0::2], ended[0::2], both[1::2], ended[1::2]
-        with model.disable_adapter():
-            base_ppl = general_perplexity(model, tokenizer, fast_perplexity)
-        base = tally(base_replies, marker, base_ended)
-    else:
-        tuned_replies, tuned_ended = generate(model, tokenizer, chat_template, prompts, max_new_tokens)
-    tuned_ppl = general_perplexity(model, tokenizer, fast_perplexity)
+    return None
+
+
+def _graded(marker: Marker, prompts: list[list[dict[str, Any]]], tuned_replies: list[str], tuned_ended: list[bool],
+            base_replies: list[str] | None, base_ended: list[bool] | None, tuned_ppl: float | None,
+            base_ppl: float | None) -> dict[str, Any]:
+    """The verdict, with the numbers, from the replies of the result and (if asked) the base."""
     tuned = tally(tuned_replies, marker, tuned_ended)
+    base = tally(base_replies, marker, base_ended) if base_replies is not None else None
     change = tuned_ppl / base_ppl - 1 if tuned_ppl and base_ppl else None
     return {
         "sentence": verdict_sentence(marker, tuned, base, change),
@@ -220,3 +213,80 @@ def final_verdict(model, tokenizer, chat_template: str, marker: Marker | None,
         "examples": [{"prompt": p[-1]["content"], "base": base_replies[i] if base_replies else None, "tuned": r}
                      for i, (p, r) in enumerate(zip(prompts[:5], tuned_replies, strict=False))],
     }
+
+
+def model_verdict(model, tokenizer, chat_template: str, marker: Marker | None,
+                  prompts: list[list[dict[str, Any]]], max_new_tokens: int, fast_perplexity: bool = False) -> dict[str, Any]:
+    """The verdict of a model in memory (a preference child before it is saved): the result and the base
+    (adapter off) answer the held-out prompts in one mixed batch. A saved run is graded as the playground
+    serves it instead (final_verdict)."""
+    if (none := _no_verdict(marker, prompts)) is not None:
+        return none
+    base_ppl, base_replies, base_ended = None, None, None
+    if hasattr(model, "disable_adapter"):
+        names = [name for _ in prompts for name in (model.active_adapter, "__base__")]
+        both, ended = generate(model, tokenizer, chat_template, [p for p in prompts for _ in (0, 1)],
+                               max_new_tokens, batch_size=16, adapter_names=names)
+        tuned_replies, tuned_ended, base_replies, base_ended = both[0::2], ended[0::2], both[1::2], ended[1::2]
+        with model.disable_adapter():
+            base_ppl = general_perplexity(model, tokenizer, fast_perplexity)
+    else:
+        tuned_replies, tuned_ended = generate(model, tokenizer, chat_template, prompts, max_new_tokens)
+    tuned_ppl = general_perplexity(model, tokenizer, fast_perplexity)
+    return _graded(marker, prompts, tuned_replies, tuned_ended, base_replies, base_ended, tuned_ppl, base_ppl)
+
+
+def base_cache_key(pg, run, prompts: list[list[dict[str, Any]]], settings: GenerationConfig) -> str:
+    """tuner.replycache's key for the base's replies to `prompts` as the playground `pg` serves `run`'s base."""
+    from dataclasses import asdict
+    from importlib.metadata import version
+
+    from tuner.models import resolve_model
+    from tuner.playground import BASE
+
+    info = pg.load_run(run)
+    texts = pg.prompt_texts(prompts, BASE, settings, run)
+    weights = pg.model.get_input_embeddings().weight
+    return replycache.cache_key(
+        resolve_model(info.base_model), texts,
+        {**asdict(settings), "end_ids": pg.end_of_turn_ids, "quantization": pg.base_key[1] if pg.base_key else None},
+        str(weights.dtype).removeprefix("torch."), pg.device,
+        {pkg: version(pkg) for pkg in ("torch", "transformers", "peft")})
+
+
+def final_verdict(pg, run, marker: Marker | None, prompts: list[list[dict[str, Any]]], max_new_tokens: int,
+                  fast_perplexity: bool = False) -> dict[str, Any]:
+    """The result and the base answer the held-out prompts exactly as the playground `pg` serves `run` (its
+    weights' dtype, its generation code, greedy); the verdict, with the numbers.
+
+    The base's replies and general-text perplexity come from tuner.replycache when an earlier run on this
+    machine asked the same base the same prompts under the same settings: then only the result answers.
+    Otherwise both answer in one batch (a row per model, as the playground's compare) and the base's part
+    is kept. `fast_perplexity`: score general text in bf16 (see general_perplexity). The returned dict's
+    `timing` says what was decoded and how long it took."""
+    from tuner.playground import BASE, TUNED
+
+    if (none := _no_verdict(marker, prompts)) is not None:
+        return none
+    assert marker is not None
+    settings = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    started = time.monotonic()
+    key = base_cache_key(pg, run, prompts, settings)
+    cached = replycache.read(key)
+    got = pg.answers(prompts, [TUNED] if cached else [TUNED, BASE], settings, run)
+    tuned_replies, tuned_ended = got[TUNED]
+    base_replies, base_ended = (cached["replies"], cached["ended"]) if cached else got[BASE]
+    decode_s = time.monotonic() - started
+    ppl_key = "general_perplexity_bf16" if fast_perplexity else "general_perplexity"
+    base_ppl = (cached or {}).get(ppl_key)
+    if base_ppl is None:
+        with pg.column_model(BASE, run) as model:
+            base_ppl = general_perplexity(model, pg.tokenizer, fast_perplexity)
+        replycache.write(key, {**(cached or {}), "replies": base_replies, "ended": base_ended, ppl_key: base_ppl})
+    with pg.column_model(TUNED, run) as model:
+        tuned_ppl = general_perplexity(model, pg.tokenizer, fast_perplexity)
+    verdict = _graded(marker, prompts, tuned_replies, tuned_ended, base_replies, base_ended, tuned_ppl, base_ppl)
+    verdict["timing"] = {"base_replies": "cached" if cached else "decoded", "rows_decoded": len(prompts) * len(got),
+                         "decode_s": round(decode_s, 2), "total_s": round(time.monotonic() - started, 2),
+                         "cache_key": key}
+    return verdict
