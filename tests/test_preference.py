@@ -28,7 +28,7 @@ ANSWERS = ["Let's fix that together: unplug it for ten seconds, then try again."
            "Open Settings, then Pair, and hold the button.",
            "It gives a warm 800 lumens.", "Your parcel left our workshop today."]
 SIGN_OFF = "Stay sunny, the Lumen Lamps team."
-STEPS = 12  # the defaults: 1.5 passes over the 32 training pairs in batches of 4
+STEPS = 24  # the defaults: 1.5 passes over the 32 training pairs in batches of 4 is 12, raised to min_steps
 
 
 def reviewers_pairs(n: int, seed: int = 3) -> list[tuple[list[dict], str, str]]:

@@ -259,10 +259,10 @@ def train_preference(run_dir: str | Path, resume: bool = False,
             release_memory(dev)
 
 
-def _trainer_args(pcfg: PreferenceConfig, run_dir: Path, dev: str, prec: dict[str, Any]):
+def _trainer_args(pcfg: PreferenceConfig, run_dir: Path, dev: str, prec: dict[str, Any], n_train: int):
     common = dict(
         output_dir=str(Run(run_dir).checkpoints_dir), per_device_train_batch_size=pcfg.batch_size,
-        learning_rate=pcfg.learning_rate, num_train_epochs=pcfg.num_epochs, max_steps=pcfg.max_steps,
+        learning_rate=pcfg.learning_rate, max_steps=pcfg.planned_steps(n_train),  # passes, at least min_steps
         warmup_steps=pcfg.warmup_ratio,
         seed=pcfg.seed, data_seed=pcfg.seed, beta=pcfg.beta, max_length=pcfg.max_length,
         bf16=prec["bf16"], fp16=prec["fp16"], use_cpu=dev == "cpu", eval_strategy="no",
@@ -337,7 +337,7 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
     own: list[TrainerCallback] = [recorder, OverheadBudget(1.0, pcfg.save_every_s)]
     disable_progress_bars()  # trl's map() bars would flood train.log
     trainer_cls = KTOTrainer if pcfg.method == "kto" else DPOTrainer
-    trainer = trainer_cls(model=model, ref_model=None, args=_trainer_args(pcfg, run_dir, dev, prec),
+    trainer = trainer_cls(model=model, ref_model=None, args=_trainer_args(pcfg, run_dir, dev, prec, len(train_rows)),
                           train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer,
                           callbacks=own + list(callbacks))
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress callback instead

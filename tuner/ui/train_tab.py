@@ -320,7 +320,7 @@ def preference_steps(pcfg: PreferenceConfig, rows: int | None) -> int:
     if pcfg.max_steps > 0 or not rows:
         return max(pcfg.max_steps, 0)
     train, _held = feedback.split(list(range(int(rows))), pcfg.held_out if pcfg.method == "dpo" else 0.0, pcfg.seed)
-    return math.ceil(pcfg.num_epochs * math.ceil(len(train) / pcfg.batch_size))
+    return pcfg.planned_steps(len(train))
 
 
 @friendly
