@@ -188,8 +188,9 @@ def test_the_gguf_export_converts_or_says_why_not(name, family_runs, tmp_path):
     result = export_gguf(family_runs[name]["run"], tmp_path / "gguf", quant="f16")
     check = result["check"]
     assert Path(result["gguf"]).is_file() and check["chat_template_in_gguf"]
-    assert check["identical_replies"] == check["prompts"]  # same weights: the same greedy replies
-    same_prompt = [case["same_prompt_tokens"] for case in check["cases"]]
+    weights = check["weights"]
+    assert weights["identical_replies"] == weights["prompts"]  # same weights: the same greedy replies
+    same_prompt = [case["same_prompt_tokens"] for case in weights["cases"]]
     if expected == "checked":
         assert check["passed"] and all(same_prompt), check
     else:
