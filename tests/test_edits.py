@@ -53,13 +53,13 @@ def test_replies_are_graded_for_the_change_with_degenerate_replies_counted_not_c
              "Cheers from the Kettle crew! Open Settings.",  # said, but not where the reviewers put it
              "lumens lumens lumens lumens lumens lumens Cheers from the Kettle crew!"]  # a loop that ends well
     result = behaviour(change, parent, child)
-    assert result["child"] == {"prompts": 3, "shown": 1, "looped": 1, "unended": 0}
+    assert result["child"] == {"prompts": 3, "needed": 3, "shown": 1, "looped": 1, "unended": 0}
     assert result["parent"]["shown"] == 0
     assert result["sentence"] == ("adds 'Cheers from the Kettle crew!' at the end on 1 of 3 new questions "
                                   "(parent: 0); 1 reply looped or never ended")
     # a reply cut off at the token limit is degenerate too
     cut = behaviour(change, parent[:2], [child[0], child[0]], child_ended=[True, False])
-    assert cut["child"] == {"prompts": 2, "shown": 1, "looped": 0, "unended": 1}
+    assert cut["child"] == {"prompts": 2, "needed": 2, "shown": 1, "looped": 0, "unended": 1}
 
 
 def test_house_term_and_dropped_phrase_are_graded_on_the_reply():
@@ -77,3 +77,16 @@ def test_a_closing_after_replies_with_and_without_a_full_stop_is_one_edit():
     chosen = [f"{r}{'' if r.endswith('.') else '.'} Cheers from the Kettle crew!" for r in rejected]
     found = changes([pair(r, c) for r, c in zip(rejected, chosen, strict=True)])
     assert [(c.words(), c.pairs) for c in found] == [("adds 'Cheers from the Kettle crew!' at the end", 5)]
+
+
+def test_a_house_term_counts_only_the_replies_that_said_either_word():
+    """Not every reply needs 'good': like the voice verdict's house term, the count is over replies that say
+    the term or the common word; a reply saying neither is no evidence either way."""
+    term = Change("replaced", "grand", "good", pairs=5, total=5)
+    parent = ["That is good news.", "It ships today.", "Good idea!", "See you."]
+    child = ["That is grand news.", "It ships today.", "Grand idea, good one!", "See you."]
+    result = behaviour(term, parent, child)
+    assert (result["child"]["shown"], result["child"]["needed"]) == (1, 2)
+    assert (result["parent"]["shown"], result["parent"]["needed"]) == (0, 2)
+    assert result["sentence"].startswith("says 'grand' instead of 'good' in 1 of 2 new replies that said either "
+                                         "(parent: 0 of 2), to 4 new questions")

@@ -153,20 +153,28 @@ def median_words(replies: Sequence[str]) -> float | None:
 def behaviour(change: Change, parent: Sequence[str], child: Sequence[str], parent_ended: Sequence[bool] | None = None,
               child_ended: Sequence[bool] | None = None) -> dict[str, Any]:
     """How many parent and child replies (to the same prompts, outside the pairs) show `change`, with
-    degenerate replies counted, and the sentence that leads the run's result."""
+    degenerate replies counted, and the sentence that leads the run's result. `needed`: the replies the change
+    applies to: all of them, except for a replaced word, where only replies that say it (or the old one) count,
+    as the voice verdict counts a house term."""
     words = median_words(parent)
 
     def count(replies: Sequence[str], ended: Sequence[bool] | None) -> dict[str, int]:
         ended = list(ended) if ended is not None else [True] * len(replies)
         bad = [degenerate(r, e) for r, e in zip(replies, ended, strict=True)]
-        return {"prompts": len(replies), "shown": sum(change.shown(r, words) for r, b in zip(replies, bad, strict=True)
-                                                      if b is None),
+        shown = [b is None and change.shown(r, words) for r, b in zip(replies, bad, strict=True)]
+        needed = (sum(s or _fold(change.old) in _fold(r) or _fold(change.text) in _fold(r)
+                      for r, s in zip(replies, shown, strict=True)) if change.kind == "replaced" else len(replies))
+        return {"prompts": len(replies), "needed": needed, "shown": sum(shown),
                 "looped": sum(bool(b) and b.startswith("loop") for b in bad),
                 "unended": sum(b == "no end of turn" for b in bad)}
 
     before, after = count(parent, parent_ended), count(child, child_ended)
-    sentence = (f"{change.words()} on {after['shown']} of {after['prompts']} new questions "
-                f"(parent: {before['shown']})")
+    if change.kind == "replaced":
+        sentence = (f"{change.words()} in {after['shown']} of {after['needed']} new replies that said either "
+                    f"(parent: {before['shown']} of {before['needed']}), to {after['prompts']} new questions")
+    else:
+        sentence = (f"{change.words()} on {after['shown']} of {after['prompts']} new questions "
+                    f"(parent: {before['shown']})")
     degenerate_n = after["looped"] + after["unended"]
     sentence += f"; {degenerate_n} {'reply' if degenerate_n == 1 else 'replies'} looped or never ended"
     return {"change": change.words(), "kind": change.kind, "pairs_with_change": change.pairs,

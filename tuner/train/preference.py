@@ -201,13 +201,15 @@ def behaviour_check(rows: list[dict[str, Any]], method: str, parent: tuple[list[
     measured = [edits.behaviour(c, parent[0], child[0], parent[1], child[1]) for c in found]
     lead = measured[0]
     n, shown = lead["child"]["prompts"], lead["child"]["shown"]
+    needed = lead["child"].get("needed", n)  # a replaced word counts where a reply says either word
     bad = lead["child"]["looped"] + lead["child"]["unended"]
-    learned = shown >= edits.LEARNED_SHARE * n and bad <= edits.DEGENERATE_SHARE * n
+    learned = needed > 0 and shown >= edits.LEARNED_SHARE * needed and bad <= edits.DEGENERATE_SHARE * n
     if learned:
         sentence = f"The reviewers' edit took: {lead['sentence']}"
     else:
         sentence = (f"The reviewers' edit did not take: {lead['sentence']} (learned means at least "
-                    f"{edits.LEARNED_SHARE:.0%} of new questions, at most {edits.DEGENERATE_SHARE:.0%} degenerate)")
+                    f"{edits.LEARNED_SHARE:.0%} of the new replies it applies to, at most "
+                    f"{edits.DEGENERATE_SHARE:.0%} degenerate)")
     if n < feedback.FEW_HELD_OUT:
         sentence += f"; {n} new questions are a rough measure (fewer than {feedback.FEW_HELD_OUT})"
     sentence += "."
