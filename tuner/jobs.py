@@ -505,8 +505,9 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
         shape = memory.shape_of(cfg.base_model)
         memory_mb = memory.plan(shape, cfg)["total_gib"] * 1024 if shape is not None else memory_mb
     if here:
-        uncertainty = (f"Learned from this machine's last finished run of this model ({here['run']}): expect within "
-                       "about 25%, more when the machine is busy.")
+        uncertainty = (f"Learned from this machine's last finished run of this model ({here['run']}): re-estimated "
+                       "for that run's own settings and data it comes within 25% (tuner's tests); other settings, "
+                       "other data and a busy machine can be further off.")
     else:
         uncertainty = ("No run of this model has finished on this machine yet, so this uses reference speeds: "
                        "it may be off by 2x either way; the first run measures this machine.")
