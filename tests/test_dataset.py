@@ -650,3 +650,17 @@ def test_cli_fails_with_a_one_line_reason(tmp_path, default_model_path):
     assert fixed.stdout.startswith("Ready to train: ") and "log.txt [transcript-txt]" in fixed.stdout
     bad = _cli(str(log), "--out", str(tmp_path / "out"), "--column", "oops")
     assert bad.returncode == 2 and "FIELD=NAME" in bad.stderr
+
+
+def test_counts_stay_exact_after_a_padded_batch_call_on_the_same_tokenizer(tmp_path, tokenizer):
+    """The playground and the voice check call the tokenizer with padding=True, which leaves padding switched on
+    in the fast tokenizer's backend: counted there, every example measured the longest one (the suite found 21
+    short examples 'over 256 tokens' after such a call)."""
+    from tuner.dataset import TokenCounter, token_lengths
+
+    texts = ["short", "a much longer text " * 20]
+    exact = token_lengths(tokenizer, texts)
+    tokenizer(texts, padding=True, return_tensors="pt")
+    assert tokenizer.backend_tokenizer.padding is not None  # the state the bug came from
+    assert token_lengths(tokenizer, texts) == exact
+    assert TokenCounter(tokenizer).count(texts) == exact
