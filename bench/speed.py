@@ -336,6 +336,8 @@ def _worker_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
     # on a CPU the default bf16=True refuses to start unless use_cpu=True, as its error message says
     cpu = {} if torch.cuda.is_available() else {"use_cpu": True}
+    if spec.get("baseline_precision") == "fp32":  # bf16=False: TRL's default bf16 autocast crawls on a CPU
+        cpu["bf16"] = False  # without bf16 units (AVX2 only: no step of 3 in 9 minutes), a user turns it off
     args = SFTConfig(output_dir=spec["out"], max_steps=max_steps, report_to="none", seed=spec["seed"],
                      data_seed=spec["seed"], **cpu)
     clock = step_clock()
@@ -830,9 +832,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def bench_train(b: Bench, data: dict[str, Any], repeats: int, model_path: str, params: int,
-                variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                variants: dict[str, dict[str, Any]] | None = None, baseline_precision: str = "trl-default") -> dict[str, Any]:
     spec = {"model_path": model_path, "train_file": str(Path(data["dir"]) / "train.jsonl"),
-            "val_file": str(Path(data["dir"]) / "validation.jsonl"), "parameters": params, "seed": 42}
+            "val_file": str(Path(data["dir"]) / "validation.jsonl"), "parameters": params, "seed": 42,
+            "baseline_precision": baseline_precision}
     recipes = ["baseline", "project", *(variants or {})]
     runs: list[dict[str, Any]] = []
     total = len(recipes) * repeats
@@ -920,7 +923,7 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
               f"{data['validation_examples']} validation conversations")
     if "train" in parts:
         variants = dict(parse_variant(v) for v in args.variant or [])
-        results["train"] = bench_train(b, data, args.repeats, model_path, params, variants)
+        results["train"] = bench_train(b, data, args.repeats, model_path, params, variants, args.baseline_precision)
     if "chat" in parts:
         run_dir = _run_for_chat(b, data, model_path, params, results.get("train"))
         b.say("[chat] playground: one column vs compare ...")
@@ -1107,6 +1110,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", action="append", metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                         help="Also time the project recipe with these TrainConfig overrides (repeatable), "
                              "e.g. fp32:precision=fp32. Levers are measured, not assumed.")
+    parser.add_argument("--baseline-precision", choices=("trl-default", "fp32"), default="trl-default",
+                        help="The plain TRL recipe's precision: TRL's default (bf16 autocast), or fp32 (bf16=False), "
+                             "what a user of a CPU without bf16 units (AVX2 only) turns to: bf16 crawls there.")
     parser.add_argument("--val-examples", type=int, default=DEFAULT_VAL_EXAMPLES,
                         help="Validation conversations scored after each run.")
     parser.add_argument("--convert-n", type=int, default=DEFAULT_CONVERT_N,
