@@ -85,6 +85,9 @@ class Stopped(TunerError):
     """The caller asked the evaluation to stop; nothing was written."""
 
 
+STOPPED = "The evaluation was stopped; the previous eval.json (if any) is unchanged."
+
+
 # -- text metrics ----------------------------------------------------------------------------------
 
 
@@ -328,7 +331,7 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
 
     def tell(done: int, text: str) -> None:
         if stop is not None and stop.is_set():
-            raise Stopped("The evaluation was stopped; the previous eval.json (if any) is unchanged.")
+            raise Stopped(STOPPED)
         if on_progress is not None:
             on_progress(done, len(cases), text)
 
@@ -348,6 +351,8 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
                     f"of {len(cases)}")
         got = pg.generate_replies([c["messages"] for c in chunk], [PLAYGROUND_COLUMN[c] for c in COLUMNS], settings,
                                   run=run_dir, stop=stop, k=k)
+        if stop is not None and stop.is_set():  # a stopped batch lacks the columns it never reached
+            raise Stopped(STOPPED)
         for case, reply in zip(chunk, got, strict=True):
             rows.append({"prompt": case["messages"][-1]["content"], "reference": case["reference"],
                          **{col: reply[PLAYGROUND_COLUMN[col]].text for col in COLUMNS}})
