@@ -1,4 +1,4 @@
-"""Evaluation: base vs tuned on held-out prompts, voice metrics, forgetting check, eval files."""
+"""Evaluation: prompting vs retrieval vs tuning on held-out prompts, voice metrics, forgetting check, eval files."""
 
 from __future__ import annotations
 
