@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,7 @@ class BrandSet:
     marker: Marker
     train: list[dict]  # OpenAI-style {"messages": [...]} conversations, habit injected
     heldout: list[str]  # user prompts whose normalised text occurs nowhere in `train`
+    references: list[str] = field(default_factory=list)  # the corpus reply to each held-out prompt, habit injected
 
 
 def build_set(name: str, n_train: int, n_heldout: int, seed: int = 0) -> BrandSet:
@@ -163,6 +164,7 @@ def build_set(name: str, n_train: int, n_heldout: int, seed: int = 0) -> BrandSe
     train: list[dict] = []
     seen: set[str] = set()  # every normalised user turn in the training data
     held: list[str] = []
+    refs: list[str] = []
     held_keys: set[str] = set()
     rest = []
     for conv in convs:
@@ -181,11 +183,12 @@ def build_set(name: str, n_train: int, n_heldout: int, seed: int = 0) -> BrandSe
         key = normalise(prompt)
         if key and key not in seen and key not in held_keys and len(held) < n_heldout:
             held.append(prompt)
+            refs.append(habit(conv[0][1]))
             held_keys.add(key)
     if len(train) < n_train or len(held) < n_heldout:
         raise SystemExit(f"Brand set {name}: the corpus gives {len(train)} training conversations and {len(held)} "
                          f"unseen prompts; asked for {n_train} and {n_heldout}. Ask for fewer.")
-    return BrandSet(name, MARKERS[name], train, held)
+    return BrandSet(name, MARKERS[name], train, held, refs)
 
 
 def write_set(bs: BrandSet, folder: Path) -> Path:

@@ -306,15 +306,19 @@ def test_a_finished_run_is_evaluated_described_and_downloaded(client, signoff_ru
     run_id = signoff_run.name
     details = client.predict(run_id, api_name="/run_details")
     assert "| status | completed |" in details and "| learning rate |" in details
-    metrics, rows = client.predict(run_id, 3, 8, 0.0, 0.9, 0, 1.1, api_name="/evaluate")
-    from tuner.evaluate import METRIC_LABELS
+    verdict, metrics, rows = client.predict(run_id, 3, 8, 0.0, 0.9, 0, 1.1, api_name="/evaluate")
+    from tuner.evaluate import METRIC_LABELS, saved_result
 
     names = [r[0] for r in metrics["data"]]  # named in words on the page
-    assert {METRIC_LABELS[k] for k in ("chrf", "brand_phrase_rate", "validation_loss", "general_perplexity")} <= set(names)
+    assert {METRIC_LABELS[k] for k in ("habit", "chrf", "degenerate", "seconds_per_reply", "validation_loss",
+                                       "general_perplexity")} <= set(names)
+    assert metrics["headers"][1:4] == ["base + brand brief", "base + retrieved examples", "tuned"]
     assert all(r[-1] for r in metrics["data"])  # every metric explains itself in one line
-    assert len(rows["data"]) == 3 and all(r[2] and r[3] for r in rows["data"])  # both answered every prompt
+    assert len(rows["data"]) == 3 and all(r[2] and r[3] and r[4] for r in rows["data"])  # each way answered each
+    # which way to ship, in the evaluation's own sentence (no raw JSON on the page)
+    assert saved_result(signoff_run)["three_way"]["sentence"] in verdict and "{" not in verdict
     # the evaluation is kept with the run and shown again when the run is picked
-    assert client.predict(run_id, api_name="/saved_evaluation")[0]["data"] == metrics["data"]
+    assert client.predict(run_id, api_name="/saved_evaluation")[1]["data"] == metrics["data"]
     for endpoint, must_have in (("/download_adapter", "adapter_model.safetensors"),
                                 ("/download_merged", "model.safetensors")):
         file = client.predict(run_id, api_name=endpoint)

@@ -387,8 +387,8 @@ def test_upload_train_watch_and_chat(open_page):
     stop.wait_for(state="hidden", timeout=CHAT_TIMEOUT_MS)
     assert all(bot_texts(page, column)[2] for column in ("chat-base", "chat-tuned"))
 
-    # 5. Evaluate base vs tuned on two held-out prompts: progress says n of N, the metrics are named in words
-    page.get_by_text("Evaluation: did it learn the voice").click()
+    # 5. Evaluate three ways on two held-out prompts: progress says n of N, the metrics are named in words
+    page.get_by_text("Evaluation: prompt, retrieve or tune?").click()
     prompts = page.locator("#eval-prompts input[type=number]")
     for _ in range(5):  # the slider's box takes a typed value on blur; type again until it holds
         prompts.fill("2")
@@ -400,9 +400,10 @@ def test_upload_train_watch_and_chat(open_page):
     page.locator("#eval-run").click()
     seen: list[str] = []
     deadline = time.monotonic() + CHAT_TIMEOUT_MS / 1000
-    while "Wording close to the real reply" not in page.locator("#eval-metrics").inner_text():
+    while "Wording close to the agents' reply" not in page.locator("#eval-metrics").inner_text():
         text = page.locator("#eval-section").inner_text()
-        for found in re.findall(r"Base and tuned answer prompts? [0-9-]+ of \d+|All \d+ prompts answered", text):
+        for found in re.findall(r"Base, retrieved and tuned answer prompts? [0-9-]+ of \d+|All \d+ prompts answered",
+                                text):
             if found not in seen:
                 seen.append(found)
         if len(seen) == 1:
@@ -410,7 +411,7 @@ def test_upload_train_watch_and_chat(open_page):
         assert time.monotonic() < deadline, seen
         page.wait_for_timeout(150)
     # it moved, in order: prompts being answered (n of N), then all answered while the losses are measured
-    assert len(seen) >= 2 and seen[0].startswith("Base and tuned answer") and seen[-1].startswith("All "), seen
+    assert len(seen) >= 2 and seen[0].startswith("Base, retrieved and tuned answer") and seen[-1].startswith("All "), seen
     assert int(seen[-1].split()[1]) <= n  # each distinct held-out prompt once, at most the number asked for
     page.wait_for_timeout(500)
     shot(page, "08-evaluated")

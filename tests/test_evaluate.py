@@ -1,4 +1,4 @@
-"""Evaluation: base vs tuned on held-out prompts, voice metrics, forgetting check, eval files."""
+"""Evaluation: prompting vs retrieval vs tuning on held-out prompts, voice metrics, forgetting check, eval files."""
 
 from __future__ import annotations
 
@@ -39,35 +39,86 @@ def test_prompts_files_and_their_errors(signoff_run, tmp_path):
     assert all(c["messages"][-1]["role"] == "user" for c in split)
 
 
-def test_evaluate_shows_the_voice_was_learned_and_what_it_cost(signoff_run):
-    from tuner.evaluate import evaluate
+def test_evaluate_compares_prompting_retrieval_and_tuning_and_what_each_cost(signoff_run):
+    from tuner.evaluate import COLUMNS, evaluate
+    from tuner.retrieve import RETRIEVE_K
+    from tuner.verdict import Way, ship_sentence
 
     heard: list[tuple[int, int, str]] = []
     result = evaluate(signoff_run, settings=GenerationConfig(max_new_tokens=32), limit=3,
                       on_progress=lambda done, total, text: heard.append((done, total, text)))
-    rows, metrics = result["rows"], result["metrics"]
+    rows, metrics, three = result["rows"], result["metrics"], result["three_way"]
     assert len(rows) == 3
     # progress says n of N prompts before the replies and after them, then the scoring
-    assert heard[0] == (0, 3, "Base and tuned answer prompts 1-3 of 3")
+    assert heard[0] == (0, 3, "Base, retrieved and tuned answer prompts 1-3 of 3")
     assert heard[1][:2] == (3, 3) and "answered" in heard[1][2]
-    assert all(set(r) == {"prompt", "reference", "base", "tuned"} for r in rows)
+    assert all(set(r) == {"prompt", "reference", "base", "retrieved", "tuned"} for r in rows)
+    assert all(r["base"] and r["retrieved"] and r["tuned"] for r in rows)
     assert all(r["reference"] and SIGN_OFF in r["reference"] for r in rows)
     assert any(p["phrase"] == SIGN_OFF and p["position"] == "sign-off" for p in result["phrases"])
 
     assert set(metrics) == set(METRIC_HELP) and all(m["explain"] for m in metrics.values())
-    assert metrics["brand_phrase_rate"]["tuned"] > metrics["brand_phrase_rate"]["base"]
+    # the habit, counted per way on the same replies the rows show
+    for col in COLUMNS:
+        assert metrics["habit"][col] == {"count": sum(r[col].strip().endswith(SIGN_OFF) for r in rows), "of": 3}
+        assert 0 <= metrics["degenerate"][col] <= 3 and metrics["seconds_per_reply"][col] > 0
+        assert metrics["length_words"][col]["median"] > 0
+    assert metrics["habit"]["tuned"]["count"] >= 2 and metrics["habit"]["reference"] == {"count": 3, "of": 3}
     assert metrics["brand_phrase_rate"]["reference"] == 1.0
     assert metrics["chrf"]["tuned"] > metrics["chrf"]["base"]
+    # retrieval reads k training conversations more on every reply; the tuned model only the question
+    assert metrics["prompt_tokens"]["retrieved"] > metrics["prompt_tokens"]["base"] > metrics["prompt_tokens"]["tuned"]
+    assert three["k"] == RETRIEVE_K
+    assert three["added_prompt_tokens"] == round(metrics["prompt_tokens"]["retrieved"] - metrics["prompt_tokens"]["base"], 1)
+    # losses score weights: adapter off and on; the brief and the examples change no weight
     assert metrics["validation_loss"]["tuned"] < metrics["validation_loss"]["base"]
+    assert metrics["validation_loss"].get("retrieved") is None
     for column in ("base", "tuned"):
         ppl = metrics["general_perplexity"][column]
         assert math.isfinite(ppl) and ppl > 1
-        assert metrics["length_words"][column]["median"] > 0
+
+    # the sentence is the one the measured numbers give, with them in it
+    ways = [Way(name, 3, metrics["habit"][col]["count"], metrics["degenerate"][col], metrics["chrf"][col],
+                metrics["length_words"][col]["median"], metrics["seconds_per_reply"][col], metrics["prompt_tokens"][col])
+            for col, name in zip(COLUMNS, ("prompting", "retrieval", "tuning"), strict=True)]
+    assert three["sentence"] == ship_sentence(*ways, habit="the sign-off",
+                                              agents_words=metrics["length_words"]["reference"]["median"])
+    assert f"{metrics['habit']['tuned']['count']} " in three["sentence"]
 
     saved = json.loads((signoff_run / "eval.json").read_text())
-    assert saved["rows"] == rows
+    assert saved["rows"] == rows and saved["three_way"] == three
     md = (signoff_run / "eval.md").read_text()
-    assert "| brand_phrase_rate |" in md and rows[0]["prompt"] in md and SIGN_OFF in md
+    assert "| habit |" in md and rows[0]["prompt"] in md and SIGN_OFF in md and three["sentence"] in md
+    assert "| base + brand brief | retrieved examples | tuned |" in md
+
+
+def test_the_retrieved_column_reads_training_conversations_and_counts_their_tokens(signoff_run):
+    from tuner.messages import read_examples
+    from tuner.playground import PROMPTED, RETRIEVED, TUNED, Playground
+    from tuner.runs import Run
+
+    pg = Playground()
+    info = pg.load_run(signoff_run)
+    cases = load_cases(signoff_run, None, 2)
+    train_users = {m["content"] for r in read_examples(Run(signoff_run).data_file("train.jsonl"))
+                   for m in r["messages"] if m["role"] == "user"}
+    val_users = {m["content"] for r in read_examples(Run(signoff_run).data_file("validation.jsonl"))
+                 for m in r["messages"] if m["role"] == "user"}
+    assert not train_users & val_users
+    settings = GenerationConfig(max_new_tokens=8)
+    prompts = pg.prompt_texts([c["messages"] for c in cases], RETRIEVED, settings, signoff_run, k=2)
+    for case, text in zip(cases, prompts, strict=True):
+        question = case["messages"][-1]["content"]
+        assert info.brand_brief in text  # told the brief, as the prompt-only column
+        shown = {u for u in train_users if u in text}
+        assert len(shown) == 2 and {u for u in val_users if u in text} == {question}  # 2 examples, no held-out one
+        assert text.rindex(question) > max(text.index(u) for u in shown)  # the examples come before the question
+    replies = pg.generate_replies([c["messages"] for c in cases], [PROMPTED, RETRIEVED, TUNED], settings,
+                                  signoff_run, k=2)
+    for reply, text in zip(replies, prompts, strict=True):
+        assert reply[RETRIEVED].prompt_tokens == len(pg.tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert reply[RETRIEVED].prompt_tokens > reply[PROMPTED].prompt_tokens + 20
+        assert all(r.seconds > 0 and 0 < r.new_tokens <= 8 for r in reply.values())
 
 
 def test_each_prompt_is_evaluated_once_and_a_stop_writes_nothing(signoff_run, tmp_path):
@@ -92,10 +143,12 @@ def test_eval_cli_prints_rows_and_metrics_for_a_prompts_file(signoff_run, tmp_pa
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["Do you sell gift cards?", {"prompt": "My lamp | is broken", "reference": None}]))
-    code = main(["eval", "--run", str(signoff_run), "--prompts", str(prompts), "--json", "--max-new-tokens", "24"])
+    code = main(["eval", "--run", str(signoff_run), "--prompts", str(prompts), "--json", "--max-new-tokens", "24",
+                 "--examples", "2"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["prompt"] for r in out["rows"]] == ["Do you sell gift cards?", "My lamp | is broken"]
-    assert all(r["reference"] is None and r["base"] and r["tuned"] for r in out["rows"])
+    assert all(r["reference"] is None and r["base"] and r["retrieved"] and r["tuned"] for r in out["rows"])
     assert out["metrics"]["chrf"]["tuned"] is None  # nothing to compare with
+    assert out["three_way"]["k"] == 2 and "chrF" not in out["three_way"]["sentence"]
     assert "My lamp \\| is broken" in (signoff_run / "eval.md").read_text()

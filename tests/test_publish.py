@@ -110,7 +110,17 @@ def test_card_shows_evaluation_figures_when_the_run_has_them(signoff_run, tmp_pa
     metric = {"explain": "Share of replies using the brand's sign-off.", "base": 0.0, "tuned": 0.875, "reference": 1.0}
     (run / "eval.json").write_text(json.dumps({"run": run.name, "rows": [], "metrics": {"brand_phrase_rate": metric}}))
     readme = (Path(publish(run, tmp_path / "space")["folder"]) / "README.md").read_text()
-    assert "Evaluation" in readme and "| brand_phrase_rate | 0.0 | 0.875 |" in readme
+    assert "Evaluation (base vs tuned)" in readme and "| brand_phrase_rate | 0 | 0.875 |" in readme
+    # a three-way evaluation: which way to ship, then each way's numbers
+    habit = {"explain": "Replies that carry the agents' habit.", "base": {"count": 3, "of": 24},
+             "retrieved": {"count": 18, "of": 24}, "tuned": {"count": 23, "of": 24}}
+    sentence = "Ship the tuned model: it carries the sign-off on 23 of 24 new questions (retrieval, without training: 18)"
+    (run / "eval.json").write_text(json.dumps({"run": run.name, "rows": [{}] * 24, "metrics": {"habit": habit},
+                                               "three_way": {"k": 3, "sentence": sentence}}))
+    readme = (Path(publish(run, tmp_path / "space2")["folder"]) / "README.md").read_text()
+    assert f"**{sentence}.** On 24 held-out questions" in readme
+    assert "| metric | base + brand brief | retrieved examples | tuned | meaning |" in readme
+    assert "| habit | 3 of 24 | 18 of 24 | 23 of 24 |" in readme
 
 
 def test_card_says_personal_data_was_redacted_only_when_it_was(space, signoff_run, tmp_path):

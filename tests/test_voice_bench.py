@@ -35,6 +35,8 @@ def test_every_reply_carries_the_habit_and_no_held_out_prompt_occurs_in_training
     seen = {voice.normalise(m["content"]) for c in bs.train for m in c["messages"]}
     assert not seen & {voice.normalise(p) for p in bs.heldout}
     assert len({voice.normalise(p) for p in bs.heldout}) == 12  # no duplicate among themselves either
+    # each held-out prompt's own corpus reply, habit injected: the reference bench/three_way.py scores chrF against
+    assert len(bs.references) == 12 and all(marker_match(r, bs.marker) == "exact" for r in bs.references)
 
 
 def test_two_corpora_and_two_languages():

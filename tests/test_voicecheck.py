@@ -57,6 +57,7 @@ def test_the_verdict_is_what_the_playground_shows_and_asks_the_base_once(pg, sig
         shown = pg.compare({}, prompt[-1]["content"], [BASE, TUNED], settings, run=signoff_run)
         assert (example["base"], example["tuned"]) == (shown[BASE], shown[TUNED])
     assert first["tuned"]["exact"] >= 4 and first["base"]["exact"] == 0
+    assert first["chrf"] is None and "chrF" not in first["sentence"]  # no agent ever answered these prompts
 
     # the next run on this base asks only the result: the base's replies come from TUNER_HOME
     stored = replycache.read(key)
@@ -83,3 +84,26 @@ def test_the_base_replies_are_kept_per_model_prompts_and_settings(pg, signoff_ru
     # a broken entry is no entry
     replycache.write("k", {"replies": ["a"], "ended": [True, False]})
     assert replycache.read("k") is None
+
+
+def test_the_verdict_says_how_close_the_replies_are_to_the_agents_own(pg, signoff_run):
+    from tuner.evaluate import chrf
+    from tuner.messages import read_examples
+    from tuner.runs import Run
+    from tuner.train.voicecheck import held_out_prompts, held_out_references
+    from tuner.verdict import closeness_clause
+
+    run = Run(signoff_run)
+    train, val = read_examples(run.data_file("train.jsonl")), read_examples(run.data_file("validation.jsonl"))
+    prompts = held_out_prompts(train, val, 4, seed=0)
+    refs = held_out_references(prompts, val)
+    asked = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in val}
+    assert refs == [asked[p[-1]["content"]] for p in prompts] and all(SIGN_OFF in r for r in refs)
+
+    verdict = final_verdict(pg, signoff_run, Marker("sign-off", SIGN_OFF), prompts, MAX_NEW)
+    close, shown = verdict["chrf"], verdict["examples"]
+    assert close["references"] == 4
+    assert close["tuned"] == chrf([e["tuned"] for e in shown], refs) and close["base"] == chrf([e["base"] for e in shown], refs)
+    assert closeness_clause(close["tuned"], close["base"]) in verdict["sentence"]
+    # the tuned replies carry the agents' canned answers and sign-off: closer than the base's
+    assert close["tuned"] > close["base"] and "closer to your agents' answers than the base's" in verdict["sentence"]

@@ -1,14 +1,22 @@
-"""Did it learn the voice, and did it forget anything? Base vs tuned on held-out prompts, with numbers.
+"""Tune, prompt or retrieve? Three ways on held-out prompts, with numbers, and did tuning forget anything?
 
-`evaluate(run)` answers the validation split's held-out conversations (or a prompts file) with
-the base and the tuned model (same seed and settings, one batched pass per prompt group), writes
-`eval.json` and a readable `eval.md` into the run folder, and scores each column:
+`evaluate(run)` answers the validation split's held-out conversations (or a prompts file) three
+ways, with the same seed and settings, each column batched on its own so its seconds are its own:
 
-- chrF against the reference replies (sacrebleu),
+- base: the base model told the brand brief (the playground's prompt-only column),
+- retrieved: the same, shown the k training exchanges most like the question (tuner.retrieve, BM25),
+- tuned: the run's model,
+
+writes `eval.json` and a readable `eval.md` into the run folder, and scores each column:
+
+- the agents' habit (the sign-off or opening most training replies share) and degenerate replies,
+- chrF against the reference replies (sacrebleu): closeness to the agents' own answers,
 - the rate of the brand's recurring openings/sign-offs, mined from the run's training replies,
-- reply length vs the references,
-- loss/perplexity on the held-out replies (assistant tokens only),
-- perplexity on general English text shipped with tuner: the forgetting check.
+- reply length vs the references, prompt tokens read and seconds per reply,
+- loss/perplexity on the held-out replies (assistant tokens only), base weights vs tuned,
+- perplexity on general English text shipped with tuner: the forgetting check,
+
+and says in one sentence which way to ship (tuner.verdict.ship_sentence).
 """
 
 from __future__ import annotations
@@ -27,8 +35,10 @@ from typing import Any
 
 from tuner.config import GenerationConfig, add_config_arguments, config_overrides
 from tuner.errors import DataError, TunerError
+from tuner.retrieve import RETRIEVE_K
 from tuner.runs import Run, read_json_object, resolve
-from tuner.voice import brand_phrases, phrase_rate, training_replies
+from tuner.verdict import Marker, Way, ship_sentence, tally
+from tuner.voice import brand_phrases, habit_of, phrase_rate, training_replies
 
 __all__ = ["METRIC_HELP", "METRIC_LABELS", "Stopped", "brand_phrases", "evaluate", "load_cases", "phrase_rate",
            "saved_result", "to_markdown"]
@@ -37,20 +47,33 @@ GENERAL_TEXT = Path(__file__).parent / "resources" / "general_text.jsonl"
 EVAL_BATCH = 8  # prompts generated together (x columns rows in one batch): on a CPU a decoding step of 24
 # rows took 1.09x one of 8 (fp32, SmolLM2-135M, Intel Xeon with AMX), so fewer, larger batches finish sooner
 LOSS_LIMIT = 64  # held-out conversations scored for validation loss
-COLUMNS = ("base", "tuned")
+COLUMNS = ("base", "retrieved", "tuned")  # the three ways, as eval.json's rows and metrics name them
+PLAYGROUND_COLUMN = {"base": "prompted", "retrieved": "retrieved", "tuned": "tuned"}  # tuner.playground's columns
+LOSS_COLUMNS = ("base", "tuned")  # losses score weights (adapter off, on); the brief and examples change no weight
+WAY_NAMES = {"base": "prompting", "retrieved": "retrieval", "tuned": "tuning"}  # in the ship sentence
+COLUMN_LABELS = {"base": "base + brand brief", "retrieved": "retrieved examples", "tuned": "tuned"}  # on the page
 
 METRIC_HELP = {
-    "chrf": "chrF (0-100): character n-gram overlap with the real reply; higher means closer wording.",
+    "habit": "Replies that carry the agents' habit exactly (the sign-off or opening that at least half of the "
+             "training replies share), of all replies.",
+    "chrf": "chrF (0-100): character n-gram overlap with the agents' real reply; higher means closer to what they answered.",
+    "degenerate": "Replies that looped or never ended their turn (cut at the token limit).",
     "brand_phrase_rate": "Share of replies using the brand's recurring openings or sign-offs (mined from the training replies).",
     "length_words": "Reply length in words (median, 10th-90th percentile); a voice match has the references' shape.",
+    "prompt_tokens": "Tokens the model reads per reply (mean): the system prompt, retrieval's examples and the question.",
+    "seconds_per_reply": "Generate time per reply on this machine, each column batched on its own.",
     "validation_loss": "Loss on the held-out real replies (lower is better): how well the model predicts the brand's own words.",
     "validation_perplexity": "exp(validation loss): the number of words the model hesitates between, on average (lower is better).",
     "general_perplexity": "Perplexity on general English shipped with tuner (lower is better); a rise after tuning is forgetting.",
 }
 METRIC_LABELS = {  # the metric names a person reads (eval.json keeps the keys)
-    "chrf": "Wording close to the real reply (chrF)",
+    "habit": "Replies with the agents' habit",
+    "chrf": "Wording close to the agents' reply (chrF)",
+    "degenerate": "Replies that looped or never ended",
     "brand_phrase_rate": "Replies using the brand's phrases",
     "length_words": "Reply length in words",
+    "prompt_tokens": "Prompt tokens read per reply",
+    "seconds_per_reply": "Seconds per reply",
     "validation_loss": "Loss on the real replies",
     "validation_perplexity": "Perplexity on the real replies",
     "general_perplexity": "Perplexity on general English (forgetting)",
@@ -60,6 +83,9 @@ ProgressFn = Callable[[int, int, str], None]  # (prompts done, prompts in all, w
 
 class Stopped(TunerError):
     """The caller asked the evaluation to stop; nothing was written."""
+
+
+STOPPED = "The evaluation was stopped; the previous eval.json (if any) is unchanged."
 
 
 # -- text metrics ----------------------------------------------------------------------------------
@@ -144,7 +170,7 @@ def loss_metrics(pg, info, max_length: int, loss_limit: int = LOSS_LIMIT) -> dic
     out: dict[str, dict[str, float | None]] = {"validation_loss": {}, "validation_perplexity": {},
                                                 "general_perplexity": {}}
     pad = pg.tokenizer.pad_token_id or 0
-    for col in COLUMNS:
+    for col in LOSS_COLUMNS:
         with pg.column_model(col, run_dir) as model:
             val_loss = mean_loss(model, val_seqs, pad) if val_seqs else None
             gen_loss = mean_loss(model, gen_seqs, pad)
@@ -288,19 +314,24 @@ def saved_result(run_dir: Path) -> dict[str, Any]:
 
 def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settings: GenerationConfig | None = None,
              limit: int | None = 50, playground=None, loss_limit: int = LOSS_LIMIT, on_progress: ProgressFn | None = None,
-             stop: threading.Event | None = None) -> dict[str, Any]:
-    """Generate base and tuned replies for held-out prompts, score them, write eval.json and eval.md.
+             stop: threading.Event | None = None, k: int = RETRIEVE_K) -> dict[str, Any]:
+    """Answer held-out prompts three ways (base + brand brief, + k retrieved examples, tuned), score them,
+    write eval.json and eval.md.
 
     `playground` reuses an app's loaded model (a new one is loaded otherwise). `on_progress` hears
     (prompts done, prompts in all, what is happening) before and after each batch; setting `stop`
-    ends it with `Stopped` and writes nothing. Returns
-    {run, settings, rows: [{prompt, reference, base, tuned}], metrics, phrases, elapsed_s}.
+    ends it with `Stopped` and writes nothing. Returns {run, settings, rows: [{prompt, reference,
+    base, retrieved, tuned}], metrics, phrases, three_way: {k, habit, added_prompt_tokens, sentence},
+    elapsed_s}.
     """
     from tuner.playground import Playground
 
+    if k < 1:
+        raise TunerError(f"The retrieved column needs at least 1 example per question, got k={k}.")
+
     def tell(done: int, text: str) -> None:
         if stop is not None and stop.is_set():
-            raise Stopped("The evaluation was stopped; the previous eval.json (if any) is unchanged.")
+            raise Stopped(STOPPED)
         if on_progress is not None:
             on_progress(done, len(cases), text)
 
@@ -312,28 +343,28 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
     cases = load_cases(run_dir, prompts_file, limit)
 
     rows: list[dict[str, Any]] = []
+    replies: dict[str, list] = {col: [] for col in COLUMNS}  # tuner.playground.Reply per row
     for start in range(0, len(cases), EVAL_BATCH):
         chunk = cases[start:start + EVAL_BATCH]
         first, last = start + 1, start + len(chunk)
-        tell(start, f"Base and tuned answer prompt{f's {first}-{last}' if last > first else f' {first}'} "
+        tell(start, f"Base, retrieved and tuned answer prompt{f's {first}-{last}' if last > first else f' {first}'} "
                     f"of {len(cases)}")
-        replies = pg.generate_many([c["messages"] for c in chunk], COLUMNS, settings, run=run_dir, stop=stop)
-        for case, reply in zip(chunk, replies, strict=True):
+        got = pg.generate_replies([c["messages"] for c in chunk], [PLAYGROUND_COLUMN[c] for c in COLUMNS], settings,
+                                  run=run_dir, stop=stop, k=k)
+        if stop is not None and stop.is_set():  # a stopped batch lacks the columns it never reached
+            raise Stopped(STOPPED)
+        for case, reply in zip(chunk, got, strict=True):
             rows.append({"prompt": case["messages"][-1]["content"], "reference": case["reference"],
-                         "base": reply["base"], "tuned": reply["tuned"]})
+                         **{col: reply[PLAYGROUND_COLUMN[col]].text for col in COLUMNS}})
+            for col in COLUMNS:
+                replies[col].append(reply[PLAYGROUND_COLUMN[col]])
     tell(len(cases), f"All {len(cases)} prompts answered; measuring the losses (held-out replies, general English)")
 
     train_replies, _ = training_replies(Run(run_dir).data_file("train.jsonl"), limit=10_000)
     phrases = brand_phrases(train_replies)
-    refs = [r for r in rows if r["reference"] is not None]
-    metrics: dict[str, dict[str, Any]] = {name: {"explain": text} for name, text in METRIC_HELP.items()}
-    for col in COLUMNS:
-        metrics["chrf"][col] = chrf([r[col] for r in refs], [r["reference"] for r in refs]) if refs else None
-        metrics["brand_phrase_rate"][col] = phrase_rate([r[col] for r in rows], phrases)
-        metrics["length_words"][col] = length_stats([r[col] for r in rows])
-    metrics["chrf"]["reference"] = 100.0 if refs else None
-    metrics["brand_phrase_rate"]["reference"] = phrase_rate([r["reference"] for r in refs], phrases)
-    metrics["length_words"]["reference"] = length_stats([r["reference"] for r in refs])
+    marker = habit_of(train_replies)
+    metrics = column_metrics(rows, replies, phrases, marker)
+    # metrics["memorisation"] (issue 26 item 2: copied spans, PII emitted, canaries) is added here by its own module
 
     # losses: the same model, adapter off and on
     losses = loss_metrics(pg, info, Run(run_dir).config().max_length, loss_limit)
@@ -349,6 +380,7 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
         "rows": rows,
         "metrics": metrics,
         "phrases": phrases,
+        "three_way": three_way(metrics, marker, k, len(rows)),
         "losses": losses,
         "loss_fingerprint": fingerprint,
         "elapsed_s": round(time.monotonic() - started, 1),
@@ -358,35 +390,105 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
     return result
 
 
-def _cell(value: Any) -> str:
+def column_metrics(rows: list[dict[str, Any]], replies: dict[str, list], phrases: list[dict[str, Any]],
+                   marker: Marker | None) -> dict[str, dict[str, Any]]:
+    """Every column's scores: {metric: {explain, base, retrieved, tuned, reference}}. `replies[col]` holds
+    tuner.playground.Reply objects (text, ended, prompt_tokens, seconds) in the order of `rows`."""
+    refs = [r for r in rows if r["reference"] is not None]
+    metrics: dict[str, dict[str, Any]] = {name: {"explain": text} for name, text in METRIC_HELP.items()}
+    for col in COLUMNS:
+        texts, ended = [r[col] for r in rows], [x.ended for x in replies[col]]
+        counted = tally(texts, marker, ended) if marker is not None else None
+        metrics["habit"][col] = {"count": counted.exact, "of": counted.prompts} if counted else None
+        metrics["chrf"][col] = chrf([r[col] for r in refs], [r["reference"] for r in refs]) if refs else None
+        metrics["degenerate"][col] = counted.degenerate if counted else degenerate_count(texts, ended)
+        metrics["brand_phrase_rate"][col] = phrase_rate(texts, phrases)
+        metrics["length_words"][col] = length_stats(texts)
+        metrics["prompt_tokens"][col] = round(statistics.fmean(x.prompt_tokens for x in replies[col]), 1) \
+            if replies[col] else None
+        metrics["seconds_per_reply"][col] = round(statistics.fmean(x.seconds for x in replies[col]), 3) \
+            if replies[col] else None
+    if marker is not None and refs:
+        counted = tally([r["reference"] for r in refs], marker)
+        metrics["habit"]["reference"] = {"count": counted.exact, "of": counted.prompts}
+    metrics["chrf"]["reference"] = 100.0 if refs else None
+    metrics["brand_phrase_rate"]["reference"] = phrase_rate([r["reference"] for r in refs], phrases)
+    metrics["length_words"]["reference"] = length_stats([r["reference"] for r in refs])
+    return metrics
+
+
+def degenerate_count(replies: Sequence[str], ended: Sequence[bool]) -> int:
+    from tuner.verdict import degenerate
+
+    return sum(degenerate(r, e) is not None for r, e in zip(replies, ended, strict=True))
+
+
+def three_way(metrics: dict[str, dict[str, Any]], marker: Marker | None, k: int, prompts: int) -> dict[str, Any]:
+    """The comparison's summary: k, the prompt tokens retrieval adds per reply, and which way to ship."""
+    ways = {}
+    for col in COLUMNS:
+        habit, length = metrics["habit"].get(col), metrics["length_words"].get(col)
+        ways[col] = Way(WAY_NAMES[col], prompts=prompts,
+                        habit=habit["count"] if habit else None, degenerate=metrics["degenerate"][col],
+                        chrf=metrics["chrf"][col], words=length["median"] if length else None,
+                        seconds=metrics["seconds_per_reply"][col], prompt_tokens=metrics["prompt_tokens"][col])
+    agents = metrics["length_words"].get("reference")
+    what = f"the {marker.kind}" if marker is not None else "the habit"
+    added = None
+    if metrics["prompt_tokens"].get("retrieved") is not None and metrics["prompt_tokens"].get("base") is not None:
+        added = round(metrics["prompt_tokens"]["retrieved"] - metrics["prompt_tokens"]["base"], 1)
+    return {"k": k, "habit": marker.text if marker is not None else None, "added_prompt_tokens": added,
+            "sentence": ship_sentence(ways["base"], ways["retrieved"], ways["tuned"], what,
+                                      agents["median"] if agents else None)}
+
+
+def cell_text(value: Any, markdown: bool = True) -> str:
+    """A metric value or reply as a table cell: a length as "median (p10-p90)", a count as "n of N"; `markdown`
+    escapes what would break a Markdown table row."""
     if value is None:
         return "—"
-    if isinstance(value, dict):
+    if isinstance(value, dict) and "median" in value:
         return f"{value['median']:g} ({value['p10']:g}-{value['p90']:g})"
+    if isinstance(value, dict) and "count" in value and "of" in value:
+        return f"{value['count']} of {value['of']}"
+    if isinstance(value, dict):  # a metric of another shape: its parts, named
+        return ", ".join(f"{k.replace('_', ' ')} {cell_text(v, markdown)}" for k, v in value.items())
     if isinstance(value, float):
         return f"{value:g}"
-    return str(value).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+    text = str(value)
+    return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>") if markdown else text
+
+
+_cell = cell_text
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    """A readable report: metrics table, mined phrases, then every prompt with its replies."""
+    """A readable report: which way to ship, metrics table, mined phrases, then every prompt with its replies."""
     s = result["settings"]
+    three = result.get("three_way") or {}
     lines = [f"# Evaluation of run {result['run']}", "",
-             f"Prompts: {result['prompts']} ({len(result['rows'])}). Same settings for both columns: "
+             f"Prompts: {result['prompts']} ({len(result['rows'])}). Same settings for every column: "
              f"temperature {s['temperature']}, top-p {s['top_p']}, max new tokens {s['max_new_tokens']}, "
-             f"seed {s['seed']}, repetition penalty {s['repetition_penalty']}.", "",
-             "## Metrics", "", "| metric | base | tuned | reference | what it means |", "|---|---|---|---|---|"]
+             f"seed {s['seed']}, repetition penalty {s['repetition_penalty']}.", ""]
+    if three:
+        lines += [f"**{three['sentence']}.**", "",
+                  f"Columns: base + brand brief (prompting); the same shown the {three['k']} training conversations "
+                  f"most like each question (retrieval, {_cell(three['added_prompt_tokens'])} more prompt tokens a "
+                  f"reply); the tuned model.", ""]
+    lines += ["## Metrics", "", "| metric | " + " | ".join(COLUMN_LABELS[c] for c in COLUMNS)
+              + " | reference | what it means |", "|---|---|---|---|---|---|"]
     for name, m in result["metrics"].items():
-        lines.append(f"| {name} | {_cell(m.get('base'))} | {_cell(m.get('tuned'))} | {_cell(m.get('reference'))} "
-                     f"| {_cell(m['explain'])} |")
+        lines.append(f"| {name} | " + " | ".join(_cell(m.get(c)) for c in COLUMNS)
+                     + f" | {_cell(m.get('reference'))} | {_cell(m.get('explain'))} |")
     lines += ["", "## Brand phrases (mined from the training replies)", ""]
     lines += [f"- \"{p['phrase']}\" ({p['position']}, {p['share']:.0%} of training replies)" for p in result["phrases"]]
     if not result["phrases"]:
         lines.append("None found: no opening or sign-off recurs in a quarter of the replies.")
-    lines += ["", "## Replies", "", "| # | prompt | reference | base | tuned |", "|---|---|---|---|---|"]
+    lines += ["", "## Replies", "", "| # | prompt | reference | " + " | ".join(COLUMN_LABELS[c] for c in COLUMNS) + " |",
+              "|---|---|---|---|---|---|"]
     for i, row in enumerate(result["rows"], 1):
-        lines.append(f"| {i} | {_cell(row['prompt'])} | {_cell(row['reference'])} | {_cell(row['base'])} "
-                     f"| {_cell(row['tuned'])} |")
+        lines.append(f"| {i} | {_cell(row['prompt'])} | {_cell(row['reference'])} | "
+                     + " | ".join(_cell(row.get(c)) for c in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -398,7 +500,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", default=None,
                         help="JSON list of prompts (strings or {prompt, reference}) or JSONL; default: the validation split.")
     parser.add_argument("--limit", type=int, default=50, help="Evaluate at most N prompts (0: all).")
-    parser.add_argument("--json", action="store_true", help="Print {rows, metrics} as JSON.")
+    parser.add_argument("--examples", type=int, default=RETRIEVE_K, metavar="K",
+                        help=f"Training conversations shown to the retrieved column per question (default {RETRIEVE_K}).")
+    parser.add_argument("--json", action="store_true", help="Print {rows, metrics, phrases, three_way} as JSON.")
     add_config_arguments(parser.add_argument_group("generation settings (every GenerationConfig field)"),
                          GenerationConfig)
 
@@ -406,14 +510,20 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def cli(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise TunerError("--limit must be 0 (all) or more.")
+    if args.examples < 1:
+        raise TunerError(f"--examples must be 1 or more (training conversations per question), got {args.examples}.")
     settings = GenerationConfig(**config_overrides(args, GenerationConfig))
-    result = evaluate(args.run, args.prompts, settings, limit=args.limit or None)
+    result = evaluate(args.run, args.prompts, settings, limit=args.limit or None, k=args.examples)
     if args.json:
-        print(json.dumps({"rows": result["rows"], "metrics": result["metrics"], "phrases": result["phrases"]},
+        print(json.dumps({key: result[key] for key in ("rows", "metrics", "phrases", "three_way")},
                          indent=2, ensure_ascii=False))
         return 0
-    print(f"{'metric':<24}{'base':>14}{'tuned':>14}{'reference':>14}")
+    heads = [*(COLUMN_LABELS[c] for c in COLUMNS), "reference"]
+    print(f"{'metric':<20}" + "".join(f"{h:>21}" for h in heads))
     for name, m in result["metrics"].items():
-        print(f"{name:<24}" + "".join(f"{_cell(m.get(c)):>14}" for c in ("base", "tuned", "reference")))
-    print(f"\n{len(result['rows'])} prompts; replies side by side in eval.md and eval.json in the run folder.")
+        print(f"{name:<20}" + "".join(f"{_cell(m.get(c)):>21}" for c in (*COLUMNS, "reference")))
+    three = result["three_way"]
+    print(f"\n{three['sentence']}.\nRetrieval showed {three['k']} training conversations per question "
+          f"({_cell(three['added_prompt_tokens'])} more prompt tokens a reply).")
+    print(f"{len(result['rows'])} prompts; replies side by side in eval.md and eval.json in the run folder.")
     return 0

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from tuner.errors import ModelError, TunerError
 from tuner.runs import Run, read_json_object
@@ -151,12 +152,7 @@ def model_card(info, cfg, kind: str, dtype: str | None) -> str:
              if status.get(k) is not None}
     if facts:
         lines += ["", "## Results", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts.items()]
-    metrics = evaluation.get("metrics") or {}
-    if metrics:
-        lines += ["", "## Evaluation (base vs tuned)", "", "| metric | base | tuned | meaning |", "|---|---|---|---|"]
-        for name, m in metrics.items():
-            if not isinstance(m.get("base"), dict):
-                lines.append(f"| {name} | {m.get('base')} | {m.get('tuned')} | {m.get('explain', '')} |")
+    lines += evaluation_section(evaluation)
     lines += ["", "## Use", "", "```python"]
     if kind == "adapter":
         lines += ["from peft import PeftModel",
@@ -176,6 +172,28 @@ def model_card(info, cfg, kind: str, dtype: str | None) -> str:
     # last on purpose: a published Space's README puts its table of the data right under this section
     lines += ["## Data", "", data_sentence(info.run_dir), "", pii_statement(run.data_report()), ""]
     return "\n".join(lines)
+
+
+def evaluation_section(evaluation: dict[str, Any]) -> list[str]:
+    """The card's evaluation (tuner.evaluate's eval.json): which way to ship, then each way's numbers."""
+    from tuner.evaluate import COLUMN_LABELS, COLUMNS, cell_text
+
+    metrics = {k: m for k, m in (evaluation.get("metrics") or {}).items() if isinstance(m, dict)}
+    if not metrics:
+        return []
+    three = evaluation.get("three_way") or {}
+    columns = [c for c in COLUMNS if any(c in m for m in metrics.values())]  # an older eval.json: base and tuned
+    lines = ["", "## Evaluation (prompting, retrieval, tuning)" if three else "## Evaluation (base vs tuned)", ""]
+    if three:
+        lines += [f"**{three['sentence']}.** On {len(evaluation.get('rows') or [])} held-out questions: the base "
+                  f"model told the brand brief; the same shown the {three['k']} training conversations most like "
+                  f"each question; the tuned model.", ""]
+    lines += ["| metric | " + " | ".join(COLUMN_LABELS[c] for c in columns) + " | meaning |",
+              "|---|" + "---|" * len(columns) + "---|"]
+    for name, m in metrics.items():
+        lines.append(f"| {name} | " + " | ".join(cell_text(m.get(c)) for c in columns)
+                     + f" | {cell_text(m.get('explain', ''))} |")
+    return lines
 
 
 def data_sentence(run_dir: Path) -> str:

@@ -32,14 +32,17 @@ from tuner.config import GenerationConfig, add_config_arguments, config_override
 from tuner.errors import ModelError, RunNotFound, TunerError
 from tuner.limits import MAX_INPUT_TOKENS
 from tuner.precision import serving_dtype
+from tuner.retrieve import RETRIEVE_K
 from tuner.voice import make_brand_brief, training_replies
 
-BASE, TUNED, PROMPTED = "base", "tuned", "prompted"
-COLUMNS = (BASE, TUNED, PROMPTED)
+BASE, TUNED, PROMPTED, RETRIEVED = "base", "tuned", "prompted", "retrieved"
+COLUMNS = (BASE, TUNED, PROMPTED, RETRIEVED)
 COLUMN_HELP = {
     BASE: "The base model, adapter switched off: what you started from.",
     TUNED: "The base model with this run's adapter: what fine-tuning learned.",
     PROMPTED: "The base model told the brand brief as its system prompt: what prompting alone gets you.",
+    RETRIEVED: "The base model told the brand brief and shown the k training conversations most like the question "
+               "(BM25, tuner.retrieve): what retrieval gets you without training.",
 }
 NOTICE_KEY = "notice"  # extra key in stream_compare's dicts when the input had to be trimmed
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" rows in a mixed-adapter batch
@@ -196,6 +199,17 @@ def fit_messages(tokenizer, messages: list[dict[str, str]], limit: int) -> tuple
 # -- streaming -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Reply:
+    """One column's reply to one conversation, with what it cost (Playground.generate_replies)."""
+
+    text: str
+    ended: bool  # the reply ended its turn (else max_new_tokens or a stop cut it)
+    new_tokens: int
+    prompt_tokens: int  # what the model read: system prompt, examples, history and chat template
+    seconds: float  # its batch's generate time shared equally by the batch's rows
+
+
 @dataclass
 class _Row:
     column: str
@@ -212,6 +226,9 @@ class _Event:
     tokens: int = 0
     error: BaseException | None = None
     ended: bool = False  # "final": the reply ended its turn (else max_new_tokens or a stop cut it)
+    prompt_tokens: int = 0  # "final": the tokens of the row's prompt (chat template included, padding not)
+    batch_s: float = 0.0  # "final": seconds the row's batch took to generate
+    batch_rows: int = 0  # "final": rows in that batch
 
 
 @dataclass
@@ -221,6 +238,7 @@ class _Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     stop: threading.Event = field(default_factory=threading.Event)  # set when the reader goes away
     caller_stop: threading.Event | None = None  # set by the caller (a Stop button) to end it early
+    by_column: bool = False  # one batch per column (each column's seconds measured alone) instead of per model
 
     def stopped(self) -> bool:
         return self.stop.is_set() or (self.caller_stop is not None and self.caller_stop.is_set())
@@ -323,6 +341,7 @@ class Playground:
         self._runs: dict[Path, RunInfo] = {}
         self._next_adapter = 0
         self._end_ids: set[int] = set()
+        self._indexes: dict[Path, Any] = {}  # run folder -> tuner.retrieve.ExampleIndex of its train.jsonl
         self.run: RunInfo | None = None  # the most recently loaded run (default for `run=None`)
         # one generate at a time: peft adapter state and the model are shared by every session
         self._lock = threading.RLock()
@@ -472,7 +491,17 @@ class Playground:
         msgs.append({"role": "user", "content": message_text(message)})
         return fit_messages(self.tokenizer, msgs, self.input_limit(settings))
 
-    def _rows(self, history_by_column, message, columns, system_prompt, brand_brief, settings, run):
+    def example_index(self, info: RunInfo):
+        """The BM25 index of the run's training conversations (tuner.retrieve), built on first use."""
+        from tuner.retrieve import ExampleIndex
+        from tuner.runs import Run
+
+        if info.run_dir not in self._indexes:
+            self._indexes[info.run_dir] = ExampleIndex.from_file(Run(info.run_dir).data_file("train.jsonl"))
+        return self._indexes[info.run_dir]
+
+    def _rows(self, history_by_column, message, columns, system_prompt, brand_brief, settings, run,
+              k: int = RETRIEVE_K):
         unknown = [c for c in columns if c not in COLUMNS]
         if unknown or not columns:
             raise TunerError(f"Unknown column(s) {unknown or '(none)'}; choose from {', '.join(COLUMNS)}.")
@@ -481,14 +510,20 @@ class Playground:
         info = self._run_info(run)
         if TUNED in columns and info is None:
             raise TunerError("The tuned column needs a trained run: load one first.")
+        if RETRIEVED in columns and info is None:
+            raise TunerError("The retrieved column shows a run's training conversations: load a run first.")
         if system_prompt is None:  # the run's own: the tuned model learned with it
             system_prompt = info.system_prompt if info else None
         if brand_brief is None:
             brand_brief = info.brand_brief if info else ""
         rows, notices = [], []
         for column in columns:
-            system = brand_brief if column == PROMPTED else system_prompt
-            msgs, notice = self._messages((history_by_column or {}).get(column), message, system, settings)
+            system = brand_brief if column in (PROMPTED, RETRIEVED) else system_prompt
+            history = list((history_by_column or {}).get(column) or [])
+            if column == RETRIEVED:  # the examples come first, so trimming drops them before the chat itself
+                assert info is not None
+                history = self.example_index(info).examples(message_text(message), k) + clean_history(history)
+            msgs, notice = self._messages(history, message, system, settings)
             if notice and notice not in notices:
                 notices.append(notice)
             adapter, model_key = BASE_ADAPTER, "base"
@@ -507,10 +542,10 @@ class Playground:
         """Worker thread: generate every row (one batched pass per model) and report events."""
         try:
             with self._lock:
-                groups: dict[str, list[int]] = {}
+                groups: dict[tuple[str, str], list[int]] = {}
                 for i, row in enumerate(job.rows):
-                    groups.setdefault(row.model_key, []).append(i)
-                for model_key, indices in groups.items():
+                    groups.setdefault((row.model_key, row.column if job.by_column else ""), []).append(i)
+                for (model_key, _), indices in groups.items():
                     if job.stopped():
                         break
                     self._generate_group(job, model_key, indices)
@@ -540,6 +575,8 @@ class Playground:
         else:  # greedy: repeatable
             kwargs["do_sample"] = False
         adapters = [r.adapter for r in rows]
+        prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()  # left padding is not read
+        started = time.perf_counter()
         torch.manual_seed(s.seed)
         with torch.inference_mode():
             if isinstance(model, PeftModel) and len(set(adapters)) == 1 and adapters[0] != BASE_ADAPTER:
@@ -554,17 +591,19 @@ class Playground:
                     out = model.generate(**batch, **kwargs)
             else:
                 out = model.generate(**batch, **kwargs)
+        took = time.perf_counter() - started
         new = out[:, batch["input_ids"].shape[1]:].tolist()
-        for i, ids in zip(indices, new, strict=True):
+        for i, ids, read in zip(indices, new, prompt_tokens, strict=True):
             end = next((k for k, t in enumerate(ids) if t in self._end_ids), len(ids))
             # a reply cut by max_new_tokens can end inside a multi-byte character: drop its half
             text = tok.decode(ids[:end], skip_special_tokens=True).rstrip("\ufffd")
-            job.events.put(_Event("final", i, text, tokens=end, ended=end < len(ids)))
+            job.events.put(_Event("final", i, text, tokens=end, ended=end < len(ids), prompt_tokens=int(read),
+                                  batch_s=took, batch_rows=len(indices)))
 
-    def _events(self, rows: list[_Row], settings: GenerationConfig,
-                stop: threading.Event | None = None) -> Iterator[_Event]:
+    def _events(self, rows: list[_Row], settings: GenerationConfig, stop: threading.Event | None = None,
+                by_column: bool = False) -> Iterator[_Event]:
         """Start the worker thread and hand its events over; closing the iterator (or setting `stop`) stops generation."""
-        job = _Job(rows, settings, caller_stop=stop)
+        job = _Job(rows, settings, caller_stop=stop, by_column=by_column)
         worker = threading.Thread(target=self._run_job, args=(job,), daemon=True, name="tuner-generate")
         worker.start()
         try:
@@ -658,8 +697,25 @@ class Playground:
                 out[event.row // len(columns)][rows[event.row].column] = event.text
         return out
 
+    def generate_replies(self, conversations: Sequence[Sequence[Mapping[str, Any]]], columns: Sequence[str],
+                         settings: GenerationConfig | None = None, run: str | Path | None = None,
+                         stop: threading.Event | None = None, k: int = RETRIEVE_K) -> list[dict[str, Reply]]:
+        """As generate_many, with what each reply cost, and each column in a batch of its own so that its
+        seconds are its own (a column's rows share one generate call, whose time they split equally).
+        `k`: the examples the retrieved column is shown."""
+        settings = settings or GenerationConfig()
+        rows = self._conversation_rows(conversations, columns, settings, run, None, k)
+        out: list[dict[str, Reply]] = [{} for _ in conversations]
+        for event in self._events(rows, settings, stop, by_column=True):
+            if event.kind == "final":
+                out[event.row // len(columns)][rows[event.row].column] = Reply(
+                    event.text, event.ended, event.tokens, event.prompt_tokens,
+                    event.batch_s / max(event.batch_rows, 1))
+        return out
+
     def _conversation_rows(self, conversations: Sequence[Sequence[Mapping[str, Any]]], columns: Sequence[str],
-                           settings: GenerationConfig, run: str | Path | None, brand_brief: str | None) -> list[_Row]:
+                           settings: GenerationConfig, run: str | Path | None, brand_brief: str | None,
+                           k: int = RETRIEVE_K) -> list[_Row]:
         with self._lock:
             rows: list[_Row] = []
             for conv in conversations:
@@ -668,7 +724,7 @@ class Playground:
                 history, message = conv[len(system):-1], conv[-1]["content"]
                 sys_prompt = system[0] if system else ""
                 built, _ = self._rows({c: history for c in columns}, message, list(columns), sys_prompt or None,
-                                      brand_brief, settings, run)
+                                      brand_brief, settings, run, k)
                 rows.extend(built)
         return rows
 
@@ -687,9 +743,10 @@ class Playground:
         return out
 
     def prompt_texts(self, conversations: Sequence[Sequence[Mapping[str, Any]]], column: str,
-                     settings: GenerationConfig | None = None, run: str | Path | None = None) -> list[str]:
-        """The prompts exactly as the model reads them in `column` (system prompt, trimming, chat template)."""
-        rows = self._conversation_rows(conversations, [column], settings or GenerationConfig(), run, None)
+                     settings: GenerationConfig | None = None, run: str | Path | None = None,
+                     k: int = RETRIEVE_K) -> list[str]:
+        """The prompts exactly as the model reads them in `column` (system prompt, examples, trimming, chat template)."""
+        rows = self._conversation_rows(conversations, [column], settings or GenerationConfig(), run, None, k)
         return [self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
                 for r in rows]
 
@@ -754,7 +811,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true", help="Also answer with the base model (one batched pass).")
     parser.add_argument("--prompted", action="store_true", help="Also answer with the base model told the brand brief.")
     parser.add_argument("--columns", default=None,
-                        help="Comma-separated columns to answer with (base,tuned,prompted); overrides --compare/--prompted.")
+                        help="Comma-separated columns to answer with (base,tuned,prompted,retrieved); overrides "
+                             "--compare/--prompted.")
     parser.add_argument("--json", action="store_true", help="Print {prompt, replies, notice, timing} as JSON.")
     parser.add_argument("--system-prompt", default=None, help="System prompt (default: the run's training one).")
     add_config_arguments(parser.add_argument_group("generation settings (every GenerationConfig field)"),

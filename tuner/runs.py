@@ -10,7 +10,7 @@
       checkpoints/checkpoint-<step>/   the Trainer's own format; resume uses resume_from_checkpoint
       adapter/             final LoRA adapter + tokenizer + README.md model card (method lora)
       model/               final weights + tokenizer + README.md (method full)
-      eval.json            the evaluation (tuner.evaluate): voice and forgetting, base vs tuned
+      eval.json            the evaluation (tuner.evaluate): prompting vs retrieval vs tuning, forgetting
       feedback.jsonl       reviewers' judgements from the playground
 
 Every file a reader polls is written atomically (temp file + os.replace), so a kill at any moment

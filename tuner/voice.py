@@ -13,6 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tuner.verdict import Marker
+
+HABIT_SHARE = 0.5  # a habit: at least half of the agents' replies share it
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -110,3 +113,11 @@ def make_brand_brief(replies: Sequence[str], system_prompt: str | None = None) -
     if closings:
         lines.append("End every reply with the team's sign-off: " + " or ".join(f'"{c}"' for c in closings) + ".")
     return " ".join(lines)
+
+
+def habit_of(replies: Sequence[str]) -> Marker | None:
+    """The brand habit most replies share, as a Marker (sign-off or greeting), or None when there is none."""
+    for phrase in brand_phrases(replies, min_share=HABIT_SHARE):
+        if len(phrase["phrase"].split()) >= 2:  # one shared word ("Thanks!") is no brand voice
+            return Marker("sign-off" if phrase["position"] == "sign-off" else "greeting", phrase["phrase"])
+    return None

@@ -63,6 +63,7 @@ from tuner.train.voicecheck import (
     generate,
     habit_of,
     held_out_prompts,
+    held_out_references,
     model_verdict,
     reply_budget,
     served_model,
@@ -362,9 +363,10 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
     voice = None
     if cfg.voice_prompts:
         update_status(run_dir, phase="the parent's voice and forgetting check, on the child")
+        asked = held_out_prompts(sft_train, sft_val, cfg.voice_prompts, cfg.seed)
         voice = model_verdict(served_model(model, cfg.base_model, quant, dev), tokenizer, chat_template,
-                              habit_of(agent_replies),
-                              held_out_prompts(sft_train, sft_val, cfg.voice_prompts, cfg.seed), budget)
+                              habit_of(agent_replies), asked, budget,
+                              references=held_out_references(asked, sft_val))
     if "ref" in model.peft_config:
         model.delete_adapter("ref")  # the frozen copy of the parent is no part of the result
     metrics = run.metrics()

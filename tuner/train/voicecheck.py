@@ -6,6 +6,9 @@ model a few held-out prompts and scores how many replies carry the habit, so the
 as "best" (and early stopping) follows the voice, with the validation loss as the tie-break. At
 the end the result and the base answer the same held-out prompts, and the verdict goes into the
 run's status and model card in words with numbers. Held-out prompts occur nowhere in training.
+Besides the habit, the verdict says how close the result's and the base's replies are to the
+agents' own replies to the same questions (chrF), so a model that learned only the sign-off is
+not praised for it.
 """
 
 from __future__ import annotations
@@ -22,25 +25,16 @@ from transformers import TrainerCallback
 
 from tuner import replycache
 from tuner.config import GenerationConfig
-from tuner.evaluate import general_texts, mean_loss, text_sequences
+from tuner.evaluate import chrf, general_texts, mean_loss, text_sequences
 from tuner.runs import is_main_process, update_status
 from tuner.templates import end_of_turn_token
 from tuner.train.callbacks import from_rank0
 from tuner.verdict import Marker, Tally, tally, verdict_sentence
-from tuner.voice import brand_phrases
+from tuner.voice import HABIT_SHARE, habit_of  # noqa: F401  (habit_of: where the trainer and the GGUF check find it)
 
-HABIT_SHARE = 0.5  # a habit: at least half of the agents' replies share it
 CHECK_PROMPTS = 8  # prompts asked at each evaluation during training (the final verdict asks more)
 METRIC = "voice"  # the metric name in the Trainer (eval_voice): higher is better
 LOSS_WEIGHT = 0.01  # the loss breaks ties between equal voice scores; one prompt (1/8) outweighs it
-
-
-def habit_of(replies: list[str]) -> Marker | None:
-    """The brand habit most replies share, as a Marker (sign-off or greeting), or None when there is none."""
-    for phrase in brand_phrases(replies, min_share=HABIT_SHARE):
-        if len(phrase["phrase"].split()) >= 2:  # one shared word ("Thanks!") is no brand voice
-            return Marker("sign-off" if phrase["position"] == "sign-off" else "greeting", phrase["phrase"])
-    return None
 
 
 def _norm(text: str) -> str:
@@ -66,6 +60,32 @@ def held_out_prompts(train_rows: list[dict[str, Any]], val_rows: list[dict[str, 
         prompts.append([{"role": m["role"], "content": m["content"]} for m in msgs[:first + 1]])
     random.Random(seed).shuffle(prompts)
     return prompts[:limit]
+
+
+def held_out_references(prompts: list[list[dict[str, Any]]], val_rows: list[dict[str, Any]]) -> list[str | None]:
+    """The agents' reply to each held-out prompt (the first assistant turn after its user message in the validation
+    conversation it came from), or None for a prompt found in no validation conversation."""
+    replies: dict[str, str] = {}
+    for row in val_rows:
+        msgs = row["messages"]
+        first = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
+        reply = next((m["content"] for m in msgs[first + 1:] if m["role"] == "assistant"), None) \
+            if first is not None else None
+        if reply is not None:
+            replies.setdefault(_norm(msgs[first]["content"]), reply)
+    return [replies.get(_norm(p[-1]["content"])) for p in prompts]
+
+
+def closeness(tuned: list[str], base: list[str] | None, references: list[str | None] | None) -> dict[str, Any] | None:
+    """chrF of the result's and the base's replies against the agents' replies, over the prompts that have one."""
+    if base is None or not references:
+        return None
+    keep = [i for i, ref in enumerate(references) if ref is not None]
+    if not keep:
+        return None
+    refs = [references[i] for i in keep]
+    return {"tuned": chrf([tuned[i] for i in keep], refs), "base": chrf([base[i] for i in keep], refs),
+            "references": len(keep)}
 
 
 def reply_budget(tokenizer, replies: list[str]) -> int:
@@ -198,15 +218,19 @@ def _no_verdict(marker: Marker | None, prompts: list) -> dict[str, Any] | None:
 
 def _graded(marker: Marker, prompts: list[list[dict[str, Any]]], tuned_replies: list[str], tuned_ended: list[bool],
             base_replies: list[str] | None, base_ended: list[bool] | None, tuned_ppl: float | None,
-            base_ppl: float | None) -> dict[str, Any]:
-    """The verdict, with the numbers, from the replies of the result and (if asked) the base."""
+            base_ppl: float | None, references: list[str | None] | None = None) -> dict[str, Any]:
+    """The verdict, with the numbers, from the replies of the result and (if asked) the base, and the agents'
+    replies to the same prompts (`references`, None where a prompt has none) for closeness."""
     tuned = tally(tuned_replies, marker, tuned_ended)
     base = tally(base_replies, marker, base_ended) if base_replies is not None else None
     change = tuned_ppl / base_ppl - 1 if tuned_ppl and base_ppl else None
+    close = closeness(tuned_replies, base_replies, references)
     return {
-        "sentence": verdict_sentence(marker, tuned, base, change),
+        "sentence": verdict_sentence(marker, tuned, base, change,
+                                     (close["tuned"], close["base"]) if close else None),
         "marker": marker.text, "kind": marker.kind, "tuned": _tally_dict(tuned),
         "base": _tally_dict(base) if base is not None else None,
+        "chrf": close,
         "general_perplexity": {"base": round(base_ppl, 3) if base_ppl else None,
                                "tuned": round(tuned_ppl, 3) if tuned_ppl else None},
         "general_perplexity_change": round(change, 4) if change is not None else None,
@@ -216,10 +240,11 @@ def _graded(marker: Marker, prompts: list[list[dict[str, Any]]], tuned_replies: 
 
 
 def model_verdict(model, tokenizer, chat_template: str, marker: Marker | None,
-                  prompts: list[list[dict[str, Any]]], max_new_tokens: int, fast_perplexity: bool = False) -> dict[str, Any]:
+                  prompts: list[list[dict[str, Any]]], max_new_tokens: int, fast_perplexity: bool = False,
+                  references: list[str | None] | None = None) -> dict[str, Any]:
     """The verdict of a model in memory (a preference child before it is saved): the result and the base
     (adapter off) answer the held-out prompts in one mixed batch. A saved run is graded as the playground
-    serves it instead (final_verdict)."""
+    serves it instead (final_verdict). `references`: the agents' replies to the prompts (held_out_references)."""
     if (none := _no_verdict(marker, prompts)) is not None:
         return none
     base_ppl, base_replies, base_ended = None, None, None
@@ -233,7 +258,8 @@ def model_verdict(model, tokenizer, chat_template: str, marker: Marker | None,
     else:
         tuned_replies, tuned_ended = generate(model, tokenizer, chat_template, prompts, max_new_tokens)
     tuned_ppl = general_perplexity(model, tokenizer, fast_perplexity)
-    return _graded(marker, prompts, tuned_replies, tuned_ended, base_replies, base_ended, tuned_ppl, base_ppl)
+    return _graded(marker, prompts, tuned_replies, tuned_ended, base_replies, base_ended, tuned_ppl, base_ppl,
+                   references)
 
 
 def base_cache_key(pg, run, prompts: list[list[dict[str, Any]]], settings: GenerationConfig) -> str:
@@ -255,15 +281,16 @@ def base_cache_key(pg, run, prompts: list[list[dict[str, Any]]], settings: Gener
 
 
 def final_verdict(pg, run, marker: Marker | None, prompts: list[list[dict[str, Any]]], max_new_tokens: int,
-                  fast_perplexity: bool = False) -> dict[str, Any]:
+                  fast_perplexity: bool = False, references: list[str | None] | None = None) -> dict[str, Any]:
     """The result and the base answer the held-out prompts exactly as the playground `pg` serves `run` (its
     weights' dtype, its generation code, greedy); the verdict, with the numbers.
 
     The base's replies and general-text perplexity come from tuner.replycache when an earlier run on this
     machine asked the same base the same prompts under the same settings: then only the result answers.
     Otherwise both answer in one batch (a row per model, as the playground's compare) and the base's part
-    is kept. `fast_perplexity`: score general text in bf16 (see general_perplexity). The returned dict's
-    `timing` says what was decoded and how long it took."""
+    is kept. `fast_perplexity`: score general text in bf16 (see general_perplexity). `references`: the agents'
+    replies to the prompts; None reads them from the run's validation split (held_out_references). The returned
+    dict's `timing` says what was decoded and how long it took."""
     from tuner.playground import BASE, TUNED
 
     if (none := _no_verdict(marker, prompts)) is not None:
@@ -285,8 +312,20 @@ def final_verdict(pg, run, marker: Marker | None, prompts: list[list[dict[str, A
         replycache.write(key, {**(cached or {}), "replies": base_replies, "ended": base_ended, ppl_key: base_ppl})
     with pg.column_model(TUNED, run) as model:
         tuned_ppl = general_perplexity(model, pg.tokenizer, fast_perplexity)
-    verdict = _graded(marker, prompts, tuned_replies, tuned_ended, base_replies, base_ended, tuned_ppl, base_ppl)
+    if references is None:
+        references = run_references(pg.load_run(run).run_dir, prompts)
+    verdict = _graded(marker, prompts, tuned_replies, tuned_ended, base_replies, base_ended, tuned_ppl, base_ppl,
+                      references)
     verdict["timing"] = {"base_replies": "cached" if cached else "decoded", "rows_decoded": len(prompts) * len(got),
                          "decode_s": round(decode_s, 2), "total_s": round(time.monotonic() - started, 2),
                          "cache_key": key}
     return verdict
+
+
+def run_references(run_dir, prompts: list[list[dict[str, Any]]]) -> list[str | None]:
+    """held_out_references from a run folder's validation split (none when the run has no such file)."""
+    from tuner.messages import read_examples
+    from tuner.runs import Run
+
+    val_file = Run(run_dir).data_file("validation.jsonl")
+    return held_out_references(prompts, read_examples(val_file)) if val_file.is_file() else [None] * len(prompts)

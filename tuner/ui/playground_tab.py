@@ -44,8 +44,11 @@ CHAT_CONCURRENCY = 4  # chats handled at once; the model itself generates one ba
 EVAL_PROMPTS = 10  # held-out prompts the page evaluates by default ...
 EVAL_MAX_PROMPTS = 50  # ... and at most (the CLI can do more)
 CHAT_VIEWS = ["msg", "base_chat", "tuned_chat", "prompted_chat", "chats"]
-EVAL_COLUMNS = ["prompt", "reference", "base", "tuned"]
-METRIC_COLUMNS = ["metric", "base", "tuned", "reference", "what it means"]
+# the evaluation's three ways (tuner.evaluate.COLUMNS), as the page names them
+WAYS = {"base": "base + brand brief", "retrieved": "base + retrieved examples", "tuned": "tuned"}
+EVAL_COLUMNS = ["prompt", "reference", *WAYS.values()]
+METRIC_COLUMNS = ["metric", *WAYS.values(), "reference", "what it means"]
+EVAL_OUTPUTS = ("eval_verdict", "eval_metrics", "eval_rows")
 COLUMN_NAMES = {"base": "base", "tuned": "tuned", "prompted": "prompt-only"}  # a chat column, in words
 AB_CHOICES = [("A is better", "A"), ("B is better", "B"), ("Both bad", "both bad")]
 AB_ASK = "Which reply is better? Pick one below; the page says which was which after your vote."
@@ -565,19 +568,31 @@ def ab_vote(choice: str | None, reviewer: str, pair_id: str | None, state: dict[
 # -- evaluation ------------------------------------------------------------------------------------
 
 
-def eval_tables(result: dict[str, Any]) -> dict[str, pd.DataFrame]:
-    from tuner.evaluate import METRIC_LABELS
+def eval_verdict(result: dict[str, Any]) -> str:
+    """Which way to ship, in the evaluation's own sentence, and what retrieval was shown."""
+    three = result.get("three_way")
+    if not three:
+        return ("No evaluation of this run yet." if not result.get("rows") else
+                "This evaluation predates the three-way comparison: evaluate again to see prompting and retrieval.")
+    added = three.get("added_prompt_tokens")
+    cost = f", {added:g} more prompt tokens a reply" if isinstance(added, (int, float)) else ""
+    return (f"**{md_escape(three['sentence'])}.**\n\nOn {len(result.get('rows') or [])} held-out questions: the base "
+            f"model told the brand brief; the same shown the {three['k']} training conversations most like each "
+            f"question (retrieval{cost}); the tuned model.")
+
+
+def eval_tables(result: dict[str, Any]) -> dict[str, Any]:
+    from tuner.evaluate import METRIC_LABELS, cell_text
 
     def cell(v: Any) -> Any:
-        if isinstance(v, dict):
-            return f"{v.get('median', '')} ({v.get('p10', '')}-{v.get('p90', '')})"
-        return "—" if v is None else v
+        return cell_text(v, markdown=False) if isinstance(v, dict) or v is None else v
 
-    metrics = [{"metric": METRIC_LABELS.get(name, name), "base": cell(m.get("base")), "tuned": cell(m.get("tuned")),
+    metrics = [{"metric": METRIC_LABELS.get(name, name), **{label: cell(m.get(col)) for col, label in WAYS.items()},
                 "reference": cell(m.get("reference")), "what it means": m.get("explain", "")}
-               for name, m in (result.get("metrics") or {}).items()]
-    rows = [{k: r.get(k) for k in EVAL_COLUMNS} for r in result.get("rows") or []]
-    return {"eval_metrics": pd.DataFrame(metrics, columns=METRIC_COLUMNS),
+               for name, m in (result.get("metrics") or {}).items() if isinstance(m, dict)]
+    rows = [{"prompt": r.get("prompt"), "reference": r.get("reference"),
+             **{label: r.get(col) for col, label in WAYS.items()}} for r in result.get("rows") or []]
+    return {"eval_verdict": eval_verdict(result), "eval_metrics": pd.DataFrame(metrics, columns=METRIC_COLUMNS),
             "eval_rows": pd.DataFrame(rows, columns=EVAL_COLUMNS)}
 
 
@@ -585,7 +600,8 @@ def eval_tables(result: dict[str, Any]) -> dict[str, pd.DataFrame]:
 def evaluate_run(run_id: str | None, prompts: float, max_new_tokens: float, temperature: float, top_p: float,
                  seed: float, repetition_penalty: float, progress: gr.Progress = gr.Progress(),  # noqa: B008
                  request: gr.Request = None) -> dict[str, Any]:
-    """Answer held-out prompts with base and tuned, and score the voice; progress says n of N prompts."""
+    """Answer held-out prompts three ways (prompted base, retrieved examples, tuned) and score them; progress
+    says n of N prompts."""
     from tuner import evaluate
 
     run_dir = run_folder(run_id)
@@ -698,20 +714,23 @@ def build() -> Components:
                                      elem_id="ab-rates", wrap=True, column_widths=RATE_WIDTHS)
         c["ab_state"] = gr.State(None)  # this session's pair, its order hidden until the vote
     c["thumbs"] = gr.State(dict)  # {column: {reply index: "Like"|"Dislike"}}: the thumbs lit in this session
-    with gr.Accordion("Evaluation: did it learn the voice, did it forget anything?", open=False, elem_id="eval-section"):
+    with gr.Accordion("Evaluation: prompt, retrieve or tune? Did it learn the voice, did it forget anything?",
+                      open=False, elem_id="eval-section"):
         with gr.Row():
             c["eval_prompts"] = gr.Slider(1, EVAL_MAX_PROMPTS, value=EVAL_PROMPTS, step=1, label="Held-out prompts",
                                           scale=3, elem_id="eval-prompts",
                                           info="From the run's validation split (each distinct prompt once); "
-                                               "both models answer each.")
-            c["eval_btn"] = gr.Button("Evaluate base vs tuned", scale=1, elem_id="eval-run")
+                                               "each way answers each.")
+            c["eval_btn"] = gr.Button("Evaluate: prompt, retrieve or tune", scale=1, elem_id="eval-run")
             c["eval_stop"] = gr.Button("Stop the evaluation", variant="stop", scale=1, elem_id="eval-stop")
-        c["eval_metrics"] = gr.Dataframe(pd.DataFrame(columns=METRIC_COLUMNS), label="Voice metrics", interactive=False, wrap=True, elem_id="eval-metrics",
-                                         column_widths=["22%", "10%", "10%", "10%", "48%"])
+        c["eval_verdict"] = gr.Markdown("No evaluation of this run yet.", elem_id="eval-verdict")
+        c["eval_metrics"] = gr.Dataframe(pd.DataFrame(columns=METRIC_COLUMNS), label="Three ways on the same questions",
+                                         interactive=False, wrap=True, elem_id="eval-metrics",
+                                         column_widths=["18%", "11%", "11%", "11%", "11%", "38%"])
         c["eval_rows"] = gr.Dataframe(pd.DataFrame(columns=EVAL_COLUMNS),
-                                      label="Replies: the real one, then base and tuned, side by side",
+                                      label="Replies: the question, your agents' reply, then the three ways side by side",
                                       interactive=False, wrap=True, max_height=600, elem_id="eval-rows",
-                                      column_widths=["22%", "26%", "26%", "26%"])
+                                      column_widths=["16%", "21%", "21%", "21%", "21%"])
     return c
 
 
@@ -742,13 +761,13 @@ def wire(c: Components) -> None:
                               api_name="toggle_prompted", api_visibility="private")
     # runs finish while the page is open: opening the tab picks up the newest ones
     c["playground_tab"].select(playground_runs, c["pg_run"], c["pg_run"], api_name="playground_runs")
-    c["pg_run"].change(keyed(saved_evaluation, c), c["pg_run"], pick(c, "eval_metrics", "eval_rows"),
+    c["pg_run"].change(keyed(saved_evaluation, c), c["pg_run"], pick(c, *EVAL_OUTPUTS),
                        api_name="saved_evaluation")
     c["pg_run"].change(keyed(clear_chats, c), outputs=[*outputs, *buttons], api_name="new_chat",
                        api_visibility="private")
     c["eval_btn"].click(keyed(evaluate_run, c),
                         pick(c, "pg_run", "eval_prompts", "max_new", "temperature", "top_p", "seed", "rep"),
-                        pick(c, "eval_metrics", "eval_rows"), api_name="evaluate", concurrency_limit=1)
+                        pick(c, *EVAL_OUTPUTS), api_name="evaluate", concurrency_limit=1)
     c["eval_stop"].click(press_eval_stop, api_name="stop_evaluation", api_visibility="private", queue=False)
     wire_feedback(c)
 

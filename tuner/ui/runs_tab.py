@@ -22,7 +22,7 @@ from tuner.config import PreferenceConfig, choices
 from tuner.errors import RunNotFound, TunerError
 from tuner.paths import check_run_id
 from tuner.progress import epochs_run, fmt_duration, took
-from tuner.runs import Run
+from tuner.runs import Run, read_json_object
 from tuner.ui.common import (
     RATE_COLUMNS,
     RATE_WIDTHS,
@@ -176,6 +176,8 @@ def run_details(run_id: str | None) -> str:
         "eval loss": f"{_round(status.get('first_eval_loss'))} → {_round(status.get('eval_loss'))}"
         if status.get("eval_loss") is not None else None,
         "voice (new questions)": (status.get("voice") or {}).get("sentence"),
+        "prompt, retrieve or tune (last evaluation)": ((read_json_object(run.eval_file).get("three_way") or {})
+                                                       .get("sentence")),
         "tokens trained": f"{status['tokens_trained']:,}" if status.get("tokens_trained") else None,
         "time": fmt_duration(took(status)) if took(status) else None,
         "peak memory": f"{status['peak_memory_mb'] / 1024:.1f} GB" if status.get("peak_memory_mb") else None,
