@@ -188,6 +188,25 @@ def test_the_audit_log_says_who_did_what_to_the_team_only(clients, team_server):
     assert not any("alice-spare" in json.dumps(row) for row in audit_rows(bob))  # another team's history
 
 
+def test_nobody_reads_another_sessions_upload_through_the_api(clients, team_server):
+    import secrets
+
+    from gradio_client.exceptions import AppError
+
+    # alice's page converted a file: her session's copy sits in her own upload folder
+    secret = team_server.home / "uploads" / secrets.token_hex(16) / "files" / "customers.jsonl"
+    secret.parent.mkdir(parents=True)
+    secret.write_text(json.dumps({"messages": [{"role": "user", "content": "SECRET-CARD 4111"},
+                                               {"role": "assistant", "content": "ok"}]}) + "\n")
+    named = {"path": str(secret), "meta": {"_type": "gradio.FileData"}, "orig_name": "customers.jsonl"}
+    try:
+        answer = json.dumps(clients["bob"].predict([named], "", False, [], "default", api_name="/convert"))
+    except AppError as exc:  # gradio refuses a path it did not receive as an upload
+        answer = str(exc)
+    assert "SECRET-CARD" not in answer and "Ready to train" not in answer
+    assert "SECRET-CARD" not in json.dumps(clients["bob"].predict(2, "default", api_name="/example"))
+
+
 def test_a_run_without_an_owner_is_for_admins_only(clients):
     assert "There is no run named 'legacy-run'" in refused(clients["alice"], "legacy-run", api_name="/run_details")
     assert "| owner | nobody" in clients["erin"].predict("legacy-run", api_name="/run_details")

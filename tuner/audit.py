@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tuner.paths import audit_file
@@ -36,6 +37,15 @@ def record(user: str, action: str, run_id: str, owner: dict[str, Any] | None, de
     finally:
         os.close(fd)
     return entry
+
+
+def record_cli(action: str, run: str | Path, detail: str = "") -> None:
+    """An entry for a command-line action on a run (id or folder): by the machine's user."""
+    from tuner.auth import machine_user
+    from tuner.runs import resolve
+
+    found = resolve(run)
+    record(machine_user(), action, found.id, found.owner(), detail)
 
 
 def entries(visible: Callable[[dict[str, Any] | None], bool], limit: int = READ_LIMIT) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ import hmac
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,12 +179,18 @@ def teams_of(name: str) -> tuple[str, ...]:
 
 
 def _profile_of(request: Any) -> dict[str, Any] | None:
-    """The Hugging Face profile of a signed-in visitor (gradio keeps it in the session), else None."""
-    try:
-        info = request.session.get("oauth_info") if request is not None else None
-    except (AssertionError, AttributeError, KeyError):  # no session middleware: OAuth is not on
+    """The Hugging Face profile of a signed-in visitor, else None: gradio keeps it in the request's session
+    (Starlette's scope, as gradio's own OAuthProfile parameter reads it), until it expires."""
+    if request is None:
         return None
-    return (info or {}).get("userinfo") if isinstance(info, dict) else None
+    underlying = getattr(request, "request", None) or request
+    scope = getattr(underlying, "scope", None)
+    session = scope.get("session") if isinstance(scope, dict) else getattr(underlying, "session", None)
+    info = (session or {}).get("oauth_info")
+    if not isinstance(info, dict) or (info.get("expires_at") is not None and info["expires_at"] < time.time()):
+        return None
+    profile = info.get("userinfo")
+    return profile if isinstance(profile, dict) else None
 
 
 def user_from_profile(profile: dict[str, Any]) -> User:
