@@ -43,7 +43,7 @@ def team_server(tmp_path_factory, signoff_run):
         if owner:
             run.set_owner(owner)
         else:
-            run.owner_file.unlink()
+            run.owner_file.unlink(missing_ok=True)
         run.feedback_file.unlink(missing_ok=True)
     (home / "passwords.txt").write_text("".join(f"{u}:{auth.hash_password(p)}\n" for u, p in PASSWORDS.items()))
     (home / "teams.txt").write_text(TEAMS)
@@ -126,7 +126,8 @@ BESIDE = {"/chat": ["hello", "bob-run", False, 8, 0.0, 0.9, 0, 1.1, RID],
           "/rate_reply": ["bob-run", RID, HISTORY, 1, True, ""]}
 LISTS = {"/runs": [RID], "/playground_runs": [RID], "/load": []}  # answer with lists: never naming the run
 NO_RUN_ID = {"/sample", "/convert", "/example", "/estimate", "/model_memory", "/preset", "/train", "/clear_chat",
-             "/ab_vote"}  # take no run id (ab_vote's run is in the session's own state)
+             "/ab_vote",  # take no run id (ab_vote's run is in the session's own state) ...
+             "/new_session", "/new_chats", "/dict"}  # ... or nothing at all (a gr.State's starting value)
 
 
 def test_every_api_name_refuses_another_teams_run_and_changes_nothing(clients, team_server, tmp_path):
@@ -144,7 +145,9 @@ def test_every_api_name_refuses_another_teams_run_and_changes_nothing(clients, t
     for name, args in [*BY_RUN_ID.items(), *BESIDE.items()]:
         args = [handle_file(str(pairs)) if a is None else a for a in args]
         message = refused(bob, *args, api_name=name)
-        assert f"There is no run named '{RID}'" in message, (name, message)  # as if it did not exist
+        # as if it did not exist (a judged column names no run of bob's: the words for any unknown column)
+        assert f"There is no run named '{RID}'" in message or (
+            name == "/rate_reply" and message.startswith(f"Unknown column '{RID}'")), (name, message)
     for name, args in LISTS.items():
         assert RID not in json.dumps(bob.predict(*args, api_name=name)), name
     assert snapshot(runs_dir) == before  # nothing written, moved or deleted
@@ -188,23 +191,32 @@ def test_the_audit_log_says_who_did_what_to_the_team_only(clients, team_server):
     assert not any("alice-spare" in json.dumps(row) for row in audit_rows(bob))  # another team's history
 
 
-def test_nobody_reads_another_sessions_upload_through_the_api(clients, team_server):
+def raw_call(server, user: str, api_name: str, data: list) -> str:
+    """Call an API name over plain HTTP as `user` (signed in through the login route), with `data` exactly as
+    given: gradio_client would upload a local file named in a FileData itself, this sends only the path."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        http.post("/login", data={"username": user, "password": PASSWORDS[user]}).raise_for_status()
+        event = http.post(f"/gradio_api/call/{api_name}", json={"data": data})
+        event.raise_for_status()
+        return http.get(f"/gradio_api/call/{api_name}/{event.json()['event_id']}").text
+
+
+def test_nobody_reads_another_sessions_upload_through_the_api(team_server):
     import secrets
 
-    from gradio_client.exceptions import AppError
-
-    # alice's page converted a file: her session's copy sits in her own upload folder
+    # alice's page converted a file: her session's copy sits in her own upload folder on the server
     secret = team_server.home / "uploads" / secrets.token_hex(16) / "files" / "customers.jsonl"
     secret.parent.mkdir(parents=True)
     secret.write_text(json.dumps({"messages": [{"role": "user", "content": "SECRET-CARD 4111"},
                                                {"role": "assistant", "content": "ok"}]}) + "\n")
     named = {"path": str(secret), "meta": {"_type": "gradio.FileData"}, "orig_name": "customers.jsonl"}
-    try:
-        answer = json.dumps(clients["bob"].predict([named], "", False, [], "default", api_name="/convert"))
-    except AppError as exc:  # gradio refuses a path it did not receive as an upload
-        answer = str(exc)
-    assert "SECRET-CARD" not in answer and "Ready to train" not in answer
-    assert "SECRET-CARD" not in json.dumps(clients["bob"].predict(2, "default", api_name="/example"))
+    answer = raw_call(team_server, "bob", "convert", [[named], "", False, [], "default"])
+    assert "event: error" in answer and "SECRET-CARD" not in answer, answer
+    assert f"Cannot move {secret} to the gradio cache dir because it was not uploaded by a user" in team_server.log()
+    shown = raw_call(team_server, "bob", "example", [2, "default"])  # bob's own session has no examples
+    assert "SECRET-CARD" not in shown and "event: complete" in shown, shown
 
 
 def test_a_run_without_an_owner_is_for_admins_only(clients):

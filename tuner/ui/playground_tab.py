@@ -516,14 +516,14 @@ def ab_pair(run_id: str | None, compare_with: str | None, message: str, max_new_
     if not message:
         raise TunerError("Type a prompt first: both models answer it.")
     other = str(compare_with or "base").strip()
+    other_dir = None if other == "base" else other_run(run_dir, other, request)  # checked before any model loads
     settings = generation_config(max_new_tokens, temperature, top_p, seed, repetition_penalty)
     pg = playground()
     info = pg.load_run(run_dir)
-    if other == "base":
+    if other_dir is None:
         out = pg.compare({}, message, [BASE, TUNED], settings, run=run_dir)
         replies = {run_id: out[TUNED], "base": out[BASE]}
     else:
-        other_dir = other_run(run_dir, other, request)
         replies = {run_id: pg.reply({}, message, TUNED, settings, run=run_dir)}
         replies[other_dir.name] = pg.reply({}, message, TUNED, settings, run=other_dir)
     prompt = ([{"role": "system", "content": info.system_prompt}] if info.system_prompt else [])
