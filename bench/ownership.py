@@ -53,14 +53,26 @@ class Signed:
         self.username = username
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm: imports, caches
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+def medians_ms(cases: dict, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each case; the cases alternate (a busy machine slows all alike). A case is
+    (environment to set, function)."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for rep in range(repeats + 1):  # the first round warms imports and caches
+        for name, (env, fn) in cases.items():
+            set_env(env)
+            start = time.perf_counter()
+            fn()
+            if rep:
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def set_env(env: dict[str, str | None]) -> None:
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,18 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         from tuner.runs import all_runs
         from tuner.ui.runs_tab import refresh_runs
 
-        without = median_ms(lambda: refresh_runs(None, Signed(None)), args.repeats)
-        listed_without = len(refresh_runs(None, Signed(None))["runs_pick"]["choices"])
-        os.environ["TUNER_AUTH"] = "user3-0:pw"
-        os.environ["TUNER_TEAMS"] = f"@{home / 'teams.txt'}"
-        everyone = Signed("auditor")
-        with_checks = median_ms(lambda: refresh_runs(None, everyone), args.repeats)
-        listed_with = len(refresh_runs(None, everyone)["runs_pick"]["choices"])
-        member = Signed("user3-0")
-        one_team = median_ms(lambda: refresh_runs(None, member), args.repeats)
-        listed_team = len(refresh_runs(None, member)["runs_pick"]["choices"])
+        off = {"TUNER_AUTH": None, "TUNER_TEAMS": None}
+        on = {"TUNER_AUTH": "auditor:pw", "TUNER_TEAMS": f"@{home / 'teams.txt'}"}
+        everyone, member = Signed("auditor"), Signed("user3-0")
         runs = all_runs()
-        owners = median_ms(lambda: [r.owner() for r in runs], args.repeats)
+        got = medians_ms({"without": (off, lambda: refresh_runs(None, Signed(None))),
+                          "with": (on, lambda: refresh_runs(None, everyone)),
+                          "one_team": (on, lambda: refresh_runs(None, member)),
+                          "owners": (off, lambda: [r.owner() for r in runs])}, args.repeats)
+        without, with_checks, one_team, owners = got["without"], got["with"], got["one_team"], got["owners"]
+        set_env(off)
+        listed_without = len(refresh_runs(None, Signed(None))["runs_pick"]["choices"])
+        set_env(on)
+        listed_with = len(refresh_runs(None, everyone)["runs_pick"]["choices"])
+        listed_team = len(refresh_runs(None, member)["runs_pick"]["choices"])
     result = {"runs": args.runs, "repeats": args.repeats, "without_checks_ms": round(without, 1),
               "with_checks_ms": round(with_checks, 1), "added_ms": round(with_checks - without, 1),
               "one_team_ms": round(one_team, 1), "owner_reads_ms": round(owners, 2),

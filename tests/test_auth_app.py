@@ -230,7 +230,7 @@ def test_a_run_without_an_owner_is_for_admins_only(clients):
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
 def test_two_signed_in_pages_see_different_run_lists(team_server):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
@@ -246,8 +246,8 @@ def test_two_signed_in_pages_see_different_run_lists(team_server):
                 page.get_by_role("button", name="Login").click()
                 page.get_by_role("tab", name="4. Runs").click()
                 table = page.locator("#runs-table")
-                table.get_by_text(f"{user}-run").first.wait_for(timeout=60_000)
-                page.locator("#whoami").get_by_text(f"Signed in as {user}").wait_for()
+                expect(table).to_contain_text(f"{user}-run", timeout=60_000)
+                expect(page.locator("#whoami")).to_contain_text(f"Signed in as {user}")
                 page.screenshot(path=str(ARTIFACTS / f"auth-{user}-runs.png"), full_page=True)
                 seen[user] = table.inner_text()
             assert "alice-run" in seen["alice"] and "bob-run" not in seen["alice"]

@@ -35,7 +35,6 @@ from tuner.ui.common import (
     md_escape,
     pick,
     plain_error,
-    run_choices,
     run_folder,
     user_of,
     win_rates_frame,
