@@ -226,7 +226,8 @@ def whoami_words(user: User | None) -> str:
         return ("**Nobody signs in on this server**: everyone who opens this page sees and manages every run. "
                 "To give each person or team their own runs, set `TUNER_AUTH` (README, *Self-hosting*).")
     if user is None:
-        return "**Sign in** to see your team's runs." + (" Use the button above." if how == "hf" else "")
+        how_to = " with the *Sign in with Hugging Face* button." if how == "hf" else "."
+        return "**Sign in** to see your team's runs" + how_to
     role = {REVIEWER: " as a **reviewer** (you may chat with and judge runs)", ADMIN: " as an **admin**"}.get(
         user.role, "")
     team = (f"; your team{'s' if len(user.teams) > 1 else ''}: {', '.join(user.teams)}" if user.teams
