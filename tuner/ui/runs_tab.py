@@ -351,7 +351,8 @@ def import_feedback(run_id: str | None, file: Any, request: gr.Request = None) -
     path = getattr(file, "name", None) or (file.get("path") if isinstance(file, dict) else file)
     if not path:
         raise TunerError("Choose a preference file (.jsonl, one {\"prompt\", \"chosen\", \"rejected\"} a line).")
-    found = feedback.import_pairs(run, path)
+    # the pairs are signed with the name signed in (none without a login, as before)
+    found = feedback.import_pairs(run, path, reviewer=user_of(request).name if auth.mode() != "none" else None)
     return {**feedback_report(run.id, request), "fb_import_md": import_words(found, Path(path).name)}
 
 
