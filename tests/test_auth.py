@@ -191,6 +191,18 @@ def test_a_space_visitor_is_their_hugging_face_name_and_organisations(no_login, 
     assert carol.role == REVIEWER and auth.can(carol, "judge", alice.owner_record())
     assert not auth.can(carol, "delete", alice.owner_record())
     assert auth.current_user(None) is None  # not signed in: no session, no profile
+    # as a handler gets it: gradio's Request around Starlette's, the profile in the session OAuth left there
+    import time
+
+    from starlette.requests import Request as StarletteRequest
+
+    def request(expires_at: float) -> gr.Request:
+        info = {"userinfo": dict(profile), "expires_at": expires_at, "access_token": "x"}
+        return gr.Request(request=StarletteRequest({"type": "http", "session": {"oauth_info": info}}))
+
+    assert auth.current_user(request(time.time() + 600)) == alice
+    assert auth.current_user(request(time.time() - 1)) is None  # an expired sign-in is no sign-in
+    assert auth.current_user(gr.Request(request=StarletteRequest({"type": "http"}))) is None
     # the queue shows a teammate's name, and "another team" for anyone else's
     assert auth.sees(carol, "alice-hf") and not auth.sees(User("mallory", ("evil",)), "alice-hf")
 
@@ -248,3 +260,20 @@ def test_the_audit_log_only_grows_and_each_team_reads_its_own(tmp_path, monkeypa
     assert [e["run"] for e in audit.entries(lambda owner: auth.sees_run(ERIN, owner))] == [
         "run-old", "run-b", "run-d", "run-a"]
     assert json.loads(after.splitlines()[0])["teams"] == ["support"]
+
+
+def test_the_space_bundle_asks_for_hugging_face_sign_in_and_the_page_shows_the_button(no_login, monkeypatch):
+    import re
+
+    import gradio as gr
+
+    meta = (ROOT / "README.md").read_text().split("---")[1]
+    assert re.search(r"^hf_oauth: true$", meta, re.M)  # the Space sets OAUTH_CLIENT_ID and friends from this
+    monkeypatch.setenv("SPACE_ID", "acme/tuner")
+    monkeypatch.setenv("OAUTH_CLIENT_ID", "client")
+    from tuner.ui.page import build_demo
+
+    demo = build_demo()  # needs gradio[oauth] (requirements.txt)
+    assert any(isinstance(b, gr.LoginButton) for b in demo.blocks.values())
+    monkeypatch.delenv("OAUTH_CLIENT_ID")
+    assert not any(isinstance(b, gr.LoginButton) for b in build_demo().blocks.values())  # no sign-in: no button
