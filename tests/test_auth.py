@@ -191,6 +191,13 @@ def test_a_space_visitor_is_their_hugging_face_name_and_organisations(no_login, 
     assert carol.role == REVIEWER and auth.can(carol, "judge", alice.owner_record())
     assert not auth.can(carol, "delete", alice.owner_record())
     assert auth.current_user(None) is None  # not signed in: no session, no profile
+    # a team the teams file defines is the file's: an organisation of that name does not get into it
+    monkeypatch.setenv("TUNER_TEAMS", "support: alice-hf")
+    mallory = auth.current_user(None, profile={"preferred_username": "mallory", "name": "alice-hf",
+                                               "orgs": [{"preferred_username": "support"}]})
+    assert (mallory.name, mallory.teams) == ("mallory", ())
+    assert auth.current_user(None, profile={"name": "alice-hf"}) is None  # a display name is not a user name
+    monkeypatch.setenv("TUNER_TEAMS", "reviewers: carol-hf (reviewer)")
     # as a handler gets it: gradio's Request around Starlette's, the profile in the session OAuth left there
     import time
 

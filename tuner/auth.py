@@ -6,7 +6,8 @@ Three ways a server runs (`mode()`):
   by commas), or `TUNER_AUTH=@FILE` with one `user:HASH` a line, HASH an argon2 hash that
   `python -m tuner passwd USER` prints (a plain password is refused, with the line named).
 - "hf": a Hugging Face Space with `hf_oauth: true` in its README metadata (the Space sets OAUTH_CLIENT_ID):
-  "Sign in with Hugging Face"; the user's organisations are their teams.
+  "Sign in with Hugging Face"; the user's organisations are their teams (except a team the teams file
+  names: that one is the file's alone).
 - "none": neither. One person's server, as before: everyone who opens the page may do everything, and
   the page says so.
 
@@ -193,13 +194,17 @@ def _profile_of(request: Any) -> dict[str, Any] | None:
     return profile if isinstance(profile, dict) else None
 
 
-def user_from_profile(profile: dict[str, Any]) -> User:
-    """A Space visitor from their OAuth profile: user name, and their organisations as teams."""
-    name = str(profile.get("preferred_username") or profile.get("name") or "")
-    orgs = tuple(str(o.get("preferred_username") or o.get("name")) for o in profile.get("orgs") or []
-                 if isinstance(o, dict) and (o.get("preferred_username") or o.get("name")))
-    _seen_teams[name] = orgs
+def user_from_profile(profile: dict[str, Any]) -> User | None:
+    """A Space visitor from their OAuth profile: their Hub user name (never the display name, which anyone can
+    choose), and their organisations as teams. A team the teams file defines is the file's alone: an
+    organisation of the same name does not make its members part of it."""
+    name = str(profile.get("preferred_username") or "")
+    if not name:
+        return None
     file = teams()
+    orgs = tuple(str(o["preferred_username"]) for o in profile.get("orgs") or []
+                 if isinstance(o, dict) and o.get("preferred_username") and o["preferred_username"] not in file.members)
+    _seen_teams[name] = orgs
     return User(name, tuple(dict.fromkeys((*orgs, *file.teams_of(name)))), file.role_of(name))
 
 
