@@ -316,6 +316,9 @@ def _cli_gguf(args: argparse.Namespace, token: str | None) -> int:
             print(line, file=sys.stderr, flush=True)
 
     result = export_gguf(args.run, args.to, quant=args.quant, adapter_gguf=args.lora_gguf, progress=progress)
+    from tuner import audit
+
+    audit.record_cli("export", args.run, f"command line, GGUF {args.quant}")
     if args.push:
         assert token is not None
         result["pushed"] = push(Path(result["folder"]), args.push, token, private=not args.public)
@@ -338,6 +341,10 @@ def cli(args: argparse.Namespace) -> int:
         return _cli_gguf(args, token)
     out = export(args.run, args.to, merge=args.merge, push_to=args.push, token=token, private=not args.public,
                  dtype=args.dtype)
+    from tuner import audit
+
+    audit.record_cli("push" if args.push else "export", args.run, f"command line, {'merged' if args.merge else 'adapter'}"
+                     + (f" to {args.push}" if args.push else ""))
     print(f"exported to {out}")
     if args.push:
         print(f"pushed to https://huggingface.co/{args.push}")

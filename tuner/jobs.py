@@ -320,6 +320,7 @@ def list_runs() -> list[dict[str, Any]]:
             "learning_rate": cfg.get("learning_rate"),
             "train_examples": (sources.get("train.jsonl") or {}).get("examples"),
             "resumable": status.get("status") in ("interrupted", "failed", "cancelled"),
+            "owner": run.owner(),  # who may see it: tuner.auth.sees_run
         })
     out.sort(key=lambda r: (r["created"], r["id"]), reverse=True)
     return out

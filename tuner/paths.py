@@ -56,6 +56,11 @@ def uploads_dir() -> Path:
     return d
 
 
+def audit_file() -> Path:
+    """The server's one append-only log of who trained, exported, published and deleted what (tuner.audit)."""
+    return tuner_home() / "audit.jsonl"
+
+
 def new_run_id(prefix: str = "run") -> str:
     """A sortable, unique run id such as `run-20261121-233012-a1b2`."""
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"

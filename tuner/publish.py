@@ -486,6 +486,9 @@ def cli(args: argparse.Namespace) -> int:
     token = (args.token or os.environ.get("HF_TOKEN") or None) if args.push else None
     result = publish(args.run, args.to, merge=args.merge, title=args.title, system_prompt=args.system_prompt,
                      push_to=args.push, token=token)
+    from tuner import audit
+
+    audit.record_cli("publish", args.run, "command line" + (f", pushed to {args.push}" if result.get("url") else ""))
     if args.zip:
         result["zip"] = str(zip_folder(result["folder"]))
     if args.json:

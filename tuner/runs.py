@@ -12,6 +12,7 @@
       model/               final weights + tokenizer + README.md (method full)
       eval.json            the evaluation (tuner.evaluate): prompting vs retrieval vs tuning, forgetting
       feedback.jsonl       reviewers' judgements from the playground
+      owner.json           who made the run and their teams then (tuner.auth); none on runs made before
 
 Every file a reader polls is written atomically (temp file + os.replace), so a kill at any moment
 never leaves a half-written file. Light module: no torch, no transformers. Other modules name a
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuner.auth import machine_user
 from tuner.config import TrainConfig
 from tuner.errors import DataError, RunNotFound, TrainingError
 from tuner.messages import read_examples
@@ -101,6 +103,22 @@ class Run:
     @property
     def feedback_file(self) -> Path:
         return self.path / "feedback.jsonl"
+
+    @property
+    def owner_file(self) -> Path:
+        return self.path / "owner.json"
+
+    def owner(self) -> dict[str, Any] | None:
+        """{"name", "teams"}: who made the run and the teams it belongs to; None for a run made before owners
+        were recorded (tuner.auth decides who sees those)."""
+        value = read_json(self.owner_file)
+        return value if isinstance(value, dict) and isinstance(value.get("name"), str) else None
+
+    def set_owner(self, owner: dict[str, Any]) -> None:
+        """Record the run's owner ({"name", "teams"}), written once when the run is made."""
+        record = {"name": str(owner["name"]), "teams": [str(t) for t in owner.get("teams") or ()]}
+        if is_main_process():
+            write_json_atomic(self.owner_file, record)
 
     @property
     def preferences_file(self) -> Path:
@@ -283,8 +301,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare_run(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path | None = None) -> Path:
-    """Create a run folder: config.yaml, a copy of the data with sha256 hashes, and status 'queued'."""
+def prepare_run(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path | None = None,
+                owner: dict[str, Any] | None = None) -> Path:
+    """Create a run folder: config.yaml, a copy of the data with sha256 hashes, its owner ({"name", "teams"},
+    tuner.auth.User.owner_record; the machine's user when not given), and status 'queued'."""
     data_dir = Path(data_dir).expanduser()
     train_file = data_dir / "train.jsonl"
     if not train_file.is_file():
@@ -308,6 +328,7 @@ def prepare_run(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path | No
             sources[name] = {"sha256": sha256_file(src), "bytes": src.stat().st_size, "examples": counts.get(name),
                              "source": str(src.resolve())}
     write_json_atomic(Run(run_dir).sources_file, sources)
+    Run(run_dir).set_owner(owner or {"name": machine_user(), "teams": []})
     cfg.save(Run(run_dir).config_file)
     update_status(run_dir, status="queued", error=None, step=0, max_steps=None, adapter=None,
                   first_eval_loss=None, eval_loss=None, train_loss=None, tokens_trained=0, wall_s=0.0,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tuner import audit
 from tuner.config import (
     DEFAULT_PRESET,
     PRESETS,
@@ -37,6 +38,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", help="Continue an interrupted run from its last checkpoint.")
     parser.add_argument("--run", metavar="RUN_DIR", help=argparse.SUPPRESS)  # a prepared run, used by tuner.jobs
     parser.add_argument("--json", action="store_true", help="Print the final status as one JSON object.")
+    parser.add_argument("--owner", metavar="NAME", help="Who the new run belongs to (the page shows it to NAME's "
+                                                        "teams, TUNER_TEAMS); default: this machine's user.")
     settings = parser.add_argument_group("training settings (every TrainConfig field; see also --config)")
     steps = settings.add_mutually_exclusive_group()
     add_config_arguments(settings, TrainConfig, skip=("preset", "method"), aliases={"num_epochs": "--epochs"},
@@ -93,6 +96,14 @@ def progress_printer(json_mode: bool) -> tuple[Callable[[dict[str, Any]], None],
     return update, close
 
 
+def owner_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The new run's owner: --owner NAME (else the machine's user), with NAME's teams from TUNER_TEAMS."""
+    from tuner import auth
+
+    name = getattr(args, "owner", None) or auth.machine_user()
+    return {"name": name, "teams": list(auth.teams_of(name))}
+
+
 def cli(args: argparse.Namespace) -> int:
     if args.method in ("dpo", "kto") or args.parent or args.prefs or _is_preference(args.resume or args.run):
         from tuner.train.preference import cli as preference_cli
@@ -111,13 +122,14 @@ def cli(args: argparse.Namespace) -> int:
                 raise TunerError("Under a multi-process launch give --out RUN_DIR, so every process uses one run.")
             run_dir = Path(args.out).expanduser().resolve()
             if is_main_process():
-                prepare_run(cfg, args.data, run_dir)
+                prepare_run(cfg, args.data, run_dir, owner=owner_of(args))
             else:
                 deadline = time.monotonic() + 600
                 while not Run(run_dir).status_file.is_file() and time.monotonic() < deadline:
                     time.sleep(0.5)
         else:
-            run_dir = prepare_run(cfg, args.data, args.out)
+            run_dir = prepare_run(cfg, args.data, args.out, owner=owner_of(args))
+            audit.record(owner_of(args)["name"], "train", Path(run_dir).name, owner_of(args), "command line")
         if not args.json:
             print(f"run folder: {run_dir}", file=sys.stderr)
     if not is_main_process():  # rank 0 reports; the other processes of a launch train quietly beside it

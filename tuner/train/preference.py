@@ -107,9 +107,9 @@ def preference_rows(parent: Run, pcfg: PreferenceConfig, prefs: str | Path | Non
 
 
 def prepare_preference_run(parent: str | Path, pcfg: PreferenceConfig, prefs: str | Path | None = None,
-                           run_dir: str | Path | None = None) -> Path:
+                           run_dir: str | Path | None = None, owner: dict[str, Any] | None = None) -> Path:
     """Create the child run folder (status 'queued'): the parent's config and data, the preference rows
-    hashed with them, and the lineage. Raises TunerError when there is too little to learn from."""
+    hashed with them, the lineage, and its owner (who trains it; tuner.runs.prepare_run). Raises TunerError when there is too little to learn from."""
     parent_run = resolve(parent)
     state = parent_run.status()
     if state.get("status") != "completed" or not parent_run.adapter_dir.is_dir():
@@ -124,7 +124,7 @@ def prepare_preference_run(parent: str | Path, pcfg: PreferenceConfig, prefs: st
         raise TrainingError(f"{parent_run.id} is a full fine-tune; preference tuning trains a LoRA adapter on "
                             "a LoRA run. Fix: pick a LoRA run.")
     rows = preference_rows(parent_run, pcfg, prefs)
-    child = Run(prepare_run(cfg, parent_run.data_dir, run_dir))
+    child = Run(prepare_run(cfg, parent_run.data_dir, run_dir, owner=owner))
     if not is_main_process():
         return child.path
     path = child.preferences_file
@@ -460,7 +460,7 @@ def cli(args) -> int:
     import sys
 
     from tuner.config import config_overrides
-    from tuner.train.cli import progress_printer
+    from tuner.train.cli import owner_of, progress_printer
 
     if args.resume or args.run:
         run_dir, resume = resolve(args.resume or args.run).path, bool(args.resume)
@@ -472,7 +472,8 @@ def cli(args) -> int:
                              "--prefs FILE or nothing (the --from run's feedback).")
         overrides = config_overrides(args, PreferenceConfig)
         overrides["method"] = args.method if args.method in METHODS else "dpo"
-        run_dir = prepare_preference_run(args.parent, PreferenceConfig.from_dict(overrides), args.prefs, args.out)
+        run_dir = prepare_preference_run(args.parent, PreferenceConfig.from_dict(overrides), args.prefs, args.out,
+                                         owner=owner_of(args))
         resume = False
         if not args.json:
             print(f"run folder: {run_dir}", file=sys.stderr)

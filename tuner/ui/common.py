@@ -17,6 +17,9 @@ from typing import Any
 
 import gradio as gr
 
+from tuner import audit as tuner_audit
+from tuner import auth
+from tuner.auth import User
 from tuner.errors import RunNotFound, TunerError
 from tuner.paths import check_run_id, runs_dir
 
@@ -114,36 +117,63 @@ def bubbles(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 # -- runs on disk --------------------------------------------------------------------------------------
 
 
-def run_folder(run_id: str | None) -> Path:
-    """The folder of a run named by id; ids are plain folder names (never paths) under runs_dir()."""
+def user_of(request: gr.Request | None) -> User:
+    """Who makes this request (tuner.auth.current_user); refused when the server asks for a login and nobody
+    is signed in."""
+    user = auth.current_user(request)
+    if user is None:
+        raise TunerError(auth.refusal(None, "read"))
+    return user
+
+
+def run_folder(run_id: str | None, request: gr.Request | None, action: str = "read") -> Path:
+    """The folder of a run named by id, if the user making `request` may do `action` with it (tuner.auth.can).
+
+    Ids are plain folder names (never paths) under runs_dir(). Another team's run reads as no run at all,
+    so a stranger cannot even learn that the id exists; a reviewer asking to delete (etc.) hears why not.
+    """
     if not run_id or not str(run_id).strip():
         raise TunerError("Pick a run first.")
     from tuner.runs import Run
 
     run_id = check_run_id(str(run_id).strip())  # security: rejects '../', '/etc', '%2e%2e' and the like
     run = Run(runs_dir() / run_id)
-    if not run.exists():
+    user = user_of(request)
+    owner = run.owner()
+    if not run.exists() or not auth.sees_run(user, owner):
         raise RunNotFound(f"There is no run named '{run_id}'.")
+    if not auth.can(user, action, owner):
+        raise TunerError(auth.refusal(user, action))
     return run.path
 
 
-def list_runs() -> list[dict[str, Any]]:
+def audit(request: gr.Request | None, action: str, run_dir: Path, detail: str = "") -> None:
+    """Write who did `action` to which run into the server's audit log (tuner.audit)."""
+    from tuner.runs import Run
+
+    tuner_audit.record(user_of(request).name, action, run_dir.name, Run(run_dir).owner(), detail)
+
+
+def list_runs(request: gr.Request | None = None) -> list[dict[str, Any]]:
+    """The runs the user making `request` may see, newest first (tuner.jobs.list_runs, filtered)."""
     from tuner import jobs
 
-    return jobs.list_runs()
+    user = user_of(request)
+    return [r for r in jobs.list_runs() if auth.sees_run(user, r.get("owner"))]
 
 
-def run_choices(with_result: bool = False) -> list[str]:
-    """Run ids, newest first; `with_result`: only runs whose result can be served (tuner.runs.has_result)."""
-    runs = list_runs()
+def run_choices(with_result: bool = False, request: gr.Request | None = None) -> list[str]:
+    """Run ids the user sees, newest first; `with_result`: only runs whose result can be served
+    (tuner.runs.has_result)."""
+    runs = list_runs(request)
     if with_result:
         runs = [r for r in runs if r.get("has_result")]
     return [r["id"] for r in runs]
 
 
-def active_run() -> str | None:
-    """The run training now (or queued), else the newest run, for a page that opens."""
-    runs = list_runs()
+def active_run(request: gr.Request | None = None, runs: list[dict[str, Any]] | None = None) -> str | None:
+    """The user's run training now (or queued), else their newest run, for a page that opens."""
+    runs = list_runs(request) if runs is None else runs
     for r in runs:
         if r.get("status") in RUN_STATES_ACTIVE:
             return r["id"]

@@ -13,9 +13,10 @@ from typing import Any
 
 import gradio as gr
 
+from tuner import auth
 from tuner.paths import persistent_storage
 from tuner.ui import data_tab, playground_tab, runs_tab, train_tab
-from tuner.ui.common import Components, active_run, friendly, keyed, pick, run_choices
+from tuner.ui.common import Components, active_run, friendly, keyed, list_runs, pick
 
 CSS = """
 .run-progress progress { width: 100%; height: 14px; accent-color: var(--color-accent); }
@@ -45,10 +46,12 @@ def storage_notice() -> str:
     if not os.environ.get("SPACE_ID"):
         return ""
     notes = []
-    if not os.environ.get("TUNER_AUTH"):
+    if auth.mode() == "none":
         notes.append("**Runs on this Space are shared**: if it is public, everyone who opens it sees the run list "
                      "and can chat with, download or delete a run (uploads and chats stay in your browser). For "
-                     "your company's transcripts, duplicate it as a private Space or set `TUNER_AUTH`.")
+                     "your company's transcripts, duplicate it as a private Space, set `TUNER_AUTH`, or add "
+                     "`hf_oauth: true` to its README metadata (sign in with Hugging Face; README, *As a Hugging "
+                     "Face Space*).")
     if not persistent_storage():
         notes.append("**This Space has no persistent storage**: runs are lost when it restarts or sleeps. "
                      "Download the adapter or push it to the Hub from the **Runs** tab when training ends.")
@@ -57,17 +60,26 @@ def storage_notice() -> str:
 
 @friendly
 def page_load(request: gr.Request = None) -> dict[str, Any]:
-    """A (re)opened page shows the run that is training now, read from disk, not from memory; behind a
-    login (TUNER_AUTH, or a Space's), the reviewer's name is the one signed in."""
-    current = active_run()
-    choices = run_choices()
-    completed = run_choices(with_result=True)
+    """A (re)opened page shows the user's run that is training now, read from disk, not from memory; behind
+    a login (TUNER_AUTH, or a Space's), the reviewer's name is the one signed in and the lists hold the runs
+    of the user's teams only."""
+    user = auth.current_user(request)
     notice = storage_notice()
-    return {"train_run": gr.update(choices=choices, value=current),
+    who = {"whoami": auth.whoami_words(user), "notice": gr.update(value=notice, visible=bool(notice))}
+    if user is None:  # a Space visitor not signed in yet: no run of anyone's
+        empty = gr.update(choices=[], value=None)
+        return {**who, "train_run": empty, "pg_run": empty, "runs_pick": empty,
+                "runs_table": runs_tab.runs_frame(runs=[]), "audit_table": runs_tab.audit_frame_of([]),
+                "reviewer": ""}
+    runs = list_runs(request)
+    current = active_run(runs=runs)
+    choices = [r["id"] for r in runs]
+    completed = [r["id"] for r in runs if r.get("has_result")]
+    return {**who, "train_run": gr.update(choices=choices, value=current),
             "pg_run": gr.update(choices=completed, value=completed[0] if completed else None),
-            "runs_pick": gr.update(choices=choices, value=current), "runs_table": runs_tab.runs_frame(),
-            "notice": gr.update(value=notice, visible=bool(notice)),
-            "reviewer": getattr(request, "username", None) or ""}
+            "runs_pick": gr.update(choices=choices, value=current), "runs_table": runs_tab.runs_frame(runs=runs),
+            "audit_table": runs_tab.audit_frame(request),
+            "reviewer": user.name if auth.mode() != "none" else getattr(request, "username", None) or ""}
 
 
 def build_demo() -> gr.Blocks:
@@ -79,6 +91,10 @@ def build_demo() -> gr.Blocks:
         gr.Markdown("# tuner\nTurn your support conversations into a chatbot that answers in your voice: "
                     "**1** check the data, **2** train, **3** compare base and tuned and judge the replies, "
                     "**4** teach it with the feedback and take the model home.")
+        with gr.Row(equal_height=True):
+            c["whoami"] = gr.Markdown(elem_id="whoami")
+            if auth.mode() == "hf":  # a Space with hf_oauth: true
+                c["login"] = gr.LoginButton(scale=0)
         c["notice"] = gr.Markdown(visible=False, elem_id="storage-notice")
         with gr.Tabs() as c["tabs"]:
             with gr.Tab("1. Data", id="data"):
@@ -92,6 +108,6 @@ def build_demo() -> gr.Blocks:
         for tab in (data_tab, train_tab, playground_tab, runs_tab):
             tab.wire(c)
         demo.load(keyed(page_load, c), outputs=pick(c, "train_run", "pg_run", "runs_pick", "runs_table", "notice",
-                                                   "reviewer"),
+                                                   "whoami", "audit_table", "reviewer"),
                   api_name="load")
     return demo

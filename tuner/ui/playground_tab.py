@@ -31,12 +31,14 @@ from tuner.ui.common import (
     bubbles,
     friendly,
     keyed,
+    list_runs,
     md_escape,
     pick,
     plain_error,
     playground,
     run_choices,
     run_folder,
+    user_of,
     win_rates_frame,
 )
 
@@ -106,41 +108,39 @@ def forget_column(column: str, chats: dict[str, list[dict[str, str]]] | None) ->
     return {**(chats or new_chats()), column: []}
 
 
-def comparable(run_id: str) -> list[str]:
-    """LoRA runs with a result (tuner.runs.has_result) on the picked run's base model, newest first: what can
-    answer beside it. The one playground serves every session, so another base (or a second full model)
-    would reload on every turn."""
-    from tuner import jobs
-
-    found = jobs.list_runs()
+def comparable(run_id: str, request: gr.Request | None) -> list[str]:
+    """LoRA runs the user sees with a result (tuner.runs.has_result) on the picked run's base model, newest
+    first: what can answer beside it. The one playground serves every session, so another base (or a second
+    full model) would reload on every turn."""
+    found = list_runs(request)
     base = next((r["base_model"] for r in found if r["id"] == run_id), None)
     return [r["id"] for r in found if r["id"] != run_id and r.get("has_result")
             and r.get("base_model") == base and r.get("method") != "full"]
 
 
-def other_run(run_dir: Path, other: str) -> Path:
+def other_run(run_dir: Path, other: str, request: gr.Request | None) -> Path:
     """The run answering beside the picked one (left column, blind A/B), checked to be comparable."""
-    other_dir = run_folder(other)
+    other_dir = run_folder(other, request, "chat")
     if other_dir.resolve() == run_dir.resolve():
         raise TunerError("Compare the run with the base model or another run, not with itself.")
-    if other_dir.name not in comparable(run_dir.name):
+    if other_dir.name not in comparable(run_dir.name, request):
         raise TunerError(f"Run {other_dir.name} cannot answer beside {run_dir.name}: only a completed LoRA run on "
                          "the same base model can. Fix: pick one from the list, or the base model.")
     return other_dir
 
 
-def left_run(run_dir: Path | None, left: str | None) -> Path | None:
+def left_run(run_dir: Path | None, left: str | None, request: gr.Request | None) -> Path | None:
     """The run shown in the left column instead of the base model (e.g. a preference run's parent), or None."""
     left = str(left or "base").strip()
     if run_dir is None or left == "base":
         return None
-    return other_run(run_dir, left)
+    return other_run(run_dir, left, request)
 
 
-def left_label(left: str | None, run_id: str | None) -> str:
+def left_label(left: str | None, run_id: str | None, request: gr.Request | None) -> str:
     if not left or left == "base" or not run_id:
         return "Base model"
-    parent = parent_of(run_folder(run_id))
+    parent = parent_of(run_folder(run_id, request))
     return f"Parent run: {left}" if left == parent else f"Run: {left}"
 
 
@@ -160,8 +160,9 @@ def chat(message: str, run_id: str | None, with_prompted: bool, max_new_tokens: 
     message = (message or "").strip()
     if not message:
         raise TunerError("Type a message first.")
-    run_dir = run_folder(run_id) if run_id else None
-    left_dir = left_run(run_dir, left)
+    user_of(request)  # signed in, when the server asks for it (the base model too)
+    run_dir = run_folder(run_id, request, "chat") if run_id else None
+    left_dir = left_run(run_dir, left, request)
     settings = generation_config(max_new_tokens, temperature, top_p, seed, repetition_penalty)
     before = {c: list(h) for c, h in (chats or new_chats()).items()}
     stop = stop_flag(request, "chat")
@@ -240,17 +241,17 @@ def clear_chats(request: gr.Request = None) -> dict[str, Any]:
 @friendly
 def left_changed(left: str | None, run_id: str | None, request: gr.Request = None) -> dict[str, Any]:
     """Another model in the left column: a new conversation, and the column says which model it is."""
-    return {**clear_chats(request), "base_chat": gr.update(value=[], label=left_label(left, run_id))}
+    return {**clear_chats(request), "base_chat": gr.update(value=[], label=left_label(left, run_id, request))}
 
 
 # -- feedback --------------------------------------------------------------------------------------
 
 
-def feedback_run(run_id: str | None) -> Path:
-    """The folder of the run a judgement is stored with (the picked tuned run)."""
+def feedback_run(run_id: str | None, request: gr.Request | None) -> Path:
+    """The folder of the run a judgement is stored with (the picked tuned run), if the user may judge it."""
     if not run_id or not str(run_id).strip():
         raise TunerError("Pick a tuned run first: feedback is stored with the run it judges.")
-    return run_folder(run_id)
+    return run_folder(run_id, request, "judge")
 
 
 @dataclasses.dataclass
@@ -263,15 +264,15 @@ class Judged:
     prompt_column: str  # "base", "tuned" or "prompted"
 
 
-def judged(run_dir: Path, column: str) -> Judged:
+def judged(run_dir: Path, column: str, request: gr.Request | None) -> Judged:
     """A column by name ("base", "tuned", "prompted" or "prompt-only"), or a completed run's id for the left
     column when it shows another run (e.g. the parent)."""
     name = str(column or "").strip()
     key = {"prompt-only": "prompted"}.get(name.lower(), name.lower())
     if key in COLUMN_NAMES:
         return Judged(run_dir.name if key == "tuned" else COLUMN_NAMES[key], COLUMN_NAMES[key], run_dir, key)
-    if name and name != run_dir.name and name in run_choices(with_result=True):
-        return Judged(name, name, run_folder(name), "tuned")
+    if name and name != run_dir.name and name in run_choices(with_result=True, request=request):
+        return Judged(name, name, run_folder(name, request), "tuned")
     raise TunerError(f"Unknown column {column!r}: choose base, tuned, prompted, or the id of the completed run "
                      "shown in the left column.")
 
@@ -315,12 +316,17 @@ def saved_note(run_dir: Path, what: str) -> str:
 
 def signed(reviewer: str | None, request: gr.Request | None) -> str:
     """Who judged: the name signed in (TUNER_AUTH, or a Space's login) when there is one, else the name typed."""
+    from tuner import auth
+
+    if auth.mode() != "none":
+        return user_of(request).name
     return getattr(request, "username", None) or str(reviewer or "").strip()
 
 
-def _rate(run_id: str, column: str, history: Any, index: Any, up: bool, reviewer: str = "") -> str:
-    run_dir = feedback_run(run_id)
-    who = judged(run_dir, column)
+def _rate(run_id: str, column: str, history: Any, index: Any, up: bool, reviewer: str = "",
+          request: gr.Request | None = None) -> str:
+    run_dir = feedback_run(run_id, request)
+    who = judged(run_dir, column, request)
     before, reply = reply_at(history, index)
     if not reply.strip():
         raise TunerError("This reply is empty (still being written?). Fix: wait for it, then judge it.")
@@ -330,9 +336,9 @@ def _rate(run_id: str, column: str, history: Any, index: Any, up: bool, reviewer
 
 
 def _edit(run_id: str, column: str, history: Any, index: Any, new_text: str,
-          reviewer: str = "") -> tuple[str, list[dict[str, str]]]:
-    run_dir = feedback_run(run_id)
-    who = judged(run_dir, column)
+          reviewer: str = "", request: gr.Request | None = None) -> tuple[str, list[dict[str, str]]]:
+    run_dir = feedback_run(run_id, request)
+    who = judged(run_dir, column, request)
     before, reply = reply_at(history, index)
     new_text = new_text if isinstance(new_text, str) else ""
     feedback.record_edit(run_dir, sent_prompt(who.prompt_run, who.prompt_column, before), reply, new_text,
@@ -348,7 +354,7 @@ def rate_reply(run_id: str, column: str, history: list[dict[str, Any]], index: i
     """Thumbs up (`up` true) or down on the reply at `index` of a column's chat ([{role, content}], as
     sent); stored with the run. `column`: base, tuned, prompted, or the id of the run the left column shows.
     Returns what was saved, in words."""
-    return _rate(run_id, column, history, index, up, signed(reviewer, request))
+    return _rate(run_id, column, history, index, up, signed(reviewer, request), request)
 
 
 @friendly
@@ -356,7 +362,7 @@ def edit_reply(run_id: str, column: str, history: list[dict[str, Any]], index: i
                reviewer: str = "", request: gr.Request = None) -> tuple[str, list[dict[str, Any]]]:
     """"Write the better reply": `new_text` replaces the reply at `index` (chosen; the model's is rejected).
     Returns what was saved, and the chat with the edit in place (the conversation continues from it)."""
-    return _edit(run_id, column, history, index, new_text, signed(reviewer, request))
+    return _edit(run_id, column, history, index, new_text, signed(reviewer, request), request)
 
 
 def shown_in(column: str, left: str | None) -> str:
@@ -413,7 +419,7 @@ def on_like(column: str):
                 gr.Warning(str(exc))
                 return {"feedback_note": md_escape(exc), f"{column}_chat": thumbs_shown(column, thumbs, chats)}
             note = _rate(run_id, shown_in(column, left), chats[column], data.index, data.liked,
-                         signed(reviewer, request))
+                         signed(reviewer, request), request)
             thumbs.setdefault(column, {})[key] = "Like" if data.liked else "Dislike"
         return {"feedback_note": note, "thumbs": thumbs, f"{column}_chat": thumbs_shown(column, thumbs, chats)}
 
@@ -432,7 +438,7 @@ def on_edit(column: str):
         try:
             still_shown(chats[column], data.index, data.previous_value)
             note, history = _edit(run_id, shown_in(column, left), chats[column], data.index, text,
-                                  signed(reviewer, request))
+                                  signed(reviewer, request), request)
         except TunerError as exc:
             gr.Warning(str(exc))
             return {f"{column}_chat": gr.update(value=bubbles(chats[column]), **_lit(column, thumbs, chats)),
@@ -455,13 +461,13 @@ def parent_of(run_dir: Path) -> str | None:
     return str(parent) if parent else None
 
 
-def compare_choices(run_id: str | None) -> tuple[list[tuple[str, str]], str]:
+def compare_choices(run_id: str | None, request: gr.Request | None) -> tuple[list[tuple[str, str]], str]:
     """What the picked run can be compared with: the base model, its parent (the default for a preference
-    run), any other completed run."""
-    if not run_id or run_id not in run_choices(with_result=True):
+    run), any other completed run the user sees."""
+    if not run_id or run_id not in run_choices(with_result=True, request=request):
         return [("Base model", "base")], "base"
-    completed = comparable(run_id)
-    parent = parent_of(run_folder(run_id))
+    completed = comparable(run_id, request)
+    parent = parent_of(run_folder(run_id, request))
     choices = [("Base model", "base")]
     if parent in completed:
         choices.append((f"Its parent run: {parent}", parent))
@@ -476,11 +482,11 @@ def rates_frame(run_dir: Path | None) -> pd.DataFrame:
     return win_rates_frame(feedback.report(run_dir)["win_rates"], Run(run_dir).id, parent_of(run_dir))
 
 
-def ab_views(run_id: str | None, message: str = "") -> dict[str, Any]:
+def ab_views(run_id: str | None, request: gr.Request | None, message: str = "") -> dict[str, Any]:
     """For a newly picked run: what it can be compared with (A/B and the left column; its parent first for a
     preference run), no pair, its votes so far."""
-    run_dir = run_folder(run_id) if run_id else None
-    choices, default = compare_choices(run_id)
+    run_dir = run_folder(run_id, request) if run_id else None
+    choices, default = compare_choices(run_id, request)
     return {"ab_compare": gr.update(choices=choices, value=default), "ab_a": "", "ab_b": "",
             "ab_reveal": message, "ab_vote": gr.update(value=None, interactive=False), "ab_state": None,
             "ab_pair_id": "",
@@ -488,8 +494,8 @@ def ab_views(run_id: str | None, message: str = "") -> dict[str, Any]:
 
 
 @friendly
-def ab_reset(run_id: str | None) -> dict[str, Any]:
-    return ab_views(run_id)
+def ab_reset(run_id: str | None, request: gr.Request = None) -> dict[str, Any]:
+    return ab_views(run_id, request)
 
 
 def ab_begin(run_id: str | None) -> dict[str, Any]:
@@ -507,20 +513,20 @@ def ab_pair(run_id: str | None, compare_with: str | None, message: str, max_new_
     shown as A and B in random order; which is which stays in this session's state until the vote."""
     from tuner.playground import BASE, TUNED
 
-    run_dir = feedback_run(run_id)
+    run_dir = feedback_run(run_id, request)
     run_id = run_dir.name
     message = (message or "").strip()
     if not message:
         raise TunerError("Type a prompt first: both models answer it.")
     other = str(compare_with or "base").strip()
+    other_dir = None if other == "base" else other_run(run_dir, other, request)  # checked before any model loads
     settings = generation_config(max_new_tokens, temperature, top_p, seed, repetition_penalty)
     pg = playground()
     info = pg.load_run(run_dir)
-    if other == "base":
+    if other_dir is None:
         out = pg.compare({}, message, [BASE, TUNED], settings, run=run_dir)
         replies = {run_id: out[TUNED], "base": out[BASE]}
     else:
-        other_dir = other_run(run_dir, other)
         replies = {run_id: pg.reply({}, message, TUNED, settings, run=run_dir)}
         replies[other_dir.name] = pg.reply({}, message, TUNED, settings, run=other_dir)
     prompt = ([{"role": "system", "content": info.system_prompt}] if info.system_prompt else [])
@@ -551,7 +557,7 @@ def ab_vote(choice: str | None, reviewer: str, pair_id: str | None, state: dict[
                          f"{on_screen} is the one on screen. Fix: read the two replies shown and vote again.")
     by_word = {"a": "A", "b": "B", "both bad": "both bad", "both": "both bad"}
     choice = by_word.get(str(choice or "").strip().lower(), str(choice or ""))
-    run_dir = feedback_run(state["run"])
+    run_dir = feedback_run(state["run"], request)
     pair = feedback.BlindPair(**state["pair"])
     revealed = pair.vote(run_dir, choice, signed(reviewer, request) or state.get("reviewer"))
     parent = parent_of(run_dir)
@@ -604,7 +610,7 @@ def evaluate_run(run_id: str | None, prompts: float, max_new_tokens: float, temp
     says n of N prompts."""
     from tuner import evaluate
 
-    run_dir = run_folder(run_id)
+    run_dir = run_folder(run_id, request, "chat")
     if not 1 <= int(prompts or 0) <= EVAL_MAX_PROMPTS:
         raise TunerError(f"Evaluate between 1 and {EVAL_MAX_PROMPTS} prompts here; the CLI (`python -m tuner eval`) "
                          "does more.")
@@ -620,7 +626,7 @@ def evaluate_run(run_id: str | None, prompts: float, max_new_tokens: float, temp
                                    on_progress=report, stop=stop)
     except evaluate.Stopped:
         gr.Info("Evaluation stopped; the last complete evaluation is still shown.")
-        return saved_evaluation(run_id)
+        return saved_evaluation(run_id, request)
     finally:
         drop_flag(request, "eval", stop)
     return eval_tables(result)
@@ -631,17 +637,17 @@ def press_eval_stop(request: gr.Request = None) -> None:
 
 
 @friendly
-def saved_evaluation(run_id: str | None) -> dict[str, Any]:
+def saved_evaluation(run_id: str | None, request: gr.Request = None) -> dict[str, Any]:
     """The last evaluation of a run (eval.json), if it has one."""
     from tuner.evaluate import saved_result
 
-    return eval_tables(saved_result(run_folder(run_id)) if run_id else {})
+    return eval_tables(saved_result(run_folder(run_id, request)) if run_id else {})
 
 
 @friendly
-def playground_runs(current: str | None):
+def playground_runs(current: str | None, request: gr.Request = None):
     """Runs with a result for the playground picker, keeping the current pick while it is still there."""
-    completed = run_choices(with_result=True)
+    completed = run_choices(with_result=True, request=request)
     return gr.update(choices=completed, value=current if current in completed else (completed[0] if completed else None))
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from tuner import feedback
+from tuner import auth, feedback
 from tuner.config import PreferenceConfig, choices
 from tuner.errors import RunNotFound, TunerError
 from tuner.paths import check_run_id
@@ -28,20 +28,22 @@ from tuner.ui.common import (
     RATE_WIDTHS,
     Components,
     active_run,
+    audit,
     friendly,
     keyed,
     list_runs,
     md_escape,
     pick,
     plain_error,
-    run_choices,
     run_folder,
+    user_of,
     win_rates_frame,
 )
 
 EXPORT_TTL_S = 3600  # prepared zips are removed after an hour
 RUNS_COLUMNS = ["run", "status", "came from", "base model", "preset", "steps", "train loss", "eval loss"]
-PICKERS = ["runs_table", "train_run", "pg_run", "runs_pick"]  # every view that lists runs
+PICKERS = ["runs_table", "train_run", "pg_run", "runs_pick", "audit_table"]  # every view that lists runs
+AUDIT_COLUMNS = ["when", "who", "did", "run", "detail"]
 # preference settings on the page, in the API's order: the two that matter first, then every other field (derived)
 PREF_MAIN = ["beta", "num_epochs"]
 PREF_SETTINGS = PREF_MAIN + [f.name for f in dataclasses.fields(PreferenceConfig) if f.name not in (*PREF_MAIN, "method")]
@@ -100,12 +102,15 @@ def lineage(run: Run) -> list[tuple[str, str]]:
     return out
 
 
-def children(run: Run) -> list[tuple[str, str]]:
-    """The runs trained from this one (preference runs naming it as their parent), as (kind, id)."""
+def children(run: Run, user: auth.User | None = None) -> list[tuple[str, str]]:
+    """The runs trained from this one (preference runs naming it as their parent) that `user` sees, as
+    (kind, id)."""
     from tuner.runs import all_runs
 
     found = []
     for other in all_runs():
+        if user is not None and not auth.sees_run(user, other.owner()):
+            continue
         status = other.status()
         if status.get("parent") == run.id and other.id != run.id:
             found.append((method_label(status), other.id))
@@ -139,9 +144,10 @@ def preference_sentences(status: dict[str, Any]) -> list[str]:
     return out
 
 
-def runs_frame() -> pd.DataFrame:
+def runs_frame(request: gr.Request | None = None, runs: list[dict[str, Any]] | None = None) -> pd.DataFrame:
+    """The runs the user sees (`runs`, else read now), one row each."""
     rows = []
-    for r in list_runs():
+    for r in list_runs(request) if runs is None else runs:
         chain = lineage(Run(Path(r["path"])))
         # data → SFT run → this run's kind: "signoff-data → signoff-run (SFT) → DPO"
         came_from = " → ".join([*(v if k == "data" else f"{v} ({k.split(' run')[0]})" for k, v in chain[:-1]),
@@ -156,13 +162,13 @@ def runs_frame() -> pd.DataFrame:
 
 
 @friendly
-def run_details(run_id: str | None) -> str:
+def run_details(run_id: str | None, request: gr.Request = None) -> str:
     """A run's outcome, then every setting it was trained with (its config.yaml)."""
     from tuner import jobs
 
     if not run_id:
         return "Pick a run."
-    run_dir = run_folder(run_id)
+    run_dir = run_folder(run_id, request)
     status = jobs.read_status(run_dir)
     run = Run(run_dir)
     cfg = run.config().to_dict()
@@ -182,12 +188,13 @@ def run_details(run_id: str | None) -> str:
         "time": fmt_duration(took(status)) if took(status) else None,
         "peak memory": f"{status['peak_memory_mb'] / 1024:.1f} GB" if status.get("peak_memory_mb") else None,
         "error": status.get("error"),
+        "owner": (run.owner() or {}).get("name") or "nobody (made before owners were recorded)",
     }
     lines = [f"#### {md_escape(run_dir.name)}", ""]
     # inside a code span markdown shows backslashes as they are: no escaping there, only no backtick
     chain = " → ".join(f"{kind} `{name.replace('`', chr(39))}`" for kind, name in lineage(run))
     lines.append(f"**Lineage:** {chain}")
-    kids = children(run)
+    kids = children(run, user_of(request))
     if kids:
         lines.append(f"**Trained from it:** {', '.join(f'{k} `{v}`' for k, v in kids)}")  # ids: check_run_id-safe
     said = preference_sentences(status)
@@ -288,7 +295,7 @@ def report_words(run: Run, report: dict[str, Any]) -> str:
 
 
 @friendly
-def feedback_report(run_id: str | None) -> dict[str, Any]:
+def feedback_report(run_id: str | None, request: gr.Request = None) -> dict[str, Any]:
     """The Teach-it-with-feedback views of one run: words, tables, and the Train button (off with the number
     still needed when there is too little to learn from, or when the run has no finished adapter)."""
     if not run_id:
@@ -296,7 +303,7 @@ def feedback_report(run_id: str | None) -> dict[str, Any]:
                  "fb_wins": pd.DataFrame(columns=RATE_COLUMNS), "fb_lost": pd.DataFrame(columns=LOST_COLUMNS),
                  "fb_need": "", "fb_train_btn": gr.update(interactive=False)}
         return empty
-    run = Run(run_folder(run_id))
+    run = Run(run_folder(run_id, request))
     report = feedback.report(run)
     method, need = training_plan(report)
     status = run.status()
@@ -312,13 +319,14 @@ def feedback_report(run_id: str | None) -> dict[str, Any]:
 
 
 @friendly
-def export_feedback(run_id: str | None) -> str:
+def export_feedback(run_id: str | None, request: gr.Request = None) -> str:
     """The run's preference pairs as a JSONL file in trl's format ({"prompt", "chosen", "rejected"} a line)."""
-    run = Run(run_folder(run_id))
+    run = Run(run_folder(run_id, request, "export"))
     path = _export_dir() / f"{run.id}-preferences.jsonl"
     if not feedback.export_pairs(run, path):
         raise TunerError(f"{run.id} has no preference pairs yet: an A/B vote for A or B, or an edited reply on the "
                          "Playground tab, makes one.")
+    audit(request, "export", run.path, "preference pairs")
     return str(path)
 
 
@@ -339,14 +347,15 @@ def import_words(found: feedback.PairFile, name: str, limit: int = 10) -> str:
 
 
 @friendly
-def import_feedback(run_id: str | None, file: Any) -> dict[str, Any]:
+def import_feedback(run_id: str | None, file: Any, request: gr.Request = None) -> dict[str, Any]:
     """Add a preference file's valid pairs to the run's feedback; every bad line is named, none of the good lost."""
-    run = Run(run_folder(run_id))
+    run = Run(run_folder(run_id, request, "judge"))
     path = getattr(file, "name", None) or (file.get("path") if isinstance(file, dict) else file)
     if not path:
         raise TunerError("Choose a preference file (.jsonl, one {\"prompt\", \"chosen\", \"rejected\"} a line).")
-    found = feedback.import_pairs(run, path)
-    return {**feedback_report(run.id), "fb_import_md": import_words(found, Path(path).name)}
+    # the pairs are signed with the name signed in (none without a login, as before)
+    found = feedback.import_pairs(run, path, reviewer=user_of(request).name if auth.mode() != "none" else None)
+    return {**feedback_report(run.id, request), "fb_import_md": import_words(found, Path(path).name)}
 
 
 def preference_config(method: str, values: tuple[Any, ...]) -> PreferenceConfig:
@@ -363,44 +372,49 @@ def preference_config(method: str, values: tuple[Any, ...]) -> PreferenceConfig:
 
 
 @friendly
-def train_on_feedback(run_id: str | None, *values: Any) -> dict[str, Any]:
+def train_on_feedback(run_id: str | None, request: gr.Request = None, *values: Any) -> dict[str, Any]:
     """Prepare a preference run (a child of this one) on its feedback and start it as a job; the Train tab
     then shows it, with the same live progress, cancel and resume as SFT."""
     from tuner import jobs
     from tuner.train.preference import prepare_preference_run
 
-    run = Run(run_folder(run_id))
+    run = Run(run_folder(run_id, request, "train"))
     method, need = training_plan(feedback.report(run))
     if method is None:
         raise TunerError(need)
     pcfg = preference_config(method, values)
-    child = jobs.start_new(lambda: prepare_preference_run(run.path, pcfg))
+    owner = user_of(request).owner_record()
+    child = jobs.start_new(lambda: prepare_preference_run(run.path, pcfg, owner=owner))
+    audit(request, "train", child, f"{method.upper()} on the feedback of {run.id}")
     gr.Info(f"{method.upper()} started: run {child.name}, a child of {run.id}. Its progress is on the Train tab.")
     return {"train_run": child.name, "tabs": gr.Tabs(selected="train")}
 
 
 @friendly
-def download_run(run_id: str | None, merge: bool = False) -> str:
+def download_run(run_id: str | None, merge: bool = False, request: gr.Request = None) -> str:
     """Zip the run's adapter (or the model merged with it) for download."""
     from tuner import export
 
-    run_dir = run_folder(run_id)
+    run_dir = run_folder(run_id, request, "export")
     work = _export_dir()
     folder = work / (f"{run_dir.name}-merged" if merge else f"{run_dir.name}-adapter")
     folder = export.export(run_dir, folder, merge=merge)
-    return shutil.make_archive(str(folder), "zip", root_dir=work, base_dir=folder.name)
+    archive = shutil.make_archive(str(folder), "zip", root_dir=work, base_dir=folder.name)
+    audit(request, "export", run_dir, "merged model (.zip)" if merge else "adapter (.zip)")
+    return archive
 
 
 @friendly
 def download_gguf(run_id: str | None, quant: str,
-                  progress: gr.Progress = gr.Progress()) -> tuple[str, str]:  # noqa: B008 (gradio injects it)
+                  progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio injects it)
+                  request: gr.Request = None) -> tuple[str, str]:
     """The merged model as a GGUF for llama.cpp / Ollama, with its Modelfile and README, checked in llama.cpp."""
     from tuner import gguf
 
+    run_dir = run_folder(run_id, request, "export")
     reason = gguf.unavailable_reason()
     if reason:
         raise TunerError(reason)
-    run_dir = run_folder(run_id)
     work = _export_dir()
     result = gguf.export_gguf(run_dir, work / f"{run_dir.name}-gguf", quant=quant,
                               progress=lambda fraction, message: progress(fraction, desc=message))
@@ -410,30 +424,32 @@ def download_gguf(run_id: str | None, quant: str,
     if not check["passed"]:
         said = "**The check failed** (the file is still here; every reply is in its check.json). " + said
     archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
+    audit(request, "export", run_dir, f"GGUF {quant}")
     return archive, said + " Then: `ollama create NAME -f Modelfile` (see the README in the zip)."
 
 
 @friendly
-def download_adapter(run_id: str | None) -> str:
-    return download_run(run_id, merge=False)
+def download_adapter(run_id: str | None, request: gr.Request = None) -> str:
+    return download_run(run_id, merge=False, request=request)
 
 
 @friendly
-def download_merged(run_id: str | None) -> str:
-    return download_run(run_id, merge=True)
+def download_merged(run_id: str | None, request: gr.Request = None) -> str:
+    return download_run(run_id, merge=True, request=request)
 
 
 def _scrub(text: str, token: str) -> str:
     return text.replace(token, "***") if token else text
 
 
-def push_run(run_id: str | None, repo_id: str, token: str, merge: bool, private: bool) -> tuple[str, str]:
+def push_run(run_id: str | None, repo_id: str, token: str, merge: bool, private: bool,
+             request: gr.Request = None) -> tuple[str, str]:
     """Push the adapter (or merged model) to the Hub. The token is used once, never stored or shown."""
     from tuner import export
 
     token = (token or "").strip()
     try:
-        run_dir = run_folder(run_id)
+        run_dir = run_folder(run_id, request, "export")
         repo_id = (repo_id or "").strip()
         if not token:
             # security: never fall back to a token in the server's environment (a Space owner's HF_TOKEN)
@@ -444,6 +460,7 @@ def push_run(run_id: str | None, repo_id: str, token: str, merge: bool, private:
                           private=bool(private))
         finally:
             shutil.rmtree(work, ignore_errors=True)  # the folder was only a staging area for the upload
+        audit(request, "push", run_dir, f"{'merged model' if merge else 'adapter'} to {repo_id}")
     except Exception as exc:
         # the staging folder is gone, so its path means nothing to the user; the token never shows
         message = re.sub(r"\s*The export is in \S+\.?$", "", str(plain_error(exc, token).message))
@@ -452,35 +469,62 @@ def push_run(run_id: str | None, repo_id: str, token: str, merge: bool, private:
     return f"Pushed {'the merged model' if merge else 'the adapter'} to [{md_escape(repo_id)}]({url}).", ""
 
 
-@friendly
-def refresh_runs(current: str | None = None) -> dict[str, Any]:
-    """The runs table and every run picker, from the disk. The Runs tab keeps the run picked (`current`)
-    while it is there, else picks the one training now or the newest, so it never shows no run beside a list."""
-    choices = run_choices()
-    completed = run_choices(with_result=True)
-    picked = current if current in choices else active_run()
-    return {"runs_table": runs_frame(), "train_run": gr.update(choices=choices), "pg_run": gr.update(choices=completed),
-            "runs_pick": gr.update(choices=choices, value=picked)}
+def audit_frame(request: gr.Request | None) -> pd.DataFrame:
+    """The audit log's entries for the runs the user sees (their teams'), newest first."""
+    from tuner import audit as audit_log
+
+    user = user_of(request)
+    return audit_frame_of(audit_log.entries(lambda owner: auth.sees_run(user, owner)))
+
+
+def audit_frame_of(entries: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = [{"when": e.get("time"), "who": e.get("user"), "did": e.get("action"), "run": e.get("run"),
+             "detail": e.get("detail", "")} for e in entries]
+    return pd.DataFrame(rows, columns=AUDIT_COLUMNS)
 
 
 @friendly
-def delete_run(run_id: str | None) -> dict[str, Any]:
+def refresh_runs(current: str | None = None, request: gr.Request = None) -> dict[str, Any]:
+    """The runs table and every run picker, from the disk: the runs the user sees. The Runs tab keeps the run
+    picked (`current`) while it is there, else picks the one training now or the newest, so it never shows no
+    run beside a list."""
+    runs = list_runs(request)
+    choices = [r["id"] for r in runs]
+    completed = [r["id"] for r in runs if r.get("has_result")]
+    picked = current if current in choices else active_run(runs=runs)
+    return {"runs_table": runs_frame(runs=runs), "train_run": gr.update(choices=choices),
+            "pg_run": gr.update(choices=completed), "runs_pick": gr.update(choices=choices, value=picked),
+            "audit_table": audit_frame(request)}
+
+
+@friendly
+def delete_run(run_id: str | None, request: gr.Request = None) -> dict[str, Any]:
     from tuner import jobs
 
-    run_dir = run_folder(run_id)
+    run_dir = run_folder(run_id, request, "delete")
+    owner = Run(run_dir).owner()
     jobs.delete_run(run_dir.name)
+    audit_log_delete(request, run_dir.name, owner)
     gr.Info(f"Deleted run {run_dir.name}.")
-    return {**refresh_runs(), "confirm_row": gr.Row(visible=False)}
+    return {**refresh_runs(request=request), "confirm_row": gr.Row(visible=False)}
 
 
-def publish_space(run_id: str | None, title: str, merge: bool, space_id: str, token: str) -> tuple[str, str, str]:
+def audit_log_delete(request: gr.Request | None, run_id: str, owner: dict[str, Any] | None) -> None:
+    """A deleted run's entry, with its owner read before the folder went."""
+    from tuner import audit as audit_log
+
+    audit_log.record(user_of(request).name, "delete", run_id, owner)
+
+
+def publish_space(run_id: str | None, title: str, merge: bool, space_id: str, token: str,
+                  request: gr.Request = None) -> tuple[str, str, str]:
     """Write a standalone chat Space folder for the run, hand it out as a zip, and push it if asked."""
     from tuner import publish
     from tuner.dataset import pii_statement
 
     token, space_id = (token or "").strip(), (space_id or "").strip()
     try:
-        run_dir = run_folder(run_id)
+        run_dir = run_folder(run_id, request, "publish")
         if space_id and not token:
             # security: never fall back to a token in the server's environment
             raise TunerError("Pushing a Space needs your Hugging Face token (write); it is used for this push only.")
@@ -491,10 +535,11 @@ def publish_space(run_id: str | None, title: str, merge: bool, space_id: str, to
             folder, pushed = Path(result["folder"]), result.get("url")
             note = f"Pushed to [{md_escape(space_id)}]({pushed})." if pushed else ""
         except publish.PushFailed as exc:
-            folder = exc.folder
+            folder, pushed = exc.folder, None
             reason = str(exc).split(". The folder")[0]
             note = f"{md_escape(_scrub(reason, token))}. Download the zip below and upload it yourself."
         zipped = publish.zip_folder(folder)
+        audit(request, "publish", run_dir, f"Space folder{', pushed to ' + space_id if pushed else ''}")
     except Exception as exc:
         raise gr.Error(_scrub(str(plain_error(exc, token).message), token), print_exception=False) from None
     size = zipped.stat().st_size / 1e6
@@ -611,6 +656,10 @@ def build() -> Components:
         c["publish_btn"] = gr.Button("Write the Space folder")
         c["publish_md"] = gr.Markdown()
         c["publish_file"] = gr.File(label="Space folder (.zip)", interactive=False, height=90)
+    with gr.Accordion("Audit log: who trained, exported, published and deleted your team's runs", open=False,
+                      elem_id="audit-section"):
+        c["audit_table"] = gr.Dataframe(pd.DataFrame(columns=AUDIT_COLUMNS), interactive=False, wrap=True,
+                                        elem_id="audit-table", label="Newest first (this server's audit.jsonl)")
     return c
 
 

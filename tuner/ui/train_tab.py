@@ -18,7 +18,17 @@ from tuner import progress
 from tuner.config import DEFAULT_PRESET, PRESETS, PreferenceConfig, TrainConfig, choices
 from tuner.errors import TunerError
 from tuner.runs import Run, has_result
-from tuner.ui.common import RUN_STATES_ACTIVE, Components, friendly, keyed, md_escape, pick, run_folder
+from tuner.ui.common import (
+    RUN_STATES_ACTIVE,
+    Components,
+    audit,
+    friendly,
+    keyed,
+    md_escape,
+    pick,
+    run_folder,
+    user_of,
+)
 from tuner.ui.runs_tab import PICKERS, preference_sentences, refresh_runs
 
 POLL_SECONDS = 2.0  # how often the Train tab reads status.json / metrics.jsonl
@@ -324,13 +334,13 @@ def preference_steps(pcfg: PreferenceConfig, rows: int | None) -> int:
 
 
 @friendly
-def run_status(run_id: str | None) -> dict[str, Any]:
+def run_status(run_id: str | None, request: gr.Request = None) -> dict[str, Any]:
     """Everything the Train tab shows about one run, read from its folder."""
     from tuner import jobs
 
     if not run_id:
         return no_run_views()
-    run_dir = run_folder(run_id)
+    run_dir = run_folder(run_id, request)
     status = jobs.read_status(run_dir)
     metrics = jobs.read_metrics(run_dir)
     try:
@@ -359,34 +369,42 @@ def run_status(run_id: str | None) -> dict[str, Any]:
 
 
 @friendly
-def start_training(session: dict[str, Any], base_model: str, preset: str, *values: Any) -> str:
-    """Prepare a run folder from this session's examples and start training it in a subprocess."""
-    from tuner import jobs, runs
+def start_training(session: dict[str, Any], base_model: str, preset: str, request: gr.Request = None,
+                   *values: Any) -> str:
+    """Prepare a run folder from this session's examples, owned by the user, and start training it in a
+    subprocess."""
+    from tuner import auth, jobs, runs
 
+    user = user_of(request)
+    if not auth.allowed(user, "train"):
+        raise TunerError(auth.refusal(user, "train"))
     if not (session or {}).get("ok") or not session.get("data_dir"):
         raise TunerError("There is nothing valid to train on yet: check your data on the Data tab first.")
     cfg = build_train_config(base_model, preset, MAIN_SETTINGS + MORE_SETTINGS, values)
-    run_dir = jobs.start_new(lambda: runs.prepare_run(cfg, session["data_dir"]))
+    run_dir = jobs.start_new(lambda: runs.prepare_run(cfg, session["data_dir"], owner=user.owner_record()))
+    audit(request, "train", run_dir, f"{cfg.preset or 'custom'} preset, {cfg.base_model}")
     gr.Info(f"Training started: run {run_dir.name}. You can close this tab; it keeps training.")
     return run_dir.name
 
 
 @friendly
-def cancel_run(run_id: str | None) -> str:
+def cancel_run(run_id: str | None, request: gr.Request = None) -> str:
     from tuner import jobs
 
-    run_dir = run_folder(run_id)
+    run_dir = run_folder(run_id, request, "train")
     jobs.cancel(run_dir)
+    audit(request, "cancel", run_dir)
     gr.Info(f"Cancelling run {run_dir.name}…")
     return run_dir.name
 
 
 @friendly
-def resume_run(run_id: str | None) -> str:
+def resume_run(run_id: str | None, request: gr.Request = None) -> str:
     from tuner import jobs
 
-    run_dir = run_folder(run_id)
+    run_dir = run_folder(run_id, request, "train")
     jobs.start(run_dir, resume=True)
+    audit(request, "resume", run_dir)
     gr.Info(f"Resuming run {run_dir.name} from its last checkpoint.")
     return run_dir.name
 
