@@ -20,6 +20,7 @@ import pandas as pd
 from tuner import feedback
 from tuner.config import PreferenceConfig, choices
 from tuner.errors import RunNotFound, TunerError
+from tuner.jobqueue import ordinal
 from tuner.paths import check_run_id
 from tuner.progress import epochs_run, fmt_duration, took
 from tuner.runs import Run
@@ -146,7 +147,10 @@ def runs_frame() -> pd.DataFrame:
         # data → SFT run → this run's kind: "signoff-data → signoff-run (SFT) → DPO"
         came_from = " → ".join([*(v if k == "data" else f"{v} ({k.split(' run')[0]})" for k, v in chain[:-1]),
                                 chain[-1][0].split(" run")[0]])
-        rows.append({"run": r.get("id"), "status": r.get("status"), "came from": came_from,
+        state = r.get("status")
+        if r.get("queue_position"):  # waiting for the machine: its place in the queue (tuner.jobs.submit)
+            state = f"queued ({ordinal(r['queue_position'])} in line)"
+        rows.append({"run": r.get("id"), "status": state, "came from": came_from,
                      "base model": r.get("base_model"),
                      "preset": r.get("preset"), "steps": f"{r.get('step') or 0}/{r.get('max_steps') or '?'}",
                      "train loss": _round(r.get("train_loss")),
