@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -38,14 +40,17 @@ def data(tmp_path) -> Path:
 
 
 def prepare(name: str, data: Path) -> Path:
-    return runs.prepare_run(TrainConfig.from_preset("quick", **TINY), data, run_dir=runs_dir() / name)
+    """A prepared tiny run named `name` and a random tail (the session's tests share one runs folder)."""
+    return runs.prepare_run(TrainConfig.from_preset("quick", **TINY), data,
+                            run_dir=runs_dir() / f"{name}-{secrets.token_hex(3)}")
 
 
 @pytest.fixture
 def machine() -> Iterator[dict]:
     """Clean up whatever a test queues or starts: the queue is emptied first (so nothing moves on), then every
-    active run under runs_dir is cancelled and every holder process killed."""
+    holder process is killed and every run the test made that is still active is cancelled."""
     held: dict = {"holders": []}
+    before = {run.id for run in runs.all_runs()}
     yield held
     with jobqueue.locked() as queue:
         queue.clear()
@@ -54,7 +59,7 @@ def machine() -> Iterator[dict]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     for run in runs.all_runs():
-        if runs.read_status(run.path).get("status") in runs.ACTIVE:
+        if run.id not in before and runs.read_status(run.path).get("status") in runs.ACTIVE:
             jobs.cancel(run.path, dispatch_next=False)
     assert jobs.active_job() is None
 
@@ -82,13 +87,14 @@ def test_a_start_while_busy_waits_in_line_and_says_so_and_only_its_owner_cancels
         status = jobs.read_status(run)
         assert status["status"] == "queued" and status["pid"] is None
     assert jobs.place(bob)["position"] == 1 and jobs.place(carol)["position"] == 2
+    runs.update_status(alice, wait_from=time.time() - 60)  # alice's 5-minute job trains for a minute now
     said = jobs.queue_sentence(bob)
-    assert said.startswith("Queued: 1st in line behind alice's run (training, about 4 min "), said
-    assert "It starts by itself when the machine frees, in about 4 min" in said
+    assert re.fullmatch(r"Queued: 1st in line behind alice's run \(training, about (4 min 00|3 min 5\d) s left\)\. "
+                        r"It starts by itself when the machine frees, in about (4 min 00|3 min 5\d) s\.", said), said
     said = jobs.queue_sentence(carol)
-    assert said.startswith("Queued: 2nd in line behind alice's run (training, about 4 min "), said
-    assert "and bob's run (waiting, about " in said
-    with pytest.raises(MachineBusy, match="alice-job"):  # the low-level start still refuses
+    assert said.startswith("Queued: 2nd in line behind alice's run (training, about "), said
+    assert re.search(r"and bob's run \(waiting, about \d+ (s|min \d\d s)\)\. It starts", said), said
+    with pytest.raises(MachineBusy, match=alice.name):  # the low-level start still refuses
         jobs.start(carol)
 
     # everyone sees the queue; a viewer who may not see an owner's runs reads "another team", without run ids
@@ -100,7 +106,7 @@ def test_a_start_while_busy_waits_in_line_and_says_so_and_only_its_owner_cancels
     assert [(r["owner"], r["run"]) for r in carols_view] == [
         ("another team", None), ("another team", None), ("carol", carol.name)]
     said = jobs.queue_sentence(carol, lambda owner: owner == "carol")
-    assert "behind another team's run (training, about 4 min" in said and "and another team's run (waiting" in said
+    assert "behind another team's run (training, about " in said and "and another team's run (waiting" in said
     assert "alice" not in said and "bob" not in said
 
     # the Runs list and the Train tab say it too
@@ -117,7 +123,7 @@ def test_a_start_while_busy_waits_in_line_and_says_so_and_only_its_owner_cancels
     assert list(table["starts in"])[0] == "now" and all(t.startswith("about ") for t in table["time left"])
 
     # only the owner cancels: carol cannot cancel bob's run (told whose it is, when she may see it)
-    with pytest.raises(NotYourRun, match="bob-run was started by bob: only they can cancel it"):
+    with pytest.raises(NotYourRun, match=f"{bob.name} was started by bob: only they can cancel it"):
         jobs.cancel(bob, user="carol")
     with pytest.raises(NotYourRun, match="started by someone on another team"):
         jobs.cancel(alice, user="carol", visible=lambda owner: owner == "carol")
@@ -192,15 +198,17 @@ def test_a_queued_run_starts_by_itself_when_the_job_before_it_ends(data, machine
     jobs.cancel(second)
 
 
-def test_the_cli_waits_in_line_by_default_and_ctrl_c_leaves_the_queue(data, machine):
-    hold_machine(machine, data)
-    cmd = [sys.executable, "-m", "tuner", "train", "--data", str(data), "--max-steps", "1", "--quantization", "none"]
-    refused = subprocess.run([*cmd, "--no-queue"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                             env=os.environ)
-    assert refused.returncode == 2 and "Another training run is in progress on this machine (run alice-job" in \
-        refused.stderr, refused.stderr[-2000:]
+def test_the_cli_waits_in_line_by_default_and_ctrl_c_leaves_the_queue(data, machine, capsys):
+    from tuner.cli import main
 
-    proc = subprocess.Popen([*cmd, "--owner", "bob"], cwd=ROOT, stderr=subprocess.PIPE, text=True, env=os.environ)
+    alice = hold_machine(machine, data)
+    args = ["train", "--data", str(data), "--max-steps", "1", "--quantization", "none"]
+    assert main([*args, "--no-queue"]) == 2  # as before the queue: refused, naming the job that trains
+    assert f"Another training run is in progress on this machine (run {alice.name}," in capsys.readouterr().err
+    assert jobqueue.entries() == []
+
+    cmd = [sys.executable, "-m", "tuner", *args, "--owner", "bob"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=os.environ)
     try:
         lines = []
         while not any(line.startswith("Queued:") for line in lines):

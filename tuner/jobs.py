@@ -352,7 +352,8 @@ def _running() -> dict[str, Any] | None:
 
 def _left_s(status: dict[str, Any], now: float) -> float | None:
     """Seconds the running job has left: its own estimate less its time so far, or its trainer's latest time
-    left for the part it is in, whichever is longer; None when neither is known."""
+    left for the part it is in, whichever is longer; None when neither is known or both have run out (a job
+    past its estimate ends at a time nobody knows: never "0 s left")."""
     from tuner import progress
 
     found = []
@@ -361,12 +362,13 @@ def _left_s(status: dict[str, Any], now: float) -> float | None:
         found.append(float(status["estimate_s"]) - (so_far or 0.0))
     if (left := progress.time_left(status, now)) is not None:
         found.append(left)
-    return max(max(found), 0.0) if found else None
+    return max(found) if found and max(found) >= 1.0 else None
 
 
 def queue_rows(visible: Callable[[str], bool] = everyone, now: float | None = None) -> list[dict[str, Any]]:
     """The machine's queue as a viewer may see it: the running job (position 0) then the waiting runs
-    (1, 2, ...), each {position, run, owner, state, since, time_left_s, starts_in_s, mine_to_see}.
+    (1, 2, ...), each {position, run, owner, state ("training" or "waiting"), visible, since (seconds since
+    the epoch: started, or queued), time_left_s, starts_in_s}.
 
     `visible(owner)` says whether the viewer may see that owner's runs; when not, the row's owner reads
     "another team" and its run id is None. `time_left_s`: the running job's time left, a waiting run's
