@@ -304,13 +304,14 @@ def test_a_start_while_another_job_trains_waits_in_line_in_words_without_an_erro
         page.locator("#report").get_by_text("Ready to train").wait_for(timeout=CONVERT_TIMEOUT_MS)
         page.locator("#to-train").click()
         page.locator("#start-training").click()
-        page.locator('#progress [data-status="queued"]').wait_for(timeout=60_000)
+        page.locator('#progress [data-status="queued"]').wait_for(timeout=120_000)
         line = page.locator("#progress .run-line").inner_text()
         assert re.match(r"Queued: 1st in line behind alice's run \(training, about \d+ min \d\d s left\)", line), line
         assert "You can close this page" in line
         table = page.locator("#queue-table")
-        table.get_by_text("alice").wait_for(timeout=10_000)  # the queue, for everyone: the page's timer fills it
-        assert "1st" in table.inner_text() and "training" in table.inner_text()
+        table.get_by_text("1st", exact=True).first.wait_for(timeout=15_000)  # for everyone: the page's timer fills it
+        rows = table.inner_text()
+        assert "training" in rows and "alice-job" in rows and "about " in rows, rows
         assert "1 run waits in line" in page.locator("#queue").inner_text()
         page.wait_for_timeout(1000)
         shot(page, "17-queued-behind-another-job")

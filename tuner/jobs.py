@@ -263,7 +263,7 @@ def _estimate_s(run_dir: Path) -> float | None:
     if isinstance(_read_status(run_dir).get("preference"), dict):
         return None  # a preference run's steps and data are not an SFT run's
     try:
-        return estimate(run.config(), run.data_dir).get("time_s")
+        return estimate(run.config(), run.data_dir, time_only=True).get("time_s")
     except Exception:  # noqa: BLE001 - an estimate must never keep a run out of the queue
         return None
 
@@ -704,8 +704,10 @@ def phases(cfg: TrainConfig, shape: dict[str, Any], speed: float) -> dict[str, f
     return {"train_s": train_s, "eval_s": eval_s, "save_s": SAVE_S}
 
 
-def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
+def estimate(cfg: TrainConfig, data_dir: str | Path, time_only: bool = False) -> dict[str, Any]:
     """Steps, time and peak memory of a run before it starts, counting what the user waits for.
+    `time_only`: leave out memory and precision (they may measure this CPU first, which the queue, that
+    only needs the time, must not wait for; `memory_mb` and `precision` are None then).
 
     Time = start-up + training steps + evaluations + saving + the voice check (after the save). With a
     finished run of the same model on this machine, each part is learned from it: its start-up, its speed,
@@ -738,7 +740,7 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
                      "voice_s": round(asked * voice_s_per_prompt(cfg.base_model, dev, here), 1)}
         seconds = round(sum(breakdown.values()), 1)
     memory_mb = None
-    if params:
+    if params and not time_only:
         config = json.loads((Path(info["path"]) / "config.json").read_text())
         hidden, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
         heads = config.get("num_attention_heads", 1)
@@ -756,7 +758,7 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
         # 8 x 512-token examples measured 5.1 GB, AMD EPYC, 2 cores); CUDA: the context
         overhead = 2000 * 2**20 if dev == "cpu" else 400 * 2**20
         memory_mb = (params * weight_bytes + activations + head + (scores if eager else 0) + overhead) / 2**20
-    if dev == "cuda":  # a GPU: the formula the run is refused by (docs/memory.md), so the page shows one number
+    if dev == "cuda" and not time_only:  # a GPU: the formula the run is refused by (docs/memory.md): one number
         from tuner import memory
 
         shape = memory.shape_of(cfg.base_model)
@@ -769,7 +771,7 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
         uncertainty = ("No run of this model has finished on this machine yet, so this uses reference speeds: "
                        "it may be off by 2x either way; the first run measures this machine.")
     precision = None
-    if dev == "cpu":
+    if dev == "cpu" and not time_only:
         from tuner.precision import describe, for_model
 
         precision = describe(for_model(cfg.base_model)) if cfg.precision == "auto" else cfg.precision

@@ -421,13 +421,12 @@ def resume_run(run_id: str | None, request: gr.Request = None) -> str:
     return run_dir.name
 
 
-def _since(stamp: float | None, now: float) -> str:
-    if not isinstance(stamp, (int, float)):
-        return "—"
-    return f"{time.strftime('%H:%M', time.localtime(stamp))} ({progress.fmt_duration(now - stamp)} ago)"
+def _since(stamp: float | None) -> str:
+    """When a job started or a run was queued, as the server's clock reads it (14:05)."""
+    return time.strftime("%H:%M", time.localtime(stamp)) if isinstance(stamp, (int, float)) else "—"
 
 
-def queue_frame(rows: list[dict[str, Any]], now: float):
+def queue_frame(rows: list[dict[str, Any]]):
     """The machine's queue as a table: place, run, owner (or "another team"), since, time left, starts in."""
     import pandas as pd
 
@@ -437,7 +436,7 @@ def queue_frame(rows: list[dict[str, Any]], now: float):
         return "unknown" if seconds is None else f"about {progress.fmt_duration(seconds)}"
 
     table = [{"place": "training" if r["position"] == 0 else ordinal(r["position"]), "run": r["run"] or "—",
-              "owner": r["owner"] or "—", "since": _since(r["since"], now),
+              "owner": r["owner"] or "—", "since": _since(r["since"]),
               "time left": about(r["time_left_s"]),
               "starts in": "now" if r["position"] == 0 else about(r["starts_in_s"])} for r in rows]
     return pd.DataFrame(table, columns=QUEUE_COLUMNS)
@@ -468,7 +467,7 @@ def queue_view(request: gr.Request = None) -> dict[str, Any]:
     _user, visible = viewer(request)
     now = time.time()
     rows = jobs.queue_rows(visible, now)
-    return {"queue_words": queue_words(rows), "queue_table": gr.update(value=queue_frame(rows, now),
+    return {"queue_words": queue_words(rows), "queue_table": gr.update(value=queue_frame(rows),
                                                                        visible=bool(rows))}
 
 
@@ -503,9 +502,9 @@ def build() -> Components:
             c["start_btn"] = gr.Button("Start training", variant="primary", interactive=False, elem_id="start-training")
         with gr.Column(scale=3, min_width=420):
             c["queue_words"] = gr.Markdown(elem_id="queue")
-            c["queue_table"] = gr.Dataframe(queue_frame([], 0.0), label="The machine's queue (one job trains at a "
-                                            "time)", interactive=False, visible=False, elem_id="queue-table",
-                                            wrap=True)
+            c["queue_table"] = gr.Dataframe(queue_frame([]), label="The machine's queue (one job trains at a time)",
+                                            interactive=False, visible=False, elem_id="queue-table", wrap=True,
+                                            column_widths=["11%", "31%", "14%", "10%", "17%", "17%"])
             c["train_run"] = gr.Dropdown(label="Run", allow_custom_value=True, elem_id="train-run",
                                          info="Training runs in the background: closing this tab does not stop it.")
             c["progress"] = gr.HTML(elem_id="progress")
