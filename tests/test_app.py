@@ -381,6 +381,7 @@ def test_one_job_per_machine_a_second_start_queues_and_twenty_chats_while_it_tra
         assert 'data-status="queued"' in progress and f"Queued: 1st in line behind run {run_id} (training" in progress
         words, table = bob.predict(api_name="/queue")
         assert "**Training now:** run" in words and "1 run waits in line" in words
+        table = table.get("value", table)  # the table, shown (an update that makes it visible)
         assert [row[:2] for row in table["data"]] == [["training", run_id], ["1st", second]]
         assert [second, "queued (1st in line)"] in [row[:2] for row in alice.predict(api_name="/runs")[0]["data"]]
         bob.predict(second, api_name="/cancel")
