@@ -39,6 +39,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     login = auth_from_env()  # before anything else: a bad password file is said at once
     jobs.reconcile()  # runs left "running" by a previous process become "interrupted" (resumable)
+    jobs.dispatch()  # the queue outlives the app: if the machine is free, the next waiting run starts now
     # sessions of a previous process are gone; their uploads must not outlive them
     shutil.rmtree(uploads_dir(), ignore_errors=True)
     build_demo().queue(max_size=limits.QUEUE_SIZE).launch(

@@ -87,6 +87,30 @@ def train_watched(run: Path, look: Callable[[], bool], every: float = 0.05) -> d
         watcher.join()
 
 
+HOLDER = """
+import os, sys, time
+from tuner.runs import take_machine_lock
+fd = take_machine_lock("")
+os.ftruncate(fd, 0)
+os.pwrite(fd, f"run {sys.argv[1]}, pid {os.getpid()}".encode(), 0)
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_machine_lock(run_id: str, home: Path | None = None):
+    """A real process holding TUNER_HOME's training lock as a job does, naming `run_id` as the holder: another
+    user's job, without training. Started in its own session (os.killpg ends it); returns once it holds."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"TUNER_HOME": str(home)} if home else {})}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, run_id], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    assert proc.stdout.readline().strip() == "holding"
+    return proc
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _tuner_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("tuner_home")

@@ -370,7 +370,7 @@ def _wait_status(client, run_id: str, wanted: tuple[str, ...], timeout: float) -
         time.sleep(1.0)
 
 
-def test_one_job_per_machine_and_twenty_chats_while_it_trains(server, home, signoff_run):
+def test_one_job_per_machine_a_second_start_queues_and_twenty_chats_while_it_trains(server, home, signoff_run):
     alice, bob = api_client(server), api_client(server)
     _convert(alice)
     _convert(bob)
@@ -378,11 +378,19 @@ def test_one_job_per_machine_and_twenty_chats_while_it_trains(server, home, sign
     assert re.fullmatch(r"run-[\w.-]+", run_id)
     try:
         assert _wait_status(alice, run_id, ("running",), timeout=180) == "running"
-        # a second job is refused with a message naming the running one (no run folder is left behind)
-        runs_before = alice.predict(api_name="/runs")[0]["data"]
-        message = refused(bob, "default", "quick", *_quick_settings(), api_name="/train")
-        assert "Another training run is in progress" in message and run_id in message
-        assert alice.predict(api_name="/runs")[0]["data"] == runs_before
+        # a second job waits in the machine's queue (issue 23): no error; its view says its place and who is
+        # ahead, the queue lists both, the Runs list says "queued (1st in line)"; its owner cancels it
+        second = bob.predict("default", "quick", *_quick_settings(), api_name="/train")
+        progress, *_ = bob.predict(second, api_name="/status")
+        assert 'data-status="queued"' in progress and f"Queued: 1st in line behind run {run_id} (training" in progress
+        words, table = bob.predict(api_name="/queue")
+        assert "**Training now:** run" in words and "1 run waits in line" in words
+        table = table.get("value", table)  # the table, shown (an update that makes it visible)
+        assert [row[:2] for row in table["data"]] == [["training", run_id], ["1st", second]]
+        assert [second, "queued (1st in line)"] in [row[:2] for row in alice.predict(api_name="/runs")[0]["data"]]
+        bob.predict(second, api_name="/cancel")
+        assert _status(bob, second) == "cancelled" and _status(alice, run_id) == "running"
+        bob.predict(second, api_name="/delete")
 
         # the playground keeps answering while the job trains: 20 sessions chat with base and tuned at once
         results: dict[int, tuple[float, list, list]] = {}

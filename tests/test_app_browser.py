@@ -280,6 +280,56 @@ def test_html_in_uploaded_messages_is_shown_as_text_and_never_runs(open_page, se
     assert not folders[0].exists()
 
 
+def test_a_start_while_another_job_trains_waits_in_line_in_words_without_an_error(open_page, server, tmp_path):
+    """Issue 23: Start training while another user's job holds the machine queued the run, said so on the
+    page and in the queue table, and showed no error badge or toast; its owner cancels it from the page."""
+    import os
+    import signal
+
+    from conftest import hold_machine_lock, signoff_conversations
+
+    from tuner import runs
+    from tuner.config import TrainConfig
+
+    data = tmp_path / "alice-data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in signoff_conversations(12)))
+    alice = runs.prepare_run(TrainConfig.from_preset("quick"), data, run_dir=server.home / "runs" / "alice-job")
+    holder = hold_machine_lock(alice.name, home=server.home)
+    try:
+        runs.update_status(alice, status="running", owner="alice", pid=holder.pid, wait_from=time.time() - 60,
+                           estimate_s=1800.0, step=3, max_steps=40)
+        page, dialogs = open_page()
+        page.locator("#upload input[type=file]").set_input_files(str(small_jsonl(tmp_path / "tea.jsonl")))
+        page.locator("#report").get_by_text("Ready to train").wait_for(timeout=CONVERT_TIMEOUT_MS)
+        page.locator("#to-train").click()
+        page.locator("#start-training").click()
+        page.locator('#progress [data-status="queued"]').wait_for(timeout=120_000)
+        line = page.locator("#progress .run-line").inner_text()
+        assert re.match(r"Queued: 1st in line behind alice's run \(training, about \d+ min \d\d s left\)", line), line
+        assert "You can close this page" in line
+        table = page.locator("#queue-table")
+        table.get_by_text("1st", exact=True).first.wait_for(timeout=15_000)  # for everyone: the page's timer fills it
+        rows = table.inner_text()
+        assert "training" in rows and "alice-job" in rows and "about " in rows, rows
+        assert "1 run waits in line" in page.locator("#queue").inner_text()
+        page.wait_for_timeout(1000)
+        shot(page, "17-queued-behind-another-job")
+        # no error anywhere: no toast, no red badge on the button's output, no pop-up
+        assert page.locator(".toast-body").count() == 0 and page.get_by_text("Error", exact=True).count() == 0
+        assert dialogs == []
+        page.locator("#cancel").click()  # the run's owner (here: nobody signed in) leaves the queue
+        page.locator('#progress [data-status="cancelled"]').wait_for(timeout=30_000)
+        assert "waited in the queue" in page.locator("#progress").inner_text()
+        page.wait_for_function("() => !document.querySelector('#queue-table')?.innerText.includes('1st')",
+                               timeout=15_000)
+        assert page.locator(".toast-body").count() == 0
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+        runs.update_status(alice, status="cancelled", pid=None)
+
+
 def test_upload_train_watch_and_chat(open_page):
     started = time.monotonic()
     page, dialogs = open_page()

@@ -27,5 +27,13 @@ class TrainingError(TunerError):
     """A training run could not start, or failed, with advice on what to change."""
 
 
+class MachineBusy(TrainingError):
+    """Another training job holds this machine (one job at a time); queue the run instead (tuner.jobs.submit)."""
+
+
+class NotYourRun(TrainingError):
+    """Someone tried to cancel a job that another person started."""
+
+
 class RunNotFound(TunerError):
     """A run id that does not name a run folder (also raised for unsafe ids)."""

@@ -7,8 +7,15 @@ and an app restart loses nothing.
 
 One training job per machine: `start` takes an exclusive lock (`TUNER_HOME/train.lock`) and
 hands it to the job process, which holds it until it exits (the kernel frees it even on
-kill -9). A second `start` while a job runs raises TrainingError naming the running run;
-it does not queue.
+kill -9). `start` itself refuses while a job runs (MachineBusy); `submit` queues instead:
+
+    submit(run, owner)  -> the run waits in TUNER_HOME/queue.json (tuner.jobqueue), then dispatch()
+    dispatch()          -> if the machine is free, start the head of the queue; else nothing
+
+dispatch is called by whoever may see the machine free: `submit` itself, a job process as it
+exits (tuner.train.cli), `cancel`, the app's timer on every open page, the app's start (after
+`reconcile`) and a command waiting in line. Two dispatchers never start two jobs: they take the
+queue's lock in turn, and the first one's job holds the machine lock when the second looks.
 """
 
 from __future__ import annotations
@@ -27,14 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner import jobqueue
 from tuner.cli import quiet_threads_env
 from tuner.config import TrainConfig
-from tuner.errors import RunNotFound, TrainingError, TunerError
+from tuner.errors import MachineBusy, NotYourRun, RunNotFound, TrainingError, TunerError
 from tuner.paths import check_run_id, runs_dir, tuner_home
 from tuner.runs import (
     ACTIVE,
     LOCK_FD_ENV,
     LOCK_FILE,
+    RESUMABLE,
     Run,
     all_runs,
     complete_checkpoints,
@@ -157,30 +166,47 @@ def active_job() -> dict[str, Any] | None:
         os.close(fd)
 
 
-def start(run_dir: str | Path, resume: bool = False) -> Job:
-    """Start training a prepared run (or resume one) in a new process group; returns at once.
-
-    Raises TrainingError if another training job runs on this machine, or if the run is
-    already running or completed.
-    """
-    run_dir = _run_path(run_dir)
+def _startable(run_dir: Path, resume: bool) -> bool:
+    """Whether the run starts as a resume; raises TrainingError if it runs already or is completed."""
     status = read_status(run_dir)
     state = status.get("status")
-    if state == "running":
+    if state == "running" or (state == "queued" and pid_alive(status.get("pid"), status.get("pid_started"))):
         raise TrainingError(f"{run_dir.name} is already running (pid {status.get('pid')}).")
     if state == "completed":
         raise TrainingError(f"{run_dir.name} is already completed; start a new run to train again.")
     if state == "queued" and resume and not complete_checkpoints(run_dir):
         resume = False
-    if state in ("interrupted", "failed", "cancelled") and not resume:
+    if state in RESUMABLE and not resume:
         resume = True  # a stopped run only continues; a fresh start is a new run
+    return resume
 
+
+def start(run_dir: str | Path, resume: bool = False) -> Job:
+    """Start training a prepared run (or resume one) in a new process group; returns at once.
+
+    Raises MachineBusy (a TrainingError) if another training job runs on this machine (`submit` queues
+    instead), TrainingError if the run is already running or completed. A run that waited in the queue
+    leaves it.
+    """
+    run_dir = _run_path(run_dir)
+    resume = _startable(run_dir, resume)
     fd = take_machine_lock("One job runs at a time: wait for it to finish or cancel it, then start this one.")
+    job = _launch(run_dir, resume, fd)
+    with jobqueue.locked() as queue:
+        if (i := jobqueue.index_of(queue, run_dir)) is not None:
+            queue.pop(i)
+    return job
+
+
+def _launch(run_dir: Path, resume: bool, fd: int) -> Job:
+    """Start the job process, handing it the machine lock `fd` (closed here: the child holds it from then on)."""
     try:
         env = {**os.environ, LOCK_FD_ENV: str(fd), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         quiet_threads_env(env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         cmd = [sys.executable, "-m", "tuner", "train", "--resume" if resume else "--run", str(run_dir)]
+        os.ftruncate(fd, 0)  # who holds the machine, for the queue's view (the pid follows)
+        os.pwrite(fd, f"run {run_dir.name}, starting".encode(), 0)
         update_status(run_dir, status="queued", pid=None, pid_started=None, error=None)
         with open(Run(run_dir).log_file, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd[2:])}\n".encode())
@@ -199,19 +225,224 @@ def start(run_dir: str | Path, resume: bool = False) -> Job:
     return Job(run_dir=run_dir, pid=proc.pid, process=proc)
 
 
-def start_new(prepare: Callable[[], Path]) -> Path:
-    """Prepare a new run folder with `prepare()` and start it; refused, with nothing created, while another
-    job trains, and the folder removed again if another job took the machine in between."""
-    if (running := active_job()) is not None:
-        raise TrainingError(f"Another training run is in progress on this machine ({running.get('holder')}). One "
-                            "job runs at a time: wait for it to finish or cancel it, then start again.")
-    run_dir = prepare()
+def start_new(prepare: Callable[[], Path], owner: str = "") -> Path:
+    """Prepare a new run folder with `prepare()` and submit it: it starts now if the machine is free, else it
+    waits in the queue (its status says 'queued'; `place` says where). The folder is removed again if it
+    cannot be submitted."""
+    run_dir = Path(prepare())
     try:
-        start(run_dir)
+        submit(run_dir, owner=owner)
     except TunerError:
-        delete_run(Path(run_dir).name)  # lost a race for the machine: leave no never-started run behind
+        delete_run(run_dir.name)  # leave no never-started run behind
         raise
-    return Path(run_dir)
+    return run_dir
+
+
+# -- the queue -----------------------------------------------------------------------------------------
+
+
+def everyone(owner: str) -> bool:
+    """The default `visible`: every viewer may see every owner's name and run (one team, or no sign-in)."""
+    return True
+
+
+def may_cancel(owner: str | None, user: str | None) -> bool:
+    """Whether `user` may cancel a job that `owner` started: their own, or one nobody signed (started without
+    a sign-in, or before owners were recorded). The lead's team rules replace this name check."""
+    return not owner or owner == (user or "")
+
+
+def owner_of(run_dir: str | Path) -> str:
+    """Who started or queued the run ("" when nobody was signed in), as its status records it."""
+    return str(_read_status(_run_path(run_dir)).get("owner") or "")
+
+
+def _estimate_s(run_dir: Path) -> float | None:
+    """The run's expected time (estimate), for the queue's 'time left'; None when it cannot be estimated."""
+    run = Run(run_dir)
+    if isinstance(_read_status(run_dir).get("preference"), dict):
+        return None  # a preference run's steps and data are not an SFT run's
+    try:
+        return estimate(run.config(), run.data_dir, time_only=True).get("time_s")
+    except Exception:  # noqa: BLE001 - an estimate must never keep a run out of the queue
+        return None
+
+
+def submit(run_dir: str | Path, owner: str = "", resume: bool = False) -> dict[str, Any] | None:
+    """Put a prepared (or stopped: it will resume) run in the machine's queue and start the queue's head if the
+    machine is free. Returns the run's place in the queue (see `place`), or None when it started at once.
+
+    Raises TrainingError if the run is already running or completed. Submitting a run that waits already
+    keeps its place; a run that has an owner keeps it."""
+    run_dir = _run_path(run_dir)
+    resume = _startable(run_dir, resume)
+    owner = str(_read_status(run_dir).get("owner") or owner)  # a run resumed by anyone stays its owner's
+    estimate_s = _estimate_s(run_dir)
+    now = time.time()
+    with jobqueue.locked() as queue:
+        if jobqueue.index_of(queue, run_dir) is None:
+            queue.append(jobqueue.new_entry(run_dir, owner, now, resume, estimate_s))
+            update_status(run_dir, status="queued", pid=None, pid_started=None, error=None, owner=owner,
+                          queued_at=now, estimate_s=estimate_s)
+    dispatch()
+    return place(run_dir)
+
+
+def _waiting(entry: dict[str, Any]) -> bool:
+    """Whether a queue entry still waits: its run exists, is 'queued' and no process was started for it."""
+    path = Path(entry["path"])
+    if not Run(path).exists():
+        return False  # deleted
+    status = read_status(path)  # a launched job that died before reporting reads as interrupted here
+    return status.get("status") == "queued" and status.get("pid") is None
+
+
+def dispatch() -> Job | None:
+    """If the machine is free, start the run at the head of the queue; the Job, or None (nothing waits, or
+    the machine is busy). Safe to call from any process at any time: under the queue's lock, only a
+    dispatcher that holds the machine lock starts anything, and each started run leaves the queue."""
+    if not jobqueue.entries():  # the common case, every tick of every open page: no lock, one small read
+        return None
+    with jobqueue.locked() as queue:
+        queue[:] = [e for e in queue if _waiting(e)]  # cancelled, deleted or started by someone else
+        while queue:
+            run_dir = Path(queue[0]["path"])
+            try:
+                resume = _startable(run_dir, bool(queue[0].get("resume")))
+                fd = take_machine_lock("")
+            except MachineBusy:
+                return None
+            except TunerError as exc:  # this run cannot start (it says why); the next one may
+                queue.pop(0)
+                update_status(run_dir, status="failed", pid=None, error=f"It could not start from the queue: {exc}")
+                continue
+            queue.pop(0)
+            try:
+                return _launch(run_dir, resume, fd)
+            except OSError as exc:
+                update_status(run_dir, status="failed", pid=None, error=f"It could not start from the queue: {exc}")
+    return None
+
+
+def hand_over() -> Job | None:
+    """A job process about to exit: release the machine and start the next queued run (never raises)."""
+    from tuner.runs import release_inherited_lock
+
+    try:
+        release_inherited_lock()
+        return dispatch()
+    except Exception:  # noqa: BLE001 - the app's timer and its next start dispatch too
+        return None
+
+
+def _running() -> dict[str, Any] | None:
+    """The job that holds the machine, as its run's status (with `path`), or None when the machine is free.
+    A holder that is not a run under runs_dir (another TUNER_HOME's CLI run elsewhere) is {"path": None}."""
+    holder = active_job()
+    if holder is None:
+        return None
+    text = str(holder.get("holder") or "")
+    run_id = text[4:].split(",")[0] if text.startswith("run ") else ""
+    with contextlib.suppress(TunerError):
+        run = Run(runs_dir() / check_run_id(run_id))
+        if run.exists():
+            return {**read_status(run.path), "path": str(run.path), "run": run.id}
+    return {"path": None, "run": run_id or None, "status": "running"}
+
+
+def _left_s(status: dict[str, Any], now: float) -> float | None:
+    """Seconds the running job has left: its own estimate less its time so far, or its trainer's latest time
+    left for the part it is in, whichever is longer; None when neither is known or both have run out (a job
+    past its estimate ends at a time nobody knows: never "0 s left")."""
+    from tuner import progress
+
+    found = []
+    if isinstance(status.get("estimate_s"), (int, float)):
+        so_far = progress.elapsed(status, now)
+        found.append(float(status["estimate_s"]) - (so_far or 0.0))
+    if (left := progress.time_left(status, now)) is not None:
+        found.append(left)
+    return max(found) if found and max(found) >= 1.0 else None
+
+
+def queue_rows(visible: Callable[[str], bool] = everyone, now: float | None = None) -> list[dict[str, Any]]:
+    """The machine's queue as a viewer may see it: the running job (position 0) then the waiting runs
+    (1, 2, ...), each {position, run, owner, state ("training" or "waiting"), visible, since (seconds since
+    the epoch: started, or queued), time_left_s, starts_in_s}.
+
+    `visible(owner)` says whether the viewer may see that owner's runs; when not, the row's owner reads
+    "another team" and its run id is None. `time_left_s`: the running job's time left, a waiting run's
+    estimated length; `starts_in_s`: when a waiting run should start (None when a time ahead is unknown)."""
+    now = now or time.time()
+    rows: list[dict[str, Any]] = []
+    clock: float | None = 0.0
+    running = _running()
+    if running is not None:
+        owner = str(running.get("owner") or "")
+        left = _left_s(running, now) if running.get("path") else None
+        seen = visible(owner)
+        rows.append({"position": 0, "run": running.get("run") if seen else None,
+                     "owner": owner if seen else "another team", "state": "training", "visible": seen,
+                     "since": _started_at(running), "time_left_s": left, "starts_in_s": 0.0})
+        clock = left
+    for i, entry in enumerate(e for e in jobqueue.entries() if _waiting(e)):
+        owner = str(entry.get("owner") or "")
+        seen = visible(owner)
+        length = entry.get("estimate_s")
+        rows.append({"position": i + 1, "run": entry["run"] if seen else None,
+                     "owner": owner if seen else "another team", "state": "waiting", "visible": seen,
+                     "since": entry.get("queued_at"), "time_left_s": length, "starts_in_s": clock})
+        clock = clock + length if clock is not None and isinstance(length, (int, float)) else None
+    return rows
+
+
+def _started_at(status: dict[str, Any]) -> float | None:
+    from tuner import progress
+
+    began = status.get("wait_from")
+    return float(began) if isinstance(began, (int, float)) else progress._epoch(status.get("started_at"))
+
+
+def place(run_dir: str | Path, visible: Callable[[str], bool] = everyone) -> dict[str, Any] | None:
+    """Where a waiting run stands: {position (1 = next), ahead: the rows before it (queue_rows), starts_in_s};
+    None when it does not wait in the queue."""
+    run_dir = _run_path(run_dir)
+    rows = queue_rows(lambda owner: True)
+    mine = next((r for r in rows if r["state"] == "waiting" and r["run"] == run_dir.name), None)
+    if mine is None:
+        return None
+    ahead = [r for r in queue_rows(visible) if r["position"] < mine["position"]]
+    return {"position": mine["position"], "ahead": ahead, "starts_in_s": mine["starts_in_s"]}
+
+
+def whose(row: dict[str, Any]) -> str:
+    """A queue row's run in words: "alice's run", "another team's run", "run run-2026..." (no owner)."""
+    if not row["visible"]:
+        return "another team's run"
+    return f"{row['owner']}'s run" if row["owner"] else f"run {row['run'] or '(outside this app)'}"
+
+
+def queue_sentence(run_dir: str | Path, visible: Callable[[str], bool] = everyone) -> str:
+    """The words for a waiting run: "Queued: 2nd in line, behind alice's run (training, about 4 min left) and
+    bob's run (waiting, about 3 min). It starts by itself when the machine frees, in about 7 min."
+    "" when the run does not wait."""
+    from tuner.progress import fmt_duration
+
+    where = place(run_dir, visible)
+    if where is None:
+        return ""
+    parts = []
+    for row in where["ahead"]:
+        if row["state"] == "training":
+            left = f", about {fmt_duration(row['time_left_s'])} left" if row["time_left_s"] is not None else ""
+            parts.append(f"{whose(row)} (training{left})")
+        else:
+            took = f", about {fmt_duration(row['time_left_s'])}" if row["time_left_s"] is not None else ""
+            parts.append(f"{whose(row)} (waiting{took})")
+    behind = (" behind " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0])) if parts \
+        else ""
+    when = f", in about {fmt_duration(where['starts_in_s'])}" if where["starts_in_s"] is not None else ""
+    return f"Queued: {jobqueue.ordinal(where['position'])} in line{behind}. It starts by itself when the machine frees{when}."
 
 
 def _create_time(pid: int) -> float | None:
@@ -222,22 +453,40 @@ def _create_time(pid: int) -> float | None:
     return None
 
 
-def cancel(run_dir: str | Path, grace_s: float = CANCEL_GRACE_S) -> dict[str, Any]:
-    """Stop a queued or running job: SIGTERM to its process group, SIGKILL after `grace_s`.
+def cancel(run_dir: str | Path, grace_s: float = CANCEL_GRACE_S, user: str | None = None,
+           visible: Callable[[str], bool] = everyone, dispatch_next: bool = True) -> dict[str, Any]:
+    """Stop a queued or running job: a waiting one leaves the queue; a running one gets SIGTERM to its process
+    group, SIGKILL after `grace_s`; then the next queued run starts (unless `dispatch_next` is False).
 
-    The status becomes 'cancelled' (resumable from its last checkpoint). A run that is not
-    active is left as it is. Returns the status.
+    The status becomes 'cancelled' (resumable from its last checkpoint). A run that is not active is left as
+    it is. With `user` (the page's signed-in name), only a job `may_cancel` allows is stopped: others raise
+    NotYourRun, naming the owner only when `visible(owner)`. Returns the status.
     """
     run_dir = _run_path(run_dir)
+    status = _read_status(run_dir)
+    owner = str(status.get("owner") or "")
+    if user is not None and status.get("status") in ACTIVE and not may_cancel(owner, user):
+        who = owner if visible(owner) else "someone on another team"
+        raise NotYourRun(f"{run_dir.name} was started by {who}: only they can cancel it. Your own runs have a "
+                         "Cancel button when you pick them.")
+    with jobqueue.locked() as queue:
+        waited = (i := jobqueue.index_of(queue, run_dir)) is not None and queue.pop(i) is not None
     status = _read_status(run_dir)
     if status.get("status") not in ACTIVE:
         return status
     pid = status.get("pid")
+    if waited and not pid:
+        return update_status(run_dir, status="cancelled", pid=None, eta_s=None,
+                             error="Cancelled while it waited in the queue, before it started. Resume puts it in "
+                                   "line again.")
     if pid and pid_alive(pid, status.get("pid_started")):
         _kill_group(int(pid), grace_s)  # returns when the job's last thread is gone, and with it the lock
-    return update_status(run_dir, status="cancelled", pid=None, eta_s=None,
-                         error=f"Cancelled at step {status.get('step') or 0}. Resume continues from the last "
-                               "checkpoint.")
+    status = update_status(run_dir, status="cancelled", pid=None, eta_s=None,
+                           error=f"Cancelled at step {status.get('step') or 0}. Resume continues from the last "
+                                 "checkpoint.")
+    if dispatch_next:
+        dispatch()  # the machine is free: the next in line starts now, not at some page's next tick
+    return status
 
 
 def _kill_group(pid: int, grace_s: float) -> None:
@@ -278,8 +527,10 @@ def _group_alive(pgid: int) -> bool:
 
 def reconcile() -> list[str]:
     """Mark runs left queued/running by a process that no longer exists as interrupted; return their ids.
+    Runs waiting in the queue keep their place (entries of runs deleted or started meanwhile go).
 
-    The app calls this on start: after a restart or a crash, those runs are resumable.
+    The app calls this on start, then `dispatch`: after a restart or a crash, those runs are resumable,
+    and the queue goes on.
     """
     changed = []
     for run_dir in (r.path for r in all_runs()):
@@ -288,12 +539,15 @@ def reconcile() -> list[str]:
         if _stale(status):
             _mark_interrupted(run_dir, status)
             changed.append(run_dir.name)
+    with jobqueue.locked() as queue:  # the queue outlives the app; runs deleted or started meanwhile leave it
+        queue[:] = [e for e in queue if _waiting(e)]
     return changed
 
 
 def list_runs() -> list[dict[str, Any]]:
     """Every run, newest first: id, folder, status, settings and losses, for the app's run list."""
     out = []
+    waiting = [e["path"] for e in jobqueue.entries() if _waiting(e)]
     for run in all_runs():
         run_dir = run.path
         status = read_status(run_dir)
@@ -321,6 +575,8 @@ def list_runs() -> list[dict[str, Any]]:
             "train_examples": (sources.get("train.jsonl") or {}).get("examples"),
             "resumable": status.get("status") in ("interrupted", "failed", "cancelled"),
             "owner": run.owner(),  # who may see it: tuner.auth.sees_run
+            # 1 = next to start; None when it does not wait (a run prepared but never submitted is 'queued' too)
+            "queue_position": waiting.index(str(run_dir)) + 1 if str(run_dir) in waiting else None,
         })
     out.sort(key=lambda r: (r["created"], r["id"]), reverse=True)
     return out
@@ -448,8 +704,10 @@ def phases(cfg: TrainConfig, shape: dict[str, Any], speed: float) -> dict[str, f
     return {"train_s": train_s, "eval_s": eval_s, "save_s": SAVE_S}
 
 
-def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
+def estimate(cfg: TrainConfig, data_dir: str | Path, time_only: bool = False) -> dict[str, Any]:
     """Steps, time and peak memory of a run before it starts, counting what the user waits for.
+    `time_only`: leave out memory and precision (they may measure this CPU first, which the queue, that
+    only needs the time, must not wait for; `memory_mb` and `precision` are None then).
 
     Time = start-up + training steps + evaluations + saving + the voice check (after the save). With a
     finished run of the same model on this machine, each part is learned from it: its start-up, its speed,
@@ -482,7 +740,7 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
                      "voice_s": round(asked * voice_s_per_prompt(cfg.base_model, dev, here), 1)}
         seconds = round(sum(breakdown.values()), 1)
     memory_mb = None
-    if params:
+    if params and not time_only:
         config = json.loads((Path(info["path"]) / "config.json").read_text())
         hidden, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
         heads = config.get("num_attention_heads", 1)
@@ -500,7 +758,7 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
         # 8 x 512-token examples measured 5.1 GB, AMD EPYC, 2 cores); CUDA: the context
         overhead = 2000 * 2**20 if dev == "cpu" else 400 * 2**20
         memory_mb = (params * weight_bytes + activations + head + (scores if eager else 0) + overhead) / 2**20
-    if dev == "cuda":  # a GPU: the formula the run is refused by (docs/memory.md), so the page shows one number
+    if dev == "cuda" and not time_only:  # a GPU: the formula the run is refused by (docs/memory.md): one number
         from tuner import memory
 
         shape = memory.shape_of(cfg.base_model)
@@ -513,7 +771,7 @@ def estimate(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
         uncertainty = ("No run of this model has finished on this machine yet, so this uses reference speeds: "
                        "it may be off by 2x either way; the first run measures this machine.")
     precision = None
-    if dev == "cpu":
+    if dev == "cpu" and not time_only:
         from tuner.precision import describe, for_model
 
         precision = describe(for_model(cfg.base_model)) if cfg.precision == "auto" else cfg.precision

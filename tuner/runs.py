@@ -34,7 +34,7 @@ from typing import Any
 
 from tuner.auth import machine_user
 from tuner.config import TrainConfig
-from tuner.errors import DataError, RunNotFound, TrainingError
+from tuner.errors import DataError, MachineBusy, RunNotFound, TrainingError
 from tuner.messages import read_examples
 from tuner.paths import check_run_id, new_run_id, runs_dir, tuner_home
 
@@ -395,7 +395,7 @@ def _inherited_lock() -> bool:
 def take_machine_lock(fix: str) -> int:
     """Open and lock TUNER_HOME/train.lock without waiting; the caller owns (and closes) the fd.
 
-    Raises TrainingError naming the holder (the text its owner wrote into the file) and `fix`."""
+    Raises MachineBusy (a TrainingError) naming the holder (the text its owner wrote into the file) and `fix`."""
     import fcntl
 
     fd = os.open(tuner_home() / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -404,8 +404,16 @@ def take_machine_lock(fix: str) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise TrainingError(f"Another training run is in progress on this machine ({holder}). {fix}") from None
+        raise MachineBusy(f"Another training run is in progress on this machine ({holder}). {fix}") from None
     return fd
+
+
+def release_inherited_lock() -> None:
+    """Close the machine lock a job process inherited from tuner.jobs, so that the next queued run can
+    start while this process finishes exiting (the kernel would free it at exit anyway)."""
+    if _inherited_lock():
+        os.close(int(os.environ.pop(LOCK_FD_ENV)))
+    os.environ.pop(LOCK_FD_ENV, None)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,9 @@
-"""`python -m tuner train`: every TrainConfig field as a flag, progress on the terminal, the status at the end."""
+"""`python -m tuner train`: every TrainConfig field as a flag, progress on the terminal, the status at the end.
+
+One training job a machine: when another job holds it (or runs already wait for it), the command waits in
+the machine's queue (tuner.jobs.submit), printing its place, and follows its run once the queue starts it;
+`--no-queue` refuses instead, as before. A job process hands the machine to the next queued run as it exits.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +27,9 @@ from tuner.config import (
     config_overrides,
     explicit_length,
 )
-from tuner.errors import TunerError
+from tuner.errors import MachineBusy, TunerError
 from tuner.progress import epochs_run, fmt_duration, took
-from tuner.runs import Run, is_main_process, prepare_run, resolve, world_size
+from tuner.runs import Run, is_main_process, prepare_run, resolve, update_status, world_size
 from tuner.train.run import train_run
 
 
@@ -38,6 +43,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", help="Continue an interrupted run from its last checkpoint.")
     parser.add_argument("--run", metavar="RUN_DIR", help=argparse.SUPPRESS)  # a prepared run, used by tuner.jobs
     parser.add_argument("--json", action="store_true", help="Print the final status as one JSON object.")
+    parser.add_argument("--no-queue", action="store_true",
+                        help="When another training job holds this machine, stop with an error (exit 2) instead of "
+                             "waiting in the machine's queue. By default the command waits in line (the place is "
+                             "printed as it changes; the app's Train tab lists the same queue), then trains and "
+                             "reports as usual; Ctrl-C leaves the queue, or cancels the run once it trains.")
     parser.add_argument("--owner", metavar="NAME", help="Who the new run belongs to (the page shows it to NAME's "
                                                         "teams, TUNER_TEAMS); default: this machine's user.")
     settings = parser.add_argument_group("training settings (every TrainConfig field; see also --config)")
@@ -105,6 +115,16 @@ def owner_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cli(args: argparse.Namespace) -> int:
+    try:
+        return _cli(args)
+    finally:
+        if is_main_process() and world_size() == 1:  # the machine is free: the next queued run starts
+            from tuner.jobs import hand_over
+
+            hand_over()
+
+
+def _cli(args: argparse.Namespace) -> int:
     if args.method in ("dpo", "kto") or args.parent or args.prefs or _is_preference(args.resume or args.run):
         from tuner.train.preference import cli as preference_cli
 
@@ -139,7 +159,7 @@ def cli(args: argparse.Namespace) -> int:
         print(batch_line(Run(run_dir).config()), file=sys.stderr)
     update, close = progress_printer(args.json)
     try:
-        status = train_run(run_dir, resume=resume, progress=update, waited_from=_process_start())
+        status = train_here_or_wait(run_dir, resume, args, update)
     finally:
         close()
     if args.json:
@@ -152,6 +172,65 @@ def cli(args: argparse.Namespace) -> int:
     else:
         print(final_words(status, run_dir), file=sys.stderr)
     return 0 if status["status"] == "completed" else 1
+
+
+QUEUE_POLL_S = 2.0  # how often a command waiting in line looks at the queue (and moves it on)
+
+
+def train_here_or_wait(run_dir: Path, resume: bool, args: argparse.Namespace,
+                       update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Train in this process when the machine is free and nobody waits for it; else (unless --no-queue) wait in
+    the machine's queue and follow the run as a job once the queue starts it. The run's final status."""
+    from tuner import jobs
+
+    here = bool(args.run) or world_size() > 1  # a job tuner.jobs started (it holds the lock), or a launch
+    owner = owner_of(args)["name"]
+    waiting = [] if here else [r for r in jobs.queue_rows() if r["state"] == "waiting"]
+    if here or not waiting:
+        if not here and not Run(run_dir).status().get("owner"):
+            update_status(run_dir, owner=owner)  # the queue's view names who trains
+        try:
+            return train_run(run_dir, resume=resume, progress=update, waited_from=_process_start())
+        except MachineBusy:
+            if here or args.no_queue:
+                raise
+    elif args.no_queue:
+        raise MachineBusy(f"{len(waiting)} run(s) wait in this machine's queue for the one training slot. Fix: "
+                          "leave out --no-queue to wait in line, or start it later.")
+    return wait_in_line(run_dir, resume, owner, args.json, update)
+
+
+def wait_in_line(run_dir: Path, resume: bool, owner: str, quiet: bool,
+                 update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Queue the run, say its place whenever it changes, move the queue on while waiting (no app may be running),
+    then follow the started job's progress from its files. Ctrl-C leaves the queue, or cancels the job."""
+    from tuner import jobs
+
+    jobs.submit(run_dir, owner=owner, resume=resume)
+    said: tuple | None = None
+    try:
+        while (where := jobs.place(run_dir)) is not None:
+            place = (where["position"], [(r["state"], jobs.whose(r)) for r in where["ahead"]])
+            if not quiet and place != said and (sentence := jobs.queue_sentence(run_dir)):  # its place changed
+                print(f"{sentence} Ctrl-C leaves the queue.", file=sys.stderr, flush=True)
+            said = place
+            time.sleep(QUEUE_POLL_S)
+            jobs.dispatch()
+        if not quiet and said:
+            print(f"started: {run_dir.name} (its output goes to {Run(run_dir).log_file})", file=sys.stderr, flush=True)
+        seen = 0
+        while True:
+            status = jobs.read_status(run_dir)
+            records = jobs.read_metrics(run_dir)
+            for record in records[seen:]:
+                update({**record, "max_steps": status.get("max_steps")})
+            seen = len(records)
+            if status.get("status") not in ("queued", "running"):
+                return status
+            time.sleep(QUEUE_POLL_S / 2)
+    except KeyboardInterrupt:
+        jobs.cancel(run_dir)  # leaves the queue, or stops the job this command was following
+        raise
 
 
 def batch_line(cfg: TrainConfig) -> str:

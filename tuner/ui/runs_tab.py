@@ -20,6 +20,7 @@ import pandas as pd
 from tuner import auth, feedback
 from tuner.config import PreferenceConfig, choices
 from tuner.errors import RunNotFound, TunerError
+from tuner.jobqueue import ordinal
 from tuner.paths import check_run_id
 from tuner.progress import epochs_run, fmt_duration, took
 from tuner.runs import Run, read_json_object
@@ -152,7 +153,10 @@ def runs_frame(request: gr.Request | None = None, runs: list[dict[str, Any]] | N
         # data → SFT run → this run's kind: "signoff-data → signoff-run (SFT) → DPO"
         came_from = " → ".join([*(v if k == "data" else f"{v} ({k.split(' run')[0]})" for k, v in chain[:-1]),
                                 chain[-1][0].split(" run")[0]])
-        rows.append({"run": r.get("id"), "status": r.get("status"), "came from": came_from,
+        state = r.get("status")
+        if r.get("queue_position"):  # waiting for the machine: its place in the queue (tuner.jobs.submit)
+            state = f"queued ({ordinal(r['queue_position'])} in line)"
+        rows.append({"run": r.get("id"), "status": state, "came from": came_from,
                      "base model": r.get("base_model"),
                      "preset": r.get("preset"), "steps": f"{r.get('step') or 0}/{r.get('max_steps') or '?'}",
                      "train loss": _round(r.get("train_loss")),
@@ -384,7 +388,7 @@ def train_on_feedback(run_id: str | None, request: gr.Request = None, *values: A
         raise TunerError(need)
     pcfg = preference_config(method, values)
     owner = user_of(request).owner_record()
-    child = jobs.start_new(lambda: prepare_preference_run(run.path, pcfg, owner=owner))
+    child = jobs.start_new(lambda: prepare_preference_run(run.path, pcfg, owner=owner), owner=owner["name"])
     audit(request, "train", child, f"{method.upper()} on the feedback of {run.id}")
     gr.Info(f"{method.upper()} started: run {child.name}, a child of {run.id}. Its progress is on the Train tab.")
     return {"train_run": child.name, "tabs": gr.Tabs(selected="train")}

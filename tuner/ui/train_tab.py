@@ -2,13 +2,18 @@
 
 The run's view (progress line, loss plot, log) is read from its folder on every poll: a reloaded
 page or another browser sees the same run. The clock and the phase come from `tuner.progress`.
+One job trains at a time: a Start while the machine is busy queues the run (tuner.jobs.submit), and
+every page shows the machine's queue and moves it on (tuner.jobs.dispatch) on its timer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import math
+import time
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
@@ -32,6 +37,8 @@ from tuner.ui.common import (
 from tuner.ui.runs_tab import PICKERS, preference_sentences, refresh_runs
 
 POLL_SECONDS = 2.0  # how often the Train tab reads status.json / metrics.jsonl
+QUEUE_POLL_SECONDS = 3.0  # how often every open page shows the machine's queue and starts its next run
+QUEUE_COLUMNS = ["place", "run", "owner", "since", "time left", "starts in"]
 # orange dots (each step), dark orange line (smoothed), blue (held-out): named in the legend too
 LOSS_COLORS = {"train loss": "#f97316", progress.SMOOTHED: "#9a3412", "held-out loss": "#2563eb"}
 
@@ -225,12 +232,15 @@ def estimate_again(session: dict[str, Any], base_model: str, preset: str, *value
 # -- the run's view ------------------------------------------------------------------------------------
 
 
-def progress_html(status: dict[str, Any], batch_size: int = 1, grad_accum: int = 1) -> str:
-    """A progress bar under one line that says what the run is doing; built from numbers only (no user text)."""
+def progress_html(status: dict[str, Any], batch_size: int = 1, grad_accum: int = 1, queue: str = "",
+                  owner_note: str = "") -> str:
+    """A progress bar under one line that says what the run is doing; built from numbers only, but for `queue`
+    (the run's place in the machine's queue, which then is the line) and `owner_note`, both escaped."""
     state = str(status.get("status", "unknown"))
     step, total = int(status.get("step") or 0), int(status.get("max_steps") or 0)
     pct = 100.0 * step / total if total else (100.0 if state == "completed" else 0.0)
-    line = progress.summary(status, batch_size, grad_accum)
+    line = (queue + " You can close this page: the run keeps its place.") if queue else \
+        progress.summary(status, batch_size, grad_accum)
     busy = ' class="busy"' if state in RUN_STATES_ACTIVE else ""
     error = f'<p class="run-error">{html.escape(str(status["error"]))}</p>' if status.get("error") else ""
     verdict = (status.get("voice") or {}).get("sentence")
@@ -249,6 +259,8 @@ def progress_html(status: dict[str, Any], batch_size: int = 1, grad_accum: int =
         if state == "completed":
             error += "".join(f'<p class="run-preference">{html.escape(s)}</p>' for s in preference_sentences(status))
 
+    if owner_note:
+        error += f'<p class="run-owner">{html.escape(owner_note)}</p>'
     return (f'<div class="run-progress" data-status="{html.escape(state)}">{method}'
             f'<div class="run-line"><span{busy}></span>{html.escape(line)}</div>'
             f'<progress max="100" value="{pct:.1f}"></progress>{error}</div>')
@@ -333,9 +345,20 @@ def preference_steps(pcfg: PreferenceConfig, rows: int | None) -> int:
     return pcfg.planned_steps(len(train))
 
 
+def viewer(request: gr.Request | None) -> tuple[str, Callable[[str], bool]]:
+    """Who looks at the page (tuner.auth: the signed-in name, or the machine's user on a server without sign-in)
+    and `visible(owner)`: whether they may see that owner's name (tuner.auth.sees: the same person, a shared
+    team, an admin, or no sign-in), else the queue says "another team"."""
+    from tuner import auth
+
+    user = user_of(request)
+    return user.name, functools.partial(auth.sees, user)
+
+
 @friendly
 def run_status(run_id: str | None, request: gr.Request = None) -> dict[str, Any]:
-    """Everything the Train tab shows about one run, read from its folder."""
+    """Everything the Train tab shows about one run, read from its folder: a waiting run says its place in the
+    queue; a job the viewer may not cancel has no Cancel button, and says whose it is."""
     from tuner import jobs
 
     if not run_id:
@@ -356,12 +379,18 @@ def run_status(run_id: str | None, request: gr.Request = None) -> dict[str, Any]
     state = status.get("status")
     active = state in RUN_STATES_ACTIVE
     last_step = max([int(status.get("max_steps") or 0)] + [int(m["step"]) for m in metrics])
+    user, visible = viewer(request)
+    owner = str(status.get("owner") or "")
+    mine = jobs.may_cancel(owner, user)
+    note = "" if mine or not active else (f"Started by {owner if visible(owner) else 'another team'}: only they "
+                                          "can cancel it.")
+    queue = jobs.queue_sentence(run_dir, visible) if state == "queued" else ""
     return {
-        "progress": progress_html(status, batch, accum),
+        "progress": progress_html(status, batch, accum, queue=queue, owner_note=note),
         "loss_plot": loss_svg(metrics, last_step),
         "train_log": "\n".join(preference_sentences(status) + progress.sentences(status, metrics)),
         "raw_log": progress.log_tail(Run(run_dir).log_file),
-        "cancel_btn": gr.update(visible=active),
+        "cancel_btn": gr.update(visible=active and mine),
         "resume_btn": gr.update(visible=state in ("interrupted", "cancelled", "failed")),
         "timer": gr.Timer(active=active),
         "run_state": f"{run_dir.name}:{state}",  # a change (a run ended) redoes the estimate: it learned from it
@@ -369,10 +398,10 @@ def run_status(run_id: str | None, request: gr.Request = None) -> dict[str, Any]
 
 
 @friendly
-def start_training(session: dict[str, Any], base_model: str, preset: str, request: gr.Request = None,
-                   *values: Any) -> str:
-    """Prepare a run folder from this session's examples, owned by the user, and start training it in a
-    subprocess."""
+def start_training(request: gr.Request, session: dict[str, Any], base_model: str, preset: str, *values: Any) -> str:
+    """Prepare a run folder from this session's examples, owned by the user, and submit it: it trains now in a
+    subprocess if the machine is free, else it waits in the machine's queue, and the run's view says its place
+    (no pop-up)."""
     from tuner import auth, jobs, runs
 
     user = user_of(request)
@@ -381,32 +410,84 @@ def start_training(session: dict[str, Any], base_model: str, preset: str, reques
     if not (session or {}).get("ok") or not session.get("data_dir"):
         raise TunerError("There is nothing valid to train on yet: check your data on the Data tab first.")
     cfg = build_train_config(base_model, preset, MAIN_SETTINGS + MORE_SETTINGS, values)
-    run_dir = jobs.start_new(lambda: runs.prepare_run(cfg, session["data_dir"], owner=user.owner_record()))
+    run_dir = jobs.start_new(lambda: runs.prepare_run(cfg, session["data_dir"], owner=user.owner_record()),
+                             owner=user.name)
     audit(request, "train", run_dir, f"{cfg.preset or 'custom'} preset, {cfg.base_model}")
-    gr.Info(f"Training started: run {run_dir.name}. You can close this tab; it keeps training.")
     return run_dir.name
 
 
 @friendly
 def cancel_run(run_id: str | None, request: gr.Request = None) -> str:
+    """Cancel the viewer's own job: a waiting one leaves the queue, a running one stops; another's is refused."""
     from tuner import jobs
 
     run_dir = run_folder(run_id, request, "train")
-    jobs.cancel(run_dir)
+    user, visible = viewer(request)
+    jobs.cancel(run_dir, user=user, visible=visible)
     audit(request, "cancel", run_dir)
-    gr.Info(f"Cancelling run {run_dir.name}…")
     return run_dir.name
 
 
 @friendly
 def resume_run(run_id: str | None, request: gr.Request = None) -> str:
+    """Continue a stopped run from its last checkpoint: now if the machine is free, else it waits in line."""
     from tuner import jobs
 
     run_dir = run_folder(run_id, request, "train")
-    jobs.start(run_dir, resume=True)
+    user, _visible = viewer(request)
+    jobs.submit(run_dir, owner=user, resume=True)  # the run keeps its owner, if it has one
     audit(request, "resume", run_dir)
-    gr.Info(f"Resuming run {run_dir.name} from its last checkpoint.")
     return run_dir.name
+
+
+def _since(stamp: float | None) -> str:
+    """When a job started or a run was queued, as the server's clock reads it (14:05)."""
+    return time.strftime("%H:%M", time.localtime(stamp)) if isinstance(stamp, (int, float)) else "—"
+
+
+def queue_frame(rows: list[dict[str, Any]]):
+    """The machine's queue as a table: place, run, owner (or "another team"), since, time left, starts in."""
+    import pandas as pd
+
+    from tuner.jobqueue import ordinal
+
+    def about(seconds: float | None) -> str:
+        return "unknown" if seconds is None else f"about {progress.fmt_duration(seconds)}"
+
+    table = [{"place": "training" if r["position"] == 0 else ordinal(r["position"]), "run": r["run"] or "—",
+              "owner": r["owner"] or "—", "since": _since(r["since"]),
+              "time left": about(r["time_left_s"]),
+              "starts in": "now" if r["position"] == 0 else about(r["starts_in_s"])} for r in rows]
+    return pd.DataFrame(table, columns=QUEUE_COLUMNS)
+
+
+def queue_words(rows: list[dict[str, Any]]) -> str:
+    """The machine in one sentence: free, or who trains and how many wait."""
+    from tuner import jobs
+
+    training = [r for r in rows if r["position"] == 0]
+    waiting = len(rows) - len(training)
+    if not rows:
+        return "**The machine is free:** a run started now trains at once."
+    text = f"**Training now:** {md_escape(jobs.whose(training[0]))}." if training else "**The machine is free.**"
+    if waiting:
+        text += (f" {waiting} run{'s wait' if waiting > 1 else ' waits'} in line; each starts by itself when the one "
+                 "before it ends. One job trains at a time.")
+    return text
+
+
+@friendly
+def queue_view(request: gr.Request = None) -> dict[str, Any]:
+    """The machine's queue for this viewer; first, if the machine is free, the next queued run starts (every open
+    page's timer does this, so a run whose job died still gets its turn)."""
+    from tuner import jobs
+
+    jobs.dispatch()
+    _user, visible = viewer(request)
+    now = time.time()
+    rows = jobs.queue_rows(visible, now)
+    return {"queue_words": queue_words(rows), "queue_table": gr.update(value=queue_frame(rows),
+                                                                       visible=bool(rows))}
 
 
 # -- layout and events ---------------------------------------------------------------------------------
@@ -439,6 +520,10 @@ def build() -> Components:
             c["estimate_btn"] = gr.Button("Estimate time and memory")
             c["start_btn"] = gr.Button("Start training", variant="primary", interactive=False, elem_id="start-training")
         with gr.Column(scale=3, min_width=420):
+            c["queue_words"] = gr.Markdown(elem_id="queue")
+            c["queue_table"] = gr.Dataframe(queue_frame([]), label="The machine's queue (one job trains at a time)",
+                                            interactive=False, visible=False, elem_id="queue-table", wrap=True,
+                                            column_widths=["11%", "31%", "14%", "10%", "17%", "17%"])
             c["train_run"] = gr.Dropdown(label="Run", allow_custom_value=True, elem_id="train-run",
                                          info="Training runs in the background: closing this tab does not stop it.")
             c["progress"] = gr.HTML(elem_id="progress")
@@ -455,6 +540,7 @@ def build() -> Components:
                 c["raw_log"] = gr.Textbox(show_label=False, lines=10, max_lines=progress.LOG_LINES,
                                           interactive=False, autoscroll=False, elem_id="raw-log")
     c["timer"] = gr.Timer(POLL_SECONDS, active=False)
+    c["queue_timer"] = gr.Timer(QUEUE_POLL_SECONDS)
     c["run_state"] = gr.State(None)  # "<run id>:<status>" of the run shown
     return c
 
@@ -481,14 +567,21 @@ def wire(c: Components) -> None:
         c[f"setting:{name}"].input(api_name=f"estimate_on_{name}", trigger_mode="always_last", **again)
     for name in ("session", "base_model", "run_state"):
         c[name].change(api_name=f"estimate_on_{name}", **again)
-    c["start_btn"].click(start_training, run_inputs, c["train_run"], api_name="train", concurrency_limit=1).success(
-        keyed(refresh_runs, c), c["runs_pick"], pick(c, *PICKERS), api_name="runs_after_train",
-        api_visibility="private")
+    queue = keyed(queue_view, c)
+    started = c["start_btn"].click(start_training, run_inputs, c["train_run"], api_name="train", concurrency_limit=1)
+    started.success(keyed(refresh_runs, c), c["runs_pick"], pick(c, *PICKERS), api_name="runs_after_train",
+                    api_visibility="private")
+    started.success(queue, None, pick(c, "queue_words", "queue_table"), api_name="queue_after_train",
+                    api_visibility="private", show_progress="hidden")
+    c["queue_timer"].tick(queue, None, pick(c, "queue_words", "queue_table"), api_name="queue",
+                          show_progress="hidden")
     c["train_run"].change(status, c["train_run"], outputs, api_name="status")
     c["timer"].tick(status, c["train_run"], outputs, api_name="poll", api_visibility="undocumented",
                     show_progress="hidden")
-    c["cancel_btn"].click(cancel_run, c["train_run"], None, api_name="cancel").then(
-        status, c["train_run"], outputs, api_name="status_after_cancel", api_visibility="private")
-    c["resume_btn"].click(resume_run, c["train_run"], None, api_name="resume").then(
-        status, c["train_run"], outputs, api_name="status_after_resume", api_visibility="private")
+    for name in ("cancel", "resume"):
+        done = c[f"{name}_btn"].click(cancel_run if name == "cancel" else resume_run, c["train_run"], None,
+                                      api_name=name)
+        done.then(status, c["train_run"], outputs, api_name=f"status_after_{name}", api_visibility="private")
+        done.then(queue, None, pick(c, "queue_words", "queue_table"), api_name=f"queue_after_{name}",
+                  api_visibility="private", show_progress="hidden")
 
