@@ -179,7 +179,11 @@ def test_a_space_visitor_is_their_hugging_face_name_and_organisations(no_login, 
     import gradio as gr
 
     monkeypatch.setenv("SPACE_ID", "acme/tuner")
-    monkeypatch.setenv("OAUTH_CLIENT_ID", "client")
+    monkeypatch.setenv("SYSTEM", "spaces")  # how gradio knows it runs on a Space (else it mocks the sign-in)
+    for name, value in (("OAUTH_CLIENT_ID", "client"), ("OAUTH_CLIENT_SECRET", "secret"), ("OAUTH_SCOPES", "openid profile"),
+                        ("OPENID_PROVIDER_URL", "https://huggingface.co")):  # what a Space with hf_oauth sets
+        monkeypatch.setenv(name, value)
+        monkeypatch.setattr(f"gradio.oauth.{name}", value)  # gradio reads them once, when it is imported
     monkeypatch.setenv("TUNER_TEAMS", "reviewers: carol-hf (reviewer)")
     assert auth.mode() == "hf"
     profile = gr.OAuthProfile({"preferred_username": "alice-hf", "name": "Alice", "picture": "", "profile": "",
@@ -277,7 +281,11 @@ def test_the_space_bundle_asks_for_hugging_face_sign_in_and_the_page_shows_the_b
     meta = (ROOT / "README.md").read_text().split("---")[1]
     assert re.search(r"^hf_oauth: true$", meta, re.M)  # the Space sets OAUTH_CLIENT_ID and friends from this
     monkeypatch.setenv("SPACE_ID", "acme/tuner")
-    monkeypatch.setenv("OAUTH_CLIENT_ID", "client")
+    monkeypatch.setenv("SYSTEM", "spaces")  # how gradio knows it runs on a Space (else it mocks the sign-in)
+    for name, value in (("OAUTH_CLIENT_ID", "client"), ("OAUTH_CLIENT_SECRET", "secret"), ("OAUTH_SCOPES", "openid profile"),
+                        ("OPENID_PROVIDER_URL", "https://huggingface.co")):  # what a Space with hf_oauth sets
+        monkeypatch.setenv(name, value)
+        monkeypatch.setattr(f"gradio.oauth.{name}", value)  # gradio reads them once, when it is imported
     from tuner.ui.page import build_demo
 
     demo = build_demo()  # needs gradio[oauth] (requirements.txt)
