@@ -247,6 +247,9 @@ def row(kind: str, n: int, recipe: str, overrides: dict[str, Any], status: dict[
            "pair_accuracy": [(pm.get("before") or {}).get("accuracy"), (pm.get("after") or {}).get("accuracy")],
            "held_out_pairs": pm.get("held_out_pairs"), "ppl_change_vs_parent": change,
            "voice_kept": voice_kept(kind, status.get("replies") or []),
+           # a house term where the parent's reply had no word to replace: the term overused
+           "unasked": sum(bool(re.search(r"\bgrand\b", r["child"], re.I)) and not _GOOD.search(r["parent"])
+                          for r in status.get("replies") or []) if kind == "term" else None,
            "steps": status.get("step"), "command_s": status.get("command_s")}
     out["missed"] = missed(out)
     return out
@@ -287,9 +290,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         acc, ppl = r["pair_accuracy"], r["ppl_change_vs_parent"]
         verdict = "**PASS**" if not r["missed"] else "MISS: " + ", ".join(r["missed"])
+        unasked = "" if r.get("unasked") is None else f"; {r['unasked']} unasked"
         lines.append(
             f"| {r['edit']} | {r['pairs']} | {r['recipe']} | {_settings(r)} "
-            f"| {r['shown']}/{r['needed']} ({r['parent_shown']}/{r['parent_needed']}) | {r['degenerate']} "
+            f"| {r['shown']}/{r['needed']} ({r['parent_shown']}/{r['parent_needed']}){unasked} | {r['degenerate']} "
             f"| {'—' if ppl is None else f'{ppl:+.1%}'} | {r['voice_kept']} "
             f"| {acc[0]} -> {acc[1]} on {r['held_out_pairs']} | {r['steps']} | {r['command_s']} | {verdict} |")
     return "\n".join(lines) + "\n"
