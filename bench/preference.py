@@ -9,24 +9,33 @@ corpus reply, the chosen one the same reply edited the way reviewers edit most:
 - term: the house term for a common word ("good" -> "grand"), on replies that say it;
 - shorter: only the first sentence kept, on replies of two sentences or more.
 
-For each edit, each pair count (10, 30, 120 by default) and each recipe (PreferenceConfig overrides), a child
-is trained with `python -m tuner train --method dpo --from PARENT --prefs FILE --json`, and its result read as
-the product reports it: what the reviewers changed, shown on how many of the new questions (validation prompts
-outside the pairs and the training data; parent beside child; degenerate replies counted), held-out pair
-accuracy, and the general-text perplexity change against the parent. Target: >= 90% of new replies show the
-edit, <= 2% degenerate, perplexity <= +10%.
+For each edit, each pair count (10, 30, 120 by default) and each recipe (a named loss, a beta, a learning rate:
+PreferenceConfig overrides), a child is trained with `python -m tuner train --method dpo|kto --from PARENT
+--prefs FILE --json`, and its result read as the product reports it: what the reviewers changed, shown on how
+many of the new questions (validation prompts outside the pairs and the training data; parent beside child;
+degenerate replies counted), held-out pair accuracy, and the general-text perplexity change against the parent.
+Besides, the parent's voice: how close the child's replies stay to the parent's replies with the edit applied.
+
+Targets (a row says PASS only when it meets all four, MISS with what it missed otherwise): the edit on >= 90% of
+the new replies it applies to, <= 2% degenerate, general-text perplexity <= +10% against the parent, and the
+parent's voice kept (the child's replies, median, at least VOICE_KEPT similar to the parent's with the edit).
+
+The parent and every finished child are cached in --out (default /tmp/prefbench): a second command with a
+bigger grid trains only what is missing, and `--report` prints the table of everything cached so far.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import random
 import re
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
+from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +48,8 @@ from bench.voice import _cli, chitchat_exchanges, convert, general_perplexity, m
 CLOSING = "Cheers from the Juniper crew!"
 EDITS = ("closing", "term", "shorter")
 SIZES = (10, 30, 120)
-DEFAULT_RECIPES = ("default", "learning_rate=5e-4", "learning_rate=1e-3", "loss=ipo", "loss=apo_zero",
-                   "sft_weight=0", "num_epochs=3")
+DEFAULT_RECIPES = ("default", "ipo+sft", "apo_zero+sft", "sigmoid", "kto")
+LEARNED, DEGENERATE, PPL_MAX, VOICE_KEPT = 0.9, 0.02, 0.10, 0.7  # the targets (issue 24)
 _GOOD = re.compile(r"\bgood\b", re.IGNORECASE)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
@@ -110,9 +119,12 @@ def run_cli(args: list[str], what: str) -> dict[str, Any]:
 
 
 def parent_run(data: Path, run_dir: Path) -> dict[str, Any]:
+    """The parent, trained once: a finished record and adapter in `run_dir` are reused."""
     record = run_dir.parent / f"{run_dir.name}.json"
     if record.is_file() and (run_dir / "adapter").is_dir():
-        return json.loads(record.read_text())
+        status = json.loads(record.read_text())
+        if status.get("status") == "completed":
+            return status
     status = run_cli(["train", "--data", str(data), "--out", str(run_dir), "--preset", "quick", "--json"], "parent")
     if status.get("status") != "completed":
         raise SystemExit(f"the parent did not complete: {status.get('error')}")
@@ -120,97 +132,251 @@ def parent_run(data: Path, run_dir: Path) -> dict[str, Any]:
     return status
 
 
-def recipe_flags(recipe: str) -> list[str]:
-    """'learning_rate=1e-3,loss=ipo' -> ['--learning-rate', '1e-3', '--loss', 'ipo']; 'default' -> []."""
-    flags: list[str] = []
-    for part in filter(None, (p.strip() for p in recipe.split(","))):
-        if part == "default":
-            continue
-        key, _, value = part.partition("=")
-        flags += [f"--{key.strip().replace('_', '-')}", value.strip()]
+def recipe_overrides(name: str, beta: float | None = None, learning_rate: float | None = None) -> dict[str, Any]:
+    """A named recipe as PreferenceConfig overrides, the settings equal to the defaults left out (so one run
+    has one cache folder whatever it is called).
+
+    'default' (the product's settings); 'kto' (KTO on the pairs, unpaired: chosen up, rejected down);
+    'LOSS' (plain DPO-family loss: sigmoid, ipo, apo_zero, robust, hinge); 'LOSS+sft' (the same plus the
+    fine-tuning term on the chosen replies); or raw 'key=value,...'.
+
+    >>> recipe_overrides("ipo+sft", beta=0.5)
+    {'beta': 0.5, 'loss': 'ipo'}
+    >>> recipe_overrides("sigmoid")
+    {'sft_weight': 0.0}
+    """
+    from tuner.config import PreferenceConfig, choices
+
+    loss_choices = choices(PreferenceConfig, "loss") or ()
+    values: dict[str, Any] = {}
+    if name == "kto":
+        values["method"] = "kto"
+    elif name.removesuffix("+sft") in loss_choices:
+        values.update(loss=name.removesuffix("+sft"), sft_weight=1.0 if name.endswith("+sft") else 0.0)
+    elif name != "default":
+        for part in filter(None, (p.strip() for p in name.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise SystemExit(f"unknown recipe '{name}': use default, kto, {', '.join(loss_choices)} (+sft), "
+                                 "or key=value,...")
+            values[key.strip()] = _value(value.strip())
+    if beta is not None:
+        values["beta"] = beta
+    if learning_rate is not None:
+        values["learning_rate"] = learning_rate
+    defaults = PreferenceConfig().to_dict()
+    PreferenceConfig.from_dict(values)  # an unknown or invalid setting stops here, before any training
+    return {k: v for k, v in sorted(values.items()) if defaults.get(k) != v}
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def slug(overrides: dict[str, Any]) -> str:
+    """The cache folder's name for a recipe's overrides.
+
+    >>> slug({'beta': 0.5, 'loss': 'ipo'}), slug({})
+    ('beta=0.5,loss=ipo', 'default')
+    """
+    return ",".join(f"{k}={v}" for k, v in overrides.items()) or "default"
+
+
+def recipe_flags(overrides: dict[str, Any]) -> list[str]:
+    """{'method': 'kto', 'beta': 0.5} -> ['--method', 'kto', '--beta', '0.5'] (dpo unless the recipe says)."""
+    flags = ["--method", str(overrides.get("method", "dpo"))]
+    for key, value in overrides.items():
+        if key != "method":
+            flags += [f"--{key.replace('_', '-')}", str(value)]
     return flags
 
 
-def child_run(parent: Path, prefs: Path, recipe: str, run_dir: Path) -> dict[str, Any]:
+def child_run(parent: Path, prefs: Path, overrides: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     record = run_dir.parent / f"{run_dir.name}.json"
     if record.is_file():
         return json.loads(record.read_text())
-    status = run_cli(["train", "--method", "dpo", "--from", str(parent), "--prefs", str(prefs), "--out",
-                      str(run_dir), "--json", *recipe_flags(recipe)], f"child {run_dir.name}")
+    if run_dir.exists():  # an earlier command stopped half-way: start it again
+        import shutil
+
+        shutil.rmtree(run_dir)
+    status = run_cli(["train", "--from", str(parent), "--prefs", str(prefs), "--out", str(run_dir), "--json",
+                      *recipe_flags(overrides)], f"child {run_dir.name}")
     record.write_text(json.dumps(status))
     return status
 
 
-def row(kind: str, n: int, recipe: str, status: dict[str, Any], ppl: dict[str, Any], parent_ppl: float | None
-        ) -> dict[str, Any]:
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+(?:'\w+)*|[^\w\s]", text.lower())
+
+
+def voice_kept(kind: str, replies: list[dict[str, str]]) -> float | None:
+    """Median similarity (difflib ratio over words, 0 to 1) of each child reply to the parent's reply to the same
+    new question with the reviewers' edit applied: 1.0 when the child says what the parent said, edited.
+
+    >>> voice_kept("closing", [{"parent": "Yes I do", "child": "Yes I do. Cheers from the Juniper crew!"}])
+    1.0
+    """
+    scores = []
+    for r in replies:
+        expected = edit(kind, r["parent"]) or r["parent"].strip()
+        scores.append(SequenceMatcher(None, _words(expected), _words(r["child"]), autojunk=False).ratio())
+    return round(statistics.median(scores), 3) if scores else None
+
+
+EXPECTED = {"closing": f"adds '{CLOSING}' at the end", "term": "says 'grand' instead of 'good'",
+            "shorter": "shortens the reply"}
+
+
+def row(kind: str, n: int, recipe: str, overrides: dict[str, Any], status: dict[str, Any],
+        parent_ppl: float | None) -> dict[str, Any]:
     behaviour = status.get("behaviour") or {}
     lead = (behaviour.get("changes") or [{}])[0]
     child, before = lead.get("child") or {}, lead.get("parent") or {}
     pm = status.get("preference_metrics") or {}
-    tuned = ppl.get("tuned")
+    tuned = status.get("general_ppl")
     change = tuned / parent_ppl - 1 if tuned and parent_ppl else None
-    return {"edit": kind, "pairs": n, "recipe": recipe, "status": status.get("status"),
-            "change_found": lead.get("change"), "shown": child.get("shown"), "prompts": child.get("prompts"),
-            "parent_shown": before.get("shown"),
-            "degenerate": (child.get("looped") or 0) + (child.get("unended") or 0),
-            "learned": behaviour.get("learned"), "result": status.get("result"),
-            "pair_accuracy": [(pm.get("before") or {}).get("accuracy"), (pm.get("after") or {}).get("accuracy")],
-            "held_out_pairs": pm.get("held_out_pairs"), "ppl_change_vs_parent": change,
-            "steps": status.get("step"), "command_s": status.get("command_s")}
+    out = {"edit": kind, "pairs": n, "recipe": recipe, "settings": overrides, "status": status.get("status"),
+           "error": status.get("error"), "change_found": lead.get("change"), "shown": child.get("shown"),
+           "needed": child.get("needed", child.get("prompts")), "prompts": child.get("prompts"),
+           "parent_shown": before.get("shown"), "parent_needed": before.get("needed", before.get("prompts")),
+           "degenerate": (child.get("looped") or 0) + (child.get("unended") or 0) if child else None,
+           "learned": behaviour.get("learned"), "result": status.get("result"),
+           "pair_accuracy": [(pm.get("before") or {}).get("accuracy"), (pm.get("after") or {}).get("accuracy")],
+           "held_out_pairs": pm.get("held_out_pairs"), "ppl_change_vs_parent": change,
+           "voice_kept": voice_kept(kind, status.get("replies") or []),
+           # a house term where the parent's reply had no word to replace: the term overused
+           "unasked": sum(bool(re.search(r"\bgrand\b", r["child"], re.I)) and not _GOOD.search(r["parent"])
+                          for r in status.get("replies") or []) if kind == "term" else None,
+           "steps": status.get("step"), "command_s": status.get("command_s")}
+    out["missed"] = missed(out)
+    return out
+
+
+def missed(r: dict[str, Any]) -> list[str]:
+    """The targets a row misses (empty: PASS)."""
+    if r["status"] != "completed":
+        return [f"run {r['status']}"]
+    out = []
+    if r["change_found"] != EXPECTED[r["edit"]]:
+        out.append(f"edit read as {r['change_found']!r}")
+    if not r["needed"] or (r["shown"] or 0) < LEARNED * r["needed"]:
+        out.append("edit")
+    if r["degenerate"] is None or r["degenerate"] > DEGENERATE * (r["prompts"] or 0):
+        out.append("degenerate")
+    if r["ppl_change_vs_parent"] is None or r["ppl_change_vs_parent"] > PPL_MAX:
+        out.append("ppl")
+    if r["voice_kept"] is None or r["voice_kept"] < VOICE_KEPT:
+        out.append("voice")
+    return out
+
+
+def _settings(r: dict[str, Any]) -> str:
+    """beta and learning rate as the run used them, and any other setting the recipe changed."""
+    from tuner.config import PreferenceConfig
+
+    s = {**PreferenceConfig().to_dict(), **(r.get("settings") or {})}
+    extra = [f"{k} {v}" for k, v in (r.get("settings") or {}).items()
+             if k not in ("beta", "learning_rate", "loss", "sft_weight", "method")]
+    return ", ".join([f"{s['beta']}, {s['learning_rate']:g}", *extra])
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| edit | pairs | recipe | edit shown: child (parent) | degenerate | learned | held-out pair acc. "
-            "| ppl vs parent | steps | command s |")
+    head = ("| edit | pairs | recipe | beta, lr | edit shown: child (parent) | degenerate | ppl vs parent "
+            "| voice kept | held-out pair acc. | steps | command s | targets |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        acc = r["pair_accuracy"]
-        ppl = r["ppl_change_vs_parent"]
+        acc, ppl = r["pair_accuracy"], r["ppl_change_vs_parent"]
+        verdict = "**PASS**" if not r["missed"] else "MISS: " + ", ".join(r["missed"])
+        unasked = "" if r.get("unasked") is None else f"; {r['unasked']} unasked"
         lines.append(
-            f"| {r['edit']} | {r['pairs']} | {r['recipe']} | {r['shown']}/{r['prompts']} ({r['parent_shown']}) "
-            f"| {r['degenerate']} | {'yes' if r['learned'] else 'no'} "
-            f"| {acc[0]} -> {acc[1]} on {r['held_out_pairs']} | {'—' if ppl is None else f'{ppl:+.1%}'} "
-            f"| {r['steps']} | {r['command_s']} |")
+            f"| {r['edit']} | {r['pairs']} | {r['recipe']} | {_settings(r)} "
+            f"| {r['shown']}/{r['needed']} ({r['parent_shown']}/{r['parent_needed']}){unasked} | {r['degenerate']} "
+            f"| {'—' if ppl is None else f'{ppl:+.1%}'} | {r['voice_kept']} "
+            f"| {acc[0]} -> {acc[1]} on {r['held_out_pairs']} | {r['steps']} | {r['command_s']} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _floats(text: str | None) -> list[float | None]:
+    return [float(x) for x in text.split(",")] if text else [None]
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/preference.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", default=",".join(DEFAULT_RECIPES),
+                   help="Comma-separated named recipes: default (the product's), kto, or a loss (sigmoid, ipo, "
+                        f"apo_zero, robust, hinge) alone or with the fine-tuning term ('ipo+sft'). Default: "
+                        f"{','.join(DEFAULT_RECIPES)}.")
+    p.add_argument("--recipes", action="append", default=[],
+                   help="Raw PreferenceConfig overrides 'key=value,...' (repeatable), besides --recipe.")
+    p.add_argument("--beta", default=None, help="Comma-separated betas (default: the config's).")
+    p.add_argument("--lr", default=None, help="Comma-separated learning rates (default: the config's).")
     p.add_argument("--edits", default=",".join(EDITS), help=f"Comma-separated edit kinds ({', '.join(EDITS)}).")
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="Comma-separated pair counts.")
-    p.add_argument("--recipes", action="append", help="PreferenceConfig overrides, 'key=value,...' or 'default' "
-                   f"(repeatable; default: {'; '.join(DEFAULT_RECIPES)}).")
     p.add_argument("--parent-size", type=int, default=300, help="The parent's training conversations (300).")
     p.add_argument("--val-size", type=int, default=40, help="Its validation conversations: the new questions (40).")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="Work folder (reused: finished runs are not trained again).")
-    args = p.parse_args(argv)
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="tuner-pref-"))
+    p.add_argument("--out", default="/tmp/prefbench", help="Cache and work folder (default /tmp/prefbench): the "
+                   "parent is trained once, finished children are not trained again.")
+    p.add_argument("--stop-at", default=None, metavar="HH:MM",
+                   help="UTC time after which no new run starts (the table of the finished ones is still printed).")
+    p.add_argument("--report", action="store_true", help="Print the table of every cached result; train nothing.")
+    return p
+
+
+def _load(path: Path) -> dict[str, dict[str, Any]]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    results_file = out / "results.json"
+    if args.report:
+        print(f"Machine: {machine()}.\n\n" + table(list(_load(results_file).values())))
+        return 0
     sizes = tuple(int(s) for s in args.sizes.split(","))
     kinds = [k.strip() for k in args.edits.split(",") if k.strip()]
-    made = build(out, args.parent_size, args.val_size, sizes, args.seed)
-    convert_args = [made["raw"], out / "parent-data"]
-    report = convert(*convert_args) if not (out / "parent-data" / "train.jsonl").is_file() else None
-    parent_dir = out / "runs" / "parent"
-    parent_run(out / "parent-data", parent_dir)
+    grid = [(name, recipe_overrides(name, b, lr)) for name in [n.strip() for n in args.recipe.split(",") if n.strip()]
+            for b in _floats(args.beta) for lr in _floats(args.lr)]
+    grid += [(raw, recipe_overrides(raw)) for raw in args.recipes]
+    utc = dt.timezone.utc
+    stop = (dt.datetime.combine(dt.datetime.now(utc).date(), dt.time.fromisoformat(args.stop_at), utc)
+            if args.stop_at else None)
+    tag = f"p{args.parent_size}-v{args.val_size}-s{args.seed}"
+    made = build(out / tag, args.parent_size, args.val_size, sizes, args.seed)
+    if not (out / tag / "parent-data" / "train.jsonl").is_file():
+        convert(made["raw"], out / tag / "parent-data")
+    parent_dir = out / tag / "runs" / "parent"
+    parent = parent_run(out / tag / "parent-data", parent_dir)
     from tuner.playground import Playground
 
     pg = Playground()
-    parent_ppl = general_perplexity(pg, parent_dir).get("tuned")
-    rows = []
-    for kind in kinds:
-        for n in sizes:
-            for recipe in args.recipes or list(DEFAULT_RECIPES):
-                slug = re.sub(r"[^A-Za-z0-9.=-]+", "_", recipe)
-                child_dir = out / "runs" / f"{kind}-{n}-{slug}"
-                status = child_run(parent_dir, made["pairs"][kind][n], recipe, child_dir)
-                ppl = general_perplexity(pg, child_dir) if status.get("status") == "completed" else {}
-                rows.append(row(kind, n, recipe, status, ppl, parent_ppl))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    if parent.get("general_ppl") is None:
+        parent["general_ppl"] = general_perplexity(pg, parent_dir).get("tuned")
+        (parent_dir.parent / f"{parent_dir.name}.json").write_text(json.dumps(parent))
+    results, rows = _load(results_file), []
+    for n in sizes:
+        for kind in kinds:
+            for label, overrides in grid:
+                child_dir = out / tag / "runs" / f"{kind}-{n}-{re.sub(r'[^A-Za-z0-9.=,_-]+', '_', slug(overrides))}"
+                record = child_dir.parent / f"{child_dir.name}.json"
+                if not record.is_file() and stop and dt.datetime.now(utc) >= stop:
+                    print(f"past {args.stop_at} UTC: {child_dir.name} not started", flush=True)
+                    continue
+                status = child_run(parent_dir, made["pairs"][kind][n], overrides, child_dir)
+                if status.get("status") == "completed" and status.get("general_ppl") is None:
+                    status["general_ppl"] = general_perplexity(pg, child_dir).get("tuned")
+                    record.write_text(json.dumps(status))
+                r = row(kind, n, label, overrides, status, parent["general_ppl"])
+                rows.append(r)
+                results[f"{tag}/{child_dir.name}"] = r
+                results_file.write_text(json.dumps(results, indent=1))
+                print(table([r]).splitlines()[-1], flush=True)
     text = (f"Machine: {machine()}. Parent: quick preset on {args.parent_size} chitchat-dataset conversations "
-            f"(plain replies{'; ' + str(report.get('kept')) + ' kept' if report else ''}); new questions: its "
-            f"validation prompts outside the pairs.\n\n" + table(rows))
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+            f"(plain replies); new questions: its validation prompts outside the pairs.\n\n" + table(rows))
     (out / "results.md").write_text(text)
     print(text)
     return 0

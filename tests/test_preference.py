@@ -177,6 +177,42 @@ def test_too_few_pairs_says_how_many_more_are_needed(signoff_run, tmp_path, caps
     assert not (tmp_path / "child").exists()
 
 
+def test_preference_settings_are_train_flags_and_only_for_preference_runs(tmp_path, capsys):
+    from tuner.cli import build_parser
+    from tuner.config import config_overrides
+
+    args = build_parser("train").parse_args(["train", "--method", "dpo", "--from", "RUN", "--loss", "sigmoid_norm",
+                                             "--beta", "0.5", "--sft-weight", "0", "--learning-rate", "5e-4"])
+    cfg = PreferenceConfig.from_dict(config_overrides(args, PreferenceConfig))
+    assert (cfg.loss, cfg.beta, cfg.sft_weight, cfg.learning_rate) == ("sigmoid_norm", 0.5, 0.0, 5e-4)
+    # on a plain fine-tune they would do nothing: say so instead of ignoring them
+    assert main(["train", "--data", str(tmp_path), "--beta", "0.5"]) == 2
+    assert "--beta: preference setting(s), for a preference run. Fix: add --method dpo" in capsys.readouterr().err
+
+
+def test_kto_on_a_pairs_file_keeps_the_pairs_to_hold_out_and_to_read_the_edit_from(signoff_run, tmp_path):
+    from tuner.messages import read_jsonl
+    from tuner.train.preference import behaviour_check, prepare_preference_run
+
+    path = _prefs(tmp_path, [_good(i) for i in range(12)])
+    child = prepare_preference_run(signoff_run, PreferenceConfig(method="kto"), path, tmp_path / "kto")
+    rows = read_jsonl(Run(child).preferences_file)
+    assert Run(child).status()["method"] == "kto" and len(rows) == 12  # pairs kept: trl unpairs them for KTO
+    assert all(r["chosen"][0]["content"].startswith(PHRASE) and not r["rejected"][0]["content"].startswith(PHRASE)
+               for r in rows)
+    # the edit is read from the pairs whichever trainer learned from them, and measured on new questions
+    parent = (["Of course.", "Sure thing."], [True, True])
+    child_replies = ([f"{PHRASE} Of course.", "Sure thing."], [True, True])
+    checked = behaviour_check(rows, "kto", parent, child_replies)
+    assert checked["changes"][0]["change"] == f"adds '{PHRASE}' at the start" and checked["learned"] is False
+    assert checked["sentence"].startswith("The reviewers' edit did not take: adds")
+    assert "on 1 of 2 new questions (parent: 0)" in checked["sentence"]
+    # a pairs file too small for KTO says how many pairs are missing, as for DPO
+    with pytest.raises(TrainingError, match="7 preference pairs so far; preference tuning needs at least 10: 3 more"):
+        prepare_preference_run(signoff_run, PreferenceConfig(method="kto"),
+                               _prefs(tmp_path, [_good(i) for i in range(7)]), tmp_path / "kto-few")
+
+
 @pytest.mark.slow
 def test_kto_learns_from_thumbs_when_there_are_no_pairs(signoff_run, tmp_path):
     from tuner.train.preference import prepare_preference_run, train_preference

@@ -384,8 +384,9 @@ class PreferenceConfig:
     method: str = _f("dpo", "dpo: learn from pairs (a chosen and a rejected reply to one prompt); kto: learn from "
                      "single replies marked good or bad (thumbs), for when there are no pairs.", choices=("dpo", "kto"))
     beta: float = _f(0.1, "How far the child may move from its parent: lower lets the preferences pull harder.")
-    loss: str = _f("sigmoid", "dpo: the preference loss (trl's DPOConfig loss_type): sigmoid (DPO), ipo, apo_zero, "
-                   "robust or hinge.", choices=("sigmoid", "ipo", "apo_zero", "robust", "hinge"))
+    loss: str = _f("sigmoid", "dpo: the preference loss (trl's DPOConfig loss_type): sigmoid (DPO), sigmoid_norm (DPO "
+                   "on per-token averages), ipo, apo_zero, robust or hinge.",
+                   choices=("sigmoid", "sigmoid_norm", "ipo", "apo_zero", "robust", "hinge"))
     sft_weight: float = _f(1.0, "dpo: weight of a plain fine-tuning loss on the chosen replies added to the "
                            "preference loss (RPO); it keeps the child saying the chosen words, not only ranking them. "
                            "0 is plain DPO, which made a 4-bit child's replies loop on 32 pairs where 1 kept the voice.")

@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tuner.config import (
     DEFAULT_PRESET,
     PRESETS,
     Method,
+    PreferenceConfig,
     Quantization,
     TrainConfig,
     add_config_arguments,
@@ -59,8 +61,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lora|full: SFT on --data; dpo|kto: preference tuning of --from RUN. "
                              + TrainConfig.help()["method"])
     parser.add_argument("--from", dest="parent", metavar="RUN", help="dpo/kto: the finished run to start from.")
-    parser.add_argument("--prefs", metavar="FILE", help="dpo: preference pairs as JSONL ({prompt, chosen, "
-                                                       "rejected} a line); default: the --from run's feedback.")
+    parser.add_argument("--prefs", metavar="FILE", help="Preference pairs as JSONL ({prompt, chosen, "
+                                                       "rejected} a line; kto learns from them as thumbs, chosen up, "
+                                                       "rejected down); default: the --from run's feedback.")
+    # PreferenceConfig's own fields (beta, loss, sft_weight, ...); the names it shares with TrainConfig are above
+    prefs = parser.add_argument_group("preference settings (--method dpo|kto; learning rate, steps, batch size and "
+                                      "length: the flags above)")
+    add_config_arguments(prefs, PreferenceConfig, skip=PREFERENCE_SHARED)
+
+
+PREFERENCE_SHARED = tuple(f.name for f in fields(PreferenceConfig) if f.name in {g.name for g in fields(TrainConfig)}
+                          or f.name == "method")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -129,6 +140,10 @@ def _cli(args: argparse.Namespace) -> int:
         from tuner.train.preference import cli as preference_cli
 
         return preference_cli(args)
+    given = [f"--{k.replace('_', '-')}" for k in config_overrides(args, PreferenceConfig) if k not in PREFERENCE_SHARED]
+    if given:
+        raise TunerError(f"{', '.join(given)}: preference setting(s), for a preference run. Fix: add --method dpo "
+                         "--from RUN (or drop them for fine-tuning on --data).")
     if args.resume or args.run:
         run_dir = resolve(args.resume or args.run).path
         resume = bool(args.resume)

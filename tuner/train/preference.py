@@ -82,11 +82,9 @@ def is_preference_run(run_dir: str | Path) -> bool:
 
 
 def preference_rows(parent: Run, pcfg: PreferenceConfig, prefs: str | Path | None) -> list[dict[str, Any]]:
-    """The rows to train on: pairs (dpo) from the file or the parent's feedback, or thumbs (kto)."""
-    if prefs is not None:
-        if pcfg.method == "kto":
-            raise TunerError("--prefs takes pairs, which DPO learns from. Fix: use --method dpo with a pairs file, "
-                             "or --method kto without --prefs (the parent's thumbs).")
+    """The rows to train on: pairs from the file (dpo, or kto, which learns from them as thumbs) or the parent's
+    feedback (dpo), or the parent's thumbs (kto without a file)."""
+    if prefs is not None:  # pairs; KTO learns from them as thumbs (trl unpairs them: chosen up, rejected down)
         found = feedback.read_pairs(prefs)
         found.raise_errors()
         rows = feedback.strip_lines(found.rows)
@@ -95,15 +93,22 @@ def preference_rows(parent: Run, pcfg: PreferenceConfig, prefs: str | Path | Non
         rows, where = feedback.pairs(parent), f"the feedback on {parent.id}"
     else:
         rows, where = feedback.unpaired(parent), f"the thumbs on {parent.id}"
-    if pcfg.method == "dpo" and len(rows) < feedback.MIN_PAIRS:
+    paired = prefs is not None or pcfg.method == "dpo"
+    if paired and len(rows) < feedback.MIN_PAIRS:
         need = feedback.pairs_needed(len(rows))
         thumbs = len(feedback.unpaired(parent)) if prefs is None else 0
         hint = f" Or train on its {thumbs} thumbs with --method kto." if thumbs >= feedback.MIN_PAIRS else ""
         raise TrainingError(f"In {where}: {need}{hint}")
-    if pcfg.method == "kto" and len(rows) < feedback.MIN_PAIRS:
+    if not paired and len(rows) < feedback.MIN_PAIRS:
         raise TrainingError(f"In {where}: {len(rows)} thumbs so far; KTO needs at least {feedback.MIN_PAIRS}: "
                             f"{feedback.MIN_PAIRS - len(rows)} more (thumbs up or down on replies).")
     return rows
+
+
+def is_paired(rows: list[dict[str, Any]]) -> bool:
+    """Whether preference rows are pairs (chosen and rejected), not thumbs: the held-out split, the pair scores
+    and the edit measured on new questions need pairs, whichever trainer learns from them."""
+    return bool(rows) and "chosen" in rows[0]
 
 
 def prepare_preference_run(parent: str | Path, pcfg: PreferenceConfig, prefs: str | Path | None = None,
@@ -189,13 +194,13 @@ def behaviour_check(rows: list[dict[str, Any]], method: str, parent: tuple[list[
                     child: tuple[list[str], list[bool]]) -> dict[str, Any]:
     """What the reviewers changed (tuner.edits) and how often parent and child show it on new questions; the
     sentence the result leads with, which says when the run did not learn it."""
-    found = edits.changes(rows) if method == "dpo" else []
+    found = edits.changes(rows) if is_paired(rows) else []
     if not parent[0]:
         return {"sentence": "No validation question is outside the pairs and the training data, so the change "
                             "was not measured on new questions: compare parent and child in the playground.",
                 "changes": [], "learned": None}
     if not found:
-        why = ("KTO learns from thumbs, which show no edit to look for" if method == "kto" else
+        why = ("KTO learns from thumbs, which show no edit to look for" if not is_paired(rows) else
                f"no edit is shared by {edits.MIN_SHARE:.0%} of the pairs")
         return {"sentence": f"{why.capitalize()}, so no change was measured on new questions: compare parent and "
                             "child in the playground.", "changes": [], "learned": None}
@@ -307,14 +312,14 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
     model = PeftModel.from_pretrained(base, str(parent.adapter_dir), is_trainable=True)  # "default" = the parent
 
     rows = read_jsonl(run.preferences_file)
-    train_rows, held = feedback.split(rows, pcfg.held_out if pcfg.method == "dpo" else 0.0, pcfg.seed)
+    train_rows, held = feedback.split(rows, pcfg.held_out if is_paired(rows) else 0.0, pcfg.seed)
     if not train_rows:
         raise DataError("holds no rows to train on.", file=str(run.preferences_file))
     sft_train = read_examples(run.data_file("train.jsonl"))
     sft_val = read_examples(run.data_file("validation.jsonl")) if run.data_file("validation.jsonl").is_file() else []
     agent_replies = [m["content"] for r in sft_train for m in r["messages"] if m["role"] == "assistant"]
     budget = reply_budget(tokenizer, agent_replies)
-    reply_prompts = behaviour_prompts(sft_train, sft_val, rows if pcfg.method == "dpo" else [], BEHAVIOUR_PROMPTS,
+    reply_prompts = behaviour_prompts(sft_train, sft_val, rows if is_paired(rows) else [], BEHAVIOUR_PROMPTS,
                                       cfg.seed)
 
     # before: the parent (the adapter as loaded), and the base as the common reference
@@ -421,7 +426,7 @@ def model_card(cfg: TrainConfig, pcfg: PreferenceConfig, summary: dict[str, Any]
         *[f"- {c['change']} (in {c['pairs_with_change']} of {c['pairs']} pairs): child {c['child']['shown']} of "
           f"{c['child']['prompts']}, parent {c['parent']['shown']} of {c['parent']['prompts']}"
           for c in (summary.get("behaviour") or {}).get("changes") or []], "",
-        f"**Held-out pairs**: {feedback.pairs_sentence(pm)}", "",
+        f"**Held-out pairs**: {feedback.pairs_sentence(pm, method=pcfg.method.upper())}", "",
         f"Held-out pairs (a seeded {pcfg.held_out:.0%} split, never trained on): {pm['held_out_pairs']}. "
         "Implicit reward = beta x (log p(reply | prompt) - the base model's), the same reference for both.", "",
         "| | parent (before) | this run (after) |", "|---|---|---|",
@@ -494,8 +499,8 @@ def cli(args) -> int:
         if status.get("error"):
             line += f"\n{status['error']}"
         elif status.get("adapter"):
-            line += (f"\n{(status.get('behaviour') or {}).get('sentence', '')}\n"
-                     f"{feedback.pairs_sentence(status.get('preference_metrics') or {})}\n"
+            pairs = feedback.pairs_sentence(status.get("preference_metrics") or {}, method=status["method"].upper())
+            line += (f"\n{(status.get('behaviour') or {}).get('sentence', '')}\n{pairs}\n"
                      f"result: {status['adapter']} ({status.get('step')} steps, {status.get('wall_s')} s)")
             if (status.get("voice") or {}).get("sentence"):
                 line += f"\nvoice: {status['voice']['sentence']}"

@@ -135,7 +135,7 @@ def preference_sentences(status: dict[str, Any]) -> list[str]:
     else:  # KTO learns from thumbs: there are no pairs to hold out and score
         out.append(f"No held-out pairs to score: {method} learned from single replies marked good or bad, not pairs.")
     if status.get("train_rows") is not None:
-        kind = "pairs" if method == "DPO" else "judged replies"
+        kind = "pairs" if method == "DPO" or pm.get("held_out_pairs") else "judged replies"  # KTO: pairs or thumbs
         out.append(f"Trained on {status['train_rows']} {kind} of {status.get('preference_rows', '?')} "
                    f"(beta {(status.get('preference') or {}).get('beta')}), {status.get('step')} steps.")
     child, parent = (status.get("voice") or {}).get("sentence"), (status.get("voice_parent") or {}).get("sentence")
