@@ -5,8 +5,10 @@ Screenshots go to the test's tmp dir and to /work/notes/shots/ (when that folder
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -78,12 +80,18 @@ def test_the_evaluate_view_compares_three_ways_and_says_which_to_ship(server, si
                 break
         before = (signoff_run / "eval.json").stat().st_mtime_ns if (signoff_run / "eval.json").is_file() else None
         page.locator("#eval-run").click()
-        page.wait_for_function("() => /Ship |No way wins/.test(document.querySelector('#eval-verdict').innerText) "
-                               "&& document.querySelectorAll('#eval-rows tbody tr').length > 0",
-                               timeout=EVAL_TIMEOUT_MS)
+        # the run's earlier evaluation is on screen already: wait for this click's own eval.json, then its sentence
+        deadline = time.monotonic() + EVAL_TIMEOUT_MS / 1000
+        while True:
+            changed = (signoff_run / "eval.json").is_file() and (signoff_run / "eval.json").stat().st_mtime_ns != before
+            result = saved_result(signoff_run) if changed else {}
+            if result.get("three_way"):
+                break
+            assert time.monotonic() < deadline, "the evaluation wrote no eval.json"
+            page.wait_for_timeout(500)
+        page.wait_for_function(f"() => document.querySelector('#eval-verdict').innerText.includes("
+                               f"{json.dumps(result['three_way']['sentence'])})", timeout=60_000)
         page.wait_for_timeout(500)
-        assert (signoff_run / "eval.json").stat().st_mtime_ns != before  # this click's evaluation, not an old one
-        result = saved_result(signoff_run)
         verdict = page.locator("#eval-verdict").inner_text()
         # the sentence measured for this run, in words, with what retrieval was shown and what it cost
         assert result["three_way"]["sentence"] in verdict

@@ -170,7 +170,7 @@ def _ways(prompting, retrieval, tuned):
     (_ways((3, 20.0), (23, 28.0, 0, {"prompt_tokens": 520, "seconds": 0.9}),
            (20, 24.0, 0, {"prompt_tokens": 90, "seconds": 0.4})),
      "Ship retrieval, no training needed: it does better than the tuned model (the sign-off on 23 vs 20 of 24; "
-     "chrF 28 vs 24); it reads 430 more prompt tokens a reply (0.90 s a reply vs the tuned model's 0.40 s)"),
+     "chrF 28 vs 24); it reads 430 more prompt tokens a reply than the tuned model (0.90 s a reply vs 0.40 s)"),
     # the tuned model's loops count against its habit
     (_ways((20, 25.0), (10, 24.0), (22, 25.0, 6)),
      "Ship prompting, no training needed: it does better than the tuned model (the sign-off on 20 vs 22 of 24; "

@@ -295,9 +295,9 @@ def _cost(w: Way, tuned: Way) -> str:
     """What retrieval costs on every reply, against the tuned model."""
     if w.name != "retrieval" or not (w.prompt_tokens and tuned.prompt_tokens):
         return ""
-    out = f"; it reads {w.prompt_tokens - tuned.prompt_tokens:.0f} more prompt tokens a reply"
+    out = f"; it reads {w.prompt_tokens - tuned.prompt_tokens:.0f} more prompt tokens a reply than the tuned model"
     if w.seconds and tuned.seconds:
-        out += f" ({w.seconds:.2f} s a reply vs the tuned model's {tuned.seconds:.2f} s)"
+        out += f" ({w.seconds:.2f} s a reply vs {tuned.seconds:.2f} s)"
     return out
 
 
