@@ -306,13 +306,15 @@ def test_a_finished_run_is_evaluated_described_and_downloaded(client, signoff_ru
     run_id = signoff_run.name
     details = client.predict(run_id, api_name="/run_details")
     assert "| status | completed |" in details and "| learning rate |" in details
-    metrics, rows = client.predict(run_id, 3, 8, 0.0, 0.9, 0, 1.1, api_name="/evaluate")
+    metrics, rows, memorised = client.predict(run_id, 3, 8, 0.0, 0.9, 0, 1.1, api_name="/evaluate")
     from tuner.evaluate import METRIC_LABELS
 
     names = [r[0] for r in metrics["data"]]  # named in words on the page
     assert {METRIC_LABELS[k] for k in ("chrf", "brand_phrase_rate", "validation_loss", "general_perplexity")} <= set(names)
     assert all(r[-1] for r in metrics["data"])  # every metric explains itself in one line
     assert len(rows["data"]) == 3 and all(r[2] and r[3] for r in rows["data"])  # both answered every prompt
+    # what it memorised, in a sentence with its numbers (this run's data has no planted canaries)
+    assert "of 3 replies" in memorised and "no canaries planted" in memorised
     # the evaluation is kept with the run and shown again when the run is picked
     assert client.predict(run_id, api_name="/saved_evaluation")[0]["data"] == metrics["data"]
     for endpoint, must_have in (("/download_adapter", "adapter_model.safetensors"),

@@ -8,7 +8,8 @@ the base and the tuned model (same seed and settings, one batched pass per promp
 - the rate of the brand's recurring openings/sign-offs, mined from the run's training replies,
 - reply length vs the references,
 - loss/perplexity on the held-out replies (assistant tokens only),
-- perplexity on general English text shipped with tuner: the forgetting check.
+- perplexity on general English text shipped with tuner: the forgetting check,
+- what the tuned model memorised (tuner.memorisation): copied spans, personal data, planted canaries.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from tuner import memorisation
 from tuner.config import GenerationConfig, add_config_arguments, config_overrides
 from tuner.errors import DataError, TunerError
 from tuner.runs import Run, read_json_object, resolve
@@ -46,6 +48,8 @@ METRIC_HELP = {
     "validation_loss": "Loss on the held-out real replies (lower is better): how well the model predicts the brand's own words.",
     "validation_perplexity": "exp(validation loss): the number of words the model hesitates between, on average (lower is better).",
     "general_perplexity": "Perplexity on general English shipped with tuner (lower is better); a rise after tuning is forgetting.",
+    memorisation.METRIC: "Tuned replies copying 12+ words of a training reply, personal data they emit that the training "
+                         "data holds, and planted canaries the tuned model completes (exposure: Carlini et al. 2019).",
 }
 METRIC_LABELS = {  # the metric names a person reads (eval.json keeps the keys)
     "chrf": "Wording close to the real reply (chrF)",
@@ -54,6 +58,7 @@ METRIC_LABELS = {  # the metric names a person reads (eval.json keeps the keys)
     "validation_loss": "Loss on the real replies",
     "validation_perplexity": "Perplexity on the real replies",
     "general_perplexity": "Perplexity on general English (forgetting)",
+    memorisation.METRIC: "What the tuned model memorised",
 }
 ProgressFn = Callable[[int, int, str], None]  # (prompts done, prompts in all, what is happening)
 
@@ -338,6 +343,8 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
     # losses: the same model, adapter off and on
     losses = loss_metrics(pg, info, Run(run_dir).config().max_length, loss_limit)
     fingerprint = losses.pop("fingerprint", None)
+    tell(len(cases), "Checking what the tuned model memorised (copied spans, personal data, planted canaries)")
+    metrics[memorisation.METRIC].update(memorisation.measure(pg, run_dir, rows, phrases))
     tell(len(cases), "Writing eval.json and eval.md")
     for name, values in losses.items():
         metrics[name].update(values)
@@ -358,6 +365,11 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
     return result
 
 
+def table_metrics(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The metrics with a value per column (the memorisation checks are a section of their own)."""
+    return [(name, m) for name, m in metrics.items() if name != memorisation.METRIC]
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "—"
@@ -376,9 +388,12 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"temperature {s['temperature']}, top-p {s['top_p']}, max new tokens {s['max_new_tokens']}, "
              f"seed {s['seed']}, repetition penalty {s['repetition_penalty']}.", "",
              "## Metrics", "", "| metric | base | tuned | reference | what it means |", "|---|---|---|---|---|"]
-    for name, m in result["metrics"].items():
+    for name, m in table_metrics(result["metrics"]):
         lines.append(f"| {name} | {_cell(m.get('base'))} | {_cell(m.get('tuned'))} | {_cell(m.get('reference'))} "
                      f"| {_cell(m['explain'])} |")
+    memorised = result["metrics"].get(memorisation.METRIC)
+    if memorised and memorised.get("sentence"):
+        lines += ["", "## What the tuned model memorised", "", memorisation.markdown(memorised)]
     lines += ["", "## Brand phrases (mined from the training replies)", ""]
     lines += [f"- \"{p['phrase']}\" ({p['position']}, {p['share']:.0%} of training replies)" for p in result["phrases"]]
     if not result["phrases"]:
@@ -413,7 +428,9 @@ def cli(args: argparse.Namespace) -> int:
                          indent=2, ensure_ascii=False))
         return 0
     print(f"{'metric':<24}{'base':>14}{'tuned':>14}{'reference':>14}")
-    for name, m in result["metrics"].items():
+    for name, m in table_metrics(result["metrics"]):
         print(f"{name:<24}" + "".join(f"{_cell(m.get(c)):>14}" for c in ("base", "tuned", "reference")))
+    if (result["metrics"].get(memorisation.METRIC) or {}).get("sentence"):
+        print(f"\nMemorised: {result['metrics'][memorisation.METRIC]['sentence']}.")
     print(f"\n{len(result['rows'])} prompts; replies side by side in eval.md and eval.json in the run folder.")
     return 0

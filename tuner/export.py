@@ -123,6 +123,8 @@ def _write_full(info, cfg, out: Path) -> None:
 def model_card(info, cfg, kind: str, dtype: str | None) -> str:
     """README.md for the export: what it is, how it was trained, how well, and how to load it."""
     from tuner.dataset import pii_statement
+    from tuner.evaluate import table_metrics
+    from tuner.memorisation import METRIC
 
     run = Run(info.run_dir)
     status = run.status()
@@ -154,9 +156,11 @@ def model_card(info, cfg, kind: str, dtype: str | None) -> str:
     metrics = evaluation.get("metrics") or {}
     if metrics:
         lines += ["", "## Evaluation (base vs tuned)", "", "| metric | base | tuned | meaning |", "|---|---|---|---|"]
-        for name, m in metrics.items():
+        for name, m in table_metrics(metrics):
             if not isinstance(m.get("base"), dict):
                 lines.append(f"| {name} | {m.get('base')} | {m.get('tuned')} | {m.get('explain', '')} |")
+        if (metrics.get(METRIC) or {}).get("sentence"):
+            lines += ["", f"What the tuned model memorised: {metrics[METRIC]['sentence']}."]
     lines += ["", "## Use", "", "```python"]
     if kind == "adapter":
         lines += ["from peft import PeftModel",

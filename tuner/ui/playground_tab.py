@@ -565,8 +565,9 @@ def ab_vote(choice: str | None, reviewer: str, pair_id: str | None, state: dict[
 # -- evaluation ------------------------------------------------------------------------------------
 
 
-def eval_tables(result: dict[str, Any]) -> dict[str, pd.DataFrame]:
-    from tuner.evaluate import METRIC_LABELS
+def eval_tables(result: dict[str, Any]) -> dict[str, Any]:
+    from tuner import memorisation
+    from tuner.evaluate import METRIC_LABELS, table_metrics
 
     def cell(v: Any) -> Any:
         if isinstance(v, dict):
@@ -575,10 +576,13 @@ def eval_tables(result: dict[str, Any]) -> dict[str, pd.DataFrame]:
 
     metrics = [{"metric": METRIC_LABELS.get(name, name), "base": cell(m.get("base")), "tuned": cell(m.get("tuned")),
                 "reference": cell(m.get("reference")), "what it means": m.get("explain", "")}
-               for name, m in (result.get("metrics") or {}).items()]
+               for name, m in table_metrics(result.get("metrics") or {})]
     rows = [{k: r.get(k) for k in EVAL_COLUMNS} for r in result.get("rows") or []]
+    memorised = (result.get("metrics") or {}).get(memorisation.METRIC) or {}
     return {"eval_metrics": pd.DataFrame(metrics, columns=METRIC_COLUMNS),
-            "eval_rows": pd.DataFrame(rows, columns=EVAL_COLUMNS)}
+            "eval_rows": pd.DataFrame(rows, columns=EVAL_COLUMNS),
+            "eval_memorised": "**What the tuned model memorised:** " + memorisation.markdown(memorised, md_escape)
+            if memorised.get("sentence") else ""}
 
 
 @friendly
@@ -708,6 +712,7 @@ def build() -> Components:
             c["eval_stop"] = gr.Button("Stop the evaluation", variant="stop", scale=1, elem_id="eval-stop")
         c["eval_metrics"] = gr.Dataframe(pd.DataFrame(columns=METRIC_COLUMNS), label="Voice metrics", interactive=False, wrap=True, elem_id="eval-metrics",
                                          column_widths=["22%", "10%", "10%", "10%", "48%"])
+        c["eval_memorised"] = gr.Markdown(elem_id="eval-memorised")
         c["eval_rows"] = gr.Dataframe(pd.DataFrame(columns=EVAL_COLUMNS),
                                       label="Replies: the real one, then base and tuned, side by side",
                                       interactive=False, wrap=True, max_height=600, elem_id="eval-rows",
@@ -742,13 +747,13 @@ def wire(c: Components) -> None:
                               api_name="toggle_prompted", api_visibility="private")
     # runs finish while the page is open: opening the tab picks up the newest ones
     c["playground_tab"].select(playground_runs, c["pg_run"], c["pg_run"], api_name="playground_runs")
-    c["pg_run"].change(keyed(saved_evaluation, c), c["pg_run"], pick(c, "eval_metrics", "eval_rows"),
+    c["pg_run"].change(keyed(saved_evaluation, c), c["pg_run"], pick(c, "eval_metrics", "eval_rows", "eval_memorised"),
                        api_name="saved_evaluation")
     c["pg_run"].change(keyed(clear_chats, c), outputs=[*outputs, *buttons], api_name="new_chat",
                        api_visibility="private")
     c["eval_btn"].click(keyed(evaluate_run, c),
                         pick(c, "pg_run", "eval_prompts", "max_new", "temperature", "top_p", "seed", "rep"),
-                        pick(c, "eval_metrics", "eval_rows"), api_name="evaluate", concurrency_limit=1)
+                        pick(c, "eval_metrics", "eval_rows", "eval_memorised"), api_name="evaluate", concurrency_limit=1)
     c["eval_stop"].click(press_eval_stop, api_name="stop_evaluation", api_visibility="private", queue=False)
     wire_feedback(c)
 

@@ -155,6 +155,14 @@ def runs_frame() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RUNS_COLUMNS)
 
 
+def memorised_sentence(run: Run) -> str | None:
+    """What the run's last evaluation found it memorised (copied spans, personal data, canaries), if evaluated."""
+    from tuner.evaluate import saved_result
+    from tuner.memorisation import METRIC
+
+    return ((saved_result(run.path).get("metrics") or {}).get(METRIC) or {}).get("sentence")
+
+
 @friendly
 def run_details(run_id: str | None) -> str:
     """A run's outcome, then every setting it was trained with (its config.yaml)."""
@@ -176,6 +184,7 @@ def run_details(run_id: str | None) -> str:
         "eval loss": f"{_round(status.get('first_eval_loss'))} → {_round(status.get('eval_loss'))}"
         if status.get("eval_loss") is not None else None,
         "voice (new questions)": (status.get("voice") or {}).get("sentence"),
+        "memorised (last evaluation)": memorised_sentence(run),
         "tokens trained": f"{status['tokens_trained']:,}" if status.get("tokens_trained") else None,
         "time": fmt_duration(took(status)) if took(status) else None,
         "peak memory": f"{status['peak_memory_mb'] / 1024:.1f} GB" if status.get("peak_memory_mb") else None,
