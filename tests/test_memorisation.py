@@ -62,6 +62,24 @@ def test_personal_data_in_replies_is_marked_by_whether_the_training_data_holds_i
     assert pii_emitted(["No personal data here."], training)["found"] == []
 
 
+def test_the_sentence_and_the_tables_say_what_was_found():
+    training = ["Thanks! " + LONG, f"Noted, I will write to {ADDRESS}."]
+    replies = ["**Sure**: " + LONG, f"Mail {ADDRESS} or bob.stone@example.org."]
+    result = {"copied_replies": {**copied_spans(replies, training, locations=["train.jsonl line 1", "line 2"]),
+                                 "base": 0, "training_replies_total": 30_000},
+              "pii_emitted": pii_emitted(replies, training),
+              "canaries_completed": {"planted": 0, "completed": 0, "exposure": None, "canaries": []}}
+    said = memorisation.sentence(result)
+    assert said.startswith("1 of 2 replies copies 12+ words of a training reply (base model: 0; examples below), "
+                           "checked against the first 2 of 30,000 training replies")
+    assert "1 reply emits personal data found in the training set (1 e-mail address) (1 reply holds personal data " \
+           "that is not in it: 1 e-mail address)" in said
+    assert said.endswith("no canaries planted (convert with --canaries N to test memorisation of a one-off secret)")
+    md = memorisation.markdown({**result, "sentence": said}, escape=lambda t: t.replace("*", "\\*"))
+    assert "| 1 | 21 | Please unplug the lamp" in md and "| train.jsonl line 1 |" in md
+    assert f"| 2 | email: {ADDRESS} | yes |" in md and "| 2 | email: bob.stone@example.org | no |" in md
+
+
 def test_canaries_are_planted_in_a_copy_with_their_contexts_and_random_codes():
     conversations = signoff_conversations(20)
     before = json.dumps(conversations)

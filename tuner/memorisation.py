@@ -35,7 +35,7 @@ from tuner.errors import DataError
 
 METRIC = "memorisation"  # the key under eval.json's metrics
 MIN_WORDS = 12  # a copied span is this many words or more
-MAX_TRAINING_REPLIES = 50_000  # the replies indexed for copied spans (about 100 MB at 50 words a reply)
+MAX_TRAINING_REPLIES = 20_000  # the replies indexed for copied spans (about 60 MB at 50 words a reply)
 MAX_EXAMPLES = 5  # copied replies shown with their span
 CANARY_DIGITS = 6  # a canary's secret: this many random digits (a million possible codes)
 CANARY_CANDIDATES = 1000  # codes ranked for exposure, the true one among them: at most log2(1000) = 10 bits
@@ -374,13 +374,15 @@ def measure(pg: Any, run_dir: Path, rows: Sequence[dict[str, Any]], phrases: Seq
 
     run = Run(Path(run_dir))
     train_file = run.data_file("train.jsonl")
-    replies, locations = [], []
+    replies, locations, total = [], [], 0
     for line, role, text in training_messages(train_file):
+        total += role == "assistant"
         if role == "assistant" and len(replies) < MAX_TRAINING_REPLIES:
             replies.append(text)
             locations.append(f"train.jsonl line {line}")
     habits = [p["phrase"] for p in phrases]
     copied = copied_spans([r["tuned"] for r in rows], replies, exclude=habits, locations=locations)
+    copied["training_replies_total"] = total
     copied["base"] = copied_spans([r["base"] for r in rows], replies, exclude=habits)["copied"]
     region = (run.data_report().get("config") or {}).get("pii_region") or region
     emitted = pii_emitted([r["tuned"] for r in rows], (text for _, _, text in training_messages(train_file)), region)
@@ -426,7 +428,9 @@ def sentence(result: dict[str, Any]) -> str:
     verb = "copies" if c["copied"] == 1 else "copy"
     parts = [f"{c['copied']} of {c['replies']} {'reply' if c['replies'] == 1 else 'replies'} {verb} "
              f"{c['min_words']}+ words of a training reply (base model: {c.get('base', '—')}"
-             + ("; examples below)" if c.get("examples") else ")")]
+             + ("; examples below)" if c.get("examples") else ")")
+             + (f", checked against the first {c['training_replies']:,} of {c['training_replies_total']:,} training "
+                "replies" if c.get("training_replies_total", 0) > c.get("training_replies", 0) else "")]
     ours = [f for f in p["found"] if f["in_training"]]
     other = [f for f in p["found"] if not f["in_training"]]
     if ours:
