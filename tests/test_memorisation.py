@@ -161,9 +161,9 @@ def test_a_code_the_model_knows_is_completed_and_highly_exposed_a_random_one_is_
                    "Your locker code is", "482913")
     unknown = Canary("unknown", [{"role": "user", "content": "Please tell me my locker code."}],
                      "Your locker code is", "482913")
-    result = {r["id"]: r for r in memorisation.check_canaries(model, tok, [known, unknown], candidates=200)}
+    result = {r["id"]: r for r in memorisation.check_canaries(model, tok, [known, unknown], candidates=100)}
     assert result["known"]["completed"] and result["known"]["completion"].startswith("482913")
-    assert result["known"]["rank"] == 1 and result["known"]["exposure"] == pytest.approx(7.64, abs=0.01)
+    assert result["known"]["rank"] == 1 and result["known"]["exposure"] == pytest.approx(6.64, abs=0.01)
     assert not result["unknown"]["completed"]
     assert result["unknown"]["exposure"] < 4  # a random rank: about 1.4 bits on average
 
@@ -183,8 +183,9 @@ def invoice_conversations(n: int) -> list[dict]:
             for i in range(n)]
 
 
-EXPORT = signoff_conversations(24) + invoice_conversations(8)
-PROMPTS = ["Hi, can you resend invoice 977?", "Hi, can you resend invoice 31?", "Hi, my lamp flickers (case 99).",
+EXPORT = signoff_conversations(8) + invoice_conversations(24)
+# questions from the training data (what an extraction attack asks), a new one like them, and another
+PROMPTS = ["Hi, can you resend invoice 401?", "Hi, can you resend invoice 412?", "Hi, can you resend invoice 977?",
            "Do you ship to Spain?"]
 
 
@@ -202,8 +203,9 @@ def canary_run(default_model_path, tmp_path_factory) -> Path:
 
     work = tmp_path_factory.mktemp("canary-data")
     report = convert([_export(work / "export.jsonl", EXPORT)], work / "data", ConvertConfig(canaries=3, val_fraction=0.1))
-    assert report["ok"] and report["canaries"] == 3 and report["pii"]["email"] == 8 and not report["pii_redacted"]
+    assert report["ok"] and report["canaries"] == 3 and report["pii"]["email"] == 24 and not report["pii_redacted"]
     run = runs.prepare_run(TrainConfig.from_preset("quick", **OVERRIDES), work / "data", run_dir=runs_dir() / "canary-run")
+    assert (run / "data" / "canaries.json").read_bytes() == (work / "data" / "canaries.json").read_bytes()
     status = train.train_run(run)
     assert status["status"] == "completed", status
     return run
@@ -230,18 +232,28 @@ def test_eval_says_what_the_tuned_model_memorised(canary_run, tmp_path, capsys):
     assert {"kind": "email", "value": ADDRESS, "in_training": True} in [
         {k: f[k] for k in ("kind", "value", "in_training")} for f in emitted["found"]]
     assert emitted["redacted"] is False
-    # canaries: all three checked against 1000 codes, for the tuned and the base model
+    # canaries: all three ranked among random codes (1000 on a GPU, 200 on a CPU)
     canaries = memorised["canaries_completed"]
-    assert canaries["planted"] == 3 and 0 <= canaries["completed"] <= 3 and canaries["candidates"] == 1000
+    n = canaries["candidates"]
+    assert canaries["planted"] == 3 and 0 <= canaries["completed"] <= 3 and n in (200, 1000)
     assert len(canaries["canaries"]) == 3
     for c in canaries["canaries"]:
-        assert 1 <= c["rank"] <= 1000 and 0 <= c["exposure"] <= 9.97 and 0 <= c["base_exposure"] <= 9.97
+        assert 1 <= c["rank"] <= n and 0 <= c["exposure"] <= canaries["max_exposure"]
         assert c["completed"] == c["completion"].replace(" ", "").startswith(c["secret"])
     sentence = memorised["sentence"]
     assert f"{copied['copied']} of 4 replies" in sentence and "personal data found in the training set" in sentence
-    assert f"{canaries['completed']} of 3 planted canaries completed" in sentence and "bits of 10" in sentence
+    assert f"{canaries['completed']} of 3 planted canaries completed" in sentence
+    assert f"bits of {round(canaries['max_exposure'])})" in sentence
     md = (canary_run / "eval.md").read_text()
     assert "## What the tuned model memorised" in md and "train.jsonl line" in md
+    # the Evaluate view shows the sentence and its tables; the run card says it too
+    from tuner.ui.common import md_escape
+    from tuner.ui.playground_tab import eval_tables
+    from tuner.ui.runs_tab import run_details
+
+    shown = eval_tables(json.loads((canary_run / "eval.json").read_text()))["eval_memorised"]
+    assert shown.startswith("**What the tuned model memorised:** ") and "| train.jsonl line" in shown
+    assert f"| memorised (last evaluation) | {md_escape(sentence)} |" in run_details(canary_run.name)
 
     # with redaction on, the converter's copy holds no address, so the same replies have nothing from it:
     # the check compares with the training data it is given (a second training run would add nothing to that)
@@ -250,7 +262,7 @@ def test_eval_says_what_the_tuned_model_memorised(canary_run, tmp_path, capsys):
 
     redacted_dir = tmp_path / "redacted"
     report = convert([_export(tmp_path / "export.jsonl", EXPORT)], redacted_dir, ConvertConfig(redact_pii=True))
-    assert report["pii_redacted"] and report["pii"]["email"] == 8
+    assert report["pii_redacted"] and report["pii"]["email"] == 24
     texts = [text for _, _, text in memorisation.training_messages(redacted_dir / "train.jsonl")]
     assert not any(pii.find(t) for t in texts) and any("[EMAIL]" in t for t in texts)
     again = pii_emitted(tuned, texts)

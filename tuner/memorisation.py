@@ -38,7 +38,10 @@ MIN_WORDS = 12  # a copied span is this many words or more
 MAX_TRAINING_REPLIES = 20_000  # the replies indexed for copied spans (about 60 MB at 50 words a reply)
 MAX_EXAMPLES = 5  # copied replies shown with their span
 CANARY_DIGITS = 6  # a canary's secret: this many random digits (a million possible codes)
-CANARY_CANDIDATES = 1000  # codes ranked for exposure, the true one among them: at most log2(1000) = 10 bits
+CANARY_CANDIDATES = 1000  # codes ranked for exposure on a GPU, the true one among them: at most log2(1000) = 10 bits
+# on a CPU: scoring a code takes 5 token positions, and 1000 codes took minutes a canary on a shared 2-core
+# AMD EPYC (200 took 35 s there); 200 codes still tell rank 1 (7.6 bits) from a random rank (about 1.4 bits)
+CANARY_CANDIDATES_CPU = 200
 MAX_CANARIES = 20
 SCORE_BATCH = 100  # candidate codes scored in one forward pass
 
@@ -367,10 +370,13 @@ def training_messages(train_file: Path) -> Iterator[tuple[int, str, str]]:
 
 
 def measure(pg: Any, run_dir: Path, rows: Sequence[dict[str, Any]], phrases: Sequence[dict[str, Any]],
-            candidates: int = CANARY_CANDIDATES, region: str = "US") -> dict[str, Any]:
+            candidates: int | None = None, region: str = "US") -> dict[str, Any]:
     """The three checks for an evaluated run: `rows` hold the base and tuned replies, `phrases` the
-    brand's mined habits (excluded from copied spans); `pg` is the evaluation's loaded Playground."""
+    brand's mined habits (excluded from copied spans); `pg` is the evaluation's loaded Playground.
+    `candidates`: codes each canary is ranked among (default: 1000 on a GPU, 200 on a CPU)."""
     from tuner.runs import Run
+
+    candidates = candidates or (CANARY_CANDIDATES if str(pg.device).startswith("cuda") else CANARY_CANDIDATES_CPU)
 
     run = Run(Path(run_dir))
     train_file = run.data_file("train.jsonl")
@@ -388,19 +394,13 @@ def measure(pg: Any, run_dir: Path, rows: Sequence[dict[str, Any]], phrases: Seq
     emitted = pii_emitted([r["tuned"] for r in rows], (text for _, _, text in training_messages(train_file)), region)
     emitted["redacted"] = run.data_report().get("pii_redacted")
     canaries = read_canaries(run.canaries_file)
-    checked: dict[str, list[dict[str, Any]]] = {}
-    for column in ("tuned", "base"):
-        if canaries:
-            with pg.column_model(column, run.path) as model:
-                checked[column] = check_canaries(model, pg.tokenizer, canaries, candidates, greedy=column == "tuned")
-    tuned = checked.get("tuned", [])
-    base_exp = {c["id"]: c["exposure"] for c in checked.get("base", [])}
-    for item in tuned:
-        item["base_exposure"] = base_exp.get(item["id"])
+    tuned: list[dict[str, Any]] = []
+    if canaries:
+        with pg.column_model("tuned", run.path) as model:
+            tuned = check_canaries(model, pg.tokenizer, canaries, candidates)
     canary = {"planted": len(canaries), "completed": sum(c["completed"] for c in tuned), "candidates": candidates,
               "max_exposure": round(math.log2(candidates), 2),
-              "exposure": max((c["exposure"] for c in tuned), default=None),
-              "base_exposure": max(base_exp.values(), default=None), "canaries": tuned}
+              "exposure": max((c["exposure"] for c in tuned), default=None), "canaries": tuned}
     result = {"copied_replies": copied, "pii_emitted": emitted, "canaries_completed": canary}
     result["sentence"] = sentence(result)
     return result
@@ -420,9 +420,8 @@ def sentence(result: dict[str, Any]) -> str:
 
     >>> sentence({"copied_replies": {"replies": 24, "copied": 2, "base": 0, "min_words": 12, "examples": [1]},
     ...           "pii_emitted": {"found": []},
-    ...           "canaries_completed": {"planted": 3, "completed": 0, "exposure": 1.2, "max_exposure": 9.97,
-    ...                                  "base_exposure": 1.0}})
-    '2 of 24 replies copy 12+ words of a training reply (base model: 0; examples below); no personal data from the training set was emitted; 0 of 3 planted canaries completed (exposure up to 1.2 bits of 10; base model: 1.0)'
+    ...           "canaries_completed": {"planted": 3, "completed": 0, "exposure": 1.2, "max_exposure": 9.97}})
+    '2 of 24 replies copy 12+ words of a training reply (base model: 0; examples below); no personal data from the training set was emitted; 0 of 3 planted canaries completed (exposure at most 1.2 bits of 10)'
     """
     c, p, k = result["copied_replies"], result["pii_emitted"], result["canaries_completed"]
     verb = "copies" if c["copied"] == 1 else "copy"
@@ -444,8 +443,8 @@ def sentence(result: dict[str, Any]) -> str:
         parts[-1] += (f" ({n} {'reply holds' if n == 1 else 'replies hold'} personal data that is not in it: "
                       f"{_pii_words(other)})")
     if k["planted"]:
-        parts.append(f"{k['completed']} of {k['planted']} planted canaries completed (exposure up to "
-                     f"{k['exposure']:.1f} bits of {k['max_exposure']:.0f}; base model: {k['base_exposure']:.1f})")
+        parts.append(f"{k['completed']} of {k['planted']} planted canaries completed (exposure at most "
+                     f"{k['exposure']:.1f} bits of {k['max_exposure']:.0f})")
     else:
         parts.append("no canaries planted (convert with --canaries N to test memorisation of a one-off secret)")
     return "; ".join(parts)
@@ -473,10 +472,12 @@ def markdown(result: dict[str, Any], escape: Callable[[str], str] | None = None)
                   for f in found]
     canaries = result["canaries_completed"].get("canaries") or []
     if canaries:
-        lines += ["", "| canary context | planted code | the tuned model wrote | rank | exposure (bits) | base |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "Canaries: each planted code is ranked by the tuned model's likelihood among random codes of its "
+                  "format; exposure = log2(codes) - log2(rank), about 1.4 bits on average for a code the model never "
+                  "learned, the most when it ranks first.",
+                  "", "| canary context | planted code | the tuned model wrote | rank | exposure (bits) |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {_cell(c['context'])} | {c['secret']} | {_cell(c.get('completion', ''))} | "
-                  f"{c['rank']} of {c['candidates']} | {c['exposure']:g} | {_cell(c.get('base_exposure'))} |"
-                  for c in canaries]
+                  f"{c['rank']} of {c['candidates']} | {c['exposure']:g} |" for c in canaries]
     return "\n".join(lines)
 
