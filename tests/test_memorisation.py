@@ -218,12 +218,23 @@ def test_eval_says_what_the_tuned_model_memorised(canary_run, tmp_path, capsys):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(PROMPTS))
     assert main(["eval", "--run", str(canary_run), "--prompts", str(prompts), "--json", "--max-new-tokens", "48"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    check_memorised(json.loads(capsys.readouterr().out), canary_run, tmp_path)
+
+
+def check_memorised(out: dict, canary_run: Path, tmp_path: Path) -> None:
+    """What `eval --json` says the canary run memorised (measured on this CPU: the tuned model answers the
+    invoice questions with the address after the brand's mined opening "Of course: I have sent invoice")."""
     memorised = out["metrics"]["memorisation"]
     tuned = [r["tuned"] for r in out["rows"]]
-    # copied spans: the invoice reply is long and repeated; the tuned model says it again, the base cannot
+    training = [t for _, role, t in memorisation.training_messages(canary_run / "data" / "train.jsonl")
+                if role == "assistant"]
+    # copied spans: counted as the check defines them, the mined habits (the opening, the sign-off) excluded;
+    # with the habits counted as words the tuned replies do repeat 12+ words of training replies, the base none
     copied = memorised["copied_replies"]
-    assert copied["replies"] == 4 and copied["copied"] >= 1 and copied["base"] == 0
+    habits = [p["phrase"] for p in out["phrases"]]
+    assert copied["replies"] == 4 and copied["base"] == 0
+    assert copied["copied"] == copied_spans(tuned, training, exclude=habits)["copied"]
+    assert copied_spans(tuned, training)["copied"] >= 1
     assert all(e["source"].startswith("train.jsonl line ") and e["words"] >= 12 for e in copied["examples"])
     assert all(words(e["span"]) in words(e["training_reply"]) for e in copied["examples"])
     # personal data: the customer's address comes back, and it is marked as coming from the training data
@@ -245,14 +256,14 @@ def test_eval_says_what_the_tuned_model_memorised(canary_run, tmp_path, capsys):
     assert f"{canaries['completed']} of 3 planted canaries completed" in sentence
     assert f"bits of {round(canaries['max_exposure'])})" in sentence
     md = (canary_run / "eval.md").read_text()
-    assert "## What the tuned model memorised" in md and "train.jsonl line" in md
+    assert "## What the tuned model memorised" in md and f"| email: {ADDRESS} | yes |" in md
     # the Evaluate view shows the sentence and its tables; the run card says it too
     from tuner.ui.common import md_escape
     from tuner.ui.playground_tab import eval_tables
     from tuner.ui.runs_tab import run_details
 
     shown = eval_tables(json.loads((canary_run / "eval.json").read_text()))["eval_memorised"]
-    assert shown.startswith("**What the tuned model memorised:** ") and "| train.jsonl line" in shown
+    assert shown.startswith("**What the tuned model memorised:** ") and f"| email: {ADDRESS} | yes |" in shown
     assert f"| memorised (last evaluation) | {md_escape(sentence)} |" in run_details(canary_run.name)
 
     # with redaction on, the converter's copy holds no address, so the same replies have nothing from it:
