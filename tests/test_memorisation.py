@@ -151,6 +151,7 @@ def test_log_likelihoods_with_a_shared_context_equal_a_plain_forward_pass(base_m
         assert score == pytest.approx(plain, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_a_code_the_model_knows_is_completed_and_highly_exposed_a_random_one_is_not(base_model):
     """Exposure must say something when a model knows a canary. Training the base for many steps on one
     would cost minutes, so the model is made to know the code another way: it stands in the canary's own
