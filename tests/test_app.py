@@ -306,7 +306,7 @@ def test_a_finished_run_is_evaluated_described_and_downloaded(client, signoff_ru
     run_id = signoff_run.name
     details = client.predict(run_id, api_name="/run_details")
     assert "| status | completed |" in details and "| learning rate |" in details
-    verdict, metrics, rows = client.predict(run_id, 3, 8, 0.0, 0.9, 0, 1.1, api_name="/evaluate")
+    verdict, metrics, rows, memorised = client.predict(run_id, 3, 8, 0.0, 0.9, 0, 1.1, api_name="/evaluate")
     from tuner.evaluate import METRIC_LABELS, saved_result
 
     names = [r[0] for r in metrics["data"]]  # named in words on the page
@@ -318,6 +318,8 @@ def test_a_finished_run_is_evaluated_described_and_downloaded(client, signoff_ru
     # which way to ship, in the evaluation's own sentence (no raw JSON on the page)
     shown = verdict.replace("\\", "")  # Markdown escapes, as the page renders them
     assert saved_result(signoff_run)["three_way"]["sentence"] in shown and "{" not in shown
+    # what it memorised, in a sentence with its numbers (this run's data has no planted canaries)
+    assert "of 3 replies" in memorised and "no canaries planted" in memorised
     # the evaluation is kept with the run and shown again when the run is picked
     assert client.predict(run_id, api_name="/saved_evaluation")[1]["data"] == metrics["data"]
     for endpoint, must_have in (("/download_adapter", "adapter_model.safetensors"),

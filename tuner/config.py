@@ -120,6 +120,9 @@ class ConvertConfig:
     format: str = _f("auto", "Input format; 'auto' detects it per file.")
     column_map: dict[str, str] = _f({}, "Column names for tabular exports, e.g. {'text': 'body', 'speaker': 'author'}.")
     min_examples: int = _f(10, "Training is blocked below this many usable examples.")
+    canaries: int = _f(0, "Plant this many made-up conversations holding a random code in the converted training data "
+                       "(never in your files; listed in canaries.json), so the evaluation can tell whether the tuned "
+                       "model memorises a secret it saw once. 0: none.")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction <= 0.5:
@@ -128,6 +131,8 @@ class ConvertConfig:
             raise TunerError(f"overlong must be 'truncate' or 'drop', got '{self.overlong}'.")
         if self.max_length < 32:
             raise TunerError(f"max_length must be at least 32 tokens, got {self.max_length}.")
+        if not 0 <= self.canaries <= 20:
+            raise TunerError(f"canaries must be between 0 and 20, got {self.canaries}.")
 
 
 @dataclass

@@ -702,6 +702,13 @@ def convert(paths: list[str | Path] | str | Path, out_dir: str | Path, cfg: Conv
         run.close()
         raise
     report = _report(run, files, train_n, val_n, started)
+    canaries_file = out_dir / "canaries.json"
+    canaries_file.unlink(missing_ok=True)  # an earlier conversion's canaries would describe other data
+    report["canaries"] = cfg.canaries if report["ok"] else 0
+    if report["canaries"]:  # into this copy only: the user's files are never written
+        from tuner.memorisation import plant_in_file
+
+        plant_in_file(out_dir / "train.jsonl", canaries_file, cfg.canaries, cfg.seed, cfg.system_prompt)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     return report
 
@@ -945,6 +952,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--column", action="append", default=[], metavar="FIELD=NAME",
                         help=f"Column for a field of tabular exports ({', '.join(COLUMN_GUESSES)}), e.g. text=body.")
     parser.add_argument("--min-examples", type=int, default=d.min_examples, help=_help("min_examples"))
+    parser.add_argument("--canaries", type=int, default=d.canaries, metavar="N", help=_help("canaries"))
     parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
 
 
@@ -958,7 +966,8 @@ def cli(args: argparse.Namespace) -> int:
     cfg = ConvertConfig(system_prompt=args.system_prompt, val_fraction=args.val_fraction, seed=args.seed,
                         redact_pii=args.redact_pii, pii_region=args.pii_region, max_length=args.max_length,
                         overlong=args.overlong, assistant_names=args.assistant, user_names=args.user,
-                        format=args.format, column_map=column_map, min_examples=args.min_examples)
+                        format=args.format, column_map=column_map, min_examples=args.min_examples,
+                        canaries=args.canaries)
     report = convert(args.files, args.out, cfg, progress=_terminal_progress())
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report, args.out))
     if not report["ok"]:
@@ -1062,6 +1071,10 @@ def format_report(report: dict[str, Any], out_dir: str | Path | None = None) -> 
             lines.append(f"  {d['file']}:{d['line']}  {d['category']}: {d['reason']}")
         if report["dropped_total"] > 20:
             lines.append(f"  ... {report['dropped_total'] - 20} more in report.json")
+    if report.get("canaries"):
+        lines.append(f"Planted {plural(report['canaries'], 'canary')} (made-up conversations holding a "
+                     "random code) in train.jsonl, listed in canaries.json; the evaluation checks whether the tuned "
+                     "model learned them.")
     for w in report["warnings"]:
         lines.append(f"warning: {w}")
     return "\n".join(lines)

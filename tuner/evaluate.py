@@ -15,6 +15,7 @@ writes `eval.json` and a readable `eval.md` into the run folder, and scores each
 - reply length vs the references, prompt tokens read and seconds per reply,
 - loss/perplexity on the held-out replies (assistant tokens only), base weights vs tuned,
 - perplexity on general English text shipped with tuner: the forgetting check,
+- what the tuned model memorised (tuner.memorisation): copied spans, personal data, planted canaries,
 
 and says in one sentence which way to ship (tuner.verdict.ship_sentence).
 """
@@ -33,6 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from tuner import memorisation
 from tuner.config import GenerationConfig, add_config_arguments, config_overrides
 from tuner.errors import DataError, TunerError
 from tuner.retrieve import RETRIEVE_K
@@ -65,6 +67,8 @@ METRIC_HELP = {
     "validation_loss": "Loss on the held-out real replies (lower is better): how well the model predicts the brand's own words.",
     "validation_perplexity": "exp(validation loss): the number of words the model hesitates between, on average (lower is better).",
     "general_perplexity": "Perplexity on general English shipped with tuner (lower is better); a rise after tuning is forgetting.",
+    memorisation.METRIC: "Tuned replies copying 12+ words of a training reply, personal data they emit that the training "
+                         "data holds, and planted canaries the tuned model completes (exposure: Carlini et al. 2019).",
 }
 METRIC_LABELS = {  # the metric names a person reads (eval.json keeps the keys)
     "habit": "Replies with the agents' habit",
@@ -77,6 +81,7 @@ METRIC_LABELS = {  # the metric names a person reads (eval.json keeps the keys)
     "validation_loss": "Loss on the real replies",
     "validation_perplexity": "Perplexity on the real replies",
     "general_perplexity": "Perplexity on general English (forgetting)",
+    memorisation.METRIC: "What the tuned model memorised",
 }
 ProgressFn = Callable[[int, int, str], None]  # (prompts done, prompts in all, what is happening)
 
@@ -369,6 +374,8 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
     # losses: the same model, adapter off and on
     losses = loss_metrics(pg, info, Run(run_dir).config().max_length, loss_limit)
     fingerprint = losses.pop("fingerprint", None)
+    tell(len(cases), "Checking what the tuned model memorised (copied spans, personal data, planted canaries)")
+    metrics[memorisation.METRIC].update(memorisation.measure(pg, run_dir, rows, phrases))
     tell(len(cases), "Writing eval.json and eval.md")
     for name, values in losses.items():
         metrics[name].update(values)
@@ -388,6 +395,11 @@ def evaluate(run_dir: str | Path, prompts_file: str | Path | None = None, settin
     Run(run_dir).eval_file.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     Run(run_dir).eval_report.write_text(to_markdown(result), encoding="utf-8")
     return result
+
+
+def table_metrics(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The metrics with a value per column (the memorisation checks are a section of their own)."""
+    return [(name, m) for name, m in metrics.items() if name != memorisation.METRIC]
 
 
 def column_metrics(rows: list[dict[str, Any]], replies: dict[str, list], phrases: list[dict[str, Any]],
@@ -477,9 +489,12 @@ def to_markdown(result: dict[str, Any]) -> str:
                   f"reply); the tuned model.", ""]
     lines += ["## Metrics", "", "| metric | " + " | ".join(COLUMN_LABELS[c] for c in COLUMNS)
               + " | reference | what it means |", "|---|---|---|---|---|---|"]
-    for name, m in result["metrics"].items():
+    for name, m in table_metrics(result["metrics"]):
         lines.append(f"| {name} | " + " | ".join(_cell(m.get(c)) for c in COLUMNS)
                      + f" | {_cell(m.get('reference'))} | {_cell(m.get('explain'))} |")
+    memorised = result["metrics"].get(memorisation.METRIC)
+    if memorised and memorised.get("sentence"):
+        lines += ["", "## What the tuned model memorised", "", memorisation.markdown(memorised)]
     lines += ["", "## Brand phrases (mined from the training replies)", ""]
     lines += [f"- \"{p['phrase']}\" ({p['position']}, {p['share']:.0%} of training replies)" for p in result["phrases"]]
     if not result["phrases"]:
@@ -520,10 +535,12 @@ def cli(args: argparse.Namespace) -> int:
         return 0
     heads = [*(COLUMN_LABELS[c] for c in COLUMNS), "reference"]
     print(f"{'metric':<20}" + "".join(f"{h:>21}" for h in heads))
-    for name, m in result["metrics"].items():
+    for name, m in table_metrics(result["metrics"]):
         print(f"{name:<20}" + "".join(f"{_cell(m.get(c)):>21}" for c in (*COLUMNS, "reference")))
     three = result["three_way"]
     print(f"\n{three['sentence']}.\nRetrieval showed {three['k']} training conversations per question "
           f"({_cell(three['added_prompt_tokens'])} more prompt tokens a reply).")
+    if (result["metrics"].get(memorisation.METRIC) or {}).get("sentence"):
+        print(f"Memorised: {result['metrics'][memorisation.METRIC]['sentence']}.")
     print(f"{len(result['rows'])} prompts; replies side by side in eval.md and eval.json in the run folder.")
     return 0

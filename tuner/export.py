@@ -124,6 +124,8 @@ def _write_full(info, cfg, out: Path) -> None:
 def model_card(info, cfg, kind: str, dtype: str | None) -> str:
     """README.md for the export: what it is, how it was trained, how well, and how to load it."""
     from tuner.dataset import pii_statement
+    from tuner.evaluate import table_metrics
+    from tuner.memorisation import METRIC
 
     run = Run(info.run_dir)
     status = run.status()
@@ -176,9 +178,11 @@ def model_card(info, cfg, kind: str, dtype: str | None) -> str:
 
 def evaluation_section(evaluation: dict[str, Any]) -> list[str]:
     """The card's evaluation (tuner.evaluate's eval.json): which way to ship, then each way's numbers."""
-    from tuner.evaluate import COLUMN_LABELS, COLUMNS, cell_text
+    from tuner.evaluate import COLUMN_LABELS, COLUMNS, cell_text, table_metrics
+    from tuner.memorisation import METRIC
 
-    metrics = {k: m for k, m in (evaluation.get("metrics") or {}).items() if isinstance(m, dict)}
+    memorised = ((evaluation.get("metrics") or {}).get(METRIC) or {}).get("sentence")
+    metrics = {k: m for k, m in table_metrics(evaluation.get("metrics") or {}) if isinstance(m, dict)}
     if not metrics:
         return []
     three = evaluation.get("three_way") or {}
@@ -193,6 +197,8 @@ def evaluation_section(evaluation: dict[str, Any]) -> list[str]:
     for name, m in metrics.items():
         lines.append(f"| {name} | " + " | ".join(cell_text(m.get(c)) for c in columns)
                      + f" | {cell_text(m.get('explain', ''))} |")
+    if memorised:
+        lines += ["", f"What the tuned model memorised: {memorised}."]
     return lines
 
 

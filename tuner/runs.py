@@ -2,7 +2,7 @@
 
     runs/<id>/
       config.yaml          the TrainConfig; the run is re-created from it alone
-      data/                train.jsonl, validation.jsonl (+ report.json) copied at prepare time,
+      data/                train.jsonl, validation.jsonl (+ report.json, canaries.json) copied at prepare time,
                            sources.json with their sha256, sizes and where they came from
       status.json          queued|running|completed|failed|cancelled|interrupted, phase, losses, step, pid
       metrics.jsonl        one JSON object a line: step, loss, eval_loss, learning_rate, tokens_per_s, ...
@@ -41,7 +41,7 @@ from tuner.paths import check_run_id, new_run_id, runs_dir, tuner_home
 STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
 RESUMABLE = ("interrupted", "failed", "cancelled")
-DATA_FILES = ("train.jsonl", "validation.jsonl", "report.json")
+DATA_FILES = ("train.jsonl", "validation.jsonl", "report.json", "canaries.json")
 LOCK_FILE = "train.lock"  # in TUNER_HOME: one training job per machine
 LOCK_FD_ENV = "TUNER_TRAIN_LOCK_FD"  # set by tuner.jobs: the child inherits the machine-wide lock
 
@@ -119,6 +119,11 @@ class Run:
         record = {"name": str(owner["name"]), "teams": [str(t) for t in owner.get("teams") or ()]}
         if is_main_process():
             write_json_atomic(self.owner_file, record)
+
+    @property
+    def canaries_file(self) -> Path:
+        """The canaries the converter planted in train.jsonl (--canaries N), for the memorisation check."""
+        return self.data_dir / "canaries.json"
 
     @property
     def preferences_file(self) -> Path:

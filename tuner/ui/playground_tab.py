@@ -50,7 +50,7 @@ CHAT_VIEWS = ["msg", "base_chat", "tuned_chat", "prompted_chat", "chats"]
 WAYS = {"base": "base + brand brief", "retrieved": "base + retrieved examples", "tuned": "tuned"}
 EVAL_COLUMNS = ["prompt", "reference", *WAYS.values()]
 METRIC_COLUMNS = ["metric", *WAYS.values(), "reference", "what it means"]
-EVAL_OUTPUTS = ("eval_verdict", "eval_metrics", "eval_rows")
+EVAL_OUTPUTS = ("eval_verdict", "eval_metrics", "eval_rows", "eval_memorised")
 COLUMN_NAMES = {"base": "base", "tuned": "tuned", "prompted": "prompt-only"}  # a chat column, in words
 AB_CHOICES = [("A is better", "A"), ("B is better", "B"), ("Both bad", "both bad")]
 AB_ASK = "Which reply is better? Pick one below; the page says which was which after your vote."
@@ -588,18 +588,22 @@ def eval_verdict(result: dict[str, Any]) -> str:
 
 
 def eval_tables(result: dict[str, Any]) -> dict[str, Any]:
-    from tuner.evaluate import METRIC_LABELS, cell_text
+    from tuner import memorisation
+    from tuner.evaluate import METRIC_LABELS, cell_text, table_metrics
 
     def cell(v: Any) -> Any:
         return cell_text(v, markdown=False) if isinstance(v, dict) or v is None else v
 
     metrics = [{"metric": METRIC_LABELS.get(name, name), **{label: cell(m.get(col)) for col, label in WAYS.items()},
                 "reference": cell(m.get("reference")), "what it means": m.get("explain", "")}
-               for name, m in (result.get("metrics") or {}).items() if isinstance(m, dict)]
+               for name, m in table_metrics(result.get("metrics") or {}) if isinstance(m, dict)]
     rows = [{"prompt": r.get("prompt"), "reference": r.get("reference"),
              **{label: r.get(col) for col, label in WAYS.items()}} for r in result.get("rows") or []]
+    memorised = (result.get("metrics") or {}).get(memorisation.METRIC) or {}
     return {"eval_verdict": eval_verdict(result), "eval_metrics": pd.DataFrame(metrics, columns=METRIC_COLUMNS),
-            "eval_rows": pd.DataFrame(rows, columns=EVAL_COLUMNS)}
+            "eval_rows": pd.DataFrame(rows, columns=EVAL_COLUMNS),
+            "eval_memorised": "**What the tuned model memorised:** " + memorisation.markdown(memorised, md_escape)
+            if memorised.get("sentence") else ""}
 
 
 @friendly
@@ -733,6 +737,7 @@ def build() -> Components:
         c["eval_metrics"] = gr.Dataframe(pd.DataFrame(columns=METRIC_COLUMNS), label="Three ways on the same questions",
                                          interactive=False, wrap=True, elem_id="eval-metrics",
                                          column_widths=["18%", "11%", "11%", "11%", "11%", "38%"])
+        c["eval_memorised"] = gr.Markdown(elem_id="eval-memorised")
         c["eval_rows"] = gr.Dataframe(pd.DataFrame(columns=EVAL_COLUMNS),
                                       label="Replies: the question, your agents' reply, then the three ways side by side",
                                       interactive=False, wrap=True, max_height=600, elem_id="eval-rows",

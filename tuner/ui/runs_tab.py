@@ -165,6 +165,14 @@ def runs_frame(request: gr.Request | None = None, runs: list[dict[str, Any]] | N
     return pd.DataFrame(rows, columns=RUNS_COLUMNS)
 
 
+def memorised_sentence(run: Run) -> str | None:
+    """What the run's last evaluation found it memorised (copied spans, personal data, canaries), if evaluated."""
+    from tuner.evaluate import saved_result
+    from tuner.memorisation import METRIC
+
+    return ((saved_result(run.path).get("metrics") or {}).get(METRIC) or {}).get("sentence")
+
+
 @friendly
 def run_details(run_id: str | None, request: gr.Request = None) -> str:
     """A run's outcome, then every setting it was trained with (its config.yaml)."""
@@ -188,6 +196,7 @@ def run_details(run_id: str | None, request: gr.Request = None) -> str:
         "voice (new questions)": (status.get("voice") or {}).get("sentence"),
         "prompt, retrieve or tune (last evaluation)": ((read_json_object(run.eval_file).get("three_way") or {})
                                                        .get("sentence")),
+        "memorised (last evaluation)": memorised_sentence(run),
         "tokens trained": f"{status['tokens_trained']:,}" if status.get("tokens_trained") else None,
         "time": fmt_duration(took(status)) if took(status) else None,
         "peak memory": f"{status['peak_memory_mb'] / 1024:.1f} GB" if status.get("peak_memory_mb") else None,
