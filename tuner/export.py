@@ -124,8 +124,6 @@ def _write_full(info, cfg, out: Path) -> None:
 def model_card(info, cfg, kind: str, dtype: str | None) -> str:
     """README.md for the export: what it is, how it was trained, how well, and how to load it."""
     from tuner.dataset import pii_statement
-    from tuner.evaluate import table_metrics
-    from tuner.memorisation import METRIC
 
     run = Run(info.run_dir)
     status = run.status()
