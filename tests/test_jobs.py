@@ -190,6 +190,12 @@ def test_the_estimate_counts_start_up_evaluations_and_saving_and_learns_this_mac
     after = jobs.estimate(cfg, data)
     assert after["measured"] is True and "this machine's last finished run of this model (estimate-learns)" in \
         after["uncertainty"]
+    # with sign-in on (issue 23) the run may be another team's: learned from, never named
+    monkeypatch.setenv("TUNER_AUTH", "alice:pw1,bob:pw2")
+    signed_in = jobs.estimate(cfg, data)
+    assert signed_in["time_s"] == after["time_s"] and "estimate-learns" not in signed_in["uncertainty"]
+    assert "last finished run of this model:" in signed_in["uncertainty"]
+    monkeypatch.delenv("TUNER_AUTH")
     # issue 25: the page said 2 min 34 s for a run of 4 min 28 s; the same run again is now estimated from
     # this one's real phases (start-up, pace of steps, evaluations and saving, voice check per question)
     assert status["total_s"] >= status["startup_s"] + status["voice_s"]

@@ -764,7 +764,11 @@ def estimate(cfg: TrainConfig, data_dir: str | Path, time_only: bool = False) ->
         shape = memory.shape_of(cfg.base_model)
         memory_mb = memory.plan(shape, cfg)["total_gib"] * 1024 if shape is not None else memory_mb
     if here:
-        uncertainty = (f"Learned from this machine's last finished run of this model ({here['run']}): re-estimated "
+        from tuner import auth
+
+        # with sign-in on, the run may be another team's: the estimate learns from it but does not name it
+        which = f" ({here['run']})" if auth.mode() == "none" else ""
+        uncertainty = (f"Learned from this machine's last finished run of this model{which}: re-estimated "
                        "for that run's own settings and data it comes within 25% (tuner's tests); other settings, "
                        "other data and a busy machine can be further off.")
     else:
