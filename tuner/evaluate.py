@@ -37,6 +37,7 @@ from typing import Any
 from tuner import memorisation
 from tuner.config import GenerationConfig, add_config_arguments, config_overrides
 from tuner.errors import DataError, TunerError
+from tuner.messages import iter_jsonl
 from tuner.retrieve import RETRIEVE_K
 from tuner.runs import Run, read_json_object, resolve
 from tuner.verdict import Marker, Way, ship_sentence, tally
@@ -219,15 +220,7 @@ def _ppl(loss: float | None) -> float | None:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except ValueError as exc:
-                    raise DataError(f"not valid JSON ({exc.args[0]}). Fix: one JSON object per line.", str(path), n) from None
-    return rows
+    return list(iter_jsonl(path))
 
 
 def _case_from(value: Any, file: str, line: int | None) -> dict[str, Any] | None:

@@ -11,7 +11,6 @@ and of `tuner eval` answers with the user's own training data only, as a deploye
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,15 +75,9 @@ class ExampleIndex:
         if not path.is_file():
             raise DataError("no training file to retrieve examples from. Fix: pick a run whose data folder "
                             "still holds train.jsonl.", str(path))
-        rows = []
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        rows.append((n, json.loads(line)))
-                    except ValueError:
-                        raise DataError("not valid JSON. Fix: one JSON object per line.", str(path), n) from None
-        return cls(exchanges([(n, r) for n, r in rows if isinstance(r, dict)]), str(path))
+        from tuner.messages import iter_jsonl
+
+        return cls(exchanges([(n, r) for n, r in iter_jsonl(path) if isinstance(r, dict)]), str(path))
 
     def nearest(self, question: str, k: int = RETRIEVE_K) -> list[Exchange]:
         """The k exchanges whose user turn is most like `question` (BM25), most similar first; one per
