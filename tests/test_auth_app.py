@@ -124,7 +124,8 @@ BY_RUN_ID = {
 BESIDE = {"/chat": ["hello", "bob-run", False, 8, 0.0, 0.9, 0, 1.1, RID],
           "/ab_pair": ["bob-run", RID, "hello", 8, 0.0, 0.9, 0, 1.1, ""],
           "/rate_reply": ["bob-run", RID, HISTORY, 1, True, ""]}
-LISTS = {"/runs": [RID], "/playground_runs": [RID], "/load": []}  # answer with lists: never naming the run
+LISTS = {"/runs": [RID], "/playground_runs": [RID], "/load": [],  # answer with lists: never naming the run
+         "/queue": []}  # the machine's queue: another team's rows without run ids (test_queue)
 NO_RUN_ID = {"/sample", "/convert", "/example", "/estimate", "/model_memory", "/preset", "/train", "/clear_chat",
              "/ab_vote",  # take no run id (ab_vote's run is in the session's own state) ...
              "/new_session", "/new_chats", "/dict"}  # ... or nothing at all (a gr.State's starting value)

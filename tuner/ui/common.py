@@ -147,6 +147,13 @@ def run_folder(run_id: str | None, request: gr.Request | None, action: str = "re
     return run.path
 
 
+def queue_name(request: gr.Request | None) -> str:
+    """The name the machine's queue gives this user's jobs: the signed-in name, or "" on a server nobody signs
+    in to (one person's server: the queue names runs, not people)."""
+    user = user_of(request)
+    return user.name if auth.mode() != "none" else ""
+
+
 def audit(request: gr.Request | None, action: str, run_dir: Path, detail: str = "") -> None:
     """Write who did `action` to which run into the server's audit log (tuner.audit)."""
     from tuner.runs import Run

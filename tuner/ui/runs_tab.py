@@ -36,6 +36,7 @@ from tuner.ui.common import (
     md_escape,
     pick,
     plain_error,
+    queue_name,
     run_folder,
     user_of,
     win_rates_frame,
@@ -397,7 +398,7 @@ def train_on_feedback(run_id: str | None, request: gr.Request = None, *values: A
         raise TunerError(need)
     pcfg = preference_config(method, values)
     owner = user_of(request).owner_record()
-    child = jobs.start_new(lambda: prepare_preference_run(run.path, pcfg, owner=owner), owner=owner["name"])
+    child = jobs.start_new(lambda: prepare_preference_run(run.path, pcfg, owner=owner), owner=queue_name(request))
     audit(request, "train", child, f"{method.upper()} on the feedback of {run.id}")
     gr.Info(f"{method.upper()} started: run {child.name}, a child of {run.id}. Its progress is on the Train tab.")
     return {"train_run": child.name, "tabs": gr.Tabs(selected="train")}

@@ -31,6 +31,7 @@ from tuner.ui.common import (
     keyed,
     md_escape,
     pick,
+    queue_name,
     run_folder,
     user_of,
 )
@@ -351,8 +352,7 @@ def viewer(request: gr.Request | None) -> tuple[str, Callable[[str], bool]]:
     team, an admin, or no sign-in), else the queue says "another team"."""
     from tuner import auth
 
-    user = user_of(request)
-    return user.name, functools.partial(auth.sees, user)
+    return queue_name(request), functools.partial(auth.sees, user_of(request))
 
 
 @friendly
@@ -411,7 +411,7 @@ def start_training(request: gr.Request, session: dict[str, Any], base_model: str
         raise TunerError("There is nothing valid to train on yet: check your data on the Data tab first.")
     cfg = build_train_config(base_model, preset, MAIN_SETTINGS + MORE_SETTINGS, values)
     run_dir = jobs.start_new(lambda: runs.prepare_run(cfg, session["data_dir"], owner=user.owner_record()),
-                             owner=user.name)
+                             owner=queue_name(request))
     audit(request, "train", run_dir, f"{cfg.preset or 'custom'} preset, {cfg.base_model}")
     return run_dir.name
 
