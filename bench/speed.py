@@ -274,7 +274,7 @@ def _finish_train_result(spec: dict[str, Any], result: dict[str, Any], dev: str)
     result["tokens_per_s"] = round(result["tokens"] / result["train_s"], 2) if result["train_s"] else None
     flops = 4 * spec["parameters"] * result["tokens"] / result["train_s"] if result["train_s"] else 0.0
     peak = matmul_peak_flops(result["dtype"], dev)
-    result.update(achieved_tflops=round(flops / 1e12, 4), peak_matmul_tflops=round(peak / 1e12, 3),
+    result.update(achieved_tflops=float(f"{flops / 1e12:.4g}"), peak_matmul_tflops=float(f"{peak / 1e12:.4g}"),
                   utilisation=round(flops / peak, 4), device=dev,
                   threads=torch.get_num_threads() if dev == "cpu" else None)
     return result
