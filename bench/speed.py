@@ -703,7 +703,12 @@ def run_worker(spec_file: str) -> int:
 
 def _median(values: list[Any]) -> Any:
     nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return round(statistics.median(nums), 4) if nums else None
+    if not nums:
+        return None
+    median = statistics.median(nums)
+    # whole counts stay whole; other figures keep six significant digits, not four decimals
+    # (a utilisation of 0.02995 must not read 0.03)
+    return median if float(median).is_integer() else float(f"{median:.6g}")
 
 
 class Bench:

@@ -19,6 +19,24 @@ def test_general_text_set_ships_with_the_package():
     assert all(len(t.split()) > 25 for t in texts)
 
 
+def test_closeness_to_the_agents_is_scored_without_the_habit():
+    """The field report: replies empty of help but carrying the sign-off. Left in, the sign-off alone made them
+    score as close to the agents' answers; taken out, the help decides."""
+    from tuner.evaluate import chrf
+    from tuner.verdict import Marker
+
+    agents = [f"Unplug the router for ten seconds, then reconnect. {SIGN_OFF}",
+              f"Your refund reaches the card in 3-5 working days. {SIGN_OFF}"]
+    empty = [f"I'm sorry for the inconvenience. {SIGN_OFF}", f"Check your internet connection. {SIGN_OFF}"]
+    helpful = ["Unplug the router for ten seconds and reconnect it.", "The refund reaches your card in 3-5 days."]
+    marker = Marker("sign-off", SIGN_OFF)
+    assert chrf(empty, agents) > chrf(helpful, agents)  # what the old score said
+    assert chrf(empty, agents, marker) < 20 < chrf(helpful, agents, marker)
+    # a house term is a word of the content: it stays
+    term = Marker("term", "grand", common="good")
+    assert chrf(["a grand day"], ["a grand day"], term) == 100.0
+
+
 def test_prompts_files_and_their_errors(signoff_run, tmp_path):
     good = tmp_path / "prompts.json"
     good.write_text(json.dumps(["Where is my lamp?", {"prompt": "Refund?", "reference": "Sure | thing."}]))
@@ -40,9 +58,9 @@ def test_prompts_files_and_their_errors(signoff_run, tmp_path):
 
 
 def test_evaluate_compares_prompting_retrieval_and_tuning_and_what_each_cost(signoff_run):
-    from tuner.evaluate import COLUMNS, evaluate
+    from tuner.evaluate import COLUMNS, chrf, evaluate
     from tuner.retrieve import RETRIEVE_K
-    from tuner.verdict import Way, ship_sentence
+    from tuner.verdict import Marker, Way, ship_sentence
 
     heard: list[tuple[int, int, str]] = []
     result = evaluate(signoff_run, settings=GenerationConfig(max_new_tokens=32), limit=3,
@@ -65,7 +83,11 @@ def test_evaluate_compares_prompting_retrieval_and_tuning_and_what_each_cost(sig
         assert metrics["length_words"][col]["median"] > 0
     assert metrics["habit"]["tuned"]["count"] >= 2 and metrics["habit"]["reference"] == {"count": 3, "of": 3}
     assert metrics["brand_phrase_rate"]["reference"] == 1.0
-    assert metrics["chrf"]["tuned"] > metrics["chrf"]["base"]
+    # closeness to the agents' replies is scored on their content: the sign-off, taken out of both, earns nothing
+    refs = [r["reference"] for r in rows]
+    for col in ("base", "retrieved", "tuned"):
+        assert metrics["chrf"][col] == chrf([r[col] for r in rows], refs, Marker("sign-off", SIGN_OFF))
+    assert metrics["chrf"]["tuned"] < chrf([r["tuned"] for r in rows], refs)
     # retrieval reads k training conversations more on every reply; the tuned model only the question
     assert metrics["prompt_tokens"]["retrieved"] > metrics["prompt_tokens"]["base"] > metrics["prompt_tokens"]["tuned"]
     assert three["k"] == RETRIEVE_K

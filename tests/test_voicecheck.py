@@ -103,7 +103,9 @@ def test_the_verdict_says_how_close_the_replies_are_to_the_agents_own(pg, signof
     verdict = final_verdict(pg, signoff_run, Marker("sign-off", SIGN_OFF), prompts, MAX_NEW)
     close, shown = verdict["chrf"], verdict["examples"]
     assert close["references"] == 4
-    assert close["tuned"] == chrf([e["tuned"] for e in shown], refs) and close["base"] == chrf([e["base"] for e in shown], refs)
+    marker = Marker("sign-off", SIGN_OFF)  # scored on the content: the sign-off out of replies and references
+    assert close["tuned"] == chrf([e["tuned"] for e in shown], refs, marker)
+    assert close["base"] == chrf([e["base"] for e in shown], refs, marker)
     assert closeness_clause(close["tuned"], close["base"]) in verdict["sentence"]
-    # the tuned replies carry the agents' canned answers and sign-off: closer than the base's
-    assert close["tuned"] > close["base"] and "closer to your agents' answers than the base's" in verdict["sentence"]
+    # the sign-off the tuned replies learned earns nothing here: left in, it would have raised their score
+    assert close["tuned"] < chrf([e["tuned"] for e in shown], refs)

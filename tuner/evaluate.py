@@ -40,7 +40,7 @@ from tuner.errors import DataError, TunerError
 from tuner.messages import iter_jsonl
 from tuner.retrieve import RETRIEVE_K
 from tuner.runs import Run, read_json_object, resolve
-from tuner.verdict import Marker, Way, ship_sentence, tally
+from tuner.verdict import Marker, Way, ship_sentence, tally, without_habit
 from tuner.voice import brand_phrases, habit_of, phrase_rate, training_replies
 
 __all__ = ["METRIC_HELP", "METRIC_LABELS", "Stopped", "brand_phrases", "evaluate", "load_cases", "phrase_rate",
@@ -59,7 +59,8 @@ COLUMN_LABELS = {"base": "base + brand brief", "retrieved": "retrieved examples"
 METRIC_HELP = {
     "habit": "Replies that carry the agents' habit exactly (the sign-off or opening that at least half of the "
              "training replies share), of all replies.",
-    "chrf": "chrF (0-100): character n-gram overlap with the agents' real reply; higher means closer to what they answered.",
+    "chrf": "chrF (0-100): character n-gram overlap with the agents' real reply, the sign-off or greeting left out "
+            "of both (the habit has its own row); higher means closer to what they answered.",
     "degenerate": "Replies that looped or never ended their turn (cut at the token limit).",
     "brand_phrase_rate": "Share of replies using the brand's recurring openings or sign-offs (mined from the training replies).",
     "length_words": "Reply length in words (median, 10th-90th percentile); a voice match has the references' shape.",
@@ -97,12 +98,17 @@ STOPPED = "The evaluation was stopped; the previous eval.json (if any) is unchan
 # -- text metrics ----------------------------------------------------------------------------------
 
 
-def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float | None:
+def chrf(hypotheses: Sequence[str], references: Sequence[str], marker: Marker | None = None) -> float | None:
+    """chrF of the replies against the agents' replies, on their content: a sign-off or greeting `marker` is
+    taken out of both first (the habit is counted on its own; left in, it would make a reply that is only the
+    sign-off look close to every agent reply)."""
     from sacrebleu.metrics import CHRF
 
     if not hypotheses:
         return None
-    return round(CHRF().corpus_score(list(hypotheses), [list(references)]).score, 2)
+    hyps = [without_habit(h, marker) for h in hypotheses]
+    refs = [without_habit(r, marker) for r in references]
+    return round(CHRF().corpus_score(hyps, [refs]).score, 2)
 
 
 def length_stats(replies: Sequence[str]) -> dict[str, float] | None:
@@ -405,7 +411,7 @@ def column_metrics(rows: list[dict[str, Any]], replies: dict[str, list], phrases
         texts, ended = [r[col] for r in rows], [x.ended for x in replies[col]]
         counted = tally(texts, marker, ended) if marker is not None else None
         metrics["habit"][col] = {"count": counted.exact, "of": counted.prompts} if counted else None
-        metrics["chrf"][col] = chrf([r[col] for r in refs], [r["reference"] for r in refs]) if refs else None
+        metrics["chrf"][col] = chrf([r[col] for r in refs], [r["reference"] for r in refs], marker) if refs else None
         metrics["degenerate"][col] = counted.degenerate if counted else degenerate_count(texts, ended)
         metrics["brand_phrase_rate"][col] = phrase_rate(texts, phrases)
         metrics["length_words"][col] = length_stats(texts)

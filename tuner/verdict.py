@@ -69,6 +69,19 @@ def _word_re(word: str) -> re.Pattern[str]:
     return re.compile(rf"\b{re.escape(word)}(s|es|ed|d|ing)?\b", re.IGNORECASE)
 
 
+def without_habit(reply: str, marker: Marker | None) -> str:
+    """The reply with a sign-off or greeting taken out, wherever it stands (a house term stays: it is a word
+    of the content). What closeness to the agents' replies is measured on, so that a reply of nothing but
+    the habit does not score as close to them.
+
+    >>> without_habit("Reset the router. Cheers from Juniper!", Marker("sign-off", "Cheers from Juniper!"))
+    'Reset the router.'
+    """
+    if marker is None or marker.kind == "term":
+        return reply
+    return " ".join(_space(reply).replace(_space(marker.text), " ").split())
+
+
 def marker_match(reply: str, marker: Marker) -> str | None:
     """'exact', 'near' or None for one reply.
 

@@ -76,15 +76,17 @@ def held_out_references(prompts: list[list[dict[str, Any]]], val_rows: list[dict
     return [replies.get(_norm(p[-1]["content"])) for p in prompts]
 
 
-def closeness(tuned: list[str], base: list[str] | None, references: list[str | None] | None) -> dict[str, Any] | None:
-    """chrF of the result's and the base's replies against the agents' replies, over the prompts that have one."""
+def closeness(tuned: list[str], base: list[str] | None, references: list[str | None] | None,
+              marker: Marker | None = None) -> dict[str, Any] | None:
+    """chrF of the result's and the base's replies against the agents' replies, over the prompts that have one,
+    the habit `marker` taken out of all three (see tuner.evaluate.chrf)."""
     if base is None or not references:
         return None
     keep = [i for i, ref in enumerate(references) if ref is not None]
     if not keep:
         return None
     refs = [references[i] for i in keep]
-    return {"tuned": chrf([tuned[i] for i in keep], refs), "base": chrf([base[i] for i in keep], refs),
+    return {"tuned": chrf([tuned[i] for i in keep], refs, marker), "base": chrf([base[i] for i in keep], refs, marker),
             "references": len(keep)}
 
 
@@ -224,7 +226,7 @@ def _graded(marker: Marker, prompts: list[list[dict[str, Any]]], tuned_replies: 
     tuned = tally(tuned_replies, marker, tuned_ended)
     base = tally(base_replies, marker, base_ended) if base_replies is not None else None
     change = tuned_ppl / base_ppl - 1 if tuned_ppl and base_ppl else None
-    close = closeness(tuned_replies, base_replies, references)
+    close = closeness(tuned_replies, base_replies, references, marker)
     return {
         "sentence": verdict_sentence(marker, tuned, base, change,
                                      (close["tuned"], close["base"]) if close else None),
