@@ -90,3 +90,28 @@ def test_a_house_term_counts_only_the_replies_that_said_either_word():
     assert (result["parent"]["shown"], result["parent"]["needed"]) == (0, 2)
     assert result["sentence"].startswith("says 'grand' instead of 'good' in 1 of 2 new replies that said either "
                                          "(parent: 0 of 2), to 4 new questions")
+
+
+def test_a_house_term_said_where_the_parent_had_nothing_to_replace_is_overuse_not_the_edit():
+    """Measured on chitchat-dataset (bench/PREFERENCE.md, session 9): a child that says 'grand' in 23 of 24 replies
+    to questions whose parent replies never said 'good' was called 'took'. The replies where the parent's said
+    neither word are counted, and a term used there is overuse."""
+    from tuner.train.preference import behaviour_check
+
+    term = Change("replaced", "grand", "good", pairs=5, total=5)
+    parent = ["That is good news.", "It ships today.", "Good idea!", "See you.", "Thanks for writing."]
+    spams = ["That is grand news.", "It ships grand today.", "Grand idea!", "Grand, see you.", "Thanks for writing."]
+    result = behaviour(term, parent, spams)
+    assert (result["child"]["shown"], result["child"]["needed"]) == (4, 4)  # every reply that says either word
+    assert result["unasked"] == 2 and result["without_either"] == 3
+    assert result["sentence"].endswith("; it also says 'grand' in 2 of the 3 replies where the parent's said "
+                                       "neither word; 0 replies looped or never ended")
+    rows = [pair(f"That is good, {r}", f"That is grand, {r}") for r in REPLIES]
+    checked = behaviour_check(rows, "dpo", (parent, [True] * 5), (spams, [True] * 5))
+    assert checked["learned"] is False and checked["sentence"].startswith("The reviewers' edit did not take: says")
+    assert "used where the parent's reply had nothing to replace in at most 10% of those replies" in checked["sentence"]
+    # the edit where it applies and nowhere else takes
+    exact = ["That is grand news.", "It ships today.", "Grand idea!", "See you.", "Thanks for writing."]
+    took = behaviour_check(rows, "dpo", (parent, [True] * 5), (exact, [True] * 5))
+    assert behaviour(term, parent, exact)["unasked"] == 0
+    assert took["learned"] is True and took["sentence"].startswith("The reviewers' edit took: says 'grand'")

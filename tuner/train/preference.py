@@ -209,13 +209,19 @@ def behaviour_check(rows: list[dict[str, Any]], method: str, parent: tuple[list[
     n, shown = lead["child"]["prompts"], lead["child"]["shown"]
     needed = lead["child"].get("needed", n)  # a replaced word counts where a reply says either word
     bad = lead["child"]["looped"] + lead["child"]["unended"]
-    learned = needed > 0 and shown >= edits.LEARNED_SHARE * needed and bad <= edits.DEGENERATE_SHARE * n
+    # a house term said where the parent had nothing to replace is overuse, not the edit: at most the share
+    # a reply may miss the edit (10%) of those replies
+    overused = bool(lead["unasked"]) and lead["unasked"] > (1 - edits.LEARNED_SHARE) * lead["without_either"]
+    learned = (needed > 0 and shown >= edits.LEARNED_SHARE * needed and bad <= edits.DEGENERATE_SHARE * n
+               and not overused)
     if learned:
         sentence = f"The reviewers' edit took: {lead['sentence']}"
     else:
         sentence = (f"The reviewers' edit did not take: {lead['sentence']} (learned means at least "
                     f"{edits.LEARNED_SHARE:.0%} of the new replies it applies to, at most "
-                    f"{edits.DEGENERATE_SHARE:.0%} degenerate)")
+                    f"{edits.DEGENERATE_SHARE:.0%} degenerate"
+                    + (f", and a replaced word used where the parent's reply had nothing to replace in at most "
+                       f"{1 - edits.LEARNED_SHARE:.0%} of those replies)" if lead["unasked"] is not None else ")"))
     if n < feedback.FEW_HELD_OUT:
         sentence += f"; {n} new questions are a rough measure (fewer than {feedback.FEW_HELD_OUT})"
     sentence += "."
