@@ -169,15 +169,16 @@ def behaviour(change: Change, parent: Sequence[str], child: Sequence[str], paren
                 "unended": sum(b == "no end of turn" for b in bad)}
 
     before, after = count(parent, parent_ended), count(child, child_ended)
-    unasked = None
+    unasked = neither = None
     if change.kind == "replaced":
         sentence = (f"{change.words()} in {after['shown']} of {after['needed']} new replies that said either "
                     f"(parent: {before['shown']} of {before['needed']}), to {after['prompts']} new questions")
         # overuse: the term where the parent's reply to the same question had neither word to replace
         either = [_fold(change.old) in _fold(p) or _fold(change.text) in _fold(p) for p in parent]
         unasked = sum(not e and _fold(change.text) in _fold(c) for e, c in zip(either, child, strict=True))
+        neither = len(parent) - sum(either)
         if unasked:
-            sentence += (f"; it also says '{change.text}' in {unasked} of the {len(parent) - sum(either)} replies "
+            sentence += (f"; it also says '{change.text}' in {unasked} of the {neither} replies "
                          f"where the parent's said neither word")
     else:
         sentence = (f"{change.words()} on {after['shown']} of {after['prompts']} new questions "
@@ -186,4 +187,4 @@ def behaviour(change: Change, parent: Sequence[str], child: Sequence[str], paren
     sentence += f"; {degenerate_n} {'reply' if degenerate_n == 1 else 'replies'} looped or never ended"
     return {"change": change.words(), "kind": change.kind, "pairs_with_change": change.pairs,
             "pairs": change.total, "parent": before, "child": after, "unasked": unasked,
-            "without_either": None if unasked is None else len(parent) - sum(either), "sentence": sentence}
+            "without_either": neither, "sentence": sentence}
