@@ -33,7 +33,7 @@ run: $(STAMP)
 	$(BIN)/python app.py
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=30
 
 lint: $(STAMP)
 	$(BIN)/ruff check tuner tests app.py bench

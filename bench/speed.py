@@ -56,6 +56,7 @@ LORA_R, LORA_TARGETS = 16, "all-linear"  # the TRL docs' example; the project's 
 GROUP_SIZES = (1, 1, 1, 2, 2, 3, 4, 6)  # sample conversations joined into one: 1 to 12 exchanges
 CHAT_PROMPT = "Hi, my Galley kettle arrived with a dent in the lid. What can you do, and how long will it take?"
 EVAL_LOSS_TOLERANCE = 0.02  # "equal eval loss within noise": project may be at most this much higher
+ADAPTER_TARGET, VERDICT_TARGET = 2.5, 1.5  # issue 25: command to adapter, command to verdict, x as fast as plain TRL
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -880,10 +881,13 @@ def bench_train(b: Bench, data: dict[str, Any], repeats: int, model_path: str, p
                                                      "overrides")}
                 for r in runs}
     return {"recipes": recipes, "repeats": repeats, "runs": runs, "medians": medians, "ratio": ratio,
-            "variant_ratios": {v: ratios(v) for v in recipes[2:]}, "settings": settings,
+            "baseline_precision": baseline_precision, "variant_ratios": {v: ratios(v) for v in recipes[2:]}, "settings": settings,
             "verdict": {"tokens_per_s_ratio": speedup, "whole_process_speedup": whole, "to_verdict_speedup": to_verdict,
                         "eval_loss_ok": bool(loss_ok),
                         "meets_whole_2x": bool(whole and whole >= 2 and loss_ok),
+                        # the targets: command to adapter >= 2.5x, command to verdict >= 1.5x, no worse eval loss
+                        "meets_adapter_target": bool(whole and whole >= ADAPTER_TARGET and loss_ok),
+                        "meets_verdict_target": bool(to_verdict and to_verdict >= VERDICT_TARGET and loss_ok),
                         "eval_loss_tolerance": round(tolerance, 4),
                         "meets_3x": bool(speedup >= 3 and loss_ok), "meets_2x": bool(speedup >= 2 and loss_ok)}}
 
@@ -997,8 +1001,9 @@ TABLE_ROWS = (  # (label, metric, digits)
 )
 
 
-def _label(recipe: str) -> str:
-    return {"baseline": "baseline (TRL defaults)", "project": "project default"}.get(recipe, f"variant `{recipe}`")
+def _label(recipe: str, baseline_precision: str = "trl-default") -> str:
+    baseline = "baseline (TRL, fp32)" if baseline_precision == "fp32" else "baseline (TRL defaults)"
+    return {"baseline": baseline, "project": "project default"}.get(recipe, f"variant `{recipe}`")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -1021,7 +1026,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{d['assistant_turns']['min']}-{d['assistant_turns']['max']} replies each), one pass; "
                 f"validation {d['validation_examples']} conversations. Medians of "
                 f"{t['repeats']} alternating runs each.", "",
-                "| metric | " + " | ".join(_label(r) for r in t["recipes"]) + " | project / baseline |",
+                "| metric | " + " | ".join(_label(r, t.get("baseline_precision", "trl-default")) for r in t["recipes"]) + " | project / baseline |",
                 "|---|" + "---:|" * (len(t["recipes"]) + 1)]
         for label, key, digits in TABLE_ROWS:
             values = [t["medians"][r].get(key) for r in t["recipes"]]
@@ -1029,7 +1034,7 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             out.append(f"| {label} | " + " | ".join(_fmt(v, digits) for v in values)
                        + f" | {_fmt(t['ratio'].get(key), 2)} |")
-        out += ["", "| setting | " + " | ".join(_label(r) for r in t["recipes"]) + " |",
+        out += ["", "| setting | " + " | ".join(_label(r, t.get("baseline_precision", "trl-default")) for r in t["recipes"]) + " |",
                 "|---|" + "---|" * len(t["recipes"])]
         for k in ("precision", "quantization", "gradient_checkpointing", "batching", "batch_size", "learning_rate"):
             out.append(f"| {k} | " + " | ".join(str(t["settings"][r].get(k)) for r in t["recipes"]) + " |")
@@ -1037,6 +1042,13 @@ def markdown(results: dict[str, Any]) -> str:
             out.append(f"\nVariant `{name}` ({t['settings'][name]['overrides']}): {_fmt(r['tokens_per_s'])}x "
                        f"baseline tokens/s, eval loss {_fmt(t['medians'][name]['eval_loss'], 4)}.")
         v = t["verdict"]
+        if v.get("to_verdict_speedup"):
+            out += ["", f"Targets, against {_label('baseline', t.get('baseline_precision', 'trl-default'))}: command "
+                    f"to adapter {_fmt(v['whole_process_speedup'])}x (>= {ADAPTER_TARGET}x: "
+                    f"{'met' if v.get('meets_adapter_target') else 'not met'}); command to the voice verdict "
+                    f"{_fmt(v['to_verdict_speedup'])}x (>= {VERDICT_TARGET}x: "
+                    f"{'met' if v.get('meets_verdict_target') else 'not met'}); eval loss "
+                    f"{'no worse' if v['eval_loss_ok'] else 'WORSE'}."]
         out += ["", f"Verdict: whole process (command start to saved adapter) {_fmt(v.get('whole_process_speedup'))}x "
                 f"faster than the baseline (>= 2x: {'yes' if v.get('meets_whole_2x') else 'no'}); "
                 + (f"with the voice verdict, which the baseline does not give, {_fmt(v['to_verdict_speedup'])}x; "

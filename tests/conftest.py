@@ -191,3 +191,22 @@ def signoff_run(default_model_path) -> Path:
     from tuner.paths import runs_dir
 
     return make_signoff_run(runs_dir() / "signoff-run", signoff_conversations(48))
+
+
+@pytest.fixture(scope="session")
+def preference_parent(signoff_run) -> Path:
+    """The signoff run's copy that preference tests give judgements to (tests/preference_pairs.py)."""
+    from preference_pairs import preference_parent
+
+    return preference_parent(signoff_run)
+
+
+@pytest.fixture(scope="session")
+def dpo_child(preference_parent) -> tuple[Path, dict]:
+    """A DPO child of `preference_parent` trained through the CLI on 40 judgements, in the session's runs folder
+    (so the page lists it): (its folder, the JSON line `train --json` printed). Trains once a session."""
+    from preference_pairs import train_dpo_child
+
+    from tuner.paths import runs_dir
+
+    return train_dpo_child(preference_parent, runs_dir() / "dpo-child")

@@ -98,6 +98,11 @@ def test_medians_and_ratios_come_from_the_runs(tiny):
     assert "| command start to the voice verdict" in stdout
     assert verdict["tokens_per_s_ratio"] == train["ratio"]["tokens_per_s"]
     assert verdict["meets_3x"] == (verdict["tokens_per_s_ratio"] >= 3 and verdict["eval_loss_ok"])
+    # the targets (adapter >= 2.5x, verdict >= 1.5x as fast as the plain recipe) are said against the baseline timed
+    assert verdict["meets_adapter_target"] == (verdict["whole_process_speedup"] >= 2.5 and verdict["eval_loss_ok"])
+    assert verdict["meets_verdict_target"] == (verdict["to_verdict_speedup"] >= 1.5 and verdict["eval_loss_ok"])
+    timed = "baseline (TRL, fp32)" if train["baseline_precision"] == "fp32" else "baseline (TRL defaults)"
+    assert f"Targets, against {timed}: command to adapter" in stdout and f"| metric | {timed} |" in stdout
     assert "| training tokens/s (real tokens) |" in stdout and "project / baseline" in stdout
 
 

@@ -4,13 +4,10 @@
 from __future__ import annotations
 
 import json
-import random
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from preference_pairs import N_PAIRS, PHRASE, reviewers_pairs
 
 from tuner import feedback
 from tuner.cli import main
@@ -18,73 +15,14 @@ from tuner.config import PreferenceConfig
 from tuner.errors import DataError, TrainingError
 from tuner.runs import Run
 
-ROOT = Path(__file__).resolve().parent.parent
-PHRASE = "Happy to help!"  # what every chosen reply has and no rejected one does
-TOPICS = ["my lamp flickers", "where is my order", "can I return a bulb", "the app will not pair",
-          "how bright is the Halo", "do you ship to Spain", "my warranty card is lost", "the dimmer hums",
-          "what colour is Ember", "is the Nova waterproof", "the cable is too short", "I got the wrong shade"]
-ANSWERS = ["Let's fix that together: unplug it for ten seconds, then try again.",
-           "Of course, returns are free for thirty days.",
-           "Open Settings, then Pair, and hold the button.",
-           "It gives a warm 800 lumens.", "Your parcel left our workshop today."]
-SIGN_OFF = "Stay sunny, the Lumen Lamps team."
 STEPS = 24  # the defaults: 1.5 passes over the 32 training pairs in batches of 4 is 12, raised to min_steps
 
 
-def reviewers_pairs(n: int, seed: int = 3) -> list[tuple[list[dict], str, str]]:
-    """(prompt, the bot's reply, the reviewer's better reply): the better one opens with PHRASE."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        prompt = [{"role": "user", "content": f"Hi, {TOPICS[i % len(TOPICS)]} (ticket {500 + i})."}]
-        reply = f"{rng.choice(ANSWERS)} {SIGN_OFF}"
-        out.append((prompt, reply, f"{PHRASE} {reply}"))
-    return out
-
-
-def give_feedback(run: Path, n: int) -> None:
-    """Half the judgements as blind A/B votes for the better reply, half as edits of the bot's reply."""
-    rng = random.Random(0)
-    for i, (prompt, reply, better) in enumerate(reviewers_pairs(n)):
-        if i % 2:
-            pair = feedback.blind_pair(prompt, {"tuned": reply, "reviewer": better}, rng)
-            revealed = pair.vote(run, "A" if pair.a["source"] == "reviewer" else "B", reviewer="QA")
-            assert revealed["winner"] == "reviewer"
-        else:
-            feedback.record_edit(run, prompt, reply, better, reviewer="QA")
-
-
-def has_phrase(text: str) -> bool:
-    return PHRASE.lower() in text.lower()
-
-
-@pytest.fixture(scope="module")
-def signoff_run(signoff_run) -> Path:
-    """This module's own copy of the session's SFT run, without the judgements other modules gave it: the
-    counts below (pairs, held-out pairs, steps, thumbs) are this module's alone, in any test order."""
-    copy = signoff_run.parent / "signoff-run-preference"
-    if not copy.exists():
-        shutil.copytree(signoff_run, copy, ignore=shutil.ignore_patterns("feedback.jsonl", "checkpoints"))
-    return copy
-
-
-@pytest.fixture(scope="module")
-def dpo_child(signoff_run, tmp_path_factory) -> tuple[Path, dict]:
-    """A DPO child of the signoff run, trained through the CLI on 40 pairs from the feedback API."""
-    give_feedback(signoff_run, 40)
-    out = tmp_path_factory.mktemp("pref") / "child"
-    proc = subprocess.run([sys.executable, "-m", "tuner", "train", "--method", "dpo", "--from", str(signoff_run),
-                           "--out", str(out), "--max-length", "128", "--json"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
-def test_dpo_child_prefers_what_reviewers_chose_and_says_so(dpo_child, signoff_run):
+def test_dpo_child_prefers_what_reviewers_chose_and_says_so(dpo_child, preference_parent):
     out, printed = dpo_child
     assert printed["status"] == "completed", printed["error"]
-    assert printed["parent"] == Run(signoff_run).id and printed["lineage"][-2:] == [Run(signoff_run).id, out.name]
+    assert printed["parent"] == Run(preference_parent).id and printed["lineage"][-2:] == [Run(preference_parent).id, out.name]
     pm = printed["preference_metrics"]
     before, after = pm["before"], pm["after"]
     print(f"\nheld-out pairs {pm['held_out_pairs']}: accuracy {before['accuracy']} -> {after['accuracy']}, "
@@ -95,12 +33,12 @@ def test_dpo_child_prefers_what_reviewers_chose_and_says_so(dpo_child, signoff_r
     # the result leads with what the reviewers changed, measured on new questions (in no pair, not in training)
     replies = printed["replies"]
     asked = {r["prompt"] for r in replies}
-    assert replies and not asked & {p[-1]["content"] for p, _, _ in reviewers_pairs(40)}
+    assert replies and not asked & {p[-1]["content"] for p, _, _ in reviewers_pairs(N_PAIRS)}
     parent = sum(r["parent"].startswith(PHRASE) for r in replies)
     child = sum(r["child"].startswith(PHRASE) for r in replies)
     print(f"'{PHRASE}' opens greedy replies to {len(replies)} new questions: parent {parent}, child {child}")
     lead = printed["behaviour"]["changes"][0]
-    assert lead["change"] == f"adds '{PHRASE}' at the start" and lead["pairs_with_change"] == 40
+    assert lead["change"] == f"adds '{PHRASE}' at the start" and lead["pairs_with_change"] == N_PAIRS
     assert (lead["child"]["shown"], lead["parent"]["shown"]) == (child, parent)  # the counts are the replies'
     took = child >= 0.9 * len(replies) and lead["child"]["looped"] + lead["child"]["unended"] <= 0.02 * len(replies)
     assert printed["result"].startswith("The reviewers' edit took:" if took else "The reviewers' edit did not take:")
@@ -113,27 +51,27 @@ def test_dpo_child_prefers_what_reviewers_chose_and_says_so(dpo_child, signoff_r
     # the gain does not cost the voice: the sign-off stays, no reply loops
     assert voice["tuned"]["exact"] >= parent_voice["tuned"]["exact"] - 1 and voice["tuned"]["looped"] == 0
     assert voice["general_perplexity_change"] is not None
-    assert printed["voice_parent"] == Run(signoff_run).status()["voice"]
+    assert printed["voice_parent"] == Run(preference_parent).status()["voice"]
 
 
 @pytest.mark.slow
-def test_child_run_folder_is_a_run_with_adapter_card_metrics_and_lineage(dpo_child, signoff_run):
+def test_child_run_folder_is_a_run_with_adapter_card_metrics_and_lineage(dpo_child, preference_parent):
     out, printed = dpo_child
     child = Run(out)
     status = child.status()
     assert status["status"] == "completed" and status["step"] == STEPS and status["method"] == "dpo"
-    assert child.config().to_dict() == Run(signoff_run).config().to_dict()  # same base, LoRA, quantization
+    assert child.config().to_dict() == Run(preference_parent).config().to_dict()  # same base, LoRA, quantization
     assert (child.adapter_dir / "adapter_model.safetensors").is_file()
     assert not (child.adapter_dir / "ref").exists()  # the frozen parent copy is no part of the result
     card = (child.adapter_dir / "README.md").read_text()
-    assert "DPOTrainer" in card and Run(signoff_run).id in card and "preference accuracy" in card
+    assert "DPOTrainer" in card and Run(preference_parent).id in card and "preference accuracy" in card
     # the card leads its results with the behaviour, then the pairs with their interval and what 8 of them prove
     results = card.split("## Results")[1]
     assert results.index(status["behaviour"]["sentence"]) < results.index("held-out pairs (never trained on)")
     assert "95% interval" in results and "8 held-out pairs prove little (fewer than 20)" in results
     metrics = child.metrics()
     assert [m["step"] for m in metrics if m.get("loss") is not None][-1] == STEPS
-    assert status["preference_rows"] == 40 and status["train_rows"] == 32
+    assert status["preference_rows"] == N_PAIRS and status["train_rows"] == 32
 
 
 def _prefs(tmp_path: Path, rows: list) -> Path:
@@ -154,24 +92,24 @@ def _good(i: int) -> dict:
      "line 3: chosen and rejected are the same reply"),
     ({"prompt": [], "chosen": "Here.", "rejected": "There."}, "line 3: empty or malformed prompt"),
 ])
-def test_bad_preference_file_names_the_line_and_starts_no_run(signoff_run, tmp_path, bad, message):
+def test_bad_preference_file_names_the_line_and_starts_no_run(preference_parent, tmp_path, bad, message):
     from tuner.train.preference import prepare_preference_run
 
     path = _prefs(tmp_path, [_good(0), _good(1), bad, *[_good(i) for i in range(2, 12)]])
     with pytest.raises(DataError, match=message) as err:
-        prepare_preference_run(signoff_run, PreferenceConfig(), path, tmp_path / "child")
+        prepare_preference_run(preference_parent, PreferenceConfig(), path, tmp_path / "child")
     assert str(path) in str(err.value) and "Fix:" in str(err.value)
     assert not (tmp_path / "child").exists()
 
 
-def test_too_few_pairs_says_how_many_more_are_needed(signoff_run, tmp_path, capsys):
+def test_too_few_pairs_says_how_many_more_are_needed(preference_parent, tmp_path, capsys):
     from tuner.train.preference import prepare_preference_run
 
     path = _prefs(tmp_path, [_good(i) for i in range(7)])
     with pytest.raises(TrainingError, match="7 preference pairs so far; preference tuning needs at least 10: 3 more"):
-        prepare_preference_run(signoff_run, PreferenceConfig(), path, tmp_path / "child")
+        prepare_preference_run(preference_parent, PreferenceConfig(), path, tmp_path / "child")
     # the same through the command line: one plain line, exit code 2, no run folder
-    assert main(["train", "--method", "dpo", "--from", str(signoff_run), "--prefs", str(path),
+    assert main(["train", "--method", "dpo", "--from", str(preference_parent), "--prefs", str(path),
                  "--out", str(tmp_path / "child")]) == 2
     assert "3 more" in capsys.readouterr().err
     assert not (tmp_path / "child").exists()
@@ -190,12 +128,12 @@ def test_preference_settings_are_train_flags_and_only_for_preference_runs(tmp_pa
     assert "--beta: preference setting(s), for a preference run. Fix: add --method dpo" in capsys.readouterr().err
 
 
-def test_kto_on_a_pairs_file_keeps_the_pairs_to_hold_out_and_to_read_the_edit_from(signoff_run, tmp_path):
+def test_kto_on_a_pairs_file_keeps_the_pairs_to_hold_out_and_to_read_the_edit_from(preference_parent, tmp_path):
     from tuner.messages import read_jsonl
     from tuner.train.preference import behaviour_check, prepare_preference_run
 
     path = _prefs(tmp_path, [_good(i) for i in range(12)])
-    child = prepare_preference_run(signoff_run, PreferenceConfig(method="kto"), path, tmp_path / "kto")
+    child = prepare_preference_run(preference_parent, PreferenceConfig(method="kto"), path, tmp_path / "kto")
     rows = read_jsonl(Run(child).preferences_file)
     assert Run(child).status()["method"] == "kto" and len(rows) == 12  # pairs kept: trl unpairs them for KTO
     assert all(r["chosen"][0]["content"].startswith(PHRASE) and not r["rejected"][0]["content"].startswith(PHRASE)
@@ -209,17 +147,17 @@ def test_kto_on_a_pairs_file_keeps_the_pairs_to_hold_out_and_to_read_the_edit_fr
     assert "on 1 of 2 new questions (parent: 0)" in checked["sentence"]
     # a pairs file too small for KTO says how many pairs are missing, as for DPO
     with pytest.raises(TrainingError, match="7 preference pairs so far; preference tuning needs at least 10: 3 more"):
-        prepare_preference_run(signoff_run, PreferenceConfig(method="kto"),
+        prepare_preference_run(preference_parent, PreferenceConfig(method="kto"),
                                _prefs(tmp_path, [_good(i) for i in range(7)]), tmp_path / "kto-few")
 
 
 @pytest.mark.slow
-def test_kto_learns_from_thumbs_when_there_are_no_pairs(signoff_run, tmp_path):
+def test_kto_learns_from_thumbs_when_there_are_no_pairs(preference_parent, tmp_path):
     from tuner.train.preference import prepare_preference_run, train_preference
 
     for i, (prompt, reply, better) in enumerate(reviewers_pairs(12, seed=9)):
-        feedback.record_thumb(signoff_run, prompt, better if i % 2 else reply, up=bool(i % 2), reviewer="QA")
-    child = prepare_preference_run(signoff_run, PreferenceConfig(method="kto", max_steps=2, max_length=128), None,
+        feedback.record_thumb(preference_parent, prompt, better if i % 2 else reply, up=bool(i % 2), reviewer="QA")
+    child = prepare_preference_run(preference_parent, PreferenceConfig(method="kto", max_steps=2, max_length=128), None,
                                    tmp_path / "kto")
     status = train_preference(child)
     assert status["status"] == "completed", status.get("error")
@@ -228,7 +166,7 @@ def test_kto_learns_from_thumbs_when_there_are_no_pairs(signoff_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_stopped_preference_run_resumes_from_its_checkpoint_as_a_job(signoff_run, tmp_path):
+def test_a_stopped_preference_run_resumes_from_its_checkpoint_as_a_job(preference_parent, tmp_path):
     from transformers import TrainerCallback
 
     from tuner.train.preference import prepare_preference_run, train_preference
@@ -240,7 +178,7 @@ def test_a_stopped_preference_run_resumes_from_its_checkpoint_as_a_job(signoff_r
 
     path = _prefs(tmp_path, [_good(i) for i in range(16)])
     cfg = PreferenceConfig(max_steps=11, max_length=128, save_every_s=0)
-    child = prepare_preference_run(signoff_run, cfg, path, tmp_path / "child")
+    child = prepare_preference_run(preference_parent, cfg, path, tmp_path / "child")
     stopped = train_preference(child, callbacks=[StopAfter10()])
     assert stopped["status"] == "cancelled" and stopped["step"] == 10
     # the page resumes it the way it starts any run: `python -m tuner train --resume DIR` in its own process
