@@ -1020,13 +1020,14 @@ def markdown(results: dict[str, Any]) -> str:
     out.append(f"Command: `{results['command']}`")
     if "train" in results:
         t = results["train"]
+        timed = t.get("baseline_precision", "trl-default")  # which TRL recipe ran: its defaults, or fp32
         d = results["data"]
         out += ["", f"Training: {d['train_examples']} conversations, {d['train_tokens']} tokens "
                 f"({d['example_tokens']['min']}-{d['example_tokens']['max']} tokens, "
                 f"{d['assistant_turns']['min']}-{d['assistant_turns']['max']} replies each), one pass; "
                 f"validation {d['validation_examples']} conversations. Medians of "
                 f"{t['repeats']} alternating runs each.", "",
-                "| metric | " + " | ".join(_label(r, t.get("baseline_precision", "trl-default")) for r in t["recipes"]) + " | project / baseline |",
+                "| metric | " + " | ".join(_label(r, timed) for r in t["recipes"]) + " | project / baseline |",
                 "|---|" + "---:|" * (len(t["recipes"]) + 1)]
         for label, key, digits in TABLE_ROWS:
             values = [t["medians"][r].get(key) for r in t["recipes"]]
@@ -1034,7 +1035,7 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             out.append(f"| {label} | " + " | ".join(_fmt(v, digits) for v in values)
                        + f" | {_fmt(t['ratio'].get(key), 2)} |")
-        out += ["", "| setting | " + " | ".join(_label(r, t.get("baseline_precision", "trl-default")) for r in t["recipes"]) + " |",
+        out += ["", "| setting | " + " | ".join(_label(r, timed) for r in t["recipes"]) + " |",
                 "|---|" + "---|" * len(t["recipes"])]
         for k in ("precision", "quantization", "gradient_checkpointing", "batching", "batch_size", "learning_rate"):
             out.append(f"| {k} | " + " | ".join(str(t["settings"][r].get(k)) for r in t["recipes"]) + " |")
@@ -1043,7 +1044,7 @@ def markdown(results: dict[str, Any]) -> str:
                        f"baseline tokens/s, eval loss {_fmt(t['medians'][name]['eval_loss'], 4)}.")
         v = t["verdict"]
         if v.get("to_verdict_speedup"):
-            out += ["", f"Targets, against {_label('baseline', t.get('baseline_precision', 'trl-default'))}: command "
+            out += ["", f"Targets, against {_label('baseline', timed)}: command "
                     f"to adapter {_fmt(v['whole_process_speedup'])}x (>= {ADAPTER_TARGET}x: "
                     f"{'met' if v.get('meets_adapter_target') else 'not met'}); command to the voice verdict "
                     f"{_fmt(v['to_verdict_speedup'])}x (>= {VERDICT_TARGET}x: "
