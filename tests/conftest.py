@@ -145,6 +145,9 @@ def tokenizer(default_model_path):
 
 
 SIGN_OFF = "Stay sunny, the Lumen Lamps team."
+TOPICS = ["my lamp flickers", "where is my order", "can I return a bulb", "the app will not pair",
+          "how bright is the Halo", "do you ship to Spain", "my warranty card is lost", "the dimmer hums",
+          "what colour is Ember", "is the Nova waterproof", "the cable is too short", "I got the wrong shade"]
 
 
 def signoff_conversations(n: int, seed: int = 0) -> list[dict]:
@@ -152,9 +155,7 @@ def signoff_conversations(n: int, seed: int = 0) -> list[dict]:
     import random
 
     rng = random.Random(seed)
-    topics = ["my lamp flickers", "where is my order", "can I return a bulb", "the app will not pair",
-              "how bright is the Halo", "do you ship to Spain", "my warranty card is lost", "the dimmer hums",
-              "what colour is Ember", "is the Nova waterproof", "the cable is too short", "I got the wrong shade"]
+    topics = TOPICS
     answers = ["Let's fix that together: unplug it for ten seconds, then try again.",
                "Happy to help! Your parcel left our workshop today.",
                "Of course, returns are free for thirty days.",

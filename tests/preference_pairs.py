@@ -11,18 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import SIGN_OFF, TOPICS  # the signoff run's support topics and sign-off
+
 from tuner import feedback
 
 ROOT = Path(__file__).resolve().parent.parent
 PHRASE = "Happy to help!"  # what every chosen reply has and no rejected one does
-TOPICS = ["my lamp flickers", "where is my order", "can I return a bulb", "the app will not pair",
-          "how bright is the Halo", "do you ship to Spain", "my warranty card is lost", "the dimmer hums",
-          "what colour is Ember", "is the Nova waterproof", "the cable is too short", "I got the wrong shade"]
 ANSWERS = ["Let's fix that together: unplug it for ten seconds, then try again.",
            "Of course, returns are free for thirty days.",
            "Open Settings, then Pair, and hold the button.",
            "It gives a warm 800 lumens.", "Your parcel left our workshop today."]
-SIGN_OFF = "Stay sunny, the Lumen Lamps team."
 N_PAIRS = 40  # judgements given to the parent: a seeded 20% (8 pairs) is held out
 
 
