@@ -47,7 +47,7 @@ from tuner.errors import TunerError
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "datasets" / "kettle_openai.jsonl"
 DEFAULT_OUT = ROOT / "bench" / "results.json"
-PARTS = ("train", "chat", "decode", "convert", "quick", "profile")
+PARTS = ("train", "chat", "decode", "convert", "quick", "estimate", "profile")
 DECODE_PROMPTS = 24  # the issue's eval size: tuner's replies vs llama.cpp's, side by side
 DEFAULT_TOKENS = 8000  # one pass over about 8k tokens: ~2 min per baseline run on a 2-core CPU
 DEFAULT_VAL_EXAMPLES = 12
@@ -57,6 +57,7 @@ GROUP_SIZES = (1, 1, 1, 2, 2, 3, 4, 6)  # sample conversations joined into one: 
 CHAT_PROMPT = "Hi, my Galley kettle arrived with a dent in the lid. What can you do, and how long will it take?"
 EVAL_LOSS_TOLERANCE = 0.02  # "equal eval loss within noise": project may be at most this much higher
 ADAPTER_TARGET, VERDICT_TARGET = 2.5, 1.5  # issue 25: command to adapter, command to verdict, x as fast as plain TRL
+ESTIMATE_TARGET = 0.25  # issue 25: the page's estimate after the first run on a machine, as a share of the real time
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -510,6 +511,52 @@ def _worker_quick(spec: dict[str, Any]) -> dict[str, Any]:
             "reply": timed["replies"].get(TUNED, "")[:300]}
 
 
+ESTIMATE_PRESETS = ("standard", "standard", "quick")  # the same settings again, then others
+
+
+def estimate_runs(presets: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """(label, preset) per run: the first on a new machine, the same settings again, or other settings."""
+    return [(("first" if i == 0 else "again" if p == presets[i - 1] else "other settings"), p)
+            for i, p in enumerate(presets)]
+
+
+def _worker_estimate(spec: dict[str, Any]) -> dict[str, Any]:
+    """The Train tab's estimate against the real time, as a user meets it on a new machine: the shipped
+    sample converted, then runs pressed one after another (ESTIMATE_RUNS: the standard preset twice, then the
+    quick preset) in a home where nothing has run before. Each row: what the page estimated just before the
+    press, and the press to the completed run (voice check included). The first is made from reference speeds;
+    the others are learned from the run before them, which is what the issue's 25% is about."""
+    from tuner import jobs
+    from tuner.config import TrainConfig
+    from tuner.dataset import convert
+    from tuner.runs import prepare_run, read_status
+
+    os.environ["TUNER_HOME"] = str(Path(spec["out"]) / "home")  # a machine where nothing has run yet
+    data = Path(spec["out"]) / "data"
+    convert([SAMPLE], data)
+    rows = []
+    for label, preset in estimate_runs(spec.get("presets") or ESTIMATE_PRESETS):
+        overrides = {"max_steps": spec["max_steps"]} if spec.get("max_steps") else {}
+        cfg = TrainConfig.from_preset(preset, **overrides)
+        said = jobs.estimate(cfg, data, time_only=True)
+        pressed = time.perf_counter()
+        run_dir = prepare_run(cfg, data)
+        job = jobs.start(run_dir)
+        status = job.wait(timeout=3600)
+        real = time.perf_counter() - pressed
+        if status.get("status") != "completed":
+            raise TunerError(f"the {label} run failed: {status.get('error')}")
+        status = read_status(run_dir)
+        timing = (status.get("voice") or {}).get("timing") or {}
+        est = said.get("time_s")
+        rows.append({"run": label, "preset": preset, "steps": status.get("step"), "estimated_s": est,
+                     "learned": bool(said.get("measured")), "estimated_parts": said.get("breakdown"),
+                     "real_s": round(real, 1), "error": round(est / real - 1, 3) if est else None,
+                     "real_parts": {k: status.get(k) for k in ("startup_s", "eval_s", "voice_s", "total_s")},
+                     "base_replies": timing.get("base_replies")})
+    return {"runs": rows, "load_average": _load()}
+
+
 def decode_prompts(val_file: Path, n: int) -> list[list[dict[str, str]]]:
     """Up to `n` held-out prompts: each validation conversation cut before each of its agent replies."""
     prompts = []
@@ -689,7 +736,8 @@ def _worker_profile(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 WORKERS = {"baseline": _worker_baseline, "project": _worker_project, "chat": _worker_chat, "decode": _worker_decode,
-           "convert": _worker_convert, "quick": _worker_quick, "profile": _worker_profile}
+           "convert": _worker_convert, "quick": _worker_quick, "estimate": _worker_estimate,
+           "profile": _worker_profile}
 
 
 def run_worker(spec_file: str) -> int:
@@ -955,6 +1003,10 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         b.say("[quick] quick preset: Train pressed -> first tuned reply ...")
         results["quick"] = b.run("quick", {"prompt": CHAT_PROMPT, "max_new_tokens": args.chat_tokens,
                                            "max_steps": args.quick_steps})
+    if "estimate" in parts:
+        b.say(f"[estimate] the Train tab's estimate vs the real time, runs in a new home: "
+              f"{', '.join(args.estimate_presets or ESTIMATE_PRESETS)} ...")
+        results["estimate"] = b.run("estimate", {"max_steps": args.estimate_steps, "presets": args.estimate_presets})
     if "profile" in parts:
         b.say(f"[profile] default recipe, {args.profile_steps} steps under torch.profiler ...")
         variants = dict(parse_variant(v) for v in args.variant or [])
@@ -1102,6 +1154,21 @@ def markdown(results: dict[str, Any]) -> str:
             out[-1] += (f" The Train tab's estimate beforehand: {q['estimated_s']} s to the complete run"
                         + (f", {q['estimated_memory_mb']} MB peak" if q.get("estimated_memory_mb") else "")
                         + f" (measured {q['press_to_complete_s']} s, {_fmt(q.get('job_peak_memory_mb'), 0)} MB).")
+    if "estimate" in results:
+        e = results["estimate"]["runs"]
+        out += ["", "The Train tab's estimate against the real time (Train pressed to the run complete, voice check "
+                "included), runs one after another on a machine where none had run:", "",
+                "| run | preset | steps | estimate (s) | from | real (s) | error | voice check: base replies |",
+                "|---|---|---:|---:|---|---:|---:|---|"]
+        for r in e:
+            err = f"{100 * r['error']:+.0f}%" if r.get("error") is not None else "n/a"
+            out.append(f"| {r['run']} | {r['preset']} | {r['steps']} | {_fmt(r['estimated_s'], 1)} | "
+                       f"{'the run before' if r['learned'] else 'reference speeds'} | {r['real_s']} | {err} | "
+                       f"{r.get('base_replies') or 'n/a'} |")
+        learned = [abs(r["error"]) for r in e if r["learned"] and r.get("error") is not None]
+        if learned:
+            out += ["", f"Learned estimates within {100 * max(learned):.0f}% of the real time (target 25%: "
+                    f"{'met' if max(learned) <= ESTIMATE_TARGET else 'not met'})."]
     if "profile" in results:
         p = results["profile"]
         out += ["", f"Profile of the default recipe ({p['steps']} train steps after step {p['after_step']}, "
@@ -1145,6 +1212,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="`decode`: held-out prompts answered by each side.")
     parser.add_argument("--quick-steps", type=int, default=None,
                         help="Override the quick preset's max_steps (for smoke tests; default: the preset's).")
+    parser.add_argument("--estimate-presets", type=lambda v: [p.strip() for p in v.split(",")], default=None,
+                        help="`estimate`: the presets pressed one after another (default: standard,standard,quick).")
+    parser.add_argument("--estimate-steps", type=int, default=None,
+                        help="`estimate`: override each run's max_steps (for smoke tests; default: the presets').")
     parser.add_argument("--profile-variant", metavar="NAME",
                         help="Profile this --variant instead of the default recipe.")
     parser.add_argument("--profile-steps", type=int, default=3, help="Train steps under the profiler.")

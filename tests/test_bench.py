@@ -39,7 +39,9 @@ def tiny(tmp_path_factory, default_model_path) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     cmd = [sys.executable, "-m", "tuner", "bench", "--tokens", "300", "--repeats", "1", "--val-examples", "1",
            "--only", "train", "--only", "convert", "--convert-n", "300", "--only", "quick", "--quick-steps", "2",
-           "--only", "decode", "--decode-prompts", "2", "--decode-tokens", "8", "--out", str(out), "--quiet",
+           "--only", "decode", "--decode-prompts", "2", "--decode-tokens", "8",
+           "--only", "estimate", "--estimate-presets", "quick,quick", "--estimate-steps", "1",
+           "--out", str(out), "--quiet",
            # TRL's default bf16 autocast is emulated, 15x slower, on a CPU without bf16 units (AVX2 only): the
            # smoke test times the plain recipe in fp32 there, as the product's own probe would choose
            *(["--baseline-precision", "fp32"] if _bf16_is_slow() else [])]
@@ -54,7 +56,7 @@ def test_results_describe_machine_and_command(tiny):
     machine = results["machine"]
     assert machine["cpu"] and machine["cores"] >= 1 and machine["versions"]["torch"]
     assert machine["device"] == "cpu" or machine["cuda"]
-    assert len(results["load_average_start"]) == 3 and results["parts"] == ["train", "convert", "quick", "decode"]
+    assert len(results["load_average_start"]) == 3 and results["parts"] == ["train", "convert", "quick", "decode", "estimate"]
 
 
 def test_train_runs_alternate_on_equal_tokens_with_positive_figures(tiny):
@@ -125,6 +127,22 @@ def test_quick_figures_count_from_train_pressed_to_the_first_tuned_token(tiny):
         quick["press_to_saved_s"] + quick["playground_load_s"] + quick["first_token_s"], abs=0.05)
     assert quick["press_to_saved_s"] < quick["press_to_complete_s"]
     assert quick["estimated_s"] > 0 and quick["target_s"] == 60
+
+
+def test_the_estimate_part_sets_the_train_tabs_estimate_against_the_real_time(tiny):
+    results, stdout = tiny
+    first, again = results["estimate"]["runs"]
+    # a new machine: the first estimate comes from reference speeds, the next from the run before it
+    assert (first["run"], first["learned"], again["run"], again["learned"]) == ("first", False, "again", True)
+    for row in (first, again):
+        assert row["steps"] == 1 and row["real_s"] > row["real_parts"]["startup_s"] > 0
+        assert row["error"] == pytest.approx(row["estimated_s"] / row["real_s"] - 1, abs=1e-3)
+        assert sum(row["estimated_parts"].values()) == pytest.approx(row["estimated_s"], abs=0.2)
+    # the second asks the same questions: the base's replies come from the cache the first filled
+    assert (first["base_replies"], again["base_replies"]) == ("decoded", "cached")
+    worst = abs(again["error"])
+    assert f"Learned estimates within {100 * worst:.0f}% of the real time" in stdout
+    assert ("target 25%: met" if worst <= 0.25 else "target 25%: not met") in stdout
 
 
 def test_benchmark_data_is_mixed_length_and_validation_is_held_out(tmp_path, default_model_path):

@@ -35,7 +35,8 @@ TIMEOUT = 900  # seconds; generous, the suite shares two cores
 # small and fast: no validation split (no eval passes), a checkpoint every 2 steps
 SMALL = {"max_steps": 4, "batch_size": 2, "max_length": 128, "quantization": "none", "eval_steps": 2,
          "save_steps": 2, "lora_r": 4, "lora_alpha": 8, "warmup_ratio": 0.0, "early_stopping_patience": 0,
-         "eval_share": 1.0, "save_every_s": 0}  # every eval_steps / save_steps: the steps asserted below
+         "eval_share": 1.0, "save_every_s": 0,  # every eval_steps / save_steps: the steps asserted below
+         "voice_prompts": 0}  # no verdict asserted here: the voice check has its own tests
 
 FAULT_HOOK = '''\
 """Fault injection for tests/test_reliability.py, imported by the training process it starts.

@@ -604,17 +604,38 @@ def measured_here(base_model: str) -> dict[str, Any] | None:
     for r in list_runs():
         if r.get("status") != "completed" or r.get("base_model") != base_model:
             continue
-        speeds = [m["tokens_per_s"] for m in read_metrics(Path(r["path"])) if m.get("tokens_per_s")]
+        metrics = read_metrics(Path(r["path"]))
+        speeds = [m["tokens_per_s"] for m in metrics if m.get("tokens_per_s")]
         if not speeds:
             continue
         status = read_status(Path(r["path"]))
-        asked = ((status.get("voice") or {}).get("tuned") or {}).get("prompts")
+        voice = status.get("voice") or {}
+        asked = (voice.get("tuned") or {}).get("prompts")
+        checks = [c for c in status.get("voice_checks") or [] if c.get("prompts") and c.get("seconds")]
         found = {"speed": sorted(speeds)[len(speeds) // 2], "startup_s": status.get("startup_s"),
                  "eval_s": status.get("eval_s"), "run": r["id"],
-                 "voice_s_per_prompt": status["voice_s"] / asked if asked and status.get("voice_s") else None}
+                 "eval_each_s": (status.get("eval_s") or 0.0) / max(sum(m.get("eval_loss") is not None
+                                                                         for m in metrics), 1) or None,
+                 "voice_s_per_prompt": status["voice_s"] / asked if asked and status.get("voice_s") else None,
+                 # did its final check decode the base's replies, or take them from the cache (tuner.replycache)
+                 "voice_base": (voice.get("timing") or {}).get("base_replies"),
+                 "validation": _digest(Run(Path(r["path"])).data_file("validation.jsonl")),
+                 # the checks during training (the result alone answering a few prompts), seconds per prompt
+                 "check_s_per_prompt": sum(c["seconds"] for c in checks) / sum(c["prompts"] for c in checks)
+                 if checks else None, "checks_s": sum(c["seconds"] for c in checks)}
         found["pace"] = _pace(Run(Path(r["path"])), status, found)
         return found
     return None
+
+
+def _digest(path: Path) -> str | None:
+    """A fingerprint of a data file (the validation split: the same one means the same voice-check prompts)."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
 
 
 def _pace(run: Run, status: dict[str, Any], found: dict[str, Any]) -> float:
@@ -630,23 +651,74 @@ def _pace(run: Run, status: dict[str, Any], found: dict[str, Any]) -> float:
     shape = data_shape(run.data_dir, cfg)
     if not shape["n_train"]:
         return 1.0
-    predicted = phases(cfg, shape, found["speed"])
+    predicted = phases(cfg, shape, found["speed"])  # its checks during training are its own measurement
     middle = predicted["train_s"] + predicted["eval_s"] + predicted["save_s"]
-    actual = total - (status.get("startup_s") or 0.0) - (status.get("voice_s") or 0.0)
+    actual = total - (status.get("startup_s") or 0.0) - (status.get("voice_s") or 0.0) - found["checks_s"]
     return min(max(actual / middle, PACE_BOUNDS[0]), PACE_BOUNDS[1]) if middle > 0 and actual > 0 else 1.0
 
 
-def voice_s_per_prompt(base_model: str, dev: str, here: dict[str, Any] | None = None) -> float:
-    """Seconds the final voice check takes per held-out prompt (the result and the base both answering):
-    this machine's newest run of the model (`here`, from measured_here), else the reference, which grows
-    with the model's size (the reference is the default model's)."""
+def voice_s_per_prompt(base_model: str, dev: str, here: dict[str, Any] | None = None,
+                       probe: dict[str, Any] | None = None) -> float:
+    """Seconds the final voice check takes per held-out prompt with the result and the base both answering:
+    this machine's newest run of the model (`here`, from measured_here; a run that took the base's replies
+    from the cache is scaled back up), else this CPU's precision probe (`probe`), else the reference, which
+    grows with the model's size (the reference is the default model's)."""
     if (here or {}).get("voice_s_per_prompt"):
-        return here["voice_s_per_prompt"]
+        per = here["voice_s_per_prompt"]
+        return per / CHECK_SHARE if here.get("voice_base") == "cached" else per
     from tuner.models import is_default, model_info
 
     info = model_info(base_model) if is_default(base_model) or Path(base_model).is_dir() else {}
+    if dev == "cpu" and probe and probe.get("fp32_ms"):  # the check decodes in fp32 on a CPU (serving_dtype)
+        return VOICE_S_PER_PROBE_MS * probe["fp32_ms"] * _layers(info) / REFERENCE_LAYERS
     scale = int(info["parameters"]) / model_info("default")["parameters"] if info.get("parameters") else 1.0
     return VOICE_S_PER_PROMPT.get(dev, VOICE_S_PER_PROMPT["cpu"]) * scale
+
+
+def final_check_s(base_model: str, dev: str, here: dict[str, Any] | None, probe: dict[str, Any] | None,
+                  data_dir: str | Path, asked: int) -> float:
+    """The final voice check's seconds for `asked` prompts of the data in `data_dir`: the result alone answers
+    when an earlier finished run here asked the same base the same validation prompts (its replies are cached),
+    else the result and the base."""
+    both = voice_s_per_prompt(base_model, dev, here, probe)
+    cached = bool(here and here.get("validation") and here["validation"] == _digest(Path(data_dir) / "validation.jsonl"))
+    return asked * both * (CHECK_SHARE if cached else 1.0)
+
+
+def _layers(info: dict[str, Any]) -> int:
+    try:
+        config = json.loads((Path(info["path"]) / "config.json").read_text())
+        return int(config.get("num_hidden_layers") or REFERENCE_LAYERS)
+    except (KeyError, OSError, TypeError, ValueError):
+        return REFERENCE_LAYERS
+
+
+def reference_speed(base_model: str, dev: str, probe: dict[str, Any] | None) -> float | None:
+    """Training tokens/s before any run finished here: from this CPU's precision probe (a LoRA step of one
+    decoder layer, times the model's layers), else the converter's reference scaled by model size."""
+    from tuner.dataset import CPU_TOKENS_PER_S, GPU_TOKENS_PER_S
+    from tuner.models import is_default, model_info
+
+    info = model_info(base_model) if is_default(base_model) or Path(base_model).is_dir() else {}
+    params = int(info.get("parameters") or 0)
+    if not params:
+        return None
+    if dev == "cpu" and probe and probe.get(f"{probe.get('choice')}_ms"):
+        return PROBE_TOKEN_MS / (probe[f"{probe['choice']}_ms"] * _layers(info))
+    return (GPU_TOKENS_PER_S if dev == "cuda" else CPU_TOKENS_PER_S) * model_info("default")["parameters"] / params
+
+
+def has_habit(data_dir: str | Path) -> bool:
+    """Whether the training replies share a habit (a sign-off, a phrase), which makes the run check its voice
+    at evaluations during training (tuner.train.voicecheck.VoiceCheck) as well as at the end."""
+    from tuner.messages import read_examples
+    from tuner.voice import habit_of
+
+    try:
+        rows = read_examples(Path(data_dir) / "train.jsonl")
+    except (TunerError, OSError):
+        return False
+    return habit_of([m["content"] for r in rows for m in r["messages"] if m["role"] == "assistant"]) is not None
 
 
 def measured_speed(base_model: str) -> float | None:
@@ -661,6 +733,15 @@ PACE_BOUNDS = (0.5, 4.0)  # a finished run's pace is trusted within these (a run
 # the final voice check per held-out prompt, result and base both answering (greedy, batches of 8), with the
 # perplexity check spread over them: a first run's reference (then measured); AMD EPYC 2 cores, SmolLM2-135M
 VOICE_S_PER_PROMPT = {"cpu": 2.0, "cuda": 0.3}
+# a CPU's references from its precision probe (tuner.precision: one decoder layer's LoRA step), the default
+# model's layers: training tokens/s x the probe's step ms x layers (Intel Xeon AMX, bf16: 353 x 26.9 x 30 =
+# 285k; Intel Xeon AVX-512 without bf16, fp32: 112 x 72.6 x 30 = 244k; the lower kept), and the final check's
+# seconds per prompt per fp32 probe ms (AVX-512 Xeon: 57.9 s / 8 prompts / 72.6 ms = 0.10; AMX: 0.084)
+PROBE_TOKEN_MS, VOICE_S_PER_PROBE_MS, REFERENCE_LAYERS = 240_000.0, 0.1, 30
+# a check in which the result alone answers (the checks during training; the final one when the base's
+# replies are cached) takes about this share of one in which the base answers too: 34.1 of 57.9 s and
+# 32.4 of 52.4 s (Intel Xeon AVX-512, 8 prompts, the shipped sample)
+CHECK_SHARE = 0.6
 # the voice benchmark (bench/VOICE.md: 400 public chats whose replies end with one sign-off, 24 new questions,
 # as the CPU playground serves it): 96 examples seen (quick) carried the habit to 0 of 24, 192 to 24 of 24
 VOICE_MIN_EXAMPLES, VOICE_SHORT, VOICE_ENOUGH = 192, (96, 0), (192, 24)
@@ -704,6 +785,37 @@ def phases(cfg: TrainConfig, shape: dict[str, Any], speed: float) -> dict[str, f
     return {"train_s": train_s, "eval_s": eval_s, "save_s": SAVE_S}
 
 
+def eval_allowed(eval_s: float, last_eval_s: float, spent_s: float, eval_share: float) -> bool:
+    """OverheadBudget's rule (and the estimate's, tuner.jobs.voice_checks): a due evaluation runs unless the
+    evaluations so far plus one as long as the last would exceed `eval_share` of the time so far."""
+    return eval_share >= 1.0 or eval_s + last_eval_s <= eval_share * (spent_s + last_eval_s)
+
+
+def voice_checks(cfg: TrainConfig, shape: dict[str, Any], speed: float, check_s: float,
+                 eval_s: float | None = None) -> int:
+    """How many evaluations during a run of `cfg` will also check the voice (a check costs `check_s`): each
+    due one (every eval_steps) that OverheadBudget lets through, simulated with the same rule (skipped while
+    the evaluations so far plus the last one's length would exceed eval_share of the time so far; the budget
+    learns a check's cost only after the first one), and then the last step's, which VoiceCheck skips when
+    no evaluation came before it (nothing to choose between). `eval_s`: one evaluation's seconds, if measured."""
+    steps = cfg.planned_steps(shape["n_train"])
+    if not steps:
+        return 0
+    step_s = cfg.batch_size * cfg.grad_accum * shape["mean_tokens"] / speed
+    sample = min(shape["n_val"], cfg.eval_examples) if cfg.eval_examples else shape["n_val"]
+    eval_cost = eval_s or sample * shape["mean_tokens"] / (3 * speed)  # one evaluation: measured, or forward passes
+    spent = eval_s = last = eval_cost  # the evaluation at the start, without a check
+    checks = 0
+    for step in range(1, steps):
+        spent += step_s
+        if step % cfg.eval_steps == 0 and eval_allowed(eval_s, last, spent, cfg.eval_share):
+            last = eval_cost + check_s
+            spent += last
+            eval_s += last
+            checks += 1
+    return checks + 1 if checks else 0
+
+
 def estimate(cfg: TrainConfig, data_dir: str | Path, time_only: bool = False) -> dict[str, Any]:
     """Steps, time and peak memory of a run before it starts, counting what the user waits for.
     `time_only`: leave out memory and precision (they may measure this CPU first, which the queue, that
@@ -715,7 +827,6 @@ def estimate(cfg: TrainConfig, data_dir: str | Path, time_only: bool = False) ->
     voice check's seconds per prompt; else reference figures (the converter's speeds for the default model,
     scaled by model size), and the uncertainty says which.
     """
-    from tuner.dataset import CPU_TOKENS_PER_S, GPU_TOKENS_PER_S
     from tuner.models import EAGER_MAX_SCORE_BYTES, attention_score_bytes, device, is_default, model_info
 
     shape = data_shape(data_dir, cfg)
@@ -726,18 +837,28 @@ def estimate(cfg: TrainConfig, data_dir: str | Path, time_only: bool = False) ->
     dev = device()
     info = model_info(cfg.base_model) if is_default(cfg.base_model) or Path(cfg.base_model).is_dir() else {}
     params = int(info.get("parameters") or 0)
-    default_params = model_info("default")["parameters"]
     here = measured_here(cfg.base_model)
-    reference = (GPU_TOKENS_PER_S if dev == "cuda" else CPU_TOKENS_PER_S) * default_params / max(params, 1)
-    speed = here["speed"] if here else (reference if params else None)
+    probe = None
+    if dev == "cpu" and not here:  # this CPU's probe (measured once, cached; the queue only reads the cache)
+        from tuner.precision import for_model
+
+        with contextlib.suppress(Exception):
+            probe = for_model(cfg.base_model, measure=not time_only)
+    speed = here["speed"] if here else reference_speed(cfg.base_model, dev, probe)
     seconds, breakdown = None, None
     if speed:
         pace = (here or {}).get("pace") or 1.0
         parts = {k: round(v * pace, 1) for k, v in phases(cfg, shape, speed).items()}
         startup = (here or {}).get("startup_s") or STARTUP_S
         asked = min(cfg.voice_prompts, n_val)  # held-out prompts: at most one per validation conversation
-        breakdown = {"startup_s": round(startup, 1), **parts,
-                     "voice_s": round(asked * voice_s_per_prompt(cfg.base_model, dev, here), 1)}
+        both = voice_s_per_prompt(cfg.base_model, dev, here, probe)
+        from tuner.verdict import CHECK_PROMPTS
+
+        check = min(CHECK_PROMPTS, asked) * ((here or {}).get("check_s_per_prompt") or both * CHECK_SHARE)
+        checks = (voice_checks(cfg, shape, speed / pace, check, (here or {}).get("eval_each_s"))
+                  if asked and has_habit(data_dir) else 0)
+        breakdown = {"startup_s": round(startup, 1), **parts, "checks_s": round(checks * check, 1),
+                     "voice_s": round(final_check_s(cfg.base_model, dev, here, probe, data_dir, asked), 1)}
         seconds = round(sum(breakdown.values()), 1)
     memory_mb = None
     if params and not time_only:
@@ -768,9 +889,13 @@ def estimate(cfg: TrainConfig, data_dir: str | Path, time_only: bool = False) ->
 
         # with sign-in on, the run may be another team's: the estimate learns from it but does not name it
         which = f" ({here['run']})" if auth.mode() == "none" else ""
-        uncertainty = (f"Learned from this machine's last finished run of this model{which}: re-estimated "
-                       "for that run's own settings and data it comes within 25% (tuner's tests); other settings, "
-                       "other data and a busy machine can be further off.")
+        uncertainty = (f"Learned from this machine's last finished run of this model{which}: runs pressed one "
+                       "after another came within 25% of it (bench/README.md); other data and a busy machine can "
+                       "be further off.")
+    elif probe:
+        uncertainty = ("No run of this model has finished on this machine yet, so this scales reference speeds "
+                       "by this CPU's measured precision probe: it may be off by 2x either way; the first run "
+                       "measures this machine.")
     else:
         uncertainty = ("No run of this model has finished on this machine yet, so this uses reference speeds: "
                        "it may be off by 2x either way; the first run measures this machine.")

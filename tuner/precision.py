@@ -133,14 +133,17 @@ def _read_cache(path: Path) -> dict[str, Any]:
         return {}
 
 
-def cpu_precision(shape: tuple[int, int, int] = (576, 1536, 192)) -> dict[str, Any]:
+def cpu_precision(shape: tuple[int, int, int] = (576, 1536, 192), measure: bool = True) -> dict[str, Any] | None:
     """The measured precision for training on this CPU (cached); `shape` is model_shapes() of the base.
 
-    The default shape is SmolLM2-135M's. Returns probe()'s dict plus `cached` and `cpu`.
+    The default shape is SmolLM2-135M's. Returns probe()'s dict plus `cached` and `cpu`; with `measure`
+    False, None when this CPU was not probed yet (for callers that must not wait for the probe).
     """
     cached = _read_cache(tuner_home() / CACHE_FILE).get("cpu_precision", {}).get(_cache_key(shape))
     if isinstance(cached, dict) and cached.get("choice") in ("bf16", "fp32"):
         return {**cached, "cached": True, "cpu": cpu_info()}
+    if not measure:
+        return None
     return {**remember(shape, probe(*shape)), "cached": False, "cpu": cpu_info()}
 
 
@@ -159,7 +162,7 @@ def remember(shape: tuple[int, int, int], result: dict[str, Any]) -> dict[str, A
     return result
 
 
-def for_model(base_model: str) -> dict[str, Any]:
+def for_model(base_model: str, measure: bool = True) -> dict[str, Any]:
     """cpu_precision() for a base model's shapes ('default', a local folder or a Hub id)."""
     from tuner.models import resolve_model
 
@@ -168,7 +171,7 @@ def for_model(base_model: str) -> dict[str, Any]:
         config = json.loads((location / "config.json").read_text()) if location.is_dir() else {}
     except (OSError, ValueError):
         config = {}
-    return cpu_precision(model_shapes(config if isinstance(config, dict) else {}))
+    return cpu_precision(model_shapes(config if isinstance(config, dict) else {}), measure)
 
 
 def serving_dtype(dev: str | None = None):

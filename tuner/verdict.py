@@ -32,6 +32,8 @@ CHRF_MARGIN = 1.0  # chrF points within which two columns are "about as close" t
 HABIT_MARGIN_SHARE = 0.05  # habit counts within this share of the prompts (at least 1 reply) are "about as often"
 LENGTH_RATIO = 1.5  # a length difference worth a word in the ship sentence
 
+CHECK_PROMPTS = 8  # prompts asked at each evaluation during training (the final verdict asks more)
+
 
 @dataclass(frozen=True)
 class Marker:

@@ -12,6 +12,7 @@ import psutil
 from transformers import TrainerCallback
 
 from tuner.errors import TrainingError
+from tuner.jobs import eval_allowed
 from tuner.runs import append_metric, read_status, update_status
 
 
@@ -203,10 +204,9 @@ class OverheadBudget(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         now = time.monotonic()
         last = state.global_step >= state.max_steps
-        if control.should_evaluate and not last and self.eval_share < 1.0:
-            spent = now - self.started
-            if self.eval_s + self.last_eval_s > self.eval_share * (spent + self.last_eval_s):
-                control.should_evaluate = False
+        if control.should_evaluate and not last and not eval_allowed(self.eval_s, self.last_eval_s,
+                                                                     now - self.started, self.eval_share):
+            control.should_evaluate = False
         if control.should_evaluate:
             self.eval_started = now
         if control.should_save and not last and now - self.last_save < self.save_every_s:

@@ -150,9 +150,10 @@ def _train(run_dir: Path, cfg: TrainConfig, resume: bool, progress, dev: str,
     summary["voice"] = None
     if cfg.voice_prompts and is_main_process():  # a launch's other processes would only repeat rank 0's check
         if voice["prompts"]:  # the time left counts down from what the check took here last time
-            from tuner.jobs import measured_here, voice_s_per_prompt
+            from tuner.jobs import final_check_s, measured_here
 
-            expected = len(voice["prompts"]) * voice_s_per_prompt(cfg.base_model, dev, measured_here(cfg.base_model))
+            expected = final_check_s(cfg.base_model, dev, measured_here(cfg.base_model), None,
+                                     Run(run_dir).data_dir, len(voice["prompts"]))
             update_status(run_dir, phase=f"the result is saved; asking it and the base {len(voice['prompts'])} "
                                          "new questions (the voice check)", eta_s=round(expected, 1),
                           eta_at=time.time())

@@ -29,10 +29,9 @@ from tuner.evaluate import chrf, general_texts, mean_loss, text_sequences
 from tuner.runs import is_main_process, update_status
 from tuner.templates import end_of_turn_token
 from tuner.train.callbacks import from_rank0
-from tuner.verdict import Marker, Tally, tally, verdict_sentence
+from tuner.verdict import CHECK_PROMPTS, Marker, Tally, tally, verdict_sentence  # noqa: F401  (CHECK_PROMPTS: the trainer takes it here)
 from tuner.voice import HABIT_SHARE, habit_of  # noqa: F401  (habit_of: where the trainer and the GGUF check find it)
 
-CHECK_PROMPTS = 8  # prompts asked at each evaluation during training (the final verdict asks more)
 METRIC = "voice"  # the metric name in the Trainer (eval_voice): higher is better
 LOSS_WEIGHT = 0.01  # the loss breaks ties between equal voice scores; one prompt (1/8) outweighs it
 
