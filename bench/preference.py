@@ -138,7 +138,7 @@ def recipe_overrides(name: str, beta: float | None = None, learning_rate: float 
 
     'default' (the product's settings); 'kto' (KTO on the pairs, unpaired: chosen up, rejected down);
     'LOSS' (plain DPO-family loss: sigmoid, ipo, apo_zero, robust, hinge); 'LOSS+sft' (the same plus the
-    fine-tuning term on the chosen replies); or raw 'key=value,...'.
+    fine-tuning term on the chosen replies, at the default weight); or raw 'key=value,...'.
 
     >>> recipe_overrides("ipo+sft", beta=0.5)
     {'beta': 0.5, 'loss': 'ipo'}
@@ -152,7 +152,8 @@ def recipe_overrides(name: str, beta: float | None = None, learning_rate: float 
     if name == "kto":
         values["method"] = "kto"
     elif name.removesuffix("+sft") in loss_choices:
-        values.update(loss=name.removesuffix("+sft"), sft_weight=1.0 if name.endswith("+sft") else 0.0)
+        values.update(loss=name.removesuffix("+sft"),
+                      sft_weight=PreferenceConfig().sft_weight if name.endswith("+sft") else 0.0)
     elif name != "default":
         for part in filter(None, (p.strip() for p in name.split(","))):
             key, sep, value = part.partition("=")
@@ -183,6 +184,17 @@ def slug(overrides: dict[str, Any]) -> str:
     ('beta=0.5,loss=ipo', 'default')
     """
     return ",".join(f"{k}={v}" for k, v in overrides.items()) or "default"
+
+
+def settings_digest(overrides: dict[str, Any]) -> str:
+    """A fingerprint of every setting the child trains with (the defaults included), in its cache folder's
+    name: when a default changes, 'default' is a new recipe and is trained again, not read from the cache."""
+    import hashlib
+
+    from tuner.config import PreferenceConfig
+
+    full = PreferenceConfig.from_dict(overrides).to_dict()
+    return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def recipe_flags(overrides: dict[str, Any]) -> list[str]:
@@ -361,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         for kind in kinds:
             for label, overrides in grid:
-                child_dir = out / tag / "runs" / f"{kind}-{n}-{re.sub(r'[^A-Za-z0-9.=,_-]+', '_', slug(overrides))}"
+                name = re.sub(r'[^A-Za-z0-9.=,_-]+', '_', slug(overrides))
+                child_dir = out / tag / "runs" / f"{kind}-{n}-{name}-{settings_digest(overrides)}"
                 record = child_dir.parent / f"{child_dir.name}.json"
                 if not record.is_file() and stop and dt.datetime.now(utc) >= stop:
                     print(f"past {args.stop_at} UTC: {child_dir.name} not started", flush=True)

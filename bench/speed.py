@@ -511,6 +511,7 @@ def _worker_quick(spec: dict[str, Any]) -> dict[str, Any]:
             "reply": timed["replies"].get(TUNED, "")[:300]}
 
 
+SOURCES = {"run": "the run before", "probe": "this CPU's precision probe", "reference": "reference speeds"}
 ESTIMATE_PRESETS = ("standard", "standard", "quick")  # the same settings again, then others
 
 
@@ -538,7 +539,7 @@ def _worker_estimate(spec: dict[str, Any]) -> dict[str, Any]:
     for label, preset in estimate_runs(spec.get("presets") or ESTIMATE_PRESETS):
         overrides = {"max_steps": spec["max_steps"]} if spec.get("max_steps") else {}
         cfg = TrainConfig.from_preset(preset, **overrides)
-        said = jobs.estimate(cfg, data, time_only=True)
+        said = jobs.estimate(cfg, data)  # as the Train tab asks: on a new CPU it measures the precision probe first
         pressed = time.perf_counter()
         run_dir = prepare_run(cfg, data)
         job = jobs.start(run_dir)
@@ -550,7 +551,8 @@ def _worker_estimate(spec: dict[str, Any]) -> dict[str, Any]:
         timing = (status.get("voice") or {}).get("timing") or {}
         est = said.get("time_s")
         rows.append({"run": label, "preset": preset, "steps": status.get("step"), "estimated_s": est,
-                     "learned": bool(said.get("measured")), "estimated_parts": said.get("breakdown"),
+                     "learned": bool(said.get("measured")), "source": said.get("source"),
+                     "estimated_parts": said.get("breakdown"),
                      "real_s": round(real, 1), "error": round(est / real - 1, 3) if est else None,
                      "real_parts": {k: status.get(k) for k in ("startup_s", "eval_s", "voice_s", "total_s")},
                      "base_replies": timing.get("base_replies")})
@@ -1163,7 +1165,7 @@ def markdown(results: dict[str, Any]) -> str:
         for r in e:
             err = f"{100 * r['error']:+.0f}%" if r.get("error") is not None else "n/a"
             out.append(f"| {r['run']} | {r['preset']} | {r['steps']} | {_fmt(r['estimated_s'], 1)} | "
-                       f"{'the run before' if r['learned'] else 'reference speeds'} | {r['real_s']} | {err} | "
+                       f"{SOURCES.get(r.get('source'), 'reference speeds')} | {r['real_s']} | {err} | "
                        f"{r.get('base_replies') or 'n/a'} |")
         learned = [abs(r["error"]) for r in e if r["learned"] and r.get("error") is not None]
         if learned:

@@ -134,6 +134,12 @@ def test_the_estimate_part_sets_the_train_tabs_estimate_against_the_real_time(ti
     first, again = results["estimate"]["runs"]
     # a new machine: the first estimate comes from reference speeds, the next from the run before it
     assert (first["run"], first["learned"], again["run"], again["learned"]) == ("first", False, "again", True)
+    # as the Train tab asks it: on a CPU never probed, the estimate measures the precision probe first
+    from tuner.models import device
+
+    cpu = device() == "cpu"
+    assert (first["source"], again["source"]) == ("probe" if cpu else "reference", "run")
+    assert f"| first | quick | 1 | {first['estimated_s']:.1f} | {'this CPU' if cpu else 'reference'}" in stdout
     for row in (first, again):
         assert row["steps"] == 1 and row["real_s"] > row["real_parts"]["startup_s"] > 0
         assert row["error"] == pytest.approx(row["estimated_s"] / row["real_s"] - 1, abs=1e-3)

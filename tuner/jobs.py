@@ -908,4 +908,6 @@ def estimate(cfg: TrainConfig, data_dir: str | Path, time_only: bool = False) ->
             "reach": reach(steps * per_step),
             "breakdown": breakdown, "memory_mb": memory_mb, "device": "GPU" if dev == "cuda" else "CPU",
             "pace": (here or {}).get("pace"),
-            "speed": speed, "measured": here is not None, "uncertainty": uncertainty, "precision": precision}
+            "speed": speed, "measured": here is not None, "uncertainty": uncertainty, "precision": precision,
+            # where the speeds came from: this machine's last run, this CPU's precision probe, or the references
+            "source": "run" if here else "probe" if probe else "reference"}

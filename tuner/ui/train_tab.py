@@ -141,7 +141,8 @@ def estimate_run(session: dict[str, Any], base_model: str, preset: str, *values:
         text += f", about **{progress.fmt_duration(est['time_s'])}**"
         parts = est.get("breakdown") or {}
         named = [(parts.get(k), w) for k, w in (("startup_s", "start-up"), ("train_s", "training steps"),
-                                                ("eval_s", "evaluations"), ("save_s", "saving"),
+                                                ("eval_s", "evaluations"),
+                                                ("checks_s", "voice checks at evaluations"), ("save_s", "saving"),
                                                 ("voice_s", "then, with the adapter saved, the voice check"))]
         if any(v for v, _ in named):
             text += " (" + ", ".join(f"{w} {progress.fmt_duration(v)}" for v, w in named if v) + ")"
@@ -153,7 +154,9 @@ def estimate_run(session: dict[str, Any], base_model: str, preset: str, *values:
     if est.get("uncertainty"):
         text += f" {est['uncertainty']}"
     if est.get("speed"):
-        basis = "measured on an earlier run here" if est.get("measured") else "a reference speed; the first run measures it"
+        basis = {"run": "measured on an earlier run here",
+                 "probe": "from this CPU's precision probe; the first run measures it"}.get(
+            est.get("source"), "a reference speed; the first run measures it")
         text += f" Speed: {est['speed']:,.0f} tokens/s ({basis})."
     else:
         text += " (No time estimate for a Hub model that is not downloaded yet.)"
