@@ -869,9 +869,9 @@ def estimate(cfg: TrainConfig, data_dir: str | Path, time_only: bool = False) ->
         weight_bytes = 0.56 if cfg.uses_nf4() else 2 if cfg.precision_choice(dev) in ("bf16", "fp16") else 4
         seq = min(cfg.max_length, max(mean_tokens, 1) * 2)  # batches group similar lengths; allow the long tail
         activations = cfg.batch_size * seq * layers * hidden * 20 * 2
-        # the LM head works in tiles (CPU: 1024 x 8192 fp32, ~8 temporaries); eager attention on a CPU keeps
-        # every layer's scores for the backward pass (~6 bytes each; tuner.train.recipe.attention)
-        head = 1024 * 8192 * 4 * 8
+        # the LM head works in tiles (CPU: tuner.train.trainer.CPU_TILES, fp32, ~8 temporaries); eager attention
+        # on a CPU keeps every layer's scores for the backward pass (~6 bytes each; tuner.train.recipe.attention)
+        head = 512 * 8192 * 4 * 8
         longest = min(cfg.max_length, max(mean_tokens, 1) * 2)
         scores = attention_score_bytes(cfg.batch_size, heads, layers, longest)
         eager = dev == "cpu" and scores <= EAGER_MAX_SCORE_BYTES
