@@ -40,7 +40,7 @@ def tiny(tmp_path_factory, default_model_path) -> tuple[dict, str]:
     cmd = [sys.executable, "-m", "tuner", "bench", "--tokens", "300", "--repeats", "1", "--val-examples", "1",
            "--only", "train", "--only", "convert", "--convert-n", "300", "--only", "quick", "--quick-steps", "2",
            "--only", "decode", "--decode-prompts", "2", "--decode-tokens", "8",
-           "--only", "estimate", "--estimate-presets", "quick,quick", "--estimate-steps", "1",
+           "--only", "estimate", "--estimate-presets", "quick,quick", "--estimate-steps", "1", "--estimate-voice-prompts", "2",
            "--out", str(out), "--quiet",
            # TRL's default bf16 autocast is emulated, 15x slower, on a CPU without bf16 units (AVX2 only): the
            # smoke test times the plain recipe in fp32 there, as the product's own probe would choose
