@@ -106,7 +106,52 @@ def build(out: Path, n_parent: int, n_val: int, sizes: tuple[int, ...], seed: in
             path = out / f"pairs-{kind}-{n}.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]), encoding="utf-8")
             files[kind][n] = path
-    return {"raw": raw, "pairs": files}
+    return {"raw": raw, "pairs": files, "pool": pool}
+
+
+def parent_pairs(out: Path, pg, parent_dir: Path, sizes: tuple[int, ...], seed: int, kinds: list[str],
+                 pool: list[tuple[str, str]]) -> dict[str, dict[int, Path]]:
+    """Pairs as the product makes them from reviewers' edits: the rejected reply is the parent bot's own (greedy,
+    as the playground serves it) to a question outside its data, the chosen one that reply edited. Kept in
+    `out`; a kind for which the parent's replies rarely qualify (the house term) stops after 8x the pairs asked."""
+    from tuner.config import GenerationConfig
+    from tuner.playground import TUNED
+
+    files: dict[str, dict[int, Path]] = {}
+    settings = GenerationConfig(temperature=0.0, max_new_tokens=96)
+    replies: dict[str, tuple[str, bool]] = {}
+    cache = out / "parent-replies.json"
+    if cache.is_file():
+        replies = {k: tuple(v) for k, v in json.loads(cache.read_text()).items()}
+    for kind in kinds:
+        paths = {n: out / f"pairs-parent-{kind}-{n}.jsonl" for n in sizes}
+        if all(p.is_file() for p in paths.values()):
+            files[kind] = paths
+            continue
+        rows, tried = [], 0
+        for start in range(0, 8 * max(sizes), 16):
+            batch = [u for u, _ in pool[start:start + 16]]
+            todo = [u for u in batch if u not in replies]
+            if todo:
+                got, ended = pg.answers([[{"role": "user", "content": u}] for u in todo], [TUNED], settings,
+                                        run=parent_dir)[TUNED]
+                replies.update({u: (r, e) for u, r, e in zip(todo, got, ended)})
+                cache.write_text(json.dumps(replies))
+            for user in batch:
+                tried += 1
+                reply, ended = replies[user]
+                better = edit(kind, reply) if ended and reply.strip() else None
+                if better and better != reply.strip():
+                    rows.append({"prompt": [{"role": "user", "content": user}],
+                                 "chosen": [{"role": "assistant", "content": better}],
+                                 "rejected": [{"role": "assistant", "content": reply.strip()}]})
+            if len(rows) >= max(sizes):
+                break
+        print(f"[pairs] {kind}: {len(rows)} of the parent's replies to {tried} new questions qualify", flush=True)
+        for n, path in paths.items():
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]), encoding="utf-8")
+        files[kind] = paths
+    return files
 
 
 def run_cli(args: list[str], what: str) -> dict[str, Any]:
@@ -304,7 +349,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         verdict = "**PASS**" if not r["missed"] else "MISS: " + ", ".join(r["missed"])
         unasked = "" if r.get("unasked") is None else f"; {r['unasked']} unasked"
         lines.append(
-            f"| {r['edit']} | {r['pairs']} | {r['recipe']} | {_settings(r)} "
+            f"| {r['edit']} | {r['pairs']}{' (bot)' if r.get('pairs_from') == 'parent' else ''} | {r['recipe']} "
+            f"| {_settings(r)} "
             f"| {r['shown']}/{r['needed']} ({r['parent_shown']}/{r['parent_needed']}){unasked} | {r['degenerate']} "
             f"| {'—' if ppl is None else f'{ppl:+.1%}'} | {r['voice_kept']} "
             f"| {acc[0]} -> {acc[1]} on {r['held_out_pairs']} | {r['steps']} | {r['command_s']} | {verdict} |")
@@ -330,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-size", type=int, default=300, help="The parent's training conversations (300).")
     p.add_argument("--val-size", type=int, default=40, help="Its validation conversations: the new questions (40).")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs-from", choices=("corpus", "parent"), default="corpus",
+                   help="The rejected replies: the corpus's (corpus, the default), or the parent bot's own replies to "
+                        "the same questions (parent): what reviewers edit in the product.")
     p.add_argument("--out", default="/tmp/prefbench", help="Cache and work folder (default /tmp/prefbench): the "
                    "parent is trained once, finished children are not trained again.")
     p.add_argument("--stop-at", default=None, metavar="HH:MM",
@@ -369,21 +418,25 @@ def main(argv: list[str] | None = None) -> int:
     if parent.get("general_ppl") is None:
         parent["general_ppl"] = general_perplexity(pg, parent_dir).get("tuned")
         (parent_dir.parent / f"{parent_dir.name}.json").write_text(json.dumps(parent))
+    pairs = made["pairs"]
+    if args.pairs_from == "parent":
+        pairs = parent_pairs(out / tag, pg, parent_dir, sizes, args.seed, kinds, made["pool"])
     results, rows = _load(results_file), []
     for n in sizes:
         for kind in kinds:
             for label, overrides in grid:
                 name = re.sub(r'[^A-Za-z0-9.=,_-]+', '_', slug(overrides))
-                child_dir = out / tag / "runs" / f"{kind}-{n}-{name}-{settings_digest(overrides)}"
+                source = "" if args.pairs_from == "corpus" else "onpolicy-"
+                child_dir = out / tag / "runs" / f"{source}{kind}-{n}-{name}-{settings_digest(overrides)}"
                 record = child_dir.parent / f"{child_dir.name}.json"
                 if not record.is_file() and stop and dt.datetime.now(utc) >= stop:
                     print(f"past {args.stop_at} UTC: {child_dir.name} not started", flush=True)
                     continue
-                status = child_run(parent_dir, made["pairs"][kind][n], overrides, child_dir)
+                status = child_run(parent_dir, pairs[kind][n], overrides, child_dir)
                 if status.get("status") == "completed" and status.get("general_ppl") is None:
                     status["general_ppl"] = general_perplexity(pg, child_dir).get("tuned")
                     record.write_text(json.dumps(status))
-                r = row(kind, n, label, overrides, status, parent["general_ppl"])
+                r = {**row(kind, n, label, overrides, status, parent["general_ppl"]), "pairs_from": args.pairs_from}
                 rows.append(r)
                 results[f"{tag}/{child_dir.name}"] = r
                 results_file.write_text(json.dumps(results, indent=1))

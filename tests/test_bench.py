@@ -38,7 +38,7 @@ def _bf16_is_slow() -> bool:
 def tiny(tmp_path_factory, default_model_path) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     cmd = [sys.executable, "-m", "tuner", "bench", "--tokens", "300", "--repeats", "1", "--val-examples", "1",
-           "--only", "train", "--only", "convert", "--convert-n", "300", "--only", "quick", "--quick-steps", "2",
+           "--only", "train", "--only", "convert", "--convert-n", "300", "--only", "quick", "--quick-steps", "2", "--quick-voice-prompts", "2",
            "--only", "decode", "--decode-prompts", "2", "--decode-tokens", "8",
            "--only", "estimate", "--estimate-presets", "quick,quick", "--estimate-steps", "1", "--estimate-voice-prompts", "2",
            "--out", str(out), "--quiet",

@@ -126,3 +126,39 @@ def test_the_loss_mask_is_derived_from_the_model_template_and_covers_only_replie
     assert ids == list(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
     trained = [t for t, m in zip(ids, mask, strict=True) if m]
     assert tokenizer.decode(trained) == "Hello! How can I help?<|im_end|>It's 5 EUR.<|im_end|>"
+
+
+def test_a_cpu_quantizes_a_model_once_and_loads_the_same_4bit_weights_after(tmp_path, monkeypatch):
+    """NF4 on a CPU: the first load quantizes and keeps a copy, the next loads that copy; same tensors, same name
+    (peft writes it into the adapter), and a damaged or outdated copy is made again rather than trusted."""
+    import shutil
+
+    import torch
+
+    from tuner.models import load_model, quantized_copy, resolve_model
+
+    base = tmp_path / "base"
+    shutil.copytree(resolve_model("default"), base)  # a local model of its own: its copy is new to this home
+    monkeypatch.setenv("TUNER_HOME", str(tmp_path / "home"))
+    first = load_model(str(base), quantization="nf4", dtype=torch.bfloat16, dev="cpu")
+    cached = quantized_copy(str(base.resolve()), "nf4", torch.bfloat16)
+    assert (cached / "config.json").is_file() and any(cached.glob("*.safetensors"))
+    second = load_model(str(base), quantization="nf4", dtype=torch.bfloat16, dev="cpu")
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(type(m).__name__ == "Linear4bit" for m in second.modules())
+    assert second.name_or_path == first.name_or_path == str(base.resolve())
+    assert second.config.to_dict() == first.config.to_dict()
+
+    for shard in cached.glob("*.safetensors"):  # damaged: loaded from the model again, and the copy rebuilt
+        shard.write_bytes(b"not safetensors")
+    third = load_model(str(base), quantization="nf4", dtype=torch.bfloat16, dev="cpu")
+    assert all(torch.equal(third.state_dict()[k], a[k]) for k in a)
+    assert all(shard.read_bytes()[:15] != b"not safetensors" for shard in cached.glob("*.safetensors"))
+    fresh = load_model(str(base), quantization="nf4", dtype=torch.bfloat16, dev="cpu")
+    assert all(torch.equal(fresh.state_dict()[k], a[k]) for k in a)
+
+    (base / "config.json").touch()  # the model changed: a new key, a new copy
+    assert quantized_copy(str(base.resolve()), "nf4", torch.bfloat16) != cached
+    assert quantized_copy(str(base.resolve()), "nf4", torch.float32) != quantized_copy(
+        str(base.resolve()), "nf4", torch.bfloat16)

@@ -454,3 +454,24 @@ def test_the_default_preset_sizes_its_steps_to_the_data_within_its_bounds():
     assert cfg.step_plan(94)["epochs"] == pytest.approx(192 / 94)
     with pytest.raises(TunerError, match="min_steps"):
         TrainConfig(min_steps=50, step_limit=40)
+
+
+def test_a_second_run_on_the_same_validation_set_takes_the_bases_first_evaluation_and_trains_the_same(tmp_path):
+    """The evaluation before training scores the base, which does not change: the second run of the same base on
+    the same validation sample takes it from the first and says so, and everything it then does is the same
+    (the same batches in the same order: the same losses at every step)."""
+    data = tmp_path / "data"  # validation chats no other test uses: the first run here is the first to score them
+    rows = signoff_conversations(48, seed=11)
+    write_jsonl(data / "train.jsonl", rows[:40])
+    write_jsonl(data / "validation.jsonl", rows[40:])
+    cfg = TrainConfig.from_preset("quick", **{**SMALL, "max_steps": 3, "voice_prompts": 0})
+    first, second = (train.train_run(runs.prepare_run(cfg, data, run_dir=tmp_path / name)) for name in ("a", "b"))
+    assert first["status"] == second["status"] == "completed"
+    assert first["base_eval"]["source"] == "evaluated" and first["base_eval"]["seconds"] > 0
+    assert second["base_eval"] == {"source": "cached", "seconds_saved": first["base_eval"]["seconds"]}
+
+    def figures(run: str) -> list[tuple]:
+        return [(r["step"], r["loss"], r["eval_loss"]) for r in runs.read_metrics(tmp_path / run)]
+
+    assert figures("a") == figures("b") and figures("a")[0] == (0, None, first["first_eval_loss"])
+    assert second["first_eval_loss"] == first["first_eval_loss"] and second["eval_loss"] == first["eval_loss"]

@@ -4,7 +4,8 @@ between runs, so a run's voice check asks it only once per machine.
 A key names everything the replies depend on: the base model's folder and its weight files (name,
 size, modification time), the prompts exactly as the model reads them (chat template applied), the
 generation settings, the serving dtype and device, and the versions of tuner, torch and transformers.
-Entries live in TUNER_HOME/cache/base_replies/<key>.json, written atomically.
+Entries live in TUNER_HOME/cache/base_replies/<key>.json, written atomically. The same store keeps other
+figures of the base that runs repeat (`kind`): its validation loss before training (tuner.train.trainer).
 
 Light module: no torch import (the caller passes the dtype and versions as text).
 """
@@ -46,23 +47,29 @@ def cache_key(model_dir: str | Path, prompt_texts: list[str], settings: dict[str
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _path(key: str) -> Path:
-    return tuner_home().joinpath(*CACHE_DIR, f"{key}.json")
+def _path(key: str, kind: str = CACHE_DIR[1]) -> Path:
+    return tuner_home().joinpath(CACHE_DIR[0], kind, f"{key}.json")
+
+
+def read_entry(key: str, kind: str) -> dict[str, Any] | None:
+    """The cached entry of this kind, or None when there is none (or it is unreadable)."""
+    try:
+        data = json.loads(_path(key, kind).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def read(key: str) -> dict[str, Any] | None:
-    """The cached entry ({"replies", "ended", ...}), or None when there is none (or it is unreadable)."""
-    try:
-        data = json.loads(_path(key).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    ok = isinstance(data, dict) and isinstance(data.get("replies"), list) and isinstance(data.get("ended"), list)
+    """The cached replies ({"replies", "ended", ...}), or None when there are none (or they are unreadable)."""
+    data = read_entry(key, CACHE_DIR[1])
+    ok = data is not None and isinstance(data.get("replies"), list) and isinstance(data.get("ended"), list)
     return data if ok and len(data["replies"]) == len(data["ended"]) else None
 
 
-def write(key: str, entry: dict[str, Any]) -> None:
+def write(key: str, entry: dict[str, Any], kind: str = CACHE_DIR[1]) -> None:
     """Store an entry atomically; a read-only home just means the next run asks the base again."""
-    path = _path(key)
+    path = _path(key, kind)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
