@@ -133,6 +133,7 @@ def parent_pairs(out: Path, pg, parent_dir: Path, sizes: tuple[int, ...], seed: 
             batch = [u for u, _ in pool[start:start + 16]]
             todo = [u for u in batch if u not in replies]
             if todo:
+                pg.load_run(parent_dir)
                 got, ended = pg.answers([[{"role": "user", "content": u}] for u in todo], [TUNED], settings,
                                         run=parent_dir)[TUNED]
                 replies.update({u: (r, e) for u, r, e in zip(todo, got, ended)})
