@@ -9,6 +9,9 @@ corpus reply, the chosen one the same reply edited the way reviewers edit most:
 - term: the house term for a common word ("good" -> "grand"), on replies that say it;
 - shorter: only the first sentence kept, on replies of two sentences or more.
 
+With `--pairs-from parent` the rejected reply is instead the parent bot's own greedy reply to the question (what a
+reviewer edits in the product), and the chosen one that reply edited.
+
 For each edit, each pair count (10, 30, 120 by default) and each recipe (a named loss, a beta, a learning rate:
 PreferenceConfig overrides), a child is trained with `python -m tuner train --method dpo|kto --from PARENT
 --prefs FILE --json`, and its result read as the product reports it: what the reviewers changed, shown on how
