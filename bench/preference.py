@@ -139,7 +139,7 @@ def parent_pairs(out: Path, pg, parent_dir: Path, sizes: tuple[int, ...], seed: 
                 pg.load_run(parent_dir)
                 got, ended = pg.answers([[{"role": "user", "content": u}] for u in todo], [TUNED], settings,
                                         run=parent_dir)[TUNED]
-                replies.update({u: (r, e) for u, r, e in zip(todo, got, ended)})
+                replies.update({u: (r, e) for u, r, e in zip(todo, got, ended, strict=True)})
                 cache.write_text(json.dumps(replies))
             for user in batch:
                 tried += 1

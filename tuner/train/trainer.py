@@ -46,7 +46,7 @@ from tuner.train.recipe import (
     quantization,
     sft_config,
 )
-from tuner.train.voicecheck import CHECK_PROMPTS, VoiceCheck, habit_of, held_out_prompts, reply_budget
+from tuner.train.voicecheck import CHECK_PROMPTS, METRIC, VoiceCheck, habit_of, held_out_prompts, reply_budget
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, generator=None) -> list[int]:
@@ -125,7 +125,7 @@ class TunerSFTTrainer(SFTTrainer):
 
 BASE_EVAL_KIND = "base_eval"
 # figures of an evaluation that are not the base's: its clock, and what callbacks add after it (the voice score)
-BASE_EVAL_TRANSIENT = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_voice"}
+BASE_EVAL_TRANSIENT = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", f"eval_{METRIC}"}
 
 
 def base_eval_key(cfg: TrainConfig, dev: str, prec: dict[str, Any], quant: str, attn: str, eval_dataset,
