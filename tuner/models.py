@@ -343,8 +343,6 @@ def save_quantized_copy(model, cached: Path, location: str) -> bool:
     except OSError:  # another process put it there first, or the home is read-only or full
         shutil.rmtree(tmp, ignore_errors=True)
         return False
-    finally:
-        model.config._name_or_path = model.name_or_path = location
 
 
 def model_info(name: str | None = None) -> dict[str, Any]:
