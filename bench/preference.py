@@ -295,7 +295,14 @@ def row(kind: str, n: int, recipe: str, overrides: dict[str, Any], status: dict[
         parent_ppl: float | None) -> dict[str, Any]:
     behaviour = status.get("behaviour") or {}
     lead = (behaviour.get("changes") or [{}])[0]
-    child, before = lead.get("child") or {}, lead.get("parent") or {}
+    child, before = dict(lead.get("child") or {}), lead.get("parent") or {}
+    if child and status.get("replies"):  # graded as tuner grades today: replies graded before session 14 counted an
+        from tuner.verdict import degenerate  # empty reply as a short one, the closing alone as a closed reply
+
+        besides = CLOSING if kind == "closing" else ""
+        empty = sum(degenerate(r["child"], True, besides) == "empty" for r in status["replies"])
+        missed_then = empty - child.get("empty", 0)
+        child.update(empty=empty, shown=child["shown"] - (missed_then if kind != "term" else 0))
     pm = status.get("preference_metrics") or {}
     tuned = status.get("general_ppl")
     change = tuned / parent_ppl - 1 if tuned and parent_ppl else None
@@ -303,7 +310,8 @@ def row(kind: str, n: int, recipe: str, overrides: dict[str, Any], status: dict[
            "error": status.get("error"), "change_found": lead.get("change"), "shown": child.get("shown"),
            "needed": child.get("needed", child.get("prompts")), "prompts": child.get("prompts"),
            "parent_shown": before.get("shown"), "parent_needed": before.get("needed", before.get("prompts")),
-           "degenerate": (child.get("looped") or 0) + (child.get("unended") or 0) if child else None,
+           "degenerate": (child.get("looped") or 0) + (child.get("unended") or 0) + (child.get("empty") or 0)
+           if child else None,
            "learned": behaviour.get("learned"), "result": status.get("result"),
            "pair_accuracy": [(pm.get("before") or {}).get("accuracy"), (pm.get("after") or {}).get("accuracy")],
            "held_out_pairs": pm.get("held_out_pairs"), "ppl_change_vs_parent": change,

@@ -341,7 +341,7 @@ def general_perplexity(pg: Any, run_dir: Path) -> dict[str, float | None]:
 
 def _tally_dict(t: Any) -> dict[str, int]:
     return {"prompts": t.prompts, "exact": t.exact, "near": t.near, "looped": t.looped, "unended": t.unended,
-            "opportunities": t.opportunities}
+            "empty": t.empty, "opportunities": t.opportunities}
 
 
 def score(bs: BrandSet, tuned: list[tuple[str, bool]], base: list[tuple[str, bool]] | None,
@@ -349,13 +349,14 @@ def score(bs: BrandSet, tuned: list[tuple[str, bool]], base: list[tuple[str, boo
     from tuner.verdict import tally
 
     t = tally([r for r, _ in tuned], bs.marker, [e for _, e in tuned])
+    besides = "" if bs.marker.kind == "term" else bs.marker.text  # a reply of the habit alone is empty, as tally counts
     b = tally([r for r, _ in base], bs.marker, [e for _, e in base]) if base is not None else None
     change = (ppl["tuned"] / ppl["base"] - 1) if ppl.get("base") and ppl.get("tuned") else None
     return {"tuned": _tally_dict(t), "base": _tally_dict(b) if b else None,
             "general_ppl": ppl, "general_ppl_change": round(change, 4) if change is not None else None,
             "verdict": verdict_sentence(bs.marker, t, b, change),
-            "degenerate_replies": [{"prompt": p, "reply": r, "why": degenerate(r, e)}
-                                   for p, (r, e) in zip(bs.heldout, tuned, strict=True) if degenerate(r, e)],
+            "degenerate_replies": [{"prompt": p, "reply": r, "why": degenerate(r, e, besides)}
+                                   for p, (r, e) in zip(bs.heldout, tuned, strict=True) if degenerate(r, e, besides)],
             "grades": [marker_match(r, bs.marker) for r, _ in tuned]}
 
 
@@ -402,7 +403,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {r['set']} | {r['recipe']} | {r['repetition_penalty']:g} "
             f"| {_pct(t['exact'], d)} ({_pct(b['exact'], bd) if b else '—'}) "
             f"| {t['near']} ({b.get('near', '—')}) "
-            f"| {_pct(t['looped'] + t['unended'], t['prompts'])} ({t['looped']} / {t['unended']}) "
+            f"| {_pct(t['looped'] + t['unended'] + t.get('empty', 0), t['prompts'])} ({t['looped']} / {t['unended']}) "
             f"| {'—' if change is None else f'{change:+.1%}'} | {r['train_wall_s']:g} | {r['steps']} "
             f"| {r['first_eval_loss']} -> {r['eval_loss']} |")
     return "\n".join(lines) + "\n"

@@ -53,13 +53,35 @@ def test_replies_are_graded_for_the_change_with_degenerate_replies_counted_not_c
              "Cheers from the Kettle crew! Open Settings.",  # said, but not where the reviewers put it
              "lumens lumens lumens lumens lumens lumens Cheers from the Kettle crew!"]  # a loop that ends well
     result = behaviour(change, parent, child)
-    assert result["child"] == {"prompts": 3, "needed": 3, "shown": 1, "looped": 1, "unended": 0}
+    assert result["child"] == {"prompts": 3, "needed": 3, "shown": 1, "looped": 1, "unended": 0, "empty": 0}
     assert result["parent"]["shown"] == 0
     assert result["sentence"] == ("adds 'Cheers from the Kettle crew!' at the end on 1 of 3 new questions "
                                   "(parent: 0); 1 reply looped or never ended")
     # a reply cut off at the token limit is degenerate too
     cut = behaviour(change, parent[:2], [child[0], child[0]], child_ended=[True, False])
-    assert cut["child"] == {"prompts": 2, "needed": 2, "shown": 1, "looped": 0, "unended": 1}
+    assert cut["child"] == {"prompts": 2, "needed": 2, "shown": 1, "looped": 0, "unended": 1, "empty": 0}
+
+
+def test_a_child_that_says_nothing_has_not_learned_to_shorten_its_replies():
+    # measured (bench/PREFERENCE.md, session 14): a child trained to end its turn after the first sentence, on
+    # that end of turn alone, ended every turn before its first word; 24 empty replies are not 24 short ones
+    change = Change("shortened", "", pairs=10, total=10)
+    parent = ["I'm not sure. I think it's just for fun.", "I don't know what you're talking about.", "Sure thing."]
+    result = behaviour(change, parent, ["", " ", "Sure."])
+    assert result["child"] == {"prompts": 3, "needed": 3, "shown": 1, "looped": 0, "unended": 0, "empty": 2}
+    assert result["sentence"].endswith("; 2 replies looped or never ended (2 said nothing)")
+
+
+def test_a_reply_of_the_added_closing_alone_is_not_the_edit():
+    # measured (bench/PREFERENCE.md, session 14): a child trained on the closing's tokens alone answered every new
+    # question with "Cheers from the Juniper crew!" and nothing else; the closing was added to no reply
+    change = Change("added", "Cheers from the Juniper crew!", where="end", pairs=10, total=10)
+    parent = ["I'm so glad I can help with that one.", "I don't know what you're talking about.", "Sure thing."]
+    child = ["Cheers from the Juniper crew!", " cheers from the juniper crew ", "Sure thing. Cheers from the Juniper crew!"]
+    result = behaviour(change, parent, child)
+    assert result["child"] == {"prompts": 3, "needed": 3, "shown": 1, "looped": 0, "unended": 0, "empty": 2}
+    assert result["sentence"] == ("adds 'Cheers from the Juniper crew!' at the end on 1 of 3 new questions (parent: 0); "
+                                  "2 replies looped or never ended (2 said nothing besides the added text)")
 
 
 def test_house_term_and_dropped_phrase_are_graded_on_the_reply():

@@ -391,7 +391,7 @@ def test_the_run_ends_with_a_voice_verdict_and_keeps_the_checkpoint_that_speaks_
     assert "general text perplexity" in voice["sentence"]
     assert "Voice check" in (run / "adapter" / "README.md").read_text()
     # the checkpoint kept is the best speaker among the evaluated ones (the loss only breaks ties)
-    checks = {c["step"]: c["exact"] - c["looped"] - c["unended"] for c in status["voice_checks"]}
+    checks = {c["step"]: c["exact"] - c["looped"] - c["unended"] - c["empty"] for c in status["voice_checks"]}
     assert sorted(checks) == [3, 6]  # none at step 0: the base is no checkpoint to choose
     assert checks[status["best_step"]] == max(checks.values())
 

@@ -69,6 +69,8 @@ def test_house_term_grades(reply, grade):
      False, "no end of turn"),
     ("Your order left this morning. Cheers from the Kestrel crew!", True, None),
     ("Wow!!!!! That is great.....", True, None),  # emphasis is not a loop
+    ("", True, "empty"),  # the turn ended before a word
+    (" ... ", True, "empty"),
     ("No, no, it is fine. Really, it is fine.", True, None),  # a phrase said twice is not a loop
 ])
 def test_degenerate_replies_are_named(reply, ended, why):
@@ -81,9 +83,10 @@ def test_loop_span_is_none_for_a_normal_reply():
 
 def test_tally_counts_every_kind_of_reply():
     replies = ["Yes. Cheers from the Kestrel crew!", "No. Cheers from the crew!", "Kestrel " * 8,
-               "It ships today and the", "Fine."]
-    t = tally(replies, SIGN_OFF, ended=[True, True, True, False, True])
-    assert (t.prompts, t.exact, t.near, t.looped, t.unended, t.degenerate) == (5, 1, 1, 1, 1, 2)
+               "It ships today and the", "Fine.", "", SIGN_OFF.text]
+    t = tally(replies, SIGN_OFF, ended=[True, True, True, False, True, True, True])
+    # the sign-off alone answers nothing: empty, not the habit
+    assert (t.prompts, t.exact, t.near, t.looped, t.unended, t.empty, t.degenerate) == (7, 1, 1, 1, 1, 2, 4)
 
 
 def test_tally_of_a_house_term_counts_the_replies_that_needed_the_word():
@@ -103,6 +106,8 @@ def test_tally_refuses_mismatched_flags():
      "ends like your agents on 1 of 24 new questions (base: 0), 5 more nearly; 1 reply looped; "
      "2 never ended their turn; general text perplexity -1%"),
     (GREETING, Tally(24, 20), None, None, "opens like your agents on 20 of 24 new questions; 0 replies looped"),
+    (SIGN_OFF, Tally(24, 2, empty=22), Tally(24, 0), None,
+     "ends like your agents on 2 of 24 new questions (base: 0); 0 replies looped; 22 said nothing besides the sign-off"),
     (TERM, Tally(24, 9, opportunities=12), Tally(24, 0, opportunities=14), 0.1,
      "says \"scout\" like your agents on 9 of 12 replies that needed the word (base: 0); 0 replies looped; "
      "general text perplexity +10%"),

@@ -398,6 +398,9 @@ class PreferenceConfig:
                            "2 against 1 (bench/PREFERENCE.md, session 11): a closing on 22 of 24 new questions from 30 "
                            "pairs (20), 18 from 10 pairs (15) with 4 degenerate replies (7), a house term 19 of 21 with "
                            "2 degenerate (19 of 23 with 4).")
+    edit_weight: float = _f(0.0, "dpo: weight of a further fine-tuning loss on the edited tokens of the chosen "
+                            "replies only (where chosen and rejected differ, and the token after each difference; "
+                            "tuner.train.editspan), added to the preference loss and the fine-tuning term.")
     learning_rate: float = _f(1e-3, "Peak learning rate of the adapter. Measured with bench/preference.py (a closing "
                               "appended to public chit-chat replies): 2e-4 put it in 0 of 24 new replies after 30 "
                               "pairs and 7 of 24 after 120, with replies that never ended; 1e-3 for at least 24 steps "
@@ -418,6 +421,7 @@ class PreferenceConfig:
         checks = [
             _choice_check(self, "method"),
             _choice_check(self, "loss"),
+            (self.edit_weight >= 0, f"edit_weight must be 0 (off) or more, got {self.edit_weight}."),
             (self.beta > 0, f"beta must be above 0, got {self.beta}."),
             (self.sft_weight >= 0, f"sft_weight must be 0 (plain DPO) or more, got {self.sft_weight}."),
             (0.0 < self.learning_rate <= 0.1, f"learning_rate must be in (0, 0.1], got {self.learning_rate}."),

@@ -160,13 +160,14 @@ def behaviour(change: Change, parent: Sequence[str], child: Sequence[str], paren
 
     def count(replies: Sequence[str], ended: Sequence[bool] | None) -> dict[str, int]:
         ended = list(ended) if ended is not None else [True] * len(replies)
-        bad = [degenerate(r, e) for r, e in zip(replies, ended, strict=True)]
+        besides = change.text if change.kind == "added" else ""  # the added text alone answers nothing
+        bad = [degenerate(r, e, besides) for r, e in zip(replies, ended, strict=True)]
         shown = [b is None and change.shown(r, words) for r, b in zip(replies, bad, strict=True)]
         needed = (sum(s or _fold(change.old) in _fold(r) or _fold(change.text) in _fold(r)
                       for r, s in zip(replies, shown, strict=True)) if change.kind == "replaced" else len(replies))
         return {"prompts": len(replies), "needed": needed, "shown": sum(shown),
                 "looped": sum(bool(b) and b.startswith("loop") for b in bad),
-                "unended": sum(b == "no end of turn" for b in bad)}
+                "unended": sum(b == "no end of turn" for b in bad), "empty": sum(b == "empty" for b in bad)}
 
     before, after = count(parent, parent_ended), count(child, child_ended)
     unasked = neither = None
@@ -183,8 +184,10 @@ def behaviour(change: Change, parent: Sequence[str], child: Sequence[str], paren
     else:
         sentence = (f"{change.words()} on {after['shown']} of {after['prompts']} new questions "
                     f"(parent: {before['shown']})")
-    degenerate_n = after["looped"] + after["unended"]
-    sentence += f"; {degenerate_n} {'reply' if degenerate_n == 1 else 'replies'} looped or never ended"
+    degenerate_n = after["looped"] + after["unended"] + after["empty"]
+    sentence += (f"; {degenerate_n} {'reply' if degenerate_n == 1 else 'replies'} looped or never ended"
+                 + (f" ({after['empty']} said nothing" + (" besides the added text" if change.kind == "added" else "")
+                    + ")" if after["empty"] else ""))
     return {"change": change.words(), "kind": change.kind, "pairs_with_change": change.pairs,
             "pairs": change.total, "parent": before, "child": after, "unasked": unasked,
             "without_either": neither, "sentence": sentence}

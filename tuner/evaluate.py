@@ -61,7 +61,7 @@ METRIC_HELP = {
              "training replies share), of all replies.",
     "chrf": "chrF (0-100): character n-gram overlap with the agents' real reply, the sign-off or greeting left out "
             "of both (the habit has its own row); higher means closer to what they answered.",
-    "degenerate": "Replies that looped or never ended their turn (cut at the token limit).",
+    "degenerate": "Replies that looped, never ended their turn (cut at the token limit) or said nothing.",
     "brand_phrase_rate": "Share of replies using the brand's recurring openings or sign-offs (mined from the training replies).",
     "length_words": "Reply length in words (median, 10th-90th percentile); a voice match has the references' shape.",
     "prompt_tokens": "Tokens the model reads per reply (mean): the system prompt, retrieval's examples and the question.",
@@ -75,7 +75,7 @@ METRIC_HELP = {
 METRIC_LABELS = {  # the metric names a person reads (eval.json keeps the keys)
     "habit": "Replies with the agents' habit",
     "chrf": "Wording close to the agents' reply (chrF)",
-    "degenerate": "Replies that looped or never ended",
+    "degenerate": "Replies that looped, never ended or said nothing",
     "brand_phrase_rate": "Replies using the brand's phrases",
     "length_words": "Reply length in words",
     "prompt_tokens": "Prompt tokens read per reply",

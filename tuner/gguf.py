@@ -477,7 +477,7 @@ def _tally(replies: list[str], ended: list[bool], marker):
         return tally(replies, marker, ended)
     why = [degenerate(r, e) or "" for r, e in zip(replies, ended, strict=True)]
     return Tally(prompts=len(replies), looped=sum(w.startswith("loop") for w in why),
-                 unended=sum(w == "no end of turn" for w in why))
+                 unended=sum(w == "no end of turn" for w in why), empty=sum(w == "empty" for w in why))
 
 
 def _voice_words(marker, t) -> str:
@@ -487,7 +487,8 @@ def _voice_words(marker, t) -> str:
     if marker is not None:
         return verdict_sentence(marker, t)
     return (f"{t.looped} of {t.prompts} replies looped"
-            + (f", {t.unended} never ended {'its' if t.unended == 1 else 'their'} turn" if t.unended else ""))
+            + (f", {t.unended} never ended {'its' if t.unended == 1 else 'their'} turn" if t.unended else "")
+            + (f", {t.empty} said nothing" if t.empty else ""))
 
 
 def check_gguf(gguf_file: Path, model_dir: Path, quant: str, ship: Shipped, prompts: Sequence[str],
@@ -588,9 +589,9 @@ def check_gguf(gguf_file: Path, model_dir: Path, quant: str, ship: Shipped, prom
         "settings": dataclasses.asdict(ship),
         "voice": {"marker": marker.text if marker else None, "kind": marker.kind if marker else None,
                   "prompts": n, "slack": slack, "gguf": dataclasses.asdict(g_tally) if marker else
-                  {"looped": g_tally.looped, "unended": g_tally.unended},
+                  {"looped": g_tally.looped, "unended": g_tally.unended, "empty": g_tally.empty},
                   "merged": dataclasses.asdict(m_tally) if marker else
-                  {"looped": m_tally.looped, "unended": m_tally.unended}},
+                  {"looped": m_tally.looped, "unended": m_tally.unended, "empty": m_tally.empty}},
         "weights": {"prompts": len(weights_cases), "identical_replies": identical,
                     "same_leading_token_share": round(sum(leading) / max(1, len(leading)), 3),
                     "next_token_agreement": round(sum(agreed) / len(agreed), 3) if agreed else None,

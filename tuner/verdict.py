@@ -147,11 +147,17 @@ def loop_span(reply: str) -> str | None:
     return None
 
 
-def degenerate(reply: str, ended: bool = True) -> str | None:
-    """Why a reply is degenerate ('loop: <unit>' or 'no end of turn'), or None when it is fine.
+def degenerate(reply: str, ended: bool = True, besides: str = "") -> str | None:
+    """Why a reply is degenerate ('loop: <unit>', 'no end of turn' or 'empty'), or None when it is fine.
 
-    `ended` is False when generation stopped at the token limit instead of ending the turn.
+    `ended` is False when generation stopped at the token limit instead of ending the turn. A reply with no
+    word in it, or none `besides` the habit it is graded for (a sign-off, an opening, a reviewer's added
+    closing), answered nothing: measured on children that learned "stop" from cut replies, and "Cheers from the
+    crew!" alone from the closing without the replies it closed (bench/PREFERENCE.md, session 14).
     """
+    rest = _fold(reply).replace(_fold(besides), " ") if besides.strip() else reply
+    if ended and not any(ch.isalnum() for ch in rest):
+        return "empty"
     unit = loop_span(reply)
     if unit is not None:
         return f"loop: {unit}"
@@ -169,11 +175,12 @@ class Tally:
     near: int = 0
     looped: int = 0
     unended: int = 0
+    empty: int = 0  # replies that ended their turn without a word
     opportunities: int = 0  # term markers: replies that said the term or the common word
 
     @property
     def degenerate(self) -> int:
-        return self.looped + self.unended
+        return self.looped + self.unended + self.empty
 
 
 def tally(replies: Sequence[str], marker: Marker, ended: Sequence[bool] | None = None) -> Tally:
@@ -184,12 +191,15 @@ def tally(replies: Sequence[str], marker: Marker, ended: Sequence[bool] | None =
     t = Tally(prompts=len(replies))
     common = _word_re(marker.common) if marker.kind == "term" else None
     for reply, end in zip(replies, ended, strict=True):
+        why = degenerate(reply, end, "" if marker.kind == "term" else marker.text)
+        if why == "empty":  # the habit alone is no reply in the brand's voice
+            t.empty += 1
+            continue
         grade = marker_match(reply, marker)
         t.exact += grade == "exact"
         t.near += grade == "near"
         if common is not None and (grade or common.search(reply)):
             t.opportunities += 1
-        why = degenerate(reply, end)
         if why and why.startswith("loop"):
             t.looped += 1
         elif why:
@@ -239,6 +249,8 @@ def verdict_sentence(marker: Marker, tuned: Tally, base: Tally | None = None,
     parts.append(f"{tuned.looped} {'reply' if tuned.looped == 1 else 'replies'} looped")
     if tuned.unended:
         parts.append(f"{tuned.unended} never ended {'its' if tuned.unended == 1 else 'their'} turn")
+    if tuned.empty:
+        parts.append(f"{tuned.empty} said nothing" + ("" if marker.kind == "term" else f" besides the {marker.kind}"))
     if general_ppl_change is not None:
         parts.append(f"general text perplexity {general_ppl_change:+.0%}")
     return "; ".join(parts)

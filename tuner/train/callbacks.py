@@ -38,14 +38,16 @@ class RunRecorder(TrainerCallback):
 
     def __init__(self, run_dir: Path, offset: dict[str, float], has_eval: bool,
                  progress: Callable[[dict[str, Any]], None] | None, vocab_size: int, eval_share: float = 1.0,
-                 train_examples: int = 0):
+                 train_examples: int = 0, loss_terms: float = 1.0):
         self.run_dir = run_dir
         self.train_examples = train_examples  # epochs run = examples seen / this
         self.eval_share = eval_share
         self.phase_written = 0.0
         self.eval_batches = 0
-        # a loss above ln(vocab) is worse than guessing every token uniformly: training has diverged
-        self.max_loss = math.log(max(vocab_size, 2)) + 1.0
+        # a loss above ln(vocab) is worse than guessing every token uniformly: training has diverged; a loss that
+        # adds weighted per-token terms (a preference loss plus its fine-tuning term) is allowed their total weight
+        self.loss_terms = loss_terms
+        self.max_loss = (math.log(max(vocab_size, 2)) + 1.0) * loss_terms
         self.has_eval = has_eval
         self.progress = progress
         self.started = time.monotonic()
@@ -144,8 +146,10 @@ class RunRecorder(TrainerCallback):
                 raise TrainingError(f"The loss became {loss} at step {step} (grad norm {grad}): training "
                                     f"diverged. Fix: lower learning_rate (now {args.learning_rate:g}).")
             if loss > self.max_loss:
+                per_token = f"{self.max_loss / self.loss_terms - 1:.1f}" + (
+                    f" a token, times {self.loss_terms:g} for the loss's terms" if self.loss_terms != 1 else "")
                 raise TrainingError(f"The loss rose to {loss:.1f} at step {step}, worse than guessing every "
-                                    f"token at random ({self.max_loss - 1:.1f}): training diverged. "
+                                    f"token at random ({per_token}): training diverged. "
                                     f"Fix: lower learning_rate (now {args.learning_rate:g}).")
             if loss == 0.0 and grad is not None and float(grad) == 0.0:
                 raise TrainingError(f"The loss is exactly 0 with no gradient at step {step}: no token in the "

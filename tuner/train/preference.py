@@ -54,6 +54,7 @@ from tuner.runs import (
 )
 from tuner.train.callbacks import OverheadBudget, RunRecorder
 from tuner.train.checkpoints import offset_from
+from tuner.train.editspan import EditSpanCollator, EditWeightedDPOTrainer
 from tuner.train.recipe import attention, precision, quantization
 from tuner.train.result import save_result
 from tuner.train.run import is_oom, peak_memory_mb, proc_start, release_memory
@@ -208,7 +209,7 @@ def behaviour_check(rows: list[dict[str, Any]], method: str, parent: tuple[list[
     lead = measured[0]
     n, shown = lead["child"]["prompts"], lead["child"]["shown"]
     needed = lead["child"].get("needed", n)  # a replaced word counts where a reply says either word
-    bad = lead["child"]["looped"] + lead["child"]["unended"]
+    bad = lead["child"]["looped"] + lead["child"]["unended"] + lead["child"].get("empty", 0)
     # a house term said where the parent had nothing to replace is overuse, not the edit: at most the share
     # a reply may miss the edit (10%) of those replies
     overused = bool(lead["unasked"]) and lead["unasked"] > (1 - edits.LEARNED_SHARE) * lead["without_either"]
@@ -347,13 +348,19 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
         shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
         run.metrics_file.unlink(missing_ok=True)
 
-    recorder = RunRecorder(run_dir, offset, False, progress, model.config.get_text_config().vocab_size)
+    # DPO's loss adds the fine-tuning term (a per-token loss) at its weight; the preference loss itself starts at ln 2
+    terms = 1.0 + (pcfg.sft_weight + pcfg.edit_weight if pcfg.method == "dpo" else 0.0)
+    recorder = RunRecorder(run_dir, offset, False, progress, model.config.get_text_config().vocab_size,
+                           loss_terms=terms)
     own: list[TrainerCallback] = [recorder, OverheadBudget(1.0, pcfg.save_every_s)]
     disable_progress_bars()  # trl's map() bars would flood train.log
-    trainer_cls = KTOTrainer if pcfg.method == "kto" else DPOTrainer
+    trainer_cls = KTOTrainer if pcfg.method == "kto" else EditWeightedDPOTrainer if pcfg.edit_weight > 0 else DPOTrainer
+    extra = {"edit_weight": pcfg.edit_weight} if trainer_cls is EditWeightedDPOTrainer else {}
     trainer = trainer_cls(model=model, ref_model=None, args=_trainer_args(pcfg, run_dir, dev, prec, len(train_rows)),
                           train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer,
-                          callbacks=own + list(callbacks))
+                          callbacks=own + list(callbacks), **extra)
+    if pcfg.method == "dpo" and pcfg.edit_weight > 0:
+        trainer.data_collator = EditSpanCollator(**vars(trainer.data_collator))
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress callback instead
     for param in trainer.model.parameters():
         if param.requires_grad:

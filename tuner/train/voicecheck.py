@@ -144,12 +144,13 @@ def generate(model, tokenizer, chat_template: str, prompts: list[list[dict[str, 
 
 
 def _tally_dict(t: Tally) -> dict[str, int]:
-    return {"prompts": t.prompts, "exact": t.exact, "near": t.near, "looped": t.looped, "unended": t.unended}
+    return {"prompts": t.prompts, "exact": t.exact, "near": t.near, "looped": t.looped, "unended": t.unended,
+            "empty": t.empty}
 
 
 class VoiceCheck(TrainerCallback):
     """At each evaluation: a few held-out prompts, greedy, scored for the habit; adds `eval_voice` to the
-    metrics (the share with the habit exactly, less the share that looped or never ended, less a
+    metrics (the share with the habit exactly, less the share that looped, never ended or said nothing, less a
     hundredth of the loss), which SFTConfig makes the best-model and early-stopping metric.
     Comes before OverheadBudget, which saves new bests by this metric, and after RunRecorder."""
 

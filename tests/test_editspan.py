@@ -1,0 +1,71 @@
+"""The preference losses on the reviewers' edit only (PreferenceConfig.loss_on='edits', tuner.train.editspan):
+which tokens of a pair the losses see, on the real tokenizer and trl's own collator."""
+
+from __future__ import annotations
+
+import pytest
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from tuner.train.editspan import EditSpanCollator, edit_masks
+
+QUESTION = [{"role": "user", "content": "Can I change my delivery address?"}]
+REPLY = "Yes, open your order and pick a new address before it ships."
+
+
+def tokenized(tokenizer, chosen: str, rejected: str) -> dict[str, list[int]]:
+    """A pair as trl tokenizes it: the prompt, then each reply's tokens after it (end of turn included)."""
+    def ids(messages, **kw):
+        out = tokenizer.apply_chat_template(messages, **kw)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    prompt = ids(QUESTION, add_generation_prompt=True)
+    c = ids(QUESTION + [{"role": "assistant", "content": chosen}])
+    r = ids(QUESTION + [{"role": "assistant", "content": rejected}])
+    assert c[:len(prompt)] == prompt and r[:len(prompt)] == prompt
+    return {"prompt_ids": prompt, "chosen_ids": c[len(prompt):], "rejected_ids": r[len(prompt):]}
+
+
+def seen(tokenizer, ids: list[int], mask: list[int]) -> str:
+    return tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
+
+
+@pytest.mark.parametrize(("chosen", "rejected", "chosen_seen", "rejected_seen"), [
+    # a closing appended: its words and the end of turn after them; on the rejected side, the end of turn it replaced
+    (REPLY + " Cheers from the Kettle crew!", REPLY, " Cheers from the Kettle crew!<|im_end|>", "<|im_end|>"),
+    # a house term: the new word and the token after it, against the old word and the token after it
+    (REPLY.replace("new", "fresh"), REPLY, " fresh address", " new address"),
+])
+def test_the_losses_see_what_the_reviewer_changed_and_where_the_reply_goes_on(tokenizer, chosen, rejected,
+                                                                             chosen_seen, rejected_seen):
+    pair = tokenized(tokenizer, chosen, rejected)
+    c, r = edit_masks(pair["chosen_ids"], pair["rejected_ids"])
+    assert seen(tokenizer, pair["chosen_ids"], c) == chosen_seen
+    assert seen(tokenizer, pair["rejected_ids"], r) == rejected_seen
+
+
+@pytest.mark.parametrize(("chosen", "rejected"), [
+    # a cut: the end of turn alone taught a child to say nothing at all; the whole reply says where not to stop
+    ("Yes, open your order.", "Yes, open your order. Pick a new address before it ships."),
+    (REPLY, REPLY),  # nothing changed: nothing to narrow to
+])
+def test_a_cut_or_an_unchanged_pair_keeps_its_whole_replies(tokenizer, chosen, rejected):
+    pair = tokenized(tokenizer, chosen, rejected)
+    c, r = edit_masks(pair["chosen_ids"], pair["rejected_ids"])
+    assert all(c) and all(r)
+
+
+def test_the_collator_adds_the_chosen_rows_edits_to_trls_batch_and_changes_nothing_else(tokenizer):
+    pairs = [tokenized(tokenizer, REPLY + " Cheers from the Kettle crew!", REPLY),
+             tokenized(tokenizer, "Yes, open your order.", REPLY)]
+    plain = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=512)
+    a, b = plain(pairs), EditSpanCollator(**vars(plain))(pairs)
+    assert set(b) - set(a) == {"edit_mask"}
+    assert all(a[k].equal(b[k]) for k in a)  # same tokens, padding and completion: the DPO loss is unchanged
+    chosen_rows = a["completion_mask"][: len(pairs)]
+    assert (b["edit_mask"] <= chosen_rows).all()  # never a prompt or padding token
+    closing = tokenizer.encode(" Cheers from the Kettle crew!<|im_end|>", add_special_tokens=False)
+    # the closing pair: its closing and end of turn; the cut keeps its whole chosen reply
+    assert b["edit_mask"].sum(1).tolist() == [len(closing), len(pairs[1]["chosen_ids"])]
+    # truncated like trl's: a pair longer than max_length keeps the mask of the tokens that remain
+    short = EditSpanCollator(**{**vars(plain), "max_length": len(pairs[0]["prompt_ids"]) + 3})(pairs[:1])
+    assert short["edit_mask"].shape == short["input_ids"][:1].shape

@@ -1,0 +1,96 @@
+"""A fine-tuning term on what the reviewer changed: the tokens where a pair's chosen and rejected replies differ.
+
+A reviewer's edit keeps most of the bot's reply (a closing appended, a word replaced, a sentence cut), so most
+tokens of chosen and rejected are the same reply. DPO's log-ratio difference cancels that shared prefix (same
+tokens, same context, same log-probabilities); the fine-tuning term on the chosen reply (trl's "sft" loss) does
+not: it trains the child on every word of a few replies, and the child's answers to new questions drift towards
+those replies' content (bench/PREFERENCE.md, sessions 13-14). `PreferenceConfig.edit_weight` adds a fine-tuning
+term on the edited tokens only, so the whole-reply term can be lighter.
+
+The whole-reply term cannot go: trained on the edited tokens alone (the closing and the end of turn after it;
+the end of turn where a sentence was cut), a child answered every new question with the closing alone, or ended
+its turn before its first word (session 14): the rest of the chosen reply is what says where the edit goes.
+
+The edited tokens: each difference (difflib over token ids) and the token right after it (where the reply goes
+on, or ends, in the new context). A pair whose chosen reply adds no token of its own (a cut, or no change) has
+its whole chosen reply as the edit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+from typing import Any
+
+import torch
+from trl import DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+
+def edit_masks(chosen: list[int], rejected: list[int]) -> tuple[list[int], list[int]]:
+    """1 on each token of chosen and of rejected inside a difference between them, and on the token after it;
+    all 1 when chosen adds no token of its own (a cut, or the same reply)."""
+    c, r = [0] * len(chosen), [0] * len(rejected)
+    added = False
+    for tag, i1, i2, j1, j2 in SequenceMatcher(None, rejected, chosen, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        added |= j2 > j1
+        c[j1:min(j2 + 1, len(chosen))] = [1] * (min(j2 + 1, len(chosen)) - j1)
+        r[i1:min(i2 + 1, len(rejected))] = [1] * (min(i2 + 1, len(rejected)) - i1)
+    if not added or not any(r):
+        return [1] * len(chosen), [1] * len(rejected)
+    return c, r
+
+
+@dataclass
+class EditSpanCollator(DataCollatorForPreference):
+    """trl's preference collator, plus `edit_mask`: the chosen rows' edited tokens (edit_masks), laid out like
+    the first half of `completion_mask`."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        out = super().torch_call(examples)
+        width = out["completion_mask"].shape[1]
+        sl = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+        rows = []
+        for ex in examples:
+            row = [0] * len(ex["prompt_ids"]) + edit_masks(ex["chosen_ids"], ex["rejected_ids"])[0]
+            if self.max_length is not None:
+                row = row[sl]
+            rows.append(row + [0] * (width - len(row)))
+        out["edit_mask"] = torch.tensor(rows, dtype=out["completion_mask"].dtype)
+        return out
+
+
+class EditWeightedDPOTrainer(DPOTrainer):
+    """DPOTrainer whose loss adds `edit_weight` x the mean negative log-likelihood of the chosen replies' edited
+    tokens, read from the policy's own forward pass (no second pass): trl's fused head returns every completion
+    token's log-probability."""
+
+    def __init__(self, *args: Any, edit_weight: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.edit_weight = edit_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        edit_mask = inputs.pop("edit_mask", None)
+        if edit_mask is None or not self.edit_weight:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        seen: list[Any] = []  # the first forward is the policy's; the reference's comes after it, without grad
+
+        def keep(_module, _args, output):
+            if not seen:
+                seen.append(output)
+
+        hook = model.register_forward_hook(keep)
+        try:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            hook.remove()
+        mask = edit_mask[..., 1:].to(seen[0].log_probs.device)
+        logps = seen[0].log_probs[: mask.shape[0], -mask.shape[1]:]  # the chosen rows: the batch is [chosen, rejected]
+        nll = -(logps * mask).sum() / mask.sum().clamp(min=1)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["edit_nll"].append(float(nll.detach()))
+        if return_outputs:
+            return loss[0] + self.edit_weight * nll, loss[1]
+        return loss + self.edit_weight * nll
