@@ -69,3 +69,39 @@ def test_the_collator_adds_the_chosen_rows_edits_to_trls_batch_and_changes_nothi
     # truncated like trl's: a pair longer than max_length keeps the mask of the tokens that remain
     short = EditSpanCollator(**{**vars(plain), "max_length": len(pairs[0]["prompt_ids"]) + 3})(pairs[:1])
     assert short["edit_mask"].shape == short["input_ids"][:1].shape
+
+
+def test_the_edit_term_adds_its_weight_times_the_edited_tokens_loss_to_trls_dpo_loss(tokenizer, tmp_path):
+    """On a tiny random model with the real tokenizer: EditWeightedDPOTrainer's loss is trl's DPO loss (with its
+    fine-tuning term) plus edit_weight x the mean negative log-likelihood of the chosen replies' edited tokens,
+    computed here from the model's logits."""
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from datasets import Dataset
+    from tuner.train.editspan import EditWeightedDPOTrainer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    rows = [{"prompt": QUESTION, "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": REPLY}]}
+            for c in (REPLY + " Cheers from the Kettle crew!", "Yes, open your order.")]
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, loss_type=["sigmoid", "sft"],
+                     loss_weights=[1.0, 1.0], max_length=512, report_to="none", use_cpu=True)
+    kw = dict(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    weighted, plain = EditWeightedDPOTrainer(**kw, edit_weight=0.7), DPOTrainer(**kw)
+    batch = weighted._prepare_inputs(next(iter(weighted.get_train_dataloader())))
+    assert "edit_mask" in batch
+    with torch.no_grad():
+        total = weighted.compute_loss(weighted.model, dict(batch))
+        dpo = plain.compute_loss(plain.model, {k: v for k, v in batch.items() if k != "edit_mask"})
+        logits = weighted.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    n = len(rows)  # the chosen rows come first
+    logps = torch.log_softmax(logits[:n, :-1].float(), -1).gather(-1, batch["input_ids"][:n, 1:, None])[..., 0]
+    mask = batch["edit_mask"][:, 1:]
+    nll = -(logps * mask).sum() / mask.sum()
+    assert float(total - dpo) == pytest.approx(0.7 * float(nll), rel=1e-3)

@@ -392,15 +392,18 @@ class PreferenceConfig:
     loss: str = _f("sigmoid", "dpo: the preference loss (trl's DPOConfig loss_type): sigmoid (DPO), sigmoid_norm (DPO "
                    "on per-token averages), ipo, apo_zero, robust or hinge.",
                    choices=("sigmoid", "sigmoid_norm", "ipo", "apo_zero", "robust", "hinge"))
-    sft_weight: float = _f(2.0, "dpo: weight of a plain fine-tuning loss on the chosen replies added to the "
+    sft_weight: float = _f(1.0, "dpo: weight of a plain fine-tuning loss on the chosen replies added to the "
                            "preference loss (RPO); it keeps the child saying the chosen words, not only ranking them. "
-                           "0 is plain DPO, which made a 4-bit child's replies loop on 32 pairs where 1 kept the voice; "
-                           "2 against 1 (bench/PREFERENCE.md, session 11): a closing on 22 of 24 new questions from 30 "
-                           "pairs (20), 18 from 10 pairs (15) with 4 degenerate replies (7), a house term 19 of 21 with "
-                           "2 degenerate (19 of 23 with 4).")
-    edit_weight: float = _f(0.0, "dpo: weight of a further fine-tuning loss on the edited tokens of the chosen "
+                           "0 is plain DPO, which made a 4-bit child's replies loop (a closing on 10 of 24 new "
+                           "questions with 14 degenerate, bench/PREFERENCE.md sessions 13-14). Its weight against "
+                           "edit_weight: session 14.")
+    edit_weight: float = _f(1.0, "dpo: weight of a further fine-tuning loss on the edited tokens of the chosen "
                             "replies only (where chosen and rejected differ, and the token after each difference; "
-                            "tuner.train.editspan), added to the preference loss and the fine-tuning term.")
+                            "tuner.train.editspan). Measured on pairs made from the bot's own replies (a closing "
+                            "appended, bench/PREFERENCE.md session 14): the whole-reply term at 2 alone (the old "
+                            "default) cost +37%, +13% and +12% general-text perplexity from 10, 30 and 120 pairs; "
+                            "1 + 1 here: 23, 24 and 24 of 24 new replies with the closing, none degenerate, at +11%, "
+                            "+6% and +8%. A pair that cuts the reply has its whole chosen reply as the edit.")
     learning_rate: float = _f(1e-3, "Peak learning rate of the adapter. Measured with bench/preference.py (a closing "
                               "appended to public chit-chat replies): 2e-4 put it in 0 of 24 new replies after 30 "
                               "pairs and 7 of 24 after 120, with replies that never ended; 1e-3 for at least 24 steps "

@@ -70,6 +70,8 @@ class EditWeightedDPOTrainer(DPOTrainer):
     def __init__(self, *args: Any, edit_weight: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.edit_weight = edit_weight
+        if type(self.data_collator) is DataCollatorForPreference:  # trl's own, with the pad token it chose
+            self.data_collator = EditSpanCollator(**vars(self.data_collator))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         edit_mask = inputs.pop("edit_mask", None)

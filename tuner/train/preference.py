@@ -54,7 +54,7 @@ from tuner.runs import (
 )
 from tuner.train.callbacks import OverheadBudget, RunRecorder
 from tuner.train.checkpoints import offset_from
-from tuner.train.editspan import EditSpanCollator, EditWeightedDPOTrainer
+from tuner.train.editspan import EditWeightedDPOTrainer
 from tuner.train.recipe import attention, precision, quantization
 from tuner.train.result import save_result
 from tuner.train.run import is_oom, peak_memory_mb, proc_start, release_memory
@@ -359,8 +359,6 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
     trainer = trainer_cls(model=model, ref_model=None, args=_trainer_args(pcfg, run_dir, dev, prec, len(train_rows)),
                           train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer,
                           callbacks=own + list(callbacks), **extra)
-    if pcfg.method == "dpo" and pcfg.edit_weight > 0:
-        trainer.data_collator = EditSpanCollator(**vars(trainer.data_collator))
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress callback instead
     for param in trainer.model.parameters():
         if param.requires_grad:
