@@ -1,5 +1,5 @@
-"""The preference losses on the reviewers' edit only (PreferenceConfig.loss_on='edits', tuner.train.editspan):
-which tokens of a pair the losses see, on the real tokenizer and trl's own collator."""
+"""The fine-tuning term on the reviewers' edit (PreferenceConfig.edit_weight, tuner.train.editspan): which tokens of
+a pair it sees, on the real tokenizer and trl's own collator, and what it adds to trl's DPO loss."""
 
 from __future__ import annotations
 
