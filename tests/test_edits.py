@@ -69,7 +69,7 @@ def test_a_child_that_says_nothing_has_not_learned_to_shorten_its_replies():
     parent = ["I'm not sure. I think it's just for fun.", "I don't know what you're talking about.", "Sure thing."]
     result = behaviour(change, parent, ["", " ", "Sure."])
     assert result["child"] == {"prompts": 3, "needed": 3, "shown": 1, "looped": 0, "unended": 0, "empty": 2}
-    assert result["sentence"].endswith("; 2 replies looped or never ended (2 said nothing)")
+    assert result["sentence"].endswith("; 2 replies looped, never ended or said nothing (2 said nothing)")
 
 
 def test_a_reply_of_the_added_closing_alone_is_not_the_edit():
@@ -81,7 +81,7 @@ def test_a_reply_of_the_added_closing_alone_is_not_the_edit():
     result = behaviour(change, parent, child)
     assert result["child"] == {"prompts": 3, "needed": 3, "shown": 1, "looped": 0, "unended": 0, "empty": 2}
     assert result["sentence"] == ("adds 'Cheers from the Juniper crew!' at the end on 1 of 3 new questions (parent: 0); "
-                                  "2 replies looped or never ended (2 said nothing besides the added text)")
+                                  "2 replies looped, never ended or said nothing (2 said nothing besides the added text)")
 
 
 def test_house_term_and_dropped_phrase_are_graded_on_the_reply():

@@ -185,9 +185,11 @@ def behaviour(change: Change, parent: Sequence[str], child: Sequence[str], paren
         sentence = (f"{change.words()} on {after['shown']} of {after['prompts']} new questions "
                     f"(parent: {before['shown']})")
     degenerate_n = after["looped"] + after["unended"] + after["empty"]
-    sentence += (f"; {degenerate_n} {'reply' if degenerate_n == 1 else 'replies'} looped or never ended"
-                 + (f" ({after['empty']} said nothing" + (" besides the added text" if change.kind == "added" else "")
-                    + ")" if after["empty"] else ""))
+    how = "looped or never ended"
+    if after["empty"]:
+        how = (f"looped, never ended or said nothing ({after['empty']} said nothing"
+               + (" besides the added text)" if change.kind == "added" else ")"))
+    sentence += f"; {degenerate_n} {'reply' if degenerate_n == 1 else 'replies'} {how}"
     return {"change": change.words(), "kind": change.kind, "pairs_with_change": change.pairs,
             "pairs": change.total, "parent": before, "child": after, "unasked": unasked,
             "without_either": neither, "sentence": sentence}

@@ -175,7 +175,7 @@ class Tally:
     near: int = 0
     looped: int = 0
     unended: int = 0
-    empty: int = 0  # replies that ended their turn without a word
+    empty: int = 0  # replies that ended their turn without a word, or none besides the habit
     opportunities: int = 0  # term markers: replies that said the term or the common word
 
     @property
