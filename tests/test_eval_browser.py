@@ -102,7 +102,7 @@ def test_the_evaluate_view_compares_three_ways_and_says_which_to_ship(server, si
         assert [h.strip() for h in heads[:4]] == ["metric", "base + brand brief", "base + retrieved examples", "tuned"]
         text = metrics.inner_text()
         for name in ("Replies with the agents' habit", "Wording close to the agents' reply",
-                     "Replies that looped or never ended", "Seconds per reply", "Prompt tokens read per reply"):
+                     "Replies that looped, never ended or said nothing", "Seconds per reply", "Prompt tokens read per reply"):
             assert name in text
         habit = result["metrics"]["habit"]
         assert f"{habit['tuned']['count']} of {PROMPTS}" in text and "{" not in text  # counts in words, no JSON
