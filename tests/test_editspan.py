@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from tuner.train.editspan import EditSpanCollator, edit_masks
+from tuner.train.editspan import EditSpanCollator, edit_masks, kept_mask
 
 QUESTION = [{"role": "user", "content": "Can I change my delivery address?"}]
 REPLY = "Yes, open your order and pick a new address before it ships."
@@ -54,27 +54,41 @@ def test_a_cut_or_an_unchanged_pair_keeps_its_whole_replies(tokenizer, chosen, r
     assert all(c) and all(r)
 
 
+@pytest.mark.parametrize(("chosen", "rejected", "kept"), [
+    # a closing appended: the whole reply the bot wrote, not the closing nor the end of turn after it
+    (REPLY + " Cheers from the Kettle crew!", REPLY, REPLY),
+    # a house term: every word but the new one and the word after it, up to the end of turn
+    (REPLY.replace("new", "fresh"), REPLY, "Yes, open your order and pick a before it ships.<|im_end|>"),
+    # a cut: the sentence kept; the end of turn after it is the edit
+    ("Yes, open your order.", "Yes, open your order. Pick a new address before it ships.", "Yes, open your order."),
+])
+def test_the_anchor_holds_the_words_the_reviewer_kept(tokenizer, chosen, rejected, kept):
+    pair = tokenized(tokenizer, chosen, rejected)
+    assert seen(tokenizer, pair["chosen_ids"], kept_mask(pair["chosen_ids"], pair["rejected_ids"])).strip() == kept
+
+
 def test_the_collator_adds_the_chosen_rows_edits_to_trls_batch_and_changes_nothing_else(tokenizer):
     pairs = [tokenized(tokenizer, REPLY + " Cheers from the Kettle crew!", REPLY),
              tokenized(tokenizer, "Yes, open your order.", REPLY)]
     plain = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=512)
     a, b = plain(pairs), EditSpanCollator(**vars(plain))(pairs)
-    assert set(b) - set(a) == {"edit_mask"}
+    assert set(b) - set(a) == {"edit_mask", "kept_mask"}
     assert all(a[k].equal(b[k]) for k in a)  # same tokens, padding and completion: the DPO loss is unchanged
     chosen_rows = a["completion_mask"][: len(pairs)]
-    assert (b["edit_mask"] <= chosen_rows).all()  # never a prompt or padding token
+    assert (b["edit_mask"] <= chosen_rows).all() and (b["kept_mask"] <= chosen_rows).all()  # no prompt, no padding
     closing = tokenizer.encode(" Cheers from the Kettle crew!<|im_end|>", add_special_tokens=False)
     # the closing pair: its closing and end of turn; the cut keeps its whole chosen reply
     assert b["edit_mask"].sum(1).tolist() == [len(closing), len(pairs[1]["chosen_ids"])]
     # truncated like trl's: a pair longer than max_length keeps the mask of the tokens that remain
     short = EditSpanCollator(**{**vars(plain), "max_length": len(pairs[0]["prompt_ids"]) + 3})(pairs[:1])
-    assert short["edit_mask"].shape == short["input_ids"][:1].shape
+    assert short["edit_mask"].shape == short["kept_mask"].shape == short["input_ids"][:1].shape
 
 
-def test_the_edit_term_adds_its_weight_times_the_edited_tokens_loss_to_trls_dpo_loss(tokenizer, tmp_path):
+def test_the_edit_and_anchor_terms_add_their_weights_times_their_losses_to_trls_dpo_loss(tokenizer, tmp_path):
     """On a tiny random model with the real tokenizer: EditWeightedDPOTrainer's loss is trl's DPO loss (with its
-    fine-tuning term) plus edit_weight x the mean negative log-likelihood of the chosen replies' edited tokens,
-    computed here from the model's logits."""
+    fine-tuning term) plus edit_weight x the mean negative log-likelihood of the chosen replies' edited tokens, plus
+    anchor_weight x the mean squared log-ratio (policy against reference) of their kept tokens, computed here from
+    the two models' logits."""
     import copy
 
     import torch
@@ -92,16 +106,27 @@ def test_the_edit_term_adds_its_weight_times_the_edited_tokens_loss_to_trls_dpo_
             for c in (REPLY + " Cheers from the Kettle crew!", "Yes, open your order.")]
     args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, loss_type=["sigmoid", "sft"],
                      loss_weights=[1.0, 1.0], max_length=512, report_to="none", use_cpu=True)
-    kw = dict(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    weighted, plain = EditWeightedDPOTrainer(**kw, edit_weight=0.7), DPOTrainer(**kw)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the child has moved from its parent: the anchor has something to hold
+    kw = dict(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    weighted, plain = EditWeightedDPOTrainer(**kw, edit_weight=0.7, anchor_weight=3.0), DPOTrainer(**kw)
     batch = weighted._prepare_inputs(next(iter(weighted.get_train_dataloader())))
-    assert "edit_mask" in batch
+    assert {"edit_mask", "kept_mask"} <= set(batch)
+    n = len(rows)  # the chosen rows come first
+
+    def chosen_logps(m):
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.log_softmax(logits[:n, :-1].float(), -1).gather(-1, batch["input_ids"][:n, 1:, None])[..., 0]
+
     with torch.no_grad():
         total = weighted.compute_loss(weighted.model, dict(batch))
-        dpo = plain.compute_loss(plain.model, {k: v for k, v in batch.items() if k != "edit_mask"})
-        logits = weighted.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    n = len(rows)  # the chosen rows come first
-    logps = torch.log_softmax(logits[:n, :-1].float(), -1).gather(-1, batch["input_ids"][:n, 1:, None])[..., 0]
-    mask = batch["edit_mask"][:, 1:]
+        dpo = plain.compute_loss(plain.model, {k: v for k, v in batch.items() if not k.endswith("_mask")
+                                               or k in ("attention_mask", "completion_mask")})
+        logps, ref_logps = chosen_logps(weighted.model), chosen_logps(ref)
+    mask, kept = batch["edit_mask"][:, 1:], batch["kept_mask"][:, 1:]
     nll = -(logps * mask).sum() / mask.sum()
-    assert float(total - dpo) == pytest.approx(0.7 * float(nll), rel=1e-3)
+    drift = (((logps - ref_logps) * kept) ** 2).sum() / kept.sum()
+    assert float(drift) > 1e-4  # the policy moved: the test can tell the anchor from nothing
+    assert float(total - dpo) == pytest.approx(0.7 * float(nll) + 3.0 * float(drift), rel=1e-3)

@@ -151,7 +151,7 @@ def _ways(prompting, retrieval, tuned):
      "Ship the tuned model: it carries the sign-off on 23 of 24 new questions (retrieval, without training: 18)"),
     # no habit to count: broken replies decide
     (_ways((None, 20.0, 5), (None, 21.0, 4), (None, 21.5, 0)),
-     "Ship the tuned model: it has fewer replies that looped or never ended (0 vs retrieval's 4), and its replies "
+     "Ship the tuned model: it has fewer replies that looped, never ended or said nothing (0 vs retrieval's 4), and its replies "
      "are as close to your agents' answers (chrF 22 vs 21 for retrieval)"),
     # level on the habit, closer answers
     (_ways((3, 20.0), (22, 22.0), (23, 30.0)),
@@ -179,7 +179,7 @@ def _ways(prompting, retrieval, tuned):
     # the tuned model's loops count against its habit
     (_ways((20, 25.0), (10, 24.0), (22, 25.0, 6)),
      "Ship prompting, no training needed: it does better than the tuned model (the sign-off on 20 vs 22 of 24; "
-     "chrF 25 vs 25; 0 vs 6 replies that looped or never ended)"),
+     "chrF 25 vs 25; 0 vs 6 replies that looped, never ended or said nothing)"),
 ])
 def test_which_way_to_ship_follows_the_numbers(ways, sentence):
     assert ship_sentence(*ways, habit="the sign-off", agents_words=14) == sentence

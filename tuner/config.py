@@ -404,6 +404,9 @@ class PreferenceConfig:
                             "default) cost +37%, +13% and +12% general-text perplexity from 10, 30 and 120 pairs; "
                             "1 + 1 here: 23, 24 and 24 of 24 new replies with the closing, none degenerate, at +11%, "
                             "+6% and +8%. A pair that cuts the reply has its whole chosen reply as the edit.")
+    anchor_weight: float = _f(0.0, "dpo: weight of a term that holds the words the reviewer kept (the chosen "
+                              "replies' tokens outside the edit) at the parent's probability: the mean squared "
+                              "log-ratio, child against parent (tuner.train.editspan).")
     learning_rate: float = _f(1e-3, "Peak learning rate of the adapter. Measured with bench/preference.py (a closing "
                               "appended to public chit-chat replies): 2e-4 put it in 0 of 24 new replies after 30 "
                               "pairs and 7 of 24 after 120, with replies that never ended; 1e-3 for at least 24 steps "
@@ -425,6 +428,7 @@ class PreferenceConfig:
             _choice_check(self, "method"),
             _choice_check(self, "loss"),
             (self.edit_weight >= 0, f"edit_weight must be 0 (off) or more, got {self.edit_weight}."),
+            (self.anchor_weight >= 0, f"anchor_weight must be 0 (off) or more, got {self.anchor_weight}."),
             (self.beta > 0, f"beta must be above 0, got {self.beta}."),
             (self.sft_weight >= 0, f"sft_weight must be 0 (plain DPO) or more, got {self.sft_weight}."),
             (0.0 < self.learning_rate <= 0.1, f"learning_rate must be in (0, 0.1], got {self.learning_rate}."),

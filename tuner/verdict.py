@@ -267,7 +267,7 @@ class Way:
     name: str  # "prompting" | "retrieval" | "tuning": how the sentence names it
     prompts: int
     habit: int | None  # replies with the habit exactly; None when the agents share no habit
-    degenerate: int  # replies that looped or never ended their turn
+    degenerate: int  # replies that looped, never ended their turn or said nothing (tuner.verdict.degenerate)
     chrf: float | None  # closeness to the agents' replies; None without reference replies
     words: float | None = None  # median reply length in words
     seconds: float | None = None  # per reply
@@ -315,7 +315,7 @@ def _length_clause(w: Way, other: Way, agents_words: float | None) -> str:
 def _loops(w: Way, other: Way) -> str:
     if not (w.degenerate or other.degenerate):
         return ""
-    return f"; {w.degenerate} of its replies looped or never ended ({other.name}: {other.degenerate})"
+    return f"; {w.degenerate} of its replies looped, never ended or said nothing ({other.name}: {other.degenerate})"
 
 
 def _cost(w: Way, tuned: Way) -> str:
@@ -357,7 +357,7 @@ def ship_sentence(prompting: Way, retrieval: Way, tuning: Way, habit: str = "the
     without = f"{_label(free)},"
     if by_habit == "tuned" and by_chrf != "free":
         why = _habit_numbers(tuning, free, f"it carries {habit}") if has_habit else \
-            f"it has fewer replies that looped or never ended ({tuning.degenerate} vs {free.name}'s {free.degenerate})"
+            f"it has fewer replies that looped, never ended or said nothing ({tuning.degenerate} vs {free.name}'s {free.degenerate})"
         if chrf_known:
             why += f", and its replies are {'closer to' if by_chrf == 'tuned' else 'as close to'} your agents' " \
                    f"answers ({_chrf_numbers(tuning, free)})"
@@ -373,14 +373,14 @@ def ship_sentence(prompting: Way, retrieval: Way, tuning: Way, habit: str = "the
         other = "the tuned model's" if behind is tuning else f"{free.name}'s"
         habit_part = (f"{name} carries {habit} on {ahead.habit} of {ahead.prompts} new questions "
                       f"({_label(behind)}: {behind.habit})" if has_habit else
-                      f"{name} has fewer replies that looped or never ended ({ahead.degenerate} vs {behind.degenerate})")
+                      f"{name} has fewer replies that looped, never ended or said nothing ({ahead.degenerate} vs {behind.degenerate})")
         return (f"No way wins on both, so read the replies before shipping: {habit_part}, but {other} replies are "
                 f"closer to your agents' answers (chrF {behind.chrf:.0f} vs {ahead.chrf:.0f})")
     # level on both, or the way without training ahead and not behind
     better = by_habit == "free" or by_chrf == "free"
     numbers = [f"{habit} on {free.habit} vs {tuning.habit} of {tuning.prompts}"] if has_habit else []
     numbers += [f"chrF {free.chrf:.0f} vs {tuning.chrf:.0f}"] if chrf_known else []
-    numbers += [f"{free.degenerate} vs {tuning.degenerate} replies that looped or never ended"] \
+    numbers += [f"{free.degenerate} vs {tuning.degenerate} replies that looped, never ended or said nothing"] \
         if free.degenerate or tuning.degenerate else []
     return (f"Ship {free.name}, no training needed: it does {'better than' if better else 'as well as'} the "
             f"tuned model ({'; '.join(numbers)}){_cost(free, tuning)}")

@@ -354,8 +354,10 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
                            loss_terms=terms)
     own: list[TrainerCallback] = [recorder, OverheadBudget(1.0, pcfg.save_every_s)]
     disable_progress_bars()  # trl's map() bars would flood train.log
-    trainer_cls = KTOTrainer if pcfg.method == "kto" else EditWeightedDPOTrainer if pcfg.edit_weight > 0 else DPOTrainer
-    extra = {"edit_weight": pcfg.edit_weight} if trainer_cls is EditWeightedDPOTrainer else {}
+    edits = pcfg.edit_weight > 0 or pcfg.anchor_weight > 0
+    trainer_cls = KTOTrainer if pcfg.method == "kto" else EditWeightedDPOTrainer if edits else DPOTrainer
+    extra = ({"edit_weight": pcfg.edit_weight, "anchor_weight": pcfg.anchor_weight}
+             if trainer_cls is EditWeightedDPOTrainer else {})
     trainer = trainer_cls(model=model, ref_model=None, args=_trainer_args(pcfg, run_dir, dev, prec, len(train_rows)),
                           train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer,
                           callbacks=own + list(callbacks), **extra)
