@@ -31,9 +31,10 @@ def seen(tokenizer, ids: list[int], mask: list[int]) -> str:
 
 @pytest.mark.parametrize(("chosen", "rejected", "chosen_seen", "rejected_seen"), [
     # a closing appended: its words and the end of turn after them; on the rejected side, the end of turn it replaced
-    (REPLY + " Cheers from the Kettle crew!", REPLY, " Cheers from the Kettle crew!<|im_end|>", "<|im_end|>"),
-    # a house term: the new word and the token after it, against the old word and the token after it
-    (REPLY.replace("new", "fresh"), REPLY, " fresh address", " new address"),
+    (REPLY + " Cheers from the Kettle crew!", REPLY, " Cheers from the Kettle crew!<|im_end|>\n", "<|im_end|>\n"),
+    # a house term: from the new word on, against the old word on (the rest of the reply is in a new context)
+    (REPLY.replace("new", "fresh"), REPLY, " fresh address before it ships.<|im_end|>\n",
+     " new address before it ships.<|im_end|>\n"),
 ])
 def test_the_losses_see_what_the_reviewer_changed_and_where_the_reply_goes_on(tokenizer, chosen, rejected,
                                                                              chosen_seen, rejected_seen):
@@ -57,10 +58,13 @@ def test_a_cut_or_an_unchanged_pair_keeps_its_whole_replies(tokenizer, chosen, r
 @pytest.mark.parametrize(("chosen", "rejected", "kept"), [
     # a closing appended: the whole reply the bot wrote, not the closing nor the end of turn after it
     (REPLY + " Cheers from the Kettle crew!", REPLY, REPLY),
-    # a house term: every word but the new one and the word after it, up to the end of turn
-    (REPLY.replace("new", "fresh"), REPLY, "Yes, open your order and pick a before it ships.<|im_end|>"),
-    # a cut: the sentence kept; the end of turn after it is the edit
-    ("Yes, open your order.", "Yes, open your order. Pick a new address before it ships.", "Yes, open your order."),
+    # a house term: the words before it
+    (REPLY.replace("new", "fresh"), REPLY, "Yes, open your order and pick a"),
+    # an opening added: none (the whole reply after it is in a context the parent never wrote)
+    ("Happy to help! " + REPLY, REPLY, ""),
+    # a cut: none; its whole chosen reply is the edit (anchoring the sentence kept, 18 of 24 new replies were cut,
+    # against 23 without, bench/PREFERENCE.md session 15)
+    ("Yes, open your order.", "Yes, open your order. Pick a new address before it ships.", ""),
 ])
 def test_the_anchor_holds_the_words_the_reviewer_kept(tokenizer, chosen, rejected, kept):
     pair = tokenized(tokenizer, chosen, rejected)
@@ -76,8 +80,8 @@ def test_the_collator_adds_the_chosen_rows_edits_to_trls_batch_and_changes_nothi
     assert all(a[k].equal(b[k]) for k in a)  # same tokens, padding and completion: the DPO loss is unchanged
     chosen_rows = a["completion_mask"][: len(pairs)]
     assert (b["edit_mask"] <= chosen_rows).all() and (b["kept_mask"] <= chosen_rows).all()  # no prompt, no padding
-    closing = tokenizer.encode(" Cheers from the Kettle crew!<|im_end|>", add_special_tokens=False)
-    # the closing pair: its closing and end of turn; the cut keeps its whole chosen reply
+    closing = tokenizer.encode(" Cheers from the Kettle crew!<|im_end|>\n", add_special_tokens=False)
+    # the closing pair: its closing and the end of turn after it; the cut keeps its whole chosen reply
     assert b["edit_mask"].sum(1).tolist() == [len(closing), len(pairs[1]["chosen_ids"])]
     # truncated like trl's: a pair longer than max_length keeps the mask of the tokens that remain
     short = EditSpanCollator(**{**vars(plain), "max_length": len(pairs[0]["prompt_ids"]) + 3})(pairs[:1])
@@ -116,17 +120,18 @@ def test_the_edit_and_anchor_terms_add_their_weights_times_their_losses_to_trls_
     assert {"edit_mask", "kept_mask"} <= set(batch)
     n = len(rows)  # the chosen rows come first
 
-    def chosen_logps(m):
+    def next_token_logps(m):
         logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return torch.log_softmax(logits[:n, :-1].float(), -1).gather(-1, batch["input_ids"][:n, 1:, None])[..., 0]
+        return torch.log_softmax(logits[:n, :-1].float(), -1)
 
     with torch.no_grad():
         total = weighted.compute_loss(weighted.model, dict(batch))
         dpo = plain.compute_loss(plain.model, {k: v for k, v in batch.items() if not k.endswith("_mask")
                                                or k in ("attention_mask", "completion_mask")})
-        logps, ref_logps = chosen_logps(weighted.model), chosen_logps(ref)
-    mask, kept = batch["edit_mask"][:, 1:], batch["kept_mask"][:, 1:]
-    nll = -(logps * mask).sum() / mask.sum()
-    drift = (((logps - ref_logps) * kept) ** 2).sum() / kept.sum()
-    assert float(drift) > 1e-4  # the policy moved: the test can tell the anchor from nothing
-    assert float(total - dpo) == pytest.approx(0.7 * float(nll) + 3.0 * float(drift), rel=1e-3)
+        policy, reference = next_token_logps(weighted.model), next_token_logps(ref)
+    mask, kept = batch["edit_mask"][:, 1:], batch["kept_mask"][:, 1:].bool()
+    nll = -(policy.gather(-1, batch["input_ids"][:n, 1:, None])[..., 0] * mask).sum() / mask.sum()
+    p, r = policy[kept], reference[kept]
+    kl = (p.exp() * (p - r)).sum(-1).mean()
+    assert float(kl) > 1e-4  # the policy moved: the test can tell the anchor from nothing
+    assert float(total - dpo) == pytest.approx(0.7 * float(nll) + 3.0 * float(kl), rel=1e-3)

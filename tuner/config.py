@@ -392,21 +392,21 @@ class PreferenceConfig:
     loss: str = _f("sigmoid", "dpo: the preference loss (trl's DPOConfig loss_type): sigmoid (DPO), sigmoid_norm (DPO "
                    "on per-token averages), ipo, apo_zero, robust or hinge.",
                    choices=("sigmoid", "sigmoid_norm", "ipo", "apo_zero", "robust", "hinge"))
-    sft_weight: float = _f(1.0, "dpo: weight of a plain fine-tuning loss on the chosen replies added to the "
-                           "preference loss (RPO); it keeps the child saying the chosen words, not only ranking them. "
-                           "0 is plain DPO, which made a 4-bit child's replies loop (a closing on 10 of 24 new "
-                           "questions with 14 degenerate, bench/PREFERENCE.md sessions 13-14). Its weight against "
-                           "edit_weight: session 14.")
-    edit_weight: float = _f(1.0, "dpo: weight of a further fine-tuning loss on the edited tokens of the chosen "
-                            "replies only (where chosen and rejected differ, and the token after each difference; "
-                            "tuner.train.editspan). Measured on pairs made from the bot's own replies (a closing "
-                            "appended, bench/PREFERENCE.md session 14): the whole-reply term at 2 alone (the old "
-                            "default) cost +37%, +13% and +12% general-text perplexity from 10, 30 and 120 pairs; "
-                            "1 + 1 here: 23, 24 and 24 of 24 new replies with the closing, none degenerate, at +11%, "
-                            "+6% and +8%. A pair that cuts the reply has its whole chosen reply as the edit.")
-    anchor_weight: float = _f(0.0, "dpo: weight of a term that holds the words the reviewer kept (the chosen "
-                              "replies' tokens outside the edit) at the parent's probability: the mean squared "
-                              "log-ratio, child against parent (tuner.train.editspan).")
+    sft_weight: float = _f(0.0, "dpo: weight of a plain fine-tuning loss on the whole chosen replies added to the "
+                           "preference loss (RPO). Off by default since session 15: it taught the few replies' content "
+                           "with the edit (general-text perplexity +6% to +37%); edit_weight and anchor_weight do its "
+                           "work. Plain DPO with none of the three made a 4-bit child's replies loop (a closing on 10 "
+                           "of 24 new questions with 14 degenerate, bench/PREFERENCE.md session 13).")
+    edit_weight: float = _f(2.0, "dpo: weight of a fine-tuning loss on the edited tokens of the chosen replies (where "
+                            "chosen and rejected differ, and the token after each difference; tuner.train.editspan). "
+                            "A pair that cuts the reply has its whole chosen reply as the edit.")
+    anchor_weight: float = _f(1.0, "dpo: weight of a term that holds the child's next-token distributions where the "
+                              "chosen replies' kept words are predicted (every token outside the edit) at the parent's: "
+                              "the mean KL divergence, child from parent (tuner.train.editspan). Measured with edit_weight "
+                              "2 and no whole-reply term on the bot's own replies with a closing appended "
+                              "(bench/PREFERENCE.md session 15): 24 of 24 new replies with the closing from 10, 30 and "
+                              "120 pairs, none degenerate, general-text perplexity -0.9% to +0.4%; the old default "
+                              "(whole replies 1 + edit 1, no anchor): 23, 24 and 24 of 24 at +11%, +6% and +8%.")
     learning_rate: float = _f(1e-3, "Peak learning rate of the adapter. Measured with bench/preference.py (a closing "
                               "appended to public chit-chat replies): 2e-4 put it in 0 of 24 new replies after 30 "
                               "pairs and 7 of 24 after 120, with replies that never ended; 1e-3 for at least 24 steps "
