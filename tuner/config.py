@@ -405,7 +405,7 @@ class PreferenceConfig:
                               "the mean KL divergence, child from parent (tuner.train.editspan). Measured with edit_weight "
                               "2 and no whole-reply term on the bot's own replies with a closing appended "
                               "(bench/PREFERENCE.md session 15): 24 of 24 new replies with the closing from 10, 30 and "
-                              "120 pairs, none degenerate, general-text perplexity -0.9% to +0.4%; the old default "
+                              "120 pairs, none degenerate, general-text perplexity -0.9% to +0.8%; the old default "
                               "(whole replies 1 + edit 1, no anchor): 23, 24 and 24 of 24 at +11%, +6% and +8%.")
     learning_rate: float = _f(1e-3, "Peak learning rate of the adapter. Measured with bench/preference.py (a closing "
                               "appended to public chit-chat replies): 2e-4 put it in 0 of 24 new replies after 30 "
