@@ -7,6 +7,8 @@ corpus reply, the chosen one the same reply edited the way reviewers edit most:
 
 - closing: the team's closing appended ("... Cheers from the Juniper crew!");
 - term: the house term for a common word ("good" -> "grand"), on replies that say it;
+- spelled: the house style that spells out "I'm" ("I am"), on replies that say it: a word the bot's own replies
+  say (15 of the parent's 24 replies to the new questions), where the parent never says "good";
 - shorter: only the first sentence kept, on replies of two sentences or more.
 
 With `--pairs-from parent` the rejected reply is instead the parent bot's own greedy reply to the question (what a
@@ -49,11 +51,14 @@ if str(ROOT) not in sys.path:  # run as a script: make the tuner package importa
 from bench.voice import _cli, chitchat_exchanges, convert, general_perplexity, machine, normalise  # noqa: E402
 
 CLOSING = "Cheers from the Juniper crew!"
-EDITS = ("closing", "term", "shorter")
+EDITS = ("closing", "term", "spelled", "shorter")
 SIZES = (10, 30, 120)
 DEFAULT_RECIPES = ("default", "ipo+sft", "apo_zero+sft", "sigmoid", "kto")
 LEARNED, DEGENERATE, PPL_MAX, VOICE_KEPT = 0.9, 0.02, 0.10, 0.7  # the targets (issue 24)
 _GOOD = re.compile(r"\bgood\b", re.IGNORECASE)
+_IM = re.compile(r"\bI'm\b")
+WORD = {"term": _GOOD, "spelled": _IM}  # the word each replacement edit replaces, and the words it says instead
+NEW = {"term": r"\bgrand\b", "spelled": r"\bI am\b"}
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -64,6 +69,8 @@ def edit(kind: str, reply: str) -> str | None:
     'Sounds fun. Cheers from the Juniper crew!'
     >>> edit("term", "That is a good idea")
     'That is a grand idea'
+    >>> edit("spelled", "I'm glad I'm here")
+    'I am glad I am here'
     >>> edit("shorter", "Yes I do. I love it.")
     'Yes I do.'
     """
@@ -72,6 +79,8 @@ def edit(kind: str, reply: str) -> str | None:
         return f"{reply}{'' if reply[-1:] in '.!?' else '.'} {CLOSING}"
     if kind == "term":
         return _GOOD.sub(lambda m: "Grand" if m.group(0)[0].isupper() else "grand", reply) if _GOOD.search(reply) else None
+    if kind == "spelled":
+        return _IM.sub("I am", reply) if _IM.search(reply) else None
     sentences = _SENTENCE.split(reply)
     return sentences[0] if len(sentences) >= 2 and len(sentences[0].split()) >= 2 else None
 
@@ -158,6 +167,37 @@ def parent_pairs(out: Path, pg, parent_dir: Path, sizes: tuple[int, ...], seed: 
     return files
 
 
+def stopping(pg, run_dir: Path) -> dict[str, float]:
+    """Where the general-text perplexity goes: the same texts scored with the end-of-turn token's probability set
+    aside (each token's probability renormalised over the others: what the model lost of English, apart from
+    wanting to stop), and the mean probability of the end of turn after a sentence's end (. ! ?), where a child
+    taught to stop after one sentence puts it."""
+    import math
+
+    import torch
+
+    from tuner.evaluate import general_texts, text_sequences
+    from tuner.playground import TUNED
+
+    pg.load_run(run_dir)
+    eos = pg.tokenizer.eos_token_id
+    ends = {i for t, i in pg.tokenizer.get_vocab().items() if pg.tokenizer.convert_tokens_to_string([t]).strip()[-1:]
+            in (".", "!", "?")}
+    nll = after_eos = 0.0
+    n = n_after = 0
+    with pg.column_model(TUNED, run_dir) as model, torch.inference_mode():
+        for ids, _ in text_sequences(pg.tokenizer, general_texts()):
+            logps = torch.log_softmax(model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :-1].float(), -1)
+            p_eos = logps[:, eos].exp().clamp(max=1 - 1e-6)
+            target = logps.gather(1, torch.tensor(ids[1:], device=logps.device)[:, None])[:, 0]
+            nll -= float((target - torch.log1p(-p_eos)).sum())
+            n += len(ids) - 1
+            at_end = torch.tensor([t in ends for t in ids[:-1]], device=logps.device)
+            after_eos += float(p_eos[at_end].sum())
+            n_after += int(at_end.sum())
+    return {"content_ppl": round(math.exp(nll / n), 3), "stop_after_sentence": round(after_eos / max(n_after, 1), 3)}
+
+
 def run_cli(args: list[str], what: str) -> dict[str, Any]:
     started = time.monotonic()
     done = subprocess.run(_cli(*args), cwd=ROOT, capture_output=True, text=True)
@@ -186,13 +226,14 @@ def recipe_overrides(name: str, beta: float | None = None, learning_rate: float 
     has one cache folder whatever it is called).
 
     'default' (the product's settings); 'kto' (KTO on the pairs, unpaired: chosen up, rejected down);
-    'LOSS' (plain DPO-family loss: sigmoid, ipo, apo_zero, robust, hinge); 'LOSS+sft' (the same plus the
-    fine-tuning term on the chosen replies, at the default weight); or raw 'key=value,...'.
+    'LOSS' (a DPO-family loss of trl's alone: sigmoid, ipo, apo_zero, robust, hinge; without the product's edit
+    term and anchor); 'LOSS+sft' (the same plus trl's fine-tuning term on the whole chosen replies, weight 1); or
+    raw 'key=value,...'.
 
     >>> recipe_overrides("ipo+sft", beta=0.5)
-    {'beta': 0.5, 'loss': 'ipo'}
+    {'anchor_weight': 0.0, 'beta': 0.5, 'edit_weight': 0.0, 'loss': 'ipo', 'sft_weight': 1.0}
     >>> recipe_overrides("sigmoid")
-    {'sft_weight': 0.0}
+    {'anchor_weight': 0.0, 'edit_weight': 0.0}
     """
     from tuner.config import PreferenceConfig, choices
 
@@ -201,8 +242,8 @@ def recipe_overrides(name: str, beta: float | None = None, learning_rate: float 
     if name == "kto":
         values["method"] = "kto"
     elif name.removesuffix("+sft") in loss_choices:
-        values.update(loss=name.removesuffix("+sft"),
-                      sft_weight=PreferenceConfig().sft_weight if name.endswith("+sft") else 0.0)
+        values.update(loss=name.removesuffix("+sft"), sft_weight=1.0 if name.endswith("+sft") else 0.0,
+                      edit_weight=0.0, anchor_weight=0.0)
     elif name != "default":
         for part in filter(None, (p.strip() for p in name.split(","))):
             key, sep, value = part.partition("=")
@@ -288,11 +329,12 @@ def voice_kept(kind: str, replies: list[dict[str, str]]) -> float | None:
 
 
 EXPECTED = {"closing": f"adds '{CLOSING}' at the end", "term": "says 'grand' instead of 'good'",
+            "spelled": "says 'I am' instead of 'I'm'",
             "shorter": "shortens the reply"}
 
 
 def row(kind: str, n: int, recipe: str, overrides: dict[str, Any], status: dict[str, Any],
-        parent_ppl: float | None) -> dict[str, Any]:
+        parent_ppl: float | None, parent_stopping: dict[str, float] | None = None) -> dict[str, Any]:
     behaviour = status.get("behaviour") or {}
     lead = (behaviour.get("changes") or [{}])[0]
     child, before = dict(lead.get("child") or {}), lead.get("parent") or {}
@@ -302,7 +344,7 @@ def row(kind: str, n: int, recipe: str, overrides: dict[str, Any], status: dict[
         besides = CLOSING if kind == "closing" else ""
         empty = sum(degenerate(r["child"], True, besides) == "empty" for r in status["replies"])
         missed_then = empty - child.get("empty", 0)
-        child.update(empty=empty, shown=child["shown"] - (missed_then if kind != "term" else 0))
+        child.update(empty=empty, shown=child["shown"] - (missed_then if kind not in WORD else 0))
     pm = status.get("preference_metrics") or {}
     tuned = status.get("general_ppl")
     change = tuned / parent_ppl - 1 if tuned and parent_ppl else None
@@ -315,10 +357,19 @@ def row(kind: str, n: int, recipe: str, overrides: dict[str, Any], status: dict[
            "learned": behaviour.get("learned"), "result": status.get("result"),
            "pair_accuracy": [(pm.get("before") or {}).get("accuracy"), (pm.get("after") or {}).get("accuracy")],
            "held_out_pairs": pm.get("held_out_pairs"), "ppl_change_vs_parent": change,
+           # the perplexity with the end of turn set aside, and the end of turn after a sentence: child (parent)
+           "content_ppl_change": (status["stopping"]["content_ppl"] / parent_stopping["content_ppl"] - 1)
+           if status.get("stopping") and parent_stopping else None,
+           "stop_after_sentence": [(parent_stopping or {}).get("stop_after_sentence"),
+                                   (status.get("stopping") or {}).get("stop_after_sentence")],
            "voice_kept": voice_kept(kind, status.get("replies") or []),
            # a house term where the parent's reply had no word to replace: the term overused
-           "unasked": sum(bool(re.search(r"\bgrand\b", r["child"], re.I)) and not _GOOD.search(r["parent"])
-                          for r in status.get("replies") or []) if kind == "term" else None,
+           # (the product's own count where the record has it: it counts "grandma" as "grand", as a reader would)
+           "unasked": lead["unasked"] if lead.get("unasked") is not None else sum(bool(re.search(NEW[kind], r["child"], re.I))
+                          and not (WORD[kind].search(r["parent"]) or re.search(NEW[kind], r["parent"], re.I))
+                          for r in status.get("replies") or []) if kind in WORD else None,
+           "without_either": lead["without_either"] if lead.get("without_either") is not None else sum(not (WORD[kind].search(r["parent"]) or re.search(NEW[kind], r["parent"], re.I))
+                                 for r in status.get("replies") or []) if kind in WORD else None,
            "steps": status.get("step"), "command_s": status.get("command_s")}
     out["missed"] = missed(out)
     return out
@@ -335,6 +386,8 @@ def missed(r: dict[str, Any]) -> list[str]:
         out.append("edit")
     if r["degenerate"] is None or r["degenerate"] > DEGENERATE * (r["prompts"] or 0):
         out.append("degenerate")
+    if r.get("unasked") and r["unasked"] > (1 - LEARNED) * (r.get("without_either") or 0):
+        out.append("overuse")  # the product's verdict too: the word where the parent's reply had none to replace
     if r["ppl_change_vs_parent"] is None or r["ppl_change_vs_parent"] > PPL_MAX:
         out.append("ppl")
     if r["voice_kept"] is None or r["voice_kept"] < VOICE_KEPT:
@@ -354,19 +407,31 @@ def _settings(r: dict[str, Any]) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| edit | pairs | recipe | beta, lr | edit shown: child (parent) | degenerate | ppl vs parent "
-            "| voice kept | held-out pair acc. | steps | command s | targets |")
+            "| without the end of turn | end of turn after a sentence | voice kept | held-out pair acc. | steps "
+            "| command s | targets |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         acc, ppl = r["pair_accuracy"], r["ppl_change_vs_parent"]
         verdict = "**PASS**" if not r["missed"] else "MISS: " + ", ".join(r["missed"])
-        unasked = "" if r.get("unasked") is None else f"; {r['unasked']} unasked"
+        unasked = ("" if r.get("unasked") is None else f"; {r['unasked']} unasked"
+                   + (f" of {r['without_either']}" if r.get("without_either") is not None else ""))
         lines.append(
             f"| {r['edit']} | {r['pairs']}{' (bot)' if r.get('pairs_from') == 'parent' else ''} | {r['recipe']} "
             f"| {_settings(r)} "
             f"| {r['shown']}/{r['needed']} ({r['parent_shown']}/{r['parent_needed']}){unasked} | {r['degenerate']} "
-            f"| {'—' if ppl is None else f'{ppl:+.1%}'} | {r['voice_kept']} "
+            f"| {'—' if ppl is None else f'{ppl:+.1%}'} | {_pct(r.get('content_ppl_change'))} | {_stop(r)} "
+            f"| {r['voice_kept']} "
             f"| {acc[0]} -> {acc[1]} on {r['held_out_pairs']} | {r['steps']} | {r['command_s']} | {verdict} |")
     return "\n".join(lines) + "\n"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:+.1%}"
+
+
+def _stop(r: dict[str, Any]) -> str:
+    parent, child = r.get("stop_after_sentence") or [None, None]
+    return "—" if child is None else f"{child:.2f} ({parent:.2f})"
 
 
 def _floats(text: str | None) -> list[float | None]:
@@ -427,8 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     from tuner.playground import Playground
 
     pg = Playground()
-    if parent.get("general_ppl") is None:
-        parent["general_ppl"] = general_perplexity(pg, parent_dir).get("tuned")
+    if parent.get("general_ppl") is None or parent.get("stopping") is None:
+        parent["general_ppl"] = parent.get("general_ppl") or general_perplexity(pg, parent_dir).get("tuned")
+        parent["stopping"] = stopping(pg, parent_dir)
         (parent_dir.parent / f"{parent_dir.name}.json").write_text(json.dumps(parent))
     pairs = made["pairs"]
     if args.pairs_from == "parent":
@@ -445,10 +511,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"past {args.stop_at} UTC: {child_dir.name} not started", flush=True)
                     continue
                 status = child_run(parent_dir, pairs[kind][n], overrides, child_dir)
-                if status.get("status") == "completed" and status.get("general_ppl") is None:
-                    status["general_ppl"] = general_perplexity(pg, child_dir).get("tuned")
+                if status.get("status") == "completed" and (status.get("general_ppl") is None
+                                                            or status.get("stopping") is None):
+                    status["general_ppl"] = status.get("general_ppl") or general_perplexity(pg, child_dir).get("tuned")
+                    status["stopping"] = stopping(pg, child_dir)
                     record.write_text(json.dumps(status))
-                r = {**row(kind, n, label, overrides, status, parent["general_ppl"]), "pairs_from": args.pairs_from}
+                r = {**row(kind, n, label, overrides, status, parent["general_ppl"], parent.get("stopping")),
+                     "pairs_from": args.pairs_from}
                 rows.append(r)
                 results[f"{tag}/{child_dir.name}"] = r
                 results_file.write_text(json.dumps(results, indent=1))

@@ -32,9 +32,12 @@ def seen(tokenizer, ids: list[int], mask: list[int]) -> str:
 @pytest.mark.parametrize(("chosen", "rejected", "chosen_seen", "rejected_seen"), [
     # a closing appended: its words and the end of turn after them; on the rejected side, the end of turn it replaced
     (REPLY + " Cheers from the Kettle crew!", REPLY, " Cheers from the Kettle crew!<|im_end|>\n", "<|im_end|>\n"),
-    # a house term: from the new word on, against the old word on (the rest of the reply is in a new context)
-    (REPLY.replace("new", "fresh"), REPLY, " fresh address before it ships.<|im_end|>\n",
-     " new address before it ships.<|im_end|>\n"),
+    # a house term: the new word against the old one; the reply around them is the parent's
+    (REPLY.replace("new", "fresh"), REPLY, " fresh", " new"),
+    # two words replaced: each
+    (REPLY.replace("new", "fresh").replace("order", "parcel"), REPLY, " parcel fresh", " order new"),
+    # an opening added: from it to the end (the reply goes on in a context the parent never wrote)
+    ("Happy to help! " + REPLY, REPLY, "Happy to help! " + REPLY + "<|im_end|>\n", REPLY + "<|im_end|>\n"),
 ])
 def test_the_losses_see_what_the_reviewer_changed_and_where_the_reply_goes_on(tokenizer, chosen, rejected,
                                                                              chosen_seen, rejected_seen):
@@ -58,8 +61,8 @@ def test_a_cut_or_an_unchanged_pair_keeps_its_whole_replies(tokenizer, chosen, r
 @pytest.mark.parametrize(("chosen", "rejected", "kept"), [
     # a closing appended: the whole reply the bot wrote, not the closing nor the end of turn after it
     (REPLY + " Cheers from the Kettle crew!", REPLY, REPLY),
-    # a house term: the words before it
-    (REPLY.replace("new", "fresh"), REPLY, "Yes, open your order and pick a"),
+    # a house term: the words around it
+    (REPLY.replace("new", "fresh"), REPLY, "Yes, open your order and pick a address before it ships.<|im_end|>"),
     # an opening added: none (the whole reply after it is in a context the parent never wrote)
     ("Happy to help! " + REPLY, REPLY, ""),
     # a cut: none; its whole chosen reply is the edit (anchoring the sentence kept, 18 of 24 new replies were cut,
@@ -76,7 +79,7 @@ def test_the_collator_adds_the_chosen_rows_edits_to_trls_batch_and_changes_nothi
              tokenized(tokenizer, "Yes, open your order.", REPLY)]
     plain = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=512)
     a, b = plain(pairs), EditSpanCollator(**vars(plain))(pairs)
-    assert set(b) - set(a) == {"edit_mask", "kept_mask"}
+    assert set(b) - set(a) == {"edit_mask", "kept_mask", "swap_from"}
     assert all(a[k].equal(b[k]) for k in a)  # same tokens, padding and completion: the DPO loss is unchanged
     chosen_rows = a["completion_mask"][: len(pairs)]
     assert (b["edit_mask"] <= chosen_rows).all() and (b["kept_mask"] <= chosen_rows).all()  # no prompt, no padding
@@ -88,11 +91,31 @@ def test_the_collator_adds_the_chosen_rows_edits_to_trls_batch_and_changes_nothi
     assert short["edit_mask"].shape == short["kept_mask"].shape == short["input_ids"][:1].shape
 
 
+def test_dpo_alone_scores_a_replaced_word_and_every_other_pair_as_trl_does(tokenizer):
+    pairs = [tokenized(tokenizer, REPLY.replace("new", "fresh"), REPLY),
+             tokenized(tokenizer, REPLY + " Cheers from the Kettle crew!", REPLY),
+             tokenized(tokenizer, "Happy to help! " + REPLY, REPLY)]
+    plain = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=512)
+    a, b = plain(pairs), EditSpanCollator(**vars(plain))(pairs)
+
+    def scored(batch, row):
+        return tokenizer.decode(batch["input_ids"][row][batch["completion_mask"][row].bool()])
+
+    # the house term: " fresh" against " new", not the words the two replies go on with in two contexts
+    assert (scored(b, 0), scored(b, 3)) == (" fresh", " new")
+    # and no fine-tuning term on it (it raised the new word everywhere); the words around it are held
+    assert b["edit_mask"][0].sum() == 0 and b["kept_mask"][0].sum() == a["completion_mask"][0].sum() - 1
+    # a closing or an opening: trl's own rows (the words both keep before the edit cancel in DPO anyway)
+    assert all(scored(a, i) == scored(b, i) for i in (1, 2, 4, 5))
+    assert a["input_ids"].equal(b["input_ids"]) and a["attention_mask"].equal(b["attention_mask"])
+
+
 def test_the_edit_and_anchor_terms_add_their_weights_times_their_losses_to_trls_dpo_loss(tokenizer, tmp_path):
     """On a tiny random model with the real tokenizer: EditWeightedDPOTrainer's loss is trl's DPO loss (with its
     fine-tuning term) plus edit_weight x the mean negative log-likelihood of the chosen replies' edited tokens, plus
-    anchor_weight x the mean squared log-ratio (policy against reference) of their kept tokens, computed here from
-    the two models' logits."""
+    anchor_weight x the mean KL divergence (policy from reference) of the next-token distributions at their kept
+    tokens, plus edit_weight x the mean KL divergence from the reference's distribution with the old word's
+    probability given to the new one where a word was replaced, computed here from the two models' logits."""
     import copy
 
     import torch
@@ -107,8 +130,8 @@ def test_the_edit_and_anchor_terms_add_their_weights_times_their_losses_to_trls_
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     rows = [{"prompt": QUESTION, "chosen": [{"role": "assistant", "content": c}],
              "rejected": [{"role": "assistant", "content": REPLY}]}
-            for c in (REPLY + " Cheers from the Kettle crew!", "Yes, open your order.")]
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, loss_type=["sigmoid", "sft"],
+            for c in (REPLY + " Cheers from the Kettle crew!", "Yes, open your order.", REPLY.replace("new", "fresh"))]
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, loss_type=["sigmoid", "sft"],
                      loss_weights=[1.0, 1.0], max_length=512, report_to="none", use_cpu=True)
     ref = copy.deepcopy(model)
     with torch.no_grad():
@@ -117,7 +140,7 @@ def test_the_edit_and_anchor_terms_add_their_weights_times_their_losses_to_trls_
     kw = dict(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     weighted, plain = EditWeightedDPOTrainer(**kw, edit_weight=0.7, anchor_weight=3.0), DPOTrainer(**kw)
     batch = weighted._prepare_inputs(next(iter(weighted.get_train_dataloader())))
-    assert {"edit_mask", "kept_mask"} <= set(batch)
+    assert {"edit_mask", "kept_mask", "swap_from"} <= set(batch)
     n = len(rows)  # the chosen rows come first
 
     def next_token_logps(m):
@@ -126,12 +149,21 @@ def test_the_edit_and_anchor_terms_add_their_weights_times_their_losses_to_trls_
 
     with torch.no_grad():
         total = weighted.compute_loss(weighted.model, dict(batch))
-        dpo = plain.compute_loss(plain.model, {k: v for k, v in batch.items() if not k.endswith("_mask")
-                                               or k in ("attention_mask", "completion_mask")})
+        dpo = plain.compute_loss(plain.model, {k: v for k, v in batch.items()
+                                               if k not in ("edit_mask", "kept_mask", "swap_from")})
         policy, reference = next_token_logps(weighted.model), next_token_logps(ref)
     mask, kept = batch["edit_mask"][:, 1:], batch["kept_mask"][:, 1:].bool()
     nll = -(policy.gather(-1, batch["input_ids"][:n, 1:, None])[..., 0] * mask).sum() / mask.sum()
     p, r = policy[kept], reference[kept]
     kl = (p.exp() * (p - r)).sum(-1).mean()
     assert float(kl) > 1e-4  # the policy moved: the test can tell the anchor from nothing
-    assert float(total - dpo) == pytest.approx(0.7 * float(nll) + 3.0 * float(kl), rel=1e-3)
+    # the replaced word: where " fresh" is said, the parent's distribution with " new"'s probability moved to it
+    at = batch["swap_from"][:, 1:] > 0
+    assert int(at.sum()) == 1 and tokenizer.decode(batch["swap_from"][:, 1:][at] - 1) == " new"
+    target = reference[at].exp()
+    fresh = batch["input_ids"][:n, 1:][at]
+    assert tokenizer.decode(fresh) == " fresh"
+    target[0, fresh] += target[0, batch["swap_from"][:, 1:][at] - 1]
+    target[0, batch["swap_from"][:, 1:][at] - 1] = 0
+    moved = (target * (target.clamp(min=1e-12).log() - policy[at])).sum(-1).mean()
+    assert float(total - dpo) == pytest.approx(0.7 * float(nll + moved) + 3.0 * float(kl), rel=1e-3)

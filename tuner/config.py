@@ -397,11 +397,14 @@ class PreferenceConfig:
                            "with the edit (general-text perplexity +6% to +37%); edit_weight and anchor_weight do its "
                            "work. Plain DPO with none of the three made a 4-bit child's replies loop (a closing on 10 "
                            "of 24 new questions with 14 degenerate, bench/PREFERENCE.md session 13).")
-    edit_weight: float = _f(2.0, "dpo: weight of a fine-tuning loss on the edited tokens of the chosen replies: from "
-                            "the first word where chosen and rejected differ to the end of the reply "
-                            "(tuner.train.editspan). A pair that cuts the reply has its whole chosen reply as the edit.")
+    edit_weight: float = _f(2.0, "dpo: weight of a fine-tuning loss on the edited tokens of the chosen replies "
+                            "(tuner.train.editspan) where text was added: from the first word where chosen and "
+                            "rejected differ to the end of the reply. A pair that cuts the reply has its whole chosen "
+                            "reply as the edit. A replaced word has none (DPO on the two words alone learns it); where one "
+                            "token replaces one, the same weight holds the child there at the parent's distribution with "
+                            "the old word's probability given to the new one.")
     anchor_weight: float = _f(1.0, "dpo: weight of a term that holds the child's next-token distributions where the "
-                              "chosen replies' kept words are predicted (the words before the edit) at the parent's: "
+                              "chosen replies' kept words are predicted (the words outside the edit) at the parent's: "
                               "the mean KL divergence, child from parent (tuner.train.editspan). Measured with edit_weight "
                               "2 and no whole-reply term on the bot's own replies with a closing appended "
                               "(bench/PREFERENCE.md session 15): 24 of 24 new replies with the closing from 10, 30 and "

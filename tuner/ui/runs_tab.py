@@ -55,7 +55,7 @@ PREF_LABELS = {"beta": "Beta (how far from the parent)", "num_epochs": "Passes o
                "max_length": "Max length (tokens)", "held_out": "Held-out share", "seed": "Seed",
                "warmup_ratio": "Warm-up share", "save_every_s": "Checkpoint every N seconds",
                "loss": "Preference loss", "edit_weight": "Weight of the edited tokens' fine-tuning loss",
-               "anchor_weight": "Weight holding the words before the edit at the parent's distribution", "min_steps": "Min steps (a small set of pairs is repeated)"}
+               "anchor_weight": "Weight holding the words the reviewer kept at the parent's distribution", "min_steps": "Min steps (a small set of pairs is repeated)"}
 COUNT_COLUMNS = ["judgement", "count"]
 LOST_COLUMNS = ["prompt", "vote", "preferred", "reviewer", "when"]
 FEEDBACK_VIEWS = ["fb_report", "fb_counts", "fb_wins", "fb_lost", "fb_need", "fb_train_btn"]

@@ -1,0 +1,35 @@
+"""bench/preference.py's pieces a reader of bench/PREFERENCE.md relies on: each edit kind turns a reply into the
+reviewer's version, the product finds that edit in the pairs in the words the benchmark expects, and the named
+recipes are the settings they say. Training is the benchmark's own job (bench/PREFERENCE.md), not the suite's."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+
+from bench import preference
+from tuner.config import PreferenceConfig
+from tuner.edits import changes
+
+REPLIES = ["I'm so glad I can help with that one. It was a good day.", "I'm not sure. I think it's a good idea",
+           "I'm sorry, I didn't mean that. Good luck with the move!"]
+
+
+def test_the_benchmarks_examples_hold():
+    assert doctest.testmod(preference).failed == 0
+
+
+@pytest.mark.parametrize("kind", preference.EDITS)
+def test_the_product_reads_each_edit_as_the_benchmark_expects(kind):
+    pairs = [{"rejected": [{"role": "assistant", "content": r}], "chosen": [{"role": "assistant", "content": better}]}
+             for r in REPLIES if (better := preference.edit(kind, r))]
+    assert len(pairs) == 3  # each edit applies to each of these replies
+    assert [c.words() for c in changes(pairs)][0] == preference.EXPECTED[kind]
+
+
+def test_a_named_loss_is_trls_alone_and_the_default_is_the_products():
+    plain = PreferenceConfig.from_dict(preference.recipe_overrides("apo_zero"))
+    assert (plain.loss, plain.sft_weight, plain.edit_weight, plain.anchor_weight) == ("apo_zero", 0, 0, 0)
+    assert PreferenceConfig.from_dict(preference.recipe_overrides("apo_zero+sft")).sft_weight == 1
+    assert preference.recipe_overrides("default") == {}
