@@ -363,16 +363,23 @@ def row(kind: str, n: int, recipe: str, overrides: dict[str, Any], status: dict[
            "stop_after_sentence": [(parent_stopping or {}).get("stop_after_sentence"),
                                    (status.get("stopping") or {}).get("stop_after_sentence")],
            "voice_kept": voice_kept(kind, status.get("replies") or []),
-           # a house term where the parent's reply had no word to replace: the term overused
-           # (the product's own count where the record has it: it counts "grandma" as "grand", as a reader would)
-           "unasked": lead["unasked"] if lead.get("unasked") is not None else sum(bool(re.search(NEW[kind], r["child"], re.I))
-                          and not (WORD[kind].search(r["parent"]) or re.search(NEW[kind], r["parent"], re.I))
-                          for r in status.get("replies") or []) if kind in WORD else None,
-           "without_either": lead["without_either"] if lead.get("without_either") is not None else sum(not (WORD[kind].search(r["parent"]) or re.search(NEW[kind], r["parent"], re.I))
-                                 for r in status.get("replies") or []) if kind in WORD else None,
+           **overuse(kind, lead, status.get("replies") or []),
            "steps": status.get("step"), "command_s": status.get("command_s")}
     out["missed"] = missed(out)
     return out
+
+
+def overuse(kind: str, lead: dict[str, Any], replies: list[dict[str, str]]) -> dict[str, int | None]:
+    """For a replaced word: `unasked`, the child's replies with the new word where the parent's reply said neither
+    word (the term overused), of `without_either` such replies. The product's own counts where the record has them
+    (it counts "grandma" as "grand", as a reader would); records from before it counted are counted here."""
+    if kind not in WORD:
+        return {"unasked": None, "without_either": None}
+    if lead.get("unasked") is not None:
+        return {"unasked": lead["unasked"], "without_either": lead["without_either"]}
+    neither = [not (WORD[kind].search(r["parent"]) or re.search(NEW[kind], r["parent"], re.I)) for r in replies]
+    return {"unasked": sum(n and bool(re.search(NEW[kind], r["child"], re.I)) for n, r in zip(neither, replies, strict=True)),
+            "without_either": sum(neither)}
 
 
 def missed(r: dict[str, Any]) -> list[str]:
@@ -419,7 +426,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['edit']} | {r['pairs']}{' (bot)' if r.get('pairs_from') == 'parent' else ''} | {r['recipe']} "
             f"| {_settings(r)} "
             f"| {r['shown']}/{r['needed']} ({r['parent_shown']}/{r['parent_needed']}){unasked} | {r['degenerate']} "
-            f"| {'—' if ppl is None else f'{ppl:+.1%}'} | {_pct(r.get('content_ppl_change'))} | {_stop(r)} "
+            f"| {_pct(ppl)} | {_pct(r.get('content_ppl_change'))} | {_stop(r)} "
             f"| {r['voice_kept']} "
             f"| {acc[0]} -> {acc[1]} on {r['held_out_pairs']} | {r['steps']} | {r['command_s']} | {verdict} |")
     return "\n".join(lines) + "\n"

@@ -33,3 +33,18 @@ def test_a_named_loss_is_trls_alone_and_the_default_is_the_products():
     assert (plain.loss, plain.sft_weight, plain.edit_weight, plain.anchor_weight) == ("apo_zero", 0, 0, 0)
     assert PreferenceConfig.from_dict(preference.recipe_overrides("apo_zero+sft")).sft_weight == 1
     assert preference.recipe_overrides("default") == {}
+
+
+def test_overuse_counts_the_new_word_where_the_parent_had_neither_and_prefers_the_products_count():
+    replies = [{"parent": "I don't know.", "child": "I am glad you asked."},  # overused
+               {"parent": "Sure thing.", "child": "Sure thing."},  # neither, and not overused
+               {"parent": "I'm fine.", "child": "I am fine."}]  # the edit where it belongs
+    assert preference.overuse("spelled", {}, replies) == {"unasked": 1, "without_either": 2}
+    # a record the product counted: its numbers (it counts "grandma" as "grand")
+    assert preference.overuse("term", {"unasked": 4, "without_either": 24}, replies) == {"unasked": 4,
+                                                                                           "without_either": 24}
+    assert preference.overuse("closing", {}, replies) == {"unasked": None, "without_either": None}
+    row = {"edit": "spelled", "status": "completed", "change_found": preference.EXPECTED["spelled"], "needed": 20,
+           "shown": 20, "degenerate": 0, "prompts": 24, "ppl_change_vs_parent": 0.01, "voice_kept": 0.8}
+    assert preference.missed({**row, "unasked": 1, "without_either": 6}) == ["overuse"]  # 1 of 6 is over 10%
+    assert preference.missed({**row, "unasked": 1, "without_either": 20}) == []  # PASS
