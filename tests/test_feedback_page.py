@@ -324,3 +324,21 @@ def test_thumbs_only_train_a_kto_child_from_the_page(server, home, signoff_run):
     assert status["method"] == "kto" and status["step"] == 2 and status["train_rows"] == 12
     assert "| kind | KTO run |" in client.predict(child, api_name="/run_details")
     assert {r["run"]: r for r in _table(client)}[child]["came from"] == "signoff-run-data → fb-thumbs (SFT) → KTO"
+
+
+def test_the_voice_line_of_a_preference_result_reads_as_one_sentence():
+    """Session 16's screenshot: with no habit to check, the page said "the parent No phrase recurs ... playground.;
+    this run No phrase recurs ... playground.." The voice check's own sentences, as the page puts them together."""
+    from tuner.train.voicecheck import _no_verdict
+    from tuner.ui.runs_tab import preference_sentences
+
+    base = {"preference": {"beta": 0.1}, "preference_metrics": {"held_out_pairs": 0}, "method": "kto"}
+    none = _no_verdict(None, [])["sentence"]
+    line = preference_sentences({**base, "voice": {"sentence": none}, "voice_parent": {"sentence": none}})[-1]
+    assert line == f"Voice check on new questions: {none}" and ".." not in line
+    verdict = "ends like your agents on 8 of 8 new questions (base: 0); general text perplexity +11%."
+    line = preference_sentences({**base, "voice": {"sentence": verdict},
+                                 "voice_parent": {"sentence": verdict.replace("8 of 8", "7 of 8")}})[-1]
+    assert line == ("Voice check on new questions: the parent ends like your agents on 7 of 8 new questions (base: "
+                    "0); general text perplexity +11%; this run ends like your agents on 8 of 8 new questions "
+                    "(base: 0); general text perplexity +11%.")

@@ -141,9 +141,11 @@ def preference_sentences(status: dict[str, Any]) -> list[str]:
         out.append(f"Trained on {status['train_rows']} {kind} of {status.get('preference_rows', '?')} "
                    f"(beta {(status.get('preference') or {}).get('beta')}), {status.get('step')} steps.")
     child, parent = (status.get("voice") or {}).get("sentence"), (status.get("voice_parent") or {}).get("sentence")
-    if child or parent:
-        out.append(f"Voice check on new questions: the parent {parent or 'was not checked'}; "
-                   f"this run {child or 'was not checked'}.")
+    if child and (child == parent or child[:1].isupper()):  # no habit to check, or no new question: said once
+        out.append(f"Voice check on new questions: {child}")
+    elif child or parent:
+        out.append(f"Voice check on new questions: the parent {(parent or 'was not checked').rstrip('.')}; "
+                   f"this run {(child or 'was not checked').rstrip('.')}.")
     return out
 
 
