@@ -169,7 +169,7 @@ class EditWeightedDPOTrainer(DPOTrainer):
         if edit_mask is None or not (self.edit_weight or self.anchor_weight):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         chosen = edit_mask.shape[0]  # the batch is [chosen, rejected]
-        held = kept[..., 1:].bool() if kept is not None else None
+        held = kept[..., 1:].bool() if kept is not None and self.anchor_weight else None  # only the anchor reads it
         swapped = swap_from[..., 1:] > 0 if swap_from is not None and self.edit_weight else None
         if swapped is not None and not swapped.any():
             swapped = None
