@@ -19,11 +19,16 @@ PreferenceConfig overrides), a child is trained with `python -m tuner train --me
 --prefs FILE --json`, and its result read as the product reports it: what the reviewers changed, shown on how
 many of the new questions (validation prompts outside the pairs and the training data; parent beside child;
 degenerate replies counted), held-out pair accuracy, and the general-text perplexity change against the parent.
-Besides, the parent's voice: how close the child's replies stay to the parent's replies with the edit applied.
+Besides, the parent's voice: the perplexity of the parent's own words on the new questions (its replies with the
+edit applied, teacher-forced) under the child against under the parent (parent_words), and, shown but no target,
+how close the child's greedy replies stay to the parent's with the edit (word similarity): greedy text changes with
+any arithmetic, and the same parent decoded in fp32 instead of bf16 is ~0.6 similar to itself (greedy_floor, in
+the table's heading).
 
-Targets (a row says PASS only when it meets all four, MISS with what it missed otherwise): the edit on >= 90% of
-the new replies it applies to, <= 2% degenerate, general-text perplexity <= +10% against the parent, and the
-parent's voice kept (the child's replies, median, at least VOICE_KEPT similar to the parent's with the edit).
+Targets (a row says PASS only when it meets all five, MISS with what it missed otherwise): the edit on >= 90% of
+the new replies it applies to, <= 2% degenerate, fewer than half the new replies the same as another question's
+where the parent's were not (stock replies, as the product says), general-text perplexity <= +10% against the
+parent, and the parent's voice kept (its own words at most +10% perplexity under the child).
 
 The parent and every finished child are cached in --out (default /tmp/prefbench): a second command with a
 bigger grid trains only what is missing, and `--report` prints the table of everything cached so far.
@@ -54,7 +59,8 @@ CLOSING = "Cheers from the Juniper crew!"
 EDITS = ("closing", "term", "spelled", "shorter")
 SIZES = (10, 30, 120)
 DEFAULT_RECIPES = ("default", "ipo+sft", "apo_zero+sft", "sigmoid", "kto")
-LEARNED, DEGENERATE, PPL_MAX, VOICE_KEPT = 0.9, 0.02, 0.10, 0.7  # the targets (issue 24)
+LEARNED, DEGENERATE, PPL_MAX, VOICE_PPL_MAX = 0.9, 0.02, 0.10, 0.10  # the targets (issue 24)
+STOCK_SHARE = 0.5  # tuner.edits: half the new replies or more the same as another question's is a miss
 _GOOD = re.compile(r"\bgood\b", re.IGNORECASE)
 _IM = re.compile(r"\bI'm\b")
 WORD = {"term": _GOOD, "spelled": _IM}  # the word each replacement edit replaces, and the words it says instead
@@ -196,6 +202,104 @@ def stopping(pg, run_dir: Path) -> dict[str, float]:
             after_eos += float(p_eos[at_end].sum())
             n_after += int(at_end.sum())
     return {"content_ppl": round(math.exp(nll / n), 3), "stop_after_sentence": round(after_eos / max(n_after, 1), 3)}
+
+
+def _reply_prompts(run_dir: Path) -> list[list[dict[str, str]]]:
+    """The new questions the product asked parent and child of this run, whole conversations as it asked them (its
+    record keeps each one's last message)."""
+    from tuner.messages import read_examples, read_jsonl
+    from tuner.runs import Run
+    from tuner.train.preference import BEHAVIOUR_PROMPTS, behaviour_prompts, is_paired
+
+    run = Run(run_dir)
+    rows = read_jsonl(run.preferences_file)
+    val = run.data_file("validation.jsonl")
+    return behaviour_prompts(read_examples(run.data_file("train.jsonl")), read_examples(val) if val.is_file() else [],
+                             rows if is_paired(rows) else [], BEHAVIOUR_PROMPTS, run.config().seed)
+
+
+def parent_words(pg, run_dir: Path, parent_dir: Path, kind: str, status: dict[str, Any]) -> dict[str, float] | None:
+    """The parent's voice, by teacher forcing: each of the parent's replies to the new questions with the reviewers'
+    edit applied, and the tokens of it that are the parent's own words (before the edit; around a replaced word,
+    all but the word: tuner.train.editspan.read_edit), scored under the child and under the parent. The perplexity
+    of those words: what the parent would say there is still what the child would say. Greedy replies cannot
+    tell this: the same parent, decoded in fp32 instead of bf16, is only ~0.6 similar to itself (greedy_floor)."""
+    import math
+
+    import torch
+
+    from tuner.playground import TUNED
+    from tuner.templates import end_of_turn_token
+    from tuner.train.editspan import read_edit
+
+    replies = status.get("replies") or []
+    prompts = _reply_prompts(run_dir)
+    if not replies or [p[-1]["content"] for p in prompts[:len(replies)]] != [r["prompt"] for r in replies]:
+        return None  # the questions cannot be rebuilt as the product asked them
+
+    def ids(messages: list[dict[str, str]], **kw: Any) -> list[int]:
+        out = pg.tokenizer.apply_chat_template(messages, **kw)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    pg.load_run(parent_dir)
+    end = pg.tokenizer.convert_tokens_to_ids(end_of_turn_token(pg.tokenizer) or pg.tokenizer.eos_token)
+    rows = []  # (the whole sequence, the positions of the parent's own words in it)
+    for prompt, r in zip(prompts, replies, strict=False):
+        expected = edit(kind, r["parent"]) or r["parent"].strip()
+        head = ids(prompt, add_generation_prompt=True)
+        said = ids(prompt + [{"role": "assistant", "content": r["parent"].strip()}])[len(head):]
+        wanted = ids(prompt + [{"role": "assistant", "content": expected}])[len(head):]
+        e = read_edit(wanted, said)
+        first = next((i for i, (a, b) in enumerate(zip(wanted, said, strict=False)) if a != b), min(len(wanted), len(said)))
+        kept = e.kept if e.replaced else [1] * first + [0] * (len(wanted) - first)
+        words = wanted.index(end) if end in wanted else len(wanted)  # the reply's words, not where it ends its turn
+        rows.append((head + wanted, [len(head) + i for i, k in enumerate(kept[:words]) if k]))
+    out = {}
+    for name, where in (("child", run_dir), ("parent", parent_dir)):
+        pg.load_run(where)
+        nll, n = 0.0, 0
+        with pg.column_model(TUNED, where) as model, torch.inference_mode():
+            for seq, at in rows:
+                if not at:
+                    continue
+                logits = model(input_ids=torch.tensor([seq], device=model.device)).logits[0].float()
+                logps = torch.log_softmax(logits[[i - 1 for i in at]], -1)
+                nll -= float(logps.gather(1, torch.tensor([seq[i] for i in at], device=logps.device)[:, None]).sum())
+                n += len(at)
+        out[f"{name}_ppl"] = round(math.exp(nll / max(n, 1)), 4)
+    out["tokens"] = n
+    return out
+
+
+def greedy_floor(run_dir: Path, parent_dir: Path) -> dict[str, Any]:
+    """The floor under the word-similarity voice measure: the parent's greedy replies to a run's new questions as the
+    product makes them (its 4-bit base in the run's training precision, batches of 8), against the same parent's in
+    the other precision (fp32 for bf16), median word similarity. Nothing about the parent changes but rounding."""
+    import torch
+    from peft import PeftModel
+
+    from tuner.models import load_model, load_tokenizer
+    from tuner.runs import Run
+    from tuner.train.recipe import precision
+    from tuner.train.voicecheck import generate, reply_budget
+
+    cfg = Run(run_dir).config()
+    tok = load_tokenizer(cfg.base_model)
+    prompts = _reply_prompts(run_dir)
+    from tuner.messages import read_examples
+
+    budget = reply_budget(tok, [m["content"] for r in read_examples(Run(run_dir).data_file("train.jsonl"))
+                                for m in r["messages"] if m["role"] == "assistant"])
+    used = precision(cfg, "cpu")["weights"]
+    other = torch.float32 if used != torch.float32 else torch.bfloat16
+    got = []
+    for dtype in (used, other):
+        base = load_model(cfg.base_model, quantization="nf4", dtype=dtype, dev="cpu")
+        got.append(generate(PeftModel.from_pretrained(base, str(parent_dir / "adapter")), tok, tok.chat_template,
+                            prompts, budget)[0])
+    scores = [SequenceMatcher(None, _words(a), _words(b), autojunk=False).ratio() for a, b in zip(*got, strict=True)]
+    return {"similarity": round(statistics.median(scores), 3), "identical": sum(a == b for a, b in zip(*got, strict=True)),
+            "replies": len(scores), "precisions": [str(used).removeprefix("torch."), str(other).removeprefix("torch.")]}
 
 
 def run_cli(args: list[str], what: str) -> dict[str, Any]:
@@ -363,10 +467,27 @@ def row(kind: str, n: int, recipe: str, overrides: dict[str, Any], status: dict[
            "stop_after_sentence": [(parent_stopping or {}).get("stop_after_sentence"),
                                    (status.get("stopping") or {}).get("stop_after_sentence")],
            "voice_kept": voice_kept(kind, status.get("replies") or []),
+           # the parent's own words on the new questions, teacher-forced: perplexity under the child vs the parent
+           "parent_words_change": (status["parent_words"]["child_ppl"] / status["parent_words"]["parent_ppl"] - 1)
+           if status.get("parent_words") else None,
            **overuse(kind, lead, status.get("replies") or []),
+           "repeated": [repeated(lead, "parent", status), repeated(lead, "child", status)],
            "steps": status.get("step"), "command_s": status.get("command_s")}
     out["missed"] = missed(out)
     return out
+
+
+def repeated(lead: dict[str, Any], who: str, status: dict[str, Any]) -> int | None:
+    """The replies that say word for word what another new question got (tuner.edits.behaviour's count; counted
+    here for records from before it counted)."""
+    from collections import Counter
+
+    from tuner.edits import _fold
+
+    if (lead.get(who) or {}).get("repeated") is not None:
+        return lead[who]["repeated"]
+    said = Counter(_fold(r[who]) for r in status.get("replies") or [] if r[who].strip())
+    return sum(n for n in said.values() if n > 1) if said else None
 
 
 def overuse(kind: str, lead: dict[str, Any], replies: list[dict[str, str]]) -> dict[str, int | None]:
@@ -395,9 +516,12 @@ def missed(r: dict[str, Any]) -> list[str]:
         out.append("degenerate")
     if r.get("unasked") and r["unasked"] > (1 - LEARNED) * (r.get("without_either") or 0):
         out.append("overuse")  # the product's verdict too: the word where the parent's reply had none to replace
+    parent_same, child_same = r.get("repeated") or [None, None]
+    if child_same is not None and child_same >= STOCK_SHARE * (r["prompts"] or 0) > (parent_same or 0):
+        out.append("stock replies")  # the product's verdict too
     if r["ppl_change_vs_parent"] is None or r["ppl_change_vs_parent"] > PPL_MAX:
         out.append("ppl")
-    if r["voice_kept"] is None or r["voice_kept"] < VOICE_KEPT:
+    if r.get("parent_words_change") is None or r["parent_words_change"] > VOICE_PPL_MAX:
         out.append("voice")
     return out
 
@@ -413,8 +537,10 @@ def _settings(r: dict[str, Any]) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| edit | pairs | recipe | beta, lr | edit shown: child (parent) | degenerate | ppl vs parent "
-            "| without the end of turn | end of turn after a sentence | voice kept | held-out pair acc. | steps "
+    head = ("| edit | pairs | recipe | beta, lr | edit shown: child (parent) | degenerate | same reply: child (parent) "
+            "| ppl vs parent "
+            "| without the end of turn | end of turn after a sentence | parent's words: ppl | voice kept: words "
+            "| held-out pair acc. | steps "
             "| command s | targets |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -426,10 +552,25 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['edit']} | {r['pairs']}{' (bot)' if r.get('pairs_from') == 'parent' else ''} | {r['recipe']} "
             f"| {_settings(r)} "
             f"| {r['shown']}/{r['needed']} ({r['parent_shown']}/{r['parent_needed']}){unasked} | {r['degenerate']} "
+            f"| {_same(r)} "
             f"| {_pct(ppl)} | {_pct(r.get('content_ppl_change'))} | {_stop(r)} "
-            f"| {r['voice_kept']} "
+            f"| {_pct(r.get('parent_words_change'))} | {r['voice_kept']} "
             f"| {acc[0]} -> {acc[1]} on {r['held_out_pairs']} | {r['steps']} | {r['command_s']} | {verdict} |")
     return "\n".join(lines) + "\n"
+
+
+def _same(r: dict[str, Any]) -> str:
+    parent, child = r.get("repeated") or [None, None]
+    return "—" if child is None else f"{child} ({parent})"
+
+
+def floor_line(parent: dict[str, Any]) -> str:
+    """The word-similarity voice's floor, in a sentence (empty before it is measured)."""
+    f = parent.get("greedy_floor")
+    if not f:
+        return ""
+    return (f" The same parent's greedy replies in {f['precisions'][1]} against {f['precisions'][0]} (nothing changed"
+            f" but rounding): {f['similarity']} word similarity, median, {f['identical']} of {f['replies']} identical.")
 
 
 def _pct(x: float | None) -> str:
@@ -519,10 +660,15 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 status = child_run(parent_dir, pairs[kind][n], overrides, child_dir)
                 if status.get("status") == "completed" and (status.get("general_ppl") is None
-                                                            or status.get("stopping") is None):
+                                                            or status.get("stopping") is None
+                                                            or "parent_words" not in status):
                     status["general_ppl"] = status.get("general_ppl") or general_perplexity(pg, child_dir).get("tuned")
-                    status["stopping"] = stopping(pg, child_dir)
+                    status["stopping"] = status.get("stopping") or stopping(pg, child_dir)
+                    status["parent_words"] = parent_words(pg, child_dir, parent_dir, kind, status)
                     record.write_text(json.dumps(status))
+                if status.get("status") == "completed" and parent.get("greedy_floor") is None:
+                    parent["greedy_floor"] = greedy_floor(child_dir, parent_dir)
+                    (parent_dir.parent / f"{parent_dir.name}.json").write_text(json.dumps(parent))
                 r = {**row(kind, n, label, overrides, status, parent["general_ppl"], parent.get("stopping")),
                      "pairs_from": args.pairs_from}
                 rows.append(r)
@@ -530,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
                 results_file.write_text(json.dumps(results, indent=1))
                 print(table([r]).splitlines()[-1], flush=True)
     text = (f"Machine: {machine()}. Parent: quick preset on {args.parent_size} chitchat-dataset conversations "
-            f"(plain replies); new questions: its validation prompts outside the pairs.\n\n" + table(rows))
+            f"(plain replies); new questions: its validation prompts outside the pairs.{floor_line(parent)}\n\n"
+            + table(rows))
     (out / "results.md").write_text(text)
     print(text)
     return 0

@@ -53,13 +53,15 @@ def test_replies_are_graded_for_the_change_with_degenerate_replies_counted_not_c
              "Cheers from the Kettle crew! Open Settings.",  # said, but not where the reviewers put it
              "lumens lumens lumens lumens lumens lumens Cheers from the Kettle crew!"]  # a loop that ends well
     result = behaviour(change, parent, child)
-    assert result["child"] == {"prompts": 3, "needed": 3, "shown": 1, "looped": 1, "unended": 0, "empty": 0}
+    assert result["child"] == {"prompts": 3, "needed": 3, "shown": 1, "looped": 1, "unended": 0, "empty": 0,
+                               "repeated": 0}
     assert result["parent"]["shown"] == 0
     assert result["sentence"] == ("adds 'Cheers from the Kettle crew!' at the end on 1 of 3 new questions "
                                   "(parent: 0); 1 reply looped or never ended")
     # a reply cut off at the token limit is degenerate too
     cut = behaviour(change, parent[:2], [child[0], child[0]], child_ended=[True, False])
-    assert cut["child"] == {"prompts": 2, "needed": 2, "shown": 1, "looped": 0, "unended": 1, "empty": 0}
+    assert cut["child"] == {"prompts": 2, "needed": 2, "shown": 1, "looped": 0, "unended": 1, "empty": 0,
+                            "repeated": 0}  # the reply cut off is not counted twice
 
 
 def test_a_child_that_says_nothing_has_not_learned_to_shorten_its_replies():
@@ -68,7 +70,8 @@ def test_a_child_that_says_nothing_has_not_learned_to_shorten_its_replies():
     change = Change("shortened", "", pairs=10, total=10)
     parent = ["I'm not sure. I think it's just for fun.", "I don't know what you're talking about.", "Sure thing."]
     result = behaviour(change, parent, ["", " ", "Sure."])
-    assert result["child"] == {"prompts": 3, "needed": 3, "shown": 1, "looped": 0, "unended": 0, "empty": 2}
+    assert result["child"] == {"prompts": 3, "needed": 3, "shown": 1, "looped": 0, "unended": 0, "empty": 2,
+                               "repeated": 0}
     assert result["sentence"].endswith("; 2 replies looped, never ended or said nothing (2 said nothing)")
 
 
@@ -79,9 +82,35 @@ def test_a_reply_of_the_added_closing_alone_is_not_the_edit():
     parent = ["I'm so glad I can help with that one.", "I don't know what you're talking about.", "Sure thing."]
     child = ["Cheers from the Juniper crew!", " cheers from the juniper crew ", "Sure thing. Cheers from the Juniper crew!"]
     result = behaviour(change, parent, child)
-    assert result["child"] == {"prompts": 3, "needed": 3, "shown": 1, "looped": 0, "unended": 0, "empty": 2}
+    assert result["child"] == {"prompts": 3, "needed": 3, "shown": 1, "looped": 0, "unended": 0, "empty": 2,
+                               "repeated": 0}
     assert result["sentence"] == ("adds 'Cheers from the Juniper crew!' at the end on 1 of 3 new questions (parent: 0); "
                                   "2 replies looped, never ended or said nothing (2 said nothing besides the added text)")
+
+
+def test_stock_replies_are_counted_and_a_child_that_gives_them_has_not_learned_the_edit():
+    # measured (bench/PREFERENCE.md, session 17): trained on its pairs' whole shortened replies, a child answered
+    # 21 of 24 new questions with four of their sentences, and "shortened" 23 of them
+    from tuner.train.preference import behaviour_check
+
+    stock = ["I'm sorry for what you're going through.", "I'm sorry for any misunderstanding.", "That's awesome."]
+    parent = [f"Reply {i} is mine. It goes on a little while, as replies do." for i in range(10)]
+    child = [stock[i % 3] for i in range(9)] + ["I'm not sure."]
+    pairs = [{"prompt": [{"role": "user", "content": f"q{i}"}],
+              "chosen": [{"role": "assistant", "content": "Sure thing."}],
+              "rejected": [{"role": "assistant", "content": f"Sure thing. Then more {i} words follow here."}]}
+             for i in range(10)]
+    checked = behaviour_check(pairs, "dpo", (parent, [True] * 10), (child, [True] * 10))
+    lead = checked["changes"][0]
+    assert lead["change"] == "shortens the reply" and lead["child"]["shown"] == 10
+    assert (lead["child"]["repeated"], lead["parent"]["repeated"]) == (9, 0)
+    assert checked["learned"] is False
+    assert ("did not take: shortens the reply on 10 of 10 new questions (parent: 0); 0 replies looped or never "
+            "ended; 9 of 10 say word for word what it said to another new question (parent: 0)") in checked["sentence"]
+    # a few short replies alike are said, and are not a verdict: "I'm not sure." to three questions
+    varied = ["I'm not sure."] * 3 + [f"Sure, {n} more." for n in range(7)]
+    checked = behaviour_check(pairs, "dpo", (parent, [True] * 10), (varied, [True] * 10))
+    assert checked["learned"] is True and "3 of 10 say word for word" in checked["sentence"]
 
 
 def test_house_term_and_dropped_phrase_are_graded_on_the_reply():

@@ -38,6 +38,9 @@ def seen(tokenizer, ids: list[int], mask: list[int]) -> str:
     (REPLY.replace("new", "fresh").replace("order", "parcel"), REPLY, " parcel fresh", " order new"),
     # an opening added: from it to the end (the reply goes on in a context the parent never wrote)
     ("Happy to help! " + REPLY, REPLY, "Happy to help! " + REPLY + "<|im_end|>\n", REPLY + "<|im_end|>\n"),
+    # a cut: the end of turn where the bot went on, against the words it went on with
+    ("Yes, open your order.", "Yes, open your order. Pick a new address before it ships.", "<|im_end|>\n",
+     " Pick a new address before it ships.<|im_end|>\n"),
 ])
 def test_the_losses_see_what_the_reviewer_changed_and_where_the_reply_goes_on(tokenizer, chosen, rejected,
                                                                              chosen_seen, rejected_seen):
@@ -47,13 +50,8 @@ def test_the_losses_see_what_the_reviewer_changed_and_where_the_reply_goes_on(to
     assert seen(tokenizer, pair["rejected_ids"], r) == rejected_seen
 
 
-@pytest.mark.parametrize(("chosen", "rejected"), [
-    # a cut: the end of turn alone taught a child to say nothing at all; the whole reply says where not to stop
-    ("Yes, open your order.", "Yes, open your order. Pick a new address before it ships."),
-    (REPLY, REPLY),  # nothing changed: nothing to narrow to
-])
-def test_a_cut_or_an_unchanged_pair_keeps_its_whole_replies(tokenizer, chosen, rejected):
-    pair = tokenized(tokenizer, chosen, rejected)
+def test_an_unchanged_pair_keeps_its_whole_replies(tokenizer):
+    pair = tokenized(tokenizer, REPLY, REPLY)  # nothing changed: nothing to narrow to
     c, r = edit_masks(pair["chosen_ids"], pair["rejected_ids"])
     assert all(c) and all(r)
 
@@ -65,9 +63,9 @@ def test_a_cut_or_an_unchanged_pair_keeps_its_whole_replies(tokenizer, chosen, r
     (REPLY.replace("new", "fresh"), REPLY, "Yes, open your order and pick a address before it ships.<|im_end|>"),
     # an opening added: none (the whole reply after it is in a context the parent never wrote)
     ("Happy to help! " + REPLY, REPLY, ""),
-    # a cut: none; its whole chosen reply is the edit (anchoring the sentence kept, 18 of 24 new replies were cut,
-    # against 23 without, bench/PREFERENCE.md session 15)
-    ("Yes, open your order.", "Yes, open your order. Pick a new address before it ships.", ""),
+    # a cut: the sentence kept (trained on instead, a child answered most new questions with one of the pairs'
+    # sentences, bench/PREFERENCE.md session 17)
+    ("Yes, open your order.", "Yes, open your order. Pick a new address before it ships.", "Yes, open your order."),
 ])
 def test_the_anchor_holds_the_words_the_reviewer_kept(tokenizer, chosen, rejected, kept):
     pair = tokenized(tokenizer, chosen, rejected)
@@ -84,8 +82,10 @@ def test_the_collator_adds_the_chosen_rows_edits_to_trls_batch_and_changes_nothi
     chosen_rows = a["completion_mask"][: len(pairs)]
     assert (b["edit_mask"] <= chosen_rows).all() and (b["kept_mask"] <= chosen_rows).all()  # no prompt, no padding
     closing = tokenizer.encode(" Cheers from the Kettle crew!<|im_end|>\n", add_special_tokens=False)
-    # the closing pair: its closing and the end of turn after it; the cut keeps its whole chosen reply
-    assert b["edit_mask"].sum(1).tolist() == [len(closing), len(pairs[1]["chosen_ids"])]
+    # the closing pair: its closing and the end of turn after it; the cut: its full stop and end of turn, where the
+    # bot went on with " and pick a new address ..."
+    cut = tokenizer.encode(".<|im_end|>\n", add_special_tokens=False)
+    assert b["edit_mask"].sum(1).tolist() == [len(closing), len(cut)]
     # truncated like trl's: a pair longer than max_length keeps the mask of the tokens that remain
     short = EditSpanCollator(**{**vars(plain), "max_length": len(pairs[0]["prompt_ids"]) + 3})(pairs[:1])
     assert short["edit_mask"].shape == short["kept_mask"].shape == short["input_ids"][:1].shape

@@ -45,6 +45,13 @@ def test_overuse_counts_the_new_word_where_the_parent_had_neither_and_prefers_th
                                                                                            "without_either": 24}
     assert preference.overuse("closing", {}, replies) == {"unasked": None, "without_either": None}
     row = {"edit": "spelled", "status": "completed", "change_found": preference.EXPECTED["spelled"], "needed": 20,
-           "shown": 20, "degenerate": 0, "prompts": 24, "ppl_change_vs_parent": 0.01, "voice_kept": 0.8}
+           "shown": 20, "degenerate": 0, "prompts": 24, "ppl_change_vs_parent": 0.01, "parent_words_change": 0.02,
+           "voice_kept": 0.4, "repeated": [0, 2]}
     assert preference.missed({**row, "unasked": 1, "without_either": 6}) == ["overuse"]  # 1 of 6 is over 10%
-    assert preference.missed({**row, "unasked": 1, "without_either": 20}) == []  # PASS
+    # PASS: the words' similarity to the parent's greedy reply is no target (the same parent decoded in fp32 is ~0.6)
+    assert preference.missed({**row, "unasked": 1, "without_either": 20}) == []
+    # the parent's own words 15% less likely under the child: its voice was not kept
+    assert preference.missed({**row, "parent_words_change": 0.15}) == ["voice"]
+    # half the new questions answered with what another got, where the parent did not: the product says so too
+    assert preference.missed({**row, "repeated": [0, 12]}) == ["stock replies"]
+    assert preference.missed({**row, "repeated": [12, 12]}) == []

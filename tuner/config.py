@@ -399,8 +399,8 @@ class PreferenceConfig:
                            "of 24 new questions with 14 degenerate, bench/PREFERENCE.md session 13).")
     edit_weight: float = _f(2.0, "dpo: weight of a fine-tuning loss on the edited tokens of the chosen replies "
                             "(tuner.train.editspan) where text was added: from the first word where chosen and "
-                            "rejected differ to the end of the reply. A pair that cuts the reply has its whole chosen "
-                            "reply as the edit. A replaced word has none (DPO on the two words alone learns it); where one "
+                            "rejected differ to the end of the reply (for a cut: the end of turn where the bot went "
+                            "on). A replaced word has none (DPO on the two words alone learns it); where one "
                             "token replaces one, the same weight holds the child there at the parent's distribution with "
                             "the old word's probability given to the new one.")
     anchor_weight: float = _f(1.0, "dpo: weight of a term that holds the child's next-token distributions where the "

@@ -29,6 +29,7 @@ MIN_SHARE = 0.3  # a change at least this share of the pairs make is what the re
 MAX_CHANGES = 3  # the changes named and measured, most frequent first
 LEARNED_SHARE = 0.9  # a run learned the edit when at least this share of new questions show it
 DEGENERATE_SHARE = 0.02  # ... and at most this share of its replies loop or never end
+STOCK_SHARE = 0.5  # ... and fewer than this share of its replies say word for word what it said to another question
 SHORTER = 0.8  # chosen replies at most this share of the rejected ones' length (median): "shortens the reply"
 _WORDS = re.compile(r"\S+")
 _TOKEN = re.compile(r"\w+(?:'\w+)*|[^\w\s]")  # words and single punctuation marks: what an edit changes
@@ -155,7 +156,9 @@ def behaviour(change: Change, parent: Sequence[str], child: Sequence[str], paren
     """How many parent and child replies (to the same prompts, outside the pairs) show `change`, with
     degenerate replies counted, and the sentence that leads the run's result. `needed`: the replies the change
     applies to: all of them, except for a replaced word, where only replies that say it (or the old one) count,
-    as the voice verdict counts a house term."""
+    as the voice verdict counts a house term. `repeated`: the replies that say word for word what another prompt
+    got (a child trained on its pairs' whole replies answered 21 of 24 new questions with four sentences of them,
+    and showed the shortening on 23; bench/PREFERENCE.md, session 17)."""
     words = median_words(parent)
 
     def count(replies: Sequence[str], ended: Sequence[bool] | None) -> dict[str, int]:
@@ -165,9 +168,11 @@ def behaviour(change: Change, parent: Sequence[str], child: Sequence[str], paren
         shown = [b is None and change.shown(r, words) for r, b in zip(replies, bad, strict=True)]
         needed = (sum(s or _fold(change.old) in _fold(r) or _fold(change.text) in _fold(r)
                       for r, s in zip(replies, shown, strict=True)) if change.kind == "replaced" else len(replies))
+        said = Counter(_fold(r) for r, b in zip(replies, bad, strict=True) if b is None)
         return {"prompts": len(replies), "needed": needed, "shown": sum(shown),
                 "looped": sum(bool(b) and b.startswith("loop") for b in bad),
-                "unended": sum(b == "no end of turn" for b in bad), "empty": sum(b == "empty" for b in bad)}
+                "unended": sum(b == "no end of turn" for b in bad), "empty": sum(b == "empty" for b in bad),
+                "repeated": sum(n for n in said.values() if n > 1)}
 
     before, after = count(parent, parent_ended), count(child, child_ended)
     unasked = neither = None
@@ -190,6 +195,9 @@ def behaviour(change: Change, parent: Sequence[str], child: Sequence[str], paren
         how = (f"looped, never ended or said nothing ({after['empty']} said nothing"
                + (" besides the added text)" if change.kind == "added" else ")"))
     sentence += f"; {degenerate_n} {'reply' if degenerate_n == 1 else 'replies'} {how}"
+    if after["repeated"] > before["repeated"]:  # stock replies: the edit said on answers the bot no longer gives
+        sentence += (f"; {after['repeated']} of {after['prompts']} say word for word what it said to another new "
+                     f"question (parent: {before['repeated']})")
     return {"change": change.words(), "kind": change.kind, "pairs_with_change": change.pairs,
             "pairs": change.total, "parent": before, "child": after, "unasked": unasked,
             "without_either": neither, "sentence": sentence}

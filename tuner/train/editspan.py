@@ -10,8 +10,8 @@ sessions 13-14). So the default loss is DPO plus:
 
 - `edit_weight` x the mean negative log-likelihood of the chosen replies' edited tokens (difflib over token ids)
   where text was added: from the first difference to the end of the reply, since after it the reply goes on in a
-  context the parent never wrote (for a closing appended: the closing and the end of turn). A pair whose chosen
-  reply adds no token of its own (a cut, or no change) has its whole chosen reply as the edit. A replaced word (a
+  context the parent never wrote (for a closing appended: the closing and the end of turn; for a cut, the end of
+  turn where the bot went on). A replaced word (a
   house term) has none: DPO on the two words alone learns it (EditSpanCollator), and where one token replaces one,
   `edit_weight` x the KL divergence from the parent's next-token distribution there with the old token's
   probability given to the new one (say the new word where the parent would say the old one, and keep all else
@@ -23,7 +23,11 @@ sessions 13-14). So the default loss is DPO plus:
   context the parent never saw and lost the sign-off the reviewers' replies kept (tests/test_preference.py).
   After a replaced word the reply goes on as the parent wrote it, and is anchored: trained instead from the word
   on, a child answered new questions with the pairs' words ("I am so glad ..."), at +36% general-text perplexity
-  from 10 pairs (bench/PREFERENCE.md, session 16).
+  from 10 pairs (bench/PREFERENCE.md, session 16). Before a cut the words kept are anchored too: trained instead
+  on the whole chosen reply, a child answered 21 of 24 new questions with four of the pairs' sentences ("I'm
+  sorry for what you're going through." to 6), and the parent's own first sentences there were +89% perplexity
+  under it (+9% anchored; bench/PREFERENCE.md, session 17). Anchored, it shows the cut on fewer new replies (19 of
+  24 against 23) and 2 of them loop on a comma: neither meets the targets.
 
 The edited tokens alone are not enough: trained on them only, a child answered every new question with the closing
 alone, or ended its turn before its first word (session 14); something must say where the edit goes. Holding the
@@ -66,10 +70,11 @@ def read_edit(chosen: list[int], rejected: list[int]) -> Edit:
     (An opening is a replacement too when the reply's first word is tokenized anew after it: "Yes" becomes "Happy to
     help! Yes"; longer than what it replaces, it is added text.) Anything else (text added, at the end, the start or
     inside): from the first difference to the end, since after added text the reply goes on in a context the parent
-    never wrote, so what the reviewer shows there is learnt, not held to the parent. All 1 when chosen adds no token
-    of its own (a cut, or the same reply)."""
+    never wrote, so what the reviewer shows there is learnt, not held to the parent. A cut the same: the chosen
+    reply's end of turn where the bot went on, and the rejected's words from there; the words before the cut are
+    the parent's own. All 1 for the same reply."""
     ops = [op for op in SequenceMatcher(None, rejected, chosen, autojunk=False).get_opcodes() if op[0] != "equal"]
-    if not any(j2 > j1 for _tag, _i1, _i2, j1, j2 in ops) or not rejected:
+    if not ops or not rejected:
         return Edit([1] * len(chosen), [1] * len(rejected))
     if all(tag == "replace" and j2 - j1 <= max(3, 2 * (i2 - i1)) for tag, i1, i2, j1, j2 in ops):
         c, r = [0] * len(chosen), [0] * len(rejected)
@@ -89,8 +94,7 @@ def edit_masks(chosen: list[int], rejected: list[int]) -> tuple[list[int], list[
 
 def kept_mask(chosen: list[int], rejected: list[int]) -> list[int]:
     """1 on each token of chosen outside its edit (read_edit): the words the reviewer kept, where the child reads
-    the parent's own reply (around a replaced word too). None for a cut, whose whole chosen reply is the edit, nor
-    for an added opening."""
+    the parent's own reply (around a replaced word too, and before a cut). None for an added opening."""
     return read_edit(chosen, rejected).kept
 
 

@@ -213,14 +213,16 @@ def behaviour_check(rows: list[dict[str, Any]], method: str, parent: tuple[list[
     # a house term said where the parent had nothing to replace is overuse, not the edit: at most the share
     # a reply may miss the edit (10%) of those replies
     overused = bool(lead["unasked"]) and lead["unasked"] > (1 - edits.LEARNED_SHARE) * lead["without_either"]
+    stock = lead["child"].get("repeated", 0) >= edits.STOCK_SHARE * n > lead["parent"].get("repeated", 0)
     learned = (needed > 0 and shown >= edits.LEARNED_SHARE * needed and bad <= edits.DEGENERATE_SHARE * n
-               and not overused)
+               and not overused and not stock)
     if learned:
         sentence = f"The reviewers' edit took: {lead['sentence']}"
     else:
         sentence = (f"The reviewers' edit did not take: {lead['sentence']} (learned means at least "
                     f"{edits.LEARNED_SHARE:.0%} of the new replies it applies to, at most "
-                    f"{edits.DEGENERATE_SHARE:.0%} degenerate"
+                    f"{edits.DEGENERATE_SHARE:.0%} degenerate, fewer than {edits.STOCK_SHARE:.0%} the same reply "
+                    f"as another question's"
                     + (f", and a replaced word used where the parent's reply had nothing to replace in at most "
                        f"{1 - edits.LEARNED_SHARE:.0%} of those replies)" if lead["unasked"] is not None else ")"))
     if n < feedback.FEW_HELD_OUT:
