@@ -66,6 +66,13 @@ def test_the_log_reads_as_sentences_newest_first():
     assert lines[1] == "Step 2: loss on the held-out examples is 2.400, down from 3.100."
     assert lines[-2] == "Step 1 of 2: training loss 3.000, 310 tokens/s."
     assert lines[-1] == "Step 0: loss on the held-out examples is 3.100 (the starting point)."
+    # the voice check's sentence, once and with one full stop (it may bring its own); a preference run's result
+    # lines say it with the parent beside it (tuner.ui.runs_tab.preference_sentences), so its log does not again
+    none = "No phrase recurs in most of your agents' replies, so there is no habit to check automatically."
+    done = {"status": "completed", "max_steps": 2, "voice": {"sentence": none}}
+    assert progress.sentences(done, [])[0] == f"Voice check on new questions: {none}"
+    assert progress.sentences({**done, "preference": {"beta": 0.1}}, []) == [
+        "Finished: the adapter is saved and checked; try it on the Playground tab."]
     failed = progress.sentences({"status": "failed", "error": "Out of memory. Fix: lower batch_size."}, [])
     assert failed == ["Stopped (failed): Out of memory. Fix: lower batch_size."]
 

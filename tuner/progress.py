@@ -180,8 +180,8 @@ def sentences(status: dict[str, Any], metrics: list[dict[str, Any]]) -> list[str
     elif state == "completed":
         out.append("Finished: the adapter is saved and checked; try it on the Playground tab.")
         verdict = (status.get("voice") or {}).get("sentence")
-        if verdict:
-            out.append(f"Voice check on new questions: {verdict}.")
+        if verdict and not isinstance(status.get("preference"), dict):  # a preference run's result says it, parent beside
+            out.append(f"Voice check on new questions: {verdict.rstrip('.')}.")
     elif state in ("failed", "cancelled", "interrupted") and status.get("error"):
         out.append(f"Stopped ({state}): {status['error']}")
     elif state in ("cancelled", "interrupted"):
