@@ -68,11 +68,23 @@ def bot_texts(page, elem_id: str) -> list[str]:
 
 
 def send(page, text: str, replies: int) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     page.locator("#chat-input textarea").fill(text)
     page.locator("#chat-send").click()
-    page.wait_for_function(f"() => document.querySelectorAll('#chat-tuned [data-testid=bot]').length === {replies}",
-                           timeout=CHAT_TIMEOUT_MS)
-    page.locator("#chat-stop").wait_for(state="hidden", timeout=CHAT_TIMEOUT_MS)
+    try:
+        page.wait_for_function(f"() => document.querySelectorAll('#chat-tuned [data-testid=bot]').length === "
+                               f"{replies}", timeout=CHAT_TIMEOUT_MS)
+        page.locator("#chat-stop").wait_for(state="hidden", timeout=CHAT_TIMEOUT_MS)
+    except PlaywrightTimeout:  # what the page showed, to tell a slow machine from a chat that never answered
+        try:
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SHOTS / "fb-chat-timeout.png"), full_page=True)
+        except OSError:
+            pass
+        raise AssertionError(f"no reply {replies} in {CHAT_TIMEOUT_MS / 1000:.0f} s; tuned column: "
+                             f"{bot_texts(page, 'chat-tuned')}, left column: {bot_texts(page, 'chat-base')}, "
+                             f"run: {page.locator('#pg-run input').input_value()!r}") from None
 
 
 def test_thumb_edit_in_place_and_a_blind_vote_in_the_page(page, signoff_run, tmp_path):
