@@ -26,8 +26,8 @@ sessions 13-14). So the default loss is DPO plus:
   from 10 pairs (bench/PREFERENCE.md, session 16). Before a cut the words kept are anchored too: trained instead
   on the whole chosen reply, a child answered 21 of 24 new questions with four of the pairs' sentences ("I'm
   sorry for what you're going through." to 6), and the parent's own first sentences there were +89% perplexity
-  under it (+9% anchored; bench/PREFERENCE.md, session 17). Anchored, it shows the cut on fewer new replies (19 of
-  24 against 23) and 2 of them loop on a comma: neither meets the targets.
+  under it (+9% anchored; bench/PREFERENCE.md, session 17). Anchored, it shows the cut on fewer new replies (18-19
+  of 24 against 23-24), and 1-2 of them end in a token of sixteen commas: neither meets the targets.
 
 The edited tokens alone are not enough: trained on them only, a child answered every new question with the closing
 alone, or ended its turn before its first word (session 14); something must say where the edit goes. Holding the
