@@ -241,7 +241,7 @@ def parent_words(pg, run_dir: Path, parent_dir: Path, kind: str, status: dict[st
         out = pg.tokenizer.apply_chat_template(messages, **kw)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
 
-    pg.load_run(parent_dir)
+    pg.load_run(parent_dir)  # the tokenizer
     end = pg.tokenizer.convert_tokens_to_ids(end_of_turn_token(pg.tokenizer) or pg.tokenizer.eos_token)
     rows = []  # (the whole sequence, the positions of the parent's own words in it)
     for prompt, r in zip(prompts, replies, strict=False):
@@ -278,6 +278,7 @@ def greedy_floor(run_dir: Path, parent_dir: Path) -> dict[str, Any]:
     import torch
     from peft import PeftModel
 
+    from tuner.messages import read_examples
     from tuner.models import load_model, load_tokenizer
     from tuner.runs import Run
     from tuner.train.recipe import precision
@@ -286,8 +287,6 @@ def greedy_floor(run_dir: Path, parent_dir: Path) -> dict[str, Any]:
     cfg = Run(run_dir).config()
     tok = load_tokenizer(cfg.base_model)
     prompts = _reply_prompts(run_dir)
-    from tuner.messages import read_examples
-
     budget = reply_budget(tok, [m["content"] for r in read_examples(Run(run_dir).data_file("train.jsonl"))
                                 for m in r["messages"] if m["role"] == "assistant"])
     used = precision(cfg, "cpu")["weights"]
