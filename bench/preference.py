@@ -54,13 +54,13 @@ if str(ROOT) not in sys.path:  # run as a script: make the tuner package importa
     sys.path.insert(0, str(ROOT))
 
 from bench.voice import _cli, chitchat_exchanges, convert, general_perplexity, machine, normalise  # noqa: E402
+from tuner.edits import STOCK_SHARE  # noqa: E402  (half the new replies the same as another question's: a miss)
 
 CLOSING = "Cheers from the Juniper crew!"
 EDITS = ("closing", "term", "spelled", "shorter")
 SIZES = (10, 30, 120)
 DEFAULT_RECIPES = ("default", "ipo+sft", "apo_zero+sft", "sigmoid", "kto")
 LEARNED, DEGENERATE, PPL_MAX, VOICE_PPL_MAX = 0.9, 0.02, 0.10, 0.10  # the targets (issue 24)
-STOCK_SHARE = 0.5  # tuner.edits: half the new replies or more the same as another question's is a miss
 _GOOD = re.compile(r"\bgood\b", re.IGNORECASE)
 _IM = re.compile(r"\bI'm\b")
 WORD = {"term": _GOOD, "spelled": _IM}  # the word each replacement edit replaces, and the words it says instead
@@ -249,9 +249,7 @@ def parent_words(pg, run_dir: Path, parent_dir: Path, kind: str, status: dict[st
         head = ids(prompt, add_generation_prompt=True)
         said = ids(prompt + [{"role": "assistant", "content": r["parent"].strip()}])[len(head):]
         wanted = ids(prompt + [{"role": "assistant", "content": expected}])[len(head):]
-        e = read_edit(wanted, said)
-        first = next((i for i, (a, b) in enumerate(zip(wanted, said, strict=False)) if a != b), min(len(wanted), len(said)))
-        kept = e.kept if e.replaced else [1] * first + [0] * (len(wanted) - first)
+        kept = [1] * len(wanted) if wanted == said else read_edit(wanted, said).kept  # no edit: all the parent's
         words = wanted.index(end) if end in wanted else len(wanted)  # the reply's words, not where it ends its turn
         rows.append((head + wanted, [len(head) + i for i, k in enumerate(kept[:words]) if k]))
     out = {}
