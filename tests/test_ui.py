@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from tuner import dataset, formats
 from tuner.config import ConvertConfig
-from tuner.ui import data_tab, train_tab
+from tuner.ui import data_tab, playground_tab, train_tab
 from tuner.ui.common import keyed
 
 TRAIN, HELD_OUT = train_tab.LOSS_COLORS["train loss"], train_tab.LOSS_COLORS["held-out loss"]
@@ -213,3 +216,33 @@ def test_every_table_is_headed_by_its_column_names_before_it_has_rows():
     empty = runs_tab.feedback_report(None)
     for name in ("fb_counts", "fb_wins", "fb_lost"):
         assert list(empty[name].columns), name
+
+
+def test_stop_gives_send_back_only_once_the_reply_has_ended(monkeypatch):
+    """Stop sets the reply's flag and waits for the reply to end, so no word lands after Send is back; a reply
+    that never ends (its connection lost) still gives Send back after STOP_WAIT_S."""
+    request = SimpleNamespace(session_hash="stop-test")
+    ended = []
+
+    def reply(linger_s: float) -> None:  # a streaming reply: stops at its next token, after the flag is set
+        flag = playground_tab.stop_flag(request, "chat")
+        flag.wait()
+        time.sleep(linger_s)
+        ended.append(time.monotonic())
+        playground_tab.drop_flag(request, "chat", flag)
+
+    playground_tab.stop_flag(request, "chat", fresh=True)
+    worker = threading.Thread(target=reply, args=(0.3,))
+    worker.start()
+    buttons = playground_tab.press_stop(request)
+    back = time.monotonic()
+    worker.join()
+    assert ended and ended[0] <= back  # Send came back after the reply's last word
+    assert buttons["send_btn"]["visible"] and not buttons["stop_btn"]["visible"]
+
+    monkeypatch.setattr(playground_tab, "STOP_WAIT_S", 0.2)
+    playground_tab.stop_flag(request, "chat", fresh=True)  # a reply whose event was lost: it never ends
+    start = time.monotonic()
+    buttons = playground_tab.press_stop(request)
+    assert 0.2 <= time.monotonic() - start < 2 and buttons["send_btn"]["visible"]
+    assert playground_tab.signal_stop(request, "chat") is False  # still running, as far as the server knows

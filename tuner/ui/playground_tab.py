@@ -57,6 +57,8 @@ AB_ASK = "Which reply is better? Pick one below; the page says which was which a
 
 _stops: dict[str, threading.Event] = {}  # "<session hash>:<chat|eval>" -> set when that session pressed Stop
 _stops_lock = threading.Lock()
+_stops_dropped = threading.Condition(_stops_lock)  # notified when a reply or evaluation has ended
+STOP_WAIT_S = 5.0  # Stop waits this long for the reply to end before giving Send back anyway
 
 
 def stop_flag(request: gr.Request | None, kind: str, fresh: bool = False) -> threading.Event:
@@ -69,19 +71,24 @@ def stop_flag(request: gr.Request | None, kind: str, fresh: bool = False) -> thr
 
 
 def drop_flag(request: gr.Request | None, kind: str, flag: threading.Event) -> None:
+    """The reply or evaluation that held `flag` has ended (said to anyone waiting in `signal_stop`)."""
     key = f"{getattr(request, 'session_hash', None) or 'api'}:{kind}"
-    with _stops_lock:
+    with _stops_dropped:
         if _stops.get(key) is flag:
             del _stops[key]
+        _stops_dropped.notify_all()
 
 
-def signal_stop(request: gr.Request | None, kind: str) -> None:
-    """Stop this session's reply or evaluation, if one is under way (else nothing: the next one starts fresh)."""
+def signal_stop(request: gr.Request | None, kind: str, wait_s: float = 0.0) -> bool:
+    """Stop this session's reply or evaluation, if one is under way (else nothing: the next one starts fresh).
+    `wait_s` > 0 waits up to that long for it to end; False when it was still running after that."""
     key = f"{getattr(request, 'session_hash', None) or 'api'}:{kind}"
-    with _stops_lock:
+    with _stops_dropped:
         flag = _stops.get(key)
-    if flag is not None:
+        if flag is None:
+            return True
         flag.set()
+        return _stops_dropped.wait_for(lambda: _stops.get(key) is not flag, timeout=wait_s) if wait_s else False
 
 
 def generation_config(max_new_tokens: float, temperature: float, top_p: float, seed: float,
@@ -222,9 +229,10 @@ def arm_stop(request: gr.Request = None) -> dict[str, Any]:
 
 
 def press_stop(request: gr.Request = None) -> dict[str, Any]:
-    """Stop: the reply ends at its next token, and Send comes back even if the reply's own event was lost
-    (a dropped connection never leaves the page stuck on Stop)."""
-    signal_stop(request, "chat")
+    """Stop: the reply ends at its next token. Send comes back once it has ended, so no word arrives after Send
+    is back, and after STOP_WAIT_S even if the reply's own event was lost (a dropped connection never leaves
+    the page stuck on Stop)."""
+    signal_stop(request, "chat", wait_s=STOP_WAIT_S)
     return reply_done()
 
 
