@@ -270,16 +270,17 @@ def parent_words(pg, run_dir: Path, parent_dir: Path, kind: str, status: dict[st
 
 
 def greedy_floor(run_dir: Path, parent_dir: Path) -> dict[str, Any]:
-    """The floor under the word-similarity voice measure: the parent's greedy replies to a run's new questions as the
-    product makes them (its 4-bit base in the run's training precision, batches of 8), against the same parent's in
-    the other precision (fp32 for bf16), median word similarity. Nothing about the parent changes but rounding."""
+    """The floor under the word-similarity voice measure: the parent's greedy replies to a run's new questions on
+    the base the product asks them on (the playground's: tuner.train.voicecheck.served_model), in its dtype and in
+    the other one (bf16 for fp32, and back), median word similarity. Nothing about the parent changes but rounding."""
     import torch
     from peft import PeftModel
 
     from tuner.messages import read_examples
     from tuner.models import load_model, load_tokenizer
+    from tuner.playground import serving_quantization
+    from tuner.precision import serving_dtype
     from tuner.runs import Run
-    from tuner.train.recipe import precision
     from tuner.train.voicecheck import generate, reply_budget
 
     cfg = Run(run_dir).config()
@@ -287,13 +288,14 @@ def greedy_floor(run_dir: Path, parent_dir: Path) -> dict[str, Any]:
     prompts = _reply_prompts(run_dir)
     budget = reply_budget(tok, [m["content"] for r in read_examples(Run(run_dir).data_file("train.jsonl"))
                                 for m in r["messages"] if m["role"] == "assistant"])
-    used = precision(cfg, "cpu")["weights"]
-    other = torch.float32 if used != torch.float32 else torch.bfloat16
+    used = serving_dtype("cpu")
+    other = torch.bfloat16 if used != torch.bfloat16 else torch.float32
+    quant = serving_quantization(Run(run_dir).status().get("quantization", "nf4"), "cpu")
     got = []
     for dtype in (used, other):
-        base = load_model(cfg.base_model, quantization="nf4", dtype=dtype, dev="cpu")
+        base = load_model(cfg.base_model, quantization=quant, dtype=dtype, dev="cpu")
         got.append(generate(PeftModel.from_pretrained(base, str(parent_dir / "adapter")), tok, tok.chat_template,
-                            prompts, budget)[0])
+                            prompts, budget, batch_size=16)[0])
     scores = [SequenceMatcher(None, _words(a), _words(b), autojunk=False).ratio() for a, b in zip(*got, strict=True)]
     return {"similarity": round(statistics.median(scores), 3), "identical": sum(a == b for a, b in zip(*got, strict=True)),
             "replies": len(scores), "precisions": [str(used).removeprefix("torch."), str(other).removeprefix("torch.")]}
@@ -487,17 +489,20 @@ def repeated(lead: dict[str, Any], who: str, status: dict[str, Any]) -> int | No
     return sum(n for n in said.values() if n > 1) if said else None
 
 
-def overuse(kind: str, lead: dict[str, Any], replies: list[dict[str, str]]) -> dict[str, int | None]:
-    """For a replaced word: `unasked`, the child's replies with the new word where the parent's reply said neither
-    word (the term overused), of `without_either` such replies. The product's own counts where the record has them
-    (it counts "grandma" as "grand", as a reader would); records from before it counted are counted here."""
+def overuse(kind: str, lead: dict[str, Any], replies: list[dict[str, str]]) -> dict[str, Any]:
+    """For a replaced word: `unasked`, the child's replies that put the new word where there was nothing to replace
+    (the term overused), of `unasked_of` replies, as the product counts them: since session 18 the child's replies
+    that say the word, asked of the parent at that point (`unasked_by` "the parent's next words"); before, the
+    replies where the parent's own reply said neither word ("the parent's reply"). Records from before the product
+    counted at all are counted here the old way."""
     if kind not in WORD:
-        return {"unasked": None, "without_either": None}
+        return {"unasked": None, "unasked_of": None, "unasked_by": None}
     if lead.get("unasked") is not None:
-        return {"unasked": lead["unasked"], "without_either": lead["without_either"]}
+        return {"unasked": lead["unasked"], "unasked_of": lead.get("unasked_of", lead.get("without_either")),
+                "unasked_by": lead.get("unasked_by") or "the parent's reply"}
     neither = [not (WORD[kind].search(r["parent"]) or re.search(NEW[kind], r["parent"], re.I)) for r in replies]
     return {"unasked": sum(n and bool(re.search(NEW[kind], r["child"], re.I)) for n, r in zip(neither, replies, strict=True)),
-            "without_either": sum(neither)}
+            "unasked_of": sum(neither), "unasked_by": "the parent's reply"}
 
 
 def missed(r: dict[str, Any]) -> list[str]:
@@ -511,7 +516,7 @@ def missed(r: dict[str, Any]) -> list[str]:
         out.append("edit")
     if r["degenerate"] is None or r["degenerate"] > DEGENERATE * (r["prompts"] or 0):
         out.append("degenerate")
-    if r.get("unasked") and r["unasked"] > (1 - LEARNED) * (r.get("without_either") or 0):
+    if r.get("unasked") and r["unasked"] > (1 - LEARNED) * (r.get("unasked_of", r.get("without_either")) or 0):
         out.append("overuse")  # the product's verdict too: the word where the parent's reply had none to replace
     parent_same, child_same = r.get("repeated") or [None, None]
     if child_same is not None and child_same >= STOCK_SHARE * (r["prompts"] or 0) > (parent_same or 0):
@@ -543,8 +548,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         acc, ppl = r["pair_accuracy"], r["ppl_change_vs_parent"]
         verdict = "**PASS**" if not r["missed"] else "MISS: " + ", ".join(r["missed"])
-        unasked = ("" if r.get("unasked") is None else f"; {r['unasked']} unasked"
-                   + (f" of {r['without_either']}" if r.get("without_either") is not None else ""))
+        of = r.get("unasked_of", r.get("without_either"))
+        unasked = ("" if r.get("unasked") is None else f"; {r['unasked']} unasked" + (f" of {of}" if of is not None else "")
+                   + (" (next words)" if r.get("unasked_by") == "the parent's next words" else ""))
         lines.append(
             f"| {r['edit']} | {r['pairs']}{' (bot)' if r.get('pairs_from') == 'parent' else ''} | {r['recipe']} "
             f"| {_settings(r)} "

@@ -160,9 +160,43 @@ def test_a_house_term_said_where_the_parent_had_nothing_to_replace_is_overuse_no
     rows = [pair(f"That is good, {r}", f"That is grand, {r}") for r in REPLIES]
     checked = behaviour_check(rows, "dpo", (parent, [True] * 5), (spams, [True] * 5))
     assert checked["learned"] is False and checked["sentence"].startswith("The reviewers' edit did not take: says")
-    assert "used where the parent's reply had nothing to replace in at most 10% of those replies" in checked["sentence"]
+    assert "put where the parent had nothing to replace in at most 10% of the replies that say it" in checked["sentence"]
     # the edit where it applies and nowhere else takes
     exact = ["That is grand news.", "It ships today.", "Grand idea!", "See you.", "Thanks for writing."]
     took = behaviour_check(rows, "dpo", (parent, [True] * 5), (exact, [True] * 5))
     assert behaviour(term, parent, exact)["unasked"] == 0
     assert took["learned"] is True and took["sentence"].startswith("The reviewers' edit took: says 'grand'")
+
+
+def test_a_replaced_word_is_overuse_only_where_the_parent_given_the_same_reply_had_none_to_replace():
+    """Greedy replies part ways for reasons that have nothing to do with the edit (the same parent in fp32 and bf16 is
+    only ~0.6 similar to itself, bench/PREFERENCE.md session 17), so 'the parent's reply to that question said
+    neither word' counts more than overuse. The parent is asked at the point itself: given the child's reply up to
+    the word, does it go on with the old word (or the new one)? Only where it says neither is the word overused."""
+    from tuner.edits import term_sites
+    from tuner.train.preference import behaviour_check
+
+    spelled = Change("replaced", "I am", "I'm", pairs=5, total=5)
+    parent = ["That sounds fun!", "I'm fine, thanks.", "No idea.", "See you."]
+    child = ["I am so glad you asked.", "I am fine, thanks.", "No idea, I am afraid.", "See you."]
+    assert term_sites(spelled, child) == [(0, ""), (1, ""), (2, "No idea,")]
+    at_sites = ["I'm so glad", "I'm fine,", "sorry."]  # the parent, given the child's reply up to 'I am'
+    result = behaviour(spelled, parent, child, parent_next=at_sites)
+    assert (result["unasked"], result["unasked_of"], result["unasked_by"]) == (1, 3, "the parent's next words")
+    assert ("; in 1 of the 3 replies that say 'I am', the parent, given the same reply up to there, would have said "
+            "neither word;") in result["sentence"]
+    # counted from the parent's own replies, question 0 (where the parent answered another way) is overuse too
+    assert behaviour(spelled, parent, child)["unasked"] == 2
+    rows = [pair(f"I'm sure, {r}", f"I am sure, {r}") for r in REPLIES]
+    asked = []
+
+    def parent_next(sites):
+        asked.extend(sites)
+        return at_sites
+
+    checked = behaviour_check(rows, "dpo", (parent, [True] * 4), (child, [True] * 4), parent_next)
+    assert asked == term_sites(spelled, child)
+    assert checked["learned"] is False  # 1 of 3 is over 10%
+    assert "put where the parent had nothing to replace in at most 10% of the replies that say it" in checked["sentence"]
+    took = behaviour_check(rows, "dpo", (parent, [True] * 4), (child, [True] * 4), lambda sites: ["I'm"] * len(sites))
+    assert took["learned"] is True and took["sentence"].startswith("The reviewers' edit took: says 'I am'")

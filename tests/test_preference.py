@@ -11,7 +11,7 @@ from preference_pairs import N_PAIRS, PHRASE, reviewers_pairs
 
 from tuner import feedback
 from tuner.cli import main
-from tuner.config import PreferenceConfig
+from tuner.config import GenerationConfig, PreferenceConfig
 from tuner.errors import DataError, TrainingError
 from tuner.runs import Run
 
@@ -72,6 +72,26 @@ def test_child_run_folder_is_a_run_with_adapter_card_metrics_and_lineage(dpo_chi
     metrics = child.metrics()
     assert [m["step"] for m in metrics if m.get("loss") is not None][-1] == STEPS
     assert status["preference_rows"] == N_PAIRS and status["train_rows"] == 32
+
+
+@pytest.mark.slow
+def test_the_behaviour_counted_is_what_the_playground_shows_for_parent_and_child(dpo_child, preference_parent):
+    """The replies the result counts are the playground's greedy replies to the same new questions, for the child
+    and for its parent: on a CPU the playground serves the adapters on a 16/32-bit base, not the 4-bit one the
+    child trained on, and the two give different greedy replies."""
+    from tuner.messages import read_examples
+    from tuner.playground import TUNED, Playground
+    from tuner.train.voicecheck import reply_budget
+
+    out, printed = dpo_child
+    pg = Playground(device="cpu")
+    pg.load_run(out)
+    agent = [m["content"] for r in read_examples(Run(out).data_file("train.jsonl")) for m in r["messages"]
+             if m["role"] == "assistant"]
+    settings = GenerationConfig(max_new_tokens=reply_budget(pg.tokenizer, agent), temperature=0.0)
+    for r in printed["replies"][:4]:
+        for who, run in (("child", out), ("parent", preference_parent)):
+            assert pg.compare({}, r["prompt"], [TUNED], settings, run=run)[TUNED] == r[who], (who, r["prompt"])
 
 
 def _prefs(tmp_path: Path, rows: list) -> Path:

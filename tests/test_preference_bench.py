@@ -39,17 +39,23 @@ def test_overuse_counts_the_new_word_where_the_parent_had_neither_and_prefers_th
     replies = [{"parent": "I don't know.", "child": "I am glad you asked."},  # overused
                {"parent": "Sure thing.", "child": "Sure thing."},  # neither, and not overused
                {"parent": "I'm fine.", "child": "I am fine."}]  # the edit where it belongs
-    assert preference.overuse("spelled", {}, replies) == {"unasked": 1, "without_either": 2}
-    # a record the product counted: its numbers (it counts "grandma" as "grand")
-    assert preference.overuse("term", {"unasked": 4, "without_either": 24}, replies) == {"unasked": 4,
-                                                                                           "without_either": 24}
-    assert preference.overuse("closing", {}, replies) == {"unasked": None, "without_either": None}
+    assert preference.overuse("spelled", {}, replies) == {"unasked": 1, "unasked_of": 2,
+                                                          "unasked_by": "the parent's reply"}
+    # a record the product counted: its numbers (it counts "grandma" as "grand"), the old way before session 18 ...
+    assert preference.overuse("term", {"unasked": 4, "without_either": 24}, replies) == {
+        "unasked": 4, "unasked_of": 24, "unasked_by": "the parent's reply"}
+    # ... and since: of the child's replies that say the word, asked of the parent at that point
+    counted = {"unasked": 1, "unasked_of": 15, "without_either": 6, "unasked_by": "the parent's next words"}
+    assert preference.overuse("spelled", counted, replies) == {"unasked": 1, "unasked_of": 15,
+                                                               "unasked_by": "the parent's next words"}
+    assert preference.overuse("closing", {}, replies) == {"unasked": None, "unasked_of": None, "unasked_by": None}
     row = {"edit": "spelled", "status": "completed", "change_found": preference.EXPECTED["spelled"], "needed": 20,
            "shown": 20, "degenerate": 0, "prompts": 24, "ppl_change_vs_parent": 0.01, "parent_words_change": 0.02,
            "voice_kept": 0.4, "repeated": [0, 2]}
-    assert preference.missed({**row, "unasked": 1, "without_either": 6}) == ["overuse"]  # 1 of 6 is over 10%
+    assert preference.missed({**row, "unasked": 1, "unasked_of": 6}) == ["overuse"]  # 1 of 6 is over 10%
+    assert preference.missed({**row, "unasked": 1, "without_either": 6}) == ["overuse"]  # a record before session 18
     # PASS: the words' similarity to the parent's greedy reply is no target (the same parent decoded in fp32 is ~0.6)
-    assert preference.missed({**row, "unasked": 1, "without_either": 20}) == []
+    assert preference.missed({**row, "unasked": 1, "unasked_of": 20}) == []
     # the parent's own words 15% less likely under the child: its voice was not kept
     assert preference.missed({**row, "parent_words_change": 0.15}) == ["voice"]
     # half the new questions answered with what another got, where the parent did not: the product says so too

@@ -109,3 +109,18 @@ def test_the_verdict_says_how_close_the_replies_are_to_the_agents_own(pg, signof
     assert closeness_clause(close["tuned"], close["base"]) in verdict["sentence"]
     # the sign-off the tuned replies learned earns nothing here: left in, it would have raised their score
     assert close["tuned"] < chrf([e["tuned"] for e in shown], refs)
+
+
+def test_a_reply_given_up_to_a_word_goes_on_with_the_words_the_model_said_there(pg, signoff_run):
+    """How a preference run tells a replaced word's overuse (tuner.edits.term_sites): the parent is given the child's
+    reply up to the word and asked what it says next. Given its own greedy reply up to a word, a model goes on with
+    that reply's next words."""
+    from tuner.train.voicecheck import generate
+
+    with pg.column_model(TUNED, signoff_run) as model:
+        template = pg.tokenizer.chat_template
+        replies, _ = generate(model, pg.tokenizer, template, PROMPTS, MAX_NEW)
+        cuts = [r[:r.index(" ", len(r) // 3)] for r in replies]  # up to a word a third of the way in
+        goes_on, _ = generate(model, pg.tokenizer, template, PROMPTS, 4, prefixes=cuts)
+    for reply, cut, more in zip(replies, cuts, goes_on, strict=True):
+        assert more and reply[len(cut):].lstrip().startswith(more), (reply, cut, more)

@@ -151,14 +151,34 @@ def median_words(replies: Sequence[str]) -> float | None:
     return statistics.median(len(_WORDS.findall(r)) for r in replies) if replies else None
 
 
+def term_sites(change: Change, child: Sequence[str]) -> list[tuple[int, str]]:
+    """For a replaced word: each child reply that says the new word, as (its index, the reply's text before the
+    word's first occurrence). Asking the parent to go on from there tells whether it would have said the old word
+    (or the new one) at that point of the same reply: the edit applied, or the word put where there was nothing
+    to replace (overuse). Empty for other changes."""
+    if change.kind != "replaced" or not change.text:
+        return []
+    return [(i, c[:at].rstrip()) for i, c in enumerate(child) if (at := c.lower().find(change.text.lower())) >= 0]
+
+
+def _starts_with(text: str, word: str) -> bool:
+    return _fold(text).startswith(_fold(word))
+
+
 def behaviour(change: Change, parent: Sequence[str], child: Sequence[str], parent_ended: Sequence[bool] | None = None,
-              child_ended: Sequence[bool] | None = None) -> dict[str, Any]:
+              child_ended: Sequence[bool] | None = None,
+              parent_next: Sequence[str] | None = None) -> dict[str, Any]:
     """How many parent and child replies (to the same prompts, outside the pairs) show `change`, with
     degenerate replies counted, and the sentence that leads the run's result. `needed`: the replies the change
     applies to: all of them, except for a replaced word, where only replies that say it (or the old one) count,
     as the voice verdict counts a house term. `repeated`: the replies that say word for word what another prompt
     got (a child trained on its pairs' whole replies answered 21 of 24 new questions with four sentences of them,
-    and showed the shortening on 23; bench/PREFERENCE.md, session 17)."""
+    and showed the shortening on 23; bench/PREFERENCE.md, session 17). `parent_next`, for a replaced word: the
+    parent's greedy continuation at each of `term_sites(change, child)`; `unasked` then counts the child's replies
+    whose new word stands where the parent, given the same reply up to there, would have said neither word, of
+    `unasked_of`, the child's replies that say it. Without it, as before session 18: the child's replies with the
+    word where the parent's own reply to the question said neither, of `without_either` such replies (greedy
+    replies part ways for reasons that have nothing to do with the edit, so this counts more than overuse)."""
     words = median_words(parent)
 
     def count(replies: Sequence[str], ended: Sequence[bool] | None) -> dict[str, int]:
@@ -175,17 +195,24 @@ def behaviour(change: Change, parent: Sequence[str], child: Sequence[str], paren
                 "repeated": sum(n for n in said.values() if n > 1)}
 
     before, after = count(parent, parent_ended), count(child, child_ended)
-    unasked = neither = None
+    unasked = unasked_of = neither = None
     if change.kind == "replaced":
         sentence = (f"{change.words()} in {after['shown']} of {after['needed']} new replies that said either "
                     f"(parent: {before['shown']} of {before['needed']}), to {after['prompts']} new questions")
-        # overuse: the term where the parent's reply to the same question had neither word to replace
         either = [_fold(change.old) in _fold(p) or _fold(change.text) in _fold(p) for p in parent]
-        unasked = sum(not e and _fold(change.text) in _fold(c) for e, c in zip(either, child, strict=True))
         neither = len(parent) - sum(either)
-        if unasked:
-            sentence += (f"; it also says '{change.text}' in {unasked} of the {neither} replies "
-                         f"where the parent's said neither word")
+        if parent_next is not None:  # overuse: the term where the parent, at that point, had no word to replace
+            unasked_of = len(parent_next)
+            unasked = sum(not (_starts_with(n, change.old) or _starts_with(n, change.text)) for n in parent_next)
+            if unasked:
+                sentence += (f"; in {unasked} of the {unasked_of} replies that say '{change.text}', the parent, "
+                             f"given the same reply up to there, would have said neither word")
+        else:  # overuse: the term where the parent's reply to the same question had neither word to replace
+            unasked = sum(not e and _fold(change.text) in _fold(c) for e, c in zip(either, child, strict=True))
+            unasked_of = neither
+            if unasked:
+                sentence += (f"; it also says '{change.text}' in {unasked} of the {neither} replies "
+                             f"where the parent's said neither word")
     else:
         sentence = (f"{change.words()} on {after['shown']} of {after['prompts']} new questions "
                     f"(parent: {before['shown']})")
@@ -199,5 +226,6 @@ def behaviour(change: Change, parent: Sequence[str], child: Sequence[str], paren
         sentence += (f"; {after['repeated']} of {after['prompts']} say word for word what it said to another new "
                      f"question (parent: {before['repeated']})")
     return {"change": change.words(), "kind": change.kind, "pairs_with_change": change.pairs,
-            "pairs": change.total, "parent": before, "child": after, "unasked": unasked,
-            "without_either": neither, "sentence": sentence}
+            "pairs": change.total, "parent": before, "child": after, "unasked": unasked, "unasked_of": unasked_of,
+            "without_either": neither, "unasked_by": None if unasked is None else
+            "the parent's next words" if parent_next is not None else "the parent's reply", "sentence": sentence}

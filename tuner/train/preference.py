@@ -16,11 +16,12 @@ are measured on one scale. The parent's voice and forgetting check then runs on 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ from tuner.train.voicecheck import (
 
 METHODS = ("dpo", "kto")
 BEHAVIOUR_PROMPTS = 24  # new prompts (outside the pairs and the training data) asked of parent and child
+NEXT_WORDS_TOKENS = 8  # the parent's continuation read where the child says a replaced word (edits.term_sites)
 
 
 def is_preference_run(run_dir: str | Path) -> bool:
@@ -192,9 +194,12 @@ def behaviour_prompts(sft_train: list[dict[str, Any]], sft_val: list[dict[str, A
 
 
 def behaviour_check(rows: list[dict[str, Any]], method: str, parent: tuple[list[str], list[bool]],
-                    child: tuple[list[str], list[bool]]) -> dict[str, Any]:
+                    child: tuple[list[str], list[bool]],
+                    parent_next: Callable[[list[tuple[int, str]]], list[str]] | None = None) -> dict[str, Any]:
     """What the reviewers changed (tuner.edits) and how often parent and child show it on new questions; the
-    sentence the result leads with, which says when the run did not learn it."""
+    sentence the result leads with, which says when the run did not learn it. `parent_next(sites)`: the parent's
+    greedy continuation of each (new question's index, the child's reply up to a replaced word) site, which tells a
+    replaced word put where the parent had one to replace from one put where it had none (overuse)."""
     found = edits.changes(rows) if is_paired(rows) else []
     if not parent[0]:
         return {"sentence": "No validation question is outside the pairs and the training data, so the change "
@@ -205,14 +210,20 @@ def behaviour_check(rows: list[dict[str, Any]], method: str, parent: tuple[list[
                f"no edit is shared by {edits.MIN_SHARE:.0%} of the pairs")
         return {"sentence": f"{why.capitalize()}, so no change was measured on new questions: compare parent and "
                             "child in the playground.", "changes": [], "learned": None}
-    measured = [edits.behaviour(c, parent[0], child[0], parent[1], child[1]) for c in found]
+    def next_words(change: edits.Change) -> list[str] | None:
+        if parent_next is None or change.kind != "replaced":
+            return None
+        sites = edits.term_sites(change, child[0])
+        return parent_next(sites) if sites else []
+
+    measured = [edits.behaviour(c, parent[0], child[0], parent[1], child[1], next_words(c)) for c in found]
     lead = measured[0]
     n, shown = lead["child"]["prompts"], lead["child"]["shown"]
     needed = lead["child"].get("needed", n)  # a replaced word counts where a reply says either word
     bad = lead["child"]["looped"] + lead["child"]["unended"] + lead["child"].get("empty", 0)
     # a house term said where the parent had nothing to replace is overuse, not the edit: at most the share
     # a reply may miss the edit (10%) of those replies
-    overused = bool(lead["unasked"]) and lead["unasked"] > (1 - edits.LEARNED_SHARE) * lead["without_either"]
+    overused = bool(lead["unasked"]) and lead["unasked"] > (1 - edits.LEARNED_SHARE) * lead["unasked_of"]
     stock = lead["child"].get("repeated", 0) >= edits.STOCK_SHARE * n > lead["parent"].get("repeated", 0)
     learned = (needed > 0 and shown >= edits.LEARNED_SHARE * needed and bad <= edits.DEGENERATE_SHARE * n
                and not overused and not stock)
@@ -223,12 +234,36 @@ def behaviour_check(rows: list[dict[str, Any]], method: str, parent: tuple[list[
                     f"{edits.LEARNED_SHARE:.0%} of the new replies it applies to, at most "
                     f"{edits.DEGENERATE_SHARE:.0%} degenerate, fewer than {edits.STOCK_SHARE:.0%} the same reply "
                     f"as another question's"
-                    + (f", and a replaced word used where the parent's reply had nothing to replace in at most "
-                       f"{1 - edits.LEARNED_SHARE:.0%} of those replies)" if lead["unasked"] is not None else ")"))
+                    + (f", and a replaced word put where the parent had nothing to replace in at most "
+                       f"{1 - edits.LEARNED_SHARE:.0%} of the replies that say it)" if lead["unasked"] is not None
+                       else ")"))
     if n < feedback.FEW_HELD_OUT:
         sentence += f"; {n} new questions are a rough measure (fewer than {feedback.FEW_HELD_OUT})"
     sentence += "."
     return {"sentence": sentence, "changes": measured, "learned": learned}
+
+
+@contextlib.contextmanager
+def parent_beside(served, parent_adapter: Path) -> Iterator[None]:
+    """The parent's adapter loaded beside the child's ("default") as "parent", for mixed batches, then removed."""
+    served.load_adapter(str(parent_adapter), adapter_name="parent")
+    try:
+        yield
+    finally:
+        served.delete_adapter("parent")
+
+
+def parent_and_child_replies(served, tokenizer, chat_template: str, prompts: list[list[dict[str, Any]]], budget: int
+                             ) -> tuple[tuple[list[str], list[bool]], tuple[list[str], list[bool]]]:
+    """Greedy replies to `prompts` from the parent ("parent", parent_beside) and the child ("default"), both on the
+    model the playground serves (tuner.train.voicecheck.served_model: on a CPU the 16/32-bit base, not the 4-bit
+    one the child trained on, whose greedy replies differ), in the same mixed batches, so the behaviour the
+    result reports is what a user sees in the playground."""
+    if not prompts:
+        return ([], []), ([], [])
+    both, ended = generate(served, tokenizer, chat_template, [p for p in prompts for _ in (0, 1)], budget,
+                           batch_size=16, adapter_names=["parent", "default"] * len(prompts))
+    return (both[0::2], ended[0::2]), (both[1::2], ended[1::2])
 
 
 def _logps(model, tokenizer, rows, max_length) -> dict[str, list[float]]:
@@ -332,12 +367,10 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
                                       cfg.seed)
 
     # before: the parent (the adapter as loaded), and the base as the common reference
-    update_status(run_dir, phase=f"scoring {len(held)} held-out pairs and asking {len(reply_prompts)} prompts "
-                                 "(the parent, before training)")
+    update_status(run_dir, phase=f"scoring {len(held)} held-out pairs (the parent, before training)")
     with model.disable_adapter():
         base_logps = _logps(model, tokenizer, held, pcfg.max_length)
     before = preference_scores(_logps(model, tokenizer, held, pcfg.max_length), base_logps, pcfg.beta)
-    parent_replies = generate(model, tokenizer, chat_template, reply_prompts, budget) if reply_prompts else ([], [])
 
     checkpoint, offset = None, {}
     if resume:
@@ -376,16 +409,23 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
     model = trainer.model
     model.set_adapter("default")
     update_status(run_dir, phase=f"scoring {len(held)} held-out pairs and asking {len(reply_prompts)} prompts "
-                                 "(the child, after training)")
+                                 "(parent and child, as the playground serves them)")
     after = preference_scores(_logps(model, tokenizer, held, pcfg.max_length), base_logps, pcfg.beta)
-    child_replies = generate(model, tokenizer, chat_template, reply_prompts, budget) if reply_prompts else ([], [])
-    checked = behaviour_check(rows, pcfg.method, parent_replies, child_replies)
+    served = served_model(model, cfg.base_model, quant, dev)
+    with parent_beside(served, parent.adapter_dir):
+        parent_replies, child_replies = parent_and_child_replies(served, tokenizer, chat_template, reply_prompts,
+                                                                 budget)
+
+        def parent_next(sites: list[tuple[int, str]]) -> list[str]:
+            return generate(served, tokenizer, chat_template, [reply_prompts[i] for i, _ in sites], NEXT_WORDS_TOKENS,
+                            batch_size=16, adapter_names=["parent"] * len(sites), prefixes=[p for _, p in sites])[0]
+
+        checked = behaviour_check(rows, pcfg.method, parent_replies, child_replies, parent_next)
     voice = None
     if cfg.voice_prompts:
         update_status(run_dir, phase="the parent's voice and forgetting check, on the child")
         asked = held_out_prompts(sft_train, sft_val, cfg.voice_prompts, cfg.seed)
-        voice = model_verdict(served_model(model, cfg.base_model, quant, dev), tokenizer, chat_template,
-                              habit_of(agent_replies), asked, budget,
+        voice = model_verdict(served, tokenizer, chat_template, habit_of(agent_replies), asked, budget,
                               references=held_out_references(asked, sft_val))
     if "ref" in model.peft_config:
         model.delete_adapter("ref")  # the frozen copy of the parent is no part of the result
@@ -437,7 +477,8 @@ def model_card(cfg: TrainConfig, pcfg: PreferenceConfig, summary: dict[str, Any]
         f"Lineage: {' -> '.join(str(x) for x in status.get('lineage') or [])}", "",
         "## Results", "",
         f"**What the reviewers' edits changed** (greedy replies to new questions, outside the pairs and the "
-        f"training data): {(summary.get('behaviour') or {}).get('sentence', 'not measured.')}", "",
+        f"training data, from parent and child as the playground serves them): "
+        f"{(summary.get('behaviour') or {}).get('sentence', 'not measured.')}", "",
         *[f"- {c['change']} (in {c['pairs_with_change']} of {c['pairs']} pairs): child {c['child']['shown']} of "
           f"{c['child']['prompts']}, parent {c['parent']['shown']} of {c['parent']['prompts']}"
           for c in (summary.get("behaviour") or {}).get("changes") or []], "",

@@ -115,9 +115,11 @@ def end_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, chat_template: str, prompts: list[list[dict[str, Any]]], max_new_tokens: int,
-             batch_size: int = 8, adapter_names: list[str] | None = None) -> tuple[list[str], list[bool]]:
+             batch_size: int = 8, adapter_names: list[str] | None = None,
+             prefixes: list[str] | None = None) -> tuple[list[str], list[bool]]:
     """Greedy replies (the playground's default: temperature 0) and whether each ended its turn.
-    `adapter_names`, one per prompt: peft's mixed batches ("__base__" = adapter off for that row)."""
+    `adapter_names`, one per prompt: peft's mixed batches ("__base__" = adapter off for that row). `prefixes`, one
+    per prompt: the reply's start, given (teacher-forced); what comes back is its greedy continuation."""
     was_training = model.training
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -128,6 +130,8 @@ def generate(model, tokenizer, chat_template: str, prompts: list[list[dict[str, 
         for start in range(0, len(prompts), batch_size):
             texts = [tokenizer.apply_chat_template(p, chat_template=chat_template, tokenize=False,
                                                    add_generation_prompt=True) for p in prompts[start:start + batch_size]]
+            if prefixes:
+                texts = [t + pre for t, pre in zip(texts, prefixes[start:start + batch_size], strict=True)]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             mixed = {"adapter_names": adapter_names[start:start + batch_size]} if adapter_names else {}
             with autocast(model):
