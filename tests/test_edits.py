@@ -200,3 +200,32 @@ def test_a_replaced_word_is_overuse_only_where_the_parent_given_the_same_reply_h
     assert "put where the parent had nothing to replace in at most 10% of the replies that say it" in checked["sentence"]
     took = behaviour_check(rows, "dpo", (parent, [True] * 4), (child, [True] * 4), lambda sites: ["I'm"] * len(sites))
     assert took["learned"] is True and took["sentence"].startswith("The reviewers' edit took: says 'I am'")
+
+
+def test_an_edit_that_shows_but_costs_general_text_is_not_called_learned():
+    """bench/PREFERENCE.md, session 18: a cut child shortened 23 of 24 new replies with none degenerate, and the page
+    said it took, while its general-text perplexity was 27% above the parent's (9% with the end of turn set aside).
+    The result measures general text on parent and child and says so."""
+    from tuner.train.preference import behaviour_check
+
+    rows = [pair(f"{r} Anything else I can do?", r) for r in REPLIES]
+    parent = ["Your order ships today. Anything else I can do?"] * 2 + ["We can help. Is there more?"] * 2
+    child = ["Your order ships today.", "Open Settings.", "We can help.", "Sure."]
+    ended = [True] * 4
+
+    def general(child_ppl, child_without):
+        return {"parent": {"ppl": 20.0, "without_end_of_turn": 19.9}, "child": {"ppl": child_ppl,
+                                                                               "without_end_of_turn": child_without}}
+
+    cost = behaviour_check(rows, "dpo", (parent, ended), (child, ended), general=general(25.4, 21.7))
+    assert cost["learned"] is False
+    assert cost["sentence"].startswith("The reviewers' edit shows, but the child lost general text: drops 'Anything else I can do?'")
+    assert cost["sentence"].endswith("; general-text perplexity +27.0% on the parent's (+9.0% with the end of turn set "
+                                     "aside), over the +10% a run may lose; 4 new questions are a rough measure "
+                                     "(fewer than 20).")
+    kept = behaviour_check(rows, "dpo", (parent, ended), (child, ended), general=general(20.3, 20.2))
+    assert kept["learned"] is True and kept["sentence"].startswith("The reviewers' edit took: drops 'Anything else I can do?'")
+    assert "; general-text perplexity +1.5% on the parent's;" in kept["sentence"]  # the same story: said once
+    missed = behaviour_check(rows, "dpo", (parent, ended), (parent, ended), general=general(20.3, 20.2))
+    assert missed["learned"] is False and missed["sentence"].startswith("The reviewers' edit did not take:")
+    assert "and general-text perplexity at most +10% on the parent's)" in missed["sentence"]

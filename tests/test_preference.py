@@ -40,8 +40,15 @@ def test_dpo_child_prefers_what_reviewers_chose_and_says_so(dpo_child, preferenc
     lead = printed["behaviour"]["changes"][0]
     assert lead["change"] == f"adds '{PHRASE}' at the start" and lead["pairs_with_change"] == N_PAIRS
     assert (lead["child"]["shown"], lead["parent"]["shown"]) == (child, parent)  # the counts are the replies'
-    took = child >= 0.9 * len(replies) and lead["child"]["looped"] + lead["child"]["unended"] + lead["child"]["empty"] <= 0.02 * len(replies)
-    assert printed["result"].startswith("The reviewers' edit took:" if took else "The reviewers' edit did not take:")
+    shows = child >= 0.9 * len(replies) and lead["child"]["looped"] + lead["child"]["unended"] + lead["child"]["empty"] <= 0.02 * len(replies)
+    # general text, parent and child as served, and the share the child lost said in the result
+    general = printed["general_text"]
+    rise = general["child"]["ppl"] / general["parent"]["ppl"] - 1
+    print(f"general-text perplexity: parent {general['parent']}, child {general['child']}")
+    assert f"; general-text perplexity {rise:+.1%} on the parent's" in printed["result"]
+    assert all(0 < g["without_end_of_turn"] <= g["ppl"] for g in general.values())  # the end of turn set aside
+    assert printed["result"].startswith("The reviewers' edit took:" if shows and rise <= 0.10 else
+                                        "The reviewers' edit shows, but" if shows else "The reviewers' edit did not take:")
     assert f"on {child} of {len(replies)} new questions (parent: {parent})" in printed["result"]
     assert child > parent
     # the parent's voice and forgetting check, on the child

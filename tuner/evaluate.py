@@ -127,14 +127,23 @@ def length_stats(replies: Sequence[str]) -> dict[str, float] | None:
 
 
 def mean_loss(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int = 0,
-               batch_size: int = 8) -> float | None:
+              batch_size: int = 8) -> float | None:
     """Token-weighted mean cross-entropy of `labels` (-100 = not scored) given `input_ids`.
 
     Sequences are length-sorted and right-padded into batches; padding is never scored.
     """
+    return mean_losses(model, sequences, pad_id, batch_size)[0]
+
+
+def mean_losses(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int = 0, batch_size: int = 8,
+                set_aside: Sequence[int] = ()) -> tuple[float | None, float | None]:
+    """mean_loss, and the same with the tokens `set_aside` left out of every prediction (each scored token's
+    probability renormalised over the rest; None without `set_aside`), from one pass. A model taught to end its turn
+    after a sentence puts its probability on the end of turn there: that is the edit, not lost English."""
     import torch
 
-    total, count = 0.0, 0
+    total = aside_total = 0.0
+    count = 0
     ordered = sorted((s for s in sequences if any(t != -100 for t in s[1][1:])), key=lambda s: len(s[0]))
     with torch.inference_mode():
         for start in range(0, len(ordered), batch_size):
@@ -148,8 +157,13 @@ def mean_loss(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: i
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                      ignore_index=-100, reduction="sum")
             total += float(loss)
+            if set_aside:  # log p(aside) = logsumexp over the aside ids - logsumexp over all
+                aside = (torch.logsumexp(logits[..., list(set_aside)], -1) - torch.logsumexp(logits, -1)).exp()
+                aside_total += float(loss) + float(torch.log1p(-aside.clamp(max=1 - 1e-6))[target != -100].sum())
             count += int((target != -100).sum())
-    return total / count if count else None
+    if not count:
+        return None, None
+    return total / count, (aside_total / count if set_aside else None)
 
 
 def _fingerprint(*paths: Path) -> str:

@@ -62,6 +62,8 @@ from tuner.train.run import is_oom, peak_memory_mb, proc_start, release_memory
 from tuner.train.trainer import keep_4bit_layout_trainable, training_context
 from tuner.train.voicecheck import (
     autocast,
+    end_ids,
+    general_perplexities,
     generate,
     habit_of,
     held_out_prompts,
@@ -73,6 +75,7 @@ from tuner.train.voicecheck import (
 
 METHODS = ("dpo", "kto")
 BEHAVIOUR_PROMPTS = 24  # new prompts (outside the pairs and the training data) asked of parent and child
+GENERAL_RISE = 0.10  # a child may lose at most this much general-text perplexity on its parent's (the issue's target)
 NEXT_WORDS_TOKENS = 8  # the parent's continuation read where the child says a replaced word (edits.term_sites)
 
 
@@ -195,11 +198,14 @@ def behaviour_prompts(sft_train: list[dict[str, Any]], sft_val: list[dict[str, A
 
 def behaviour_check(rows: list[dict[str, Any]], method: str, parent: tuple[list[str], list[bool]],
                     child: tuple[list[str], list[bool]],
-                    parent_next: Callable[[list[tuple[int, str]]], list[str]] | None = None) -> dict[str, Any]:
+                    parent_next: Callable[[list[tuple[int, str]]], list[str]] | None = None,
+                    general: dict[str, dict[str, float | None]] | None = None) -> dict[str, Any]:
     """What the reviewers changed (tuner.edits) and how often parent and child show it on new questions; the
     sentence the result leads with, which says when the run did not learn it. `parent_next(sites)`: the parent's
     greedy continuation of each (new question's index, the child's reply up to a replaced word) site, which tells a
-    replaced word put where the parent had one to replace from one put where it had none (overuse)."""
+    replaced word put where the parent had one to replace from one put where it had none (overuse). `general`:
+    {"parent"|"child": {"ppl", "without_end_of_turn"}}, general-text perplexity (general_text): a child whose edit
+    shows but who lost more than GENERAL_RISE of it against the parent has not learned the edit as asked."""
     found = edits.changes(rows) if is_paired(rows) else []
     if not parent[0]:
         return {"sentence": "No validation question is outside the pairs and the training data, so the change "
@@ -225,22 +231,55 @@ def behaviour_check(rows: list[dict[str, Any]], method: str, parent: tuple[list[
     # a reply may miss the edit (10%) of those replies
     overused = bool(lead["unasked"]) and lead["unasked"] > (1 - edits.LEARNED_SHARE) * lead["unasked_of"]
     stock = lead["child"].get("repeated", 0) >= edits.STOCK_SHARE * n > lead["parent"].get("repeated", 0)
-    learned = (needed > 0 and shown >= edits.LEARNED_SHARE * needed and bad <= edits.DEGENERATE_SHARE * n
-               and not overused and not stock)
+    shows = (needed > 0 and shown >= edits.LEARNED_SHARE * needed and bad <= edits.DEGENERATE_SHARE * n
+             and not overused and not stock)
+    rise, clause = general_rise(general)
+    lost = rise is not None and rise > GENERAL_RISE
+    learned = shows and not lost
     if learned:
-        sentence = f"The reviewers' edit took: {lead['sentence']}"
+        sentence = f"The reviewers' edit took: {lead['sentence']}{clause}"
+    elif shows:
+        sentence = (f"The reviewers' edit shows, but the child lost general text: {lead['sentence']}{clause}, over "
+                    f"the {GENERAL_RISE:+.0%} a run may lose")
     else:
-        sentence = (f"The reviewers' edit did not take: {lead['sentence']} (learned means at least "
+        sentence = (f"The reviewers' edit did not take: {lead['sentence']}{clause} (learned means at least "
                     f"{edits.LEARNED_SHARE:.0%} of the new replies it applies to, at most "
                     f"{edits.DEGENERATE_SHARE:.0%} degenerate, fewer than {edits.STOCK_SHARE:.0%} the same reply "
                     f"as another question's"
-                    + (f", and a replaced word put where the parent had nothing to replace in at most "
-                       f"{1 - edits.LEARNED_SHARE:.0%} of the replies that say it)" if lead["unasked"] is not None
-                       else ")"))
+                    + (f", a replaced word put where the parent had nothing to replace in at most "
+                       f"{1 - edits.LEARNED_SHARE:.0%} of the replies that say it" if lead["unasked"] is not None
+                       else "")
+                    + (f", and general-text perplexity at most {GENERAL_RISE:+.0%} on the parent's)"
+                       if rise is not None else ")"))
     if n < feedback.FEW_HELD_OUT:
         sentence += f"; {n} new questions are a rough measure (fewer than {feedback.FEW_HELD_OUT})"
     sentence += "."
     return {"sentence": sentence, "changes": measured, "learned": learned}
+
+
+def general_rise(general: dict[str, dict[str, float | None]] | None) -> tuple[float | None, str]:
+    """The child's general-text perplexity against the parent's, as a share, and the clause that says it (with the
+    end of turn set aside too, where that tells another story: a child taught to stop after a sentence puts its
+    probability there)."""
+    if not general or not general["parent"].get("ppl") or not general["child"].get("ppl"):
+        return None, ""
+    rise = general["child"]["ppl"] / general["parent"]["ppl"] - 1
+    clause = f"; general-text perplexity {rise:+.1%} on the parent's"
+    p_without, c_without = general["parent"].get("without_end_of_turn"), general["child"].get("without_end_of_turn")
+    if p_without and c_without and abs(c_without / p_without - 1 - rise) >= 0.02:
+        clause += f" ({c_without / p_without - 1:+.1%} with the end of turn set aside)"
+    return rise, clause
+
+
+def general_text(served, tokenizer, adapter: str, fast: bool = False) -> dict[str, float | None]:
+    """General-text perplexity of `served` with `adapter` active, and the same with the end of turn set aside;
+    `fast` as in tuner.train.voicecheck.general_perplexity (parent and child are scored alike)."""
+    served.set_adapter(adapter)
+    try:
+        ppl, without = general_perplexities(served, tokenizer, fast, set_aside=end_ids(served, tokenizer))
+    finally:
+        served.set_adapter("default")
+    return {"ppl": round(ppl, 4) if ppl else None, "without_end_of_turn": round(without, 4) if without else None}
 
 
 @contextlib.contextmanager
@@ -420,7 +459,11 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
             return generate(served, tokenizer, chat_template, [reply_prompts[i] for i, _ in sites], NEXT_WORDS_TOKENS,
                             batch_size=16, adapter_names=["parent"] * len(sites), prefixes=[p for _, p in sites])[0]
 
-        checked = behaviour_check(rows, pcfg.method, parent_replies, child_replies, parent_next)
+        update_status(run_dir, phase="general text, parent and child")
+        fast = bool(prec["bf16"])  # the probe measured bf16 faster here: half the time, the same ratio
+        general = {who: general_text(served, tokenizer, adapter, fast) for who, adapter in (("parent", "parent"),
+                                                                                             ("child", "default"))}
+        checked = behaviour_check(rows, pcfg.method, parent_replies, child_replies, parent_next, general)
     voice = None
     if cfg.voice_prompts:
         update_status(run_dir, phase="the parent's voice and forgetting check, on the child")
@@ -434,7 +477,7 @@ def _train(run_dir: Path, resume: bool, progress, dev: str, callbacks: list[Trai
         "step": int(trainer.state.global_step), "max_steps": int(trainer.state.max_steps),
         "first_loss": next((m["loss"] for m in metrics if m.get("loss") is not None), None),
         "train_loss": next((m["loss"] for m in reversed(metrics) if m.get("loss") is not None), None),
-        "behaviour": checked,
+        "behaviour": checked, "general_text": general,
         "preference_metrics": {"held_out_pairs": len(held), "beta": pcfg.beta, "before": before, "after": after,
                                "reference": "base model (adapter off)"},
         "voice": voice, "voice_parent": parent.status().get("voice"),
@@ -507,8 +550,8 @@ def model_card(cfg: TrainConfig, pcfg: PreferenceConfig, summary: dict[str, Any]
 
 def status_keys() -> tuple[str, ...]:
     """What `train --json` prints for a preference run besides the SFT keys."""
-    return ("parent", "method", "lineage", "behaviour", "preference_metrics", "voice_parent", "replies", "held_out_pairs",
-            "train_rows")
+    return ("parent", "method", "lineage", "behaviour", "general_text", "preference_metrics", "voice_parent", "replies",
+            "held_out_pairs", "train_rows")
 
 
 # -- the command line -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import math
 import random
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from transformers import TrainerCallback
 
 from tuner import replycache
 from tuner.config import GenerationConfig
-from tuner.evaluate import chrf, general_texts, mean_loss, text_sequences
+from tuner.evaluate import chrf, general_texts, mean_losses, text_sequences
 from tuner.runs import is_main_process, update_status
 from tuner.templates import end_of_turn_token
 from tuner.train.callbacks import from_rank0
@@ -206,10 +207,18 @@ def served_model(model, base_model: str, trained_quantization: str, dev: str):
 def general_perplexity(model, tokenizer, fast: bool = False) -> float | None:
     """Perplexity of the shipped general paragraphs; `fast`: in bf16 (on a CPU whose probe measured bf16
     faster) even for 16/32-bit weights, since only the ratio of tuned to base, both scored alike, is reported."""
+    return general_perplexities(model, tokenizer, fast)[0]
+
+
+def general_perplexities(model, tokenizer, fast: bool = False,
+                         set_aside: Sequence[int] = ()) -> tuple[float | None, float | None]:
+    """general_perplexity, and the same with the tokens `set_aside` (the end of turn) left out of every prediction
+    (tuner.evaluate.mean_losses), from one pass."""
     half = fast and model.device.type == "cpu" and not any(p.dtype == torch.bfloat16 for p in model.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16) if half else autocast(model):
-        loss = mean_loss(model, text_sequences(tokenizer, general_texts()), tokenizer.pad_token_id or 0)
-    return math.exp(loss) if loss is not None else None
+        losses = mean_losses(model, text_sequences(tokenizer, general_texts()), tokenizer.pad_token_id or 0,
+                             set_aside=set_aside)
+    return tuple(math.exp(x) if x is not None else None for x in losses)
 
 
 def _no_verdict(marker: Marker | None, prompts: list) -> dict[str, Any] | None:
