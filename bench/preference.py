@@ -175,33 +175,28 @@ def parent_pairs(out: Path, pg, parent_dir: Path, sizes: tuple[int, ...], seed: 
 
 def stopping(pg, run_dir: Path) -> dict[str, float]:
     """Where the general-text perplexity goes: the same texts scored with the end-of-turn token's probability set
-    aside (each token's probability renormalised over the others: what the model lost of English, apart from
-    wanting to stop), and the mean probability of the end of turn after a sentence's end (. ! ?), where a child
-    taught to stop after one sentence puts it."""
-    import math
-
+    aside (the product's own measure, tuner.train.voicecheck.general_perplexities: what the model lost of English,
+    apart from wanting to stop), and the mean probability of the end of turn after a sentence's end (. ! ?), where a
+    child taught to stop after one sentence puts it."""
     import torch
 
     from tuner.evaluate import general_texts, text_sequences
     from tuner.playground import TUNED
+    from tuner.train.voicecheck import general_perplexities
 
     pg.load_run(run_dir)
     eos = pg.tokenizer.eos_token_id
     ends = {i for t, i in pg.tokenizer.get_vocab().items() if pg.tokenizer.convert_tokens_to_string([t]).strip()[-1:]
             in (".", "!", "?")}
-    nll = after_eos = 0.0
-    n = n_after = 0
+    after_eos, n_after = 0.0, 0
     with pg.column_model(TUNED, run_dir) as model, torch.inference_mode():
+        content_ppl = general_perplexities(model, pg.tokenizer, set_aside=[eos])[1]
         for ids, _ in text_sequences(pg.tokenizer, general_texts()):
-            logps = torch.log_softmax(model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :-1].float(), -1)
-            p_eos = logps[:, eos].exp().clamp(max=1 - 1e-6)
-            target = logps.gather(1, torch.tensor(ids[1:], device=logps.device)[:, None])[:, 0]
-            nll -= float((target - torch.log1p(-p_eos)).sum())
-            n += len(ids) - 1
-            at_end = torch.tensor([t in ends for t in ids[:-1]], device=logps.device)
-            after_eos += float(p_eos[at_end].sum())
+            probs = torch.softmax(model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :-1].float(), -1)
+            at_end = torch.tensor([t in ends for t in ids[:-1]], device=probs.device)
+            after_eos += float(probs[at_end, eos].sum())
             n_after += int(at_end.sum())
-    return {"content_ppl": round(math.exp(nll / n), 3), "stop_after_sentence": round(after_eos / max(n_after, 1), 3)}
+    return {"content_ppl": round(content_ppl, 3), "stop_after_sentence": round(after_eos / max(n_after, 1), 3)}
 
 
 def _reply_prompts(run_dir: Path) -> list[list[dict[str, str]]]:
