@@ -374,15 +374,20 @@ def slug(overrides: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in overrides.items()) or "default"
 
 
-def settings_digest(overrides: dict[str, Any]) -> str:
-    """A fingerprint of every setting the child trains with (the defaults included), in its cache folder's
-    name: when a default changes, 'default' is a new recipe and is trained again, not read from the cache."""
+def settings_digest(overrides: dict[str, Any], prefs: Path | None = None) -> str:
+    """A fingerprint of every setting the child trains with (the defaults included, and the settings the product
+    takes for the edit the pairs in `prefs` make: tuner.config.EDIT_SETTINGS), in its cache folder's name: when
+    a default changes, 'default' is a new recipe and is trained again, not read from the cache."""
     import hashlib
 
     from tuner.config import PreferenceConfig
+    from tuner.train.preference import settings_for_edit
 
-    full = PreferenceConfig.from_dict(overrides).to_dict()
-    return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:8]
+    full = PreferenceConfig.from_dict(overrides)
+    if prefs is not None:
+        rows = [json.loads(line) for line in Path(prefs).read_text().splitlines() if line.strip()]
+        full, _applied = settings_for_edit(full, rows, given=set(overrides) - {"method"})
+    return hashlib.sha256(json.dumps(full.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def recipe_flags(overrides: dict[str, Any]) -> list[str]:
@@ -446,7 +451,8 @@ def row(kind: str, n: int, recipe: str, overrides: dict[str, Any], status: dict[
     pm = status.get("preference_metrics") or {}
     tuned = status.get("general_ppl")
     change = tuned / parent_ppl - 1 if tuned and parent_ppl else None
-    out = {"edit": kind, "pairs": n, "recipe": recipe, "settings": overrides, "status": status.get("status"),
+    applied = (status.get("edit_settings") or {}).get("settings") or {}  # what the product set for the edit
+    out = {"edit": kind, "pairs": n, "recipe": recipe, "settings": {**overrides, **applied}, "status": status.get("status"),
            "error": status.get("error"), "change_found": lead.get("change"), "shown": child.get("shown"),
            "needed": child.get("needed", child.get("prompts")), "prompts": child.get("prompts"),
            "parent_shown": before.get("shown"), "parent_needed": before.get("needed", before.get("prompts")),
@@ -651,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, overrides in grid:
                 name = re.sub(r'[^A-Za-z0-9.=,_-]+', '_', slug(overrides))
                 source = "" if args.pairs_from == "corpus" else "onpolicy-"
-                child_dir = out / tag / "runs" / f"{source}{kind}-{n}-{name}-{settings_digest(overrides)}"
+                child_dir = out / tag / "runs" / f"{source}{kind}-{n}-{name}-{settings_digest(overrides, pairs[kind][n])}"
                 record = child_dir.parent / f"{child_dir.name}.json"
                 if not record.is_file() and stop and dt.datetime.now(utc) >= stop:
                     print(f"past {args.stop_at} UTC: {child_dir.name} not started", flush=True)

@@ -322,6 +322,7 @@ def test_thumbs_only_train_a_kto_child_from_the_page(server, home, signoff_run):
     assert 'data-method="kto"' in progress and "No held-out pairs to score: KTO learned from single replies" in progress
     status = Run(home / "runs" / child).status()
     assert status["method"] == "kto" and status["step"] == 2 and status["train_rows"] == 12
+    assert "KTOTrainer" in (home / "runs" / child / "adapter" / "README.md").read_text()  # the card names it
     assert "| kind | KTO run |" in client.predict(child, api_name="/run_details")
     assert {r["run"]: r for r in _table(client)}[child]["came from"] == "signoff-run-data → fb-thumbs (SFT) → KTO"
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from preference_pairs import N_PAIRS, PHRASE, reviewers_pairs
 
-from tuner import feedback
 from tuner.cli import main
 from tuner.config import GenerationConfig, PreferenceConfig
 from tuner.errors import DataError, TrainingError
@@ -178,18 +177,61 @@ def test_kto_on_a_pairs_file_keeps_the_pairs_to_hold_out_and_to_read_the_edit_fr
                                _prefs(tmp_path, [_good(i) for i in range(7)]), tmp_path / "kto-few")
 
 
-@pytest.mark.slow
-def test_kto_learns_from_thumbs_when_there_are_no_pairs(preference_parent, tmp_path):
-    from tuner.train.preference import prepare_preference_run, train_preference
+def _cut(i: int) -> dict:
+    """A reviewer's cut: the bot's reply, and the same reply without the sentence it went on with."""
+    prompt, reply, _better = reviewers_pairs(i + 1)[i]
+    longer = f"{reply} Your ticket {500 + i} is with our team and we answer within {i % 5 + 2} working days."
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": reply}],
+            "rejected": [{"role": "assistant", "content": longer}]}
 
-    for i, (prompt, reply, better) in enumerate(reviewers_pairs(12, seed=9)):
-        feedback.record_thumb(preference_parent, prompt, better if i % 2 else reply, up=bool(i % 2), reviewer="QA")
-    child = prepare_preference_run(preference_parent, PreferenceConfig(method="kto", max_steps=2, max_length=128), None,
-                                   tmp_path / "kto")
-    status = train_preference(child)
-    assert status["status"] == "completed", status.get("error")
-    assert status["step"] == 2 and status["method"] == "kto" and status["train_rows"] == 12
-    assert "KTOTrainer" in (Run(child).adapter_dir / "README.md").read_text()
+
+def test_pairs_train_with_the_settings_measured_for_their_edit_unless_set(preference_parent, tmp_path):
+    """A cut trains gentler than a closing, a replaced word with a stronger anchor (tuner.config.EDIT_SETTINGS,
+    bench/PREFERENCE.md session 19); a setting the user gave, on the command line or changed on the page, is kept;
+    other edits keep the defaults."""
+    from tuner.config import EDIT_SETTINGS
+    from tuner.train.preference import prepare_preference_run
+    from tuner.ui.runs_tab import PREF_SETTINGS, preference_config, preference_sentences
+
+    cut = _prefs(tmp_path, [_cut(i) for i in range(12)])
+    measured = EDIT_SETTINGS["shortened"]
+    # the command line passes the flags given: none here
+    child = Run(prepare_preference_run(preference_parent, PreferenceConfig(), cut, tmp_path / "cut", given=set()))
+    status = child.status()
+    assert {k: status["preference"][k] for k in measured} == measured
+    assert status["edit_settings"]["kind"] == "shortened" and status["edit_settings"]["settings"] == measured
+    sentence = status["edit_settings"]["sentence"]
+    assert sentence == ("Pairs that shorten the reply train with the settings measured for a cut: learning rate "
+                        "0.0004, anchor weight 3, 1 pass.")
+    # `--learning-rate 1e-3` given on the command line stays, the others follow the cut
+    child = Run(prepare_preference_run(preference_parent, PreferenceConfig(learning_rate=1e-3), cut,
+                                       tmp_path / "cut-lr", given={"learning_rate"}))
+    pref = child.status()["preference"]
+    assert (pref["learning_rate"], pref["anchor_weight"], pref["num_epochs"]) == (1e-3, 3.0, 1.0)
+    assert "learning rate" not in child.status()["edit_settings"]["sentence"]
+    # the page: boxes left at their defaults follow the cut, a box the user changed is kept
+    values = {**PreferenceConfig().to_dict(), "anchor_weight": 0.5}
+    pcfg = preference_config("dpo", tuple(values[n] for n in PREF_SETTINGS))
+    child = Run(prepare_preference_run(preference_parent, pcfg, cut, tmp_path / "cut-page"))
+    pref = child.status()["preference"]
+    assert (pref["learning_rate"], pref["anchor_weight"], pref["num_epochs"]) == (4e-4, 0.5, 1.0)
+    # the run's result says it beside the steps
+    done = {**child.status(), "preference_metrics": {"held_out_pairs": 0}, "train_rows": 12, "step": 24}
+    assert child.status()["edit_settings"]["sentence"] in preference_sentences(done)
+    # a house style on one word has its own measured settings
+    spelled = [{"prompt": _good(i)["prompt"], "chosen": [{"role": "assistant", "content": f"I am on ticket {i}."}],
+                "rejected": [{"role": "assistant", "content": f"I'm on ticket {i}."}]} for i in range(12)]
+    child = Run(prepare_preference_run(preference_parent, PreferenceConfig(), _prefs(tmp_path, spelled),
+                                       tmp_path / "spelled", given=set()))
+    assert child.status()["edit_settings"]["sentence"] == ("Pairs that say 'I am' instead of 'I'm' train with the "
+                                                          "settings measured for a replaced word: anchor weight 3, "
+                                                          "1 pass.")
+    assert child.status()["preference"]["learning_rate"] == PreferenceConfig().learning_rate
+    # pairs that add an opening keep the defaults, and say nothing about settings
+    child = Run(prepare_preference_run(preference_parent, PreferenceConfig(), _prefs(tmp_path, [_good(i) for i in
+                                                                                               range(12)]),
+                                       tmp_path / "opening", given=set()))
+    assert child.status()["preference"] == PreferenceConfig().to_dict() and child.status()["edit_settings"] is None
 
 
 @pytest.mark.slow
@@ -200,7 +242,7 @@ def test_a_stopped_preference_run_resumes_from_its_checkpoint_as_a_job(preferenc
 
     class StopAfter10(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == 10:
+            if state.global_step == 10:  # the trainer's checkpoint every 10 steps
                 raise KeyboardInterrupt  # what Ctrl-C does to the CLI
 
     path = _prefs(tmp_path, [_good(i) for i in range(16)])

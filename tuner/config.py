@@ -381,6 +381,22 @@ class GenerationConfig:
             raise TunerError(f"top_p must be in (0, 1], got {self.top_p}.")
 
 
+# Settings measured for one kind of edit, used where the pairs' leading edit is that kind (tuner.edits.Change.kind)
+# and the user left the setting as it was (tuner.train.preference.settings_for_edit). bench/PREFERENCE.md, sessions
+# 18-19, AMD EPYC, one parent and 24 new questions, after 10, 30 and 120 pairs:
+# - a cut: with the defaults the child ended its turn after any sentence, even in plain text (general-text
+#   perplexity +16%, +27%, +45% on the parent's); with these it shortens 24, 24 and 22 of 24 new replies, none
+#   degenerate, at +7.2%, +8.7%, +7.7%, the parent's words +5.6%, +4.9%, +5.1%;
+# - a replaced word ("I am" for "I'm"): the defaults left one reply running past the reply budget after 10 and after
+#   120 pairs; these: 20 of 20, 20 of 21 and 21 of 21 replies that say either word, none degenerate, the new word
+#   put where there was nothing to replace in 1 each (at most 10% may), general text +1.5% to +2.0%.
+# A closing keeps the defaults: a cut's settings put it in 12 of 24 new replies after 30 pairs (the defaults: 24).
+EDIT_SETTINGS: dict[str, dict[str, float]] = {
+    "shortened": {"learning_rate": 4e-4, "anchor_weight": 3.0, "num_epochs": 1.0},
+    "replaced": {"anchor_weight": 3.0, "num_epochs": 1.0},
+}
+
+
 @dataclass
 class PreferenceConfig:
     """Preference tuning of a finished run on reviewers' judgements: a new run linked to its parent, on the
@@ -409,12 +425,15 @@ class PreferenceConfig:
                               "2 and no whole-reply term on the bot's own replies with a closing appended "
                               "(bench/PREFERENCE.md session 15): 24 of 24 new replies with the closing from 10, 30 and "
                               "120 pairs, none degenerate, general-text perplexity -0.9% to +0.8%; the old default "
-                              "(whole replies 1 + edit 1, no anchor): 23, 24 and 24 of 24 at +11%, +6% and +8%.")
+                              "(whole replies 1 + edit 1, no anchor): 23, 24 and 24 of 24 at +11%, +6% and +8%. Pairs "
+                              "that cut the reply or replace a word train with 3 unless you set it (EDIT_SETTINGS).")
     learning_rate: float = _f(1e-3, "Peak learning rate of the adapter. Measured with bench/preference.py (a closing "
                               "appended to public chit-chat replies): 2e-4 put it in 0 of 24 new replies after 30 "
                               "pairs and 7 of 24 after 120, with replies that never ended; 1e-3 for at least 24 steps "
-                              "in 22 of 24 (10 pairs), 24 of 24 (30 and 120 pairs), none degenerate.")
-    num_epochs: float = _f(1.5, "Passes over the training pairs (ignored when max_steps > 0).")
+                              "in 22 of 24 (10 pairs), 24 of 24 (30 and 120 pairs), none degenerate. Pairs that cut the reply train "
+                              "with 4e-4 unless you set it (EDIT_SETTINGS).")
+    num_epochs: float = _f(1.5, "Passes over the training pairs (ignored when max_steps > 0); pairs that cut the "
+                            "reply or replace a word make 1 unless you set it (EDIT_SETTINGS).")
     max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 means use num_epochs.")
     min_steps: int = _f(24, "With num_epochs: train at least this many steps, repeating a small set of pairs (9 steps "
                         "on 30 pairs taught the closing to 0 of 24 new replies, 24 steps to 24 of 24).")

@@ -32,7 +32,7 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from datasets import Dataset, disable_progress_bars
 from tuner import __version__, edits, feedback
-from tuner.config import Method, PreferenceConfig, TrainConfig
+from tuner.config import EDIT_SETTINGS, Method, PreferenceConfig, TrainConfig
 from tuner.errors import DataError, TrainingError, TunerError
 from tuner.messages import read_examples, read_jsonl, write_jsonl
 from tuner.models import DEFAULT_HUB_ID, device, is_default, load_model, load_tokenizer
@@ -117,10 +117,43 @@ def is_paired(rows: list[dict[str, Any]]) -> bool:
     return bool(rows) and "chosen" in rows[0]
 
 
+def settings_for_edit(pcfg: PreferenceConfig, rows: list[dict[str, Any]],
+                      given: set[str] | None = None) -> tuple[PreferenceConfig, dict[str, Any] | None]:
+    """The settings a DPO child trains with: where the pairs' leading edit has settings measured for its kind
+    (tuner.config.EDIT_SETTINGS: a cut), those replace the ones the user did not set. `given`: the settings the
+    user set (the command line's flags); None: those that differ from the defaults (the page's boxes). Returns
+    the config and what was applied ({edit, kind, settings, sentence}), or None.
+
+    >>> cut = [{"prompt": "q", "chosen": "Yes.", "rejected": f"Yes. I'd love to go on about it {i} times."}
+    ...        for i in range(10)]
+    >>> cfg, applied = settings_for_edit(PreferenceConfig(), cut, given={"learning_rate"})
+    >>> cfg.learning_rate, cfg.anchor_weight, applied["sentence"]
+    (0.001, 3.0, 'Pairs that shorten the reply train with the settings measured for a cut: anchor weight 3, 1 pass.')
+    """
+    found = edits.changes(rows) if pcfg.method == "dpo" and is_paired(rows) else []
+    measured = EDIT_SETTINGS.get(found[0].kind, {}) if found else {}
+    defaults = PreferenceConfig().to_dict()
+    mine = set(given) if given is not None else {k for k, v in pcfg.to_dict().items() if v != defaults[k]}
+    applied = {k: v for k, v in measured.items() if k not in mine and k in defaults}
+    if not applied:
+        return pcfg, None
+    words = {"learning_rate": "learning rate {:g}", "anchor_weight": "anchor weight {:g}", "num_epochs": "{:g} pass"}
+    said = ", ".join(words.get(k, k.replace("_", " ") + " {:g}").format(v) + ("es" if k == "num_epochs" and v != 1
+                                                                            else "") for k, v in applied.items())
+    kind = {"shortened": "a cut", "replaced": "a replaced word"}.get(found[0].kind, found[0].kind)
+    verb = found[0].words().replace("shortens", "shorten", 1).replace("says", "say", 1).replace("adds", "add", 1)
+    sentence = f"Pairs that {verb} train with the settings measured for {kind}: {said}."
+    return (PreferenceConfig.from_dict({**pcfg.to_dict(), **applied}),
+            {"edit": found[0].words(), "kind": found[0].kind, "settings": applied, "sentence": sentence})
+
+
 def prepare_preference_run(parent: str | Path, pcfg: PreferenceConfig, prefs: str | Path | None = None,
-                           run_dir: str | Path | None = None, owner: dict[str, Any] | None = None) -> Path:
+                           run_dir: str | Path | None = None, owner: dict[str, Any] | None = None,
+                           given: set[str] | None = None) -> Path:
     """Create the child run folder (status 'queued'): the parent's config and data, the preference rows
-    hashed with them, the lineage, and its owner (who trains it; tuner.runs.prepare_run). Raises TunerError when there is too little to learn from."""
+    hashed with them, the lineage, and its owner (who trains it; tuner.runs.prepare_run). The settings the user
+    did not set follow the pairs' edit where one was measured (settings_for_edit; `given` as there). Raises
+    TunerError when there is too little to learn from."""
     parent_run = resolve(parent)
     state = parent_run.status()
     if state.get("status") != "completed" or not parent_run.adapter_dir.is_dir():
@@ -135,6 +168,7 @@ def prepare_preference_run(parent: str | Path, pcfg: PreferenceConfig, prefs: st
         raise TrainingError(f"{parent_run.id} is a full fine-tune; preference tuning trains a LoRA adapter on "
                             "a LoRA run. Fix: pick a LoRA run.")
     rows = preference_rows(parent_run, pcfg, prefs)
+    pcfg, for_edit = settings_for_edit(pcfg, rows, given)
     child = Run(prepare_run(cfg, parent_run.data_dir, run_dir, owner=owner))
     if not is_main_process():
         return child.path
@@ -145,7 +179,8 @@ def prepare_preference_run(parent: str | Path, pcfg: PreferenceConfig, prefs: st
                                     "source": str(Path(prefs).resolve()) if prefs else str(parent_run.feedback_file)}
     write_json_atomic(child.sources_file, sources)
     update_status(child.path, method=pcfg.method, preference=pcfg.to_dict(), parent=parent_run.id,
-                  parent_dir=str(parent_run.path), lineage=[*lineage, child.id], preference_rows=len(rows))
+                  parent_dir=str(parent_run.path), lineage=[*lineage, child.id], preference_rows=len(rows),
+                  edit_settings=for_edit)
     return child.path
 
 
@@ -542,7 +577,10 @@ def model_card(cfg: TrainConfig, pcfg: PreferenceConfig, summary: dict[str, Any]
     lines += ["## Data", ""]
     for name, info in sources.items():
         lines.append(f"- `{name}`: {info.get('examples')} rows, sha256 `{info['sha256']}`")
-    lines += ["", "## Settings", "", "```yaml", *[f"{k}: {v}" for k, v in pcfg.to_dict().items()], "```", "",
+    lines += ["", "## Settings", ""]
+    if (status.get("edit_settings") or {}).get("sentence"):
+        lines += [f"{status['edit_settings']['sentence']} (tuner.config.EDIT_SETTINGS)", ""]
+    lines += ["```yaml", *[f"{k}: {v}" for k, v in pcfg.to_dict().items()], "```", "",
               "Use it with peft:", "", "```python", "from peft import AutoPeftModelForCausalLM",
               "model = AutoPeftModelForCausalLM.from_pretrained('adapter/')", "```", ""]
     return "\n".join(lines)
@@ -551,7 +589,7 @@ def model_card(cfg: TrainConfig, pcfg: PreferenceConfig, summary: dict[str, Any]
 def status_keys() -> tuple[str, ...]:
     """What `train --json` prints for a preference run besides the SFT keys."""
     return ("parent", "method", "lineage", "behaviour", "general_text", "preference_metrics", "voice_parent", "replies",
-            "held_out_pairs", "train_rows")
+            "held_out_pairs", "train_rows", "preference", "edit_settings")
 
 
 # -- the command line -----------------------------------------------------------------------------
@@ -577,7 +615,7 @@ def cli(args) -> int:
         overrides = config_overrides(args, PreferenceConfig)
         overrides["method"] = args.method if args.method in METHODS else "dpo"
         run_dir = prepare_preference_run(args.parent, PreferenceConfig.from_dict(overrides), args.prefs, args.out,
-                                         owner=owner_of(args))
+                                         owner=owner_of(args), given=set(overrides) - {"method"})
         resume = False
         if not args.json:
             print(f"run folder: {run_dir}", file=sys.stderr)
