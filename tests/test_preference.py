@@ -227,7 +227,13 @@ def test_pairs_train_with_the_settings_measured_for_their_edit_unless_set(prefer
                                                           "settings measured for a replaced word: anchor weight 3, "
                                                           "1 pass.")
     assert child.status()["preference"]["learning_rate"] == PreferenceConfig().learning_rate
-    # pairs that add an opening keep the defaults, and say nothing about settings
+    # a closing has its own; an opening was not measured: it keeps the defaults, and says nothing about settings
+    closing = [{**_good(i), "chosen": [{"role": "assistant", "content": _good(i)["rejected"][0]["content"] +
+                                        " Cheers from Kettle!"}]} for i in range(12)]
+    child = Run(prepare_preference_run(preference_parent, PreferenceConfig(), _prefs(tmp_path, closing),
+                                       tmp_path / "closing", given=set()))
+    assert child.status()["edit_settings"]["sentence"] == ("Pairs that add 'Cheers from Kettle!' at the end train "
+                                                          "with the settings measured for a closing: edit weight 4.")
     child = Run(prepare_preference_run(preference_parent, PreferenceConfig(), _prefs(tmp_path, [_good(i) for i in
                                                                                                range(12)]),
                                        tmp_path / "opening", given=set()))

@@ -381,17 +381,20 @@ class GenerationConfig:
             raise TunerError(f"top_p must be in (0, 1], got {self.top_p}.")
 
 
-# Settings measured for one kind of edit, used where the pairs' leading edit is that kind (tuner.edits.Change.kind)
-# and the user left the setting as it was (tuner.train.preference.settings_for_edit). bench/PREFERENCE.md, sessions
-# 18-19, AMD EPYC, one parent and 24 new questions, after 10, 30 and 120 pairs:
+# Settings measured for one kind of edit, used where the pairs' leading edit is that kind (tuner.edits.Change.kind,
+# and its place for added text) and the user left the setting as it was (tuner.train.preference.settings_for_edit).
+# bench/PREFERENCE.md, sessions 18-19, AMD EPYC, one parent and 24 new questions, after 10, 30 and 120 pairs:
 # - a cut: with the defaults the child ended its turn after any sentence, even in plain text (general-text
 #   perplexity +16%, +27%, +45% on the parent's); with these it shortens 24, 24 and 22 of 24 new replies, none
 #   degenerate, at +7.2%, +8.7%, +7.7%, the parent's words +5.6%, +4.9%, +5.1%;
 # - a replaced word ("I am" for "I'm"): the defaults left one reply running past the reply budget after 10 and after
 #   120 pairs; these: 20 of 20, 20 of 21 and 21 of 21 replies that say either word, none degenerate, the new word
 #   put where there was nothing to replace in 1 each (at most 10% may), general text +1.5% to +2.0%.
-# A closing keeps the defaults: a cut's settings put it in 12 of 24 new replies after 30 pairs (the defaults: 24).
+# - a closing (text added at the end; key "added:end"): the defaults left one reply in 24 running past the reply
+#   budget after 10 pairs; edit weight 4: 24 of 24 after 10, 30 and 120 pairs, none degenerate, general text
+#   -1.0% to +0.6%, the parent's words -0.5% to +0.9%. (A cut's settings put it in 12 of 24 after 30 pairs.)
 EDIT_SETTINGS: dict[str, dict[str, float]] = {
+    "added:end": {"edit_weight": 4.0},
     "shortened": {"learning_rate": 4e-4, "anchor_weight": 3.0, "num_epochs": 1.0},
     "replaced": {"anchor_weight": 3.0, "num_epochs": 1.0},
 }
@@ -418,7 +421,8 @@ class PreferenceConfig:
                             "rejected differ to the end of the reply (for a cut: the end of turn where the bot went "
                             "on). A replaced word has none (DPO on the two words alone learns it); where one "
                             "token replaces one, the same weight holds the child there at the parent's distribution with "
-                            "the old word's probability given to the new one.")
+                            "the old word's probability given to the new one. Pairs that add a closing train with "
+                            "4 unless you set it (EDIT_SETTINGS).")
     anchor_weight: float = _f(1.0, "dpo: weight of a term that holds the child's next-token distributions where the "
                               "chosen replies' kept words are predicted (the words outside the edit) at the parent's: "
                               "the mean KL divergence, child from parent (tuner.train.editspan). Measured with edit_weight "

@@ -120,9 +120,10 @@ def is_paired(rows: list[dict[str, Any]]) -> bool:
 def settings_for_edit(pcfg: PreferenceConfig, rows: list[dict[str, Any]],
                       given: set[str] | None = None) -> tuple[PreferenceConfig, dict[str, Any] | None]:
     """The settings a DPO child trains with: where the pairs' leading edit has settings measured for its kind
-    (tuner.config.EDIT_SETTINGS: a cut), those replace the ones the user did not set. `given`: the settings the
-    user set (the command line's flags); None: those that differ from the defaults (the page's boxes). Returns
-    the config and what was applied ({edit, kind, settings, sentence}), or None.
+    (tuner.config.EDIT_SETTINGS: a closing, a replaced word, a cut), those replace the ones the user did not
+    set. `given`: the settings the user set (the command line's flags); None: those that differ from the
+    defaults (the page's boxes). Returns the config and what was applied ({edit, kind, settings, sentence}),
+    or None.
 
     >>> cut = [{"prompt": "q", "chosen": "Yes.", "rejected": f"Yes. I'd love to go on about it {i} times."}
     ...        for i in range(10)]
@@ -131,20 +132,20 @@ def settings_for_edit(pcfg: PreferenceConfig, rows: list[dict[str, Any]],
     (0.001, 3.0, 'Pairs that shorten the reply train with the settings measured for a cut: anchor weight 3, 1 pass.')
     """
     found = edits.changes(rows) if pcfg.method == "dpo" and is_paired(rows) else []
-    measured = EDIT_SETTINGS.get(found[0].kind, {}) if found else {}
+    lead = found[0] if found else None
+    measured = EDIT_SETTINGS.get(f"{lead.kind}:{lead.where}" if lead.where else lead.kind, {}) if lead else {}
     defaults = PreferenceConfig().to_dict()
     mine = set(given) if given is not None else {k for k, v in pcfg.to_dict().items() if v != defaults[k]}
     applied = {k: v for k, v in measured.items() if k not in mine and k in defaults}
     if not applied:
         return pcfg, None
-    words = {"learning_rate": "learning rate {:g}", "anchor_weight": "anchor weight {:g}", "num_epochs": "{:g} pass"}
-    said = ", ".join(words.get(k, k.replace("_", " ") + " {:g}").format(v) + ("es" if k == "num_epochs" and v != 1
-                                                                            else "") for k, v in applied.items())
-    kind = {"shortened": "a cut", "replaced": "a replaced word"}.get(found[0].kind, found[0].kind)
-    verb = found[0].words().replace("shortens", "shorten", 1).replace("says", "say", 1).replace("adds", "add", 1)
+    said = ", ".join(f"{v:g} pass{'' if v == 1 else 'es'}" if k == "num_epochs" else f"{k.replace('_', ' ')} {v:g}"
+                     for k, v in applied.items())
+    kind = {"shortened": "a cut", "replaced": "a replaced word", "added": "a closing"}.get(lead.kind, lead.kind)
+    verb = lead.words().replace("shortens", "shorten", 1).replace("says", "say", 1).replace("adds", "add", 1)
     sentence = f"Pairs that {verb} train with the settings measured for {kind}: {said}."
     return (PreferenceConfig.from_dict({**pcfg.to_dict(), **applied}),
-            {"edit": found[0].words(), "kind": found[0].kind, "settings": applied, "sentence": sentence})
+            {"edit": lead.words(), "kind": lead.kind, "settings": applied, "sentence": sentence})
 
 
 def prepare_preference_run(parent: str | Path, pcfg: PreferenceConfig, prefs: str | Path | None = None,

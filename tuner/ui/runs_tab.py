@@ -140,7 +140,7 @@ def preference_sentences(status: dict[str, Any]) -> list[str]:
         kind = "pairs" if method == "DPO" or pm.get("held_out_pairs") else "judged replies"  # KTO: pairs or thumbs
         out.append(f"Trained on {status['train_rows']} {kind} of {status.get('preference_rows', '?')} "
                    f"(beta {(status.get('preference') or {}).get('beta')}), {status.get('step')} steps.")
-    if (status.get("edit_settings") or {}).get("sentence"):  # settings measured for the pairs' edit (a cut)
+    if (status.get("edit_settings") or {}).get("sentence"):  # settings measured for the pairs' edit (tuner.config.EDIT_SETTINGS)
         out.append(status["edit_settings"]["sentence"])
     child, parent = (status.get("voice") or {}).get("sentence"), (status.get("voice_parent") or {}).get("sentence")
     if child and (child == parent or child[:1].isupper()):  # no habit to check, or no new question: said once
