@@ -61,3 +61,43 @@ def test_readme_starts_with_space_metadata_and_the_two_commands():
 def test_ci_calls_the_readme_test_command_only():
     lines = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert lines[-1].strip() == "make test"
+
+
+def _tuner_imports() -> dict[str, set[str]]:
+    """Each tuner module -> the tuner modules it imports, at the top or inside a function (an import put off
+    into a function still ties the two modules together)."""
+    import ast
+
+    files = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in (ROOT / "tuner").rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("tuner"):
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                          for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name in files}
+        graph[name] = {m for m in found if m in files and m != name}
+    return graph
+
+
+def test_tuner_modules_import_each_other_without_circles():
+    # a circle makes the import order matter and keeps either module from being read (or tested) alone
+    graph = _tuner_imports()
+    assert graph["tuner.export_cli"] >= {"tuner.export", "tuner.gguf"}  # the graph sees what it must
+    circles, done = [], set()
+
+    def visit(module: str, path: list[str]) -> None:
+        for dep in sorted(graph[module]):
+            if dep in path:
+                circles.append(" -> ".join(path[path.index(dep):] + [dep]))
+            elif dep not in done:
+                visit(dep, path + [dep])
+        done.add(module)
+
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [module])
+    assert not circles, f"import circles: {circles}"

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("tuner.train.cli", "Fine-tune a base model (QLoRA by default) on converted examples."),
     "chat": ("tuner.playground", "Ask a trained run (and the base model) one prompt."),
     "eval": ("tuner.evaluate", "Compare base and tuned replies on held-out prompts, with voice metrics."),
-    "export": ("tuner.export", "Export a run's adapter, or the merged model, to a folder or the Hub."),
+    "export": ("tuner.export_cli", "Export a run's adapter, or the merged model, to a folder or the Hub."),
     "publish": ("tuner.publish", "Write (and optionally push) a standalone chat Space for a run."),
     "passwd": ("tuner.auth", "Print (or --file: append) a password-file line `user:HASH` for TUNER_AUTH=@FILE."),
     "bench": ("bench.speed", "Benchmark speed (default recipe vs plain TRL) or, with --only voice, the voice."),

@@ -32,7 +32,6 @@ import random
 import re
 import sys
 import time
-import unicodedata
 from array import array
 from collections import Counter
 from collections.abc import Callable
@@ -62,24 +61,12 @@ from tuner.formats import (
     parse,
     resolve_format,
 )
+from tuner.pii import PII_WORDS
 from tuner.progress import fmt_duration
+from tuner.roles import _label, role_of
 from tuner.words import agree, and_list, plural
 
 # -- speakers -> roles ---------------------------------------------------------------------------------
-
-ASSISTANT_LABELS = frozenset({
-    "assistant", "gpt", "chatgpt", "bot", "chatbot", "agent", "support", "support agent", "support team", "rep",
-    "representative", "operator", "staff", "helpdesk", "help desk", "advisor", "adviser", "ai", "model", "csr",
-    "customer service", "customer support", "customer care", "service desk", "concierge", "specialist",
-})
-USER_LABELS = frozenset({
-    "user", "human", "customer", "client", "visitor", "end-user", "end user", "enduser", "guest", "caller", "member",
-    "requester", "requestor", "prompter", "buyer", "shopper", "contact", "patient", "student", "consumer",
-})
-# role schemas (OpenAI, ShareGPT, Alpaca) accept only their own names, not free speaker labels
-SCHEMA_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant",
-                "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
-                "model": "assistant"}
 
 # advice in reports names the fix as the caller's user meets it: command-line flags, or settings in words
 HINTS: dict[str, dict[str, str]] = {
@@ -103,35 +90,6 @@ HINTS: dict[str, dict[str, str]] = {
     },
 }
 
-
-def _label(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", str(text)).casefold().replace("_", " ").split()).strip(" .:-")
-
-
-def role_of(label: str, strict: bool = False, assistant_names: list[str] | tuple[str, ...] = (),
-            user_names: list[str] | tuple[str, ...] = ()) -> str | None:
-    """'assistant', 'user' or 'system' for a speaker label; None when it cannot be told.
-
-    >>> role_of("Agent Rosa"), role_of("customer"), role_of("Kettle & Co.", assistant_names=["Kettle & Co."])
-    ('assistant', 'user', 'assistant')
-    """
-    key = _label(label)
-    if key in {_label(n) for n in assistant_names}:
-        return "assistant"
-    if key in {_label(n) for n in user_names}:
-        return "user"
-    if strict:
-        return SCHEMA_ROLES.get(key)
-    if key == "system":
-        return "system"
-    if key in ASSISTANT_LABELS:
-        return "assistant"
-    if key in USER_LABELS:
-        return "user"
-    # "Agent Rosa", "Rosa (support)", "Customer #123": a known label as one of the words
-    words = set(re.findall(r"[^\W_]+(?:-[^\W_]+)*", key))
-    sides = {"assistant" for w in words if w in ASSISTANT_LABELS} | {"user" for w in words if w in USER_LABELS}
-    return sides.pop() if len(sides) == 1 else None
 
 
 @lru_cache(maxsize=4096)
@@ -993,9 +951,6 @@ def _terminal_progress() -> Callable[[float, str], None] | None:
     return update
 
 
-# report.json's PII kinds in words: (one, many)
-PII_WORDS = {"email": ("e-mail address", "e-mail addresses"), "phone": ("phone number", "phone numbers"),
-             "card": ("card number", "card numbers"), "iban": ("IBAN", "IBANs"), "ip": ("IP address", "IP addresses")}
 _PII_KINDS = ", ".join(many for _, many in list(PII_WORDS.values())[:-1]) + " or " + PII_WORDS["ip"][1]
 PII_SCOPE = ("It looks for e-mail addresses, phone numbers, card numbers, IBANs and IP addresses only, "
              "not names or postal addresses.")

@@ -28,6 +28,7 @@ from typing import Any
 
 from tuner import limits
 from tuner.errors import DataError
+from tuner.roles import role_of
 from tuner.words import agree, plural
 
 # -- drop categories (after OpenAI's published fine-tuning data checks) ---------------------------
@@ -911,8 +912,6 @@ def learn_speakers(src: Source) -> Speakers:
 
     >>> # [10:02] Customer: ... / [10:03] Agent Maya: Try this: / else: / try:  ->  {Customer, Agent Maya}
     """
-    from tuner.dataset import role_of  # the known role names live with the role mapping
-
     counts: dict[str, list[int]] = {}  # label -> [lines, lines with text after the colon, stamped lines]
     scan = Source(src.path, src.name, max_lines=src.max_lines)
     for _lineno, text, problem in lines(scan):

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import DataError
+from tuner.pii import PII_WORDS
 
 METRIC = "memorisation"  # the key under eval.json's metrics
 MIN_WORDS = 12  # a copied span is this many words or more
@@ -407,8 +408,6 @@ def measure(pg: Any, run_dir: Path, rows: Sequence[dict[str, Any]], phrases: Seq
 
 
 def _pii_words(found: Sequence[dict[str, Any]]) -> str:
-    from tuner.dataset import PII_WORDS
-
     kinds: dict[str, int] = {}
     for f in found:
         kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1

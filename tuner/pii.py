@@ -17,6 +17,9 @@ from functools import lru_cache
 
 PLACEHOLDERS: dict[str, str] = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]", "iban": "[IBAN]", "ip": "[IP]"}
 TYPES = tuple(PLACEHOLDERS)
+# the kinds (report.json's `pii` keys) in words: (one, many)
+PII_WORDS = {"email": ("e-mail address", "e-mail addresses"), "phone": ("phone number", "phone numbers"),
+             "card": ("card number", "card numbers"), "iban": ("IBAN", "IBANs"), "ip": ("IP address", "IP addresses")}
 
 _EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}(?![\w-])")
 _IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")

@@ -137,9 +137,7 @@ def cli(args: argparse.Namespace) -> int:
 
 def _cli(args: argparse.Namespace) -> int:
     if args.method in ("dpo", "kto") or args.parent or args.prefs or _is_preference(args.resume or args.run):
-        from tuner.train.preference import cli as preference_cli
-
-        return preference_cli(args)
+        return _cli_preference(args)
     given = [f"--{k.replace('_', '-')}" for k in config_overrides(args, PreferenceConfig) if k not in PREFERENCE_SHARED]
     if given:
         raise TunerError(f"{', '.join(given)}: preference setting(s), for a preference run. Fix: add --method dpo "
@@ -269,6 +267,53 @@ def final_words(status: dict[str, Any], run_dir: Path) -> str:
         if (status.get("voice") or {}).get("sentence"):
             line += f"\nvoice: {status['voice']['sentence']}"
     return line
+
+
+def _cli_preference(args: argparse.Namespace) -> int:
+    """`python -m tuner train --method dpo|kto --from RUN [--prefs FILE] [--out DIR] [--json]`, and
+    `--run/--resume DIR` of a preference run (tuner.jobs starts those like any run)."""
+    from tuner import feedback
+    from tuner.train.preference import METHODS, prepare_preference_run, status_keys, train_preference
+
+    if args.resume or args.run:
+        run_dir, resume = resolve(args.resume or args.run).path, bool(args.resume)
+    else:
+        if not args.parent:
+            raise TunerError("Preference tuning starts from a finished run. Fix: add --from RUN.")
+        if args.data:
+            raise TunerError("--data is for SFT; preference tuning reads pairs. Fix: drop --data, and give "
+                             "--prefs FILE or nothing (the --from run's feedback).")
+        overrides = config_overrides(args, PreferenceConfig)
+        overrides["method"] = args.method if args.method in METHODS else "dpo"
+        run_dir = prepare_preference_run(args.parent, PreferenceConfig.from_dict(overrides), args.prefs, args.out,
+                                         owner=owner_of(args), given=set(overrides) - {"method"})
+        resume = False
+        if not args.json:
+            print(f"run folder: {run_dir}", file=sys.stderr)
+    update, close = progress_printer(args.json)
+    try:
+        status = train_preference(run_dir, resume=resume, progress=update)
+    finally:
+        close()
+    if args.json:
+        keys = ("status", "error", "adapter", "train_loss", "step", "max_steps", "wall_s", "peak_memory_mb",
+                "device", "precision", "voice", *status_keys())
+        verdict = (status.get("voice") or {}).get("sentence")
+        behaviour = (status.get("behaviour") or {}).get("sentence")  # what the run changed leads, then the rest
+        print(json.dumps({"run": str(run_dir), "result": behaviour, "verdict": verdict,
+                          **{k: status.get(k) for k in keys}}))
+    else:
+        line = f"{status['status']}: {run_dir}"
+        if status.get("error"):
+            line += f"\n{status['error']}"
+        elif status.get("adapter"):
+            pairs = feedback.pairs_sentence(status.get("preference_metrics") or {}, method=status["method"].upper())
+            line += (f"\n{(status.get('behaviour') or {}).get('sentence', '')}\n{pairs}\n"
+                     f"result: {status['adapter']} ({status.get('step')} steps, {status.get('wall_s')} s)")
+            if (status.get("voice") or {}).get("sentence"):
+                line += f"\nvoice: {status['voice']['sentence']}"
+        print(line, file=sys.stderr)
+    return 0 if status["status"] == "completed" else 1
 
 
 def _process_start() -> float | None:
