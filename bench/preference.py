@@ -267,7 +267,8 @@ def parent_words(pg, run_dir: Path, parent_dir: Path, kind: str, status: dict[st
 def greedy_floor(run_dir: Path, parent_dir: Path) -> dict[str, Any]:
     """The floor under the word-similarity voice measure: the parent's greedy replies to a run's new questions on
     the base the product asks them on (the playground's: tuner.train.voicecheck.served_model), in its dtype and in
-    the other one (bf16 for fp32, and back), median word similarity. Nothing about the parent changes but rounding."""
+    the other one (bf16 for fp32, and back), median word similarity, and the degenerate replies (loops, no end of
+    turn) in each: what rounding alone does to them. Nothing about the parent changes but rounding."""
     import torch
     from peft import PeftModel
 
@@ -286,14 +287,19 @@ def greedy_floor(run_dir: Path, parent_dir: Path) -> dict[str, Any]:
     used = serving_dtype("cpu")
     other = torch.bfloat16 if used != torch.bfloat16 else torch.float32
     quant = serving_quantization(Run(run_dir).status().get("quantization", "nf4"), "cpu")
-    got = []
+    from tuner.verdict import degenerate
+
+    got, bad = [], []
     for dtype in (used, other):
         base = load_model(cfg.base_model, quantization=quant, dtype=dtype, dev="cpu")
-        got.append(generate(PeftModel.from_pretrained(base, str(parent_dir / "adapter")), tok, tok.chat_template,
-                            prompts, budget, batch_size=16)[0])
+        replies, ended = generate(PeftModel.from_pretrained(base, str(parent_dir / "adapter")), tok, tok.chat_template,
+                                  prompts, budget, batch_size=16)
+        got.append(replies)
+        bad.append(sum(degenerate(r, e) is not None for r, e in zip(replies, ended, strict=True)))
     scores = [SequenceMatcher(None, _words(a), _words(b), autojunk=False).ratio() for a, b in zip(*got, strict=True)]
     return {"similarity": round(statistics.median(scores), 3), "identical": sum(a == b for a, b in zip(*got, strict=True)),
-            "replies": len(scores), "precisions": [str(used).removeprefix("torch."), str(other).removeprefix("torch.")]}
+            "replies": len(scores), "precisions": [str(used).removeprefix("torch."), str(other).removeprefix("torch.")],
+            "degenerate": bad}
 
 
 def run_cli(args: list[str], what: str) -> dict[str, Any]:
@@ -321,7 +327,8 @@ def parent_run(data: Path, run_dir: Path) -> dict[str, Any]:
 
 def recipe_overrides(name: str, beta: float | None = None, learning_rate: float | None = None) -> dict[str, Any]:
     """A named recipe as PreferenceConfig overrides, the settings equal to the defaults left out (so one run
-    has one cache folder whatever it is called).
+    has one cache folder whatever it is called), except those the product sets per edit (EDIT_SETTINGS): a
+    default given there keeps the product from taking the edit's setting, as the same flag does on the command line.
 
     'default' (the product's settings); 'kto' (KTO on the pairs, unpaired: chosen up, rejected down);
     'LOSS' (a DPO-family loss of trl's alone: sigmoid, ipo, apo_zero, robust, hinge; without the product's edit
@@ -332,8 +339,10 @@ def recipe_overrides(name: str, beta: float | None = None, learning_rate: float 
     {'anchor_weight': 0.0, 'beta': 0.5, 'edit_weight': 0.0, 'loss': 'ipo', 'sft_weight': 1.0}
     >>> recipe_overrides("sigmoid")
     {'anchor_weight': 0.0, 'edit_weight': 0.0}
+    >>> recipe_overrides("anchor_weight=1,num_epochs=1.5,beta=0.1")  # the defaults, not a cut's or a word's
+    {'anchor_weight': 1, 'num_epochs': 1.5}
     """
-    from tuner.config import PreferenceConfig, choices
+    from tuner.config import EDIT_SETTINGS, PreferenceConfig, choices
 
     loss_choices = choices(PreferenceConfig, "loss") or ()
     values: dict[str, Any] = {}
@@ -355,7 +364,8 @@ def recipe_overrides(name: str, beta: float | None = None, learning_rate: float 
         values["learning_rate"] = learning_rate
     defaults = PreferenceConfig().to_dict()
     PreferenceConfig.from_dict(values)  # an unknown or invalid setting stops here, before any training
-    return {k: v for k, v in sorted(values.items()) if defaults.get(k) != v}
+    per_edit = {key for settings in EDIT_SETTINGS.values() for key in settings}
+    return {k: v for k, v in sorted(values.items()) if k in per_edit or defaults.get(k) != v}
 
 
 def _value(text: str) -> Any:
@@ -376,18 +386,23 @@ def slug(overrides: dict[str, Any]) -> str:
 
 def settings_digest(overrides: dict[str, Any], prefs: Path | None = None) -> str:
     """A fingerprint of every setting the child trains with (the defaults included, and the settings the product
-    takes for the edit the pairs in `prefs` make: tuner.config.EDIT_SETTINGS), in its cache folder's name: when
-    a default changes, 'default' is a new recipe and is trained again, not read from the cache."""
+    takes for the edit the pairs in `prefs` make: tuner.config.EDIT_SETTINGS) and of the loss's version
+    (tuner.train.editspan.LOSS_VERSION), in its cache folder's name: when a default or the loss changes, 'default'
+    is a new recipe and is trained again, not read from the cache."""
     import hashlib
 
     from tuner.config import PreferenceConfig
+    from tuner.train.editspan import LOSS_VERSION
     from tuner.train.preference import settings_for_edit
 
     full = PreferenceConfig.from_dict(overrides)
     if prefs is not None:
         rows = [json.loads(line) for line in Path(prefs).read_text().splitlines() if line.strip()]
         full, _applied = settings_for_edit(full, rows, given=set(overrides) - {"method"})
-    return hashlib.sha256(json.dumps(full.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    key = full.to_dict()
+    if LOSS_VERSION > 1:  # the loss's code: a changed loss trains again (version 1's runs were keyed without it)
+        key["loss_version"] = LOSS_VERSION
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def recipe_flags(overrides: dict[str, Any]) -> list[str]:
@@ -574,7 +589,9 @@ def floor_line(parent: dict[str, Any]) -> str:
     if not f:
         return ""
     return (f" The same parent's greedy replies in {f['precisions'][1]} against {f['precisions'][0]} (nothing changed"
-            f" but rounding): {f['similarity']} word similarity, median, {f['identical']} of {f['replies']} identical.")
+            f" but rounding): {f['similarity']} word similarity, median, {f['identical']} of {f['replies']} identical"
+            + (f"; degenerate: {f['degenerate'][0]} of {f['replies']} in {f['precisions'][0]}, {f['degenerate'][1]} in "
+               f"{f['precisions'][1]}." if "degenerate" in f else "."))
 
 
 def _pct(x: float | None) -> str:
@@ -670,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
                     status["stopping"] = status.get("stopping") or stopping(pg, child_dir)
                     status["parent_words"] = parent_words(pg, child_dir, parent_dir, kind, status)
                     record.write_text(json.dumps(status))
-                if status.get("status") == "completed" and parent.get("greedy_floor") is None:
+                if status.get("status") == "completed" and "degenerate" not in (parent.get("greedy_floor") or {}):
                     parent["greedy_floor"] = greedy_floor(child_dir, parent_dir)
                     (parent_dir.parent / f"{parent_dir.name}.json").write_text(json.dumps(parent))
                 r = {**row(kind, n, label, overrides, status, parent["general_ppl"], parent.get("stopping")),

@@ -62,6 +62,9 @@ def test_replies_are_graded_for_the_change_with_degenerate_replies_counted_not_c
     cut = behaviour(change, parent[:2], [child[0], child[0]], child_ended=[True, False])
     assert cut["child"] == {"prompts": 2, "needed": 2, "shown": 1, "looped": 0, "unended": 1, "empty": 0,
                             "repeated": 0}  # the reply cut off is not counted twice
+    # where the parent's own reply to a question ran past the limit too, the sentence says so beside the child's
+    both = behaviour(change, parent[:2], [child[0], child[0]], parent_ended=[False, True], child_ended=[True, False])
+    assert both["sentence"].endswith("; 1 reply looped or never ended (parent: 1)")
 
 
 def test_a_child_that_says_nothing_has_not_learned_to_shorten_its_replies():

@@ -390,7 +390,8 @@ class GenerationConfig:
 # - a replaced word ("I am" for "I'm"): the defaults left one reply running past the reply budget after 10 and after
 #   120 pairs; these: 20 of 20, 20 of 21 and 21 of 21 replies that say either word, none degenerate, the new word
 #   put where there was nothing to replace in 1 each (at most 10% may), general text +1.5% to +2.0%. On a second
-#   parent, not chosen on, these missed: 1 to 3 replies past the budget (the defaults were not run there);
+#   parent, not chosen on, these missed: 1 to 3 replies past the budget; so did the defaults (1 to 3) and every
+#   other setting tried there (session 20), on a parent whose own replies leave 1 of 24 past it;
 # - a closing (text added at the end; key "added:end"): the defaults left one reply in 24 running past the reply
 #   budget after 10 pairs; edit weight 4: 24 of 24 after 10, 30 and 120 pairs, none degenerate, general text
 #   -1.0% to +0.6%, the parent's words -0.5% to +0.9%. (A cut's settings put it in 12 of 24 after 30 pairs.)

@@ -222,6 +222,9 @@ def behaviour(change: Change, parent: Sequence[str], child: Sequence[str], paren
         how = (f"looped, never ended or said nothing ({after['empty']} said nothing"
                + (" besides the added text)" if change.kind == "added" else ")"))
     sentence += f"; {degenerate_n} {'reply' if degenerate_n == 1 else 'replies'} {how}"
+    parent_bad = before["looped"] + before["unended"] + before["empty"]
+    if parent_bad:  # the parent's own, to the same questions: what the child started from
+        sentence += f" (parent: {parent_bad})"
     if after["repeated"] > before["repeated"]:  # stock replies: the edit said on answers the bot no longer gives
         sentence += (f"; {after['repeated']} of {after['prompts']} say word for word what it said to another new "
                      f"question (parent: {before['repeated']})")

@@ -45,6 +45,11 @@ import torch
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+# bench/preference.py keys its cache of trained children on this: raise it when a change here changes what a child
+# learns. (2, session 20, tried and taken back: after a replaced word, the anchor read the parent in its own reply
+# rather than in the edited one; bench/PREFERENCE.md.)
+LOSS_VERSION = 1
+
 
 @dataclass(frozen=True)
 class Edit:
