@@ -392,8 +392,8 @@ def settings_digest(overrides: dict[str, Any], prefs: Path | None = None) -> str
     import hashlib
 
     from tuner.config import PreferenceConfig
+    from tuner.edits import settings_for_edit
     from tuner.train.editspan import LOSS_VERSION
-    from tuner.train.preference import settings_for_edit
 
     full = PreferenceConfig.from_dict(overrides)
     if prefs is not None:

@@ -232,3 +232,11 @@ def test_an_edit_that_shows_but_costs_general_text_is_not_called_learned():
     missed = behaviour_check(rows, "dpo", (parent, ended), (parent, ended), general=general(20.3, 20.2))
     assert missed["learned"] is False and missed["sentence"].startswith("The reviewers' edit did not take:")
     assert "and general-text perplexity at most +10% on the parent's)" in missed["sentence"]
+
+
+def test_the_examples_in_the_modules_docstrings_hold():
+    import doctest
+
+    from tuner import edits
+
+    assert doctest.testmod(edits).attempted >= 5 and doctest.testmod(edits).failed == 0

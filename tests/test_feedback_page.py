@@ -138,10 +138,34 @@ def test_an_import_names_each_bad_line_and_keeps_the_good_ones(server, signoff_r
     from tuner.ui.runs_tab import feedback_report
 
     assert feedback_report(run_id)["fb_train_btn"]["interactive"] is True
+    # an opening added was not measured: no settings of its own are announced
+    assert "settings measured" not in feedback_report(run_id)["fb_need"]
     # the pairs go out again in trl's preference format, the same 12
     out = client.predict(run_id, api_name="/export_feedback")
     lines = [json.loads(line) for line in Path(out["path"]).read_text().splitlines()]
     assert len(lines) == 12 and lines[0] == _pair(0)
+
+
+def test_before_a_run_the_page_says_which_settings_the_pairs_edit_will_take(server, signoff_run, tmp_path):
+    # pairs that cut the reply train with a cut's settings (tuner.config.EDIT_SETTINGS) unless a box is changed:
+    # the page says so beside the button, before anyone presses it, not only in the run's result
+    from tuner.ui.runs_tab import feedback_report
+
+    client = api_client(server)
+    run_id = _sft_copy(signoff_run, "fb-cut")
+    rest = ["Our lamps are hand made.", "Shipping is free over fifty dollars.", "You can track it online.",
+            "The warehouse opens at nine.", "Returns take a week.", "We also sell bulbs.", "Call us any time.",
+            "Gift wrap costs two dollars.", "Every lamp has a warranty.", "Sunny days ahead!", "Thanks for waiting.",
+            "Our shop is in Leeds."]
+    cuts = [{"prompt": _pair(i)["prompt"], "chosen": [{"role": "assistant", "content": f"Yes, order {i} ships today."}],
+             "rejected": [{"role": "assistant", "content": f"Yes, order {i} ships today. {more}"}]}
+            for i, more in enumerate(rest)]
+    _import(client, run_id, _pairs_file(tmp_path / "cuts.jsonl", cuts))
+    *_, need = client.predict(run_id, api_name="/feedback_report")
+    assert "12 preference pairs: ready to train with DPO" in need
+    assert ("Pairs that shorten the reply train with the settings measured for a cut: learning rate 0.0004, anchor "
+            "weight 3, 1 pass. A setting you change above keeps your value.") in need.replace("\\", "")
+    assert feedback_report(run_id)["fb_train_btn"]["interactive"] is True
 
 
 def test_the_report_gives_win_rates_with_their_interval_and_the_prompts_where_the_tuned_bot_lost(server,

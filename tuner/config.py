@@ -382,7 +382,7 @@ class GenerationConfig:
 
 
 # Settings measured for one kind of edit, used where the pairs' leading edit is that kind (tuner.edits.Change.kind,
-# and its place for added text) and the user left the setting as it was (tuner.train.preference.settings_for_edit).
+# and its place for added text) and the user left the setting as it was (tuner.edits.settings_for_edit).
 # bench/PREFERENCE.md, sessions 18-19, AMD EPYC, one parent and 24 new questions, after 10, 30 and 120 pairs:
 # - a cut: with the defaults the child ended its turn after any sentence, even in plain text (general-text
 #   perplexity +16%, +27%, +45% on the parent's); with these it shortens 24, 24 and 22 of 24 new replies, none

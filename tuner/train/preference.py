@@ -32,7 +32,8 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from datasets import Dataset, disable_progress_bars
 from tuner import __version__, edits, feedback
-from tuner.config import EDIT_SETTINGS, Method, PreferenceConfig, TrainConfig
+from tuner.config import Method, PreferenceConfig, TrainConfig
+from tuner.edits import is_paired, settings_for_edit
 from tuner.errors import DataError, TrainingError, TunerError
 from tuner.messages import read_examples, read_jsonl, write_jsonl
 from tuner.models import DEFAULT_HUB_ID, device, is_default, load_model, load_tokenizer
@@ -109,43 +110,6 @@ def preference_rows(parent: Run, pcfg: PreferenceConfig, prefs: str | Path | Non
         raise TrainingError(f"In {where}: {len(rows)} thumbs so far; KTO needs at least {feedback.MIN_PAIRS}: "
                             f"{feedback.MIN_PAIRS - len(rows)} more (thumbs up or down on replies).")
     return rows
-
-
-def is_paired(rows: list[dict[str, Any]]) -> bool:
-    """Whether preference rows are pairs (chosen and rejected), not thumbs: the held-out split, the pair scores
-    and the edit measured on new questions need pairs, whichever trainer learns from them."""
-    return bool(rows) and "chosen" in rows[0]
-
-
-def settings_for_edit(pcfg: PreferenceConfig, rows: list[dict[str, Any]],
-                      given: set[str] | None = None) -> tuple[PreferenceConfig, dict[str, Any] | None]:
-    """The settings a DPO child trains with: where the pairs' leading edit has settings measured for its kind
-    (tuner.config.EDIT_SETTINGS: a closing, a replaced word, a cut), those replace the ones the user did not
-    set. `given`: the settings the user set (the command line's flags); None: those that differ from the
-    defaults (the page's boxes). Returns the config and what was applied ({edit, kind, settings, sentence}),
-    or None.
-
-    >>> cut = [{"prompt": "q", "chosen": "Yes.", "rejected": f"Yes. I'd love to go on about it {i} times."}
-    ...        for i in range(10)]
-    >>> cfg, applied = settings_for_edit(PreferenceConfig(), cut, given={"learning_rate"})
-    >>> cfg.learning_rate, cfg.anchor_weight, applied["sentence"]
-    (0.001, 3.0, 'Pairs that shorten the reply train with the settings measured for a cut: anchor weight 3, 1 pass.')
-    """
-    found = edits.changes(rows) if pcfg.method == "dpo" and is_paired(rows) else []
-    lead = found[0] if found else None
-    measured = EDIT_SETTINGS.get(f"{lead.kind}:{lead.where}" if lead.where else lead.kind, {}) if lead else {}
-    defaults = PreferenceConfig().to_dict()
-    mine = set(given) if given is not None else {k for k, v in pcfg.to_dict().items() if v != defaults[k]}
-    applied = {k: v for k, v in measured.items() if k not in mine and k in defaults}
-    if not applied:
-        return pcfg, None
-    said = ", ".join(f"{v:g} pass{'' if v == 1 else 'es'}" if k == "num_epochs" else f"{k.replace('_', ' ')} {v:g}"
-                     for k, v in applied.items())
-    kind = {"shortened": "a cut", "replaced": "a replaced word", "added": "a closing"}.get(lead.kind, lead.kind)
-    verb = lead.words().replace("shortens", "shorten", 1).replace("says", "say", 1).replace("adds", "add", 1)
-    sentence = f"Pairs that {verb} train with the settings measured for {kind}: {said}."
-    return (PreferenceConfig.from_dict({**pcfg.to_dict(), **applied}),
-            {"edit": lead.words(), "kind": lead.kind, "settings": applied, "sentence": sentence})
 
 
 def prepare_preference_run(parent: str | Path, pcfg: PreferenceConfig, prefs: str | Path | None = None,

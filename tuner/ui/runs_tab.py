@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from tuner import auth, feedback
+from tuner import auth, edits, feedback
 from tuner.config import PreferenceConfig, choices
 from tuner.errors import RunNotFound, TunerError
 from tuner.jobqueue import ordinal
@@ -331,6 +331,10 @@ def feedback_report(run_id: str | None, request: gr.Request = None) -> dict[str,
                               "preference tuning starts from a completed LoRA run.")
     elif method and run.config_values().get("method") == "full":
         method, need = None, f"{need} But {run.id} is a full fine-tune; preference tuning trains a LoRA adapter."
+    elif method == "dpo":  # the settings the run will take for these pairs' edit, before it starts
+        _cfg, applied = edits.settings_for_edit(PreferenceConfig(), feedback.pairs(run))
+        if applied:
+            need += f" {applied['sentence']} A setting you change above keeps your value."
     label = f"Train on this feedback ({method.upper()})" if method else "Train on this feedback"
     return {"fb_report": report_words(run, report), "fb_counts": _counts_frame(report),
             "fb_wins": win_rates_frame(report["win_rates"], run.id, run.status().get("parent")), "fb_lost": _lost_frame(report, run), "fb_need": md_escape(need),
