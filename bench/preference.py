@@ -652,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     utc = dt.timezone.utc
     stop = (dt.datetime.combine(dt.datetime.now(utc).date(), dt.time.fromisoformat(args.stop_at), utc)
             if args.stop_at else None)
+    if stop is not None and stop < dt.datetime.now(utc) - dt.timedelta(hours=12):  # 00:20 given at 23:50: tomorrow
+        stop += dt.timedelta(days=1)
     tag = f"p{args.parent_size}-v{args.val_size}-s{args.seed}"
     made = build(out / tag, args.parent_size, args.val_size, sizes, args.seed)
     if not (out / tag / "parent-data" / "train.jsonl").is_file():
