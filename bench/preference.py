@@ -30,6 +30,13 @@ the new replies it applies to, <= 2% degenerate, fewer than half the new replies
 where the parent's were not (stock replies, as the product says), general-text perplexity <= +10% against the
 parent, and the parent's voice kept (its own words at most +10% perplexity under the child).
 
+`--more-questions N` asks parent and each child N more new questions (user turns of the corpus from conversations
+the parent never saw, outside every pair) and counts the edit and the degenerate replies on them as the product
+counts them: 24 questions cannot tell 0 degenerate replies from 1 or 2, and the target is 0 of 24. With it, for a
+replaced word, the parent itself is made to say the new word where its reply said the old one and left to go on
+(made_to_say: what a child held to the parent after the new word starts from); `--edited-parent KIND` also tunes a
+parent on its conversations with the edit applied to every reply (edited_parent).
+
 The parent and every finished child are cached in --out (default /tmp/prefbench): a second command with a
 bigger grid trains only what is missing, and `--report` prints the table of everything cached so far.
 """
@@ -171,6 +178,174 @@ def parent_pairs(out: Path, pg, parent_dir: Path, sizes: tuple[int, ...], seed: 
             path.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]), encoding="utf-8")
         files[kind] = paths
     return files
+
+
+def more_questions(pg, out: Path, parent_dir: Path, child_dir: Path, prefs: Path, questions: list[str]
+                   ) -> dict[str, Any]:
+    """The product's behaviour count (tuner.edits.behaviour) on `questions`, more new questions than the 24 a run
+    asks: the edit shown and the degenerate replies, child and parent, each asked as the playground serves it (greedy,
+    the run's reply budget). 24 questions cannot tell 0 degenerate replies from 1 or 2, and the target (at most 2%)
+    is 0 of 24. Overuse here is counted against the parent's own reply to the question (the product's count before
+    session 18), not the parent's next words. The parent's replies are kept in `out`."""
+    from tuner.config import GenerationConfig
+    from tuner.edits import behaviour, changes
+    from tuner.messages import read_examples
+    from tuner.playground import TUNED
+    from tuner.train.voicecheck import reply_budget
+
+    pg.load_run(parent_dir)
+    agent = [m["content"] for r in read_examples(parent_dir / "data" / "train.jsonl") for m in r["messages"]
+             if m["role"] == "assistant"]
+    settings = GenerationConfig(temperature=0.0, max_new_tokens=reply_budget(pg.tokenizer, agent))
+    asked = [[{"role": "user", "content": q}] for q in questions]
+    cache = out / f"more-questions-parent-{settings.max_new_tokens}.json"
+    said = {k: tuple(v) for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
+    todo = [q for q in questions if q not in said]
+    if todo:
+        got, ended = pg.answers([[{"role": "user", "content": q}] for q in todo], [TUNED], settings,
+                                run=parent_dir)[TUNED]
+        said.update({q: (r, e) for q, r, e in zip(todo, got, ended, strict=True)})
+        cache.write_text(json.dumps(said))
+    pg.load_run(child_dir)
+    child, child_ended = pg.answers(asked, [TUNED], settings, run=child_dir)[TUNED]
+    rows = [json.loads(line) for line in prefs.read_text().splitlines() if line.strip()]
+    found = changes(rows)
+    if not found:
+        return {"questions": len(questions), "sentence": "no edit found in the pairs"}
+    counted = behaviour(found[0], [said[q][0] for q in questions], child, [said[q][1] for q in questions],
+                        child_ended)
+    return {"questions": len(questions), "budget": settings.max_new_tokens, "parent": counted["parent"],
+            "child": counted["child"], "unasked": counted["unasked"], "unasked_of": counted["unasked_of"],
+            "sentence": counted["sentence"],
+            "replies": [{"prompt": q, "parent": said[q][0], "child": c} for q, c in zip(questions, child, strict=True)]}
+
+
+def first_edit(kind: str, reply: str) -> str | None:
+    """The parent's reply up to and with the first word a replacement edit puts in it, or None where the edit does
+    not apply: where a parent made to say the new word goes on from.
+
+    >>> first_edit("spelled", "Yes I'm fine, I'm here"), first_edit("spelled", "Yes")
+    ('Yes I am', None)
+    """
+    edited = edit(kind, reply) if kind in WORD else None
+    found = re.search(NEW[kind], edited) if edited and edited != reply else None
+    return edited[:found.end()] if found else None
+
+
+def made_to_say(pg, out: Path, parent_dir: Path, kind: str, questions: list[str]) -> dict[str, Any]:
+    """The parent itself, made to say a replaced word where its own reply said the old one (its first), then left
+    to go on greedily within the reply budget: how many of its replies to `questions` then loop or never end, against
+    its own replies (more_questions' cache). A child held to the parent's distributions after the new word (the
+    anchor) starts from this, not from the parent's own count."""
+    import torch
+
+    from tuner.config import GenerationConfig
+    from tuner.playground import TUNED
+    from tuner.verdict import degenerate
+
+    [cache] = sorted(out.glob("more-questions-parent-*.json"))
+    budget = int(re.search(r"-(\d+)\.json$", cache.name).group(1))
+    said = json.loads(cache.read_text())
+    pg.load_run(parent_dir)
+    tok, ends = pg.tokenizer, sorted(pg.end_of_turn_ids)
+    texts = pg.prompt_texts([[{"role": "user", "content": q}] for q in questions], TUNED,
+                            GenerationConfig(temperature=0.0, max_new_tokens=budget), run=parent_dir)
+    own = made = sites = 0
+    with pg.column_model(TUNED, parent_dir) as model, torch.inference_mode():
+        for q, text in zip(questions, texts, strict=True):
+            reply, ended = said[q]
+            bad = degenerate(reply, ended) is not None
+            own += bad
+            prefix = first_edit(kind, reply)
+            if prefix is None:
+                made += bad
+                continue
+            sites += 1
+            ids = tok(text + prefix, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+            room = budget - len(tok(prefix, add_special_tokens=False)["input_ids"])
+            new = model.generate(ids, max_new_tokens=max(1, room), do_sample=False, eos_token_id=ends,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)[0, ids.shape[1]:].tolist()
+            rest = tok.decode([t for t in new if t not in ends], skip_special_tokens=True)
+            made += degenerate(prefix + rest, any(t in ends for t in new)) is not None
+    return {"questions": len(questions), "sites": sites, "own": own, "made": made}
+
+
+def edited_parent(pg, out: Path, kind: str, prefs: Path, questions: list[str]) -> dict[str, Any]:
+    """The other way to teach a house style: a parent tuned (the same quick preset, the same conversations) on
+    replies with the edit applied wherever it applies, asked `questions` as the plain parent was (more_questions'
+    cache, its reply budget); the edit and the degenerate replies counted as a child's are (tuner.edits.behaviour),
+    against the plain parent's."""
+    from tuner.config import GenerationConfig
+    from tuner.edits import behaviour, changes
+    from tuner.playground import TUNED
+
+    rows = [json.loads(line) for line in (out / "parent.jsonl").read_text().splitlines() if line.strip()]
+    for r in rows:
+        for m in r["messages"]:
+            if m["role"] == "assistant":
+                m["content"] = edit(kind, m["content"]) or m["content"]
+    raw, data, run_dir = out / f"parent-{kind}.jsonl", out / f"parent-data-{kind}", out / "runs" / f"parent-{kind}"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    if not (data / "train.jsonl").is_file():
+        convert(raw, data)
+    status = parent_run(data, run_dir)
+    [cache] = sorted(out.glob("more-questions-parent-*.json"))
+    budget = int(re.search(r"-(\d+)\.json$", cache.name).group(1))
+    said = json.loads(cache.read_text())
+    pg.load_run(run_dir)
+    got, ended = pg.answers([[{"role": "user", "content": q}] for q in questions], [TUNED],
+                            GenerationConfig(temperature=0.0, max_new_tokens=budget), run=run_dir)[TUNED]
+    pairs = [json.loads(line) for line in prefs.read_text().splitlines() if line.strip()]
+    counted = behaviour(changes(pairs)[0], [said[q][0] for q in questions], got, [said[q][1] for q in questions],
+                        ended)
+    return {"questions": len(questions), "parent": counted["parent"], "edited": counted["child"],
+            "train_s": status.get("wall_s"), "sentence": counted["sentence"]}
+
+
+def extra_questions(pool: list[tuple[str, str]], most_pairs: int, n: int) -> list[str]:
+    """`n` questions of the corpus that no pair asks, each once: parent_pairs takes its pairs' questions from the
+    first 8 x the most pairs asked (120 in every table) of `pool`, which holds none of the parent's.
+
+    >>> pool = [(f"q{i % 1000}", "a") for i in range(1100)]
+    >>> extra_questions(pool, 120, 3), len(extra_questions(pool, 120, 500))
+    (['q960', 'q961', 'q962'], 40)
+    """
+    start = 8 * max(most_pairs, 120)
+    asked = {normalise(q) for q, _ in pool[:start]}
+    out: list[str] = []
+    for q, _ in pool[start:]:
+        if normalise(q) not in asked and len(out) < n:
+            asked.add(normalise(q))
+            out.append(q)
+    return out
+
+
+def more_table(rows: list[dict[str, Any]]) -> str:
+    """The rows measured on more new questions (--more-questions): the edit shown and the degenerate replies.
+
+    >>> n = {"shown": 3, "needed": 4, "looped": 1, "unended": 1, "empty": 0}
+    >>> print(more_table([{"edit": "spelled", "pairs": 10, "recipe": "default", "more": {
+    ...     "questions": 50, "child": n, "parent": {**n, "shown": 0, "unended": 0}, "unasked": 1, "unasked_of": 5}}]))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    | edit | pairs | recipe | new questions | edit shown: child (parent) | overuse (parent's reply) | degenerate: child
+    | degenerate: parent |
+    |---|---|---|---|---|---|---|---|
+    | spelled | 10 | default | 50 | 3/4 (0/4) | 1 of 5 | 2 (4.0%) | 1 (2.0%) |
+    """
+    head = ("| edit | pairs | recipe | new questions | edit shown: child (parent) | overuse (parent's reply) "
+            "| degenerate: child | degenerate: parent |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        m = r.get("more") or {}
+        if "child" not in m:
+            continue
+        c, p = m["child"], m["parent"]
+        bad = [x["looped"] + x["unended"] + x["empty"] for x in (c, p)]
+        lines.append(f"| {r['edit']} | {r['pairs']} | {r['recipe']} | {m['questions']} "
+                     f"| {c['shown']}/{c['needed']} ({p['shown']}/{p['needed']}) "
+                     f"| {m['unasked']} of {m['unasked_of']} | {bad[0]} ({bad[0] / m['questions']:.1%}) "
+                     f"| {bad[1]} ({bad[1] / m['questions']:.1%}) |")
+    return "\n".join(lines) + "\n"
 
 
 def stopping(pg, run_dir: Path) -> dict[str, float]:
@@ -629,6 +804,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "parent is trained once, finished children are not trained again.")
     p.add_argument("--stop-at", default=None, metavar="HH:MM",
                    help="UTC time after which no new run starts (the table of the finished ones is still printed).")
+    p.add_argument("--more-questions", type=int, default=0, metavar="N",
+                   help="Also ask parent and each child N more new questions (the corpus's, outside the parent's data "
+                        "and every pair) and count the edit and the degenerate replies on them (more_questions).")
+    p.add_argument("--edited-parent", default=None, metavar="KIND",
+                   help="With --more-questions: also tune a parent on its conversations with the edit KIND applied "
+                        "to every reply it applies to, and count the edit and the degenerate replies on the same "
+                        "questions (edited_parent).")
     p.add_argument("--report", action="store_true", help="Print the table of every cached result; train nothing.")
     return p
 
@@ -694,6 +876,18 @@ def main(argv: list[str] | None = None) -> int:
                     (parent_dir.parent / f"{parent_dir.name}.json").write_text(json.dumps(parent))
                 r = {**row(kind, n, label, overrides, status, parent["general_ppl"], parent.get("stopping")),
                      "pairs_from": args.pairs_from}
+                key = f"more{args.more_questions}"
+                if args.more_questions and status.get("status") == "completed" and key not in status:
+                    status[key] = more_questions(pg, out / tag, parent_dir, child_dir, pairs[kind][n],
+                                                 extra_questions(made["pool"], max(sizes), args.more_questions))
+                    record.write_text(json.dumps(status))
+                if args.more_questions and key in status:
+                    r["more"] = {k: v for k, v in status[key].items() if k != "replies"}
+                if args.more_questions and kind in WORD and f"{kind}-{args.more_questions}" not in parent.get(
+                        "made_to_say", {}):
+                    parent.setdefault("made_to_say", {})[f"{kind}-{args.more_questions}"] = made_to_say(
+                        pg, out / tag, parent_dir, kind, extra_questions(made["pool"], max(sizes), args.more_questions))
+                    (parent_dir.parent / f"{parent_dir.name}.json").write_text(json.dumps(parent))
                 rows.append(r)
                 results[f"{tag}/{child_dir.name}"] = r
                 results_file.write_text(json.dumps(results, indent=1))
@@ -701,6 +895,20 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"Machine: {machine()}. Parent: quick preset on {args.parent_size} chitchat-dataset conversations "
             f"(plain replies); new questions: its validation prompts outside the pairs.{floor_line(parent)}\n\n"
             + table(rows))
+    if args.more_questions:
+        text += f"\nOn {args.more_questions} more new questions:\n\n" + more_table(rows)
+        if args.edited_parent:
+            e = edited_parent(pg, out / tag, args.edited_parent, pairs[args.edited_parent][max(sizes)],
+                              extra_questions(made["pool"], max(sizes), args.more_questions))
+            bad = [x["looped"] + x["unended"] + x["empty"] for x in (e["edited"], e["parent"])]
+            text += (f"\nA parent tuned on its conversations with '{args.edited_parent}' applied to every reply: the "
+                     f"edit on {e['edited']['shown']} of {e['edited']['needed']} replies it applies to (the plain "
+                     f"parent: {e['parent']['shown']} of {e['parent']['needed']}), {bad[0]} of {e['questions']} "
+                     f"degenerate (the plain parent: {bad[1]}).\n")
+        for what, m in (parent.get("made_to_say") or {}).items():
+            text += (f"\nThe parent made to say the new word of '{what}' where its own reply said the old one ("
+                     f"{m['sites']} of {m['questions']} replies), then left to go on: {m['made']} degenerate "
+                     f"(its own replies: {m['own']}).\n")
     (out / "results.md").write_text(text)
     print(text)
     return 0
