@@ -220,6 +220,12 @@ def more_questions(pg, out: Path, parent_dir: Path, child_dir: Path, prefs: Path
             "replies": [{"prompt": q, "parent": said[q][0], "child": c} for q, c in zip(questions, child, strict=True)]}
 
 
+def parent_answers(out: Path) -> tuple[int, dict[str, list[Any]]]:
+    """The reply budget and the plain parent's (reply, ended) to each question more_questions asked it."""
+    [cache] = sorted(out.glob("more-questions-parent-*.json"))
+    return int(re.search(r"-(\d+)\.json$", cache.name).group(1)), json.loads(cache.read_text())
+
+
 def first_edit(kind: str, reply: str) -> str | None:
     """The parent's reply up to and with the first word a replacement edit puts in it, or None where the edit does
     not apply: where a parent made to say the new word goes on from.
@@ -243,9 +249,7 @@ def made_to_say(pg, out: Path, parent_dir: Path, kind: str, questions: list[str]
     from tuner.playground import TUNED
     from tuner.verdict import degenerate
 
-    [cache] = sorted(out.glob("more-questions-parent-*.json"))
-    budget = int(re.search(r"-(\d+)\.json$", cache.name).group(1))
-    said = json.loads(cache.read_text())
+    budget, said = parent_answers(out)
     pg.load_run(parent_dir)
     tok, ends = pg.tokenizer, sorted(pg.end_of_turn_ids)
     texts = pg.prompt_texts([[{"role": "user", "content": q}] for q in questions], TUNED,
@@ -289,9 +293,7 @@ def edited_parent(pg, out: Path, kind: str, prefs: Path, questions: list[str]) -
     if not (data / "train.jsonl").is_file():
         convert(raw, data)
     status = parent_run(data, run_dir)
-    [cache] = sorted(out.glob("more-questions-parent-*.json"))
-    budget = int(re.search(r"-(\d+)\.json$", cache.name).group(1))
-    said = json.loads(cache.read_text())
+    budget, said = parent_answers(out)
     pg.load_run(run_dir)
     got, ended = pg.answers([[{"role": "user", "content": q}] for q in questions], [TUNED],
                             GenerationConfig(temperature=0.0, max_new_tokens=budget), run=run_dir)[TUNED]
