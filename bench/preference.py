@@ -202,7 +202,7 @@ def more_questions(pg, out: Path, parent_dir: Path, child_dir: Path, prefs: Path
     said = {k: tuple(v) for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
     todo = [q for q in questions if q not in said]
     if todo:
-        got, ended = pg.answers([[{"role": "user", "content": q}] for q in todo], [TUNED], settings,
+        got, ended = pg.answers([asked[questions.index(q)] for q in todo], [TUNED], settings,
                                 run=parent_dir)[TUNED]
         said.update({q: (r, e) for q, r, e in zip(todo, got, ended, strict=True)})
         cache.write_text(json.dumps(said))
@@ -322,6 +322,11 @@ def extra_questions(pool: list[tuple[str, str]], most_pairs: int, n: int) -> lis
     return out
 
 
+def _bad(counts: dict[str, int]) -> int:
+    """Degenerate replies in one of tuner.edits.behaviour's counts: looped, never ended or empty."""
+    return counts["looped"] + counts["unended"] + counts["empty"]
+
+
 def more_table(rows: list[dict[str, Any]]) -> str:
     """The rows measured on more new questions (--more-questions): the edit shown and the degenerate replies.
 
@@ -342,7 +347,7 @@ def more_table(rows: list[dict[str, Any]]) -> str:
         if "child" not in m:
             continue
         c, p = m["child"], m["parent"]
-        bad = [x["looped"] + x["unended"] + x["empty"] for x in (c, p)]
+        bad = [_bad(c), _bad(p)]
         lines.append(f"| {r['edit']} | {r['pairs']} | {r['recipe']} | {m['questions']} "
                      f"| {c['shown']}/{c['needed']} ({p['shown']}/{p['needed']}) "
                      f"| {m['unasked']} of {m['unasked_of']} | {bad[0]} ({bad[0] / m['questions']:.1%}) "
@@ -855,6 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs_from == "parent":
         pairs = parent_pairs(out / tag, pg, parent_dir, sizes, args.seed, kinds, made["pool"])
     results, rows = _load(results_file), []
+    extra = extra_questions(made["pool"], max(sizes), args.more_questions) if args.more_questions else []
     for n in sizes:
         for kind in kinds:
             for label, overrides in grid:
@@ -880,15 +886,14 @@ def main(argv: list[str] | None = None) -> int:
                      "pairs_from": args.pairs_from}
                 key = f"more{args.more_questions}"
                 if args.more_questions and status.get("status") == "completed" and key not in status:
-                    status[key] = more_questions(pg, out / tag, parent_dir, child_dir, pairs[kind][n],
-                                                 extra_questions(made["pool"], max(sizes), args.more_questions))
+                    status[key] = more_questions(pg, out / tag, parent_dir, child_dir, pairs[kind][n], extra)
                     record.write_text(json.dumps(status))
                 if args.more_questions and key in status:
                     r["more"] = {k: v for k, v in status[key].items() if k != "replies"}
                 if args.more_questions and kind in WORD and f"{kind}-{args.more_questions}" not in parent.get(
                         "made_to_say", {}):
                     parent.setdefault("made_to_say", {})[f"{kind}-{args.more_questions}"] = made_to_say(
-                        pg, out / tag, parent_dir, kind, extra_questions(made["pool"], max(sizes), args.more_questions))
+                        pg, out / tag, parent_dir, kind, extra)
                     (parent_dir.parent / f"{parent_dir.name}.json").write_text(json.dumps(parent))
                 rows.append(r)
                 results[f"{tag}/{child_dir.name}"] = r
@@ -900,17 +905,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.more_questions:
         text += f"\nOn {args.more_questions} more new questions:\n\n" + more_table(rows)
         if args.edited_parent:
-            e = edited_parent(pg, out / tag, args.edited_parent, pairs[args.edited_parent][max(sizes)],
-                              extra_questions(made["pool"], max(sizes), args.more_questions))
-            bad = [x["looped"] + x["unended"] + x["empty"] for x in (e["edited"], e["parent"])]
+            e = edited_parent(pg, out / tag, args.edited_parent, pairs[args.edited_parent][max(sizes)], extra)
+            bad = [_bad(e["edited"]), _bad(e["parent"])]
             text += (f"\nA parent tuned on its conversations with '{args.edited_parent}' applied to every reply: the "
                      f"edit on {e['edited']['shown']} of {e['edited']['needed']} replies it applies to (the plain "
                      f"parent: {e['parent']['shown']} of {e['parent']['needed']}), {bad[0]} of {e['questions']} "
                      f"degenerate (the plain parent: {bad[1]}).\n")
         for what, m in (parent.get("made_to_say") or {}).items():
-            text += (f"\nThe parent made to say the new word of '{what}' where its own reply said the old one ("
-                     f"{m['sites']} of {m['questions']} replies), then left to go on: {m['made']} degenerate "
-                     f"(its own replies: {m['own']}).\n")
+            text += (f"\nThe parent made to say the new word of '{what.rsplit('-', 1)[0]}' where its own reply said "
+                     f"the old one ({m['sites']} of {m['questions']} replies), then left to go on: {m['made']} "
+                     f"degenerate (its own replies: {m['own']}).\n")
     (out / "results.md").write_text(text)
     print(text)
     return 0
